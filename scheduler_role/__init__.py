@@ -1,0 +1,1 @@
+"""The scheduler role: queue, leases, matching, end conditions, federation."""

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv with pinned dependencies and the vmlend package (editable). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.installed
+want=$(cat pyproject.toml constraints.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -c constraints.txt -r requirements-dev.txt -e . 2>&1 | grep -v "is ignored: it is neither" || true
+.venv/bin/python -c "import libvirt, libp2p, trio, msgpack" 
+echo "$want" > "$stamp"

@@ -1,0 +1,1 @@
+"""The worker role: agent, lending policy, VM backend, guest init."""
