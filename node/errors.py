@@ -52,7 +52,7 @@ class PeerUnreachableError(NetworkError):
 
 
 class StreamBrokenError(NetworkError):
-    """The stream ended abnormally (reset, killed peer, end of stream in the middle of a message)."""
+    """The stream ended abnormally (reset, killed peer, end of stream mid-message)."""
 
 
 class DeadlineError(NetworkError):

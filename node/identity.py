@@ -1,0 +1,102 @@
+"""The node's Ed25519 identity: one key in ``<data>/identity.key`` (PKCS#8 PEM, mode 0600).
+
+The same key is the libp2p host key (so the peer ID is stable across restarts) and signs catalog
+entries, results and DHT records. A key file that others can read is refused, not silently fixed:
+the key may already have leaked, and the owner should know.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from node.errors import IdentityError
+
+KEY_FILE = "identity.key"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    private_key: Ed25519PrivateKey
+
+    @property
+    def public_bytes(self) -> bytes:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @property
+    def private_bytes(self) -> bytes:
+        """The 32-byte seed (what libp2p's Ed25519 key type is built from)."""
+        return self.private_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private_key.sign(data)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, data_dir: Path) -> Identity:
+        path = data_dir / KEY_FILE
+        if path.exists():
+            return cls.load(path)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        identity = cls.generate()
+        identity.save(path)
+        return identity
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise IdentityError(f"cannot read key file {path}: {e.strerror}") from e
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise IdentityError(
+                f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600 "
+                f"(others may have read it: check, then 'chmod 600 {path}')"
+            )
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as e:
+            raise IdentityError(f"key file {path} is not a PEM private key: {e}") from e
+        if not isinstance(key, Ed25519PrivateKey):
+            raise IdentityError(f"key file {path} holds a {type(key).__name__}, not Ed25519")
+        return cls(key)
+
+    def save(self, path: Path) -> None:
+        pem = self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        # Created 0600 from the start: there is never a moment when the key is readable by others.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+
+def verify(public_bytes: bytes, data: bytes, signature: bytes) -> bool:
+    """True iff ``signature`` is ``public_bytes``' Ed25519 signature of ``data``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_bytes).verify(signature, data)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
