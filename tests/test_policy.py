@@ -1,0 +1,214 @@
+"""The lending policy: refusals name every limit, and what is admitted never adds up past it."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from node.errors import VmlendError
+from worker_role.caps import Caps, NetworkMode
+from worker_role.policy import LendingPolicy, PolicyViolation
+
+
+@st.composite
+def caps(draw: st.DrawFn) -> Caps:
+    vcpus = draw(st.integers(1, 8))
+    network = draw(st.sampled_from(NetworkMode))
+    return Caps(
+        vcpus=vcpus,
+        cpu_share=draw(st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0]).filter(lambda s: s <= vcpus)),
+        memory_mib=draw(st.integers(32, 4096)),
+        disk_mib=draw(st.integers(1, 8192)),
+        disk_bps=draw(st.integers(0, 10_000)),
+        network=network,
+        net_bps=draw(st.integers(0, 10_000)),
+    )
+
+
+policies = st.builds(
+    LendingPolicy,
+    max_vcpus=st.integers(0, 16),
+    max_cpu_share=st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 4.0]),
+    max_memory_mib=st.integers(0, 8192),
+    max_disk_mib=st.integers(0, 16384),
+    max_concurrent_vms=st.integers(0, 4),
+    network_allowed=st.booleans(),
+    max_disk_bps=st.none() | st.integers(0, 20_000),
+    max_net_bps=st.none() | st.integers(0, 20_000),
+)
+
+
+def reference_fits(policy: LendingPolicy, request: Caps, running: list[Caps]) -> bool:
+    """The policy restated field by field, as plainly as possible, to check the real one against."""
+    everything = [*running, request]
+    with_net = [c for c in everything if c.network is NetworkMode.PROXY]
+    ok = (
+        len(everything) <= policy.max_concurrent_vms
+        and sum(c.vcpus for c in everything) <= policy.max_vcpus
+        and sum(c.cpu_share for c in everything) <= policy.max_cpu_share + 1e-9
+        and sum(c.memory_mib for c in everything) <= policy.max_memory_mib
+        and sum(c.disk_mib for c in everything) <= policy.max_disk_mib
+        and (request.network is NetworkMode.NONE or policy.network_allowed)
+    )
+    if policy.max_disk_bps is not None:
+        ok = ok and request.disk_bps > 0
+        ok = ok and sum(c.disk_bps for c in everything) <= policy.max_disk_bps
+    if policy.max_net_bps is not None and request.network is NetworkMode.PROXY:
+        ok = ok and request.net_bps > 0
+        ok = ok and sum(c.net_bps for c in with_net) <= policy.max_net_bps
+    return ok
+
+
+@given(policies, caps(), st.lists(caps(), max_size=3))
+def test_check_passes_iff_every_limit_holds(
+    policy: LendingPolicy, request: Caps, running: list[Caps]
+) -> None:
+    expected = reference_fits(policy, request, running)
+    assert policy.fits(request, running) is expected
+    if expected:
+        policy.check(request, running)
+    else:
+        with pytest.raises(PolicyViolation) as info:
+            policy.check(request, running)
+        assert info.value.violations
+        assert str(info.value) == "; ".join(v.message for v in info.value.violations)
+
+
+@given(policies, st.lists(caps(), max_size=12))
+def test_admitting_one_by_one_never_exceeds_the_totals(
+    policy: LendingPolicy, requests: list[Caps]
+) -> None:
+    admitted: list[Caps] = []
+    for request in requests:
+        if policy.fits(request, admitted):
+            admitted.append(request)
+    assert len(admitted) <= policy.max_concurrent_vms
+    assert sum(c.vcpus for c in admitted) <= policy.max_vcpus
+    assert sum(c.cpu_share for c in admitted) <= policy.max_cpu_share + 1e-9
+    assert sum(c.memory_mib for c in admitted) <= policy.max_memory_mib
+    assert sum(c.disk_mib for c in admitted) <= policy.max_disk_mib
+    if policy.max_net_bps is not None:
+        net = sum(c.net_bps for c in admitted if c.network is NetworkMode.PROXY)
+        assert net <= policy.max_net_bps
+    if not policy.network_allowed:
+        assert all(c.network is NetworkMode.NONE for c in admitted)
+
+
+@given(policies, st.lists(caps(), max_size=3), caps())
+def test_remaining_fits_and_bounds_whatever_fits(
+    policy: LendingPolicy, running: list[Caps], request: Caps
+) -> None:
+    left = policy.remaining(running)
+    if left is None:
+        # Nothing at all is lendable: no request may fit either.
+        assert not policy.fits(request, running)
+        return
+    assert policy.fits(left, running)
+    if policy.fits(request, running):
+        assert request.vcpus <= left.vcpus
+        assert request.cpu_share <= left.cpu_share + 1e-9
+        assert request.memory_mib <= left.memory_mib
+        assert request.disk_mib <= left.disk_mib
+        if request.network is NetworkMode.PROXY:
+            assert left.network is NetworkMode.PROXY
+            if policy.max_net_bps is not None:
+                assert request.net_bps <= left.net_bps
+
+
+def test_message_names_the_limit_asked_and_allowed() -> None:
+    policy = LendingPolicy(max_memory_mib=256, max_vcpus=4, max_cpu_share=4.0)
+    with pytest.raises(PolicyViolation) as info:
+        policy.check(Caps(memory_mib=512), [])
+    assert str(info.value) == "memory 512 MiB exceeds the lender's limit of 256 MiB"
+    assert isinstance(info.value, VmlendError)
+
+
+def test_message_names_every_limit_exceeded() -> None:
+    policy = LendingPolicy(
+        max_vcpus=2, max_cpu_share=1.0, max_memory_mib=1024, max_concurrent_vms=2
+    )
+    running = [Caps(vcpus=1, cpu_share=0.5, memory_mib=768)]
+    request = Caps(vcpus=2, cpu_share=1.0, memory_mib=512, network=NetworkMode.PROXY)
+    with pytest.raises(PolicyViolation) as info:
+        policy.check(request, running, scheduler="12D3KooWother")
+    assert [v.limit for v in info.value.violations] == [
+        "vcpus",
+        "cpu_share",
+        "memory_mib",
+        "network",
+    ]
+    text = str(info.value)
+    assert "vCPUs 2 exceeds what is left of the lender's limit of 2 (1 in use, 1 left)" in text
+    assert "memory 512 MiB exceeds what is left of the lender's limit of 1024 MiB" in text
+    assert "network access is not allowed by the lender" in text
+    # An empty scheduler set serves anyone.
+    assert "scheduler" not in text
+
+
+def test_unlimited_rate_is_refused_when_the_lender_caps_it() -> None:
+    policy = LendingPolicy(network_allowed=True, max_net_bps=1_000_000, max_disk_bps=10_000_000)
+    with pytest.raises(PolicyViolation) as info:
+        policy.check(Caps(network=NetworkMode.PROXY), [])
+    assert str(info.value) == (
+        "disk rate unlimited exceeds the lender's limit of 10000000 B/s; "
+        "network rate unlimited exceeds the lender's limit of 1000000 B/s"
+    )
+    policy.check(Caps(network=NetworkMode.PROXY, net_bps=1_000_000, disk_bps=1), [])
+    # A VM without network asks nothing of the network budget, whatever its net_bps says.
+    policy.check(Caps(disk_bps=1), [])
+
+
+def test_concurrent_vms_and_schedulers() -> None:
+    policy = LendingPolicy(
+        max_vcpus=8, max_cpu_share=8.0, max_concurrent_vms=1, schedulers=frozenset({"A"})
+    )
+    assert policy.serves("A")
+    assert not policy.serves("B")
+    assert policy.fits(Caps(), [], scheduler="A")
+    assert not policy.fits(Caps(), [], scheduler="B")
+    with pytest.raises(PolicyViolation, match="2 VMs at once exceeds the lender's limit of 1"):
+        policy.check(Caps(), [Caps()])
+    assert policy.remaining([Caps()]) is None
+
+
+def test_remaining_example() -> None:
+    policy = LendingPolicy(
+        max_vcpus=4,
+        max_cpu_share=1.5,
+        max_memory_mib=2048,
+        max_disk_mib=4096,
+        max_concurrent_vms=3,
+        network_allowed=True,
+        max_net_bps=1000,
+    )
+    running = [
+        Caps(vcpus=2, cpu_share=1.0, memory_mib=1024, network=NetworkMode.PROXY, net_bps=400)
+    ]
+    assert policy.remaining(running) == Caps(
+        vcpus=2,
+        cpu_share=0.5,
+        memory_mib=1024,
+        disk_mib=4096 - 256,
+        network=NetworkMode.PROXY,
+        net_bps=600,
+    )
+    # Network budget spent: more VMs may run, but only without network.
+    spent = [*running, Caps(cpu_share=0.25, network=NetworkMode.PROXY, net_bps=600)]
+    left = policy.remaining(spent)
+    assert left is not None
+    assert left.network is NetworkMode.NONE
+
+
+def test_for_host_and_validation() -> None:
+    policy = LendingPolicy.for_host(host_cpus=2, cpu_fraction=0.5, max_vcpus=2)
+    assert policy.max_cpu_share == 1.0
+    assert policy.max_vcpus == 2
+    with pytest.raises(ValueError, match="max_memory_mib"):
+        LendingPolicy(max_memory_mib=-1)
+    with pytest.raises(ValueError, match="max_cpu_share"):
+        LendingPolicy(max_cpu_share=float("nan"))
+    with pytest.raises(ValueError, match="cpu_fraction"):
+        LendingPolicy.for_host(host_cpus=2, cpu_fraction=1.5)
+    # Whatever collection config hands over, the policy stays hashable.
+    assert hash(LendingPolicy(schedulers={"A"})) == hash(LendingPolicy(schedulers=frozenset("A")))  # type: ignore[arg-type]
