@@ -1,0 +1,94 @@
+"""The catalog's errors: a subtree of :class:`node.errors.VmlendError`.
+
+They say whose fault a failure is: the data on our disk (:class:`ChunkCorruptError`), the caller
+(:class:`UnknownBlobError`, :class:`QuotaExceededError`), or the peers we fetch from
+(:class:`NoProviderError`). Wire-level violations by a peer stay
+:class:`node.errors.RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+from node.errors import VmlendError
+
+
+class CatalogError(VmlendError):
+    """Root of every error raised by ``catalog``."""
+
+
+class ChunkCorruptError(CatalogError):
+    """A chunk's bytes do not hash to its ID (a flipped bit on disk, or a truncated file)."""
+
+    def __init__(self, chunk_id_hex: str, where: str) -> None:
+        super().__init__(f"chunk {chunk_id_hex} is corrupt: bytes do not match its ID ({where})")
+        self.chunk_id_hex = chunk_id_hex
+        self.where = where
+
+
+class MissingChunkError(CatalogError):
+    """A chunk that was expected on disk is not there (a blob still being fetched, or damaged)."""
+
+    def __init__(self, chunk_id_hex: str) -> None:
+        super().__init__(f"chunk {chunk_id_hex} is not in the store")
+        self.chunk_id_hex = chunk_id_hex
+
+
+class UnknownBlobError(CatalogError):
+    """No blob with this ID is in the store."""
+
+    def __init__(self, blob_id_hex: str) -> None:
+        super().__init__(f"no blob {blob_id_hex} in the store")
+        self.blob_id_hex = blob_id_hex
+
+
+class IncompleteBlobError(CatalogError):
+    """The blob is known but some of its chunks are still missing (a transfer is not finished)."""
+
+    def __init__(self, blob_id_hex: str, missing: int) -> None:
+        super().__init__(f"blob {blob_id_hex} is incomplete: {missing} chunk(s) missing")
+        self.blob_id_hex = blob_id_hex
+        self.missing = missing
+
+
+class ManifestError(CatalogError):
+    """Bytes that claim to be a blob manifest are malformed, non-canonical or over a limit."""
+
+
+class StoreLockedError(CatalogError):
+    """Another process has this chunk store open (one process owns a store at a time)."""
+
+
+class QuotaExceededError(CatalogError):
+    """Storing more would exceed the chunk store's disk quota; the failed call stored nothing."""
+
+    def __init__(self, *, used: int, needed: int, quota: int) -> None:
+        super().__init__(
+            f"chunk store quota exceeded: {used} bytes used + {needed} bytes needed > "
+            f"quota of {quota} bytes (free {max(quota - used, 0)} bytes; "
+            "run `vmlend blob gc`, remove blobs, or raise the quota)"
+        )
+        self.used = used
+        self.needed = needed
+        self.quota = quota
+
+
+class TransferError(CatalogError):
+    """A blob transfer cannot complete."""
+
+
+class NoProviderError(TransferError):
+    """No live, well-behaved provider holds some chunk the transfer still needs."""
+
+    def __init__(self, blob_id_hex: str, missing: list[str], excluded: dict[str, str]) -> None:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        peers = ", ".join(f"{peer} ({why})" for peer, why in sorted(excluded.items())) or "none"
+        super().__init__(
+            f"blob {blob_id_hex}: no live provider has {len(missing)} needed chunk(s) "
+            f"[{shown}]; providers excluded: {peers}"
+        )
+        self.blob_id_hex = blob_id_hex
+        self.missing = missing
+        self.excluded = excluded
+
+
+class TransferCancelledError(TransferError):
+    """The transfer was cancelled by its caller; what was fetched stays on disk for a resume."""
