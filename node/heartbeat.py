@@ -1,0 +1,44 @@
+"""Which peers are alive, from application-level heartbeats, sans-IO.
+
+A peer is live while its last answered (or received) heartbeat is at most ``peer_timeout`` old.
+Time is passed in (``trio.current_time()`` in the node). :meth:`Liveness.sweep` recomputes the
+live set and says whether it changed, so the node can wake whoever waits on membership.
+"""
+
+from __future__ import annotations
+
+
+class Liveness:
+    def __init__(self, *, peer_timeout: float) -> None:
+        if peer_timeout <= 0:
+            raise ValueError("peer_timeout must be positive")
+        self.peer_timeout = peer_timeout
+        self._last_seen: dict[str, float] = {}
+        self._live: frozenset[str] = frozenset()
+
+    @property
+    def live(self) -> frozenset[str]:
+        """The live set as of the last :meth:`sweep`."""
+        return self._live
+
+    def seen(self, peer_id: str, now: float) -> bool:
+        """Record a heartbeat from ``peer_id``; True if that changed the live set."""
+        self._last_seen[peer_id] = max(now, self._last_seen.get(peer_id, now))
+        return self.sweep(now)
+
+    def last_seen(self, peer_id: str) -> float | None:
+        return self._last_seen.get(peer_id)
+
+    def sweep(self, now: float) -> bool:
+        """Drop peers silent for longer than ``peer_timeout``; True if the live set changed."""
+        cutoff = now - self.peer_timeout
+        live = frozenset(p for p, t in self._last_seen.items() if t >= cutoff)
+        for peer in self._last_seen.keys() - live:
+            del self._last_seen[peer]
+        changed = live != self._live
+        self._live = live
+        return changed
+
+    def forget(self, peer_id: str, now: float) -> bool:
+        self._last_seen.pop(peer_id, None)
+        return self.sweep(now)

@@ -1,0 +1,524 @@
+"""The p2p adapter: the one place vmlend talks to py-libp2p (with ``p2p_stream`` and ``p2p_dht``).
+
+What it offers (see :class:`P2PNode`): a libp2p host over TCP with Noise as the only security and
+yamux as the only muxer, keyed by the node's :class:`Identity`; typed message streams with
+deadlines and explicit ends; one-shot requests; live peers from application-level heartbeats; and
+signed, expiring DHT records.
+
+The py-libp2p 0.8.1 traps, and what this module does about each:
+
+* every dial waits an extra 250 ms (``swarm._HAPPY_EYEBALLS_DELAY``, even with one address):
+  set to 0 by :func:`disable_connect_delay`, checked at start;
+* the default security options include plaintext, secio and TLS: we pass Noise only, so a
+  plaintext-only peer fails the handshake;
+* an exception escaping a stream handler tears down the host: every handler runs inside
+  :meth:`P2PNode._serve`, the one place that catches ``Exception`` (logged with its traceback as a
+  misbehaving-peer/bug event; only that stream is reset);
+* a killed peer looks like a clean EOF, a frozen one blocks reads forever: see ``p2p_stream``
+  (explicit end frames, per-operation deadlines);
+* a dial to a silent address blocks for the kernel's ~2 minutes, and failed dials are retried
+  with backoff: every dial runs under ``dial_timeout`` and the swarm has no retries;
+* a namespace without a validator accepts anything: see ``p2p_dht`` (strict validation).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from libp2p import new_swarm
+from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.host.basic_host import BasicHost
+from libp2p.host.exceptions import StreamFailure
+from libp2p.network import swarm as swarm_module
+from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.exceptions import SwarmException
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from node import dht_records
+from node.dht_records import InvalidRecordError, Record, RecordNotFoundError
+from node.errors import (
+    DeadlineError,
+    LocalProtocolError,
+    NetworkError,
+    PeerUnreachableError,
+    ProtocolError,
+    RemoteProtocolError,
+    StreamBrokenError,
+)
+from node.heartbeat import Liveness
+from node.identity import Identity
+from node.p2p_dht import Dht, make_dht
+from node.p2p_stream import LIBP2P_IO_ERRORS, MessageStream
+from node.wire import DEFAULT_LIMITS, Message, WireLimits
+
+logger = logging.getLogger("vmlend.node.p2p")
+
+PROTOCOL_ID_RE = re.compile(r"/vmlend/[a-z0-9][a-z0-9-]*/\d+\.\d+\.\d+")
+HEARTBEAT_PROTOCOL = "/vmlend/heartbeat/1.0.0"
+
+Handler = Callable[[MessageStream], Awaitable[None]]
+_PEERSTORE_ERRORS: tuple[type[BaseException], ...] = (*LIBP2P_IO_ERRORS, KeyError)
+
+
+class AddrsStatus(Protocol):
+    """``run``'s task_status (spelled out: the venv's trio stubs lack ``trio.TaskStatus``)."""
+
+    def started(self, value: list[str]) -> None: ...
+
+
+class UnsupportedProtocolError(RemoteProtocolError):
+    """The peer does not speak the protocol we asked for."""
+
+
+class DialTimeoutError(PeerUnreachableError, DeadlineError):
+    """No connection to the peer within the dial deadline (e.g. a silent port)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    peer_id: str
+    addrs: tuple[str, ...]  # full multiaddrs ending in /p2p/<peer_id>
+
+
+def disable_connect_delay() -> None:
+    """Remove py-libp2p's 250 ms happy-eyeballs wait after every dial (process-wide)."""
+    swarm_module._HAPPY_EYEBALLS_DELAY = 0.0
+
+
+def connect_delay() -> float:
+    delay: float = swarm_module._HAPPY_EYEBALLS_DELAY
+    return delay
+
+
+def check_protocol_id(protocol_id: str) -> str:
+    if not PROTOCOL_ID_RE.fullmatch(protocol_id):
+        raise LocalProtocolError(
+            f"protocol ID {protocol_id!r} is not /vmlend/<name>/<major>.<minor>.<patch>"
+        )
+    return protocol_id
+
+
+def parse_peer_id(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except (ValueError, TypeError) as e:
+        raise LocalProtocolError(f"not a peer ID: {peer_id!r}") from e
+
+
+def _key_pair(identity: Identity) -> KeyPair:
+    private = Libp2pEd25519.from_bytes(identity.private_bytes)
+    return KeyPair(private, private.get_public_key())
+
+
+def _build_host(identity: Identity, listen: Sequence[Multiaddr]) -> BasicHost:
+    key_pair = _key_pair(identity)
+    security = {
+        TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(
+            key_pair, noise_privkey=new_x25519_key_pair().private_key
+        )
+    }
+    swarm = new_swarm(
+        key_pair=key_pair,
+        sec_opt=security,
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=list(listen),
+        retry_config=RetryConfig(max_retries=0),
+        connection_config=ConnectionConfig(),
+    )
+    return BasicHost(network=swarm)
+
+
+class P2PNode:
+    """A vmlend node's presence on the p2p network.
+
+    Construct, then ``await nursery.start(node.run)``; everything else needs a running node.
+    ``heartbeat_interval``: seconds between pings to each known peer; ``peer_timeout``: a peer
+    with no heartbeat for this long leaves :meth:`peers`; ``stream_deadline``: default per-operation
+    deadline of every :class:`MessageStream`; ``dial_timeout``: bound on each connection attempt.
+    ``wall_clock`` is only used for the times signed into DHT records.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        listen: Sequence[str],
+        bootstrap: Sequence[str] = (),
+        heartbeat_interval: float = 1.0,
+        peer_timeout: float = 5.0,
+        stream_deadline: float = 10.0,
+        dial_timeout: float = 5.0,
+        discovery_interval: float = 10.0,
+        limits: WireLimits = DEFAULT_LIMITS,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 < heartbeat_interval < peer_timeout:
+            raise ValueError("need 0 < heartbeat_interval < peer_timeout")
+        disable_connect_delay()
+        self.identity = identity
+        self._listen = [Multiaddr(a) for a in listen]
+        self._bootstrap = [info_from_p2p_addr(Multiaddr(a)) for a in bootstrap]
+        self._heartbeat_interval = heartbeat_interval
+        self._stream_deadline = stream_deadline
+        self._dial_timeout = dial_timeout
+        self._discovery_interval = discovery_interval
+        self._limits = limits
+        self._wall_clock = wall_clock
+        self._host = _build_host(identity, self._listen)
+        self._dht = Dht(make_dht(self._host, wall_clock), query_timeout=stream_deadline)
+        self._liveness = Liveness(peer_timeout=peer_timeout)
+        self._ping_timeout = peer_timeout
+        self._membership_changed = trio.Event()
+        self._known: set[str] = set()
+        self._stats = {"handler_errors": 0, "peer_errors": 0, "pings_failed": 0}
+        self.peer_id = str(self._host.get_id())
+        self.set_handler(HEARTBEAT_PROTOCOL, self._on_heartbeat)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full listen addresses, each ending in /p2p/<peer_id>."""
+        return [str(a) for a in self._host.get_addrs()]
+
+    async def run(
+        self, *, task_status: AddrsStatus = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen, join the DHT, keep heartbeats going; ``started`` with :attr:`addrs`."""
+        if connect_delay() != 0:
+            raise RuntimeError("py-libp2p's connect delay came back; disable_connect_delay()")
+        async with (
+            self._host.run(self._listen),
+            background_trio_service(self._dht.kad),
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(self._join)
+            nursery.start_soon(self._heartbeat_loop)
+            logger.info("p2p node %s listening on %s", self.peer_id, self.addrs)
+            task_status.started(self.addrs)
+            await trio.sleep_forever()
+
+    async def _join(self) -> None:
+        for info in self._bootstrap:
+            if info.peer_id == self._host.get_id():
+                continue
+            self._known.add(str(info.peer_id))
+            self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 0)
+            try:
+                await self._connect(info.peer_id)
+                await self._dht.add_peer(info.peer_id)
+            except NetworkError as e:
+                logger.warning("bootstrap peer %s: %s", info.peer_id, e)
+        while True:
+            with trio.move_on_after(self._discovery_interval):
+                try:
+                    found = await self._dht.discover()
+                except LIBP2P_IO_ERRORS as e:
+                    logger.debug("discovery: %s", e)
+                    found = []
+                self._known.update(str(p) for p in found)
+            await trio.sleep(self._discovery_interval)
+
+    # ---- connections and streams -------------------------------------------------------------
+
+    async def connect(self, addr: str) -> str:
+        """Connect to a full multiaddr (ending in /p2p/<id>); return the peer ID."""
+        info = info_from_p2p_addr(Multiaddr(addr))
+        self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 0)
+        await self._connect(info.peer_id)
+        self._known.add(str(info.peer_id))
+        return str(info.peer_id)
+
+    def is_connected(self, peer_id: str) -> bool:
+        return bool(self._host.get_network().connections.get(parse_peer_id(peer_id)))
+
+    async def _connect(self, peer: ID) -> None:
+        if self._host.get_network().connections.get(peer):
+            return
+        try:
+            with trio.fail_after(self._dial_timeout):
+                addrs = self._addrs_of(peer)
+                if not addrs:
+                    found = await self._dht.kad.find_peer(peer)
+                    addrs = list(found.addrs) if found is not None else []
+                if not addrs:
+                    raise PeerUnreachableError(f"no known address for {peer}")
+                await self._host.connect(Libp2pPeerInfo(peer, addrs))
+        except trio.TooSlowError as e:
+            raise DialTimeoutError(f"no connection to {peer} within {self._dial_timeout:g}s") from e
+        except LIBP2P_IO_ERRORS as e:
+            raise PeerUnreachableError(f"cannot connect to {peer}: {e}") from e
+        self._host.get_peerstore().add_addrs(peer, addrs, 0)
+
+    def _addrs_of(self, peer: ID) -> list[Multiaddr]:
+        try:
+            addrs: list[Multiaddr] = self._host.get_peerstore().addrs(peer)
+        except _PEERSTORE_ERRORS:
+            return []
+        return addrs
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> MessageStream:
+        """Open a stream to ``peer_id`` speaking ``protocol_id``.
+
+        Raises PeerUnreachableError (DialTimeoutError if the dial deadline passed),
+        UnsupportedProtocolError, StreamBrokenError or DeadlineError."""
+        check_protocol_id(protocol_id)
+        peer = parse_peer_id(peer_id)
+        await self._connect(peer)
+        try:
+            with trio.fail_after(self._stream_deadline):
+                raw = await self._host.new_stream(peer, [TProtocol(protocol_id)])
+        except trio.TooSlowError as e:
+            raise DeadlineError(f"opening {protocol_id} to {peer_id} took too long") from e
+        except StreamFailure as e:
+            if isinstance(e.__cause__, ProtocolNotSupportedError):
+                raise UnsupportedProtocolError(f"{peer_id} does not speak {protocol_id}") from e
+            raise StreamBrokenError(f"opening {protocol_id} to {peer_id}: {e}") from e
+        except SwarmException as e:
+            raise PeerUnreachableError(f"cannot reach {peer_id}: {e}") from e
+        except LIBP2P_IO_ERRORS as e:
+            raise StreamBrokenError(f"opening {protocol_id} to {peer_id}: {e}") from e
+        return MessageStream(
+            raw,
+            peer_id=peer_id,
+            protocol_id=protocol_id,
+            deadline=self._stream_deadline,
+            limits=self._limits,
+        )
+
+    async def request(
+        self,
+        peer_id: str,
+        protocol_id: str,
+        msg: Message,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> Message:
+        """Send one message and return the one reply, all within ``timeout`` (DeadlineError)."""
+        try:
+            with trio.fail_after(timeout):
+                async with await self.open_stream(peer_id, protocol_id) as stream:
+                    await stream.send(msg)
+                    await stream.send_end()
+                    try:
+                        return await stream.receive()
+                    except trio.EndOfChannel:
+                        raise RemoteProtocolError(
+                            f"{peer_id} ended {protocol_id} without a reply"
+                        ) from None
+        except trio.TooSlowError as e:
+            raise DeadlineError(
+                f"{protocol_id} request to {peer_id}: no reply in {timeout:g}s"
+            ) from e
+
+    def set_handler(self, protocol_id: str, handler: Handler) -> None:
+        """Serve ``protocol_id``: ``handler`` gets each inbound stream; when it returns the
+        stream is closed with an end frame; if it raises, only that stream is reset."""
+        check_protocol_id(protocol_id)
+
+        async def serve(raw: Any) -> None:
+            await self._serve(protocol_id, handler, raw)
+
+        self._host.set_stream_handler(TProtocol(protocol_id), serve)
+
+    async def _serve(self, protocol_id: str, handler: Handler, raw: Any) -> None:
+        peer_id = str(raw.muxed_conn.peer_id)
+        stream = MessageStream(
+            raw,
+            peer_id=peer_id,
+            protocol_id=protocol_id,
+            deadline=self._stream_deadline,
+            limits=self._limits,
+        )
+        try:
+            await handler(stream)
+        except (NetworkError, ProtocolError) as e:
+            self._stats["peer_errors"] += 1
+            logger.info("%s stream from %s failed: %s", protocol_id, peer_id, e)
+            await stream.reset()
+            return
+        except Exception:
+            # The one catch-all: a bug in a handler, or a peer that drove it somewhere unforeseen.
+            # It must not take the host down; it is logged loudly and only this stream is reset.
+            self._stats["handler_errors"] += 1
+            logger.exception(
+                "misbehaving peer or handler bug: %s stream from %s raised", protocol_id, peer_id
+            )
+            await stream.reset()
+            return
+        await stream.aclose()
+
+    # ---- liveness ----------------------------------------------------------------------------
+
+    def peers(self) -> list[PeerInfo]:
+        """Peers that answered or sent a heartbeat within ``peer_timeout``."""
+        return sorted(
+            (
+                PeerInfo(p, self._full_addrs(p))
+                for p in self._liveness.live
+            ),
+            key=lambda info: info.peer_id,
+        )
+
+    def _full_addrs(self, peer_id: str) -> tuple[str, ...]:
+        suffix = f"/p2p/{peer_id}"
+        addrs = (str(a) for a in self._addrs_of(parse_peer_id(peer_id)))
+        return tuple(sorted({a if a.endswith(suffix) else a + suffix for a in addrs}))
+
+    async def wait_peers(self, predicate: Callable[[list[PeerInfo]], bool]) -> list[PeerInfo]:
+        """Wait until ``predicate(self.peers())`` holds (re-checked on every membership change)."""
+        while not predicate(peers := self.peers()):
+            await self._membership_changed.wait()
+        return peers
+
+    async def wait_peer_count(self, n: int) -> list[PeerInfo]:
+        return await self.wait_peers(lambda peers: len(peers) >= n)
+
+    def statistics(self) -> dict[str, int]:
+        return {**self._stats, "live_peers": len(self._liveness.live), "known": len(self._known)}
+
+    def _mark(self, changed: bool) -> None:
+        if changed:
+            self._membership_changed.set()
+            self._membership_changed = trio.Event()
+
+    async def _on_heartbeat(self, stream: MessageStream) -> None:
+        msg = await stream.receive()
+        if msg["type"] != "ping":
+            raise RemoteProtocolError(f"heartbeat: unexpected {msg['type']!r}")
+        self._known.add(stream.peer_id)
+        self._mark(self._liveness.seen(stream.peer_id, trio.current_time()))
+        await stream.send({"type": "pong"})
+
+    async def _heartbeat_loop(self) -> None:
+        limiter = trio.CapacityLimiter(32)
+        in_flight: set[str] = set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._known.update(str(p) for p in self._dht.routing_peers())
+                self._known.update(str(p) for p in self._host.get_connected_peers())
+                self._known.discard(self.peer_id)
+                for peer_id in self._known - in_flight:
+                    in_flight.add(peer_id)
+                    nursery.start_soon(self._ping, peer_id, limiter, in_flight)
+                self._mark(self._liveness.sweep(trio.current_time()))
+                await trio.sleep(self._heartbeat_interval)
+
+    async def _ping(self, peer_id: str, limiter: trio.CapacityLimiter, in_flight: set[str]) -> None:
+        try:
+            async with limiter:
+                reply = await self.request(
+                    peer_id, HEARTBEAT_PROTOCOL, {"type": "ping"}, timeout=self._ping_timeout
+                )
+        except (NetworkError, ProtocolError) as e:
+            self._stats["pings_failed"] += 1
+            logger.debug("heartbeat to %s failed: %s", peer_id, e)
+            self._forget_if_dead(peer_id)
+            return
+        finally:
+            in_flight.discard(peer_id)
+        if reply.get("type") == "pong":
+            self._mark(self._liveness.seen(peer_id, trio.current_time()))
+
+    def _forget_if_dead(self, peer_id: str) -> None:
+        last = self._liveness.last_seen(peer_id)
+        if last is not None and trio.current_time() - last <= self._liveness.peer_timeout:
+            return
+        if any(str(b.peer_id) == peer_id for b in self._bootstrap):
+            return  # keep trying bootstrap peers: they may come back
+        self._known.discard(peer_id)
+        self._dht.drop_peer(parse_peer_id(peer_id))
+
+    # ---- DHT records -------------------------------------------------------------------------
+
+    async def put_record(
+        self, kind: str, name: str, payload: dict[str, Any], *, ttl: float
+    ) -> Record:
+        """Publish ``payload`` as this node's signed record of ``kind`` for ``ttl`` seconds, and
+        announce it in the kind's index. ``name`` must be this node's peer ID: a record's key is
+        ``/vmlend/<kind>/<publisher peer ID>`` so that no one else can write it. Republish before
+        ``ttl`` runs out to keep it alive. Stores locally and at the k closest peers."""
+        if name != self.peer_id:
+            raise LocalProtocolError(
+                f"a node publishes only under its own peer ID ({self.peer_id}), not {name!r}"
+            )
+        key, value = dht_records.make_record(
+            self.identity, kind, payload, ttl=ttl, now=self._wall_clock()
+        )
+        await self._dht.put(key, value)
+        await self._dht.provide(dht_records.index_key(kind))
+        return dht_records.parse_record(key, value, now=self._wall_clock())
+
+    async def get_record(
+        self,
+        kind: str,
+        owner: str,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> Record:
+        """The newest valid record of ``kind`` published by peer ``owner``.
+
+        Raises RecordNotFoundError (none, or only invalid copies) or DeadlineError."""
+        key = dht_records.record_key(kind, owner)
+        try:
+            with trio.fail_after(timeout):
+                values = await self._dht.get_all(key)
+        except trio.TooSlowError as e:
+            raise DeadlineError(f"DHT lookup of {key} took over {timeout:g}s") from e
+        best: Record | None = None
+        now = self._wall_clock()
+        for value in values:
+            try:
+                record = dht_records.parse_record(key, value, now=now)
+            except InvalidRecordError as e:
+                logger.info("invalid DHT record under %s: %s", key, e)
+                continue
+            if best is None or record.issued_at > best.issued_at:
+                best = record
+        if best is None:
+            raise RecordNotFoundError(f"no valid record under {key}")
+        return best
+
+    async def find_records(
+        self,
+        kind: str,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[Record]:
+        """Every valid record of ``kind`` whose publisher announced it in the kind's index
+        (e.g. all schedulers). Raises DeadlineError if the index lookup alone overran."""
+        try:
+            with trio.fail_after(timeout):
+                owners = await self._dht.providers(dht_records.index_key(kind))
+        except trio.TooSlowError as e:
+            raise DeadlineError(f"DHT index lookup of {kind!r} took over {timeout:g}s") from e
+        records: list[Record] = []
+
+        async def fetch(owner: str) -> None:
+            try:
+                records.append(await self.get_record(kind, owner, timeout=timeout))
+            except (RecordNotFoundError, DeadlineError) as e:
+                logger.debug("record %s of %s: %s", kind, owner, e)
+
+        async with trio.open_nursery() as nursery:
+            for owner in owners:
+                nursery.start_soon(fetch, owner)
+        return sorted(records, key=lambda r: r.owner)

@@ -1,0 +1,137 @@
+"""Our use of py-libp2p's Kademlia DHT: the validator, and lookups that always ask the network.
+
+Every node runs the DHT in server mode with *strict* validation and only the ``vmlend`` namespace
+registered: py-libp2p otherwise accepts any value under a namespace it has no validator for
+(``NamespacedValidator`` falls back to accepting), so a node without our validator would store and
+serve forged records.
+
+``KadDHT.get_value`` and ``find_providers`` answer from the local store when it holds anything,
+which hides newer records and other providers. :class:`Dht` therefore queries the k closest peers
+every time (the peers every put and provide went to) and merges their answers with the local ones.
+This uses two private helpers of py-libp2p 0.8.1 (``ValueStore._get_from_peer`` and
+``ProviderStore._get_providers_from_peer_with_closers``); the version is pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.records.validator import NamespacedValidator, Validator
+
+from node import dht_records
+from node.p2p_stream import LIBP2P_IO_ERRORS
+
+logger = logging.getLogger("vmlend.node.p2p.dht")
+
+
+class _VmlendValidator(Validator):  # type: ignore[misc]  # libp2p is untyped here
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._inner = dht_records.RecordValidator(clock)
+
+    def validate(self, key: str, value: bytes) -> None:
+        self._inner.validate(key, value)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return self._inner.select(key, values)
+
+
+def make_dht(host: IHost, wall_clock: Callable[[], float]) -> KadDHT:
+    validator = NamespacedValidator(
+        {dht_records.NAMESPACE: _VmlendValidator(wall_clock)}, strict_validation=True
+    )
+    return KadDHT(
+        host,
+        DHTMode.SERVER,
+        validator=validator,
+        validator_changed=True,
+        strict_validation=True,
+    )
+
+
+class Dht:
+    """Typed, network-first access to the values and providers we use."""
+
+    def __init__(self, kad: KadDHT, *, query_timeout: float) -> None:
+        self.kad = kad
+        self._query_timeout = query_timeout
+
+    async def _closest(self, key: bytes) -> list[ID]:
+        peers = await self.kad.peer_routing.find_closest_peers_network(key)
+        me = self.kad.local_peer_id
+        return [p for p in peers if p != me]
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Validate, store locally and at the k closest peers. Raises the validator's error."""
+        await self.kad.put_value(key, value)
+
+    async def get_all(self, key: str) -> list[bytes]:
+        """Every distinct value for ``key`` held locally or by the k closest peers (unvalidated)."""
+        key_bytes = key.encode()
+        found: dict[bytes, None] = {}
+        local = self.kad.value_store.get(key_bytes)
+        if local is not None:
+            found[local.value] = None
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(self._query_timeout):
+                try:
+                    rec = await self.kad.value_store._get_from_peer(
+                        peer, key_bytes, return_record=True
+                    )
+                except LIBP2P_IO_ERRORS as e:
+                    logger.debug("get %s from %s: %s", key, peer, e)
+                    return
+                if rec is not None and isinstance(getattr(rec, "value", None), bytes):
+                    found[rec.value] = None
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest(key_bytes):
+                nursery.start_soon(ask, peer)
+        return list(found)
+
+    async def provide(self, index: str) -> None:
+        await self.kad.provider_store.provide(bytes.fromhex(index))
+
+    async def providers(self, index: str) -> set[str]:
+        """Peer IDs that announced ``index``, locally known or held by the k closest peers."""
+        key = bytes.fromhex(index)
+        found = {str(p.peer_id) for p in self.kad.provider_store.get_providers(key)}
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(self._query_timeout):
+                try:
+                    (
+                        infos,
+                        _closer,
+                    ) = await self.kad.provider_store._get_providers_from_peer_with_closers(
+                        peer, key
+                    )
+                except LIBP2P_IO_ERRORS as e:
+                    logger.debug("providers of %s from %s: %s", index, peer, e)
+                    return
+                for info in infos:
+                    found.add(str(info.peer_id))
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest(key):
+                nursery.start_soon(ask, peer)
+        return found
+
+    async def add_peer(self, peer: ID) -> None:
+        await self.kad.add_peer(peer, skip_server_mode_check=True)
+
+    def routing_peers(self) -> list[ID]:
+        peers: list[ID] = self.kad.routing_table.get_peer_ids()
+        return peers
+
+    def drop_peer(self, peer: ID) -> None:
+        self.kad.routing_table.remove_peer(peer)
+
+    async def discover(self) -> list[ID]:
+        """One lookup of our own ID: fills the routing table with the peers near us."""
+        return await self._closest(self.kad.local_peer_id.to_bytes())
