@@ -1,0 +1,387 @@
+"""The node's configuration: one frozen, typed :class:`Config`, built from four layers.
+
+Later layers win: built-in defaults < ``bootstrap.toml`` < ``<data>/node.toml`` < command-line
+flags. ``bootstrap.toml`` is the file shipped with vmlend (``$VMLEND_BOOTSTRAP`` names another);
+``node.toml`` is the owner's. A key given in a later layer replaces the earlier value, except two
+lists that ``node.toml`` *extends*: ``network.bootstrap`` and ``catalog.trusted_publishers`` (the
+shipped peers and publishers stay and the owner can add more). Flags replace even those, so
+``--bootstrap ADDR`` means exactly that peer (to drop the shipped lists from a file, point
+``$VMLEND_BOOTSTRAP`` at another file). An unknown section or key, a wrong type or a bad value is a
+:class:`~node.errors.ConfigError` naming the file, the dotted key and what was expected, e.g.
+``/x/node.toml: worker.max_memory: expected a size like "512MiB", got "lots"``.
+
+Sizes are IEC unless written ``kB``/``MB``/``GB`` (see :mod:`node.units`); sizes and durations are
+given as strings (``"2GiB"``, ``"1h30m"``) or plain numbers (bytes, seconds).
+
+Every key, with its default (``node.toml.example`` at the repository root is the same list as a
+commented sample file)::
+
+    [node]
+    roles = ["worker", "owner"]      # roles this node plays: "worker", "scheduler", "owner"
+    name = ""                        # a name for people (tables, logs); need not be unique
+    log_level = "info"               # "debug", "info", "warning" or "error"
+
+    [network]
+    listen = ["/ip4/127.0.0.1/tcp/0"]  # /ip4|ip6/<IP>/tcp/<port>; port 0 picks a free one
+    bootstrap = []                   # peers dialled first, each ending in /p2p/<peer id>; EXTENDS
+    heartbeat_interval = "2s"        # how often connected peers ping each other
+    peer_timeout = "6s"              # silence after which a peer counts as gone (> heartbeat)
+    dial_timeout = "5s"              # deadline for one connection attempt
+    stream_deadline = "30s"          # deadline for one request/response on a stream
+
+    [catalog]
+    trusted_publishers = []          # Ed25519 public keys, 64 hex digits each; EXTENDS
+    chunk_quota = "20GiB"            # disk the chunk store may fill
+
+    [worker]                         # the lending policy: no task may exceed it
+    max_vcpus = 1                    # vCPUs of one VM
+    max_cpu_share = 1.0              # host CPUs one VM may use; 0 < share <= max_vcpus
+    max_memory = "1GiB"              # memory of one VM; at least 32MiB
+    max_disk = "2GiB"                # scratch disk of one VM; at least 1MiB
+    max_concurrent_vms = 1           # VMs at once; 0 lends nothing
+    network_allowed = false          # may a VM reach the network at all (via the egress proxy)
+    net_allow = []                   # where it may go: "host[:port]", "*.domain", CIDR, "[v6]:port"
+    max_net_rate = "0"               # egress per VM, e.g. "1MiB/s"; "0" = unlimited
+    max_disk_rate = "0"              # disk bytes/s per VM; "0" = unlimited
+    max_disk_iops = 0                # disk operations/s per VM; 0 = unlimited
+    schedulers = []                  # peer IDs of the schedulers to serve; [] = any
+    hours = []                       # local-time windows like "22:00-07:00"; [] = always
+    idle_only = false                # lend only while the machine is otherwise idle
+    vm_dir = "/var/lib/vmlend/vm"    # VM-facing files; must be reachable by the libvirt-qemu user
+
+    [scheduler]
+    name = ""                        # the name this scheduler advertises
+    lease_timeout = "30s"            # a lease with no heartbeat for this long expires
+
+EXTENDS marks the two lists ``node.toml`` adds to instead of replacing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import node
+from node import config_kinds as k
+from node.config_kinds import HoursWindow, Role
+from node.errors import ConfigError
+from node.units import GIB
+
+__all__ = [
+    "CatalogConfig",
+    "Config",
+    "HoursWindow",
+    "NetworkConfig",
+    "NodeConfig",
+    "Role",
+    "SchedulerConfig",
+    "WorkerConfig",
+    "default_bootstrap_path",
+    "load_config",
+    "resolve_data_dir",
+]
+
+log = logging.getLogger("vmlend.node.config")
+
+NODE_TOML = "node.toml"
+DEFAULTS = "defaults"
+FLAGS = "command line"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    roles: tuple[Role, ...] = (Role.WORKER, Role.OWNER)
+    name: str = ""
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkConfig:
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    heartbeat_interval: float = 2.0
+    peer_timeout: float = 6.0
+    dial_timeout: float = 5.0
+    stream_deadline: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CatalogConfig:
+    trusted_publishers: tuple[str, ...] = ()  # lowercase hex
+    chunk_quota: int = 20 * GIB
+
+    @property
+    def trusted_publisher_keys(self) -> tuple[bytes, ...]:
+        return tuple(bytes.fromhex(key) for key in self.trusted_publishers)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """The lending policy: nothing a task asks may exceed it. Sizes in bytes, rates in bytes/s."""
+
+    max_vcpus: int = 1
+    max_cpu_share: float = 1.0
+    max_memory: int = 1 * GIB
+    max_disk: int = 2 * GIB
+    max_concurrent_vms: int = 1
+    network_allowed: bool = False
+    net_allow: tuple[str, ...] = ()
+    max_net_rate: int = 0
+    max_disk_rate: int = 0
+    max_disk_iops: int = 0
+    schedulers: tuple[str, ...] = ()
+    hours: tuple[HoursWindow, ...] = ()
+    idle_only: bool = False
+    vm_dir: Path = Path("/var/lib/vmlend/vm")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    name: str = ""
+    lease_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything a node is told. ``sources`` lists the files that were read, in layer order."""
+
+    data_dir: Path
+    node: NodeConfig = field(default_factory=NodeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sources: tuple[str, ...] = ()
+
+    def has_role(self, role: Role | str) -> bool:
+        return Role(role) in self.node.roles
+
+    @property
+    def identity_path(self) -> Path:
+        return self.data_dir / "identity.key"
+
+    @property
+    def state_db(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @property
+    def rpc_socket(self) -> Path:
+        return self.data_dir / "rpc.sock"
+
+    @property
+    def node_toml(self) -> Path:
+        return self.data_dir / NODE_TOML
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "node": NodeConfig,
+    "network": NetworkConfig,
+    "catalog": CatalogConfig,
+    "worker": WorkerConfig,
+    "scheduler": SchedulerConfig,
+}
+
+# One entry per key; the dataclasses above hold the defaults, this table how to read each key.
+_SCHEMA: dict[str, dict[str, k.Kind]] = {
+    "node": {
+        "roles": k.list_of(k.ROLE, 'roles ("worker", "scheduler", "owner")'),
+        "name": k.text(),
+        "log_level": k.choice("debug", "info", "warning", "error"),
+    },
+    "network": {
+        "listen": k.list_of(k.LISTEN_ADDR, 'listen multiaddrs like "/ip4/0.0.0.0/tcp/4001"'),
+        "bootstrap": k.list_of(
+            k.BOOTSTRAP_ADDR,
+            'multiaddrs ending in /p2p/<peer id> like "/dns4/host/tcp/4001/p2p/12D3KooW..."',
+        ),
+        "heartbeat_interval": k.duration(),
+        "peer_timeout": k.duration(),
+        "dial_timeout": k.duration(),
+        "stream_deadline": k.duration(),
+    },
+    "catalog": {
+        "trusted_publishers": k.list_of(k.PUBLIC_KEY, "Ed25519 public keys as 64 hex digits"),
+        "chunk_quota": k.size(),
+    },
+    "worker": {
+        "max_vcpus": k.integer(1, 1024),
+        "max_cpu_share": k.number(above=0.0, maximum=1024.0),
+        "max_memory": k.size(minimum=32 * 1024 * 1024),
+        "max_disk": k.size(minimum=1024 * 1024),
+        "max_concurrent_vms": k.integer(0, 4096),
+        "network_allowed": k.boolean(),
+        "net_allow": k.list_of(k.NET_ALLOW, "destinations like \"example.com:443\" or CIDRs"),
+        "max_net_rate": k.rate(),
+        "max_disk_rate": k.rate(),
+        "max_disk_iops": k.integer(0),
+        "schedulers": k.list_of(k.PEER_ID, 'peer IDs like "12D3KooW..."'),
+        "hours": k.list_of(k.HOURS, 'daily windows like "22:00-07:00"'),
+        "idle_only": k.boolean(),
+        "vm_dir": k.absolute_path(),
+    },
+    "scheduler": {
+        "name": k.text(),
+        "lease_timeout": k.duration(),
+    },
+}
+
+# The lists node.toml adds to rather than replaces (see the module docstring).
+_EXTENDED_BY_NODE_TOML = {("network", "bootstrap"), ("catalog", "trusted_publishers")}
+
+
+def resolve_data_dir(flag: str | None, *, env: Mapping[str, str] | None = None) -> Path:
+    """``--data`` > ``$VMLEND_DATA`` > ``$XDG_DATA_HOME/vmlend`` > ``~/.local/share/vmlend``.
+
+    Empty variables count as unset, and a relative ``$XDG_DATA_HOME`` is ignored, as the XDG base
+    directory spec says. The result is absolute, so a later ``chdir`` cannot move it.
+    """
+    env = os.environ if env is None else env
+    for candidate in (flag, env.get("VMLEND_DATA")):
+        if candidate:
+            return Path(candidate).expanduser().absolute()
+    xdg = env.get("XDG_DATA_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "vmlend"
+    return Path("~/.local/share/vmlend").expanduser().absolute()
+
+
+def default_bootstrap_path(env: Mapping[str, str] | None = None) -> tuple[Path, bool]:
+    """The ``bootstrap.toml`` to read and whether it must exist (it must when the user named it)."""
+    env = os.environ if env is None else env
+    named = env.get("VMLEND_BOOTSTRAP")
+    if named:
+        return Path(named).expanduser(), True
+    return Path(node.__file__).parent.parent / "bootstrap.toml", False
+
+
+def load_config(
+    data_dir: Path,
+    flags: Mapping[str, object] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config for the node whose data directory is ``data_dir``.
+
+    ``flags`` maps dotted keys to the values of the flags actually given (``{"network.listen":
+    ["/ip4/0.0.0.0/tcp/4001"], "node.roles": "worker,scheduler"}``); a string for a non-string key
+    is read as a command-line word would be (``"2"``, ``"true"``, ``"a,b"`` for a list).
+    ``env`` defaults to ``os.environ`` (only ``VMLEND_BOOTSTRAP`` is read here).
+    Raises :class:`ConfigError` on anything unknown or invalid.
+    """
+    values: dict[str, dict[str, Any]] = {section: {} for section in _SCHEMA}
+    origin: dict[tuple[str, str], str] = {}
+    sources: list[str] = []
+
+    bootstrap_path, required = default_bootstrap_path(env)
+    node_toml = data_dir / NODE_TOML
+    for path, must_exist, extend in ((bootstrap_path, required, False), (node_toml, False, True)):
+        document = _read_toml(path, must_exist=must_exist)
+        if document is None:
+            continue
+        sources.append(str(path))
+        for (section, key), raw in _entries(document, str(path)):
+            parsed = _parse(section, key, raw, str(path))
+            if extend and (section, key) in _EXTENDED_BY_NODE_TOML and key in values[section]:
+                parsed = tuple(dict.fromkeys(values[section][key] + parsed))
+            values[section][key] = parsed
+            origin[section, key] = str(path)
+
+    for dotted, raw in (flags or {}).items():
+        section, _, key = dotted.partition(".")
+        _check_known(section, key, FLAGS, dotted)
+        kind = _SCHEMA[section][key]
+        value = kind.from_text(raw) if isinstance(raw, str) else raw
+        values[section][key] = _parse(section, key, value, FLAGS)
+        origin[section, key] = FLAGS
+
+    config = Config(
+        data_dir=data_dir,
+        sources=tuple(sources),
+        **{name: cls(**values[name]) for name, cls in _SECTIONS.items()},
+    )
+    _check_together(config, origin)
+    return config
+
+
+def _read_toml(path: Path, *, must_exist: bool) -> dict[str, Any] | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if must_exist:
+            raise ConfigError("file not found", source=str(path)) from None
+        log.debug("no %s; skipping that layer", path)
+        return None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from e
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start})", source=str(path)) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}", source=str(path)) from e
+
+
+def _entries(document: dict[str, Any], source: str) -> list[tuple[tuple[str, str], object]]:
+    entries: list[tuple[tuple[str, str], object]] = []
+    for section, table in document.items():
+        if section not in _SCHEMA:
+            raise ConfigError(
+                f"unknown section [{section}] (known: {', '.join(_SCHEMA)})", source=source
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"expected a table [{section}], got {k.show(table)}",
+                              source=source, key=section)
+        for key, raw in table.items():
+            _check_known(section, key, source, f"{section}.{key}")
+            entries.append(((section, key), raw))
+    return entries
+
+
+def _check_known(section: str, key: str, source: str, dotted: str) -> None:
+    if section not in _SCHEMA:
+        raise ConfigError(f"unknown section (known: {', '.join(_SCHEMA)})", source=source,
+                          key=dotted)
+    if key not in _SCHEMA[section]:
+        raise ConfigError(
+            f"unknown key (known in [{section}]: {', '.join(_SCHEMA[section])})",
+            source=source,
+            key=dotted,
+        )
+
+
+def _parse(section: str, key: str, raw: object, source: str) -> Any:
+    try:
+        return _SCHEMA[section][key].parse(raw)
+    except k.BadValue as e:
+        raise ConfigError(str(e), source=source, key=f"{section}.{key}") from None
+
+
+def _check_together(config: Config, origin: Mapping[tuple[str, str], str]) -> None:
+    """Rules between keys, checked once every layer is in."""
+
+    def fail(message: str, *keys: tuple[str, str]) -> ConfigError:
+        # Blame the key set by the latest layer: that is the one the user changed last.
+        rank = [DEFAULTS, *config.sources, FLAGS]
+        source, key = max(((origin.get(key, DEFAULTS), key) for key in keys),
+                          key=lambda pair: rank.index(pair[0]))
+        return ConfigError(message, source=source, key=".".join(key))
+
+    worker, network = config.worker, config.network
+    if worker.max_cpu_share > worker.max_vcpus:
+        raise fail(
+            f"expected at most worker.max_vcpus ({worker.max_vcpus}), got {worker.max_cpu_share}",
+            ("worker", "max_cpu_share"),
+            ("worker", "max_vcpus"),
+        )
+    if network.peer_timeout <= network.heartbeat_interval:
+        raise fail(
+            f"expected more than network.heartbeat_interval ({network.heartbeat_interval}s), "
+            f"got {network.peer_timeout}s",
+            ("network", "peer_timeout"),
+            ("network", "heartbeat_interval"),
+        )
