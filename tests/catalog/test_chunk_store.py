@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from catalog.chunk_store import ChunkStore
+from catalog.chunking import hash_chunk
+from catalog.errors import (
+    ChunkCorruptError,
+    MissingChunkError,
+    QuotaExceededError,
+    StoreLockedError,
+)
+from tests.catalog.conftest import random_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_put_get_roundtrip_and_one_copy(store: ChunkStore) -> None:
+    data = b"hello chunk"
+    chunk_id = await store.put(data)
+    assert chunk_id == hash_chunk(data)
+    assert await store.put(data) == chunk_id  # second put: no second copy
+    assert await store.get(chunk_id) == data
+    usage = await store.usage()
+    assert (usage.chunk_count, usage.used_bytes) == (1, len(data))
+    assert store.path_of(chunk_id).read_bytes() == data
+    assert (await store.check()).ok
+
+
+async def test_put_refuses_bytes_that_do_not_match_the_expected_id(store: ChunkStore) -> None:
+    with pytest.raises(ChunkCorruptError):
+        await store.put(b"evil", expected=hash_chunk(b"good"))
+    assert (await store.usage()).chunk_count == 0
+
+
+async def test_get_unknown_chunk(store: ChunkStore) -> None:
+    with pytest.raises(MissingChunkError):
+        await store.get(hash_chunk(b"nope"))
+
+
+async def test_verify_on_read_detects_a_flipped_byte(store: ChunkStore) -> None:
+    data = random_bytes(5000)
+    chunk_id = await store.put(data)
+    path = store.path_of(chunk_id)
+    raw = bytearray(path.read_bytes())
+    raw[1234] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert await store.get(chunk_id, verify=False) == bytes(raw)  # the unverified path sees it
+    with pytest.raises(ChunkCorruptError):
+        await store.get(chunk_id)
+    # Quarantined: never served again, no longer counted as present.
+    assert not await store.has(chunk_id)
+    assert (store.root / "corrupt" / chunk_id.hex()).exists()
+    assert (await store.check()).ok
+
+
+async def test_gc_frees_exactly_unreferenced_chunks(store: ChunkStore) -> None:
+    a, b, c = [await store.put(x) for x in (b"a" * 10, b"b" * 20, b"c" * 30)]
+    await store.db.transaction(lambda conn: ChunkStore.add_refs_in(conn, b"owner1", [a, b]))
+    await store.db.transaction(lambda conn: ChunkStore.add_refs_in(conn, b"owner2", [b]))
+    assert [await store.refcount(x) for x in (a, b, c)] == [1, 2, 0]
+    result = await store.gc()
+    assert (result.chunks_freed, result.bytes_freed) == (1, 30)
+    assert await store.present([a, b, c]) == {a, b}
+    await store.db.transaction(lambda conn: ChunkStore.drop_refs_in(conn, b"owner1"))
+    assert (await store.gc()).chunks_freed == 1
+    assert await store.present([a, b, c]) == {b}
+    assert not store.path_of(a).exists()
+    assert (await store.check()).ok
+
+
+async def test_gc_spares_pinned_chunks(store: ChunkStore) -> None:
+    with store.pins() as pins:
+        data = b"in flight"
+        await store.put_many([(hash_chunk(data), data)], pins=pins)
+        assert (await store.gc()).chunks_freed == 0
+    assert (await store.gc()).chunks_freed == 1
+
+
+async def test_quota_error_is_clear_and_stores_nothing(tmp_path: Path) -> None:
+    async with ChunkStore.open(tmp_path / "q", quota_bytes=100) as store:
+        await store.put(b"x" * 60)
+        with pytest.raises(QuotaExceededError) as info:
+            await store.put(b"y" * 50)
+        err = info.value
+        assert (err.used, err.needed, err.quota) == (60, 50, 100)
+        assert "60 bytes used + 50 bytes needed > quota of 100 bytes" in str(err)
+        await store.put(b"x" * 60)  # already present: costs nothing, allowed
+        usage = await store.usage()
+        assert (usage.used_bytes, usage.chunk_count) == (60, 1)
+        assert (await store.check()).ok
+
+
+async def test_second_open_is_refused(tmp_path: Path) -> None:
+    async with ChunkStore.open(tmp_path / "s"):
+        with pytest.raises(StoreLockedError):
+            async with ChunkStore.open(tmp_path / "s"):
+                pass
+
+
+async def test_concurrent_puts_of_the_same_chunk(store: ChunkStore) -> None:
+    data = random_bytes(100_000, 5)
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(store.put, data)
+    assert (await store.usage()).chunk_count == 1
+    assert (await store.check()).ok
+
+
+# A child process that writes one chunk, then dies (SIGKILL from the test) half-way through
+# writing a second: the kill lands between two writes of the same file, deterministically.
+CRASHER = """
+import os, random, sys
+from pathlib import Path
+import trio
+import catalog.chunk_store as cs
+
+def half_then_wait(fd, data):
+    view = memoryview(data)
+    os.write(fd, view[: len(view) // 2])
+    os.fsync(fd)
+    print("MID", flush=True)
+    sys.stdin.read()  # never returns: the parent kills us here
+
+async def main():
+    async with cs.ChunkStore.open(Path(sys.argv[1])) as store:
+        await store.put(b"first" * 1000)
+        cs._write_all = half_then_wait
+        await store.put(random.Random(9).randbytes(200_000))
+
+trio.run(main)
+"""
+
+
+def test_crash_mid_write_leaves_no_partial_chunk(tmp_path: Path) -> None:
+    root = tmp_path / "chunks"
+    second = random_bytes(200_000, 9)  # the same bytes the child writes
+    second_id = hash_chunk(second)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CRASHER, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"MID\n"
+    finally:
+        child.kill()
+        child.wait()
+    # Killed mid-write: the half file is only under tmp/, never under its final name.
+    final = root / second_id.hex()[:2] / second_id.hex()
+    assert not final.exists()
+    assert [p.stat().st_size for p in (root / "tmp").iterdir()] == [100_000]
+    with sqlite3.connect(root / "index.db") as conn:
+        states = sorted(row[0] for row in conn.execute("SELECT state FROM chunks"))
+    assert states == [0, 1]  # one WRITING row left behind by the crash
+
+    async def reopen() -> None:
+        async with ChunkStore.open(root) as store:
+            report = await store.check()
+            assert report.ok, report
+            assert await store.has(hash_chunk(b"first" * 1000))
+            assert not await store.has(second_id)
+            assert (await store.usage()).chunk_count == 1
+            await store.put(second)  # and the store works again
+            assert await store.get(second_id) == second
+
+    trio.run(reopen)
