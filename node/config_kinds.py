@@ -278,6 +278,7 @@ _B58 = "[1-9A-HJ-NP-Za-km-z]"
 _PEER_ID_RE = re.compile(f"(?:12D3KooW{_B58}{{44}}|Qm{_B58}{{44}})")
 _HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _HEX_KEY_RE = re.compile(r"[0-9a-fA-F]{64}")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
 def is_peer_id(value: str) -> bool:
@@ -297,7 +298,7 @@ def _is_ip(version: int, value: str) -> bool:
 
 
 def _is_port(value: str, *, allow_zero: bool) -> bool:
-    return value.isdigit() and (0 if allow_zero else 1) <= int(value) <= 65535
+    return _PORT_RE.fullmatch(value) is not None and (0 if allow_zero else 1) <= int(value) <= 65535
 
 
 def is_multiaddr(value: str, *, dialable: bool) -> bool:
@@ -375,7 +376,7 @@ NET_ALLOW = Kind(
     _checked(_is_net_allow),
 )
 
-_HOURS_RE = re.compile(r"(\d\d):(\d\d)-(\d\d):(\d\d)")
+_HOURS_RE = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
 
 
 def _parse_hours(value: object) -> HoursWindow:

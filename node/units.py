@@ -63,9 +63,10 @@ for _exp, _letter in enumerate("kmgtp", start=1):
 # Largest first: format_size picks the largest unit that still gives a short exact number.
 _IEC_NAMES = [(PIB, "PiB"), (TIB, "TiB"), (GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")]
 
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
-_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
+# re.ASCII: \d would otherwise match any Unicode digit ("١٢"), which nobody means in a config file.
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", re.ASCII)
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)", re.ASCII)
 _DURATION_UNITS: dict[str, Fraction] = {
     "d": Fraction(86400),
     "h": Fraction(3600),
