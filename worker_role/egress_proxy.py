@@ -133,19 +133,23 @@ class EgressProxy:
         # client or an upstream can cause is caught here, by name.
         self._connections += 1
         try:
-            if self._active >= self.max_connections:
-                self._rejected += 1
-                await self._refuse(client, 503, "too many connections through this proxy")
-                return
-            self._active += 1
-            try:
-                await self._serve(client)
-            finally:
-                self._active -= 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("egress connection broke: %s", exc)
+            await self._admit(client)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            # except*: a peer vanishing mid-relay surfaces from the relay's nursery as a group.
+            log.debug("egress connection broke: %s", group.exceptions[0])
         finally:
             await trio.aclose_forcefully(client)
+
+    async def _admit(self, client: trio.SocketStream) -> None:
+        if self._active >= self.max_connections:
+            self._rejected += 1
+            await self._refuse(client, 503, "too many connections through this proxy")
+            return
+        self._active += 1
+        try:
+            await self._serve(client)
+        finally:
+            self._active -= 1
 
     async def _serve(self, client: trio.SocketStream) -> None:
         try:
