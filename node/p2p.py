@@ -44,7 +44,7 @@ from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNotSupportedError
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -121,6 +121,18 @@ def parse_peer_id(peer_id: str) -> ID:
         return ID.from_base58(peer_id)
     except (ValueError, TypeError) as e:
         raise LocalProtocolError(f"not a peer ID: {peer_id!r}") from e
+
+
+def _protocol_refused(error: BaseException) -> bool:
+    """True if multistream-select said "na" to our protocol somewhere down ``error``'s chain."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ProtocolNotSupportedError) or (
+            isinstance(seen, MultiselectClientError) and "not supported" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _key_pair(identity: Identity) -> KeyPair:
@@ -289,7 +301,7 @@ class P2PNode:
         except trio.TooSlowError as e:
             raise DeadlineError(f"opening {protocol_id} to {peer_id} took too long") from e
         except StreamFailure as e:
-            if isinstance(e.__cause__, ProtocolNotSupportedError):
+            if _protocol_refused(e):
                 raise UnsupportedProtocolError(f"{peer_id} does not speak {protocol_id}") from e
             raise StreamBrokenError(f"opening {protocol_id} to {peer_id}: {e}") from e
         except SwarmException as e:
