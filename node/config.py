@@ -70,7 +70,7 @@ import node
 from node import config_kinds as k
 from node.config_kinds import HoursWindow, Role
 from node.errors import ConfigError
-from node.units import GIB
+from node.units import GIB, format_duration
 
 __all__ = [
     "CatalogConfig",
@@ -343,6 +343,7 @@ def _entries(document: dict[str, Any], source: str) -> list[tuple[tuple[str, str
 
 
 def _check_known(section: str, key: str, source: str, dotted: str) -> None:
+    dotted = dotted or '""'  # an empty flag name would otherwise vanish from the message
     if section not in _SCHEMA:
         raise ConfigError(f"unknown section (known: {', '.join(_SCHEMA)})", source=source,
                           key=dotted)
@@ -364,24 +365,26 @@ def _parse(section: str, key: str, raw: object, source: str) -> Any:
 def _check_together(config: Config, origin: Mapping[tuple[str, str], str]) -> None:
     """Rules between keys, checked once every layer is in."""
 
-    def fail(message: str, *keys: tuple[str, str]) -> ConfigError:
+    def fail(messages: dict[tuple[str, str], str]) -> ConfigError:
         # Blame the key set by the latest layer: that is the one the user changed last.
         rank = [DEFAULTS, *config.sources, FLAGS]
-        source, key = max(((origin.get(key, DEFAULTS), key) for key in keys),
-                          key=lambda pair: rank.index(pair[0]))
-        return ConfigError(message, source=source, key=".".join(key))
+        key = max(messages, key=lambda key: rank.index(origin.get(key, DEFAULTS)))
+        return ConfigError(messages[key], source=origin.get(key, DEFAULTS), key=".".join(key))
 
     worker, network = config.worker, config.network
     if worker.max_cpu_share > worker.max_vcpus:
-        raise fail(
-            f"expected at most worker.max_vcpus ({worker.max_vcpus}), got {worker.max_cpu_share}",
-            ("worker", "max_cpu_share"),
-            ("worker", "max_vcpus"),
-        )
+        raise fail({
+            ("worker", "max_cpu_share"): f"expected at most worker.max_vcpus "
+            f"({worker.max_vcpus}), got {worker.max_cpu_share}",
+            ("worker", "max_vcpus"): f"expected at least worker.max_cpu_share "
+            f"({worker.max_cpu_share}), got {worker.max_vcpus}",
+        })
     if network.peer_timeout <= network.heartbeat_interval:
-        raise fail(
-            f"expected more than network.heartbeat_interval ({network.heartbeat_interval}s), "
-            f"got {network.peer_timeout}s",
-            ("network", "peer_timeout"),
-            ("network", "heartbeat_interval"),
-        )
+        raise fail({
+            ("network", "peer_timeout"): f"expected more than network.heartbeat_interval "
+            f"({format_duration(network.heartbeat_interval)}), "
+            f"got {format_duration(network.peer_timeout)}",
+            ("network", "heartbeat_interval"): f"expected less than network.peer_timeout "
+            f"({format_duration(network.peer_timeout)}), "
+            f"got {format_duration(network.heartbeat_interval)}",
+        })
