@@ -32,6 +32,8 @@ from worker_role.token_bucket import TokenBucket
 log = logging.getLogger("vmlend.worker.egress")
 
 READ_CHUNK = 16 * 1024
+# Uncapped, fewer and larger reads are what throughput depends on (one syscall per read).
+_UNCAPPED_CHUNK = 256 * 1024
 # How long a refused client gets to read our answer before the socket is closed under it (closing
 # with its unread bytes pending would send a RST that can destroy the answer in flight).
 _LINGER_SECONDS = 2.0
@@ -94,8 +96,8 @@ class EgressProxy:
         self.connect_timeout = connect_timeout
         self.head_timeout = head_timeout
         self._resolver = resolver
-        # Reads are no larger than a tenth of a second's worth, so a slow cap stays smooth.
-        self._chunk = READ_CHUNK if not rate_bps else min(READ_CHUNK, max(1024, rate_bps // 10))
+        # Capped, reads are no larger than a tenth of a second's worth, so a slow cap stays smooth.
+        self._chunk = min(READ_CHUNK, max(1024, rate_bps // 10)) if rate_bps else _UNCAPPED_CHUNK
         self._bucket: TokenBucket | None = None
         self._up = self._down = self._connections = 0
         self._refused = self._rejected = self._failed = self._active = 0
