@@ -51,7 +51,7 @@ CANCELLED = "cancelled"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RpcLimits:
-    # One message may not exceed this; msgpack's unpacker holds at most this many unread bytes.
+    # One encoded message may not exceed this many bytes, in either direction.
     max_message_size: int = 8 * 1024 * 1024
     max_depth: int = 32
     max_items: int = 65_536  # per array or map
@@ -152,9 +152,11 @@ class _Connection:
     def __init__(self, limits: RpcLimits) -> None:
         self.limits = limits
         self._unpacker = self._new_unpacker()
-        # Bytes received but not yet given to the unpacker. Feeding lazily means the unpacker's
-        # buffer only ever holds one partial message, so its limit is a per-message limit.
+        # Bytes received but not yet given to the unpacker: it is fed only when it needs more,
+        # so it never holds more than the one message being decoded.
         self._pending = bytearray()
+        self._fed = 0  # bytes given to the unpacker so far
+        self._message_start = 0  # stream offset where the message being decoded starts
         self._error: StreamCorruptError | None = None
 
     def _new_unpacker(self) -> msgpack.Unpacker:
@@ -190,6 +192,7 @@ class _Connection:
                         return False, None
                     self._feed_some()
                     continue
+                self._message_start = self._unpacker.tell()
                 _check_depth(obj, self.limits.max_depth)
                 return True, obj
         except StreamCorruptError as e:
@@ -201,22 +204,17 @@ class _Connection:
             raise self._error from e
 
     def _feed_some(self) -> None:
-        # Called only when the unpacker holds no whole message, so everything it buffers is the
-        # start of one message. BufferFull may then mean the chunk also holds later messages:
-        # halve it until it fits, and only a one-byte refusal means this message is too big.
-        size = min(len(self._pending), _FEED_CHUNK)
-        while True:
-            try:
-                self._unpacker.feed(bytes(self._pending[:size]))
-            except msgpack.BufferFull:
-                if size == 1:
-                    raise StreamCorruptError(
-                        f"message exceeds {self.limits.max_message_size} bytes"
-                    ) from None
-                size //= 2
-                continue
-            del self._pending[:size]
-            return
+        # The unpacker's max_buffer_size alone does not bound a message: it drops the bytes of
+        # what it has parsed, so an array of many big strings would pass. Count every byte fed
+        # since the end of the last whole message instead, and never feed past the limit.
+        used = self._fed - self._message_start
+        room = self.limits.max_message_size - used
+        if room <= 0:
+            raise StreamCorruptError(f"message exceeds {self.limits.max_message_size} bytes")
+        chunk = bytes(self._pending[: min(room, _FEED_CHUNK)])
+        self._unpacker.feed(chunk)
+        del self._pending[: len(chunk)]
+        self._fed += len(chunk)
 
     def _pack(self, obj: list[Any]) -> bytes:
         try:
