@@ -1,0 +1,124 @@
+#!/bin/sh
+# vmlend guest init (busybox sh, PID 1 of the tiny OS).
+#
+# Contract with the host (worker_role/vm/task.py writes the task disk, reads the result disk):
+#   disk serial vmlend-task     tar: config (TIMEOUT, LAYERS, NET) and run.sh (cd + env + exec CMD)
+#   disk serial vmlend-scratch  ext4, the writable upper layer (its size is the disk cap)
+#   disk serial vmlend-layerN   read-only squashfs/erofs, N=0 is the top layer
+#   disk serial vmlend-result   sector 0: "VMLEND1 exit=N timeout=0|1 out=0|1"; a tar of /out at 4096
+#   port vmlend.stdout / vmlend.stderr   the task's output, live
+# Any failure before the result header is written ends the VM without a result; the host then
+# reports a guest failure with the console's last lines, which is why every step says what it does.
+export PATH=/bin
+/bin/busybox --install -s /bin
+
+fail() {
+    echo "vmlend-init: FATAL: $*"
+    sync
+    poweroff -f
+    reboot -f
+}
+
+mount -t proc proc /proc || fail "mount /proc"
+mount -t sysfs sys /sys || fail "mount /sys"
+mount -t devtmpfs dev /dev || fail "mount /dev"
+
+while read -r mod; do
+    insmod "/lib/modules/$mod" || fail "insmod $mod"
+done < /lib/modules/load-order
+
+# Devices appear asynchronously after their driver loads; wait for them by name, boundedly.
+find_by() { # find_by <glob of .../attr> <value> <prefix>: /dev node whose attr file holds value
+    for f in $1; do
+        [ -r "$f" ] || continue
+        if [ "$(cat "$f")" = "$2" ]; then
+            d=${f%/*}
+            echo "/dev/${d##*/}"
+            return 0
+        fi
+    done
+    return 1
+}
+wait_for() { # wait_for <glob> <value>
+    i=0
+    while [ $i -lt 200 ]; do
+        find_by "$1" "$2" && return 0
+        sleep 0.05
+        i=$((i + 1))
+    done
+    fail "no device $2"
+}
+disk() { wait_for '/sys/block/vd*/serial' "$1"; }
+port() { wait_for '/sys/class/virtio-ports/vport*/name' "$1"; }
+
+TASKDEV=$(disk vmlend-task) || exit 1
+mkdir -p /task
+tar -xf "$TASKDEV" -C /task || fail "unpack task from $TASKDEV"
+. /task/config || fail "read task config"
+
+SCRATCH=$(disk vmlend-scratch) || exit 1
+mkdir -p /mnt/scratch
+mount -t ext4 -o noatime "$SCRATCH" /mnt/scratch || fail "mount scratch $SCRATCH"
+mkdir -p /mnt/scratch/upper /mnt/scratch/work
+
+# The base layer: busybox, so every image has a shell; task layers go above it.
+mkdir -p /mnt/base/bin /mnt/base/dev /mnt/base/proc /mnt/base/sys /mnt/base/tmp /mnt/base/out \
+    /mnt/base/root /mnt/base/etc
+ln /bin/busybox /mnt/base/bin/busybox || fail "base busybox"
+/bin/busybox --install -s /mnt/base/bin
+lower=""
+n=0
+for fstype in $LAYERS; do
+    dev=$(disk "vmlend-layer$n") || exit 1
+    mkdir -p "/mnt/layer$n"
+    mount -t "$fstype" -o ro "$dev" "/mnt/layer$n" || fail "mount layer $n ($fstype) from $dev"
+    lower="$lower/mnt/layer$n:"
+    n=$((n + 1))
+done
+mount -t overlay overlay \
+    -o "lowerdir=${lower}/mnt/base,upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work" \
+    /newroot || fail "mount overlay"
+mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/tmp /newroot/out
+mount -t devtmpfs dev /newroot/dev || fail "mount task /dev"
+mount -t proc proc /newroot/proc || fail "mount task /proc"
+mount -t sysfs sys /newroot/sys || fail "mount task /sys"
+
+ip link set lo up || fail "lo up"
+if [ "$NET" = 1 ]; then
+    # QEMU user-mode network: fixed addresses; restrict=on leaves only the guestfwd to the proxy.
+    for eth in /sys/class/net/eth*; do [ -e "$eth" ] && break; done
+    eth=${eth##*/}
+    ip link set "$eth" up || fail "$eth up"
+    ip addr add 10.0.2.15/24 dev "$eth" || fail "$eth address"
+    ip route add default via 10.0.2.2 || fail "default route"
+fi
+
+OUT=$(port vmlend.stdout) || exit 1
+ERR=$(port vmlend.stderr) || exit 1
+RESULT=$(disk vmlend-result) || exit 1
+cp /task/run.sh /newroot/tmp/.vmlend-run.sh || fail "copy task script"
+
+echo "vmlend-init: starting task"
+chroot /newroot /bin/sh /tmp/.vmlend-run.sh </dev/null >"$OUT" 2>"$ERR" &
+task=$!
+# kill -9 -1 reaches every process but init and the caller: the task and all it spawned.
+(sleep "$TIMEOUT" && : >/run/timedout && kill -9 -1) &
+watchdog=$!
+wait $task
+code=$?
+kill -9 -1 2>/dev/null
+timeout=0
+if [ -e /run/timedout ]; then
+    timeout=1
+    code=124
+fi
+echo "vmlend-init: task ended: exit=$code timeout=$timeout"
+
+out=0
+(cd /newroot/out && tar -cf - .) | dd of="$RESULT" bs=4096 seek=1 2>/dev/null || out=1
+printf 'VMLEND1 exit=%d timeout=%d out=%d\n' "$code" "$timeout" "$out" |
+    dd of="$RESULT" bs=512 count=1 conv=sync 2>/dev/null || fail "write result"
+sync
+umount /newroot/proc /newroot/sys /newroot/dev /newroot /mnt/scratch 2>/dev/null
+poweroff -f
+reboot -f

@@ -1,0 +1,425 @@
+"""The VM backend: one capped libvirt domain per task, driven from trio.
+
+``open_backend()`` connects, removes what a crashed run left, and settles the accelerator (probing
+by booting, cached). ``VmBackend.start()`` is an async context manager owning one VM: it prepares
+the VM's files, creates the domain, streams the guest's stdout/stderr, and on exit destroys the
+domain and deletes every file, whatever happened inside. ``RunningVm.wait()`` returns the result or
+raises :class:`GuestFailedError` with the console's last lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import trio
+
+from worker_role.caps import Caps, NetworkMode
+from worker_role.egress_proxy import EgressProxy, EgressStatistics
+from worker_role.errors import CapUnsupportedError, GuestFailedError, VmError, VmSetupError
+from worker_role.tinyos import locate
+from worker_role.vm import accel as accel_mod
+from worker_role.vm.cleanup import SweepReport, sweep, this_process
+from worker_role.vm.conn import DEFAULT_URI, Connection, open_connection
+from worker_role.vm.domain_xml import (
+    NAME_PREFIX,
+    Accel,
+    DomainPlan,
+    build_domain_xml,
+    hard_limit_kib,
+)
+from worker_role.vm.paths import (
+    DEFAULT_QEMU_USER,
+    QemuUser,
+    check_reachable,
+    default_runtime_dir,
+    make_vm_dir,
+)
+from worker_role.vm.task import GuestResult, Layer, TaskSpec, parse_result, task_archive
+
+log = logging.getLogger("vmlend.worker.vm")
+OUTPUT_TAIL_BYTES = 1 << 20
+CONSOLE_TAIL_LINES = 40
+# After the domain stops, QEMU has closed the sockets; what is left to read is already buffered.
+_DRAIN_SECONDS = 5.0
+
+
+class GuestTimeoutError(GuestFailedError):
+    """The guest did not finish within the task's time limit plus the boot allowance (a hang)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """What a VM boots: kernel, initramfs with our init, and read-only layers (top first)."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    layers: tuple[Layer, ...] = ()
+
+    @classmethod
+    def tiny(cls, layers: tuple[Layer, ...] = (), *, data: Path | None = None) -> Image:
+        """The built tiny OS (``python -m worker_role.tinyos build``) with ``layers`` on top."""
+        t = locate(data)
+        return cls(kernel=t.kernel, initrd=t.initrd, cmdline=t.cmdline, layers=layers)
+
+
+@dataclass(frozen=True, slots=True)
+class VmResult:
+    exit_code: int
+    """The command's exit code; 124 when the guest's time limit killed it."""
+    timed_out: bool
+    stdout: bytes
+    """The last ``OUTPUT_TAIL_BYTES`` of stdout (all of it is streamed to ``output`` live)."""
+    stderr: bytes
+    out_tar: bytes | None
+    """A tar of the guest's /out, or None when it did not fit on the result disk."""
+    console_tail: tuple[str, ...]
+    elapsed_s: float
+    """From domain creation to the result."""
+    egress: EgressStatistics | None
+
+
+OutputChunk = tuple[str, bytes]
+"""("stdout" | "stderr", bytes), as the guest wrote them."""
+
+
+class RunningVm:
+    """A started VM, valid inside ``VmBackend.start()``."""
+
+    def __init__(
+        self, backend: VmBackend, name: str, vm_dir: Path, task: TaskSpec, started: float
+    ) -> None:
+        self.name = name
+        self.dir = vm_dir
+        self.task = task
+        self.started_at = started
+        self.deadline = started + task.timeout_s + backend.boot_allowance_s
+        self.stopped = backend.conn.watch(name)
+        self.proxy: EgressProxy | None = None
+        self._backend = backend
+        self._tails = {"stdout": bytearray(), "stderr": bytearray()}
+        self._readers_done = trio.Event()
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> list[str]:
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except OSError:
+            return []
+        return [line.rstrip("\r") for line in text.splitlines()[-lines:]]
+
+    def qemu_pid(self) -> int:
+        """The QEMU process's pid (libvirt's pid file), for measuring what the VM costs the host."""
+        for path in (Path("/run/libvirt/qemu") / f"{self.name}.pid",):
+            with contextlib.suppress(OSError, ValueError):
+                return int(path.read_text().strip())
+        raise VmError(f"no pid file for {self.name}")
+
+    async def wait(self) -> VmResult:
+        """Wait for the guest to finish (up to its deadline) and read its result."""
+        with trio.move_on_at(self.deadline):
+            await self.stopped.wait()
+        if not self.stopped.is_set():
+            tail = await trio.to_thread.run_sync(self.console_tail)
+            await self.destroy()
+            raise GuestTimeoutError(
+                f"guest {self.name} gave no result within {self.deadline - self.started_at:.0f} s "
+                f"(time limit {self.task.timeout_s} s + boot allowance)",
+                console_tail=tail,
+            )
+        with trio.move_on_after(_DRAIN_SECONDS):
+            await self._readers_done.wait()
+        result_disk = self.dir / "result.img"
+        head = await trio.to_thread.run_sync(_read_result_disk, result_disk)
+        tail = await trio.to_thread.run_sync(self.console_tail)
+        result = parse_result(head)
+        if result is None:
+            raise GuestFailedError(f"guest {self.name} ended without a result", console_tail=tail)
+        return self._result(result, tail)
+
+    def _result(self, r: GuestResult, tail: list[str]) -> VmResult:
+        return VmResult(
+            exit_code=r.exit_code,
+            timed_out=r.timed_out,
+            stdout=bytes(self._tails["stdout"]),
+            stderr=bytes(self._tails["stderr"]),
+            out_tar=r.out_tar,
+            console_tail=tuple(tail),
+            elapsed_s=trio.current_time() - self.started_at,
+            egress=self.proxy.statistics() if self.proxy else None,
+        )
+
+    async def destroy(self) -> None:
+        """Stop the guest now (idempotent)."""
+        await self._backend._destroy(self.name)
+
+    async def _pump(
+        self, stream: str, path: Path, output: trio.MemorySendChannel[OutputChunk] | None
+    ) -> None:
+        tail = self._tails[stream]
+        try:
+            sock = await trio.open_unix_socket(str(path))
+        except OSError as e:
+            raise VmError(f"cannot connect to the guest's {stream} at {path}: {e}") from e
+        async with sock:
+            while True:
+                try:
+                    data = await sock.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break  # QEMU went away: the domain ended
+                if not data:
+                    break
+                tail += data
+                del tail[:-OUTPUT_TAIL_BYTES]
+                if output is not None:
+                    try:
+                        await output.send((stream, data))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        output = None  # the consumer left; keep collecting the tail
+
+
+class VmBackend:
+    """Creates capped VMs. Get one from :func:`open_backend`."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        runtime: Path,
+        qemu_user: QemuUser,
+        accel: accel_mod.AccelChoice,
+        boot_allowance_s: float,
+        out_mib: int,
+    ) -> None:
+        self.conn = conn
+        self.runtime = runtime
+        self.qemu_user = qemu_user
+        self.accel = accel
+        self.boot_allowance_s = boot_allowance_s
+        self.out_mib = out_mib
+        self._owner = this_process()
+
+    def unsupported(self, caps: Caps) -> dict[str, str]:
+        """The caps ``caps`` needs that this machine cannot enforce, with the reason for each."""
+        needed = {"memory_mib"}
+        if caps.cpu_share < caps.vcpus:
+            needed.add("cpu_share")
+        if caps.disk_bps:
+            needed.add("disk_bps")
+        if caps.disk_iops:
+            needed.add("disk_iops")
+        if caps.network is NetworkMode.PROXY:
+            needed.add("network")
+        return {k: v for k, v in self.accel.unsupported.items() if k in needed}
+
+    def check(self, caps: Caps) -> None:
+        missing = self.unsupported(caps)
+        if missing:
+            raise CapUnsupportedError(missing)
+
+    async def run(
+        self,
+        image: Image,
+        task: TaskSpec,
+        caps: Caps,
+        *,
+        output: trio.MemorySendChannel[OutputChunk] | None = None,
+    ) -> VmResult:
+        async with self.start(image, task, caps, output=output) as vm:
+            return await vm.wait()
+
+    @contextlib.asynccontextmanager
+    async def start(
+        self,
+        image: Image,
+        task: TaskSpec,
+        caps: Caps,
+        *,
+        output: trio.MemorySendChannel[OutputChunk] | None = None,
+        accel: Accel | None = None,
+        enforce: bool = True,
+    ) -> AsyncIterator[RunningVm]:
+        """Start a VM for ``task``; leaving the block destroys it and deletes its files.
+
+        ``accel`` and ``enforce=False`` are for the accelerator probe, which boots before the
+        machine's enforceable caps are known.
+        """
+        if enforce:
+            self.check(caps)
+        for path, what in [(image.kernel, "kernel"), (image.initrd, "initrd")] + [
+            (layer.path, "layer") for layer in image.layers
+        ]:
+            check_reachable(self.qemu_user, path, what=what)
+        name = f"{NAME_PREFIX}{secrets.token_hex(6)}"
+        owner = {"pid": self._owner.pid, "started": self._owner.started}
+        vm_dir = await trio.to_thread.run_sync(
+            make_vm_dir, self.runtime, name, self.qemu_user, owner
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                proxy_port = None
+                proxy = None
+                if caps.network is NetworkMode.PROXY:
+                    proxy = EgressProxy(caps.net_allow, caps.net_bps)
+                    proxy_port = await nursery.start(proxy.run)
+                await self._prepare_disks(vm_dir, image, task, caps)
+                plan = DomainPlan(
+                    name=name,
+                    accel=accel or self.accel.accel,
+                    caps=caps,
+                    kernel=image.kernel,
+                    initrd=image.initrd,
+                    cmdline=image.cmdline,
+                    task_disk=vm_dir / "task.img",
+                    scratch_disk=vm_dir / "scratch.img",
+                    result_disk=vm_dir / "result.img",
+                    layers=image.layers,
+                    console_log=vm_dir / "console.log",
+                    stdout_socket=vm_dir / "stdout.sock",
+                    stderr_socket=vm_dir / "stderr.sock",
+                    owner=self._owner,
+                    proxy_port=proxy_port,
+                )
+                vm = RunningVm(self, name, vm_dir, task, trio.current_time())
+                vm.proxy = proxy
+                try:
+                    # AUTODESTROY: libvirtd destroys the domain if our connection dies with us.
+                    dom = await self.conn.call(
+                        f"create {name}",
+                        self.conn.raw.createXML,
+                        build_domain_xml(plan),
+                        libvirt.VIR_DOMAIN_START_AUTODESTROY,
+                    )
+                    if enforce:
+                        await self.conn.call(
+                            f"memory hard limit of {name}",
+                            dom.setMemoryParameters,
+                            {"hard_limit": hard_limit_kib(caps, plan.accel)},
+                            libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                        )
+                    nursery.start_soon(self._pumps, vm, output)
+                    yield vm
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._destroy(name)
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                self.conn.unwatch(name)
+                await trio.to_thread.run_sync(shutil.rmtree, vm_dir, True)
+
+    async def _pumps(
+        self, vm: RunningVm, output: trio.MemorySendChannel[OutputChunk] | None
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vm._pump, "stdout", vm.dir / "stdout.sock", output)
+            nursery.start_soon(vm._pump, "stderr", vm.dir / "stderr.sock", output)
+        vm._readers_done.set()
+
+    async def _prepare_disks(self, vm_dir: Path, image: Image, task: TaskSpec, caps: Caps) -> None:
+        archive = task_archive(task, image.layers, network=caps.network is NetworkMode.PROXY)
+
+        def files() -> None:
+            (vm_dir / "task.img").write_bytes(archive)
+            with (vm_dir / "scratch.img").open("wb") as f:
+                f.truncate(caps.disk_mib * 1024 * 1024)
+            with (vm_dir / "result.img").open("wb") as f:
+                f.truncate(self.out_mib * 1024 * 1024)
+
+        await trio.to_thread.run_sync(files)
+        # No journal: the scratch disk dies with the VM, so crash consistency buys nothing.
+        proc = await trio.run_process(
+            ["mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", "-O", "^has_journal",
+             "-E", "nodiscard", str(vm_dir / "scratch.img")],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise VmSetupError(f"mkfs.ext4 for the scratch disk failed: {proc.stderr.decode()}")
+
+    async def _destroy(self, name: str) -> None:
+        def destroy() -> None:
+            try:
+                self.conn.raw.lookupByName(name).destroy()
+            except libvirt.libvirtError as e:
+                # Already gone (it powered off, or was destroyed) is the goal reached.
+                if e.get_error_code() not in (
+                    libvirt.VIR_ERR_NO_DOMAIN,
+                    libvirt.VIR_ERR_OPERATION_INVALID,
+                ):
+                    raise VmError(f"destroy {name}: {e}") from e
+
+        await trio.to_thread.run_sync(destroy)
+
+    async def sweep(self) -> SweepReport:
+        """Remove domains and files left by crashed owners (never those of a live process)."""
+        return await self.conn.call("sweep leftovers", sweep, self.conn.raw, self.runtime)
+
+    async def our_domains(self) -> list[str]:
+        def names() -> list[str]:
+            return [d.name() for d in self.conn.raw.listAllDomains(0)]
+
+        all_names = await self.conn.call("list domains", names)
+        return [n for n in all_names if n.startswith(NAME_PREFIX)]
+
+
+def _read_result_disk(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read()
+
+
+@contextlib.asynccontextmanager
+async def open_backend(
+    *,
+    uri: str = DEFAULT_URI,
+    runtime_dir: Path | None = None,
+    qemu_user: str | None = DEFAULT_QEMU_USER,
+    accel: Accel | None = None,
+    boot_allowance_s: float = 60.0,
+    out_mib: int = 64,
+    refresh_probe: bool = False,
+) -> AsyncIterator[VmBackend]:
+    """Connect to libvirt, sweep leftovers, settle the accelerator; yield the backend.
+
+    ``accel`` forces an accelerator (skipping the probe); ``qemu_user`` is the user QEMU runs as
+    (None for ``qemu:///session``); ``boot_allowance_s`` is added to each task's time limit for
+    the host-side deadline (TCG boots take ~5 s idle, much more on a loaded host).
+    """
+    runtime = runtime_dir or default_runtime_dir()
+    user = QemuUser.lookup(qemu_user)
+    await trio.to_thread.run_sync(_make_runtime, runtime)
+    check_reachable(user, runtime, what="VM runtime directory")
+    async with open_connection(uri) as conn:
+        backend = VmBackend(
+            conn,
+            runtime=runtime,
+            qemu_user=user,
+            accel=accel_mod.AccelChoice.forced(accel or Accel.TCG),
+            boot_allowance_s=boot_allowance_s,
+            out_mib=out_mib,
+        )
+        report = await backend.sweep()
+        if report.destroyed or report.removed_dirs:
+            log.info("swept leftovers: %s", report)
+        if accel is None:
+            backend.accel = await accel_mod.choose(backend, refresh=refresh_probe)
+        yield backend
+
+
+def _make_runtime(runtime: Path) -> None:
+    try:
+        runtime.mkdir(parents=True, exist_ok=True)
+        runtime.chmod(0o755)
+    except OSError as e:
+        raise VmSetupError(f"cannot create the VM runtime directory {runtime}: {e}") from e
