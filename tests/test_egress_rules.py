@@ -68,6 +68,34 @@ def test_rules_round_trip_through_their_text(
         assert AllowRule.parse(str(rule)) == rule
 
 
+rules = st.builds(
+    AllowRule,
+    st.sampled_from(["*", "*.a.org", "*.b.a.org", "a.org", "b.a.org", "c.b.a.org", "10.0.0.5"]),
+    st.sampled_from([None, 80, 443]),
+)
+destinations = st.tuples(
+    st.sampled_from(["a.org", "b.a.org", "c.b.a.org", "x.c.b.a.org", "ba.org", "10.0.0.5"]),
+    st.sampled_from([80, 443, 8080]),
+)
+
+
+@given(rules, rules, destinations)
+def test_a_covering_rule_allows_everything_the_covered_one_does(
+    outer: AllowRule, inner: AllowRule, destination: tuple[str, int]
+) -> None:
+    if outer.covers(inner) and inner.matches(*destination):
+        assert outer.matches(*destination)
+
+
+def test_covers_examples() -> None:
+    assert AllowRule.parse("*.a.org").covers(AllowRule.parse("*.b.a.org:443"))
+    assert AllowRule.parse("*.a.org").covers(AllowRule.parse("*.a.org:443"))
+    assert not AllowRule.parse("*.a.org").covers(AllowRule.parse("a.org"))
+    assert not AllowRule.parse("*.a.org:443").covers(AllowRule.parse("b.a.org"))
+    assert not AllowRule.parse("a.org").covers(AllowRule.parse("*"))
+    assert AllowList(["*"]).covers(AllowRule.parse("10.0.0.5:80"))
+
+
 def test_address_rules() -> None:
     allow = AllowList(["10.0.0.5:8080", "[::1]:80", "192.0.2.7"])
     assert allow.permits("10.0.0.5", 8080)

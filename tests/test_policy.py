@@ -192,6 +192,7 @@ def test_remaining_example() -> None:
         disk_mib=4096 - 256,
         network=NetworkMode.PROXY,
         net_bps=600,
+        net_allow=("*",),
     )
     # Network budget spent: more VMs may run, but only without network.
     spent = [*running, Caps(cpu_share=0.25, network=NetworkMode.PROXY, net_bps=600)]
@@ -212,3 +213,28 @@ def test_for_host_and_validation() -> None:
         LendingPolicy.for_host(host_cpus=2, cpu_fraction=1.5)
     # Whatever collection config hands over, the policy stays hashable.
     assert hash(LendingPolicy(schedulers={"A"})) == hash(LendingPolicy(schedulers=frozenset("A")))  # type: ignore[arg-type]
+
+
+def test_task_destinations_must_be_within_the_lenders_allow_list() -> None:
+    policy = LendingPolicy(
+        network_allowed=True, net_allow=("*.debian.org:80", "pypi.org:443", "10.0.0.5:8080")
+    )
+
+    def asking(*entries: str) -> Caps:
+        return Caps(network=NetworkMode.PROXY, net_allow=entries)
+
+    policy.check(asking("deb.debian.org:80", "*.security.debian.org:80", "PyPI.org:443"), [])
+    policy.check(asking("10.0.0.5:8080"), [])
+    policy.check(asking(), [])  # a task may ask for less (here: nothing reachable)
+    with pytest.raises(PolicyViolation) as info:
+        policy.check(asking("debian.org:80", "pypi.org", "10.0.0.5:22", "bad entry"), [])
+    assert str(info.value) == (
+        "network destinations debian.org:80, pypi.org, 10.0.0.5:22, 'bad entry' are outside "
+        "the lender's allow-list (*.debian.org:80, pypi.org:443, 10.0.0.5:8080)"
+    )
+    left = policy.remaining([])
+    assert left is not None
+    assert left.net_allow == policy.net_allow
+    assert policy.fits(left, [])
+    with pytest.raises(ValueError, match="bad allow-list entry"):
+        LendingPolicy(net_allow=("exa mple.org",))

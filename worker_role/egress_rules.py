@@ -115,6 +115,17 @@ class AllowRule:
             return parse_ip(host) is None and host.endswith(self.host[1:])
         return host == self.host
 
+    def covers(self, other: AllowRule) -> bool:
+        """Whether everything ``other`` allows, this rule allows too."""
+        if self.port is not None and self.port != other.port:
+            return False
+        if self.host in ("*", other.host):
+            return True
+        if not self.host.startswith("*.") or other.host == "*" or other.ip is not None:
+            return False
+        # "*.x" covers names under x and wildcards "*.x" / "*.y.x": all end with ".x".
+        return other.host.endswith(self.host[1:])
+
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port is None else f"{host}:{self.port}"
@@ -140,6 +151,10 @@ class AllowList:
     def names_address(self, ip: IPAddress, port: int) -> bool:
         """Whether a rule names this very address (not a name or a wildcard) for ``port``."""
         return any(rule.ip == ip and rule.port in (None, port) for rule in self.rules)
+
+    def covers(self, rule: AllowRule) -> bool:
+        """Whether some rule here allows everything ``rule`` allows."""
+        return any(mine.covers(rule) for mine in self.rules)
 
     def check(self, host: str, port: int) -> None:
         """Raise :class:`DestinationRefused` unless the destination as asked is allowed."""

@@ -15,6 +15,8 @@ from typing import Any
 
 from node.errors import VmlendError
 from worker_role.caps import Caps, NetworkMode
+from worker_role.egress_errors import InvalidAllowRule
+from worker_role.egress_rules import AllowList, AllowRule
 
 # cpu_share is a float; sums of floats drift by an ulp, which must not turn "exactly the limit" into
 # a refusal, nor let remaining() offer a share that check() then rejects.
@@ -59,7 +61,10 @@ class LendingPolicy:
     use: 1.0 on a 2-core host lends half the machine; see :meth:`for_host` to give it as a fraction.
     ``max_disk_bps``/``max_net_bps`` (bytes/s) of ``None`` mean no limit; when set, a request must
     carry its own finite rate (0, "unlimited", is refused). ``schedulers`` holds the peer IDs of the
-    schedulers served; empty means any.
+    schedulers served; empty means any. ``net_allow`` is the lender's egress allow-list (entries as
+    in :mod:`worker_role.egress_rules`): every destination a task asks for in ``Caps.net_allow``
+    must fall within one of them; ``None`` lets a task name any destination (the proxy still never
+    lets a guest reach internal addresses it was not given by address).
     """
 
     max_vcpus: int = 1
@@ -71,6 +76,7 @@ class LendingPolicy:
     max_disk_bps: int | None = None
     max_net_bps: int | None = None
     schedulers: frozenset[str] = field(default_factory=frozenset)
+    net_allow: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_vcpus", "max_memory_mib", "max_disk_mib", "max_concurrent_vms"):
@@ -84,6 +90,9 @@ class LendingPolicy:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
         # A list or set from config would make the frozen policy unhashable or mutable.
         object.__setattr__(self, "schedulers", frozenset(self.schedulers))
+        if self.net_allow is not None:
+            object.__setattr__(self, "net_allow", tuple(self.net_allow))
+            AllowList(self.net_allow)  # raises InvalidAllowRule (a ValueError) on a bad entry
 
     @classmethod
     def for_host(cls, *, host_cpus: int, cpu_fraction: float, **limits: Any) -> LendingPolicy:
@@ -165,6 +174,16 @@ class LendingPolicy:
                 )
         if request.network is NetworkMode.PROXY and not self.network_allowed:
             found.append(Violation("network", "network access is not allowed by the lender"))
+        elif request.network is NetworkMode.PROXY and self.net_allow is not None:
+            outside = _outside(request.net_allow, AllowList(self.net_allow))
+            if outside:
+                found.append(
+                    Violation(
+                        "net_allow",
+                        f"network destinations {', '.join(outside)} are outside the lender's "
+                        f"allow-list ({', '.join(self.net_allow) or 'empty'})",
+                    )
+                )
         if scheduler is not None and not self.serves(scheduler):
             found.append(
                 Violation("scheduler", f"scheduler {scheduler} is not one this lender serves")
@@ -215,6 +234,7 @@ class LendingPolicy:
             disk_bps=disk_bps,
             network=NetworkMode.PROXY if network else NetworkMode.NONE,
             net_bps=net_bps if network else 0,
+            net_allow=(("*",) if self.net_allow is None else self.net_allow) if network else (),
         )
 
 
@@ -239,6 +259,20 @@ class _Totals:
             # A VM without network uses none of the network budget, whatever net_bps says.
             net_bps=sum(c.net_bps for c in vms if c.network is NetworkMode.PROXY),
         )
+
+
+def _outside(entries: Sequence[str], lender: AllowList) -> list[str]:
+    """The entries a task asks for that are malformed or not within the lender's allow-list."""
+    outside = []
+    for entry in entries:
+        try:
+            rule = AllowRule.parse(entry)
+        except InvalidAllowRule:
+            outside.append(repr(entry))
+            continue
+        if not lender.covers(rule):
+            outside.append(str(rule))
+    return outside
 
 
 def _exceeds(label: str, asked: float, in_use: float, allowed: float, unit: str) -> str:
