@@ -14,6 +14,7 @@ This uses two private helpers of py-libp2p 0.8.1 (``ValueStore._get_from_peer`` 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -53,6 +54,14 @@ def make_dht(host: IHost, wall_clock: Callable[[], float]) -> KadDHT:
     )
 
 
+def lookup_target(key: bytes) -> bytes:
+    """The FIND_NODE target for a record key: its sha256 multihash.
+
+    py-libp2p's FIND_NODE handler ignores targets that are neither a multihash nor at most 50 bytes
+    (``/vmlend/<kind>/<peer id>`` is longer), so looking up the raw key would find nobody."""
+    return b"\x12\x20" + hashlib.sha256(key).digest()
+
+
 class Dht:
     """Typed, network-first access to the values and providers we use."""
 
@@ -65,9 +74,28 @@ class Dht:
         me = self.kad.local_peer_id
         return [p for p in peers if p != me]
 
-    async def put(self, key: str, value: bytes) -> None:
-        """Validate, store locally and at the k closest peers. Raises the validator's error."""
-        await self.kad.put_value(key, value)
+    async def put(self, key: str, value: bytes) -> int:
+        """Validate, store locally and at the k closest peers; return how many peers took it.
+
+        Raises the validator's error (``InvalidRecordError``) for a value we would not accept."""
+        self.kad.validator.validate(key, value)
+        key_bytes = key.encode()
+        self.kad.value_store.put(key_bytes, value)
+        stored = 0
+
+        async def store(peer: ID) -> None:
+            nonlocal stored
+            with trio.move_on_after(self._query_timeout):
+                try:
+                    if await self.kad.value_store._store_at_peer(peer, key_bytes, value):
+                        stored += 1
+                except LIBP2P_IO_ERRORS as e:
+                    logger.debug("put %s at %s: %s", key, peer, e)
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest(lookup_target(key_bytes)):
+                nursery.start_soon(store, peer)
+        return stored
 
     async def get_all(self, key: str) -> list[bytes]:
         """Every distinct value for ``key`` held locally or by the k closest peers (unvalidated)."""
@@ -90,7 +118,7 @@ class Dht:
                     found[rec.value] = None
 
         async with trio.open_nursery() as nursery:
-            for peer in await self._closest(key_bytes):
+            for peer in await self._closest(lookup_target(key_bytes)):
                 nursery.start_soon(ask, peer)
         return list(found)
 
