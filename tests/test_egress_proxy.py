@@ -319,3 +319,18 @@ async def test_hostile_clients_do_not_stop_the_proxy(nursery: trio.Nursery) -> N
     stats = proxy.statistics()
     assert (stats.connections, stats.rejected, stats.active) == (5, 3, 0)
     assert len(http.received) == 1
+
+
+async def test_cancelling_the_proxy_ends_open_tunnels() -> None:
+    async with trio.open_nursery() as servers:
+        echo = await start_server(servers, "echo")
+        async with trio.open_nursery() as nursery:
+            proxy, port = await start_proxy(nursery, [f"127.0.0.1:{echo.port}"])
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\n\r\n".encode())
+            await read_head(stream)
+            assert proxy.statistics().active == 1
+            nursery.cancel_scope.cancel()
+        async with stream:
+            assert await read_to_eof(stream) == b""
+        servers.cancel_scope.cancel()
