@@ -14,7 +14,7 @@ keys, or breaks a limit into :class:`RemoteProtocolError`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -244,8 +244,9 @@ _OPTIONAL = {"bitmap", "positions"}
 def to_dict(message: Message) -> dict[str, Any]:
     """The msgpack-ready map for ``message`` (``None`` optionals left out, tuples as lists)."""
     out: dict[str, Any] = {"type": message.TYPE}
-    for name in message.__dataclass_fields__:
-        value = getattr(message, name)
+    for f in fields(message):
+        value = getattr(message, f.name)
+        name = f.name
         if value is None:
             continue
         out[name] = list(value) if isinstance(value, tuple) else value
@@ -260,12 +261,12 @@ def decode_message(raw: Mapping[str, Any]) -> Message:
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise RemoteProtocolError(f"unknown chunk-protocol message type {kind!r}")
-    fields = set(cls.__dataclass_fields__)
+    known = {f.name for f in fields(cls)}
     given = set(raw) - {"type"}
-    required = fields - _OPTIONAL
-    if not required <= given or not given <= fields:
+    required = known - _OPTIONAL
+    if not required <= given or not given <= known:
         raise RemoteProtocolError(
-            f"{kind}: missing {sorted(required - given)}, unexpected {sorted(given - fields)}"
+            f"{kind}: missing {sorted(required - given)}, unexpected {sorted(given - known)}"
         )
     values = {name: raw[name] for name in given}
     try:
