@@ -11,5 +11,8 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -c constraints.txt -r requirements-dev.txt -e . 2>&1 | grep -v "is ignored: it is neither" || true
-.venv/bin/python -c "import libvirt, libp2p, trio, msgpack" 
+# trio-typing (a runtime dependency of libp2p) ships "trio-stubs", stubs for an old trio that
+# shadow trio's own inline types under mypy (e.g. no trio.TaskStatus). They are types only.
+rm -rf .venv/lib/python3*/site-packages/trio-stubs
+.venv/bin/python -c "import libvirt, libp2p, trio, msgpack"
 echo "$want" > "$stamp"
