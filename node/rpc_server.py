@@ -211,8 +211,14 @@ async def _refuse(stream: trio.SocketStream, code: str, message: str) -> None:
     data = rpc.ServerConnection().send_notification(
         rpc.CLOSING_METHOD, [rpc.error_object(code, message)]
     )
+    # Closing a Unix socket with unread input resets it, and the reset can overtake our reason.
+    # So: say why, half-close, and let the client close first (briefly, a bounded amount).
     with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
         await stream.send_all(data)
+        await stream.send_eof()
+        for _ in range(16):
+            if not await stream.receive_some(RECEIVE_SIZE):
+                break
 
 
 class _Connection:
