@@ -116,8 +116,18 @@ class _transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self._conn.execute("COMMIT")
-        else:
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (a deferred foreign key, a full disk) leaves the transaction
+                # open, and every later BEGIN would fail: roll back so the caller's error means
+                # "nothing applied" and the connection stays usable.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        elif self._conn.in_transaction:
+            # Some errors (INSERT OR ROLLBACK, RAISE(ROLLBACK), SQLITE_FULL) have rolled back
+            # already; a second ROLLBACK would fail and hide the error that caused it.
             self._conn.execute("ROLLBACK")
 
 
@@ -157,14 +167,22 @@ def _migrate(conn: sqlite3.Connection, migrations: list[str]) -> None:
 
 
 def _split_sql(script: str) -> list[str]:
+    # Split at every ';' that sqlite says ends a statement (not one inside a string, a comment or
+    # a trigger body), so several statements on one line work too.
     statements: list[str] = []
     current = ""
-    for line in script.splitlines(keepends=True):
-        current += line
+    pieces = script.split(";")
+    for piece in pieces[:-1]:
+        current += piece + ";"
         if sqlite3.complete_statement(current):
-            if current.strip():
+            if current.strip(" \t\r\n;"):
                 statements.append(current.strip())
             current = ""
+    current += pieces[-1]
     if current.strip():
-        raise StoreError(f"incomplete SQL statement in migration: {current.strip()[:80]!r}")
+        # What follows the last ';': a trailing comment, a last statement without its ';', or
+        # an unfinished one (an open string or trigger), which is refused.
+        if not sqlite3.complete_statement(current + "\n;"):
+            raise StoreError(f"incomplete SQL statement in migration: {current.strip()[:80]!r}")
+        statements.append(current.strip())
     return statements
