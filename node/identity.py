@@ -69,8 +69,14 @@ class Identity:
                 f"(others may have read it: check, then 'chmod 600 {path}')"
             )
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as e:
+            pem = path.read_bytes()
+        except OSError as e:
+            # e.g. a 0600 key owned by another user (made by an earlier `sudo vmlend`): say so,
+            # rather than calling a perfectly good key "not a PEM private key".
+            raise IdentityError(f"cannot read key file {path}: {e.strerror}") from e
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as e:
             raise IdentityError(f"key file {path} is not a PEM private key: {e}") from e
         if not isinstance(key, Ed25519PrivateKey):
             raise IdentityError(f"key file {path} holds a {type(key).__name__}, not Ed25519")
