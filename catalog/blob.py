@@ -13,7 +13,8 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NewType
@@ -178,19 +179,28 @@ class BlobStore:
     ) -> BlobId:
         refs: list[ChunkRef] = []
         done = 0
+        send, receive = trio.open_memory_channel[list[tuple[ChunkId, memoryview]]](1)
+
+        async def hash_ahead() -> None:
+            # Cut and hash the next batch while the previous one is being written and fsynced.
+            limit = self._batch_bytes
+            async with send:
+                while batch := await trio.to_thread.run_sync(_hash_batch, source, limit):
+                    await send.send(batch)
+
         with self.chunks.pins() as pins:
             try:
-                while True:
-                    batch = await trio.to_thread.run_sync(_hash_batch, source, self._batch_bytes)
-                    if not batch:
-                        break
-                    if len(refs) + len(batch) > MAX_BLOB_CHUNKS:
-                        raise CatalogError(f"blob too large: over {MAX_BLOB_CHUNKS} chunks")
-                    await self.chunks.put_many(batch, pins=pins)
-                    refs.extend(ChunkRef(chunk_id, len(data)) for chunk_id, data in batch)
-                    done += sum(len(data) for _, data in batch)
-                    if progress is not None:
-                        progress(done, total)
+                async with _one_error(), trio.open_nursery() as nursery:
+                    nursery.start_soon(hash_ahead)
+                    async with receive:
+                        async for batch in receive:
+                            if len(refs) + len(batch) > MAX_BLOB_CHUNKS:
+                                raise CatalogError(f"blob too large: over {MAX_BLOB_CHUNKS} chunks")
+                            await self.chunks.put_many(batch, pins=pins)
+                            refs.extend(ChunkRef(chunk_id, len(data)) for chunk_id, data in batch)
+                            done += sum(len(data) for _, data in batch)
+                            if progress is not None:
+                                progress(done, total)
                 manifest = Manifest(tuple(refs))
                 await self.chunks.db.transaction(lambda c: self._record(c, manifest))
             except BaseException:
@@ -323,6 +333,17 @@ class BlobStore:
 
     async def gc(self) -> GcResult:
         return await self.chunks.gc()
+
+
+@asynccontextmanager
+async def _one_error() -> AsyncIterator[None]:
+    """Let a nursery's only error out as itself, so callers can catch QuotaExceededError & co."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def _hash_batch(source: Iterator[memoryview], limit: int) -> list[tuple[ChunkId, memoryview]]:

@@ -29,9 +29,10 @@ import os
 import secrets
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -51,6 +52,7 @@ log = logging.getLogger("vmlend.catalog.chunks")
 Buffer = bytes | bytearray | memoryview
 
 WRITING, PRESENT, DELETING = 0, 1, 2
+SYNC_THREADS = 16  # concurrent fsyncs; beyond this the disk, not the journal, is the limit
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -157,6 +159,7 @@ class ChunkStore:
         self._writers = 0
         self._gc_running = False
         self._cond = trio.Condition()
+        self._sync_limiter = trio.CapacityLimiter(SYNC_THREADS)
 
     @classmethod
     @asynccontextmanager
@@ -277,7 +280,7 @@ class ChunkStore:
                 return
             todo = [(i, data) for i, data in unique.items() if i in to_write]
             try:
-                await trio.to_thread.run_sync(_write_chunk_files, self.root, todo)
+                await self._write_files(todo)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._unreserve(inserted)
@@ -308,6 +311,29 @@ class ChunkStore:
             f"INSERT INTO chunks (id, size, state) VALUES (?, ?, {WRITING})", new.items()
         )
         return to_write, set(new)
+
+    async def _write_files(self, chunks: list[tuple[ChunkId, Buffer]]) -> None:
+        """Write, fsync, rename, fsync directories; no name ever points at bytes not on disk.
+
+        The fsyncs run in parallel threads: the kernel then flushes many files per journal
+        commit (measured here: several times faster than one fsync after another).
+        """
+        written = await trio.to_thread.run_sync(_write_temp_files, self.root, chunks)
+        try:
+            await self._in_parallel(_fsync_file, [tmp for tmp, _ in written])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_temps, written)
+            raise
+        dirs = await trio.to_thread.run_sync(_rename_all, written)
+        await self._in_parallel(_fsync_dir, dirs)
+
+    async def _in_parallel(self, fn: Callable[[Path], None], paths: Sequence[Path]) -> None:
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(
+                    partial(trio.to_thread.run_sync, fn, path, limiter=self._sync_limiter)
+                )
 
     async def _unreserve(self, chunk_ids: set[ChunkId]) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -507,30 +533,49 @@ def _write_all(fd: int, data: Buffer) -> None:
         view = view[written:]
 
 
-def _write_chunk_files(root: Path, chunks: list[tuple[ChunkId, Buffer]]) -> None:
-    """Write each chunk under tmp/, fsync it, rename it into place; then fsync the directories."""
-    dirs: set[Path] = set()
-    for chunk_id, data in chunks:
-        if hash_chunk(data) != chunk_id:
-            raise ChunkCorruptError(chunk_id.hex(), "bytes changed before they were written")
-        name = chunk_id.hex()
-        final = root / name[:2] / name
+def _write_temp_files(root: Path, chunks: list[tuple[ChunkId, Buffer]]) -> list[tuple[Path, Path]]:
+    """Write each chunk to a fresh file under tmp/; return (temp path, final path) pairs."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for chunk_id, data in chunks:
+            if hash_chunk(data) != chunk_id:
+                raise ChunkCorruptError(chunk_id.hex(), "bytes changed before they were written")
+            name = chunk_id.hex()
+            tmp = root / "tmp" / f"{name}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            written.append((tmp, root / name[:2] / name))
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+    except BaseException:
+        _unlink_temps(written)
+        raise
+    return written
+
+
+def _unlink_temps(written: list[tuple[Path, Path]]) -> None:
+    for tmp, _ in written:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename_all(written: list[tuple[Path, Path]]) -> list[Path]:
+    """Move fsynced temp files to their final names; return the directories to fsync."""
+    dirs: list[Path] = []
+    for tmp, final in written:
         if final.parent not in dirs:
             final.parent.mkdir(exist_ok=True, mode=0o700)
-        tmp = root / "tmp" / f"{name}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+            dirs.append(final.parent)
         os.rename(tmp, final)
-        dirs.add(final.parent)
-    for directory in dirs:
-        _fsync_dir(directory)
+    return dirs
 
 
 def _fsync_dir(directory: Path) -> None:
