@@ -336,6 +336,10 @@ class ClientConnection(_Connection):
     def send_notification(self, method: str, params: Sequence[Any]) -> bytes:
         return self._pack([NOTIFICATION, method, list(params)])
 
+    def forget(self, msgid: int) -> None:
+        """Drop a request that was never sent after all."""
+        self._waiting.discard(msgid)
+
     def abandon(self, msgid: int) -> bytes:
         """Give up on a call; returns the ``rpc.cancel`` notification to send to the server."""
         if msgid in self._waiting:

@@ -105,7 +105,9 @@ class AsyncClient:
         self.path = path
         self._stream = stream
         self._proto = rpc.ClientConnection(limits)
-        self._send_lock = trio.Lock()
+        # Callers hand their bytes to one writer task, so a caller cancelled mid-send never
+        # leaves half a message on the wire (a channel send is atomic; a socket send is not).
+        self._outbox, self._outbox_receive = trio.open_memory_channel[bytes](0)
         self._calls: dict[int, trio.MemorySendChannel[rpc.Response | rpc.Notification]] = {}
         self._failure: Exception | None = None
 
@@ -123,6 +125,7 @@ class AsyncClient:
         try:
             async with stream, trio.open_nursery() as nursery:
                 nursery.start_soon(client._read_loop)
+                nursery.start_soon(client._write_loop)
                 yield client
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -165,10 +168,16 @@ class AsyncClient:
         if self._failure is not None:
             raise self._broken()
         send, receive = trio.open_memory_channel[rpc.Response | rpc.Notification](STREAM_BUFFER)
-        async with self._send_lock:
-            msgid, data = self._proto.send_request(method, params)
-            self._calls[msgid] = send
-            await self._send_all(data)
+        msgid, data = self._proto.send_request(method, params)
+        self._calls[msgid] = send
+        try:
+            await self._outbox.send(data)
+        except BaseException:
+            self._calls.pop(msgid, None)
+            self._proto.forget(msgid)  # never sent, so nothing to cancel on the node
+            if self._failure is not None:
+                raise self._broken() from None
+            raise
         return msgid, receive
 
     async def _finish(self, msgid: int) -> None:
@@ -178,17 +187,21 @@ class AsyncClient:
             return
         send.close()  # frees the reader if it is blocked handing this call a notification
         data = self._proto.abandon(msgid)
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            async with self._send_lock:
-                with contextlib.suppress(StreamBrokenError):
-                    await self._send_all(data)
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(1),
+            contextlib.suppress(trio.BrokenResourceError),
+        ):
+            await self._outbox.send(data)
 
-    async def _send_all(self, data: bytes) -> None:
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self._fail(StreamBrokenError(f"connection to {self.path} broke: {e}"))
-            raise self._broken() from e
+    async def _write_loop(self) -> None:
+        async with self._outbox_receive:
+            async for data in self._outbox_receive:
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    self._fail(StreamBrokenError(f"connection to {self.path} broke: {e}"))
+                    return
 
     def _broken(self) -> Exception:
         return self._failure or StreamBrokenError(f"connection to {self.path} closed")

@@ -226,16 +226,27 @@ class _Connection:
         self.server = server
         self.stream = stream
         self.proto = rpc.ServerConnection(server.limits)
-        self.send_lock = trio.Lock()
         self.scopes: dict[int, trio.CancelScope] = {}
-        self.nursery: trio.Nursery | None = None
+        # Handlers hand their bytes to one writer task: a handler cancelled mid-send (by
+        # rpc.cancel) then never leaves half a message on the wire; a channel send is atomic.
+        self.outbox, self.outbox_receive = trio.open_memory_channel[bytes](0)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            self.nursery = nursery
+            nursery.start_soon(self._write_loop, nursery.cancel_scope)
             await self._read_loop(nursery)
             # The client is gone or out of sync: nobody will read its answers.
             nursery.cancel_scope.cancel()
+
+    async def _write_loop(self, connection: trio.CancelScope) -> None:
+        async with self.outbox_receive:
+            async for data in self.outbox_receive:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # The client went away; stop its handlers rather than let them run for nobody.
+                    connection.cancel()
+                    return
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
@@ -292,10 +303,5 @@ class _Connection:
             del self.scopes[request.msgid]
 
     async def _send(self, data: bytes) -> None:
-        async with self.send_lock:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                # The client went away; stop its handlers rather than let them run for nobody.
-                if self.nursery is not None:
-                    self.nursery.cancel_scope.cancel()
+        with contextlib.suppress(trio.BrokenResourceError):  # the writer is gone: so is the client
+            await self.outbox.send(data)
