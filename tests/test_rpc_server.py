@@ -76,6 +76,11 @@ class Node:
         await send("line", ["first"])
         return await self.hang(params)
 
+    async def flood(self, params: list[Any], send: SendNotification) -> Any:
+        for i in range(2000):
+            await send("chunk", [i, "z" * 1000])
+        return "flooded"
+
     def methods(self) -> dict[str, Any]:
         return {m: getattr(self, m) for m in ("echo", "add", "boom", "huge", "wait", "hang")}
 
@@ -88,7 +93,10 @@ async def serving(path: Path, node: Node | None = None, **kw: Any) -> AsyncItera
     node = node or Node()
     kw.setdefault("limits", LIMITS)
     server = RpcServer(
-        path, node.methods(), streams={"count": node.count, "follow": node.follow}, **kw
+        path,
+        node.methods(),
+        streams={"count": node.count, "follow": node.follow, "flood": node.flood},
+        **kw,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
@@ -186,6 +194,38 @@ async def test_leaving_a_stream_early_cancels_it_on_the_node(sock_path: Path) ->
                 break
         await node.cancelled.wait()
         assert await c.call("echo") == []
+
+
+async def test_cancel_while_the_node_is_blocked_sending_keeps_the_connection(
+    sock_path: Path,
+) -> None:
+    # 2 MB of notifications fill the socket; leaving cancels the handler mid-send. The next
+    # call on the same connection must still parse, so no half message may be left behind.
+    async with serving(sock_path), AsyncClient.connect(sock_path) as c:
+        for _ in range(3):
+            async with c.stream("flood") as s:
+                async for item in s:
+                    assert _plain(item) == ("chunk", [0, "z" * 1000])
+                    break
+            assert await c.call("echo", "after") == ["after"]
+
+
+async def test_blocking_client_timeout_then_reuse(sock_path: Path) -> None:
+    node = Node()
+    async with serving(sock_path, node):
+        client = Client(sock_path, timeout=0.2)
+
+        def run() -> Any:
+            with pytest.raises(DeadlineError):
+                client.call("hang")
+            first = client._sock
+            try:
+                return client.call("echo", 2, timeout=None), client._sock is first
+            finally:
+                client.close()
+
+        assert await trio.to_thread.run_sync(run) == ([2], True)
+        await node.cancelled.wait()
 
 
 async def test_timeout_is_a_deadline_error_and_cancels_on_the_node(sock_path: Path) -> None:
