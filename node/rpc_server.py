@@ -26,7 +26,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
@@ -45,12 +45,6 @@ RECEIVE_SIZE = 64 * 1024
 PERMISSION_DENIED = "permission_denied"
 TOO_MANY_CONNECTIONS = "too_many_connections"
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-class PathStatus(Protocol):
-    """``run``'s task_status (spelled out: the venv's trio stubs lack ``trio.TaskStatus``)."""
-
-    def started(self, value: Path) -> None: ...
 
 
 class RpcServerError(VmlendError):
@@ -89,7 +83,7 @@ class RpcServer:
         self.connections = 0
         self._allowed_uids = {os.getuid(), 0}
 
-    async def run(self, *, task_status: PathStatus = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; ``started(path)`` once clients can connect."""
         with self._claim() as sock:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
