@@ -413,42 +413,59 @@ class P2PNode:
             self._membership_changed = trio.Event()
 
     async def _on_heartbeat(self, stream: MessageStream) -> None:
-        msg = await stream.receive()
-        if msg["type"] != "ping":
-            raise RemoteProtocolError(f"heartbeat: unexpected {msg['type']!r}")
+        # A watcher pings every heartbeat_interval; longer silence means it is gone or frozen.
+        stream.deadline = self._liveness.peer_timeout + self._heartbeat_interval
         self._known.add(stream.peer_id)
-        self._mark(self._liveness.seen(stream.peer_id, trio.current_time()))
-        await stream.send({"type": "pong"})
+        try:
+            async for msg in stream:
+                if msg["type"] != "ping":
+                    raise RemoteProtocolError(f"heartbeat: unexpected {msg['type']!r}")
+                self._mark(self._liveness.seen(stream.peer_id, trio.current_time()))
+                await stream.send({"type": "pong"})
+        except NetworkError as e:  # the watcher died or froze: routine, not a peer fault
+            logger.debug("heartbeat stream from %s ended: %s", stream.peer_id, e)
 
     async def _heartbeat_loop(self) -> None:
-        limiter = trio.CapacityLimiter(32)
-        in_flight: set[str] = set()
+        """Keep one watcher per known peer; sweep the live set every interval."""
+        watching: set[str] = set()
         async with trio.open_nursery() as nursery:
             while True:
                 self._known.update(str(p) for p in self._dht.routing_peers())
                 self._known.update(str(p) for p in self._host.get_connected_peers())
                 self._known.discard(self.peer_id)
-                for peer_id in self._known - in_flight:
-                    in_flight.add(peer_id)
-                    nursery.start_soon(self._ping, peer_id, limiter, in_flight)
+                for peer_id in self._known - watching:
+                    watching.add(peer_id)
+                    nursery.start_soon(self._watch, peer_id, watching)
                 self._mark(self._liveness.sweep(trio.current_time()))
                 await trio.sleep(self._heartbeat_interval)
 
-    async def _ping(self, peer_id: str, limiter: trio.CapacityLimiter, in_flight: set[str]) -> None:
+    async def _watch(self, peer_id: str, watching: set[str]) -> None:
+        """Ping ``peer_id`` every interval on one long-lived stream (reopened after a failure)
+        until it has been dead for ``peer_timeout``."""
         try:
-            async with limiter:
-                reply = await self.request(
-                    peer_id, HEARTBEAT_PROTOCOL, {"type": "ping"}, timeout=self._ping_timeout
-                )
-        except (NetworkError, ProtocolError) as e:
-            self._stats["pings_failed"] += 1
-            logger.debug("heartbeat to %s failed: %s", peer_id, e)
-            self._forget_if_dead(peer_id)
-            return
+            while peer_id in self._known:
+                try:
+                    await self._ping_forever(peer_id)
+                except (NetworkError, ProtocolError, trio.EndOfChannel, trio.TooSlowError) as e:
+                    self._stats["pings_failed"] += 1
+                    logger.debug("heartbeat to %s failed: %s", peer_id, e)
+                    self._forget_if_dead(peer_id)
+                await trio.sleep(self._heartbeat_interval)
         finally:
-            in_flight.discard(peer_id)
-        if reply.get("type") == "pong":
-            self._mark(self._liveness.seen(peer_id, trio.current_time()))
+            watching.discard(peer_id)
+
+    async def _ping_forever(self, peer_id: str) -> None:
+        with trio.fail_after(self._ping_timeout):
+            stream = await self.open_stream(peer_id, HEARTBEAT_PROTOCOL)
+        async with stream:
+            stream.deadline = self._ping_timeout
+            while True:
+                await stream.send({"type": "ping"})
+                reply = await stream.receive()
+                if reply["type"] != "pong":
+                    raise RemoteProtocolError(f"heartbeat: unexpected {reply['type']!r}")
+                self._mark(self._liveness.seen(peer_id, trio.current_time()))
+                await trio.sleep(self._heartbeat_interval)
 
     def _forget_if_dead(self, peer_id: str) -> None:
         last = self._liveness.last_seen(peer_id)
