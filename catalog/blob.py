@@ -13,8 +13,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NewType
@@ -23,7 +22,7 @@ import blake3
 import msgpack
 import trio
 
-from catalog.chunk_store import ChunkStore, GcResult
+from catalog.chunk_store import ChunkStore, GcResult, one_error
 from catalog.chunking import (
     DEFAULT_PARAMS,
     ID_SIZE,
@@ -190,7 +189,7 @@ class BlobStore:
 
         with self.chunks.pins() as pins:
             try:
-                async with _one_error(), trio.open_nursery() as nursery:
+                async with one_error(), trio.open_nursery() as nursery:
                     nursery.start_soon(hash_ahead)
                     async with receive:
                         async for batch in receive:
@@ -333,17 +332,6 @@ class BlobStore:
 
     async def gc(self) -> GcResult:
         return await self.chunks.gc()
-
-
-@asynccontextmanager
-async def _one_error() -> AsyncIterator[None]:
-    """Let a nursery's only error out as itself, so callers can catch QuotaExceededError & co."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
 
 
 def _hash_batch(source: Iterator[memoryview], limit: int) -> list[tuple[ChunkId, memoryview]]:

@@ -29,7 +29,7 @@ import os
 import secrets
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,6 +43,7 @@ from catalog.errors import (
     ChunkCorruptError,
     MissingChunkError,
     QuotaExceededError,
+    StoreIOError,
     StoreLockedError,
 )
 from node.store import Database
@@ -105,13 +106,8 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return not (
-            self.missing_files
-            or self.stray_files
-            or self.corrupt
-            or self.unfinished_rows
-            or self.temp_files
-        )
+        lists = (self.missing_files, self.stray_files, self.corrupt, self.unfinished_rows)
+        return not any(lists) and not self.temp_files
 
 
 class PinSet:
@@ -196,7 +192,8 @@ class ChunkStore:
 
         def query(conn: sqlite3.Connection) -> set[ChunkId]:
             found: set[ChunkId] = set()
-            for batch in _batches(wanted, 500):
+            for start in range(0, len(wanted), 500):  # sqlite caps the number of parameters
+                batch = wanted[start : start + 500]
                 marks = ",".join("?" * len(batch))
                 rows = conn.execute(
                     f"SELECT id FROM chunks WHERE state = {PRESENT} AND id IN ({marks})", batch
@@ -283,9 +280,10 @@ class ChunkStore:
                 await self._write_files(todo)
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await self._unreserve(inserted)
+                    await self._unreserve(inserted, pins)
                 raise
-            await self.db.transaction(lambda c: _mark_present(c, list(to_write)))
+            with trio.CancelScope(shield=True):  # the files are in place: finish the bookkeeping
+                await self.db.transaction(lambda c: _mark_present(c, list(to_write)))
 
     def _reserve(
         self, conn: sqlite3.Connection, sizes: dict[ChunkId, int]
@@ -318,32 +316,33 @@ class ChunkStore:
         The fsyncs run in parallel threads: the kernel then flushes many files per journal
         commit (measured here: several times faster than one fsync after another).
         """
-        written = await trio.to_thread.run_sync(_write_temp_files, self.root, chunks)
         try:
-            await self._in_parallel(_fsync_file, [tmp for tmp, _ in written])
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_unlink_temps, written)
-            raise
-        dirs = await trio.to_thread.run_sync(_rename_all, written)
-        await self._in_parallel(_fsync_dir, dirs)
+            written = await trio.to_thread.run_sync(_write_temp_files, self.root, chunks)
+            try:
+                await self._in_parallel(_fsync_file, [tmp for tmp, _ in written])
+                dirs = await trio.to_thread.run_sync(_rename_all, written)
+            except BaseException:
+                with trio.CancelScope(shield=True):  # leave no temp file behind
+                    await trio.to_thread.run_sync(_unlink_temps, written)
+                raise
+            await self._in_parallel(_fsync_dir, dirs)
+        except OSError as e:
+            # ENOSPC, EIO, EACCES...: the disk's fault, not the data's; say where.
+            raise StoreIOError(f"cannot write chunks under {self.root}: {e.strerror}") from e
 
     async def _in_parallel(self, fn: Callable[[Path], None], paths: Sequence[Path]) -> None:
-        async with trio.open_nursery() as nursery:
+        async with one_error(), trio.open_nursery() as nursery:
             for path in paths:
                 nursery.start_soon(
                     partial(trio.to_thread.run_sync, fn, path, limiter=self._sync_limiter)
                 )
 
-    async def _unreserve(self, chunk_ids: set[ChunkId]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            for chunk_id in chunk_ids:
-                if self._pins.get(chunk_id, 0) <= 1:
-                    conn.execute(
-                        f"DELETE FROM chunks WHERE id = ? AND state = {WRITING}", (chunk_id,)
-                    )
-
-        await self.db.transaction(op)
+    async def _unreserve(self, chunk_ids: set[ChunkId], pins: PinSet) -> None:
+        """Take back chunks a failed write reserved (their files may already be in place)."""
+        doomed = await self.db.transaction(
+            lambda c: self._mark_unreferenced(c, chunk_ids, dict(pins._ids))
+        )
+        await self._delete(doomed)
 
     async def discard_created(self, pins: PinSet) -> None:
         """Undo a failed operation: free the chunks it created that nothing else uses or pins."""
@@ -411,7 +410,10 @@ class ChunkStore:
         with trio.CancelScope(shield=True):  # rows are DELETING; finish so the quota frees up
             await trio.to_thread.run_sync(_unlink_all, paths)
             await self.db.transaction(
-                lambda c: c.execute(f"DELETE FROM chunks WHERE state = {DELETING}").rowcount
+                lambda c: c.executemany(
+                    f"DELETE FROM chunks WHERE id = ? AND state = {DELETING}",
+                    ((chunk_id,) for chunk_id in doomed),
+                )
             )
 
     async def _recover(self) -> None:
@@ -510,6 +512,17 @@ class ChunkStore:
 
 # --------------------------------------------------------------------------------- file helpers
 # These block; they run in worker threads.
+
+
+@asynccontextmanager
+async def one_error() -> AsyncIterator[None]:
+    """Let a nursery's only error out as itself, so callers can catch QuotaExceededError & co."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def _lock_root(root: Path) -> int:
@@ -612,8 +625,3 @@ def _clear_dir(directory: Path) -> None:
 def _move_aside(path: Path, corrupt_dir: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.replace(path, corrupt_dir / path.name)
-
-
-def _batches(items: Sequence[ChunkId], size: int) -> Iterator[Sequence[ChunkId]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -57,6 +57,10 @@ class StoreLockedError(CatalogError):
     """Another process has this chunk store open (one process owns a store at a time)."""
 
 
+class StoreIOError(CatalogError):
+    """The disk under the chunk store failed (full, read-only, I/O error); the store is intact."""
+
+
 class QuotaExceededError(CatalogError):
     """Storing more would exceed the chunk store's disk quota; the failed call stored nothing."""
 

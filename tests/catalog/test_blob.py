@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -174,3 +175,31 @@ def test_manifest_rejects_tampering() -> None:
         Manifest.decode(b"\x93\x01\x05\x90")  # total size 5 with no chunks
     with pytest.raises(ManifestError):
         Manifest.decode(b"\xc1garbage")
+
+
+@pytest.mark.parametrize("cancel_at", range(1, 30, 2))
+async def test_cancel_add_at_every_thread_hop(
+    blobs: BlobStore, monkeypatch: pytest.MonkeyPatch, cancel_at: int
+) -> None:
+    data = random_bytes(150_000, 8)  # three batches of ~64 KiB
+    original = trio.to_thread.run_sync
+    calls = 0
+    with trio.CancelScope() as scope:
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == cancel_at:
+                scope.cancel()
+            return await original(*args, **kwargs)
+
+        monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+        await blobs.add_bytes(data)
+    monkeypatch.undo()
+    assert (await blobs.chunks.check()).ok
+    listed = await blobs.ls()
+    if scope.cancelled_caught:
+        assert listed == []
+        assert (await blobs.chunks.usage()).chunk_count == 0
+    else:
+        assert [i.complete for i in listed] == [True]

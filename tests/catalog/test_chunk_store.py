@@ -5,6 +5,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -119,6 +120,7 @@ async def test_concurrent_puts_of_the_same_chunk(store: ChunkStore) -> None:
 CRASHER = """
 import os, random, sys
 from pathlib import Path
+from typing import Any
 import trio
 import catalog.chunk_store as cs
 
@@ -176,3 +178,30 @@ def test_crash_mid_write_leaves_no_partial_chunk(tmp_path: Path) -> None:
             assert await store.get(second_id) == second
 
     trio.run(reopen)
+
+
+@pytest.mark.parametrize("cancel_at", range(1, 16))
+async def test_cancel_at_every_thread_hop_leaves_store_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cancel_at: int
+) -> None:
+    chunks = [random_bytes(3000, i) for i in range(5)]
+    async with ChunkStore.open(tmp_path / "c") as store:
+        original = trio.to_thread.run_sync
+        calls = 0
+        with trio.CancelScope() as scope:
+
+            async def counting(*args: Any, **kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == cancel_at:
+                    scope.cancel()
+                return await original(*args, **kwargs)
+
+            monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+            with store.pins() as pins:
+                await store.put_many([(hash_chunk(c), c) for c in chunks], pins=pins)
+        monkeypatch.undo()
+        report = await store.check()
+        assert report.ok, report
+        assert (await store.usage()).chunk_count in (0, 5)
+        assert (await store.usage()).chunk_count == 5 or scope.cancelled_caught
