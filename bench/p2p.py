@@ -24,9 +24,9 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.identity import Identity  # noqa: E402
-from node.p2p import P2PNode  # noqa: E402
-from node.p2p_stream import MessageStream  # noqa: E402
+from node.identity import Identity
+from node.p2p import P2PNode
+from node.p2p_stream import MessageStream
 
 MIB = 1024 * 1024
 BLOCK = 256 * 1024

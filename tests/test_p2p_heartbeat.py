@@ -28,7 +28,10 @@ def test_forget_and_bad_timeout() -> None:
         Liveness(peer_timeout=0)
 
 
-@given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 100)), max_size=30), st.floats(0, 200))
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 100)), max_size=30),
+    st.floats(0, 200),
+)
 def test_the_live_set_is_exactly_the_recently_seen(
     beats: list[tuple[str, float]], now: float
 ) -> None:
