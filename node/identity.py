@@ -97,6 +97,12 @@ class Identity:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        # Without this a power cut right after first start can lose the key (a new peer ID).
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def verify(public_bytes: bytes, data: bytes, signature: bytes) -> bool:

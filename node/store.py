@@ -137,15 +137,22 @@ def _connect(path: Path) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; check_same_thread=False is safe
         # because the limiter serialises every use of the connection.
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open database {path}: {e}") from e
+    except OSError as e:
+        raise StoreError(f"cannot open database {path}: {e.strerror}") from e
+    try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"{path}: could not enable WAL (journal_mode is {mode})")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
     except sqlite3.Error as e:
-        raise StoreError(f"cannot open database {path}: {e}") from e
-    except OSError as e:
-        raise StoreError(f"cannot open database {path}: {e.strerror}") from e
+        conn.close()
+        raise StoreError(f"cannot set up database {path}: {e}") from e
+    except StoreError:
+        conn.close()
+        raise
     return conn
 
 
