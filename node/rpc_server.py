@@ -10,8 +10,9 @@ that exists at start is removed only when nothing answers on it (a crashed node'
 
 Per connection: requests run concurrently, at most ``limits.max_in_flight`` at a time (more get a
 ``busy`` error); a malformed request is answered with an error when its msgid can be recovered,
-otherwise the connection is closed; when the client goes away its unfinished handlers are
-cancelled. Nothing a client does stops the server.
+otherwise the connection is closed; when the client goes away (its end of input counts: a
+client that half-closes loses its answers) its unfinished handlers are cancelled. Nothing a
+client does stops the server.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class RpcServer:
             finally:
                 self.connections -= 1
 
-    async def call(self, request: rpc.Request, send: SendNotification) -> tuple[Any, Any]:
+    async def dispatch(self, request: rpc.Request, send: SendNotification) -> tuple[Any, Any]:
         """Run one request's handler; return (error object or None, result)."""
         handler = self.methods.get(request.method)
         stream_handler = self.streams.get(request.method)
@@ -285,7 +286,7 @@ class _Connection:
         result: Any = None
         try:
             with scope:
-                error, result = await self.server.call(request, send_notification)
+                error, result = await self.server.dispatch(request, send_notification)
             try:
                 data = self.proto.send_response(request.msgid, error, result)
             except LocalProtocolError as e:

@@ -290,6 +290,49 @@ def test_any_msgpack_object_is_an_event_or_a_typed_rejection(obj: Any) -> None:
         assert isinstance(event, rpc.Request | rpc.Notification)
 
 
+shaped = st.lists(
+    st.one_of(
+        st.integers(-2, 2**32 + 1),
+        st.text(max_size=5),
+        st.lists(scalars, max_size=3),
+        st.dictionaries(st.text(max_size=3), scalars, max_size=2),
+        scalars,
+    ),
+    max_size=5,
+).map(lambda items: items and [items[0] if isinstance(items[0], int) else 0, *items[1:]])
+
+
+@given(shaped)
+def test_message_shaped_arrays_are_checked_field_by_field(obj: Any) -> None:
+    server = rpc.ServerConnection()
+    server.receive_data(_pack(obj))
+    try:
+        event = server.next_event()
+    except rpc.RejectedMessageError as e:
+        rejected: rpc.RejectedMessageError = e
+    else:
+        _check_event(obj, event)
+        return
+    if rejected.msgid is not None:
+        assert obj[0] == rpc.REQUEST
+        assert rejected.msgid == obj[1]
+        server.send_rejection(rejected)
+
+
+def _check_event(obj: Any, event: Any) -> None:
+    if isinstance(event, rpc.Request):
+        assert obj[0] == rpc.REQUEST
+        assert [event.msgid, event.method, event.params] == obj[1:]
+        assert type(event.msgid) is int
+        assert 0 <= event.msgid <= rpc.MAX_MSGID
+        assert isinstance(event.method, str)
+        assert isinstance(event.params, list)
+    else:
+        assert isinstance(event, rpc.Notification)
+        assert obj[0] == rpc.NOTIFICATION
+        assert [event.method, event.params] == obj[1:]
+
+
 def test_client_rejects_unexpected_messages() -> None:
     client = rpc.ClientConnection()
     for obj, error in [
