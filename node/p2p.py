@@ -19,6 +19,22 @@ The py-libp2p 0.8.1 traps, and what this module does about each:
 * a dial to a silent address blocks for the kernel's ~2 minutes, and failed dials are retried
   with backoff: every dial runs under ``dial_timeout`` and the swarm has no retries;
 * a namespace without a validator accepts anything: see ``p2p_dht`` (strict validation).
+
+API (errors from :mod:`node.errors` unless noted)::
+
+    node = P2PNode(identity, listen=[...], bootstrap=[...], heartbeat_interval=1.0,
+                   peer_timeout=5.0, stream_deadline=10.0, dial_timeout=5.0,
+                   discovery_interval=10.0, limits=WireLimits(), wall_clock=time.time)
+    addrs = await nursery.start(node.run)  # full addrs ending /p2p/<id> (also node.addrs)
+    node.set_handler("/vmlend/x/1.0.0", handler)  # handler(MessageStream) -> None
+    reply = await node.request(peer_id, protocol_id, msg, timeout=5.0)
+    stream = await node.open_stream(peer_id, protocol_id)  # send/receive/send_end/aclose/reset
+    await node.connect("/ip4/.../tcp/.../p2p/<id>") -> peer_id;  node.is_connected(peer_id)
+    node.peers() -> list[PeerInfo];  await node.wait_peers(pred);  await node.wait_peer_count(n)
+    await node.put_record(kind, node.peer_id, payload, ttl=60.0) -> Record
+    await node.get_record(kind, owner_peer_id, timeout=5.0) -> Record   # RecordNotFoundError
+    await node.find_records(kind, timeout=5.0) -> list[Record]
+    node.statistics() -> {"handler_errors", "peer_errors", "pings_failed", "live_peers", "known"}
 """
 
 from __future__ import annotations
@@ -28,7 +44,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 from libp2p import new_swarm
@@ -76,12 +92,6 @@ HEARTBEAT_PROTOCOL = "/vmlend/heartbeat/1.0.0"
 
 Handler = Callable[[MessageStream], Awaitable[None]]
 _PEERSTORE_ERRORS: tuple[type[BaseException], ...] = (*LIBP2P_IO_ERRORS, KeyError)
-
-
-class AddrsStatus(Protocol):
-    """``run``'s task_status (spelled out: the venv's trio stubs lack ``trio.TaskStatus``)."""
-
-    def started(self, value: list[str]) -> None: ...
 
 
 class UnsupportedProtocolError(RemoteProtocolError):
@@ -212,7 +222,7 @@ class P2PNode:
         return [str(a) for a in self._host.get_addrs()]
 
     async def run(
-        self, *, task_status: AddrsStatus = trio.TASK_STATUS_IGNORED
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen, join the DHT, keep heartbeats going; ``started`` with :attr:`addrs`."""
         if connect_delay() != 0:
