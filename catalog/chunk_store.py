@@ -243,8 +243,13 @@ class ChunkStore:
     async def quarantine(self, chunk_id: ChunkId) -> None:
         """Move a corrupt chunk aside and forget it; blobs using it become incomplete."""
         log.error("chunk %s failed verification; moved to corrupt/", chunk_id.hex())
-        await trio.to_thread.run_sync(_move_aside, self.path_of(chunk_id), self.root / "corrupt")
-        await self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id,))
+        # DELETING first, so a crash half-way is finished by _recover like any other delete.
+        await self.db.execute(f"UPDATE chunks SET state = {DELETING} WHERE id = ?", (chunk_id,))
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(
+                _move_aside, self.path_of(chunk_id), self.root / "corrupt"
+            )
+            await self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id,))
 
     # ----------------------------------------------------------------------------- writes
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from catalog.blob import MAX_BLOB_CHUNKS, MAX_MANIFEST_SIZE
-from catalog.chunking import ID_SIZE, MAX_CHUNK_SIZE
+from catalog.blob import MAX_BLOB_CHUNKS, MAX_MANIFEST_SIZE, BlobId, BlobStore
+from catalog.chunking import ID_SIZE, MAX_CHUNK_SIZE, ChunkId
+from catalog.errors import ChunkCorruptError, MissingChunkError, UnknownBlobError
 from node.errors import LocalProtocolError, RemoteProtocolError
 from node.wire import WireLimits
 
@@ -282,3 +283,33 @@ def decode_message(raw: Mapping[str, Any]) -> Message:
         return cls(**values)
     except LocalProtocolError as e:
         raise RemoteProtocolError(f"{kind}: {e}") from None
+
+
+Request = HaveRequest | ManifestRequest | ChunkRequest
+
+
+async def respond(blobs: BlobStore, request: Request) -> Message:
+    """The provider's answer to one request, from the local store (the trio glue sends it).
+
+    Failures a peer may cause or meet are answers, not exceptions: unknown blob, a chunk that is
+    not (or no longer, e.g. found corrupt and quarantined) here. Authorisation is the glue's.
+    """
+    rid = request.request_id
+    try:
+        if isinstance(request, ChunkRequest):
+            data = await blobs.chunks.get(ChunkId(request.chunk_id), verify=True)
+            return ChunkResponse(request_id=rid, chunk_id=request.chunk_id, data=data)
+        manifest = await blobs.manifest(BlobId(request.blob_id))
+        if isinstance(request, ManifestRequest):
+            return ManifestResponse(
+                request_id=rid, blob_id=request.blob_id, manifest=manifest.encoded
+            )
+        held = await blobs.have_positions(manifest.blob_id)
+        count = len(manifest.chunks)
+        return HaveResponse.build(
+            request_id=rid, blob_id=request.blob_id, chunk_count=count, positions=held
+        )
+    except UnknownBlobError:
+        return ErrorResponse(request_id=rid, code=ErrorCode.UNKNOWN_BLOB)
+    except (MissingChunkError, ChunkCorruptError):
+        return ErrorResponse(request_id=rid, code=ErrorCode.NOT_FOUND)
