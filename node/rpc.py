@@ -152,8 +152,8 @@ class _Connection:
     def __init__(self, limits: RpcLimits) -> None:
         self.limits = limits
         self._unpacker = self._new_unpacker()
-        # Bytes received but not yet given to the unpacker: it is fed only when it needs more,
-        # so it never holds more than the one message being decoded.
+        # Bytes received but not yet given to the unpacker: it is fed only when it needs more and
+        # never past the message limit, so it holds at most ``max_message_size`` bytes.
         self._pending = bytearray()
         self._fed = 0  # bytes given to the unpacker so far
         self._message_start = 0  # stream offset where the message being decoded starts
@@ -174,7 +174,10 @@ class _Connection:
         )
 
     def receive_data(self, data: bytes) -> None:
-        """Add bytes from the peer. ``b""`` is not special; the glue handles end of stream."""
+        """Add bytes from the peer; call :meth:`next_event` until None before adding more.
+
+        ``b""`` is not special here: the glue handles the end of the stream.
+        """
         if self._error is not None:
             raise self._error
         self._pending += data
