@@ -22,7 +22,7 @@ import blake3
 import msgpack
 import trio
 
-from catalog.chunk_store import ChunkStore, GcResult, one_error
+from catalog.chunk_store import Buffer, ChunkStore, GcResult, one_error
 from catalog.chunking import (
     DEFAULT_PARAMS,
     ID_SIZE,
@@ -168,17 +168,20 @@ class BlobStore:
         """
         total = (await trio.to_thread.run_sync(path.stat)).st_size
         chunks = Chunker(self._params).cut_file(path)
-        return await self._add(chunks, total, progress)
+        try:
+            return await self._add(chunks, total, progress)
+        finally:
+            chunks.close()  # closes the file now, not whenever the generator is collected
 
     async def add_bytes(self, data: bytes) -> BlobId:
         return await self._add(Chunker(self._params).cut(data), len(data), None)
 
     async def _add(
-        self, source: Iterator[memoryview], total: int, progress: ProgressFn | None
+        self, source: Iterator[Buffer], total: int, progress: ProgressFn | None
     ) -> BlobId:
         refs: list[ChunkRef] = []
         done = 0
-        send, receive = trio.open_memory_channel[list[tuple[ChunkId, memoryview]]](1)
+        send, receive = trio.open_memory_channel[list[tuple[ChunkId, Buffer]]](1)
 
         async def hash_ahead() -> None:
             # Cut and hash the next batch while the previous one is being written and fsynced.
@@ -334,9 +337,9 @@ class BlobStore:
         return await self.chunks.gc()
 
 
-def _hash_batch(source: Iterator[memoryview], limit: int) -> list[tuple[ChunkId, memoryview]]:
+def _hash_batch(source: Iterator[Buffer], limit: int) -> list[tuple[ChunkId, Buffer]]:
     """Pull chunks from ``source`` (blocking: it may read a file) until ``limit`` bytes."""
-    batch: list[tuple[ChunkId, memoryview]] = []
+    batch: list[tuple[ChunkId, Buffer]] = []
     size = 0
     for data in source:
         batch.append((hash_chunk(data), data))

@@ -12,7 +12,7 @@ node, or dedup across nodes is lost. Changing :data:`DEFAULT_PARAMS` is a format
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NewType
@@ -82,13 +82,14 @@ class Chunker:
         """``(offset, length)`` of each chunk of ``data``."""
         return [(chunk.offset, chunk.length) for chunk in self._cdc.cut_buf(data)]
 
-    def cut_file(self, path: Path) -> Iterator[memoryview]:
-        """Yield the chunks of the file at ``path`` as views into an mmap of it.
+    def cut_file(self, path: Path) -> Generator[bytes, None, None]:
+        """Yield the chunks of the file at ``path`` as ``bytes``, reading it as a stream.
 
-        Blocking (page faults read the file): iterate it in a worker thread. The views stay valid
-        while referenced; the file must not be truncated meanwhile.
+        Blocking: iterate it in a worker thread. Not mmap (pyfastcdc's ``cut_file``), although
+        that is ~2x faster: a file truncated by someone else while mapped kills the process with
+        SIGBUS, and the node must survive whatever a user does to a file being added.
         """
-        if path.stat().st_size == 0:
-            return  # mmap cannot map an empty file; an empty blob has no chunks
-        for chunk in self._cdc.cut_file(path):
-            yield chunk.data
+        with path.open("rb", buffering=0) as stream:
+            for chunk in self._cdc.cut_stream(stream):
+                # The view is only valid until the next chunk is cut; callers batch chunks.
+                yield bytes(chunk.data)

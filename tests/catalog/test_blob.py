@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,7 @@ async def test_begin_fetch_records_incomplete_blob_and_reports_present(blobs: Bl
     assert await blobs.missing(manifest.blob_id) == []
 
 
+@settings(derandomize=True, deadline=None)  # same examples every run, no timing
 @given(sizes=st.lists(st.integers(1, 4 * MIB), max_size=20), seed=st.integers(0, 255))
 def test_manifest_decode_inverts_encode(sizes: list[int], seed: int) -> None:
     refs = tuple(ChunkRef(ChunkId(bytes([seed, i]) * 16), s) for i, s in enumerate(sizes))
@@ -222,7 +224,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(ops)
 def test_refcounts_and_gc_match_a_model(steps: list[tuple[str, Any]]) -> None:
     async def run(root: Path) -> None:
@@ -254,3 +256,16 @@ def test_refcounts_and_gc_match_a_model(steps: list[tuple[str, Any]]) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         trio.run(run, Path(tmp) / "chunks")
+
+
+async def test_file_truncated_during_add_does_not_kill_the_process(
+    blobs: BlobStore, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    data = random_bytes(400_000, 11)
+    src.write_bytes(data)
+    blob_id = await blobs.add_file(src, progress=lambda done, total: os.truncate(src, 1000))
+    out = tmp_path / "out"
+    await blobs.export(blob_id, out)
+    got = out.read_bytes()
+    assert data.startswith(got)  # what was read before the truncation, nothing invented

@@ -4,7 +4,7 @@ import contextlib
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catalog.chunking import MAX_CHUNK_SIZE
@@ -53,12 +53,14 @@ messages = st.one_of(
 )
 
 
+@settings(derandomize=True, deadline=None)  # same examples every run, no timing
 @given(messages)
 def test_roundtrip_through_wire_frames(message: Message) -> None:
     body = encode_body(to_dict(message), WIRE_LIMITS)
     assert decode_message(decode_body(body, WIRE_LIMITS)) == message
 
 
+@settings(derandomize=True, deadline=None)  # same examples every run, no timing
 @given(have_responses())
 def test_have_response_encodings_agree(message: HaveResponse) -> None:
     again = HaveResponse.build(request_id=0, blob_id=message.blob_id,
@@ -124,6 +126,7 @@ def test_malformed_messages_are_remote_protocol_errors(raw: dict[str, Any]) -> N
         decode_message(raw)
 
 
+@settings(derandomize=True, deadline=None)  # same examples every run, no timing
 @given(st.dictionaries(st.sampled_from(["type", "request_id", "chunk_id", "data", "code",
                                         "positions", "bitmap", "blob_id", "chunk_count"]),
                        st.one_of(st.none(), st.integers(), st.binary(max_size=40),
