@@ -261,12 +261,12 @@ class VmBackend:
         ]:
             check_reachable(self.qemu_user, path, what=what)
         name = f"{NAME_PREFIX}{secrets.token_hex(6)}"
-        owner = {"pid": self._owner.pid, "started": self._owner.started}
+        owner: dict[str, object] = {"pid": self._owner.pid, "started": self._owner.started}
         vm_dir = await trio.to_thread.run_sync(
             make_vm_dir, self.runtime, name, self.qemu_user, owner
         )
         try:
-            async with trio.open_nursery() as nursery:
+            async with _open_nursery_unwrapped() as nursery:
                 proxy_port = None
                 proxy = None
                 if caps.network is NetworkMode.PROXY:
@@ -372,6 +372,23 @@ class VmBackend:
 
         all_names = await self.conn.call("list domains", names)
         return [n for n in all_names if n.startswith(NAME_PREFIX)]
+
+
+@contextlib.asynccontextmanager
+async def _open_nursery_unwrapped() -> AsyncIterator[trio.Nursery]:
+    """A nursery that lets a lone error through as itself, not wrapped in an ExceptionGroup.
+
+    The VM's nursery only runs its output pumps; an error from the caller's block (a
+    GuestFailedError from ``wait``) must reach the caller as that error.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            lone = group.exceptions[0]
+            raise lone from lone.__cause__  # keep its own cause, drop the group as context
+        raise
 
 
 def _read_result_disk(path: Path) -> bytes:

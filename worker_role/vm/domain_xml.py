@@ -157,12 +157,16 @@ def build_domain_xml(plan: DomainPlan) -> str:
 
     if plan.proxy_port is not None:
         cmdline = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
-        fwd = f"tcp:{PROXY_GUEST_ADDR}:{PROXY_GUEST_PORT}-tcp:127.0.0.1:{plan.proxy_port}"
+        fwd = f"tcp:{PROXY_GUEST_ADDR}:{PROXY_GUEST_PORT}-chardev:vmlendfwd"
         for arg in (
+            "-chardev",
+            f"socket,id=vmlendfwd,host=127.0.0.1,port={plan.proxy_port},reconnect=1",
             "-netdev",
             f"user,id=vmlendnet,restrict=on,guestfwd={fwd}",
             "-device",
-            "virtio-net-pci,netdev=vmlendnet",
+            # QEMU sees these args before libvirt's devices: a fixed slot far above the ones
+            # libvirt hands out from 2 upward avoids "slot 2 ... in use by virtio-net-pci".
+            "virtio-net-pci,netdev=vmlendnet,addr=0x1e",
         ):
             ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", {"value": arg})
     return ET.tostring(dom, encoding="unicode")

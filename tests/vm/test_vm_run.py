@@ -1,0 +1,102 @@
+"""A real VM runs a command: output live, exit code, /out, layers, caps of scratch and network,
+time limit, and guest failures that end as errors with console lines, never as hangs."""
+
+from __future__ import annotations
+
+import io
+import sys
+import tarfile
+
+import pytest
+import trio
+
+from tests.vm.conftest import VmFactory, collect
+from worker_role.caps import Caps
+from worker_role.errors import GuestFailedError
+from worker_role.vm import Layer, TaskSpec
+from worker_role.vm.backend import GuestTimeoutError, OutputChunk
+
+pytestmark = pytest.mark.vm
+
+SCRIPT = r"""
+echo "cwd=$(pwd) greeting=$GREETING"
+echo "to stderr" >&2
+cat /layer/hello.txt /etc/motd
+echo overwritten > /etc/motd && cat /etc/motd
+echo "net: $(ls /sys/class/net | tr '\n' ' ')"
+dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>/dev/null; echo "fill=$?"; rm /tmp/fill
+mkdir -p /out/sub && echo result > /out/sub/r.txt && printf 'x%.0s' $(seq 100) > /out/x
+exit 7
+"""
+
+
+async def test_run_streams_output_and_returns_code_files_layers(
+    vms: VmFactory, squashfs_layer: Layer
+) -> None:
+    send, receive = trio.open_memory_channel[OutputChunk](16)
+    streamed = {"stdout": bytearray(), "stderr": bytearray()}
+    task = TaskSpec(
+        argv=("sh", "-c", SCRIPT), env={"GREETING": "hi there"}, cwd="/work", timeout_s=60
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect, receive, streamed)
+        async with send:
+            result = await vms.run(task, Caps(disk_mib=32), layers=(squashfs_layer,), output=send)
+
+    assert result.exit_code == 7
+    assert not result.timed_out
+    out = result.stdout.decode()
+    assert "cwd=/work greeting=hi there\n" in out
+    assert "hello from a layer\nlayer motd\noverwritten\n" in out  # layer read, overlay writable
+    assert "net: lo \n" in out  # network none: the guest has only loopback
+    assert "fill=1\n" in out  # the 32 MiB scratch disk refuses 64 MiB
+    assert result.stderr == b"to stderr\n"
+    assert bytes(streamed["stdout"]) == result.stdout  # everything also came live
+    assert bytes(streamed["stderr"]) == result.stderr
+    assert result.out_tar is not None
+    with tarfile.open(fileobj=io.BytesIO(result.out_tar)) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    assert files == {"./sub/r.txt": b"result\n", "./x": b"x" * 100}
+
+
+async def test_time_limit_kills_the_command_and_keeps_out(vms: VmFactory) -> None:
+    task = TaskSpec(
+        argv=("sh", "-c", "echo partial > /out/p; echo started; sleep 600 & sleep 600"),
+        timeout_s=3,
+    )
+    result = await vms.run(task)
+    assert (result.exit_code, result.timed_out) == (124, True)
+    assert result.stdout == b"started\n"
+    assert result.out_tar is not None
+    with tarfile.open(fileobj=io.BytesIO(result.out_tar)) as tar:
+        assert tar.extractfile("./p").read() == b"partial\n"  # type: ignore[union-attr]
+
+
+async def test_kernel_panic_is_a_failure_with_console_lines(vms: VmFactory) -> None:
+    task = TaskSpec(argv=("sh", "-c", "echo c > /proc/sysrq-trigger"), timeout_s=30)
+    with pytest.raises(GuestFailedError) as info:
+        await vms.run(task)
+    assert not isinstance(info.value, GuestTimeoutError)
+    assert any("sysrq" in line.lower() or "panic" in line.lower() for line in info.value.console_tail)
+
+
+async def test_hung_guest_hits_the_host_deadline(vms: VmFactory) -> None:
+    # Killing the guest init's watchdog makes the guest ignore its own time limit: only the host's
+    # deadline (time limit + boot allowance) can end it.
+    vms.backend.boot_allowance_s = 15
+    task = TaskSpec(argv=("sh", "-c", "killall -9 sleep; echo hung; sleep 600"), timeout_s=2)
+    start = trio.current_time()
+    with pytest.raises(GuestTimeoutError) as info:
+        await vms.run(task)
+    assert trio.current_time() - start < 2 + 15 + 5
+    assert "vmlend-init: starting task" in info.value.console_tail
+
+
+async def test_cli_streams_output_and_exits_124_on_timeout() -> None:
+    cmd = [sys.executable, "-m", "worker_role.vm.cli", "vm", "run", "--memory", "128MiB",
+           "--timeout", "3s", "--", "sh", "-c", "echo hi; echo err >&2; sleep 600"]
+    with trio.fail_after(120):
+        proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    assert proc.returncode == 124
+    assert proc.stdout == b"hi\n"
+    assert b"err\n" in proc.stderr

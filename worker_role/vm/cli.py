@@ -1,0 +1,127 @@
+"""``vmlend vm run``: run a command in a capped tiny VM on this machine, as a lender's self-check.
+
+The lead wires :func:`add_vm_parser` into ``node/cli.py``; until then
+``python -m worker_role.vm.cli vm run -- echo hi`` does the same. The exit code is the guest
+command's, 124 when it hit its time limit, 125 when the VM itself failed or was refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from node.units import parse_duration, parse_rate, parse_size
+from worker_role.caps import MIB, Caps, NetworkMode
+from worker_role.errors import VmError
+from worker_role.vm.backend import GuestTimeoutError, Image, OutputChunk, open_backend
+from worker_role.vm.task import TaskSpec
+
+EXIT_TIMEOUT = 124
+EXIT_VM_FAILED = 125
+
+
+def add_vm_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``vm`` command group; each command sets ``handler(args) -> int``."""
+    vm = subparsers.add_parser("vm", help="run commands in capped VMs on this machine")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True)
+    run = vm_sub.add_parser(
+        "run",
+        help="run CMD in a capped tiny VM; exit with its exit code (124 on timeout)",
+        description="Everything after -- is the command, run in the guest's busybox root.",
+    )
+    run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
+    run.add_argument("--cpu-share", type=float, default=None,
+                     help="host CPUs the whole VM may use, e.g. 0.5 (default: --cpus)")
+    run.add_argument("--memory", type=_mib, default=256, help="guest memory (default 256MiB)")
+    run.add_argument("--disk", type=_mib, default=256, help="scratch disk size (default 256MiB)")
+    run.add_argument("--disk-bps", type=parse_rate, default=0,
+                     help="disk bytes/s, e.g. 10MiB/s (default unlimited)")
+    run.add_argument("--disk-iops", type=int, default=0, help="disk IOPS (default unlimited)")
+    run.add_argument("--network", choices=[m.value for m in NetworkMode], default="none",
+                     help="none (only lo) or proxy (HTTP proxy with --allow and --net-bps)")
+    run.add_argument("--allow", action="append", default=[], metavar="HOST:PORT",
+                     help="destination the proxy lets through (repeatable)")
+    run.add_argument("--net-bps", type=parse_rate, default=0, help="proxy rate cap")
+    run.add_argument("--timeout", type=parse_duration, default=60.0,
+                     help="time limit of the command, e.g. 30s or 5m (default 60s)")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    run.add_argument("--cwd", default="/", help="working directory in the guest")
+    run.add_argument("--vm-dir", type=Path, default=None,
+                     help="VM runtime directory (default /var/lib/vmlend/vm)")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    run.set_defaults(handler=cmd_vm_run)
+
+
+def _mib(text: str) -> int:
+    return max(1, math.ceil(parse_size(text) / MIB))
+
+
+def cmd_vm_run(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("vmlend vm run: no command (give it after --)", file=sys.stderr)
+        return 2
+    try:
+        env = dict(item.split("=", 1) for item in args.env)
+        caps = Caps(
+            vcpus=args.cpus,
+            cpu_share=args.cpu_share if args.cpu_share is not None else float(args.cpus),
+            memory_mib=args.memory,
+            disk_mib=args.disk,
+            disk_bps=args.disk_bps,
+            disk_iops=args.disk_iops,
+            network=NetworkMode(args.network),
+            net_bps=args.net_bps,
+            net_allow=tuple(args.allow),
+        )
+        task = TaskSpec(
+            argv=tuple(argv), env=env, cwd=args.cwd, timeout_s=max(1, math.ceil(args.timeout))
+        )
+    except ValueError as e:
+        print(f"vmlend vm run: {e}", file=sys.stderr)
+        return 2
+    return trio.run(vm_run, task, caps, args.vm_dir)
+
+
+async def vm_run(task: TaskSpec, caps: Caps, vm_dir: Path | None = None) -> int:
+    """Run ``task`` under ``caps``, streaming its output to our stdout/stderr; the exit code."""
+    send, receive = trio.open_memory_channel[OutputChunk](64)
+    try:
+        async with open_backend(runtime_dir=vm_dir) as backend, trio.open_nursery() as nursery:
+            nursery.start_soon(_print_output, receive)
+            async with send:
+                result = await backend.run(Image.tiny(), task, caps, output=send)
+        return result.exit_code
+    except GuestTimeoutError as e:
+        print(f"vmlend vm run: {e}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except VmError as e:
+        print(f"vmlend vm run: {e}", file=sys.stderr)
+        return EXIT_VM_FAILED
+
+
+async def _print_output(receive: trio.MemoryReceiveChannel[OutputChunk]) -> None:
+    async with receive:
+        async for stream, data in receive:
+            out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+            out.write(data)
+            out.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker_role.vm.cli")
+    add_vm_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
