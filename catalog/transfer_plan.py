@@ -185,10 +185,15 @@ class TransferPlan:
     # -------------------------------------------------------------------------------- inputs
 
     def add_provider(self, peer: PeerId, positions: Iterable[int]) -> None:
-        """``peer`` holds the chunks at these manifest positions (adds to what it said before)."""
+        """``peer`` holds the chunks at these manifest positions (adds to what it said before).
+
+        A peer dropped as gone may come back this way (it reconnected); a misbehaving one never.
+        """
         state = self._peers.setdefault(peer, _Peer(peer))
-        if state.status != "live":
+        if state.status == "misbehaving":
             return
+        if state.status == "gone":
+            state.status, state.failures = "live", 0
         chunks = self.manifest.chunks
         for position in positions:
             if not 0 <= position < len(chunks):

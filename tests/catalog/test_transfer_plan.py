@@ -381,3 +381,16 @@ def test_property_random_swarms(
     for p in providers:
         if p.corrupt and p.served:
             assert net.plan.excluded()[p.peer] == "misbehaving"
+
+
+def test_gone_peer_may_come_back_misbehaving_never() -> None:
+    manifest, _ = make_blob(4)
+    plan = TransferPlan(manifest, present=set(), now=0.0)
+    plan.add_provider("a", everything(manifest))
+    plan.add_provider("b", everything(manifest))
+    plan.provider_gone("a", 1.0)
+    plan.add_provider("a", everything(manifest))  # reconnected
+    assert plan.excluded() == {}
+    plan.add_provider("b", [99])  # out of range: misbehaving
+    plan.add_provider("b", everything(manifest))
+    assert plan.excluded() == {"b": "misbehaving"}
