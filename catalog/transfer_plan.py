@@ -126,6 +126,26 @@ Event = Progress | PeerMisbehaved | PeerDropped | Completed | Failed
 # ------------------------------------------------------------------------------------ state
 
 
+class _Meter:
+    """Bytes per second over a sliding window of injected time, O(1) amortised per sample."""
+
+    def __init__(self, start: float, window: float = 5.0) -> None:
+        self.start = start
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque()
+        self._total = 0
+
+    def add(self, now: float, size: int) -> None:
+        self._samples.append((now, size))
+        self._total += size
+
+    def rate(self, now: float) -> float:
+        while self._samples and self._samples[0][0] < now - self.window:
+            self._total -= self._samples.popleft()[1]
+        span = min(self.window, now - self.start)
+        return self._total / span if span > 0 else 0.0
+
+
 @dataclass(slots=True)
 class _Peer:
     peer: PeerId
@@ -135,7 +155,7 @@ class _Peer:
     status: str = "live"
     failures: int = 0  # consecutive
     bytes_received: int = 0
-    samples: deque[tuple[float, int]] = field(default_factory=deque)
+    meter: _Meter = field(default_factory=lambda: _Meter(0.0))
 
 
 class TransferPlan:
@@ -170,10 +190,10 @@ class TransferPlan:
         self._needed: set[ChunkId] = {c for c in self._sizes if c not in have}
         self._bytes_done = sum(ref.size for ref in manifest.chunks if ref.chunk_id in have)
         self._bytes_fetched = 0
-        self._samples: deque[tuple[float, int]] = deque()
+        self._meter = _Meter(now, rate_window)
         self._peers: dict[PeerId, _Peer] = {}
         self._asked: dict[ChunkId, set[PeerId]] = {}  # outstanding, uncancelled requests
-        self._queue: list[ChunkId] = []  # needed chunks, rarest first; rebuilt when dirty
+        self._queue: deque[ChunkId] = deque()  # needed chunks, rarest first; rebuilt when dirty
         self._dirty = True
         self._cancels: list[CancelFetch] = []
         self._events: list[Event] = []
@@ -189,7 +209,8 @@ class TransferPlan:
 
         A peer dropped as gone may come back this way (it reconnected); a misbehaving one never.
         """
-        state = self._peers.setdefault(peer, _Peer(peer))
+        meter = _Meter(self._start, self.rate_window)
+        state = self._peers.setdefault(peer, _Peer(peer, meter=meter))
         if state.status == "misbehaving":
             return
         if state.status == "gone":
@@ -226,13 +247,13 @@ class TransferPlan:
             return Verdict.REJECTED
         state.failures = 0
         state.bytes_received += len(data)
-        state.samples.append((now, len(data)))
+        state.meter.add(now, len(data))
         if chunk_id not in self._needed or self.state is not State.RUNNING:
             return Verdict.DUPLICATE
         self._needed.discard(chunk_id)
         self._bytes_done += len(data) * self._uses[chunk_id]
         self._bytes_fetched += len(data)
-        self._samples.append((now, len(data)))
+        self._meter.add(now, len(data))
         for other in self._asked.pop(chunk_id, set()):
             other_state = self._peers[other]
             del other_state.in_flight[chunk_id]
@@ -300,7 +321,7 @@ class TransferPlan:
     def progress(self, now: float) -> Progress:
         peers = tuple(
             PeerProgress(
-                p.peer, p.bytes_received, len(p.in_flight), self._rate(p.samples, now), p.status
+                p.peer, p.bytes_received, len(p.in_flight), p.meter.rate(now), p.status
             )
             for p in sorted(self._peers.values(), key=lambda p: p.peer)
         )
@@ -310,7 +331,7 @@ class TransferPlan:
             chunks_done=len(self._sizes) - len(self._needed),
             chunks_total=len(self._sizes),
             bytes_fetched=self._bytes_fetched,
-            rate_bps=self._rate(self._samples, now),
+            rate_bps=self._meter.rate(now),
             peers=peers,
         )
 
@@ -335,7 +356,7 @@ class TransferPlan:
         if orphans:
             self._fail(orphans)
             return
-        self._queue = sorted(self._needed, key=lambda c: (rarity[c], self._position[c]))
+        self._queue = deque(sorted(self._needed, key=lambda c: (rarity[c], self._position[c])))
 
     def _assign(self, now: float) -> list[FetchChunk]:
         live = sorted(
@@ -346,6 +367,10 @@ class TransferPlan:
             return []
         out: list[FetchChunk] = []
         unasked = False
+        # Chunks complete roughly in queue order: drop the done ones at the front so each call
+        # scans about as many entries as there are requests in flight, not the whole blob.
+        while self._queue and self._queue[0] not in self._needed:
+            self._queue.popleft()
         for chunk_id in self._queue:
             if chunk_id not in self._needed or chunk_id in self._asked:
                 continue
@@ -353,7 +378,7 @@ class TransferPlan:
             holders = [p for p in live if chunk_id in p.has and free[p.peer] > 0]
             if not holders:
                 continue
-            best = max(holders, key=lambda p: (free[p.peer], self._rate(p.samples, now)))
+            best = max(holders, key=lambda p: (free[p.peer], p.meter.rate(now)))
             out.append(self._ask(best, chunk_id, now, duplicate=False))
             free[best.peer] -= 1
             if sum(max(n, 0) for n in free.values()) <= 0:
@@ -377,7 +402,7 @@ class TransferPlan:
             ]
             if not holders:
                 continue
-            best = max(holders, key=lambda p: (free[p.peer], self._rate(p.samples, now)))
+            best = max(holders, key=lambda p: (free[p.peer], p.meter.rate(now)))
             out.append(self._ask(best, chunk_id, now, duplicate=True))
             free[best.peer] -= 1
         return out
@@ -409,12 +434,6 @@ class TransferPlan:
         log.warning("peer %s misbehaved in transfer of %s: %s", peer.peer, self._blob_hex, reason)
         self._exclude(peer, "misbehaving")
         self._events.append(PeerMisbehaved(peer.peer, chunk_id, reason))
-
-    def _rate(self, samples: deque[tuple[float, int]], now: float) -> float:
-        while samples and samples[0][0] < now - self.rate_window:
-            samples.popleft()
-        span = min(self.rate_window, now - self._start)
-        return sum(size for _, size in samples) / span if span > 0 else 0.0
 
     def _finish(self) -> None:
         self.state = State.COMPLETE

@@ -114,7 +114,7 @@ class FakeNet:
             prov.vanished = True
             self.plan.provider_gone(peer, self.now)
             return True
-        position = next(i for i, r in enumerate(self.manifest.chunks) if r.chunk_id == chunk_id)
+        position = self.manifest.distinct_ids().index(chunk_id) if prov.lies_about else -1
         if position in prov.lies_about:
             self.plan.on_not_found(peer, chunk_id, self.now)
             return True
@@ -394,3 +394,11 @@ def test_gone_peer_may_come_back_misbehaving_never() -> None:
     plan.add_provider("b", [99])  # out of range: misbehaving
     plan.add_provider("b", everything(manifest))
     assert plan.excluded() == {"b": "misbehaving"}
+
+
+def test_many_chunks_plan_in_linear_time() -> None:
+    manifest, data = make_blob(5000, size=100)
+    providers = [FakeProvider(p, everything(manifest)) for p in ("a", "b", "c")]
+    net = FakeNet.start(manifest, data, providers)
+    assert net.run() is State.COMPLETE
+    assert len(net.stored) == 5000
