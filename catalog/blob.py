@@ -36,6 +36,7 @@ from catalog.chunking import (
 from catalog.errors import (
     CatalogError,
     ChunkCorruptError,
+    FileAccessError,
     IncompleteBlobError,
     ManifestError,
     QuotaExceededError,
@@ -166,12 +167,15 @@ class BlobStore:
         Idempotent: adding the same bytes again stores nothing new and returns the same ID. On
         any failure (quota, I/O, cancel) the chunks this call wrote are removed again.
         """
-        total = (await trio.to_thread.run_sync(path.stat)).st_size
-        chunks = Chunker(self._params).cut_file(path)
         try:
-            return await self._add(chunks, total, progress)
-        finally:
-            chunks.close()  # closes the file now, not whenever the generator is collected
+            total = (await trio.to_thread.run_sync(path.stat)).st_size
+            chunks = Chunker(self._params).cut_file(path)
+            try:
+                return await self._add(chunks, total, progress)
+            finally:
+                chunks.close()  # closes the file now, not whenever the generator is collected
+        except OSError as e:  # the store maps its own I/O errors; these are about ``path``
+            raise FileAccessError(f"cannot read {path}: {e.strerror}") from e
 
     async def add_bytes(self, data: bytes) -> BlobId:
         return await self._add(Chunker(self._params).cut(data), len(data), None)
@@ -284,6 +288,13 @@ class BlobStore:
             raise IncompleteBlobError(blob_id.hex(), len(missing))
         check = self.chunks.verify_on_read if verify is None else verify
         part = out_path.with_name(out_path.name + ".part")
+        try:
+            await self._export_to(manifest, part, check)
+            await trio.to_thread.run_sync(os.replace, part, out_path)
+        except OSError as e:
+            raise FileAccessError(f"cannot write {out_path}: {e.strerror}") from e
+
+    async def _export_to(self, manifest: Manifest, part: Path, check: bool) -> None:
         fd = await trio.to_thread.run_sync(
             lambda: os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         )
@@ -296,11 +307,10 @@ class BlobStore:
                     raise
             await trio.to_thread.run_sync(os.fsync, fd)
         except BaseException:
-            os.close(fd)
-            part.unlink(missing_ok=True)
+            with trio.CancelScope(shield=True):  # leave no half-written .part behind
+                await trio.to_thread.run_sync(_close_and_unlink, fd, part)
             raise
         os.close(fd)
-        await trio.to_thread.run_sync(os.replace, part, out_path)
 
     def _export_batch(self, fd: int, refs: list[ChunkRef], verify: bool) -> None:
         for ref in refs:
@@ -347,6 +357,11 @@ def _hash_batch(source: Iterator[Buffer], limit: int) -> list[tuple[ChunkId, Buf
         if size >= limit:
             break
     return batch
+
+
+def _close_and_unlink(fd: int, path: Path) -> None:
+    os.close(fd)
+    path.unlink(missing_ok=True)
 
 
 def _ref_batches(refs: tuple[ChunkRef, ...], limit: int) -> Iterator[list[ChunkRef]]:

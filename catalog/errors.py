@@ -57,6 +57,10 @@ class StoreLockedError(CatalogError):
     """Another process has this chunk store open (one process owns a store at a time)."""
 
 
+class FileAccessError(CatalogError):
+    """A file the caller named cannot be read (``blob add``) or written (``blob get -o``)."""
+
+
 class StoreIOError(CatalogError):
     """The disk under the chunk store failed (full, read-only, I/O error); the store is intact."""
 

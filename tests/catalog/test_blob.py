@@ -15,6 +15,7 @@ from catalog.chunk_store import ChunkStore
 from catalog.chunking import MIB, ChunkId, hash_chunk
 from catalog.errors import (
     ChunkCorruptError,
+    FileAccessError,
     IncompleteBlobError,
     ManifestError,
     QuotaExceededError,
@@ -269,3 +270,15 @@ async def test_file_truncated_during_add_does_not_kill_the_process(
     await blobs.export(blob_id, out)
     got = out.read_bytes()
     assert data.startswith(got)  # what was read before the truncation, nothing invented
+
+
+async def test_unreadable_and_unwritable_paths_are_typed_errors(
+    blobs: BlobStore, tmp_path: Path
+) -> None:
+    with pytest.raises(FileAccessError, match="cannot read"):
+        await blobs.add_file(tmp_path / "absent")
+    with pytest.raises(FileAccessError, match="cannot read"):
+        await blobs.add_file(tmp_path)  # a directory
+    blob_id = await blobs.add_bytes(b"x")
+    with pytest.raises(FileAccessError, match="cannot write"):
+        await blobs.export(blob_id, tmp_path / "no" / "such" / "dir")
