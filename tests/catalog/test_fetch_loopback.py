@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from catalog.blob import BlobId, BlobStore, Manifest
-from catalog.chunk_store import ChunkStore
+from catalog.chunk_store import ChunkStore, GcResult
 from catalog.chunking import ChunkId
 from catalog.transfer_messages import (
     WIRE_LIMITS,
@@ -54,8 +54,17 @@ async def call(provider: BlobStore, request: Request) -> Message:
     return decode_message(raw)
 
 
-async def fetch(fetcher: BlobStore, providers: dict[str, BlobStore], blob_id: BlobId) -> int:
-    """Fetch ``blob_id``; return the chunk bytes that crossed the 'network'."""
+async def fetch(
+    fetcher: BlobStore,
+    providers: dict[str, BlobStore],
+    blob_id: BlobId,
+    *,
+    stop_after: int | None = None,
+) -> int:
+    """Fetch ``blob_id``; return the chunk bytes that crossed the 'network'.
+
+    With ``stop_after``, stop (like a killed process) once that many chunks are stored.
+    """
     first = next(iter(providers.values()))
     reply = await call(first, ManifestRequest(request_id=next(_ids), blob_id=blob_id))
     assert isinstance(reply, ManifestResponse)
@@ -67,7 +76,7 @@ async def fetch(fetcher: BlobStore, providers: dict[str, BlobStore], blob_id: Bl
         assert isinstance(have, HaveResponse)
         assert have.chunk_count == len(manifest.chunks)
         plan.add_provider(peer, have.held())
-    moved = 0
+    moved = stored = 0
     now = 0.0
     while plan.state is State.RUNNING:
         actions = plan.next_actions(now)
@@ -87,6 +96,9 @@ async def fetch(fetcher: BlobStore, providers: dict[str, BlobStore], blob_id: Bl
             chunk_id = ChunkId(reply.chunk_id)
             if plan.on_chunk(action.peer, chunk_id, reply.data, now) is Verdict.ACCEPTED:
                 await fetcher.chunks.put(reply.data, expected=chunk_id)
+                stored += 1
+                if stored == stop_after:
+                    return moved
         if not actions:
             break
     assert plan.state is State.COMPLETE, plan.error
@@ -140,3 +152,22 @@ async def test_provider_missing_a_chunk_answers_not_found(stores: list[BlobStore
 async def test_unknown_blob_is_an_error_answer(stores: list[BlobStore]) -> None:
     reply = await call(stores[1], HaveRequest(request_id=9, blob_id=b"\x07" * 32))
     assert reply == ErrorResponse(request_id=9, code=ErrorCode.UNKNOWN_BLOB)
+
+
+async def test_fetch_resumes_after_restart(tmp_path: Path) -> None:
+    data = random_bytes(400_000, 4)
+    async with ChunkStore.open(tmp_path / "p") as pstore:
+        provider = BlobStore(pstore, params=SMALL)
+        blob_id = await provider.add_bytes(data)
+        async with ChunkStore.open(tmp_path / "f") as fstore:
+            first = await fetch(BlobStore(fstore), {"p": provider}, blob_id, stop_after=30)
+        # "Restarted": a new process opens the same store and finds the incomplete blob.
+        async with ChunkStore.open(tmp_path / "f") as fstore:
+            fetcher = BlobStore(fstore)
+            [info] = await fetcher.ls()
+            assert (info.blob_id, info.complete) == (blob_id, False)
+            assert await fetcher.gc() == GcResult(0, 0)  # what was fetched is kept
+            second = await fetch(fetcher, {"p": provider}, blob_id)
+            assert first + second == len(data)  # nothing fetched twice
+            await fetcher.export(blob_id, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
