@@ -1,0 +1,137 @@
+"""Each cap, measured from outside the guest where it can be (the QEMU process's CPU time, the
+proxy's counters) and from inside where the host cannot see (write rate, OOM)."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import psutil
+import pytest
+import trio
+
+from tests.vm.conftest import VmFactory
+from worker_role.caps import MIB, Caps, NetworkMode
+from worker_role.vm import TaskSpec
+from worker_role.vm.backend import OutputChunk
+from worker_role.vm.domain_xml import hard_limit_kib
+
+pytestmark = pytest.mark.vm
+
+CPU_WINDOW_S = 10.0
+DISK_WINDOW_S = 6.0
+
+
+async def _wait_for_line(receive: trio.MemoryReceiveChannel[OutputChunk], marker: bytes) -> None:
+    seen = b""
+    async for _stream, data in receive:
+        seen += data
+        if marker in seen:
+            return
+    raise AssertionError(f"output ended without {marker!r}: {seen!r}")
+
+
+async def test_cpu_share_caps_the_whole_vm(vms: VmFactory) -> None:
+    send, receive = trio.open_memory_channel[OutputChunk](64)
+    task = TaskSpec(argv=("sh", "-c", "echo burning; while :; do :; done"), timeout_s=120)
+    async with vms.start(task, Caps(vcpus=1, cpu_share=0.5), output=send) as vm:
+        with trio.fail_after(90):
+            await _wait_for_line(receive, b"burning")
+        qemu = psutil.Process(vm.qemu_pid())
+        t0, c0 = trio.current_time(), sum(qemu.cpu_times()[:2])
+        # A measuring window, not a wait for a condition: the share is CPU time over wall time.
+        await trio.sleep(CPU_WINDOW_S)
+        t1, c1 = trio.current_time(), sum(qemu.cpu_times()[:2])
+        await vm.destroy()
+    share = (c1 - c0) / (t1 - t0)
+    assert 0.40 <= share <= 0.60, f"QEMU used {share:.2f} of a host CPU under a 0.5 cap"
+
+
+async def test_memory_cap_ooms_the_guest_not_the_host(vms: VmFactory) -> None:
+    caps = Caps(memory_mib=128)
+    script = (
+        "head -c 400000000 /dev/zero | sort > /dev/null; echo sort=$?; "
+        "dmesg | grep -q 'Out of memory' && echo oom-in-guest"
+    )
+    async with vms.start(TaskSpec(argv=("sh", "-c", script), timeout_s=120), caps) as vm:
+        params = await vms.backend.conn.call(
+            "memory params", lambda: vms.backend.conn.raw.lookupByName(vm.name).memoryParameters(0)
+        )
+        result = await vm.wait()
+    # The host-side limit was in force while the guest ran out of its own memory.
+    assert params["hard_limit"] == hard_limit_kib(caps, vms.backend.accel.accel)
+    out = result.stdout.decode()
+    assert "sort=137\n" in out, out  # SIGKILLed by the guest's OOM killer
+    assert "oom-in-guest\n" in out
+    assert result.exit_code == 0  # the guest itself survived and reported normally
+
+
+async def test_disk_rate_cap(vms: VmFactory) -> None:
+    rate = 10 * MIB
+    # Direct I/O in a loop: the guest's page cache cannot hide the device's rate, and the host reads
+    # the bytes QEMU wrote to the scratch disk (its block stats) over a fixed window.
+    script = (
+        "echo writing; "
+        "while :; do dd if=/dev/zero of=/tmp/f bs=1M count=32 oflag=direct 2>/dev/null || exit 9; done"
+    )
+    send, receive = trio.open_memory_channel[OutputChunk](64)
+    caps = Caps(disk_mib=128, disk_bps=rate)
+    async with vms.start(TaskSpec(argv=("sh", "-c", script), timeout_s=120), caps, output=send) as vm:
+        with trio.fail_after(90):
+            await _wait_for_line(receive, b"writing")
+
+        def written() -> int:
+            return int(vms.backend.conn.raw.lookupByName(vm.name).blockStats("vdb")[3])
+
+        t0, b0 = trio.current_time(), await vms.backend.conn.call("block stats", written)
+        # A measuring window, not a wait for a condition.
+        await trio.sleep(DISK_WINDOW_S)
+        t1, b1 = trio.current_time(), await vms.backend.conn.call("block stats", written)
+        await vm.destroy()
+    measured = (b1 - b0) / (t1 - t0)
+    assert 0.85 * rate <= measured <= 1.15 * rate, f"{measured / MIB:.2f} MiB/s under a 10 MiB/s cap"
+
+
+async def test_proxy_network_allows_only_listed_destinations_at_capped_rate(
+    vms: VmFactory,
+) -> None:
+    blob = 1 * MIB
+    rate = 256 * 1024
+
+    async def serve(stream: trio.SocketStream) -> None:
+        async with stream:
+            request = await stream.receive_some(4096)
+            body = b"x" * blob if b"/big" in request else b"hello from the host\n"
+            await stream.send_all(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            await stream.send_all(body)
+
+    async with trio.open_nursery() as nursery:
+        listen = functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1")
+        allowed = (await nursery.start(listen))[0]
+        other = (await nursery.start(listen))[0]
+        port, other_port = allowed.socket.getsockname()[1], other.socket.getsockname()[1]
+        # QEMU's guestfwd carries one connection at a time and reconnects to the proxy 1 s after
+        # one ends: hence the pauses between the guest's connections (see DESIGN notes).
+        script = f"""
+            wget -q -O - http://127.0.0.1:{port}/small; sleep 1.5
+            wget -q -O - http://127.0.0.1:{other_port}/small; echo refused=$?; sleep 1.5
+            nc -w 3 10.0.2.2 {port} </dev/null; echo direct=$?; sleep 1.5
+            t0=$(cut -d' ' -f1 /proc/uptime)
+            wget -q -O /tmp/big http://127.0.0.1:{port}/big; echo big=$?
+            t1=$(cut -d' ' -f1 /proc/uptime); echo "size=$(wc -c < /tmp/big) t=$t0 $t1"
+        """
+        caps = Caps(network=NetworkMode.PROXY, net_allow=(f"127.0.0.1:{port}",), net_bps=rate)
+        result = await vms.run(TaskSpec(argv=("sh", "-c", script), timeout_s=120), caps)
+        nursery.cancel_scope.cancel()
+    out = result.stdout.decode()
+    assert "hello from the host\n" in out, out
+    assert "refused=1\n" in out and b"403" in result.stderr  # not on the allow-list
+    assert "direct=1\n" in out  # restrict=on: no way out but the proxy
+    assert "big=0\n" in out
+    m = re.search(r"size=(\d+) t=([\d.]+) ([\d.]+)", out)
+    assert m is not None, out
+    assert int(m[1]) == blob
+    measured = blob / (float(m[3]) - float(m[2]))
+    assert 0.85 * rate <= measured <= 1.15 * rate, f"{measured / 1024:.0f} KiB/s under 256 KiB/s"
+    assert result.egress is not None and result.egress.bytes_down >= blob
+    assert result.egress.refused == 1
