@@ -1,7 +1,8 @@
 """Which chunk to ask of which provider, and what to make of the answers. Sans-IO.
 
 The trio glue (later, around the p2p adapter) owns streams, deadlines and the store; it feeds this
-class what happened and does what it says::
+class what happened and does what it says (``tests/catalog/test_fetch_loopback.py`` is that loop
+without sockets; the provider side is :func:`catalog.transfer_messages.respond`)::
 
     present = await blobs.begin_fetch(manifest)
     plan = TransferPlan(manifest, present=present, now=trio.current_time())
@@ -254,7 +255,7 @@ class TransferPlan:
         self._bytes_done += len(data) * self._uses[chunk_id]
         self._bytes_fetched += len(data)
         self._meter.add(now, len(data))
-        for other in self._asked.pop(chunk_id, set()):
+        for other in sorted(self._asked.pop(chunk_id, set())):
             other_state = self._peers[other]
             del other_state.in_flight[chunk_id]
             other_state.cancelled.add(chunk_id)
