@@ -282,3 +282,16 @@ async def test_unreadable_and_unwritable_paths_are_typed_errors(
     blob_id = await blobs.add_bytes(b"x")
     with pytest.raises(FileAccessError, match="cannot write"):
         await blobs.export(blob_id, tmp_path / "no" / "such" / "dir")
+
+
+async def test_begin_fetch_refuses_up_front_when_missing_bytes_exceed_quota(tmp_path: Path) -> None:
+    data = [random_bytes(3000, i) for i in range(4)]
+    manifest = Manifest(tuple(ChunkRef(hash_chunk(d), len(d)) for d in data))
+    async with ChunkStore.open(tmp_path / "q", quota_bytes=10_000) as store:
+        blobs = BlobStore(store)
+        await store.put(data[0])  # present chunks cost nothing: 9,000 bytes still needed
+        await store.put(random_bytes(2000, 99))  # unrelated: 5,000 used in all
+        with pytest.raises(QuotaExceededError) as info:
+            await blobs.begin_fetch(manifest)
+        assert (info.value.used, info.value.needed, info.value.quota) == (5000, 9000, 10_000)
+        assert await blobs.ls() == []  # nothing recorded
