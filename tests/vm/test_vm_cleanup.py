@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -35,14 +36,10 @@ HOLDER = textwrap.dedent(
 
 async def test_killed_owner_leaves_nothing_after_restart() -> None:
     async with trio.open_nursery() as nursery:
-        proc = await nursery.start(
-            lambda task_status: trio.run_process(
-                [sys.executable, "-c", HOLDER],
-                stdout=subprocess.PIPE,
-                check=False,
-                task_status=task_status,
-            )
+        holder = functools.partial(
+            trio.run_process, [sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, check=False
         )
+        proc = await nursery.start(holder)
         line = b""
         with trio.fail_after(90):
             while not line.endswith(b"\n"):
