@@ -38,6 +38,7 @@ from catalog.errors import (
     ChunkCorruptError,
     FileAccessError,
     IncompleteBlobError,
+    InvalidIdError,
     ManifestError,
     QuotaExceededError,
     UnknownBlobError,
@@ -56,6 +57,17 @@ MAX_MANIFEST_SIZE = MAX_CHUNK_SIZE
 BATCH_BYTES = 64 * MIB
 """Bytes handled per worker-thread call: big enough to amortise the hop, small enough that a
 cancel or a progress report is never far away."""
+
+
+def parse_blob_id(text: str) -> BlobId:
+    """A blob ID from its hex form (as ``vmlend blob add`` prints it)."""
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raw = b""
+    if len(raw) != ID_SIZE:
+        raise InvalidIdError(f"not a blob ID (want {2 * ID_SIZE} hex digits): {text[:80]!r}")
+    return BlobId(raw)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,10 +37,6 @@ def hash_chunk(data: bytes | bytearray | memoryview) -> ChunkId:
     return ChunkId(blake3.blake3(data).digest())
 
 
-def chunk_hex(chunk_id: bytes) -> str:
-    return chunk_id.hex()
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChunkParams:
     """FastCDC size parameters, in bytes (``avg_size`` is FastCDC's target before min skipping)."""

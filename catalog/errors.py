@@ -49,6 +49,10 @@ class IncompleteBlobError(CatalogError):
         self.missing = missing
 
 
+class InvalidIdError(CatalogError):
+    """Text given as a blob or chunk ID is not 64 hex digits."""
+
+
 class ManifestError(CatalogError):
     """Bytes that claim to be a blob manifest are malformed, non-canonical or over a limit."""
 

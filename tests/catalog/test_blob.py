@@ -10,13 +10,14 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catalog.blob import BlobId, BlobStore, ChunkRef, Manifest
+from catalog.blob import BlobId, BlobStore, ChunkRef, Manifest, parse_blob_id
 from catalog.chunk_store import ChunkStore
 from catalog.chunking import MIB, ChunkId, hash_chunk
 from catalog.errors import (
     ChunkCorruptError,
     FileAccessError,
     IncompleteBlobError,
+    InvalidIdError,
     ManifestError,
     QuotaExceededError,
     UnknownBlobError,
@@ -295,3 +296,12 @@ async def test_begin_fetch_refuses_up_front_when_missing_bytes_exceed_quota(tmp_
             await blobs.begin_fetch(manifest)
         assert (info.value.used, info.value.needed, info.value.quota) == (5000, 9000, 10_000)
         assert await blobs.ls() == []  # nothing recorded
+
+
+def test_parse_blob_id() -> None:
+    blob_id = Manifest(()).blob_id
+    assert parse_blob_id(blob_id.hex()) == blob_id
+    assert parse_blob_id(f"  {blob_id.hex().upper()}\n") == blob_id
+    for bad in ("", "zz", blob_id.hex()[:-2], blob_id.hex() + "00"):
+        with pytest.raises(InvalidIdError):
+            parse_blob_id(bad)
