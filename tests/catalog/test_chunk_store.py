@@ -205,3 +205,21 @@ async def test_cancel_at_every_thread_hop_leaves_store_consistent(
         assert report.ok, report
         assert (await store.usage()).chunk_count in (0, 5)
         assert (await store.usage()).chunk_count == 5 or scope.cancelled_caught
+
+
+async def test_reopen_finishes_an_interrupted_gc_and_reservation(tmp_path: Path) -> None:
+    root = tmp_path / "chunks"
+    async with ChunkStore.open(root) as store:
+        doomed = await store.put(b"doomed" * 100)
+        kept = await store.put(b"kept" * 100)
+        reserved = hash_chunk(b"never written")
+    # What a crash leaves: a gc that marked a chunk DELETING but did not unlink it, and a
+    # reservation whose file never got its final name.
+    with sqlite3.connect(root / "index.db") as conn:
+        conn.execute("UPDATE chunks SET state = 2 WHERE id = ?", (doomed,))
+        conn.execute("INSERT INTO chunks (id, size, state) VALUES (?, 13, 0)", (reserved,))
+    async with ChunkStore.open(root) as store:
+        assert (await store.check()).ok
+        assert await store.present([doomed, kept, reserved]) == {kept}
+        assert not store.path_of(doomed).exists()
+        assert (await store.usage()).used_bytes == 400
