@@ -1,1 +1,1 @@
-"""The catalog: content-addressed chunks and blobs, signed entries of the four libraries, transfer."""
+"""The catalog: content-addressed chunks and blobs, signed entries of the four libraries."""
