@@ -127,7 +127,8 @@ async def p2p_bench(size: int, round_trips: int) -> dict[str, Any]:
 
 
 async def dht_bench(n: int) -> dict[str, Any]:
-    timings = {"heartbeat_interval": 1.0, "peer_timeout": 10.0, "discovery_interval": 2.0}
+    # One process runs every node here, so heartbeats are spaced out to leave CPU for the DHT.
+    timings = {"heartbeat_interval": 5.0, "peer_timeout": 30.0, "discovery_interval": 5.0}
     async with trio.open_nursery() as nursery:
         first = P2PNode(Identity.generate(), listen=[LOOPBACK], **timings)
         addrs = await nursery.start(first.run)
@@ -137,10 +138,12 @@ async def dht_bench(n: int) -> dict[str, Any]:
             await nursery.start(node.run)
             nodes.append(node)
         start = trio.current_time()
-        with trio.fail_after(120):
+        converged: float | None = None
+        with trio.move_on_after(90):
             for node in nodes:
                 await node.wait_peer_count(n - 1)
-        converged = trio.current_time() - start
+            converged = round(trio.current_time() - start, 2)
+        fewest_peers = min(len(node.peers()) for node in nodes)
         publishers = nodes[1:4]
         for pub in publishers:
             await pub.put_record("bench", pub.peer_id, {"name": pub.peer_id[-6:]}, ttl=300)
@@ -161,7 +164,8 @@ async def dht_bench(n: int) -> dict[str, Any]:
         nursery.cancel_scope.cancel()
     return {
         "nodes": n,
-        "all_peers_live_after_s": round(converged, 2),
+        "all_peers_live_after_s": converged,  # None: not within 90 s
+        "fewest_live_peers_of_any_node": fewest_peers,
         "get_record": summary(gets),
         "find_records_3_publishers": summary(finds),
     }
@@ -171,7 +175,10 @@ async def main(args: argparse.Namespace) -> None:
     size = args.mib * MIB
     raw = await raw_tcp_mb_s(size)
     p2p = await p2p_bench(size, args.round_trips)
-    dht = [await dht_bench(int(n)) for n in args.sizes.split(",")]
+    dht = []
+    for n in args.sizes.split(","):
+        dht.append(await dht_bench(int(n)))
+        print(json.dumps(dht[-1]), file=sys.stderr, flush=True)
     print(
         json.dumps(
             {

@@ -249,15 +249,19 @@ class P2PNode:
                 await self._dht.add_peer(info.peer_id)
             except NetworkError as e:
                 logger.warning("bootstrap peer %s: %s", info.peer_id, e)
+        bootstrap_ids = {str(info.peer_id) for info in self._bootstrap}
         while True:
+            found: list[ID] = []
             with trio.move_on_after(self._discovery_interval):
                 try:
                     found = await self._dht.discover()
                 except LIBP2P_IO_ERRORS as e:
                     logger.debug("discovery: %s", e)
-                    found = []
-                self._known.update(str(p) for p in found)
-            await trio.sleep(self._discovery_interval)
+            learned = {str(p) for p in found} - bootstrap_ids - {self.peer_id}
+            self._known.update(learned)
+            # A lookup that found no one beyond the bootstrap peers learned nothing (a busy
+            # bootstrap resets DHT streams beyond 12 at once): try again soon.
+            await trio.sleep(self._discovery_interval if learned else self._heartbeat_interval)
 
     # ---- connections and streams -------------------------------------------------------------
 
@@ -519,7 +523,7 @@ class P2PNode:
         key = dht_records.record_key(kind, owner)
         try:
             with trio.fail_after(timeout):
-                values = await self._dht.get_all(key)
+                values = await self._dht.get_all(key, also_ask=parse_peer_id(owner))
         except trio.TooSlowError as e:
             raise DeadlineError(f"DHT lookup of {key} took over {timeout:g}s") from e
         best: Record | None = None

@@ -97,8 +97,9 @@ class Dht:
                 nursery.start_soon(store, peer)
         return stored
 
-    async def get_all(self, key: str) -> list[bytes]:
-        """Every distinct value for ``key`` held locally or by the k closest peers (unvalidated)."""
+    async def get_all(self, key: str, *, also_ask: ID | None = None) -> list[bytes]:
+        """Every distinct value for ``key`` held locally, by the k closest peers, or by
+        ``also_ask`` (e.g. the record's owner, who always holds its own) - unvalidated."""
         key_bytes = key.encode()
         found: dict[bytes, None] = {}
         local = self.kad.value_store.get(key_bytes)
@@ -118,8 +119,11 @@ class Dht:
                     found[rec.value] = None
 
         async with trio.open_nursery() as nursery:
+            if also_ask is not None and also_ask != self.kad.local_peer_id:
+                nursery.start_soon(ask, also_ask)
             for peer in await self._closest(lookup_target(key_bytes)):
-                nursery.start_soon(ask, peer)
+                if peer != also_ask:
+                    nursery.start_soon(ask, peer)
         return list(found)
 
     async def provide(self, index: str) -> None:
