@@ -34,7 +34,8 @@ API (errors from :mod:`node.errors` unless noted)::
     await node.put_record(kind, node.peer_id, payload, ttl=60.0) -> Record
     await node.get_record(kind, owner_peer_id, timeout=5.0) -> Record   # RecordNotFoundError
     await node.find_records(kind, timeout=5.0) -> list[Record]
-    node.statistics() -> {"handler_errors", "peer_errors", "pings_failed", "live_peers", "known"}
+    node.statistics() -> {"handler_errors", "peer_errors", "pings_failed", "streams_refused",
+                          "live_peers", "known"}
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ class P2PNode:
         dial_timeout: float = 5.0,
         discovery_interval: float = 10.0,
         limits: WireLimits = DEFAULT_LIMITS,
+        max_inbound_streams: int = 256,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0 < heartbeat_interval < peer_timeout:
@@ -203,6 +205,7 @@ class P2PNode:
         self._dial_timeout = dial_timeout
         self._discovery_interval = discovery_interval
         self._limits = limits
+        self._max_inbound_streams = max_inbound_streams
         self._wall_clock = wall_clock
         self._host = _build_host(identity, self._listen)
         self._dht = Dht(make_dht(self._host, wall_clock), query_timeout=stream_deadline)
@@ -210,7 +213,12 @@ class P2PNode:
         self._ping_timeout = peer_timeout
         self._membership_changed = trio.Event()
         self._known: set[str] = set()
-        self._stats = {"handler_errors": 0, "peer_errors": 0, "pings_failed": 0}
+        self._stats = {
+            "handler_errors": 0,
+            "peer_errors": 0,
+            "pings_failed": 0,
+            "streams_refused": 0,
+        }
         self.peer_id = str(self._host.get_id())
         self.set_handler(HEARTBEAT_PROTOCOL, self._on_heartbeat)
 
@@ -357,11 +365,25 @@ class P2PNode:
 
     def set_handler(self, protocol_id: str, handler: Handler) -> None:
         """Serve ``protocol_id``: ``handler`` gets each inbound stream; when it returns the
-        stream is closed with an end frame; if it raises, only that stream is reset."""
+        stream is closed with an end frame; if it raises, only that stream is reset. At most
+        ``max_inbound_streams`` run at once per protocol; streams beyond that are reset."""
         check_protocol_id(protocol_id)
+        slots = trio.CapacityLimiter(self._max_inbound_streams)
 
         async def serve(raw: Any) -> None:
-            await self._serve(protocol_id, handler, raw)
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                self._stats["streams_refused"] += 1
+                logger.info(
+                    "%s: %d streams already open; refusing one", protocol_id, slots.total_tokens
+                )
+                await MessageStream(raw, peer_id="?", protocol_id=protocol_id, deadline=1.0).reset()
+                return
+            try:
+                await self._serve(protocol_id, handler, raw)
+            finally:
+                slots.release()
 
         self._host.set_stream_handler(TProtocol(protocol_id), serve)
 
@@ -397,10 +419,7 @@ class P2PNode:
     def peers(self) -> list[PeerInfo]:
         """Peers that answered or sent a heartbeat within ``peer_timeout``."""
         return sorted(
-            (
-                PeerInfo(p, self._full_addrs(p))
-                for p in self._liveness.live
-            ),
+            (PeerInfo(p, self._full_addrs(p)) for p in self._liveness.live),
             key=lambda info: info.peer_id,
         )
 

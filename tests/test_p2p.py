@@ -199,3 +199,29 @@ def test_protocol_ids_follow_the_naming_rule() -> None:
     for bad in ["/ipfs/kad/1.0.0", "/vmlend/x/1.0", "/vmlend/X/1.0.0", "vmlend/x/1.0.0"]:
         with pytest.raises(LocalProtocolError):
             check_protocol_id(bad)
+
+
+async def test_streams_beyond_the_per_protocol_limit_are_refused() -> None:
+    async def mute(stream: MessageStream) -> None:
+        await trio.sleep_forever()
+
+    async with running_nodes(2, bootstrap_first=False, max_inbound_streams=2) as (a, b):
+        b.set_handler("/vmlend/mute/1.0.0", mute)
+        b.set_handler(ECHO, echo)
+        await a.connect(b.addrs[0])
+        held = [await a.open_stream(b.peer_id, "/vmlend/mute/1.0.0") for _ in range(2)]
+        for stream in held:
+            await stream.send({"type": "hold"})
+
+        async def one_too_many() -> None:
+            # The reset can land during protocol negotiation or after it: either way, broken.
+            third = await a.open_stream(b.peer_id, "/vmlend/mute/1.0.0")
+            await third.send({"type": "one-too-many"})
+            await third.receive()
+
+        with trio.fail_after(5), pytest.raises(StreamBrokenError):
+            await one_too_many()
+        assert b.statistics()["streams_refused"] == 1
+        assert await a.request(b.peer_id, ECHO, {"type": "other"}, timeout=5) == {"type": "other"}
+        for stream in held:
+            await stream.reset()
