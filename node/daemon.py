@@ -1,0 +1,181 @@
+"""The node process: composes identity, store, p2p adapter, local RPC and the roles.
+
+This is one of the two modules of ``node`` allowed to import the roles (the other is ``node.cli``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import node
+from node.config import Config
+from node.errors import RpcError
+from node.identity import Identity
+from node.p2p import P2PNode, PeerInfo
+from node.rpc_server import RpcServer
+from node.store import Database
+
+log = logging.getLogger("vmlend.node.daemon")
+
+SCHEDULER_RECORD_KIND = "scheduler"
+SCHEDULER_RECORD_TTL = 300.0
+
+# Numbered schema migrations of <data>/state.db; never edit a shipped one, append a new one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE node_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+
+class Node:
+    """One running vmlend node. ``run`` returns when cancelled (SIGINT/SIGTERM in the CLI)."""
+
+    def __init__(self, config: Config, data_dir: Path, identity: Identity) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.identity = identity
+        net = config.network
+        self.p2p = P2PNode(
+            identity,
+            listen=list(net.listen),
+            bootstrap=list(net.bootstrap),
+            heartbeat_interval=net.heartbeat_interval,
+            peer_timeout=net.peer_timeout,
+            dial_timeout=net.dial_timeout,
+            stream_deadline=net.stream_deadline,
+        )
+
+    @property
+    def roles(self) -> list[str]:
+        return sorted(str(r) for r in self.config.node.roles)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with Database.open(self.data_dir / "state.db", MIGRATIONS) as db:
+            self.db = db
+            async with trio.open_nursery() as nursery:
+                addrs: list[str] = await nursery.start(self.p2p.run)
+                rpc = RpcServer(self.data_dir / "rpc.sock", self.rpc_methods())
+                await nursery.start(rpc.run)
+                if self.config.has_role("scheduler"):
+                    await nursery.start(self._advertise_scheduler)
+                task_status.started(addrs)
+
+    async def _advertise_scheduler(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep this scheduler's signed record fresh in the DHT (republished well before expiry)."""
+        started = False
+        while True:
+            payload = {
+                "name": self.config.scheduler.name or self.p2p.peer_id[-8:],
+                "peer_id": self.p2p.peer_id,
+                "addrs": self.p2p.addrs,
+            }
+            await self.p2p.put_record(
+                SCHEDULER_RECORD_KIND, self.p2p.peer_id, payload, ttl=SCHEDULER_RECORD_TTL
+            )
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(SCHEDULER_RECORD_TTL / 3)
+
+    def rpc_methods(self) -> Mapping[str, Callable[[list[Any]], Awaitable[Any]]]:
+        return {
+            "node.info": self._rpc_node_info,
+            "peers.list": self._rpc_peers_list,
+            "schedulers.list": self._rpc_schedulers_list,
+            "peers.wait": self._rpc_peers_wait,
+            "schedulers.wait": self._rpc_schedulers_wait,
+        }
+
+    async def _rpc_node_info(self, params: list[Any]) -> dict[str, Any]:
+        return {
+            "peer_id": self.p2p.peer_id,
+            "addrs": self.p2p.addrs,
+            "roles": self.roles,
+            "version": node.__version__,
+            "data_dir": str(self.data_dir),
+        }
+
+    async def _rpc_peers_list(self, params: list[Any]) -> list[dict[str, Any]]:
+        return [{"peer_id": p.peer_id, "addrs": list(p.addrs)} for p in self.p2p.peers()]
+
+    async def _rpc_schedulers_list(self, params: list[Any]) -> list[dict[str, Any]]:
+        records = await self.p2p.find_records(SCHEDULER_RECORD_KIND, timeout=10.0)
+        return [dict(r.payload) for r in records]
+
+    async def _rpc_peers_wait(self, params: list[Any]) -> list[dict[str, Any]]:
+        """Block until at least ``count`` live peers, or until ``absent`` is no longer live."""
+        args = _wait_args(params, {"count", "absent", "timeout"})
+        count = int(args.get("count", 0))
+        absent = args.get("absent")
+
+        def done(peers: list[PeerInfo]) -> bool:
+            ids = {p.peer_id for p in peers}
+            return len(peers) >= count and (absent is None or absent not in ids)
+
+        with _rpc_deadline(args, "peers"):
+            await self.p2p.wait_peers(done)
+        return await self._rpc_peers_list([])
+
+    async def _rpc_schedulers_wait(self, params: list[Any]) -> list[dict[str, Any]]:
+        """Block until at least ``count`` scheduler records are found in the DHT.
+
+        Records have no change notification in Kademlia, so the node re-queries with back-off.
+        """
+        args = _wait_args(params, {"count", "timeout"})
+        count = int(args.get("count", 1))
+        delay = 0.1
+        with _rpc_deadline(args, "schedulers"):
+            while True:
+                found = await self._rpc_schedulers_list([])
+                if len(found) >= count:
+                    return found
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+def _wait_args(params: list[Any], allowed: set[str]) -> dict[str, Any]:
+    if len(params) > 1 or (params and not isinstance(params[0], dict)):
+        raise RpcError("invalid_params", "expected one map of options")
+    args: dict[str, Any] = params[0] if params else {}
+    if unknown := set(args) - allowed:
+        raise RpcError("invalid_params", f"unknown options {sorted(unknown)}")
+    timeout = args.get("timeout", 30)
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise RpcError("invalid_params", "timeout must be a number of seconds in (0, 3600]")
+    return args
+
+
+@contextmanager
+def _rpc_deadline(args: dict[str, Any], what: str) -> Iterator[None]:
+    try:
+        with trio.fail_after(float(args.get("timeout", 30))):
+            yield
+    except trio.TooSlowError as e:
+        raise RpcError("timeout", f"{what} condition not reached in time") from e
+
+
+async def serve_until_signalled(
+    node_: Node, *, on_started: Callable[[list[str]], None] | None = None
+) -> None:
+    """Run the node until SIGINT or SIGTERM, then drain and return."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            addrs: list[str] = await nursery.start(node_.run)
+            if on_started is not None:
+                on_started(addrs)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

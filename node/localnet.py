@@ -1,0 +1,153 @@
+"""Run real ``vmlend node start`` processes on loopback: used by ``make demo`` and the e2e tests.
+
+Each :class:`LocalNode` is a separate OS process of the real binary with its own data directory,
+so what this drives is exactly what a user runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.errors import VmlendError
+from node.rpc_client import AsyncClient
+
+START_TIMEOUT = 60.0
+
+
+def vmlend_command() -> list[str]:
+    """The installed ``vmlend`` entry point of this interpreter's environment (the real binary)."""
+    script = Path(sys.executable).with_name("vmlend")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "node.cli"]
+
+
+class LocalNodeError(VmlendError):
+    """A local node process did not start or stop as expected."""
+
+
+@dataclass
+class LocalNode:
+    name: str
+    data_dir: Path
+    roles: Sequence[str]
+    bootstrap: Sequence[str] = ()
+    process: trio.Process | None = None
+    peer_id: str = ""
+    addrs: list[str] = field(default_factory=list)
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def rpc_path(self) -> Path:
+        return self.data_dir / "rpc.sock"
+
+    def command(self) -> list[str]:
+        cmd = [*vmlend_command(), "node", "start", "--data", str(self.data_dir)]
+        cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", "--roles", ",".join(self.roles)]
+        for addr in self.bootstrap:
+            cmd += ["--bootstrap", addr]
+        return cmd
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the process and return once it has printed its addresses and RPC socket."""
+        self.output.clear()
+        self.addrs = []
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = await trio.lowlevel.open_process(
+            self.command(), stdout=-1, stderr=-1, env=env
+        )
+        ready = trio.Event()
+        assert self.process.stdout is not None
+        assert self.process.stderr is not None
+        nursery.start_soon(self._pump, self.process.stdout, ready)
+        nursery.start_soon(self._pump, self.process.stderr, None)
+        with trio.move_on_after(START_TIMEOUT) as scope:
+            await ready.wait()
+        if scope.cancelled_caught or not self.peer_id:
+            tail = "\n".join(self.output[-20:])
+            raise LocalNodeError(f"node {self.name} did not start; its output:\n{tail}")
+
+    async def _pump(self, stream: trio.abc.ReceiveStream, ready: trio.Event | None) -> None:
+        buffer = b""
+        async for chunk in stream:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                self.output.append(line)
+                if ready is None:
+                    continue
+                if line.startswith("peer id: "):
+                    self.peer_id = line.removeprefix("peer id: ")
+                elif line.startswith("listening on "):
+                    self.addrs.append(line.removeprefix("listening on "))
+                elif line.startswith("rpc: "):
+                    ready.set()
+        if ready is not None:
+            ready.set()  # the process died before it was ready; start() reports it
+
+    async def call(self, method: str, *params: Any) -> Any:
+        """One RPC call; bound it with a cancel scope at the call site."""
+        async with AsyncClient.connect(self.rpc_path) as client:
+            return await client.call(method, *params, timeout=None)
+
+    async def stop(self, *, grace: float = 30.0) -> int:
+        """SIGTERM, then wait up to ``grace`` s for a clean exit (else SIGKILL and fail)."""
+        return await self._signal_and_wait(signal.SIGTERM, grace)
+
+    async def kill(self) -> int:
+        return await self._signal_and_wait(signal.SIGKILL, 10.0)
+
+    def freeze(self) -> None:
+        self._send(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._send(signal.SIGCONT)
+
+    def _send(self, sig: signal.Signals) -> None:
+        if self.process is None or self.process.returncode is not None:
+            raise LocalNodeError(f"node {self.name} is not running")
+        self.process.send_signal(sig)
+
+    async def _signal_and_wait(self, sig: signal.Signals, grace: float) -> int:
+        if self.process is None:
+            raise LocalNodeError(f"node {self.name} was never started")
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        with trio.move_on_after(grace):
+            return await self.process.wait()
+        self.process.kill()
+        await self.process.wait()
+        raise LocalNodeError(f"node {self.name} did not exit within {grace} s of {sig.name}")
+
+
+@asynccontextmanager
+async def local_network(
+    base_dir: Path, count: int, *, roles: Sequence[Sequence[str]] | None = None
+) -> AsyncIterator[list[LocalNode]]:
+    """Start ``count`` nodes; the first is everyone's bootstrap peer. All are stopped on exit."""
+    async with trio.open_nursery() as nursery:
+        nodes: list[LocalNode] = []
+        try:
+            for i in range(count):
+                node_roles = roles[i] if roles else ("worker", "owner")
+                boot = nodes[0].addrs[:1] if nodes else ()
+                local = LocalNode(f"node{i}", base_dir / f"node{i}", node_roles, boot)
+                nodes.append(local)
+                await local.start(nursery)
+            yield nodes
+        finally:
+            with trio.CancelScope(shield=True):
+                for local in nodes:
+                    if local.process is not None and local.process.returncode is None:
+                        await local.stop()
+            nursery.cancel_scope.cancel()
