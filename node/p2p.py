@@ -134,6 +134,21 @@ def parse_peer_id(peer_id: str) -> ID:
         raise LocalProtocolError(f"not a peer ID: {peer_id!r}") from e
 
 
+def _multiaddr(addr: str) -> Multiaddr:
+    try:
+        return Multiaddr(addr)
+    except ValueError as e:
+        raise LocalProtocolError(f"not a multiaddr: {addr!r}: {e}") from e
+
+
+def _peer_addr(addr: str) -> Libp2pPeerInfo:
+    """A full multiaddr ending in /p2p/<peer id>."""
+    try:
+        return info_from_p2p_addr(_multiaddr(addr))
+    except ValueError as e:  # InvalidAddrError
+        raise LocalProtocolError(f"{addr!r} does not end in /p2p/<peer id>: {e}") from e
+
+
 def _protocol_refused(error: BaseException) -> bool:
     """True if multistream-select said "na" to our protocol somewhere down ``error``'s chain."""
     seen: BaseException | None = error
@@ -198,8 +213,8 @@ class P2PNode:
             raise ValueError("need 0 < heartbeat_interval < peer_timeout")
         disable_connect_delay()
         self.identity = identity
-        self._listen = [Multiaddr(a) for a in listen]
-        self._bootstrap = [info_from_p2p_addr(Multiaddr(a)) for a in bootstrap]
+        self._listen = [_multiaddr(a) for a in listen]
+        self._bootstrap = [_peer_addr(a) for a in bootstrap]
         self._heartbeat_interval = heartbeat_interval
         self._stream_deadline = stream_deadline
         self._dial_timeout = dial_timeout
@@ -275,7 +290,7 @@ class P2PNode:
 
     async def connect(self, addr: str) -> str:
         """Connect to a full multiaddr (ending in /p2p/<id>); return the peer ID."""
-        info = info_from_p2p_addr(Multiaddr(addr))
+        info = _peer_addr(addr)
         self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 0)
         await self._connect(info.peer_id)
         self._known.add(str(info.peer_id))

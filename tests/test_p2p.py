@@ -225,3 +225,11 @@ async def test_streams_beyond_the_per_protocol_limit_are_refused() -> None:
         assert await a.request(b.peer_id, ECHO, {"type": "other"}, timeout=5) == {"type": "other"}
         for stream in held:
             await stream.reset()
+
+
+def test_bad_addresses_are_local_errors() -> None:
+    for bad in ["garbage", "/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/tcp/1/p2p/xyz"]:
+        with pytest.raises(LocalProtocolError):
+            P2PNode(Identity.generate(), listen=[LOOPBACK], bootstrap=[bad])
+    with pytest.raises(LocalProtocolError):
+        P2PNode(Identity.generate(), listen=["nonsense"])
