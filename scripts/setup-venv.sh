@@ -9,8 +9,13 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -c constraints.txt -r requirements-dev.txt -e . 2>&1 | grep -v "is ignored: it is neither" || true
+log=$(mktemp)
+echo "installing Python packages into .venv (pinned)"
+if ! .venv/bin/pip install -q -c constraints.txt -r requirements-dev.txt -e . >"$log" 2>&1; then
+  cat "$log" >&2
+  exit 1
+fi
+rm -f "$log"
 # trio-typing (a runtime dependency of libp2p) ships "trio-stubs", stubs for an old trio that
 # shadow trio's own inline types under mypy (e.g. no trio.TaskStatus). They are types only.
 rm -rf .venv/lib/python3*/site-packages/trio-stubs
