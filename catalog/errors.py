@@ -104,3 +104,28 @@ class NoProviderError(TransferError):
 
 class TransferCancelledError(TransferError):
     """The transfer was cancelled by its caller; what was fetched stays on disk for a resume."""
+
+
+class InvalidEntryError(CatalogError):
+    """Bytes or fields that claim to be a catalog entry are malformed, non-canonical or over a
+    limit, or break the rules of the entry's kind."""
+
+
+class EntrySignatureError(InvalidEntryError):
+    """An entry's signature does not verify under its publisher's key (forged or tampered)."""
+
+
+class UntrustedPublisherError(CatalogError):
+    """A well-formed, correctly signed entry whose publisher this scheduler does not trust."""
+
+    def __init__(self, publisher_hex: str) -> None:
+        super().__init__(f"publisher {publisher_hex} is not trusted by this scheduler")
+        self.publisher_hex = publisher_hex
+
+
+class UnknownEntryError(CatalogError):
+    """No entry in the catalog matches the ID or name asked for."""
+
+
+class AmbiguousEntryError(CatalogError):
+    """A name or ID prefix matches entries of several kinds or several IDs; say which."""
