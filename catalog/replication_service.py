@@ -1,0 +1,220 @@
+"""Trio glue for catalog anti-entropy (:mod:`catalog.replication`) on a :class:`P2PNode`.
+
+Serves ``/vmlend/catalog-sync/1.0.0`` from the library, and every ``interval`` seconds pulls
+from every other scheduler it knows: those advertised in the DHT (``scheduler`` records,
+refreshed in the background every ``discover_interval``) plus live peers (a peer that does not
+speak the protocol, e.g. a worker, is not asked again for ``not_serving_retry`` seconds).
+
+A peer caught sending a forged, tampered or malformed entry is logged once as misbehaving
+(logger ``vmlend.catalog.replication``) and neither pulled from nor served for ``ban_duration``.
+Every pull runs under ``request_timeout``; a peer that is down or frozen only costs that.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from catalog.library import Library
+from catalog.replication import (
+    MAX_MESSAGES_PER_SESSION,
+    PROTOCOL_ID,
+    MisbehavingPeerError,
+    PullSession,
+    WantEntries,
+    entries_reply,
+    respond,
+)
+from node.errors import NetworkError, RemoteProtocolError
+from node.p2p import P2PNode, UnsupportedProtocolError
+from node.p2p_stream import MessageStream
+from node.wire import Message
+
+log = logging.getLogger("vmlend.catalog.replication")
+
+SCHEDULER_RECORD_KIND = "scheduler"  # as advertised by node.daemon
+MAX_REMEMBERED_REFUSALS = 100_000
+
+
+class ReplicationService:
+    """Keeps ``library`` in sync with the other schedulers' libraries. Start with
+    ``await nursery.start(service.run)``; the handler is registered before ``started``."""
+
+    def __init__(
+        self,
+        p2p: P2PNode,
+        library: Library,
+        *,
+        interval: float = 2.0,
+        request_timeout: float = 10.0,
+        discover_interval: float = 10.0,
+        ban_duration: float = 300.0,
+        not_serving_retry: float = 60.0,
+        max_concurrent_pulls: int = 8,
+        extra_peers: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
+        self.p2p = p2p
+        self.library = library
+        self.interval = interval
+        self.request_timeout = request_timeout
+        self.discover_interval = discover_interval
+        self.ban_duration = ban_duration
+        self.not_serving_retry = not_serving_retry
+        self._limiter = trio.CapacityLimiter(max_concurrent_pulls)
+        self._extra_peers = extra_peers
+        self._schedulers: set[str] = set()
+        self._banned_until: dict[str, float] = {}
+        self._not_serving_until: dict[str, float] = {}
+        self._refused: dict[str, str] = {}
+        self._pulling: set[str] = set()
+        self._stats = {"rounds": 0, "pulls": 0, "pull_failures": 0, "received": 0}
+        self._stats.update({"refused": 0, "misbehaving": 0, "served": 0})
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.p2p.set_handler(PROTOCOL_ID, self._serve)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._discover_loop)
+            task_status.started()
+            while True:
+                await self.pull_round()
+                await trio.sleep(self.interval)
+
+    async def pull_round(self) -> None:
+        """Pull from every candidate peer once, concurrently (bounded); failures are logged."""
+        self._stats["rounds"] += 1
+        async with trio.open_nursery() as nursery:
+            for peer_id in self.candidates():
+                if peer_id not in self._pulling:
+                    nursery.start_soon(self._pull_guarded, peer_id)
+
+    def candidates(self) -> list[str]:
+        now = trio.current_time()
+        peers = set(self._schedulers) | {p.peer_id for p in self.p2p.peers()}
+        if self._extra_peers is not None:
+            peers.update(self._extra_peers())
+        peers.discard(self.p2p.peer_id)
+        return sorted(
+            p
+            for p in peers
+            if self._banned_until.get(p, 0.0) <= now and self._not_serving_until.get(p, 0.0) <= now
+        )
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            **self._stats,
+            "entries": len(self.library),
+            "known_schedulers": len(self._schedulers),
+        }
+
+    def refusals(self) -> dict[str, str]:
+        """IDs of entries refused (untrusted publisher) -> the reason."""
+        return dict(self._refused)
+
+    def is_banned(self, peer_id: str) -> bool:
+        return self._banned_until.get(peer_id, 0.0) > trio.current_time()
+
+    async def _discover_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.discover_interval):
+                try:
+                    records = await self.p2p.find_records(
+                        SCHEDULER_RECORD_KIND, timeout=self.discover_interval
+                    )
+                except NetworkError as e:
+                    log.debug("finding schedulers: %s", e)
+                else:
+                    self._schedulers = {r.owner for r in records} - {self.p2p.peer_id}
+            await trio.sleep(self.discover_interval)
+
+    # ---- pulling -----------------------------------------------------------------------------
+
+    async def _pull_guarded(self, peer_id: str) -> None:
+        self._pulling.add(peer_id)
+        try:
+            async with self._limiter:
+                with trio.move_on_after(self.request_timeout) as scope:
+                    await self.pull_from(peer_id)
+                if scope.cancelled_caught:
+                    self._stats["pull_failures"] += 1
+                    log.debug("pull from %s: no end within %gs", peer_id, self.request_timeout)
+        except UnsupportedProtocolError:
+            self._not_serving_until[peer_id] = trio.current_time() + self.not_serving_retry
+        except MisbehavingPeerError as e:
+            self._misbehaved(peer_id, e)
+        except (NetworkError, RemoteProtocolError) as e:
+            # Down, frozen, or a broken stream: try again next round.
+            self._stats["pull_failures"] += 1
+            log.debug("pull from %s failed: %s", peer_id, e)
+        finally:
+            self._pulling.discard(peer_id)
+
+    async def pull_from(self, peer_id: str) -> int:
+        """One complete pull from ``peer_id``; return how many new entries were stored.
+
+        Raises MisbehavingPeerError, UnsupportedProtocolError, NetworkError or
+        RemoteProtocolError; entries stored before a failure stay stored."""
+        self._stats["pulls"] += 1
+        session = PullSession(self.library.index, self.library.policy, skip=self._refused)
+        stored = 0
+        async with await self.p2p.open_stream(peer_id, PROTOCOL_ID) as stream:
+            request: Message | None = session.start()
+            while request is not None:
+                await stream.send(request)
+                try:
+                    reply = await stream.receive()
+                except trio.EndOfChannel:
+                    raise RemoteProtocolError(f"{peer_id} ended the catalog sync early") from None
+                request = session.receive(reply)
+                stored += await self._store(peer_id, session)
+            await stream.send_end()
+        return stored
+
+    async def _store(self, peer_id: str, session: PullSession) -> int:
+        for entry_id, reason in session.refused.items():
+            if entry_id not in self._refused:
+                self._stats["refused"] += 1
+                log.info("refused catalog entry %s from %s: %s", entry_id, peer_id, reason)
+                if len(self._refused) < MAX_REMEMBERED_REFUSALS:
+                    self._refused[entry_id] = reason
+        session.refused.clear()
+        if not session.admitted:
+            return 0
+        # Library.insert_many verifies every entry again: the one gate nothing bypasses.
+        added = await self.library.insert_many(session.admitted)
+        session.admitted.clear()
+        self._stats["received"] += len(added)
+        return len(added)
+
+    def _misbehaved(self, peer_id: str, error: Exception) -> None:
+        self._stats["misbehaving"] += 1
+        self._banned_until[peer_id] = trio.current_time() + self.ban_duration
+        log.warning("misbehaving peer %s on %s: %s", peer_id, PROTOCOL_ID, error)
+
+    # ---- serving -----------------------------------------------------------------------------
+
+    async def _serve(self, stream: MessageStream) -> None:
+        if self.is_banned(stream.peer_id):
+            return  # closed at once; the peer sees its pull end early
+        try:
+            await self._answer_all(stream)
+        except MisbehavingPeerError as e:
+            self._misbehaved(stream.peer_id, e)
+            raise  # P2PNode resets the stream
+
+    async def _answer_all(self, stream: MessageStream) -> None:
+        count = 0
+        async for msg in stream:
+            count += 1
+            if count > MAX_MESSAGES_PER_SESSION:
+                raise MisbehavingPeerError(f"more than {MAX_MESSAGES_PER_SESSION} requests")
+            answer: Any = respond(msg, self.library.index)
+            if isinstance(answer, WantEntries):
+                encoded = await self.library.get_encoded(answer.ids)
+                self._stats["served"] += len(encoded)
+                answer = entries_reply(encoded)
+            await stream.send(answer)
