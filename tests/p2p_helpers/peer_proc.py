@@ -1,6 +1,6 @@
 """One P2PNode in its own process, for tests that SIGKILL or SIGSTOP a peer.
 
-Usage: python -m tests.p2p_helpers.peer_proc [BOOTSTRAP_ADDR]. Prints one JSON line
+Usage: python -m tests.p2p_helpers.peer_proc [--publish KIND] [BOOTSTRAP_ADDR]. Prints one JSON line
 {"peer_id": ..., "addrs": [...]} once listening, and a line "EVENT <name>" at each point a test
 waits for. Protocols served:
 
@@ -9,11 +9,15 @@ waits for. Protocols served:
   (prints "EVENT half-sent");
 - /vmlend/test-one/1.0.0: sends one whole message, then waits without an end frame
   (prints "EVENT one-sent").
+
+With ``--publish KIND`` it publishes its own record of KIND once it has a live peer ("EVENT
+published"). ``VMLEND_TEST_TIMINGS`` (JSON) overrides the fast test timings.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import trio
@@ -24,7 +28,8 @@ from node.p2p_stream import MessageStream
 from node.wire import encode_frame
 
 TIMINGS = {"heartbeat_interval": 0.2, "peer_timeout": 1.0, "stream_deadline": 2.0,
-           "dial_timeout": 2.0, "discovery_interval": 0.5}
+           "dial_timeout": 2.0, "discovery_interval": 0.5,
+           **json.loads(os.environ.get("VMLEND_TEST_TIMINGS", "{}"))}
 
 
 def event(name: str) -> None:
@@ -50,7 +55,11 @@ async def one(stream: MessageStream) -> None:
     await trio.sleep_forever()
 
 
-async def main(bootstrap: list[str]) -> None:
+async def main(args: list[str]) -> None:
+    publish = None
+    if args[:1] == ["--publish"]:
+        publish, args = args[1], args[2:]
+    bootstrap = args
     node = P2PNode(Identity.generate(), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=bootstrap,
                    **TIMINGS)
     node.set_handler("/vmlend/test-echo/1.0.0", echo)
@@ -59,6 +68,10 @@ async def main(bootstrap: list[str]) -> None:
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(node.run)
         print(json.dumps({"peer_id": node.peer_id, "addrs": addrs}), flush=True)
+        if publish is not None:
+            await node.wait_peer_count(1)
+            await node.put_record(publish, node.peer_id, {"name": node.peer_id[-6:]}, ttl=600)
+            event("published")
 
 
 if __name__ == "__main__":

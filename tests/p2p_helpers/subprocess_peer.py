@@ -48,10 +48,13 @@ class PeerProcess:
 
 
 @asynccontextmanager
-async def peer_process(*bootstrap: str) -> AsyncIterator[PeerProcess]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+async def peer_process(
+    *bootstrap: str, publish: str | None = None, timings: dict[str, float] | None = None
+) -> AsyncIterator[PeerProcess]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VMLEND_TEST_TIMINGS": json.dumps(timings or {})}
+    args = ["--publish", publish] if publish else []
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tests.p2p_helpers.peer_proc", *bootstrap],
+        [sys.executable, "-m", "tests.p2p_helpers.peer_proc", *args, *bootstrap],
         stdout=subprocess.PIPE,
         cwd=ROOT,
         env=env,
