@@ -1,0 +1,236 @@
+"""Signed entries, sans-IO: canonical bytes, IDs, signatures, kind rules and trust."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from catalog import entries as entries_module
+from catalog.entries import (
+    DOMAIN,
+    MAX_BODY_SIZE,
+    Entry,
+    TrustPolicy,
+    check_signature,
+    decode_body,
+    decode_entry,
+    make_entry,
+    register_kind_validator,
+)
+from catalog.errors import EntrySignatureError, InvalidEntryError, UntrustedPublisherError
+from tests.catalog_entries.helpers import (
+    NOW,
+    OTHER_PUBLISHER,
+    PUBLISHER,
+    blob,
+    os_entry,
+    package_entry,
+    tampered,
+)
+
+meta_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+metas = st.dictionaries(st.text(max_size=8), meta_values, max_size=6)
+names = st.from_regex(r"[a-z0-9][a-z0-9.+_-]{0,20}", fullmatch=True)
+versions = st.from_regex(r"[A-Za-z0-9.+~:_-]{1,20}", fullmatch=True)
+hex_ids = st.binary(min_size=32, max_size=32).map(bytes.hex)
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> Entry:
+    kind = draw(st.sampled_from(["os", "package", "image", "task"]))
+    required = {"os": ["kernel", "initrd", "root"], "package": ["layer"], "image": ["manifest"]}
+    blobs = {role: draw(hex_ids) for role in required.get(kind, [])}
+    blobs.update(
+        draw(
+            st.dictionaries(
+                st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True), hex_ids, max_size=3
+            )
+        )
+    )
+    return make_entry(
+        PUBLISHER,
+        kind=kind,
+        name=draw(names),
+        version=draw(versions),
+        blobs=blobs,
+        meta=draw(metas),
+        now=draw(st.integers(0, 2**40)),
+    )
+
+
+SETTINGS = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@SETTINGS
+@given(entries())
+def test_encoding_round_trips_byte_for_byte_and_the_signature_verifies(entry: Entry) -> None:
+    data = entry.encode()
+    again = decode_entry(data)
+    assert again == entry
+    assert again.encode() == data
+    assert again.body == entry.body
+    assert again.id == entry.id
+    check_signature(again)
+    TrustPolicy({PUBLISHER.public_bytes}).admit(again)
+
+
+def _changes(entry: Entry) -> list[dict[str, Any]]:
+    return [
+        {"name": entry.name + "x"},
+        {"version": entry.version + "1"},
+        {"created_at": entry.created_at + 1},
+        {"publisher": OTHER_PUBLISHER.public_bytes},
+        {"meta": {**entry.meta, "extra": 1}},
+        {"blobs": {**entry.blobs, "extra": blob("extra")}},
+        {"kind": "task" if entry.kind != "task" else "image", "blobs": {"manifest": blob("m")}},
+    ]
+
+
+@SETTINGS
+@given(entries(), st.data())
+def test_any_field_change_changes_the_id_and_breaks_the_signature(
+    entry: Entry, data: st.DataObject
+) -> None:
+    change = data.draw(st.sampled_from(_changes(entry)))
+    forged = tampered(entry, **change)
+    assert forged.id != entry.id
+    with pytest.raises(EntrySignatureError):
+        check_signature(forged)
+    with pytest.raises(EntrySignatureError):
+        TrustPolicy({PUBLISHER.public_bytes, OTHER_PUBLISHER.public_bytes}).admit(forged)
+
+
+@SETTINGS
+@given(entries(), st.integers(0, 63), st.integers(1, 255))
+def test_a_flipped_signature_bit_is_refused_and_keeps_the_id(
+    entry: Entry, at: int, xor: int
+) -> None:
+    sig = bytearray(entry.signature)
+    sig[at] ^= xor
+    forged = tampered(entry, signature=bytes(sig))
+    assert forged.id == entry.id  # the ID names the content, not the signature
+    with pytest.raises(EntrySignatureError, match="does not verify"):
+        TrustPolicy({PUBLISHER.public_bytes}).admit(decode_entry(forged.encode()))
+
+
+@SETTINGS
+@given(entries(), st.data())
+def test_a_flipped_byte_anywhere_in_the_encoding_never_passes_as_the_same_entry(
+    entry: Entry, data: st.DataObject
+) -> None:
+    raw = bytearray(entry.encode())
+    at = data.draw(st.integers(0, len(raw) - 1))
+    raw[at] ^= data.draw(st.integers(1, 255))
+    try:
+        decoded = decode_entry(bytes(raw))
+    except InvalidEntryError:
+        return
+    with pytest.raises(EntrySignatureError):
+        TrustPolicy({PUBLISHER.public_bytes}).admit(decoded)
+
+
+def test_the_body_is_sorted_msgpack_and_the_id_is_blake3_of_it() -> None:
+    import blake3
+
+    entry = os_entry(meta={"z": 1, "a": {"y": [1, 2], "b": None}})
+    body = msgpack.unpackb(entry.body, raw=False)
+    assert list(body) == sorted(body)
+    assert list(body["meta"]) == ["a", "z"]
+    assert list(body["meta"]["a"]) == ["b", "y"]
+    assert entry.id == blake3.blake3(entry.body).hexdigest()
+    assert PUBLISHER.private_key.public_key().verify(entry.signature, DOMAIN + entry.body) is None
+
+
+def test_a_non_canonical_encoding_of_the_same_fields_is_refused() -> None:
+    entry = os_entry()
+    fields = msgpack.unpackb(entry.body, raw=False)
+    unsorted = msgpack.packb(dict(reversed(list(fields.items()))), use_bin_type=True)
+    with pytest.raises(InvalidEntryError, match="canonical"):
+        decode_body(unsorted, entry.signature)
+    outer = msgpack.packb([entry.body, entry.signature, b""], use_bin_type=True)
+    with pytest.raises(InvalidEntryError, match="array"):
+        decode_entry(outer)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kind": "vm"}, "unknown entry kind"),
+        ({"name": "Tiny"}, "bad entry name"),
+        ({"name": ""}, "bad entry name"),
+        ({"version": "1 0"}, "bad version"),
+        ({"created_at": 1.5}, "created_at"),
+        ({"publisher": b"short"}, "publisher"),
+        ({"blobs": {"kernel": "XYZ"}}, "64 lowercase hex"),
+        ({"meta": {"ratio": 0.5}}, "float"),
+        ({"meta": {"deep": [[[[[[[[[1]]]]]]]]]}}, "deeper"),
+        ({"meta": {1: "x"}}, "keys must be strings"),
+        ({"meta": {"big": b"x" * MAX_BODY_SIZE}}, "bytes >"),
+    ],
+)
+def test_bad_fields_are_refused_with_a_reason(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidEntryError, match=message):
+        tampered(os_entry(), **change)
+
+
+def test_kind_rules_require_each_kinds_blobs_and_can_be_extended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The registry is process-wide: restore it after this test.
+    monkeypatch.setitem(
+        entries_module._VALIDATORS, "package", [*entries_module._VALIDATORS["package"]]
+    )
+    with pytest.raises(InvalidEntryError, match="lacks blob"):
+        make_entry(
+            PUBLISHER, kind="os", name="x", version="1", blobs={"kernel": blob("k")}, now=NOW
+        )
+    with pytest.raises(InvalidEntryError, match="layer"):
+        make_entry(PUBLISHER, kind="package", name="x", version="1", blobs={}, now=NOW)
+
+    def needs_os(entry: Entry) -> None:
+        if not isinstance(entry.meta.get("os"), str):
+            raise InvalidEntryError("a package names the OS it fits")
+
+    register_kind_validator("package", needs_os)
+    register_kind_validator("package", needs_os)  # idempotent
+    package_entry("python3")  # has meta.os
+    with pytest.raises(InvalidEntryError, match="names the OS"):
+        make_entry(
+            PUBLISHER, kind="package", name="x", version="1", blobs={"layer": blob("l")}, now=NOW
+        )
+    with pytest.raises(ValueError, match="unknown entry kind"):
+        register_kind_validator("vm", needs_os)
+
+
+def test_trust_policy_refuses_an_untrusted_publisher_with_the_reason() -> None:
+    entry = os_entry(identity=OTHER_PUBLISHER)
+    with pytest.raises(UntrustedPublisherError) as caught:
+        TrustPolicy({PUBLISHER.public_bytes}).admit(entry)
+    assert str(caught.value) == (
+        f"publisher {OTHER_PUBLISHER.public_bytes.hex()} is not trusted by this scheduler"
+    )
+    TrustPolicy({OTHER_PUBLISHER.public_bytes}).admit(entry)
+
+
+def test_a_signed_entry_is_immune_to_later_changes_of_the_callers_dicts() -> None:
+    meta: dict[str, Any] = {"arch": "x86_64"}
+    entry = os_entry(meta=meta)
+    meta["arch"] = "arm64"
+    assert entry.meta == {"arch": "x86_64"}
+    check_signature(entry)
