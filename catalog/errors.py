@@ -129,3 +129,33 @@ class UnknownEntryError(CatalogError):
 
 class AmbiguousEntryError(CatalogError):
     """A name or ID prefix matches entries of several kinds or several IDs; say which."""
+
+
+class TaskFileError(CatalogError):
+    """A task file is unreadable or invalid; says which file, line and key are at fault."""
+
+    def __init__(
+        self, message: str, *, source: str, line: int | None = None, key: str | None = None
+    ) -> None:
+        where = source + (f":{line}" if line is not None else "")
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        self.source = source
+        self.line = line
+        self.key = key
+        self.reason = message
+
+
+class BuildError(CatalogError):
+    """Building an OS, a package layer or an image failed (a tool failed, or bad input)."""
+
+
+class UnknownOsError(BuildError):
+    """The OS named is not one the catalog can build or holds."""
+
+
+class PackageError(BuildError):
+    """A package cannot be layered on the OS: not in its archive, or it does not fit it."""
+
+
+class TaskInputError(BuildError):
+    """A file or directory the task names is missing or unreadable."""

@@ -1,0 +1,363 @@
+"""The task file: what an owner writes to describe one task (TOML).
+
+Schema (every key but ``name``, ``os`` and ``command`` is optional; unknown keys are refused)::
+
+    name     = "hello"                   # [a-z0-9][a-z0-9._-]*, at most 64 characters
+    os       = "debian-12"               # an OS of the catalog: "tiny" or "debian-12"
+    packages = ["python3", "./vendor"]   # Debian package names of that OS's archive, or local
+                                         # directories (contain a "/", relative to this file),
+                                         # each a read-only layer; later ones lie above
+    command  = "python3 -c 'print(6*7)'" # a string runs under /bin/sh -c; an array is the argv
+    env      = { GREETING = "hi" }       # names [A-Za-z_][A-Za-z0-9_]*, string values
+    files    = ["main.py", "data/"]      # relative to this file; land in the guest under
+                                         # /task/<same path> (directories recursively)
+    cwd      = "/task"                   # absolute; default /task when there are files, else /
+    replicas = 1                         # run on this many workers ...
+    quorum   = 1                         # ... and accept when this many agree (<= replicas)
+
+    [resources]
+    cpus      = 1                        # vCPUs
+    cpu_share = 1.0                      # host CPUs the whole VM may use (default: cpus)
+    memory    = "256MiB"                 # sizes as in node.toml (node.units.parse_size)
+    disk      = "256MiB"                 # the writable scratch disk
+    disk_rate = "0"                      # bytes/s, "0" is unlimited (node.units.parse_rate)
+    network   = "none"                   # "none" or "proxy" (the worker's egress proxy only)
+    allow     = ["pypi.org:443"]         # what the proxy may reach (network = "proxy" only)
+
+    [limits]
+    max_runtime  = "10m"                 # per attempt (node.units.parse_duration)
+    deadline     = "1h"                  # after submission; or an offset datetime (RFC 3339)
+    max_attempts = 3
+
+An invalid file raises :class:`catalog.errors.TaskFileError` naming the file, the line and the key
+at fault. tomllib reports lines only for syntax errors, so for everything else the line is found
+by scanning the text for the key (:func:`find_key_line`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from catalog.errors import TaskFileError
+from node.units import parse_duration, parse_rate, parse_size
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Debian policy 5.6.1: lowercase letters, digits, + - . ; at least two characters.
+DEBIAN_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+TASK_DIR = "/task"
+MAX_FILE_SIZE = 1 << 20
+MIB = 1024 * 1024
+
+_TOP_KEYS = {
+    "name", "os", "packages", "command", "env", "files", "cwd", "resources", "limits",
+    "replicas", "quorum",
+}
+_RESOURCE_KEYS = {"cpus", "cpu_share", "memory", "disk", "disk_rate", "network", "allow"}
+_LIMIT_KEYS = {"max_runtime", "deadline", "max_attempts"}
+_NETWORKS = ("none", "proxy")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resources:
+    cpus: int = 1
+    cpu_share: float = 1.0
+    memory: int = 256 * MIB
+    disk: int = 256 * MIB
+    disk_rate: int = 0
+    network: str = "none"
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    max_runtime: float = 600.0
+    deadline: float | dt.datetime | None = None
+    """Seconds after submission, an absolute (offset-aware) time, or none."""
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskFile:
+    name: str
+    os: str
+    command: tuple[str, ...]
+    packages: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    cwd: str = "/"
+    resources: Resources = field(default_factory=Resources)
+    limits: Limits = field(default_factory=Limits)
+    replicas: int = 1
+    quorum: int = 1
+    base_dir: Path = Path(".")
+    """The directory ``files`` and local package directories are relative to."""
+
+    @property
+    def debian_packages(self) -> tuple[str, ...]:
+        return tuple(p for p in self.packages if not is_local_package(p))
+
+    @property
+    def local_packages(self) -> tuple[Path, ...]:
+        return tuple(self.base_dir / p for p in self.packages if is_local_package(p))
+
+
+def is_local_package(spec: str) -> bool:
+    """A package spec naming a directory rather than a Debian package."""
+    return "/" in spec
+
+
+def load(path: Path) -> TaskFile:
+    """Read and validate the task file at ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TaskFileError(str(e), source=str(path)) from e
+    return loads(text, source=str(path), base_dir=path.parent)
+
+
+def loads(text: str, *, source: str = "<task>", base_dir: Path = Path(".")) -> TaskFile:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        raise TaskFileError(
+            str(e), source=source, line=int(m[1]) if m else None, key=None
+        ) from e
+    return _Parser(text, source, base_dir).task(raw)
+
+
+class _Parser:
+    def __init__(self, text: str, source: str, base_dir: Path) -> None:
+        self.text = text
+        self.source = source
+        self.base_dir = base_dir
+
+    def fail(self, key: tuple[str, ...], message: str) -> TaskFileError:
+        return TaskFileError(
+            message, source=self.source, line=find_key_line(self.text, key), key=".".join(key)
+        )
+
+    def check_keys(self, table: Mapping[str, Any], allowed: set[str], at: tuple[str, ...]) -> None:
+        for k in table:
+            if k not in allowed:
+                raise self.fail((*at, k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def typed(
+        self, table: Mapping[str, Any], key: tuple[str, ...], kind: type, default: Any
+    ) -> Any:
+        value = table.get(key[-1], default)
+        # bool is an int in Python; a task file saying cpus = true is a mistake.
+        if value is not default and (not isinstance(value, kind) or (
+            kind in (int, float) and isinstance(value, bool)
+        )):
+            want = {str: "a string", int: "an integer", float: "a number", list: "an array",
+                    dict: "a table"}[kind]
+            raise self.fail(key, f"must be {want}, not {type(value).__name__}")
+        return value
+
+    def task(self, raw: dict[str, Any]) -> TaskFile:
+        self.check_keys(raw, _TOP_KEYS, ())
+        for required in ("name", "os", "command"):
+            if required not in raw:
+                raise TaskFileError(
+                    f"missing required key {required!r}", source=self.source, line=None,
+                    key=required,
+                )
+        name = self.typed(raw, ("name",), str, None)
+        if not NAME_RE.fullmatch(name):
+            raise self.fail(("name",), f"{name!r} is not a task name ({NAME_RE.pattern})")
+        os_name = self.typed(raw, ("os",), str, None)
+        if not NAME_RE.fullmatch(os_name):
+            raise self.fail(("os",), f"{os_name!r} is not an OS name")
+        files = self.files(raw)
+        cwd = self.typed(raw, ("cwd",), str, TASK_DIR if files else "/")
+        if not cwd.startswith("/"):
+            raise self.fail(("cwd",), f"must be an absolute path, not {cwd!r}")
+        replicas = self.positive(raw, ("replicas",), 1)
+        quorum = self.positive(raw, ("quorum",), 1)
+        if quorum > replicas:
+            raise self.fail(("quorum",), f"quorum {quorum} exceeds replicas {replicas}")
+        return TaskFile(
+            name=name,
+            os=os_name,
+            command=self.command(raw),
+            packages=self.packages(raw),
+            env=self.env(raw),
+            files=files,
+            cwd=cwd,
+            resources=self.resources(self.typed(raw, ("resources",), dict, {})),
+            limits=self.limits(self.typed(raw, ("limits",), dict, {})),
+            replicas=replicas,
+            quorum=quorum,
+            base_dir=self.base_dir,
+        )
+
+    def positive(self, table: Mapping[str, Any], key: tuple[str, ...], default: int) -> int:
+        value: int = self.typed(table, key, int, default)
+        if value < 1:
+            raise self.fail(key, f"must be >= 1, not {value}")
+        return value
+
+    def strings(self, raw: Mapping[str, Any], key: tuple[str, ...]) -> list[str]:
+        items = self.typed(raw, key, list, [])
+        for item in items:
+            if not isinstance(item, str) or not item:
+                raise self.fail(key, f"every item must be a non-empty string, not {item!r}")
+        if len(set(items)) != len(items):
+            raise self.fail(key, "an item appears twice")
+        return list(items)
+
+    def command(self, raw: Mapping[str, Any]) -> tuple[str, ...]:
+        value = raw["command"]
+        if isinstance(value, str):
+            if not value.strip():
+                raise self.fail(("command",), "must not be empty")
+            return ("/bin/sh", "-c", value)
+        if isinstance(value, list) and value and all(isinstance(a, str) for a in value):
+            return tuple(value)
+        raise self.fail(("command",), "must be a string or a non-empty array of strings")
+
+    def packages(self, raw: Mapping[str, Any]) -> tuple[str, ...]:
+        items = self.strings(raw, ("packages",))
+        for item in items:
+            if is_local_package(item):
+                path = self.base_dir / item
+                if not path.is_dir():
+                    raise self.fail(("packages",), f"{item!r}: no such directory ({path})")
+            elif not DEBIAN_PACKAGE_RE.fullmatch(item):
+                raise self.fail(("packages",), f"{item!r} is not a Debian package name")
+        return tuple(items)
+
+    def env(self, raw: Mapping[str, Any]) -> dict[str, str]:
+        table = self.typed(raw, ("env",), dict, {})
+        for k, v in table.items():
+            if not ENV_NAME_RE.fullmatch(k):
+                raise self.fail(("env", k), f"{k!r} is not an environment variable name")
+            if not isinstance(v, str):
+                raise self.fail(("env", k), f"must be a string, not {type(v).__name__}")
+        return dict(sorted(table.items()))
+
+    def files(self, raw: Mapping[str, Any]) -> tuple[str, ...]:
+        items = self.strings(raw, ("files",))
+        for item in items:
+            rel = PurePosixPath(item)
+            if rel.is_absolute() or ".." in rel.parts or str(rel) == ".":
+                raise self.fail(("files",), f"{item!r} must be a relative path inside the task dir")
+            if not (self.base_dir / rel).exists():
+                raise self.fail(("files",), f"{item!r}: no such file ({self.base_dir / rel})")
+        return tuple(str(PurePosixPath(i)) for i in items)
+
+    def resources(self, table: Mapping[str, Any]) -> Resources:
+        at = ("resources",)
+        self.check_keys(table, _RESOURCE_KEYS, at)
+        cpus = self.positive(table, (*at, "cpus"), 1)
+        share = table.get("cpu_share", float(cpus))
+        if isinstance(share, bool) or not isinstance(share, int | float):
+            raise self.fail((*at, "cpu_share"), f"must be a number, not {share!r}")
+        if not 0 < share <= cpus:
+            raise self.fail((*at, "cpu_share"), f"must be in (0, cpus={cpus}], not {share}")
+        network = self.typed(table, (*at, "network"), str, "none")
+        if network not in _NETWORKS:
+            raise self.fail((*at, "network"), f"must be one of {', '.join(_NETWORKS)}")
+        allow = self.strings(table, (*at, "allow"))
+        if allow and network != "proxy":
+            raise self.fail((*at, "allow"), 'needs network = "proxy"')
+        memory = self.unit(table, (*at, "memory"), parse_size, 256 * MIB)
+        if memory < 32 * MIB:
+            raise self.fail((*at, "memory"), "must be at least 32MiB")
+        disk = self.unit(table, (*at, "disk"), parse_size, 256 * MIB)
+        if disk < MIB:
+            raise self.fail((*at, "disk"), "must be at least 1MiB")
+        return Resources(
+            cpus=cpus,
+            cpu_share=float(share),
+            memory=memory,
+            disk=disk,
+            disk_rate=self.unit(table, (*at, "disk_rate"), parse_rate, 0),
+            network=network,
+            allow=tuple(allow),
+        )
+
+    def unit(self, table: Mapping[str, Any], key: tuple[str, ...], parse: Any, default: Any) -> Any:
+        value = table.get(key[-1])
+        if value is None:
+            return default
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # a bare number is bytes / seconds
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string like \"256MiB\" or \"10m\", not {value!r}")
+        try:
+            return parse(value)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from e
+
+    def limits(self, table: Mapping[str, Any]) -> Limits:
+        at = ("limits",)
+        self.check_keys(table, _LIMIT_KEYS, at)
+        runtime = self.unit(table, (*at, "max_runtime"), parse_duration, 600.0)
+        if runtime < 1:
+            raise self.fail((*at, "max_runtime"), "must be at least 1s")
+        deadline_raw = table.get("deadline")
+        deadline: float | dt.datetime | None
+        if isinstance(deadline_raw, dt.datetime):
+            if deadline_raw.tzinfo is None:
+                raise self.fail((*at, "deadline"), "a datetime needs a UTC offset (e.g. Z)")
+            deadline = deadline_raw
+        else:
+            deadline = self.unit(table, (*at, "deadline"), parse_duration, None)
+            if deadline is not None and deadline < runtime:
+                raise self.fail((*at, "deadline"), "is shorter than max_runtime")
+        return Limits(
+            max_runtime=runtime,
+            deadline=deadline,
+            max_attempts=self.positive(table, (*at, "max_attempts"), 3),
+        )
+
+
+_HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_RE = re.compile(r"^\s*([A-Za-z0-9_\-.\"' ]+?)\s*=")
+
+
+def _split_key(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().strip("\"'") for part in text.split("."))
+
+
+def find_key_line(text: str, key: tuple[str, ...]) -> int | None:
+    """The 1-based line where ``key`` (a path of table names and a key) is set in TOML ``text``.
+
+    Handles ``[table]`` headers, dotted keys and inline tables; a key that is not written
+    anywhere (a missing one) gives the line of its nearest written parent, or None.
+    """
+    best: tuple[int, int] | None = None  # (how much of the path matched, line)
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER_RE.match(line)
+        if header:
+            table = _split_key(header[1])
+            if key[: len(table)] == table and (best is None or len(table) > best[0]):
+                best = (len(table), number)
+            continue
+        m = _KEY_RE.match(line)
+        if not m:
+            continue
+        full = table + _split_key(m[1])
+        depth = 0
+        while depth < min(len(full), len(key)) and full[depth] == key[depth]:
+            depth += 1
+        if depth < min(len(full), len(key)):
+            continue  # a different key
+        if depth == len(full) < len(key):
+            # An inline table: does the rest of the path appear on this line?
+            rest = line[m.end():]
+            if all(re.search(rf"(^|[\s{{,]){re.escape(k)}\s*=", rest) for k in key[depth:]):
+                depth = len(key)
+        if depth > len(table) and (best is None or depth > best[0]):
+            best = (depth, number)
+    return best[1] if best else None
