@@ -1,0 +1,449 @@
+"""The persistent task queue: submit, lease, heartbeat, report, expire, cancel — on sqlite.
+
+Every change is one ``BEGIN IMMEDIATE`` transaction on the scheduler's own database, so two
+workers can never be granted the same replica (the UPDATE that leases it checks it is still queued,
+and transactions are serialised), and nothing acknowledged is lost on a crash. The decisions are
+the sans-IO parts': :mod:`lifecycle` says which moves are legal, :mod:`end_conditions` judges the
+task after every change; this module loads rows, applies them, and writes rows back.
+
+Time: lease deadlines and runtimes are monotonic (``clock.monotonic()``, trio's clock by default)
+and live in memory, because a heartbeat must not cost a disk write. What must survive a restart is
+wall-clock and in the database (lease start, task deadline). After a restart every held lease gets
+a full ``lease_timeout`` to be heartbeated again: the workers did nothing wrong while we were down.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from node.store import Database
+from scheduler_role import queue_ops as ops
+from scheduler_role import schema
+from scheduler_role.end_conditions import Outcome
+from scheduler_role.errors import TaskConflictError
+from scheduler_role.lifecycle import (
+    HOLDING,
+    Replica,
+    ReplicaEvent,
+    ReplicaState,
+    TaskEvent,
+    TaskState,
+    expire,
+    replica_step,
+    task_allows,
+    task_step,
+)
+from scheduler_role.messages import (
+    Heartbeat,
+    HeartbeatAck,
+    LeaseGrant,
+    NoWork,
+    Offer,
+    ResultAck,
+    ResultReport,
+    ResultStatus,
+)
+from scheduler_role.queue_ops import StopNotice
+
+__all__ = ["Clock", "Queue", "SeenOffer", "StopNotice", "StoredResult", "TaskStatus", "TrioClock"]
+from scheduler_role.task import LeaseKey, TaskSpec
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+    def wall(self) -> float: ...
+
+
+class TrioClock:
+    """trio's clock for leases (virtual under ``autojump_clock``), the system's for the disk."""
+
+    def monotonic(self) -> float:
+        return trio.current_time()
+
+    def wall(self) -> float:
+        return time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    replica: int
+    worker: str
+    attempt: int
+    exit_code: int
+    stdout_digest: bytes
+    stderr_digest: bytes
+    stdout_blob: bytes
+    stderr_blob: bytes
+    archive_blob: bytes | None
+    signature: bytes
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    spec: TaskSpec
+    state: TaskState
+    verdict: Outcome | None
+    reason: str
+    replicas: tuple[Replica, ...]
+    agreed: bytes | None
+    dissenters: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Held:
+    worker: str
+    deadline: float  # monotonic: expires unless heartbeated before
+    since: float  # monotonic: when the lease was granted (for max runtime)
+    max_runtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class SeenOffer:
+    offer: Offer
+    at: float  # monotonic
+
+
+class Queue:
+    """One scheduler's queue. Open with :meth:`open`; every method may be called from any task."""
+
+    def __init__(
+        self, db: Database, clock: Clock, lease_timeout: float, retry_after: float
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self.lease_timeout = lease_timeout
+        self.retry_after = retry_after
+        self._held: dict[LeaseKey, _Held] = {}
+        self.offers: dict[str, SeenOffer] = {}
+        """The last offer each worker sent (for :mod:`explain`); pruned by :meth:`tick`."""
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        path: Path,
+        *,
+        clock: Clock | None = None,
+        lease_timeout: float = 30.0,
+        retry_after: float = 5.0,
+    ) -> AsyncIterator[Queue]:
+        """Open (creating) the queue in ``path`` (``<data>/scheduler.db``)."""
+        async with Database.open(path, schema.MIGRATIONS) as db:
+            queue = cls(db, clock or TrioClock(), lease_timeout, retry_after)
+            await queue._restore()
+            yield queue
+
+    async def _restore(self) -> None:
+        rows = await self._db.fetchall(
+            "SELECT t.task_id, r.idx, r.attempts, r.worker, r.leased_at, t.max_runtime"
+            " FROM replicas r JOIN tasks t ON t.seq = r.task_seq WHERE r.state IN (?, ?)",
+            tuple(s.value for s in HOLDING),
+        )
+        now, wall = self._clock.monotonic(), self._clock.wall()
+        for task_id, idx, attempts, worker, leased_at, max_runtime in rows:
+            ran = max(0.0, wall - (leased_at if leased_at is not None else wall))
+            held = _Held(worker, now + self.lease_timeout, now - ran, max_runtime)
+            self._held[LeaseKey(task_id, idx, attempts)] = held
+
+    # --- owner side ------------------------------------------------------------------------------
+
+    async def submit(self, spec: TaskSpec) -> bool:
+        """Accept ``spec``; True if new, False if this exact task was already accepted.
+
+        :class:`TaskConflictError` if the ID is taken by a different task.
+        """
+        wall = self._clock.wall()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                f"SELECT {schema.TASK_COLUMNS} FROM tasks WHERE task_id = ?", (spec.task_id,)
+            ).fetchone()
+            if row is not None:
+                stored = schema.spec_from_row(row)
+                if spec.image_id is None:  # the image may have been assembled since
+                    stored = replace(stored, image_id=None)
+                if stored != spec:
+                    raise TaskConflictError(spec.task_id)
+                return False
+            state = TaskState.SUBMITTED
+            if spec.image_id is not None:
+                state = task_step(state, TaskEvent.IMAGE_READY)
+            values = schema.spec_values(spec) | {"state": state.value, "submitted_at": wall}
+            cursor = conn.execute(
+                f"INSERT INTO tasks ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                tuple(values.values()),
+            )
+            conn.executemany(
+                "INSERT INTO replicas (task_seq, idx, state) VALUES (?, ?, ?)",
+                [(cursor.lastrowid, i, ReplicaState.QUEUED.value) for i in range(spec.replicas)],
+            )
+            return True
+
+        return await self._db.transaction(op)
+
+    async def begin_assembly(self, task_id: str) -> None:
+        await self._task_event(task_id, TaskEvent.ASSEMBLE)
+
+    async def image_ready(self, task_id: str, image_id: bytes) -> None:
+        await self._task_event(task_id, TaskEvent.IMAGE_READY, image_id=image_id)
+
+    async def assembly_failed(self, task_id: str, reason: str) -> None:
+        await self._task_event(task_id, TaskEvent.ASSEMBLY_FAILED, reason=reason)
+
+    async def cancel(self, task_id: str) -> list[StopNotice]:
+        """Cancel a live task; a finished one is left as it is (cancel is idempotent)."""
+        return await self._task_event(task_id, TaskEvent.CANCEL, reason="cancelled by owner")
+
+    async def collect(self, task_id: str) -> None:
+        """The owner has the outcome: mark the finished task done."""
+        await self._task_event(task_id, TaskEvent.COLLECT)
+
+    async def _task_event(
+        self, task_id: str, event: TaskEvent, *, image_id: bytes | None = None, reason: str = ""
+    ) -> list[StopNotice]:
+        wall = self._clock.wall()
+        held_for = self._held_for()
+
+        def op(conn: sqlite3.Connection) -> list[StopNotice]:
+            seq, _, state, _, _ = ops.load_task(conn, task_id)
+            if event is TaskEvent.CANCEL and not task_allows(state, event):
+                return []
+            new = task_step(state, event)
+            if image_id is not None:
+                if len(image_id) != 32:
+                    raise ValueError("image_id must be 32 bytes")
+                conn.execute("UPDATE tasks SET image_id = ? WHERE seq = ?", (image_id.hex(), seq))
+            verdict = {TaskState.FAILED: Outcome.FAILED, TaskState.CANCELLED: Outcome.CANCELLED}
+            conn.execute(
+                "UPDATE tasks SET state = ?, verdict = COALESCE(?, verdict),"
+                " reason = CASE WHEN ? = '' THEN reason ELSE ? END,"
+                " finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE seq = ?",
+                (new.value, verdict[new].value if new in verdict else None, reason, reason,
+                 new in verdict, wall, seq),
+            )  # fmt: skip
+            return ops.judge_and_apply(conn, seq, wall, held_for)
+
+        stops = await self._db.transaction(op)
+        self._forget(stops)
+        return stops
+
+    async def status(self, task_id: str) -> TaskStatus:
+        def op(conn: sqlite3.Connection) -> TaskStatus:
+            seq, spec, state, verdict, reason = ops.load_task(conn, task_id)
+            agreed = conn.execute("SELECT agreed FROM tasks WHERE seq = ?", (seq,)).fetchone()[0]
+            dissenters: tuple[str, ...] = ()
+            if agreed is not None:
+                rows = conn.execute(
+                    "SELECT DISTINCT worker FROM results WHERE task_seq = ? AND digest != ?"
+                    " ORDER BY worker",
+                    (seq, agreed),
+                ).fetchall()
+                dissenters = tuple(r[0] for r in rows)
+            replicas = tuple(schema.load_replicas(conn, seq))
+            return TaskStatus(spec, state, verdict, reason, replicas, agreed, dissenters)
+
+        return await self._db.transaction(op)
+
+    async def results(self, task_id: str) -> list[StoredResult]:
+        """Every accepted result of the task, in arrival order."""
+
+        def op(conn: sqlite3.Connection) -> list[StoredResult]:
+            seq = ops.load_task(conn, task_id)[0]
+            rows = conn.execute(
+                "SELECT idx, worker, attempt, exit_code, stdout_digest, stderr_digest,"
+                " stdout_blob, stderr_blob, archive_blob, signature, digest"
+                " FROM results WHERE task_seq = ? ORDER BY arrival",
+                (seq,),
+            ).fetchall()
+            return [StoredResult(*row) for row in rows]
+
+        return await self._db.transaction(op)
+
+    async def waiting(self) -> list[TaskStatus]:
+        """Live tasks with a replica still queued (for :mod:`explain`), oldest first."""
+        rows = await self._db.fetchall(
+            "SELECT t.task_id FROM tasks t WHERE t.state IN ('submitted', 'assembling', 'active')"
+            " AND EXISTS (SELECT 1 FROM replicas r WHERE r.task_seq = t.seq AND r.state = 'queued')"
+            " ORDER BY t.seq"
+        )
+        return [await self.status(task_id) for (task_id,) in rows]
+
+    # --- worker side -----------------------------------------------------------------------------
+
+    async def lease(self, worker: str, offer: Offer) -> LeaseGrant | NoWork:
+        """Lease one queued replica that fits ``offer`` to ``worker``, preferring held images.
+
+        A worker never gets two replicas of one task, nor a replica of a task it has reported
+        for: each replica must be an independent witness for the quorum.
+        """
+        now = self._clock.monotonic()
+        self.offers[worker] = SeenOffer(offer, now)
+        wall = self._clock.wall()
+
+        def op(conn: sqlite3.Connection) -> LeaseGrant | None:
+            found = ops.find_candidate(conn, worker, offer)
+            if found is None:
+                return None
+            seq, idx, spec = found
+            replicas = schema.load_replicas(conn, seq)
+            leased = replica_step(replicas[idx], ReplicaEvent.LEASE, worker=worker)
+            schema.save_replica(conn, seq, leased, wall)
+            assert spec.image_id is not None  # only active tasks are candidates
+            return LeaseGrant(
+                lease=LeaseKey(spec.task_id, idx, leased.attempts),
+                image_id=spec.image_id,
+                caps=spec.caps,
+                lease_timeout=self.lease_timeout,
+                max_runtime=spec.limits.max_runtime,
+            )
+
+        grant = await self._db.transaction(op)
+        if grant is None:
+            return NoWork(retry_after=self.retry_after, reason="no queued task fits this offer")
+        self._held[grant.lease] = _Held(worker, now + self.lease_timeout, now, grant.max_runtime)
+        return grant
+
+    async def heartbeat(self, worker: str, beat: Heartbeat) -> HeartbeatAck:
+        """Extend the worker's valid leases; tell it to stop every lease that is not its own."""
+        now = self._clock.monotonic()
+        stop: list[LeaseKey] = []
+        started: list[LeaseKey] = []
+        running = set(beat.running)
+        for lease in beat.leases:
+            held = self._held.get(lease)
+            if held is None or held.worker != worker:
+                stop.append(lease)
+                continue
+            held.deadline = now + self.lease_timeout
+            if lease in running:
+                started.append(lease)
+        if started:
+            await self._db.transaction(lambda conn: ops.mark_running(conn, started))
+        return HeartbeatAck(stop=tuple(stop))
+
+    async def report(self, worker: str, report: ResultReport) -> tuple[ResultAck, list[StopNotice]]:
+        """Record a result once per (task, replica, worker); judge the task.
+
+        The signature must have been checked by the caller (the glue knows the worker's key).
+        """
+        lease = report.lease
+        wall = self._clock.wall()
+        held_for = self._held_for()
+
+        def op(conn: sqlite3.Connection) -> tuple[ResultStatus, list[StopNotice]]:
+            row = conn.execute("SELECT seq FROM tasks WHERE task_id = ?", (lease.task_id,))
+            found = row.fetchone()
+            if found is None:
+                return ResultStatus.STALE, []
+            seq = found[0]
+            duplicate = conn.execute(
+                "SELECT 1 FROM results WHERE task_seq = ? AND idx = ? AND worker = ?",
+                (seq, lease.replica, worker),
+            ).fetchone()
+            if duplicate is not None:
+                return ResultStatus.DUPLICATE, []
+            replicas = schema.load_replicas(conn, seq)
+            if lease.replica >= len(replicas):
+                return ResultStatus.STALE, []
+            replica = replicas[lease.replica]
+            if not ops.holds(replica, worker, lease.attempt):
+                return ResultStatus.STALE, []
+            schema.save_replica(conn, seq, replica_step(replica, ReplicaEvent.REPORT), None)
+            conn.execute(
+                "INSERT INTO results (task_seq, idx, worker, attempt, exit_code, stdout_digest,"
+                " stderr_digest, stdout_blob, stderr_blob, archive_blob, signature, digest,"
+                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, lease.replica, worker, lease.attempt, report.exit_code,
+                 report.stdout_digest, report.stderr_digest, report.stdout_blob,
+                 report.stderr_blob, report.archive_blob, report.signature, report.digest, wall),
+            )  # fmt: skip
+            return ResultStatus.RECORDED, ops.judge_and_apply(conn, seq, wall, held_for)
+
+        status, stops = await self._db.transaction(op)
+        if status is ResultStatus.RECORDED:
+            self._held.pop(lease, None)
+        self._forget(stops)
+        return ResultAck(lease=lease, status=status), stops
+
+    async def lost(self, worker: str, leases: Iterable[LeaseKey]) -> list[StopNotice]:
+        """The worker lost these leases (crashed): expire them now instead of at their deadline."""
+        mine = [k for k in leases if (h := self._held.get(k)) is not None and h.worker == worker]
+        return await self._expire(mine, "worker lost the lease")
+
+    async def tick(self) -> list[StopNotice]:
+        """Expire lapsed leases, time out long runs, fail tasks past their deadline.
+
+        Call it every second or so; returns the notices to send.
+        """
+        now, wall = self._clock.monotonic(), self._clock.wall()
+        due = [k for k, h in self._held.items() if h.deadline <= now]
+        stale = now - 4 * self.lease_timeout
+        self.offers = {w: o for w, o in self.offers.items() if o.at >= stale}
+        long_runs = {k.task_id for k, h in self._held.items() if now - h.since >= h.max_runtime}
+        rows = await self._db.fetchall(
+            "SELECT task_id FROM tasks WHERE state IN ('submitted', 'assembling', 'active')"
+            " AND deadline IS NOT NULL AND deadline <= ?",
+            (wall,),
+        )
+        overdue = {r[0] for r in rows} | long_runs
+        return await self._expire(due, "no heartbeat before the lease expired", overdue)
+
+    async def _expire(
+        self, leases: list[LeaseKey], reason: str, also_judge: Iterable[str] = ()
+    ) -> list[StopNotice]:
+        workers = {k: self._held[k].worker for k in leases}
+        tasks = set(also_judge) | {k.task_id for k in leases}
+        if not tasks:
+            return []
+        wall = self._clock.wall()
+        held_for = self._held_for()
+
+        def op(conn: sqlite3.Connection) -> list[StopNotice]:
+            stops: list[StopNotice] = []
+            for task_id in sorted(tasks):
+                seq, spec, _, _, _ = ops.load_task(conn, task_id)
+                replicas = schema.load_replicas(conn, seq)
+                for key in (k for k in leases if k.task_id == task_id):
+                    replica = replicas[key.replica]
+                    if ops.holds(replica, workers[key], key.attempt):
+                        after = expire(
+                            replica, max_attempts=spec.limits.max_attempts, reason=reason
+                        )
+                        schema.save_replica(conn, seq, after, None)
+                stops += ops.judge_and_apply(conn, seq, wall, held_for)
+            return stops
+
+        stops = await self._db.transaction(op)
+        for key in leases:
+            self._held.pop(key, None)
+        self._forget(stops)
+        return stops
+
+    # --- introspection ---------------------------------------------------------------------------
+
+    def held_by(self) -> dict[str, int]:
+        """Leases held per worker right now (for :mod:`explain`)."""
+        counts: dict[str, int] = {}
+        for held in self._held.values():
+            counts[held.worker] = counts.get(held.worker, 0) + 1
+        return counts
+
+    def statistics(self) -> dict[str, int]:
+        return {"held_leases": len(self._held), "workers_seen": len(self.offers)}
+
+    def _held_for(self) -> dict[tuple[str, int], float]:
+        now = self._clock.monotonic()
+        return {(k.task_id, k.replica): now - h.since for k, h in self._held.items()}
+
+    def _forget(self, stops: Iterable[StopNotice]) -> None:
+        for stop in stops:
+            self._held.pop(stop.lease, None)

@@ -1,0 +1,144 @@
+"""The scheduler's sqlite schema (``<data>/scheduler.db``) and the mapping of rows to objects.
+
+Numbered migrations for :meth:`node.store.Database.open`; never edit a released one, append.
+Tasks are ordered by ``seq`` (submission order, which is also the order replicas are leased in);
+replicas and results refer to it. A task's resource needs are columns as well as JSON so the lease
+query can filter in SQL before the exact policy check in Python. Times stored here are wall-clock
+(Unix seconds): they must mean something after a restart, unlike the monotonic lease deadlines.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from node.errors import LocalProtocolError, StoreError
+from scheduler_role.lifecycle import Replica, ReplicaState
+from scheduler_role.messages import caps_from_dict, caps_to_dict
+from scheduler_role.task import Limits, TaskSpec
+from worker_role.caps import NetworkMode
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE tasks (
+        seq INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL UNIQUE,
+        owner TEXT NOT NULL,
+        image_id TEXT,
+        caps TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_mib INTEGER NOT NULL,
+        network INTEGER NOT NULL,
+        max_runtime REAL NOT NULL,
+        deadline REAL,
+        max_attempts INTEGER NOT NULL,
+        replicas INTEGER NOT NULL,
+        quorum INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        verdict TEXT,
+        reason TEXT NOT NULL DEFAULT '',
+        agreed BLOB,
+        submitted_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX tasks_by_image ON tasks (image_id, seq) WHERE state = 'active';
+    CREATE INDEX tasks_by_deadline ON tasks (deadline)
+        WHERE state IN ('submitted', 'assembling', 'active') AND deadline IS NOT NULL;
+    CREATE TABLE replicas (
+        task_seq INTEGER NOT NULL REFERENCES tasks (seq),
+        idx INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        worker TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '',
+        leased_at REAL,
+        PRIMARY KEY (task_seq, idx)
+    ) WITHOUT ROWID;
+    CREATE INDEX replicas_queued ON replicas (task_seq, idx) WHERE state = 'queued';
+    CREATE INDEX replicas_by_worker ON replicas (worker) WHERE worker IS NOT NULL;
+    CREATE TABLE results (
+        arrival INTEGER PRIMARY KEY,
+        task_seq INTEGER NOT NULL REFERENCES tasks (seq),
+        idx INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        exit_code INTEGER NOT NULL,
+        stdout_digest BLOB NOT NULL,
+        stderr_digest BLOB NOT NULL,
+        stdout_blob BLOB NOT NULL,
+        stderr_blob BLOB NOT NULL,
+        archive_blob BLOB,
+        signature BLOB NOT NULL,
+        digest BLOB NOT NULL,
+        received_at REAL NOT NULL,
+        UNIQUE (task_seq, idx, worker)
+    );
+    CREATE INDEX results_by_worker ON results (task_seq, worker);
+    """,
+]
+
+TASK_COLUMNS = (
+    "seq, task_id, owner, image_id, caps, max_runtime, deadline, max_attempts, replicas, quorum,"
+    " state, verdict, reason, agreed"
+)
+
+
+def spec_values(spec: TaskSpec) -> dict[str, Any]:
+    """The columns of ``spec`` for an INSERT into ``tasks``."""
+    return {
+        "task_id": spec.task_id,
+        "owner": spec.owner,
+        "image_id": spec.image_id.hex() if spec.image_id is not None else None,
+        "caps": json.dumps(caps_to_dict(spec.caps), sort_keys=True),
+        "vcpus": spec.caps.vcpus,
+        "memory_mib": spec.caps.memory_mib,
+        "disk_mib": spec.caps.disk_mib,
+        "network": int(spec.caps.network is NetworkMode.PROXY),
+        "max_runtime": spec.limits.max_runtime,
+        "deadline": spec.limits.deadline,
+        "max_attempts": spec.limits.max_attempts,
+        "replicas": spec.replicas,
+        "quorum": spec.quorum,
+    }
+
+
+def spec_from_row(row: sqlite3.Row | tuple[Any, ...]) -> TaskSpec:
+    """Rebuild the spec from a row selected with :data:`TASK_COLUMNS`."""
+    _, task_id, owner, image_hex, caps_json, max_runtime, deadline, attempts, replicas, quorum = (
+        row[:10]
+    )
+    try:
+        caps = caps_from_dict(json.loads(caps_json))
+    except (LocalProtocolError, ValueError) as e:
+        raise StoreError(f"task {task_id}: stored caps are invalid: {e}") from e
+    return TaskSpec(
+        task_id=task_id,
+        owner=owner,
+        caps=caps,
+        image_id=bytes.fromhex(image_hex) if image_hex is not None else None,
+        limits=Limits(max_runtime=max_runtime, deadline=deadline, max_attempts=attempts),
+        replicas=replicas,
+        quorum=quorum,
+    )
+
+
+def load_replicas(conn: sqlite3.Connection, seq: int) -> list[Replica]:
+    rows = conn.execute(
+        "SELECT idx, state, worker, attempts, reason FROM replicas WHERE task_seq = ? ORDER BY idx",
+        (seq,),
+    ).fetchall()
+    return [Replica(idx, ReplicaState(state), worker, attempts, reason) for idx, state, worker,
+            attempts, reason in rows]  # fmt: skip
+
+
+def save_replica(
+    conn: sqlite3.Connection, seq: int, replica: Replica, leased_at: float | None
+) -> None:
+    conn.execute(
+        "UPDATE replicas SET state = ?, worker = ?, attempts = ?, reason = ?, leased_at = ?"
+        " WHERE task_seq = ? AND idx = ?",
+        (replica.state.value, replica.worker, replica.attempts, replica.reason, leased_at, seq,
+         replica.index),
+    )  # fmt: skip
