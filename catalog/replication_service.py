@@ -70,6 +70,7 @@ class ReplicationService:
         self._not_serving_until: dict[str, float] = {}
         self._refused: dict[str, str] = {}
         self._pulling: set[str] = set()
+        self._progress = trio.Event()
         self._stats = {"rounds": 0, "pulls": 0, "pull_failures": 0, "received": 0}
         self._stats.update({"refused": 0, "misbehaving": 0, "served": 0})
 
@@ -110,6 +111,16 @@ class ReplicationService:
             "entries": len(self.library),
             "known_schedulers": len(self._schedulers),
         }
+
+    async def wait_until(self, predicate: Callable[[ReplicationService], bool]) -> None:
+        """Wait until ``predicate(self)`` holds, re-checked after every pull attempt ends and
+        every misbehaving peer (for tests and ``wait``-style RPCs: no polling)."""
+        while not predicate(self):
+            await self._progress.wait()
+
+    def _woke(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     def refusals(self) -> dict[str, str]:
         """IDs of entries refused (untrusted publisher) -> the reason."""
@@ -152,6 +163,7 @@ class ReplicationService:
             log.debug("pull from %s failed: %s", peer_id, e)
         finally:
             self._pulling.discard(peer_id)
+            self._woke()
 
     async def pull_from(self, peer_id: str) -> int:
         """One complete pull from ``peer_id``; return how many new entries were stored.
@@ -194,6 +206,7 @@ class ReplicationService:
         self._stats["misbehaving"] += 1
         self._banned_until[peer_id] = trio.current_time() + self.ban_duration
         log.warning("misbehaving peer %s on %s: %s", peer_id, PROTOCOL_ID, error)
+        self._woke()
 
     # ---- serving -----------------------------------------------------------------------------
 

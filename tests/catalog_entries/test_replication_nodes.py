@@ -1,0 +1,216 @@
+"""Catalog replication between three real schedulers (libp2p on loopback, sqlite on disk).
+
+Each scheduler is a P2PNode + Library + ReplicationService, as the daemon composes them. No test
+sleeps: they wait for the library to change (``Library.wait_for``) or for the service's state
+(``ReplicationService.wait_until``), under ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from catalog.entries import Entry, TrustPolicy
+from catalog.library import Library
+from catalog.replication import PROTOCOL_ID, IdIndex, WantEntries, entries_reply, respond
+from catalog.replication_service import SCHEDULER_RECORD_KIND, ReplicationService
+from node.identity import Identity
+from node.p2p import P2PNode
+from node.p2p_stream import MessageStream
+from tests.catalog_entries.helpers import (
+    NOW,
+    OTHER_PUBLISHER,
+    PUBLISHER,
+    os_entry,
+    package_entry,
+    tampered,
+)
+from tests.p2p_helpers import FAST, LOOPBACK
+
+TRUSTED = TrustPolicy({PUBLISHER.public_bytes})
+REPLICATE_WITHIN = 10.0  # the issue's bound on loopback
+
+
+@dataclass
+class Scheduler:
+    data_dir: Path
+    policy: TrustPolicy = TRUSTED
+    identity: Identity = field(default_factory=Identity.generate)
+    p2p: P2PNode | None = None
+    library: Library | None = None
+    service: ReplicationService | None = None
+    scope: trio.CancelScope | None = None
+    stopped: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def lib(self) -> Library:
+        assert self.library is not None
+        return self.library
+
+    @property
+    def svc(self) -> ReplicationService:
+        assert self.service is not None
+        return self.service
+
+    async def run(
+        self, bootstrap: list[str], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.stopped = trio.Event()
+        with trio.CancelScope() as self.scope:
+            p2p = P2PNode(self.identity, listen=[LOOPBACK], bootstrap=bootstrap, **FAST)
+            async with Library.open(self.data_dir, self.policy) as lib, trio.open_nursery() as n:
+                await n.start(p2p.run)
+                service = ReplicationService(
+                    p2p, lib, interval=0.3, request_timeout=3.0, discover_interval=1.0
+                )
+                await n.start(service.run)
+                await p2p.put_record(
+                    SCHEDULER_RECORD_KIND, p2p.peer_id, {"peer_id": p2p.peer_id}, ttl=60
+                )
+                self.p2p, self.library, self.service = p2p, lib, service
+                task_status.started()
+        self.p2p = self.library = self.service = None
+        self.stopped.set()
+
+    def stop(self) -> None:
+        assert self.scope is not None
+        self.scope.cancel()
+
+
+@asynccontextmanager
+async def schedulers(tmp_path: Path, *policies: TrustPolicy) -> AsyncIterator[list[Scheduler]]:
+    async with trio.open_nursery() as nursery:
+        scheds = [Scheduler(tmp_path / f"s{i}", policy) for i, policy in enumerate(policies)]
+        await nursery.start(scheds[0].run, [])
+        assert scheds[0].p2p is not None
+        bootstrap = scheds[0].p2p.addrs[:1]
+        for sched in scheds[1:]:
+            await nursery.start(sched.run, bootstrap)
+        try:
+            yield scheds
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def wait_everywhere(scheds: list[Scheduler], entries: list[Entry]) -> None:
+    with trio.fail_after(REPLICATE_WITHIN):
+        for sched in scheds:
+            for entry in entries:
+                await sched.lib.wait_for(entry.id)
+
+
+async def test_an_entry_published_on_one_scheduler_reaches_the_others_within_10s(
+    tmp_path: Path,
+) -> None:
+    async with schedulers(tmp_path, TRUSTED, TRUSTED, TRUSTED) as (a, b, c):
+        entry = os_entry("debian-12")
+        start = trio.current_time()
+        assert await a.lib.insert(entry)
+        await wait_everywhere([b, c], [entry])
+        assert trio.current_time() - start < REPLICATE_WITHIN
+        for sched in (b, c):
+            assert await sched.lib.get(entry.id) == entry
+        # Published on another scheduler, the same holds the other way round.
+        later = package_entry("python3")
+        await c.lib.insert(later)
+        await wait_everywhere([a, b], [later])
+        assert a.lib.index.root() == b.lib.index.root() == c.lib.index.root()
+
+
+async def test_an_untrusted_publishers_entry_is_refused_by_schedulers_that_do_not_trust_it(
+    tmp_path: Path,
+) -> None:
+    # A trusts one more publisher (its node.toml says so); B and C do not.
+    lenient = TrustPolicy({PUBLISHER.public_bytes, OTHER_PUBLISHER.public_bytes})
+    async with schedulers(tmp_path, lenient, TRUSTED, TRUSTED) as (a, b, c):
+        foreign = os_entry("foreign", identity=OTHER_PUBLISHER)
+        marker = os_entry("marker")
+        # One transaction: any pull that lists the marker also lists the foreign entry.
+        await a.lib.insert_many([foreign, marker])
+        await wait_everywhere([b, c], [marker])
+        reason = f"publisher {OTHER_PUBLISHER.public_bytes.hex()} is not trusted by this scheduler"
+        for sched in (b, c):
+            assert foreign.id not in sched.lib
+            assert sched.svc.refusals() == {foreign.id: reason}
+            assert sched.svc.statistics()["misbehaving"] == 0  # not the peer's fault
+
+
+def forging_server(
+    index: IdIndex, entries: dict[str, Entry]
+) -> Callable[[MessageStream], Awaitable[None]]:
+    """A rogue scheduler's handler: lists real IDs, then sends the entries with a bad signature."""
+
+    async def serve(stream: MessageStream) -> None:
+        async for msg in stream:
+            answer = respond(msg, index)
+            if isinstance(answer, WantEntries):
+                forged = [tampered(entries[i], signature=bytes(64)).encode() for i in answer.ids]
+                answer = entries_reply(forged)
+            await stream.send(answer)
+
+    return serve
+
+
+async def test_a_forged_entry_never_enters_any_catalog_and_its_sender_is_banned(
+    tmp_path: Path,
+) -> None:
+    async with schedulers(tmp_path, TRUSTED, TRUSTED, TRUSTED) as scheds, trio.open_nursery() as n:
+        victim = os_entry("victim", now=NOW + 5)  # never published by its publisher
+        rogue = P2PNode(Identity.generate(), listen=[LOOPBACK], **FAST)
+        rogue.set_handler(PROTOCOL_ID, forging_server(IdIndex([victim.id]), {victim.id: victim}))
+        await n.start(rogue.run)
+        for sched in scheds:
+            assert sched.p2p is not None
+            await rogue.connect(sched.p2p.addrs[0])
+        with trio.fail_after(REPLICATE_WITHIN):
+            for sched in scheds:
+                await sched.svc.wait_until(lambda s: s.is_banned(rogue.peer_id))
+        # Honest replication still works, and the forged entry is nowhere.
+        honest = package_entry("honest")
+        await scheds[0].lib.insert(honest)
+        await wait_everywhere(scheds, [honest])
+        for sched in scheds:
+            assert victim.id not in sched.lib
+            assert sched.svc.statistics()["misbehaving"] >= 1
+        n.cancel_scope.cancel()
+
+
+async def test_a_scheduler_that_was_down_catches_up_when_it_returns(tmp_path: Path) -> None:
+    async with schedulers(tmp_path, TRUSTED, TRUSTED) as (a, b), trio.open_nursery() as n:
+        c = Scheduler(tmp_path / "c")
+        assert a.p2p is not None
+        bootstrap = a.p2p.addrs[:1]
+        await n.start(c.run, bootstrap)
+        before = os_entry("before")
+        await a.lib.insert(before)
+        await wait_everywhere([b, c], [before])
+
+        c.stop()
+        with trio.fail_after(5):
+            await c.stopped.wait()
+        meanwhile = [package_entry(f"while-down-{i}") for i in range(40)]
+        await a.lib.insert_many(meanwhile[:20])
+        await b.lib.insert_many(meanwhile[20:])
+        await wait_everywhere([a, b], meanwhile)
+
+        await n.start(c.run, bootstrap)  # same identity, same data dir
+        assert before.id in c.lib  # kept on disk
+        await wait_everywhere([c], meanwhile)
+        assert c.lib.index.root() == a.lib.index.root()
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("n_entries", [300])
+async def test_a_new_scheduler_fetches_a_large_catalog_in_batches(
+    tmp_path: Path, n_entries: int
+) -> None:
+    async with schedulers(tmp_path, TRUSTED, TRUSTED) as (a, b):
+        many = [package_entry(f"p{i}") for i in range(n_entries)]
+        await a.lib.insert_many(many)
+        await wait_everywhere([b], many)
+        assert len(b.lib) == n_entries
