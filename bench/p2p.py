@@ -140,7 +140,12 @@ async def dht_bench(n: int, lookups: int) -> dict[str, Any]:
         spawn_start = trio.current_time()
         procs = [
             await stack.enter_async_context(
-                peer_process(addrs[0], publish="bench" if i < 3 else None, timings=timings)
+                peer_process(
+                    addrs[0],
+                    publish="bench" if i < 3 else None,
+                    timings=timings,
+                    start_timeout=120,
+                )
             )
             for i in range(n - 1)
         ]

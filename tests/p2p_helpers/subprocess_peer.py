@@ -49,7 +49,10 @@ class PeerProcess:
 
 @asynccontextmanager
 async def peer_process(
-    *bootstrap: str, publish: str | None = None, timings: dict[str, float] | None = None
+    *bootstrap: str,
+    publish: str | None = None,
+    timings: dict[str, float] | None = None,
+    start_timeout: float = 20.0,
 ) -> AsyncIterator[PeerProcess]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VMLEND_TEST_TIMINGS": json.dumps(timings or {})}
     args = ["--publish", publish] if publish else []
@@ -61,7 +64,7 @@ async def peer_process(
     )
     peer = PeerProcess(process)
     try:
-        with trio.fail_after(20):
+        with trio.fail_after(start_timeout):
             hello = json.loads(await peer.read_line())
         peer.peer_id = hello["peer_id"]
         peer.addrs = hello["addrs"]
