@@ -56,7 +56,7 @@ async def test_connect_on_loopback_has_no_250ms_delay() -> None:
         assert connect_delay() == 0
         start = trio.current_time()
         await a.connect(b.addrs[0])
-        assert trio.current_time() - start < 0.15
+        assert trio.current_time() - start < 0.2  # py-libp2p alone: >= 0.25
         assert a.is_connected(b.peer_id)
 
 
