@@ -1,0 +1,134 @@
+"""The catalog's local RPC methods, for the daemon to serve (see ``node.rpc_server``).
+
+Methods (params are MessagePack-RPC arrays; results are maps as :meth:`Entry.to_dict` gives)::
+
+    catalog.list    [] | [{"kind": K}]                  -> [entry, ...]
+    catalog.show    [REF] | [REF, {"kind": K}]          -> entry        (REF: ID, ID prefix,
+                                                                         NAME or NAME@VERSION)
+    catalog.publish [{"entry": bytes}]                  -> {"id", "new", "entry"}
+                    [{"kind", "name", "version", "blobs", "meta"?}]   (signed with the node's key)
+
+Errors are :class:`RpcError` with codes ``invalid_params``, ``invalid_entry``,
+``forged_entry`` (the signature does not verify), ``untrusted_publisher`` (the message gives
+the reason), ``not_found`` and ``ambiguous``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from catalog.entries import KINDS, Entry, decode_entry, make_entry
+from catalog.errors import (
+    AmbiguousEntryError,
+    EntrySignatureError,
+    InvalidEntryError,
+    UnknownEntryError,
+    UntrustedPublisherError,
+)
+from catalog.library import Library
+from node.errors import RpcError
+from node.identity import Identity
+
+Handler = Callable[[list[Any]], Awaitable[Any]]
+
+_FIELDS = {"kind", "name", "version", "blobs", "meta"}
+
+
+class CatalogService:
+    """The RPC face of a :class:`Library`; ``identity`` signs entries published by fields."""
+
+    def __init__(
+        self,
+        library: Library,
+        identity: Identity,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.library = library
+        self.identity = identity
+        self._wall_clock = wall_clock
+
+    def rpc_methods(self) -> Mapping[str, Handler]:
+        return {
+            "catalog.list": self._list,
+            "catalog.show": self._show,
+            "catalog.publish": self._publish,
+        }
+
+    async def _list(self, params: list[Any]) -> list[dict[str, Any]]:
+        options = _options(params, 0, {"kind"})
+        kind = _kind(options)
+        return [e.to_dict() for e in await self.library.list_entries(kind)]
+
+    async def _show(self, params: list[Any]) -> dict[str, Any]:
+        if not params or not isinstance(params[0], str):
+            raise RpcError("invalid_params", "expected [REF] or [REF, {kind}]")
+        options = _options(params, 1, {"kind"})
+        with _mapped_errors():
+            entry = await self.library.resolve(params[0], _kind(options))
+        return entry.to_dict()
+
+    async def _publish(self, params: list[Any]) -> dict[str, Any]:
+        if len(params) != 1 or not isinstance(params[0], dict):
+            raise RpcError("invalid_params", "expected one map: {entry} or the entry's fields")
+        request: dict[str, Any] = params[0]
+        with _mapped_errors():
+            entry = self._entry_from(request)
+            new = await self.library.insert(entry)
+        return {"id": entry.id, "new": new, "entry": entry.to_dict()}
+
+    def _entry_from(self, request: dict[str, Any]) -> Entry:
+        if set(request) == {"entry"}:
+            if not isinstance(request["entry"], bytes):
+                raise RpcError("invalid_params", "entry must be the signed entry's bytes")
+            return decode_entry(request["entry"])
+        if unknown := set(request) - _FIELDS:
+            raise RpcError("invalid_params", f"unknown fields {sorted(map(str, unknown))}")
+        if missing := (_FIELDS - {"meta"}) - set(request):
+            raise RpcError("invalid_params", f"missing fields {sorted(missing)}")
+        if not isinstance(request["blobs"], dict) or not isinstance(request.get("meta", {}), dict):
+            raise RpcError("invalid_params", "blobs and meta must be maps")
+        return make_entry(
+            self.identity,
+            kind=request["kind"],
+            name=request["name"],
+            version=request["version"],
+            blobs=request["blobs"],
+            meta=request.get("meta", {}),
+            now=self._wall_clock(),
+        )
+
+
+def _options(params: list[Any], at: int, allowed: set[str]) -> dict[str, Any]:
+    if len(params) > at + 1 or (len(params) == at + 1 and not isinstance(params[at], dict)):
+        raise RpcError("invalid_params", f"expected at most one map of options {sorted(allowed)}")
+    options: dict[str, Any] = params[at] if len(params) == at + 1 else {}
+    if unknown := set(options) - allowed:
+        raise RpcError("invalid_params", f"unknown options {sorted(map(str, unknown))}")
+    return options
+
+
+def _kind(options: dict[str, Any]) -> str | None:
+    kind = options.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise RpcError("invalid_params", f"kind must be one of {', '.join(KINDS)}")
+    return kind
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    try:
+        yield
+    except EntrySignatureError as e:  # before its base class InvalidEntryError
+        raise RpcError("forged_entry", str(e)) from e
+    except InvalidEntryError as e:
+        raise RpcError("invalid_entry", str(e)) from e
+    except UntrustedPublisherError as e:
+        raise RpcError("untrusted_publisher", str(e)) from e
+    except UnknownEntryError as e:
+        raise RpcError("not_found", str(e)) from e
+    except AmbiguousEntryError as e:
+        raise RpcError("ambiguous", str(e)) from e
