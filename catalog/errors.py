@@ -159,3 +159,7 @@ class PackageError(BuildError):
 
 class TaskInputError(BuildError):
     """A file or directory the task names is missing or unreadable."""
+
+
+class ImageManifestError(CatalogError):
+    """Bytes that claim to be an image manifest are malformed, non-canonical or over a limit."""

@@ -1,0 +1,220 @@
+"""The image manifest: everything a worker needs to boot a task's VM, named by its own hash.
+
+Canonical bytes: a msgpack map with sorted keys, no floats (``cpu_share`` in thousandths)::
+
+    {"v": 1, "os": str, "os_version": str,
+     "kernel": hex blob ID, "initramfs": hex blob ID, "cmdline": str,
+     "layers": [{"blob": hex, "format": "squashfs", "what": str}, ...],   # top first
+     "caps": {"vcpus", "cpu_share_milli", "memory_mib", "disk_mib", "disk_bps": int,
+              "network": "none" | "proxy", "net_allow": [str]},
+     "command": [str, ...], "env": [[name, value], ...] (sorted), "cwd": str, "timeout_s": int}
+
+The image ID is ``blake3(bytes)`` in hex. Layer order is the VM backend's (``Image.layers``:
+top first), so the task layer comes first and the OS root last. A worker turns a manifest into
+a bootable image by exporting each blob from its chunk store (:func:`materialize`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+import msgpack
+import trio
+
+from catalog.blob import BlobStore, parse_blob_id
+from catalog.errors import ImageManifestError
+
+VERSION = 1
+MAX_MANIFEST_SIZE = 256 * 1024
+MAX_LAYERS = 16  # the guest init's disks: one per layer, plus task, scratch and result
+_HEX = re.compile(r"[0-9a-f]{64}")
+_FORMATS = ("squashfs", "erofs")
+_NETWORKS = ("none", "proxy")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerRef:
+    blob: str
+    what: str
+    format: str = "squashfs"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DefaultCaps:
+    """The task's own caps; a worker may only lower them to its lending policy, never raise."""
+
+    vcpus: int = 1
+    cpu_share_milli: int = 1000
+    memory_mib: int = 256
+    disk_mib: int = 256
+    disk_bps: int = 0
+    network: str = "none"
+    net_allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImageManifest:
+    os: str
+    os_version: str
+    kernel: str
+    initramfs: str
+    cmdline: str
+    layers: tuple[LayerRef, ...]
+    caps: DefaultCaps
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    timeout_s: int
+
+    def __post_init__(self) -> None:
+        for blob in (self.kernel, self.initramfs, *(layer.blob for layer in self.layers)):
+            if not _HEX.fullmatch(blob):
+                raise ImageManifestError(f"not a blob ID: {blob!r}")
+        if len(self.layers) > MAX_LAYERS:
+            raise ImageManifestError(f"{len(self.layers)} layers; at most {MAX_LAYERS}")
+        if any(layer.format not in _FORMATS for layer in self.layers):
+            raise ImageManifestError("layer format must be squashfs or erofs")
+        if not self.command or not self.cwd.startswith("/") or self.timeout_s < 1:
+            raise ImageManifestError("a manifest needs a command, an absolute cwd, a timeout")
+        if self.caps.network not in _NETWORKS:
+            raise ImageManifestError(f"unknown network mode {self.caps.network!r}")
+        if list(self.env) != sorted(dict(self.env).items()):
+            raise ImageManifestError("env must be sorted by name, each name once")
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.caps
+        return {
+            "v": VERSION,
+            "os": self.os,
+            "os_version": self.os_version,
+            "kernel": self.kernel,
+            "initramfs": self.initramfs,
+            "cmdline": self.cmdline,
+            "layers": [{"blob": x.blob, "format": x.format, "what": x.what} for x in self.layers],
+            "caps": {
+                "vcpus": c.vcpus,
+                "cpu_share_milli": c.cpu_share_milli,
+                "memory_mib": c.memory_mib,
+                "disk_mib": c.disk_mib,
+                "disk_bps": c.disk_bps,
+                "network": c.network,
+                "net_allow": list(c.net_allow),
+            },
+            "command": list(self.command),
+            "env": [list(kv) for kv in self.env],
+            "cwd": self.cwd,
+            "timeout_s": self.timeout_s,
+        }
+
+    def encode(self) -> bytes:
+        data: bytes = msgpack.packb(_sorted(self.to_dict()), use_bin_type=True)
+        return data
+
+    @property
+    def id(self) -> str:
+        return str(blake3.blake3(self.encode()).hexdigest())
+
+    @classmethod
+    def decode(cls, data: bytes, *, expected_id: str | None = None) -> ImageManifest:
+        """Parse manifest bytes; refuse anything oversized, malformed, non-canonical, or not
+        hashing to ``expected_id``."""
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise ImageManifestError(f"manifest of {len(data)} bytes > {MAX_MANIFEST_SIZE}")
+        if expected_id is not None and blake3.blake3(data).hexdigest() != expected_id:
+            raise ImageManifestError(f"manifest bytes do not hash to image {expected_id}")
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
+            manifest = cls.from_dict(raw)
+        except (ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError) as e:
+            raise ImageManifestError(f"malformed image manifest: {e!r}") from e
+        if manifest.encode() != data:
+            raise ImageManifestError("image manifest is not in canonical form")
+        return manifest
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ImageManifest:
+        if raw.get("v") != VERSION:
+            raise ImageManifestError(f"unknown image manifest version {raw.get('v')!r}")
+        caps = raw["caps"]
+        return cls(
+            os=_str(raw["os"]),
+            os_version=_str(raw["os_version"]),
+            kernel=_str(raw["kernel"]),
+            initramfs=_str(raw["initramfs"]),
+            cmdline=_str(raw["cmdline"]),
+            layers=tuple(
+                LayerRef(blob=_str(x["blob"]), what=_str(x["what"]), format=_str(x["format"]))
+                for x in raw["layers"]
+            ),
+            caps=DefaultCaps(
+                vcpus=_int(caps["vcpus"]),
+                cpu_share_milli=_int(caps["cpu_share_milli"]),
+                memory_mib=_int(caps["memory_mib"]),
+                disk_mib=_int(caps["disk_mib"]),
+                disk_bps=_int(caps["disk_bps"]),
+                network=_str(caps["network"]),
+                net_allow=tuple(_str(a) for a in caps["net_allow"]),
+            ),
+            command=tuple(_str(a) for a in raw["command"]),
+            env=tuple((_str(k), _str(v)) for k, v in raw["env"]),
+            cwd=_str(raw["cwd"]),
+            timeout_s=_int(raw["timeout_s"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BootPaths:
+    """A manifest's files on this machine: what ``worker_role.vm.Image`` takes."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    layers: tuple[Path, ...]
+    """Top first, like the manifest."""
+
+
+async def materialize(manifest: ImageManifest, blobs: BlobStore, into: Path) -> BootPaths:
+    """Export the manifest's blobs into ``into`` (named by blob ID; one already there is kept,
+    since blob export is atomic and the name is its hash). ``into`` must be reachable by QEMU's
+    user. The worker builds ``Image(kernel, initrd, cmdline, layers=...)`` from the result."""
+    await trio.Path(into).mkdir(parents=True, exist_ok=True)
+    await trio.Path(into).chmod(0o755)
+
+    async def export(blob: str) -> Path:
+        path = into / blob
+        if not await trio.Path(path).is_file():
+            await blobs.export(parse_blob_id(blob), path)
+            await trio.Path(path).chmod(0o644)
+        return path
+
+    return BootPaths(
+        kernel=await export(manifest.kernel),
+        initrd=await export(manifest.initramfs),
+        cmdline=manifest.cmdline,
+        layers=tuple([await export(layer.blob) for layer in manifest.layers]),
+    )
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
