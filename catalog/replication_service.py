@@ -7,7 +7,9 @@ speak the protocol, e.g. a worker, is not asked again for ``not_serving_retry`` 
 
 A peer caught sending a forged, tampered or malformed entry is logged once as misbehaving
 (logger ``vmlend.catalog.replication``) and neither pulled from nor served for ``ban_duration``.
-Every pull runs under ``request_timeout``; a peer that is down or frozen only costs that.
+Every pull runs under ``request_timeout`` in its own task, so a peer that is down, frozen or
+slow delays only its own pull; a peer whose pulls fail is retried after a back-off that doubles
+from ``interval`` up to ``max_backoff``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class ReplicationService:
         discover_interval: float = 10.0,
         ban_duration: float = 300.0,
         not_serving_retry: float = 60.0,
+        max_backoff: float = 5.0,
         max_concurrent_pulls: int = 8,
         extra_peers: Callable[[], Iterable[str]] | None = None,
     ) -> None:
@@ -63,11 +66,13 @@ class ReplicationService:
         self.discover_interval = discover_interval
         self.ban_duration = ban_duration
         self.not_serving_retry = not_serving_retry
+        self.max_backoff = max_backoff
         self._limiter = trio.CapacityLimiter(max_concurrent_pulls)
         self._extra_peers = extra_peers
         self._schedulers: set[str] = set()
         self._banned_until: dict[str, float] = {}
-        self._not_serving_until: dict[str, float] = {}
+        self._retry_at: dict[str, float] = {}  # not serving the protocol, or failing: back off
+        self._failures: dict[str, int] = {}
         self._refused: dict[str, str] = {}
         self._pulling: set[str] = set()
         self._progress = trio.Event()
@@ -82,16 +87,29 @@ class ReplicationService:
             nursery.start_soon(self._discover_loop)
             task_status.started()
             while True:
-                await self.pull_round()
+                # Pulls are not awaited here: a frozen or slow peer delays only its own pull,
+                # never the next round with the others.
+                self._start_pulls(nursery)
                 await trio.sleep(self.interval)
 
     async def pull_round(self) -> None:
-        """Pull from every candidate peer once, concurrently (bounded); failures are logged."""
-        self._stats["rounds"] += 1
+        """Pull once from every candidate not already being pulled from, and wait for those
+        pulls (each bounded by ``request_timeout``; failures are logged and counted)."""
         async with trio.open_nursery() as nursery:
-            for peer_id in self.candidates():
-                if peer_id not in self._pulling:
-                    nursery.start_soon(self._pull_guarded, peer_id)
+            self._start_pulls(nursery)
+
+    def _start_pulls(self, nursery: trio.Nursery) -> None:
+        self._stats["rounds"] += 1
+        for peer_id in self.candidates():
+            if peer_id not in self._pulling:
+                self._pulling.add(peer_id)
+                nursery.start_soon(self._pull_guarded, peer_id)
+        self._woke()
+
+    @property
+    def pulling(self) -> frozenset[str]:
+        """Peers a pull from is in progress right now."""
+        return frozenset(self._pulling)
 
     def candidates(self) -> list[str]:
         now = trio.current_time()
@@ -102,7 +120,7 @@ class ReplicationService:
         return sorted(
             p
             for p in peers
-            if self._banned_until.get(p, 0.0) <= now and self._not_serving_until.get(p, 0.0) <= now
+            if self._banned_until.get(p, 0.0) <= now and self._retry_at.get(p, 0.0) <= now
         )
 
     def statistics(self) -> dict[str, int]:
@@ -113,8 +131,8 @@ class ReplicationService:
         }
 
     async def wait_until(self, predicate: Callable[[ReplicationService], bool]) -> None:
-        """Wait until ``predicate(self)`` holds, re-checked after every pull attempt ends and
-        every misbehaving peer (for tests and ``wait``-style RPCs: no polling)."""
+        """Wait until ``predicate(self)`` holds, re-checked whenever pulls start or end and
+        whenever a peer misbehaves (for tests and ``wait``-style RPCs: no polling)."""
         while not predicate(self):
             await self._progress.wait()
 
@@ -145,25 +163,37 @@ class ReplicationService:
     # ---- pulling -----------------------------------------------------------------------------
 
     async def _pull_guarded(self, peer_id: str) -> None:
-        self._pulling.add(peer_id)
+        ok = False
         try:
             async with self._limiter:
-                with trio.move_on_after(self.request_timeout) as scope:
+                with trio.move_on_after(self.request_timeout):
                     await self.pull_from(peer_id)
-                if scope.cancelled_caught:
-                    self._stats["pull_failures"] += 1
+                    ok = True
+                if not ok:
                     log.debug("pull from %s: no end within %gs", peer_id, self.request_timeout)
         except UnsupportedProtocolError:
-            self._not_serving_until[peer_id] = trio.current_time() + self.not_serving_retry
+            ok = True  # not a scheduler (e.g. a worker): ask again much later
+            self._retry_at[peer_id] = trio.current_time() + self.not_serving_retry
         except MisbehavingPeerError as e:
             self._misbehaved(peer_id, e)
         except (NetworkError, RemoteProtocolError) as e:
-            # Down, frozen, or a broken stream: try again next round.
-            self._stats["pull_failures"] += 1
             log.debug("pull from %s failed: %s", peer_id, e)
         finally:
             self._pulling.discard(peer_id)
+            self._after_pull(peer_id, ok)
             self._woke()
+
+    def _after_pull(self, peer_id: str, ok: bool) -> None:
+        if ok:
+            self._failures.pop(peer_id, None)
+            return
+        # Down or frozen: back off (interval, doubling, at most max_backoff) so a scheduler
+        # whose DHT record outlives it is not dialled every round; short enough that once it
+        # is back its new entries still reach us quickly.
+        self._stats["pull_failures"] += 1
+        failures = self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
+        delay = min(self.interval * 2 ** min(failures - 1, 16), self.max_backoff)
+        self._retry_at[peer_id] = trio.current_time() + delay
 
     async def pull_from(self, peer_id: str) -> int:
         """One complete pull from ``peer_id``; return how many new entries were stored.

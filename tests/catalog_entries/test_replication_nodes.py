@@ -46,6 +46,7 @@ class Scheduler:
     service: ReplicationService | None = None
     scope: trio.CancelScope | None = None
     stopped: trio.Event = field(default_factory=trio.Event)
+    request_timeout: float = 3.0
 
     @property
     def lib(self) -> Library:
@@ -66,7 +67,11 @@ class Scheduler:
             async with Library.open(self.data_dir, self.policy) as lib, trio.open_nursery() as n:
                 await n.start(p2p.run)
                 service = ReplicationService(
-                    p2p, lib, interval=0.3, request_timeout=3.0, discover_interval=1.0
+                    p2p,
+                    lib,
+                    interval=0.3,
+                    request_timeout=self.request_timeout,
+                    discover_interval=1.0,
                 )
                 await n.start(service.run)
                 await p2p.put_record(
@@ -83,9 +88,14 @@ class Scheduler:
 
 
 @asynccontextmanager
-async def schedulers(tmp_path: Path, *policies: TrustPolicy) -> AsyncIterator[list[Scheduler]]:
+async def schedulers(
+    tmp_path: Path, *policies: TrustPolicy, request_timeout: float = 3.0
+) -> AsyncIterator[list[Scheduler]]:
     async with trio.open_nursery() as nursery:
-        scheds = [Scheduler(tmp_path / f"s{i}", policy) for i, policy in enumerate(policies)]
+        scheds = [
+            Scheduler(tmp_path / f"s{i}", policy, request_timeout=request_timeout)
+            for i, policy in enumerate(policies)
+        ]
         await nursery.start(scheds[0].run, [])
         assert scheds[0].p2p is not None
         bootstrap = scheds[0].p2p.addrs[:1]
@@ -130,9 +140,13 @@ async def test_an_untrusted_publishers_entry_is_refused_by_schedulers_that_do_no
     async with schedulers(tmp_path, lenient, TRUSTED, TRUSTED) as (a, b, c):
         foreign = os_entry("foreign", identity=OTHER_PUBLISHER)
         marker = os_entry("marker")
-        # One transaction: any pull that lists the marker also lists the foreign entry.
         await a.lib.insert_many([foreign, marker])
         await wait_everywhere([b, c], [marker])
+        # Each of B and C refuses it when it pulls from A (a pull from the other one, which
+        # lacks it, may have brought the marker first).
+        with trio.fail_after(REPLICATE_WITHIN):
+            for sched in (b, c):
+                await sched.svc.wait_until(lambda s: foreign.id in s.refusals())
         reason = f"publisher {OTHER_PUBLISHER.public_bytes.hex()} is not trusted by this scheduler"
         for sched in (b, c):
             assert foreign.id not in sched.lib
@@ -214,3 +228,41 @@ async def test_a_new_scheduler_fetches_a_large_catalog_in_batches(
         await a.lib.insert_many(many)
         await wait_everywhere([b], many)
         assert len(b.lib) == n_entries
+
+
+def slow_server() -> Callable[[MessageStream], Awaitable[None]]:
+    """A slow-loris scheduler: claims every bucket differs, then lists one empty bucket per
+    request, each answer just inside the stream deadline: a pull from it never ends."""
+
+    async def serve(stream: MessageStream) -> None:
+        async for msg in stream:
+            await trio.sleep(1.0)  # the peer's slowness, not a wait for a condition
+            if msg["type"] == "summary_request":
+                await stream.send({"type": "summary", "buckets": [bytes(32)] * 256})
+            else:
+                await stream.send({"type": "ids", "buckets": [[msg["buckets"][0], []]]})
+
+    return serve
+
+
+async def test_a_slow_peer_does_not_hold_up_replication_between_the_others(
+    tmp_path: Path,
+) -> None:
+    # request_timeout far above the 10 s bound: a round that waited for the slow pull would miss.
+    async with (
+        schedulers(tmp_path, TRUSTED, TRUSTED, request_timeout=60.0) as (a, b),
+        trio.open_nursery() as n,
+    ):
+        slow = P2PNode(Identity.generate(), listen=[LOOPBACK], **FAST)
+        slow.set_handler(PROTOCOL_ID, slow_server())
+        await n.start(slow.run)
+        for sched in (a, b):
+            assert sched.p2p is not None
+            await slow.connect(sched.p2p.addrs[0])
+        with trio.fail_after(REPLICATE_WITHIN):
+            for sched in (a, b):
+                await sched.svc.wait_until(lambda s: slow.peer_id in s.pulling)
+        entry = os_entry("while-slow")
+        await a.lib.insert(entry)
+        await wait_everywhere([b], [entry])
+        n.cancel_scope.cancel()
