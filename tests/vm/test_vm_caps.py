@@ -19,6 +19,15 @@ from worker_role.vm.domain_xml import hard_limit_kib
 pytestmark = pytest.mark.vm
 
 CPU_WINDOW_S = 10.0
+# Other work shares this 2-core host. A cap is an upper bound: when the host had (almost) no idle
+# CPU during a window, a VM getting less than its cap says nothing about the cap, so the lower
+# bound is only checked when the host had room to give the VM more.
+SATURATED_IDLE_CPUS = 0.25
+
+
+def _idle_cpus() -> float:
+    t = psutil.cpu_times()
+    return float(t.idle + getattr(t, "iowait", 0.0))
 DISK_WINDOW_S = 6.0
 
 
@@ -38,13 +47,16 @@ async def test_cpu_share_caps_the_whole_vm(vms: VmFactory) -> None:
         with trio.fail_after(90):
             await _wait_for_line(receive, b"burning")
         qemu = psutil.Process(vm.qemu_pid())
-        t0, c0 = trio.current_time(), sum(qemu.cpu_times()[:2])
+        t0, c0, i0 = trio.current_time(), sum(qemu.cpu_times()[:2]), _idle_cpus()
         # A measuring window, not a wait for a condition: the share is CPU time over wall time.
         await trio.sleep(CPU_WINDOW_S)
-        t1, c1 = trio.current_time(), sum(qemu.cpu_times()[:2])
+        t1, c1, i1 = trio.current_time(), sum(qemu.cpu_times()[:2]), _idle_cpus()
         await vm.destroy()
     share = (c1 - c0) / (t1 - t0)
-    assert 0.40 <= share <= 0.60, f"QEMU used {share:.2f} of a host CPU under a 0.5 cap"
+    idle = (i1 - i0) / (t1 - t0)
+    why = f"QEMU used {share:.2f} of a host CPU under a 0.5 cap; host idle {idle:.2f} CPUs"
+    assert share <= 0.60, why
+    assert share >= 0.40 or idle < SATURATED_IDLE_CPUS, why
 
 
 async def test_memory_cap_ooms_the_guest_not_the_host(vms: VmFactory) -> None:
@@ -85,13 +97,18 @@ async def test_disk_rate_cap(vms: VmFactory) -> None:
         def written() -> int:
             return int(vms.backend.conn.raw.lookupByName(vm.name).blockStats("vdb")[3])
 
-        t0, b0 = trio.current_time(), await vms.backend.conn.call("block stats", written)
+        t0, i0 = trio.current_time(), _idle_cpus()
+        b0 = await vms.backend.conn.call("block stats", written)
         # A measuring window, not a wait for a condition.
         await trio.sleep(DISK_WINDOW_S)
-        t1, b1 = trio.current_time(), await vms.backend.conn.call("block stats", written)
+        b1 = await vms.backend.conn.call("block stats", written)
+        t1, i1 = trio.current_time(), _idle_cpus()
         await vm.destroy()
     measured = (b1 - b0) / (t1 - t0)
-    assert 0.85 * rate <= measured <= 1.15 * rate, f"{measured / MIB:.2f} MiB/s under 10 MiB/s"
+    idle = (i1 - i0) / (t1 - t0)
+    why = f"{measured / MIB:.2f} MiB/s under 10 MiB/s; host idle {idle:.2f} CPUs"
+    assert measured <= 1.15 * rate, why
+    assert measured >= 0.85 * rate or idle < SATURATED_IDLE_CPUS, why
 
 
 async def test_proxy_network_allows_only_listed_destinations_at_capped_rate(

@@ -14,7 +14,7 @@ from tests.vm.conftest import VmFactory, collect
 from worker_role.caps import Caps
 from worker_role.errors import GuestFailedError
 from worker_role.vm import Layer, TaskSpec
-from worker_role.vm.backend import GuestTimeoutError, OutputChunk
+from worker_role.vm.backend import OUTPUT_TAIL_BYTES, GuestTimeoutError, OutputChunk
 
 pytestmark = pytest.mark.vm
 
@@ -101,3 +101,18 @@ async def test_cli_streams_output_and_exits_124_on_timeout() -> None:
     assert proc.returncode == 124
     assert proc.stdout == b"hi\n"
     assert b"err\n" in proc.stderr
+
+
+async def test_large_output_arrives_whole_and_in_order(vms: VmFactory) -> None:
+    send, receive = trio.open_memory_channel[OutputChunk](16)
+    streamed = {"stdout": bytearray(), "stderr": bytearray()}
+    task = TaskSpec(argv=("sh", "-c", "seq 1 200000; seq 1 1000 >&2"), timeout_s=120)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect, receive, streamed)
+        async with send:
+            result = await vms.run(task, output=send)
+    expected = "".join(f"{i}\n" for i in range(1, 200001)).encode()
+    assert len(expected) > OUTPUT_TAIL_BYTES
+    assert bytes(streamed["stdout"]) == expected  # nothing lost at power-off, no marker leaked
+    assert result.stdout == expected[-OUTPUT_TAIL_BYTES:]
+    assert bytes(streamed["stderr"]) == "".join(f"{i}\n" for i in range(1, 1001)).encode()

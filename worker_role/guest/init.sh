@@ -2,11 +2,12 @@
 # vmlend guest init (busybox sh, PID 1 of the tiny OS).
 #
 # Contract with the host (worker_role/vm/task.py writes the task disk, reads the result disk):
-#   disk serial vmlend-task     tar: config (TIMEOUT, LAYERS, NET) and run.sh (cd + env + exec CMD)
+#   disk serial vmlend-task     tar: config (TIMEOUT, LAYERS, NET, END) and run.sh (cd, env, CMD)
 #   disk serial vmlend-scratch  ext4, the writable upper layer (its size is the disk cap)
 #   disk serial vmlend-layerN   read-only squashfs/erofs, N=0 is the top layer
 #   disk serial vmlend-result   sector 0: "VMLEND1 exit=N timeout=0|1 out=0|1"; a tar of /out at 4096
-#   port vmlend.stdout / vmlend.stderr   the task's output, live
+#   port vmlend.stdout / vmlend.stderr   the task's output, live, then END (config) once the
+#                                        result header is on disk
 # Any failure before the result header is written ends the VM without a result; the host then
 # reports a guest failure with the console's last lines, which is why every step says what it does.
 export PATH=/bin
@@ -119,6 +120,11 @@ out=0
 printf 'VMLEND1 exit=%d timeout=%d out=%d\n' "$code" "$timeout" "$out" |
     dd of="$RESULT" bs=512 count=1 conv=sync 2>/dev/null || fail "write result"
 sync
+if [ -n "$END" ]; then
+    # The result is on disk: tell the host now rather than when the domain has stopped.
+    printf '\000\033VMLEND-END-%s' "$END" >"$OUT"
+    printf '\000\033VMLEND-END-%s' "$END" >"$ERR"
+fi
 umount /newroot/proc /newroot/sys /newroot/dev /newroot /mnt/scratch 2>/dev/null
 poweroff -f
 reboot -f

@@ -41,7 +41,14 @@ from worker_role.vm.paths import (
     default_runtime_dir,
     make_vm_dir,
 )
-from worker_role.vm.task import GuestResult, Layer, TaskSpec, parse_result, task_archive
+from worker_role.vm.task import (
+    END_MARKER_PREFIX,
+    GuestResult,
+    Layer,
+    TaskSpec,
+    parse_result,
+    task_archive,
+)
 
 log = logging.getLogger("vmlend.worker.vm")
 OUTPUT_TAIL_BYTES = 1 << 20
@@ -106,6 +113,12 @@ class RunningVm:
         self._backend = backend
         self._tails = {"stdout": bytearray(), "stderr": bytearray()}
         self._readers_done = trio.Event()
+        # The guest ends each output stream with this marker once the result is on its disk, so
+        # the result is known without waiting ~1.3 s for libvirt to stop the domain.
+        self.end_token = secrets.token_hex(16).encode()
+        self.end_marker = END_MARKER_PREFIX + self.end_token
+        self._ended: set[str] = set()
+        self.guest_done = trio.Event()
 
     @property
     def console_log(self) -> Path:
@@ -128,8 +141,10 @@ class RunningVm:
     async def wait(self) -> VmResult:
         """Wait for the guest to finish (up to its deadline) and read its result."""
         with trio.move_on_at(self.deadline):
-            await self.stopped.wait()
-        if not self.stopped.is_set():
+            async with trio.open_nursery() as nursery:
+                for event in (self.stopped, self.guest_done):
+                    nursery.start_soon(_cancel_when_set, event, nursery.cancel_scope)
+        if not (self.stopped.is_set() or self.guest_done.is_set()):
             tail = await trio.to_thread.run_sync(self.console_tail)
             await self.destroy()
             raise GuestTimeoutError(
@@ -137,8 +152,9 @@ class RunningVm:
                 f"(time limit {self.task.timeout_s} s + boot allowance)",
                 console_tail=tail,
             )
-        with trio.move_on_after(_DRAIN_SECONDS):
-            await self._readers_done.wait()
+        if not self.guest_done.is_set():
+            with trio.move_on_after(_DRAIN_SECONDS):
+                await self._readers_done.wait()
         result_disk = self.dir / "result.img"
         head = await trio.to_thread.run_sync(_read_result_disk, result_disk)
         tail = await trio.to_thread.run_sync(self.console_tail)
@@ -167,9 +183,27 @@ class RunningVm:
         self, stream: str, path: Path, output: trio.MemorySendChannel[OutputChunk] | None
     ) -> None:
         tail = self._tails[stream]
+        pending = bytearray()
+
+        async def emit(data: bytes) -> None:
+            nonlocal output
+            if not data:
+                return
+            tail.extend(data)
+            del tail[:-OUTPUT_TAIL_BYTES]
+            if output is not None:
+                try:
+                    await output.send((stream, data))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    output = None  # the consumer left; keep collecting the tail
+
         try:
             sock = await trio.open_unix_socket(str(path))
         except OSError as e:
+            # A guest that wrote nothing can power off before we connect (its writes would block
+            # until we do): then QEMU and its socket are gone, and there is simply no output.
+            if await self._backend._is_gone(self.name):
+                return
             raise VmError(f"cannot connect to the guest's {stream} at {path}: {e}") from e
         async with sock:
             while True:
@@ -179,13 +213,20 @@ class RunningVm:
                     break  # QEMU went away: the domain ended
                 if not data:
                     break
-                tail += data
-                del tail[:-OUTPUT_TAIL_BYTES]
-                if output is not None:
-                    try:
-                        await output.send((stream, data))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        output = None  # the consumer left; keep collecting the tail
+                pending += data
+                end = pending.find(self.end_marker)
+                if end >= 0:
+                    await emit(bytes(pending[:end]))
+                    self._ended.add(stream)
+                    if self._ended == {"stdout", "stderr"}:
+                        self.guest_done.set()
+                    return
+                # Hold back only a tail that could be the start of a marker split across reads;
+                # the marker starts with NUL ESC, so live text output is never held.
+                cut = len(pending) - _marker_prefix_at_end(pending, self.end_marker)
+                await emit(bytes(pending[:cut]))
+                del pending[:cut]
+        await emit(bytes(pending))
 
 
 class VmBackend:
@@ -267,12 +308,12 @@ class VmBackend:
         )
         try:
             async with _open_nursery_unwrapped() as nursery:
+                vm = RunningVm(self, name, vm_dir, task, trio.current_time())
                 proxy_port = None
-                proxy = None
                 if caps.network is NetworkMode.PROXY:
-                    proxy = EgressProxy(caps.net_allow, caps.net_bps)
-                    proxy_port = await nursery.start(proxy.run)
-                await self._prepare_disks(vm_dir, image, task, caps)
+                    vm.proxy = EgressProxy(caps.net_allow, caps.net_bps)
+                    proxy_port = await nursery.start(vm.proxy.run)
+                await self._prepare_disks(vm_dir, image, task, caps, vm.end_token)
                 plan = DomainPlan(
                     name=name,
                     accel=accel or self.accel.accel,
@@ -290,8 +331,6 @@ class VmBackend:
                     owner=self._owner,
                     proxy_port=proxy_port,
                 )
-                vm = RunningVm(self, name, vm_dir, task, trio.current_time())
-                vm.proxy = proxy
                 try:
                     # AUTODESTROY: libvirtd destroys the domain if our connection dies with us.
                     dom = await self.conn.call(
@@ -326,8 +365,12 @@ class VmBackend:
             nursery.start_soon(vm._pump, "stderr", vm.dir / "stderr.sock", output)
         vm._readers_done.set()
 
-    async def _prepare_disks(self, vm_dir: Path, image: Image, task: TaskSpec, caps: Caps) -> None:
-        archive = task_archive(task, image.layers, network=caps.network is NetworkMode.PROXY)
+    async def _prepare_disks(
+        self, vm_dir: Path, image: Image, task: TaskSpec, caps: Caps, end_token: bytes
+    ) -> None:
+        archive = task_archive(
+            task, image.layers, network=caps.network is NetworkMode.PROXY, end_token=end_token
+        )
 
         def files() -> None:
             (vm_dir / "task.img").write_bytes(archive)
@@ -362,6 +405,17 @@ class VmBackend:
 
         await trio.to_thread.run_sync(destroy)
 
+    async def _is_gone(self, name: str) -> bool:
+        def gone() -> bool:
+            try:
+                return not self.conn.raw.lookupByName(name).isActive()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return True
+                raise VmError(f"state of {name}: {e}") from e
+
+        return await trio.to_thread.run_sync(gone)
+
     async def sweep(self) -> SweepReport:
         """Remove domains and files left by crashed owners (never those of a live process)."""
         return await self.conn.call("sweep leftovers", sweep, self.conn.raw, self.runtime)
@@ -372,6 +426,21 @@ class VmBackend:
 
         all_names = await self.conn.call("list domains", names)
         return [n for n in all_names if n.startswith(NAME_PREFIX)]
+
+
+def _marker_prefix_at_end(data: bytearray, marker: bytes) -> int:
+    """The length of the longest tail of ``data`` that is a proper prefix of ``marker``."""
+    start = data.find(marker[:1], max(0, len(data) - len(marker) + 1))
+    while start >= 0:
+        if marker.startswith(data[start:]):
+            return len(data) - start
+        start = data.find(marker[:1], start + 1)
+    return 0
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 @contextlib.asynccontextmanager

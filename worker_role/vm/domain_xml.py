@@ -36,6 +36,8 @@ NAME_PREFIX = "vmlend-"
 METADATA_NS = "https://vmlend.org/xmlns/vm/1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 CPU_PERIOD_US = 100_000
+# Disks are vda (task), vdb (scratch), vdc (result), then one per layer up to vdz.
+MAX_LAYERS = 23
 # TCG's translation cache defaults to 1 GiB of host memory; 64 MiB costs little speed for our
 # small guests and keeps the QEMU process within the memory hard limit.
 TCG_TB_CACHE_MIB = 64
@@ -76,6 +78,8 @@ class DomainPlan:
     proxy_port: int | None = None
 
     def __post_init__(self) -> None:
+        if len(self.layers) > MAX_LAYERS:
+            raise ValueError(f"at most {MAX_LAYERS} layers, got {len(self.layers)}")
         if not self.name.startswith(NAME_PREFIX):
             raise ValueError(f"domain name must start with {NAME_PREFIX!r}: {self.name!r}")
         if (self.caps.network is NetworkMode.PROXY) != (self.proxy_port is not None):

@@ -25,6 +25,10 @@ RESULT_TAR_OFFSET = 4096
 # Where the proxy appears inside the guest (QEMU user-mode network, guestfwd).
 PROXY_GUEST_ADDR = "10.0.2.100"
 PROXY_GUEST_PORT = 3128
+# What the guest writes at the end of stdout and stderr (then a per-VM hex token) once the result
+# is on disk. It starts with NUL ESC, which text output does not end with, so the host need not
+# hold back live output in case it is the start of a marker.
+END_MARKER_PREFIX = b"\0\x1bVMLEND-END-"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEADER = re.compile(rb"VMLEND1 exit=(-?\d+) timeout=([01]) out=([01])\n")
 
@@ -75,8 +79,16 @@ def run_script(spec: TaskSpec, *, extra_env: Mapping[str, str] = {}) -> str:
     return f"mkdir -p {cwd} && cd {cwd} || exit 127\nexec env -i {assigns} {argv}\n"
 
 
-def task_archive(spec: TaskSpec, layers: Sequence[Layer], *, network: bool) -> bytes:
-    """The task disk: a tar the guest unpacks. Deterministic (fixed mtimes, owners, order)."""
+def task_archive(
+    spec: TaskSpec, layers: Sequence[Layer], *, network: bool, end_token: bytes = b""
+) -> bytes:
+    """The task disk: a tar the guest unpacks. Deterministic (fixed mtimes, owners, order).
+
+    ``end_token`` (hex) is what the guest writes, after END_MARKER_PREFIX, at the end of stdout
+    and stderr once the result is on the result disk; empty for none.
+    """
+    if end_token and not re.fullmatch(rb"[0-9a-f]+", end_token):
+        raise ValueError("end_token must be lowercase hex")
     extra = {}
     if network:
         proxy = f"http://{PROXY_GUEST_ADDR}:{PROXY_GUEST_PORT}"
@@ -85,6 +97,7 @@ def task_archive(spec: TaskSpec, layers: Sequence[Layer], *, network: bool) -> b
         f"TIMEOUT={spec.timeout_s}\n"
         f"LAYERS={shlex.quote(' '.join(layer.format.value for layer in layers))}\n"
         f"NET={1 if network else 0}\n"
+        f"END={end_token.decode()}\n"
     )
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
