@@ -16,11 +16,12 @@ the reason), ``not_found`` and ``ambiguous``.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
-from catalog.entries import KINDS, Entry, decode_entry, make_entry
+from catalog.entries import KINDS, Entry, TrustPolicy, decode_entry, make_entry
 from catalog.errors import (
     AmbiguousEntryError,
     EntrySignatureError,
@@ -100,6 +101,22 @@ class CatalogService:
             meta=request.get("meta", {}),
             now=self._wall_clock(),
         )
+
+
+@asynccontextmanager
+async def open_catalog(
+    data_dir: Path,
+    identity: Identity,
+    trusted: Iterable[bytes],
+    *,
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[CatalogService]:
+    """Open ``<data_dir>/catalog.db`` for a node: its library trusts ``trusted`` (the config's
+    ``catalog.trusted_publisher_keys``) and the node's own key, so that what ``catalog.publish``
+    signs here is kept here; other schedulers accept it only if their config trusts this key."""
+    policy = TrustPolicy({*trusted, identity.public_bytes})
+    async with Library.open(data_dir, policy) as library:
+        yield CatalogService(library, identity, wall_clock=wall_clock)
 
 
 def _options(params: list[Any], at: int, allowed: set[str]) -> dict[str, Any]:

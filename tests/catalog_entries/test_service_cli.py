@@ -12,9 +12,8 @@ import pytest
 import trio
 
 from catalog.cli import add_catalog_parser
-from catalog.entries import TrustPolicy, decode_entry
-from catalog.library import Library
-from catalog.service import CatalogService
+from catalog.entries import decode_entry
+from catalog.service import open_catalog
 from node.errors import RpcError
 from node.identity import Identity
 from node.rpc_client import AsyncClient
@@ -34,11 +33,13 @@ NODE = Identity.generate()  # the node's own key signs entries published by fiel
 
 @pytest.fixture
 async def node_dir(tmp_path: Path) -> AsyncIterator[Path]:
-    policy = TrustPolicy({PUBLISHER.public_bytes, NODE.public_bytes})
-    async with Library.open(tmp_path, policy) as library, trio.open_nursery() as nursery:
-        service = CatalogService(library, NODE, wall_clock=lambda: NOW)
+    # As the daemon opens it: the configured publishers, plus the node's own key.
+    async with (
+        open_catalog(tmp_path, NODE, [PUBLISHER.public_bytes], wall_clock=lambda: NOW) as service,
+        trio.open_nursery() as nursery,
+    ):
         await nursery.start(RpcServer(tmp_path / "rpc.sock", service.rpc_methods()).run)
-        await library.insert_many([os_entry("debian-12"), package_entry("python3")])
+        await service.library.insert_many([os_entry("debian-12"), package_entry("python3")])
         yield tmp_path
         nursery.cancel_scope.cancel()
 
