@@ -181,4 +181,7 @@ def _apt_reason(error: str, packages: Sequence[str], archive: str) -> str:
     m = re.search(r"Package '?(\S+?)'? has no installation candidate", error)
     if m:
         return f"package {m[1]} has no installable version in the {archive} archive"
+    if "nmet dependencies" in error:
+        return (f"{', '.join(packages)} does not fit this {archive} build (unmet dependencies; "
+                f"rebuild the OS if the archive moved on): {error}")
     return f"cannot install {', '.join(packages)} on {archive}: {error}"

@@ -33,7 +33,14 @@ from catalog.build.cache import BuildCache, BuiltLayer
 from catalog.build.manifest import DefaultCaps, ImageManifest, LayerRef
 from catalog.build.os_tiny import BootFiles, OsBuild, build_tiny
 from catalog.build.packages import build_debian_packages, build_directory
-from catalog.build.tools import digest, read_json, squash, tree_digest, write_json
+from catalog.build.tools import (
+    digest,
+    normalize_modes,
+    read_json,
+    squash,
+    tree_digest,
+    write_json,
+)
 from catalog.errors import BuildError, ImageManifestError, TaskInputError, UnknownBlobError
 from catalog.taskfile import TASK_DIR, TaskFile
 
@@ -237,3 +244,4 @@ def _copy_files(sources: list[tuple[str, Path]], dest: Path) -> None:
             shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
         else:
             shutil.copy(src, target, follow_symlinks=False)
+    normalize_modes(dest.parent)

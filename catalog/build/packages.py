@@ -25,7 +25,7 @@ import trio
 from catalog.build.cache import BuildCache, BuiltLayer
 from catalog.build.os_debian import apt_for
 from catalog.build.os_tiny import OsBuild
-from catalog.build.tools import digest, run, squash, tree_digest
+from catalog.build.tools import digest, normalize_modes, run, squash, tree_digest
 from catalog.errors import BuildError, PackageError, TaskInputError
 
 RECIPE = "package-layer/1"
@@ -100,7 +100,7 @@ async def build_directory(cache: BuildCache, source: Path, *, merged_usr: bool) 
 
 def _copy_tree(source: Path, dest: Path) -> None:
     shutil.copytree(source, dest, symlinks=True)
-    dest.chmod(0o755)
+    normalize_modes(dest)
 
 
 def merge_usr(tree: Path) -> None:

@@ -97,6 +97,19 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
+def normalize_modes(root: Path) -> None:
+    """Directories 0755, files 0755 or 0644 by their owner's exec bit: the modes a user's tree
+    happens to have (umask, a chmod 700) must not change a layer's bytes; tree_digest ignores
+    them too."""
+    root.chmod(0o755)
+    for path in _walk(root):
+        st = path.lstat()
+        if stat.S_ISDIR(st.st_mode):
+            path.chmod(0o755)
+        elif stat.S_ISREG(st.st_mode):
+            path.chmod(0o755 if st.st_mode & 0o111 else 0o644)
+
+
 def _walk(root: Path) -> list[Path]:
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
