@@ -50,3 +50,8 @@ class GuestFailedError(VmError):
         super().__init__(f"{message}\n--- last console lines ---\n{tail}" if tail else message)
         self.reason = message
         self.console_tail = tuple(console_tail)
+
+
+class GuestTimeoutError(GuestFailedError):
+    """The guest gave no result within its time limit plus the boot allowance: a hang, which the
+    host ended by destroying the VM (a command that merely overran its limit exits 124 instead)."""

@@ -12,9 +12,12 @@ from typing import Any
 
 import psutil
 import pytest
+import trio
 
 from worker_role.caps import Caps, NetworkMode
 from worker_role.errors import CapUnsupportedError, VmSetupError
+from worker_role.policy import LendingPolicy, PolicyViolation
+from worker_role.vm import Image, TaskSpec
 from worker_role.vm.accel import AccelChoice
 from worker_role.vm.backend import VmBackend
 from worker_role.vm.cleanup import sweep, this_process
@@ -144,3 +147,28 @@ def test_caps_this_machine_cannot_enforce_are_refused_by_name() -> None:
     assert info.value.unsupported == {"cpu_share": "no cgroup cpu", "network": "no slirp"}
     assert "cpu_share: no cgroup cpu" in str(info.value)
 
+
+
+class Untouchable:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"libvirt touched ({name}) before the policy refused")
+
+
+async def test_policy_refuses_before_any_vm_starts(tmp_path: Path) -> None:
+    policy = LendingPolicy(max_vcpus=2, max_memory_mib=512, max_concurrent_vms=1)
+    backend = VmBackend(
+        Untouchable(),  # type: ignore[arg-type]
+        runtime=tmp_path,
+        qemu_user=QemuUser.lookup(None),
+        accel=AccelChoice(Accel.TCG, "test"),
+        boot_allowance_s=1,
+        out_mib=1,
+        policy=policy,
+    )
+    image = Image(kernel=Path("/nonexistent"), initrd=Path("/nonexistent"), cmdline="")
+    task = TaskSpec(argv=("true",))
+    with pytest.raises(PolicyViolation, match="memory"):
+        async with backend.start(image, task, Caps(memory_mib=1024)):
+            pass
+    assert list(await trio.Path(tmp_path).iterdir()) == []
+    assert backend.running() == {}

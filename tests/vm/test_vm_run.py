@@ -12,9 +12,9 @@ import trio
 
 from tests.vm.conftest import VmFactory, collect
 from worker_role.caps import Caps
-from worker_role.errors import GuestFailedError
+from worker_role.errors import GuestFailedError, GuestTimeoutError
 from worker_role.vm import Layer, TaskSpec
-from worker_role.vm.backend import OUTPUT_TAIL_BYTES, GuestTimeoutError, OutputChunk
+from worker_role.vm.backend import OUTPUT_TAIL_BYTES, OutputChunk
 
 pytestmark = pytest.mark.vm
 

@@ -6,6 +6,7 @@ for ``vmlend doctor``, the sans-IO :mod:`worker_role.vm.domain_xml` and :mod:`wo
 
 from __future__ import annotations
 
+from worker_role.errors import GuestFailedError, GuestTimeoutError
 from worker_role.vm.accel import AccelChoice, probe_accelerator
 from worker_role.vm.backend import Image, RunningVm, VmBackend, VmResult, open_backend
 from worker_role.vm.domain_xml import Accel
@@ -14,6 +15,8 @@ from worker_role.vm.task import Layer, LayerFormat, TaskSpec
 __all__ = [
     "Accel",
     "AccelChoice",
+    "GuestFailedError",
+    "GuestTimeoutError",
     "Image",
     "Layer",
     "LayerFormat",

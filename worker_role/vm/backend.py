@@ -22,7 +22,14 @@ import trio
 
 from worker_role.caps import Caps, NetworkMode
 from worker_role.egress_proxy import EgressProxy, EgressStatistics
-from worker_role.errors import CapUnsupportedError, GuestFailedError, VmError, VmSetupError
+from worker_role.errors import (
+    CapUnsupportedError,
+    GuestFailedError,
+    GuestTimeoutError,
+    VmError,
+    VmSetupError,
+)
+from worker_role.policy import LendingPolicy
 from worker_role.tinyos import locate
 from worker_role.vm import accel as accel_mod
 from worker_role.vm.cleanup import SweepReport, sweep, this_process
@@ -55,10 +62,6 @@ OUTPUT_TAIL_BYTES = 1 << 20
 CONSOLE_TAIL_LINES = 40
 # After the domain stops, QEMU has closed the sockets; what is left to read is already buffered.
 _DRAIN_SECONDS = 5.0
-
-
-class GuestTimeoutError(GuestFailedError):
-    """The guest did not finish within the task's time limit plus the boot allowance (a hang)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +244,11 @@ class VmBackend:
         accel: accel_mod.AccelChoice,
         boot_allowance_s: float,
         out_mib: int,
+        policy: LendingPolicy | None = None,
     ) -> None:
         self.conn = conn
+        self.policy = policy
+        self._running: dict[str, Caps] = {}
         self.runtime = runtime
         self.qemu_user = qemu_user
         self.accel = accel
@@ -296,12 +302,38 @@ class VmBackend:
         machine's enforceable caps are known.
         """
         if enforce:
+            # Policy first: a request beyond what the lender allows is refused before anything
+            # is created. Checking and registering with no await between keeps it race-free.
+            if self.policy is not None:
+                self.policy.check(caps, list(self._running.values()))
             self.check(caps)
         for path, what in [(image.kernel, "kernel"), (image.initrd, "initrd")] + [
             (layer.path, "layer") for layer in image.layers
         ]:
             check_reachable(self.qemu_user, path, what=what)
         name = f"{NAME_PREFIX}{secrets.token_hex(6)}"
+        self._running[name] = caps
+        try:
+            async with self._start(name, image, task, caps, output, accel, enforce) as vm:
+                yield vm
+        finally:
+            del self._running[name]
+
+    def running(self) -> dict[str, Caps]:
+        """The caps of every VM this backend is running, by domain name."""
+        return dict(self._running)
+
+    @contextlib.asynccontextmanager
+    async def _start(
+        self,
+        name: str,
+        image: Image,
+        task: TaskSpec,
+        caps: Caps,
+        output: trio.MemorySendChannel[OutputChunk] | None,
+        accel: Accel | None,
+        enforce: bool,
+    ) -> AsyncIterator[RunningVm]:
         owner: dict[str, object] = {"pid": self._owner.pid, "started": self._owner.started}
         vm_dir = await trio.to_thread.run_sync(
             make_vm_dir, self.runtime, name, self.qemu_user, owner
@@ -475,12 +507,14 @@ async def open_backend(
     boot_allowance_s: float = 60.0,
     out_mib: int = 64,
     refresh_probe: bool = False,
+    policy: LendingPolicy | None = None,
 ) -> AsyncIterator[VmBackend]:
     """Connect to libvirt, sweep leftovers, settle the accelerator; yield the backend.
 
     ``accel`` forces an accelerator (skipping the probe); ``qemu_user`` is the user QEMU runs as
     (None for ``qemu:///session``); ``boot_allowance_s`` is added to each task's time limit for
-    the host-side deadline (TCG boots take ~5 s idle, much more on a loaded host).
+    the host-side deadline (TCG boots take ~5 s idle, much more on a loaded host); ``policy``,
+    when given, refuses (``PolicyViolation``) a VM that would take the running ones beyond it.
     """
     runtime = runtime_dir or default_runtime_dir()
     user = QemuUser.lookup(qemu_user)
@@ -494,6 +528,7 @@ async def open_backend(
             accel=accel_mod.AccelChoice.forced(accel or Accel.TCG),
             boot_allowance_s=boot_allowance_s,
             out_mib=out_mib,
+            policy=policy,
         )
         report = await backend.sweep()
         if report.destroyed or report.removed_dirs:

@@ -17,8 +17,8 @@ import trio
 
 from node.units import parse_duration, parse_rate, parse_size
 from worker_role.caps import MIB, Caps, NetworkMode
-from worker_role.errors import VmError
-from worker_role.vm.backend import GuestTimeoutError, Image, OutputChunk, open_backend
+from worker_role.errors import GuestTimeoutError, VmError
+from worker_role.vm.backend import Image, OutputChunk, open_backend
 from worker_role.vm.task import TaskSpec
 
 EXIT_TIMEOUT = 124
