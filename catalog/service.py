@@ -7,19 +7,24 @@ Methods (params are MessagePack-RPC arrays; results are maps as :meth:`Entry.to_
                                                                          NAME or NAME@VERSION)
     catalog.publish [{"entry": bytes}]                  -> {"id", "new", "entry"}
                     [{"kind", "name", "version", "blobs", "meta"?}]   (signed with the node's key)
+    catalog.wait    [ID] | [ID, {"timeout": s}]         -> entry, once ID is in the catalog
+                                                           (e.g. replicated); default 30 s
 
 Errors are :class:`RpcError` with codes ``invalid_params``, ``invalid_entry``,
 ``forged_entry`` (the signature does not verify), ``untrusted_publisher`` (the message gives
-the reason), ``not_found`` and ``ambiguous``.
+the reason), ``not_found``, ``ambiguous`` and ``timeout``.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from catalog.entries import KINDS, Entry, TrustPolicy, decode_entry, make_entry
 from catalog.errors import (
@@ -36,6 +41,7 @@ from node.identity import Identity
 Handler = Callable[[list[Any]], Awaitable[Any]]
 
 _FIELDS = {"kind", "name", "version", "blobs", "meta"}
+_ID_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class CatalogService:
@@ -57,6 +63,7 @@ class CatalogService:
             "catalog.list": self._list,
             "catalog.show": self._show,
             "catalog.publish": self._publish,
+            "catalog.wait": self._wait,
         }
 
     async def _list(self, params: list[Any]) -> list[dict[str, Any]]:
@@ -80,6 +87,17 @@ class CatalogService:
             entry = self._entry_from(request)
             new = await self.library.insert(entry)
         return {"id": entry.id, "new": new, "entry": entry.to_dict()}
+
+    async def _wait(self, params: list[Any]) -> dict[str, Any]:
+        if not params or not isinstance(params[0], str) or not _ID_RE.fullmatch(params[0]):
+            raise RpcError("invalid_params", "expected [ID] or [ID, {timeout}] with a full ID")
+        timeout = _options(params, 1, {"timeout"}).get("timeout", 30)
+        if not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+            raise RpcError("invalid_params", "timeout must be a number of seconds in (0, 3600]")
+        with trio.move_on_after(timeout):
+            await self.library.wait_for(params[0])
+            return (await self.library.get(params[0])).to_dict()
+        raise RpcError("timeout", f"entry {params[0]} not in the catalog after {timeout:g}s")
 
     def _entry_from(self, request: dict[str, Any]) -> Entry:
         if set(request) == {"entry"}:

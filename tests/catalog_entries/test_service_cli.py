@@ -76,6 +76,25 @@ async def test_publish_signed_bytes_or_fields(node_dir: Path) -> None:
     assert mine["entry"]["created_at"] == int(NOW)
 
 
+async def test_wait_returns_when_the_entry_arrives_or_times_out(node_dir: Path) -> None:
+    entry = package_entry("late")
+    async with AsyncClient.connect(node_dir) as client, trio.open_nursery() as nursery:
+        got: list[Any] = []
+
+        async def waiter() -> None:
+            got.append(await client.call("catalog.wait", entry.id, {"timeout": 10}))
+
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        await call(node_dir, "catalog.publish", {"entry": entry.encode()})
+    assert got[0]["id"] == entry.id
+    with pytest.raises(RpcError, match="timeout"):
+        await call(node_dir, "catalog.wait", "0" * 64, {"timeout": 0.05})
+    with pytest.raises(RpcError, match="invalid_params"):
+        await call(node_dir, "catalog.wait", "late")
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "message"),
     [
