@@ -41,7 +41,7 @@ BUCKETS = 256
 ID_SIZE = 32
 MAX_IDS_PER_REPLY = 16_384  # 32-byte IDs: ~0.6 MiB per frame
 MAX_ENTRIES_PER_REQUEST = 32  # at most 32 x 64 KiB bodies: ~2 MiB per frame
-MAX_MESSAGES_PER_SESSION = 100_000  # a server-side bound on one stream's work
+MAX_MESSAGES_PER_SESSION = 10_000  # per stream (~320k entries): bounds what one peer costs us
 
 _EMPTY_BUCKET = blake3.blake3(b"").digest()
 
