@@ -234,3 +234,16 @@ def test_a_signed_entry_is_immune_to_later_changes_of_the_callers_dicts() -> Non
     meta["arch"] = "arm64"
     assert entry.meta == {"arch": "x86_64"}
     check_signature(entry)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.binary(max_size=300)
+    | st.builds(lambda e, cut: e.encode()[:cut], entries(), st.integers(0, 400))
+)
+def test_decoding_arbitrary_bytes_gives_an_entry_or_invalid_entry_error(data: bytes) -> None:
+    try:
+        entry = decode_entry(data)
+    except InvalidEntryError:
+        return
+    assert entry.encode() == data

@@ -177,3 +177,64 @@ def test_an_id_listed_under_the_wrong_bucket_is_misbehaviour() -> None:
 def test_the_server_refuses_malformed_requests(request_: Message) -> None:
     with pytest.raises(MisbehavingPeerError):
         respond(request_, IdIndex())
+
+
+wire_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=8)
+    | st.binary(max_size=40)
+    | st.sampled_from([bytes(32), POOL[0].encode(), b"\x01" * 32]),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+TYPES = [
+    "summary_request",
+    "summary",
+    "in_sync",
+    "ids_request",
+    "ids",
+    "entries_request",
+    "entries",
+]
+KEYS = ["root", "buckets", "ids", "entries"]
+messages = st.builds(
+    lambda t, fields: {**fields, "type": t},
+    st.sampled_from(TYPES),
+    st.dictionaries(st.sampled_from(KEYS), wire_values, max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(messages, min_size=1, max_size=4), st.integers(0, 2))
+def test_any_reply_sequence_is_progress_or_misbehaviour_never_a_crash(
+    replies: list[Message], warmup: int
+) -> None:
+    # Bring a real session part-way (0: waiting for the summary, 1: for ids, 2: for entries).
+    session = PullSession(IdIndex(), POLICY)
+    server = Side(POOL[:3])
+    request: Message | None = session.start()
+    for _ in range(warmup):
+        assert request is not None
+        request = session.receive(server.serve(request))
+    for reply in replies:
+        if session.done:
+            break
+        try:
+            session.receive(reply)
+        except MisbehavingPeerError:
+            break
+    assert all(e.id in {p.id for p in POOL[:3]} for e in session.admitted)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(messages)
+def test_any_request_is_answered_or_refused_as_misbehaviour(request_: Message) -> None:
+    try:
+        answer = respond(request_, IdIndex(e.id for e in POOL[:10]))
+    except MisbehavingPeerError:
+        return
+    assert isinstance(answer, WantEntries) or isinstance(answer.get("type"), str)
