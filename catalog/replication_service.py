@@ -100,6 +100,11 @@ class ReplicationService:
 
     def _start_pulls(self, nursery: trio.Nursery) -> None:
         self._stats["rounds"] += 1
+        now = trio.current_time()
+        # Forget expired bans and back-offs, so peers long gone cost no memory.
+        for table in (self._banned_until, self._retry_at):
+            for peer_id in [p for p, until in table.items() if until <= now]:
+                del table[peer_id]
         for peer_id in self.candidates():
             if peer_id not in self._pulling:
                 self._pulling.add(peer_id)
