@@ -154,23 +154,29 @@ async def concurrent(backend: VmBackend, max_vms: int, idle: dict[str, Any]) -> 
         boot_all_s = trio.current_time() - t0
         used = avail0 - psutil.virtual_memory().available
         nursery.cancel_scope.cancel()
-    per_vm = used / max(ready, 1)
+    # Each QEMU's unique memory is what one more VM costs; the drop in available memory also
+    # moves with whatever else runs on the host, so it is reported but not used.
+    per_vm = statistics.mean(uss) if uss else 0.0
     total_mem = psutil.virtual_memory().total
     cpus = psutil.cpu_count() or 1
     return {
         "measured_running_at_once": ready,
         "asked": max_vms,
         "seconds_until_all_ready": round(boot_all_s, 1),
-        "host_memory_per_vm_mib": round(per_vm / 2**20, 1),
-        "memory_bound_estimate": int(0.9 * total_mem / per_vm) if ready else 0,
+        "qemu_uss_per_vm_mib": round(per_vm / 2**20, 1),
+        "available_memory_drop_per_vm_mib": round(used / max(ready, 1) / 2**20, 1),
+        "memory_bound_estimate": int(0.9 * total_mem / per_vm) if per_vm else 0,
         "cpu_bound_estimate_idle": int(cpus / idle["idle_cpu_fraction"])
         if idle["idle_cpu_fraction"] > 0 else None,
-        "note": "measured up to 'asked'; estimates extrapolate from the measured per-VM memory "
+        "host_load_average_1m": round(psutil.getloadavg()[0], 1),
+        "note": "measured up to 'asked'; estimates extrapolate from each QEMU's unique memory "
         "(90% of host RAM) and idle CPU (all host CPUs), the smaller one bounds",
     }
 
 
 async def main(runs: int, max_vms: int) -> dict[str, Any]:
+    # Other work on the host skews every number here; the load average says how much.
+    load0 = round(psutil.getloadavg()[0], 1)
     async with open_backend() as backend:
         accel = backend.accel
         backend_times, teardown_times = await backend_boot(backend, runs)
@@ -185,7 +191,11 @@ async def main(runs: int, max_vms: int) -> dict[str, Any]:
         "bench": "vm",
         "accelerator": accel.accel.value,
         "accelerator_reason": accel.reason,
-        "host": {"cpus": psutil.cpu_count(), "memory_mib": psutil.virtual_memory().total >> 20},
+        "host": {
+            "cpus": psutil.cpu_count(),
+            "memory_mib": psutil.virtual_memory().total >> 20,
+            "load_average_1m_at_start": load0,
+        },
         "boot_to_result": {
             "command": "true",
             "guest_ram_mib": GUEST_MIB,

@@ -140,7 +140,9 @@ async def test_proxy_network_allows_only_listed_destinations_at_capped_rate(
             t1=$(cut -d' ' -f1 /proc/uptime); echo "size=$(wc -c < /tmp/big) t=$t0 $t1"
         """
         caps = Caps(network=NetworkMode.PROXY, net_allow=(f"127.0.0.1:{port}",), net_bps=rate)
+        t0, i0 = trio.current_time(), _idle_cpus()
         result = await vms.run(TaskSpec(argv=("sh", "-c", script), timeout_s=120), caps)
+        idle = (_idle_cpus() - i0) / (trio.current_time() - t0)
         nursery.cancel_scope.cancel()
     out = result.stdout.decode()
     assert "hello from the host\n" in out, out
@@ -152,7 +154,9 @@ async def test_proxy_network_allows_only_listed_destinations_at_capped_rate(
     assert m is not None, out
     assert int(m[1]) == blob
     measured = blob / (float(m[3]) - float(m[2]))
-    assert 0.85 * rate <= measured <= 1.15 * rate, f"{measured / 1024:.0f} KiB/s under 256 KiB/s"
+    why = f"{measured / 1024:.0f} KiB/s under 256 KiB/s; host idle {idle:.2f} CPUs"
+    assert measured <= 1.15 * rate, why
+    assert measured >= 0.85 * rate or idle < SATURATED_IDLE_CPUS, why
     assert result.egress is not None
     assert result.egress.bytes_down >= blob
     assert result.egress.refused == 1
