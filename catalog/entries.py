@@ -25,10 +25,11 @@ different entry. So changing any field changes the ID *and* breaks the signature
 An entry travels and is stored as :meth:`Entry.encode`: the msgpack array ``[body, signature]``.
 
 Per-kind rules live in a registry of validators, ``fn(entry) -> None`` raising
-:class:`InvalidEntryError`; :func:`register_kind_validator` adds one (validators of a kind all
-run, in registration order). The built-in ones only ask for the blobs each kind cannot do
-without: ``os`` needs ``kernel``, ``initrd`` and ``root``; ``package`` needs ``layer``; ``image``
-needs ``manifest``; ``task`` nothing.
+:class:`InvalidEntryError` (reported as :class:`EntryRuleError`, which replication treats as a
+refusal, not as the sending peer's fault); :func:`register_kind_validator` adds one (all of a
+kind's validators run, in registration order). The built-in ones only ask for the blobs each
+kind cannot do without: ``os`` needs ``kernel``, ``initrd`` and ``root``; ``package`` needs
+``layer``; ``image`` needs ``manifest``; ``task`` nothing.
 
 Trust: :class:`TrustPolicy` admits an entry only if its signature verifies and its publisher is
 one of the keys the scheduler trusts (``bootstrap.toml`` + ``node.toml``), and says why not.
@@ -44,7 +45,12 @@ from typing import Any
 import blake3
 import msgpack
 
-from catalog.errors import EntrySignatureError, InvalidEntryError, UntrustedPublisherError
+from catalog.errors import (
+    EntryRuleError,
+    EntrySignatureError,
+    InvalidEntryError,
+    UntrustedPublisherError,
+)
 from node.identity import Identity, verify
 
 FORMAT_VERSION = 1
@@ -98,7 +104,12 @@ class Entry:
         if type(self.signature) is not bytes or len(self.signature) != SIGNATURE_SIZE:
             raise InvalidEntryError(f"signature must be {SIGNATURE_SIZE} bytes")
         for validator in _VALIDATORS.get(self.kind, ()):
-            validator(self)
+            try:
+                validator(self)
+            except EntryRuleError:
+                raise
+            except InvalidEntryError as e:
+                raise EntryRuleError(str(e)) from e
 
     @property
     def body(self) -> bytes:
@@ -194,10 +205,9 @@ def _with_signature(entry: Entry, signature: bytes) -> Entry:
     )
 
 
-def decode_entry(data: bytes) -> Entry:
-    """Parse :meth:`Entry.encode` bytes, refusing anything malformed or non-canonical.
-
-    The signature is *not* checked here (see :func:`check_signature`)."""
+def split_encoded(data: bytes) -> tuple[bytes, bytes]:
+    """The ``(body, signature)`` of :meth:`Entry.encode` bytes, nothing else checked (so the ID
+    of something that fails to decode can still be named: ``entry_id(body)``)."""
     if len(data) > MAX_ENCODED_SIZE:
         raise InvalidEntryError(f"encoded entry of {len(data)} bytes > {MAX_ENCODED_SIZE}")
     outer = _unpack(data, "entry")
@@ -206,6 +216,15 @@ def decode_entry(data: bytes) -> Entry:
     ):
         raise InvalidEntryError("an entry is the array [body, signature] of two byte strings")
     body, signature = outer
+    return body, signature
+
+
+def decode_entry(data: bytes) -> Entry:
+    """Parse :meth:`Entry.encode` bytes, refusing anything malformed or non-canonical
+    (:class:`InvalidEntryError`; :class:`EntryRuleError` if only a kind rule is broken).
+
+    The signature is *not* checked here (see :func:`check_signature`)."""
+    body, signature = split_encoded(data)
     entry = decode_body(body, signature)
     if entry.encode() != data:
         raise InvalidEntryError("entry is not canonically encoded")

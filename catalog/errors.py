@@ -163,3 +163,10 @@ class TaskInputError(BuildError):
 
 class ImageManifestError(CatalogError):
     """Bytes that claim to be an image manifest are malformed, non-canonical or over a limit."""
+
+
+class EntryRuleError(InvalidEntryError):
+    """A well-formed entry breaks a rule of its kind (one of the registered kind validators).
+
+    Schedulers may run different rule sets (another version), so a peer sending such an entry
+    is not misbehaving: the entry is refused, like one from an untrusted publisher."""

@@ -19,7 +19,8 @@ body, so a changed body is an entry we did not ask for), must decode canonically
 valid signature. Any of those failing, or any malformed or out-of-order message, raises
 :class:`MisbehavingPeerError`: the session ends and the glue marks the peer. A well-signed entry
 from a publisher we do not trust is *not* misbehaviour (the peer may trust more publishers than
-we do): it is refused with its reason and remembered, so it is not fetched again every round.
+we do), nor is one that breaks only our rules for its kind (the peer may run other rules): it is
+refused with its reason and remembered, so it is not fetched again every round.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from typing import Any
 
 import blake3
 
-from catalog.entries import Entry, TrustPolicy, decode_entry
-from catalog.errors import InvalidEntryError, UntrustedPublisherError
+from catalog.entries import Entry, TrustPolicy, decode_entry, entry_id, split_encoded
+from catalog.errors import EntryRuleError, InvalidEntryError, UntrustedPublisherError
 from node.errors import LocalProtocolError, RemoteProtocolError
 from node.wire import Message
 
@@ -60,8 +61,8 @@ class IdIndex:
         self._buckets: list[set[bytes]] = [set() for _ in range(BUCKETS)]
         self._hashes: list[bytes | None] = [_EMPTY_BUCKET] * BUCKETS
         self._count = 0
-        for entry_id in ids:
-            self.add(entry_id)
+        for each in ids:
+            self.add(each)
 
     def add(self, entry_id: str) -> bool:
         raw = bytes.fromhex(entry_id)
@@ -280,14 +281,25 @@ class PullSession:
             if type(data) is not bytes:
                 raise MisbehavingPeerError("entries: each entry must be bytes")
             try:
-                entry = decode_entry(data)
+                body, _ = split_encoded(data)
             except InvalidEntryError as e:
                 raise MisbehavingPeerError(f"sent a malformed entry: {e}") from e
-            if entry.id not in self._in_flight or entry.id in seen:
+            # The ID is the hash of the body: a changed body is an entry we did not ask for.
+            got_id = entry_id(body)
+            if got_id not in self._in_flight or got_id in seen:
                 raise MisbehavingPeerError(
-                    f"sent entry {entry.id} that was not asked for (tampered, or a duplicate)"
+                    f"sent entry {got_id} that was not asked for (tampered, or a duplicate)"
                 )
-            seen.add(entry.id)
+            seen.add(got_id)
+            try:
+                entry = decode_entry(data)
+            except EntryRuleError as e:
+                # Well formed, but our rules for its kind differ from the sender's (e.g. another
+                # version): refuse it, the peer is not at fault.
+                self.refused[got_id] = str(e)
+                continue
+            except InvalidEntryError as e:
+                raise MisbehavingPeerError(f"sent a malformed entry: {e}") from e
             try:
                 self.policy.admit(entry)
             except UntrustedPublisherError as e:

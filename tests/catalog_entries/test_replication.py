@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from catalog import entries as entries_module
 from catalog.entries import Entry, TrustPolicy
+from catalog.errors import InvalidEntryError
 from catalog.replication import (
     BUCKETS,
     MAX_ENTRIES_PER_REQUEST,
@@ -238,3 +240,19 @@ def test_any_request_is_answered_or_refused_as_misbehaviour(request_: Message) -
     except MisbehavingPeerError:
         return
     assert isinstance(answer, WantEntries) or isinstance(answer.get("type"), str)
+
+
+def test_an_entry_breaking_only_our_kind_rules_is_refused_not_misbehaviour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = Side(POOL[:2])  # built before our stricter rule exists (another version's rules)
+
+    def strict(entry: Entry) -> None:
+        if entry.name == "pkg1":
+            raise InvalidEntryError("pkg1 is not allowed here")
+
+    monkeypatch.setitem(entries_module._VALIDATORS, "package", [strict])
+    puller = Side([])
+    session, _ = puller.pull(server)
+    assert set(puller.entries) == {POOL[0].id}
+    assert session.refused == {POOL[1].id: "pkg1 is not allowed here"}
