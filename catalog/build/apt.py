@@ -78,7 +78,7 @@ class Apt:
         for sub in ("parts", "lists/partial", "cache/archives/partial"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         (root / "empty-status").touch()
-        (root / "sources.list").write_text("".join(f"{s}\n" for s in archive.sources))
+        _write_if_changed(root / "sources.list", "".join(f"{s}\n" for s in archive.sources))
         conf = {
             "Dir::Etc::SourceList": root / "sources.list",
             "Dir::Etc::SourceParts": root / "parts",
@@ -99,7 +99,7 @@ class Apt:
         if os.geteuid() == 0:
             # Downloads land in our cache dir, which apt's _apt user may not write.
             lines.append('APT::Sandbox::User "root";')
-        (root / "apt.conf").write_text("\n".join(lines) + "\n")
+        _write_if_changed(root / "apt.conf", "\n".join(lines) + "\n")
         self._env = {"APT_CONFIG": str(root / "apt.conf"), "LC_ALL": "C.UTF-8"}
 
     def _index_age(self) -> float | None:
@@ -172,6 +172,18 @@ class Apt:
         if absent := [p.name for p in paths if not p.is_file()]:
             raise BuildError(f"apt-get download did not leave {', '.join(absent)} in {into}")
         return paths
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Another build process may be running apt with this file: never let it see half of it."""
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _apt_reason(error: str, packages: Sequence[str], archive: str) -> str:

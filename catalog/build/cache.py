@@ -7,7 +7,7 @@ Layout under the cache root (default :func:`default_cache_dir`)::
     os/<os>/<key>/       root.sqfs, status (its dpkg database), os.json
     layers/<key>.sqfs    package and task layers, with <key>.json describing each
     images/<key>.json    an assembled image: its manifest, by the key of all its inputs
-    tmp/                 staging; a crashed build leaves only this, emptied on next use
+    tmp/                 staging; a crashed build leaves only this, cleared after a day
 
 A result appears under its key only when complete (rename), so a key that exists is a finished
 build of exactly those inputs and is reused as it is.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 from catalog.build.tools import public_dirs, read_json, write_json
 
 CACHE_ENV = "VMLEND_BUILD_CACHE"
+STALE_STAGING_S = 24 * 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -59,6 +61,18 @@ class BuildCache:
             d = self.root / sub
             d.mkdir(parents=True, exist_ok=True)
             public_dirs(d)
+        self._clear_stale_staging()
+
+    def _clear_stale_staging(self) -> None:
+        """Remove what crashed builds left. Only old entries: another process may be building
+        right now, and no build step takes a day."""
+        cutoff = time.time() - STALE_STAGING_S
+        for entry in (self.root / "tmp").iterdir():
+            try:
+                if entry.lstat().st_mtime < cutoff:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except FileNotFoundError:
+                pass  # its builder finished meanwhile
 
     def staging(self, prefix: str) -> Path:
         return Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix=f"{prefix}."))

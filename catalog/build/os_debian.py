@@ -14,6 +14,7 @@ next to the layer: package layers are resolved against it (:mod:`catalog.build.p
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from catalog.build.tools import (
     write_json,
 )
 from catalog.errors import BuildError, UnknownOsError
+
+log = logging.getLogger("vmlend.catalog.build")
 
 RECIPE = "debian-os/1"
 MMDEBSTRAP_TIMEOUT_S = 1800.0
@@ -89,6 +92,7 @@ async def build_debian(
     out = cache.os_dir(name, key)
     built = read_json(out / "os.json") is None
     if built:
+        log.info("building %s from %d packages (mmdebstrap, 1-3 min)", name, len(packages))
         await _build_into(cache, out, r, packages)
     info = read_json(out / "os.json")
     if info is None:

@@ -15,6 +15,7 @@ under ``/usr`` first, which is where dpkg's writes through the symlinks would ha
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ from catalog.build.os_debian import apt_for
 from catalog.build.os_tiny import OsBuild
 from catalog.build.tools import digest, normalize_modes, run, squash, tree_digest
 from catalog.errors import BuildError, PackageError, TaskInputError
+
+log = logging.getLogger("vmlend.catalog.build")
 
 RECIPE = "package-layer/1"
 DIRECTORY_RECIPE = "directory-layer/1"
@@ -49,6 +52,7 @@ async def build_debian_packages(
     key = digest(RECIPE, os_build.key, sorted(names), [str(p) for p in resolved])
     if hit := cache.layer(key):
         return hit
+    log.info("building a layer of %s: %d packages", " ".join(names), len(resolved))
     debs = await apt.download(resolved, cache.debs)
     staging = cache.staging("packages")
     try:

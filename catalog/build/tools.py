@@ -24,11 +24,13 @@ from catalog.errors import BuildError
 # same inputs on different days give the same bytes. 2023-11-14, any fixed value would do.
 SOURCE_DATE_EPOCH = 1700000000
 SQUASHFS_TIMEOUT_S = 600.0
-# Fixed compression and options: they are part of what makes a layer's bytes; zstd because a
-# guest under TCG decompresses it several times faster than xz.
+# Fixed compression and options: they are part of what makes a layer's bytes, so they are part
+# of every cache key (digest). zstd because a guest under TCG decompresses it several times
+# faster than xz; level 9 because it squashes debian-12 8x faster than the default 15 (2 s vs
+# 17 s of CPU here) for a layer 7% larger.
 _MKSQUASHFS_OPTS = (
     "-noappend", "-quiet", "-no-progress", "-reproducible", "-no-xattrs",
-    "-comp", "zstd", "-b", "131072",
+    "-comp", "zstd", "-Xcompression-level", "9", "-b", "131072",
     "-mkfs-time", str(SOURCE_DATE_EPOCH), "-all-time", str(SOURCE_DATE_EPOCH),
 )
 
@@ -74,7 +76,8 @@ async def squash(tree: Path, out: Path, *, all_root: bool) -> None:
 
 def digest(*parts: Any) -> str:
     """A stable hex key of JSON-able ``parts`` (the cache key of a build step)."""
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps([_MKSQUASHFS_OPTS, *parts], sort_keys=True, separators=(",", ":"),
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
