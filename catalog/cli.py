@@ -41,9 +41,9 @@ def add_catalog_parser(
         "publish",
         help="sign an entry with this node's key and add it (or add an entry signed elsewhere)",
     )
-    publish.add_argument("kind", nargs="?", choices=KINDS)
-    publish.add_argument("--name")
-    publish.add_argument("--version")
+    publish.add_argument("kind", nargs="?", choices=KINDS, help="the entry's kind")
+    publish.add_argument("--name", help="lowercase: letters, digits, . + _ -")
+    publish.add_argument("--version", help="free-form, e.g. 12.5 or 3.11.2-1+b1")
     publish.add_argument(
         "--blob", action="append", default=[], metavar="ROLE=BLOB_ID", help="repeatable"
     )
