@@ -96,6 +96,7 @@ class TaskStatus:
     replicas: tuple[Replica, ...]
     agreed: bytes | None
     dissenters: tuple[str, ...]
+    reported: tuple[str, ...]  # workers whose result was counted, in arrival order
 
 
 @dataclass(slots=True)
@@ -249,7 +250,13 @@ class Queue:
                 ).fetchall()
                 dissenters = tuple(r[0] for r in rows)
             replicas = tuple(schema.load_replicas(conn, seq))
-            return TaskStatus(spec, state, verdict, reason, replicas, agreed, dissenters)
+            reported = conn.execute(
+                "SELECT worker FROM results WHERE task_seq = ? ORDER BY arrival", (seq,)
+            ).fetchall()
+            return TaskStatus(
+                spec, state, verdict, reason, replicas, agreed, dissenters,
+                tuple(r[0] for r in reported),
+            )  # fmt: skip
 
         return await self._db.transaction(op)
 
