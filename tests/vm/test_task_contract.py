@@ -17,6 +17,7 @@ from worker_role.vm.task import (
     LayerFormat,
     TaskSpec,
     parse_result,
+    read_result,
     run_script,
     task_archive,
 )
@@ -100,3 +101,25 @@ def test_result_disk_parsing() -> None:
     assert timed.out_tar is None
     assert parse_result(_disk(b"")) is None  # the guest never reported
     assert parse_result(_disk(b"VMLEND1 exit=x timeout=0 out=0\n")) is None
+
+
+def test_result_disk_file_is_read_without_reading_it_all(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("./big")
+        info.size = 100_000
+        tar.addfile(info, io.BytesIO(b"z" * 100_000))
+    disk = tmp_path / "result.img"
+    disk.write_bytes(_disk(b"VMLEND1 exit=0 timeout=0 out=0\n", buf.getvalue()))
+    with disk.open("r+b") as f:
+        f.truncate(64 << 20)  # sparse, like the real one
+    r = read_result(disk)
+    assert r is not None
+    assert r.out_tar is not None
+    assert len(r.out_tar) < 200_000
+    with tarfile.open(fileobj=io.BytesIO(r.out_tar)) as tar:
+        assert tar.extractfile("./big").read() == b"z" * 100_000  # type: ignore[union-attr]
+    assert read_result(tmp_path / "result.img") == r
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"\0" * 8192)
+    assert read_result(empty) is None

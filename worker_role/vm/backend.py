@@ -53,7 +53,7 @@ from worker_role.vm.task import (
     GuestResult,
     Layer,
     TaskSpec,
-    parse_result,
+    read_result,
     task_archive,
 )
 
@@ -136,10 +136,11 @@ class RunningVm:
 
     def qemu_pid(self) -> int:
         """The QEMU process's pid (libvirt's pid file), for measuring what the VM costs the host."""
-        for path in (Path("/run/libvirt/qemu") / f"{self.name}.pid",):
-            with contextlib.suppress(OSError, ValueError):
-                return int(path.read_text().strip())
-        raise VmError(f"no pid file for {self.name}")
+        path = Path("/run/libvirt/qemu") / f"{self.name}.pid"
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError) as e:
+            raise VmError(f"no QEMU pid for {self.name} in {path}: {e}") from e
 
     async def wait(self) -> VmResult:
         """Wait for the guest to finish (up to its deadline) and read its result."""
@@ -158,10 +159,8 @@ class RunningVm:
         if not self.guest_done.is_set():
             with trio.move_on_after(_DRAIN_SECONDS):
                 await self._readers_done.wait()
-        result_disk = self.dir / "result.img"
-        head = await trio.to_thread.run_sync(_read_result_disk, result_disk)
+        result = await trio.to_thread.run_sync(read_result, self.dir / "result.img")
         tail = await trio.to_thread.run_sync(self.console_tail)
-        result = parse_result(head)
         if result is None:
             raise GuestFailedError(f"guest {self.name} ended without a result", console_tail=tail)
         return self._result(result, tail)
@@ -490,11 +489,6 @@ async def _open_nursery_unwrapped() -> AsyncIterator[trio.Nursery]:
             lone = group.exceptions[0]
             raise lone from lone.__cause__  # keep its own cause, drop the group as context
         raise
-
-
-def _read_result_disk(path: Path) -> bytes:
-    with path.open("rb") as f:
-        return f.read()
 
 
 @contextlib.asynccontextmanager

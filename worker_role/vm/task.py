@@ -129,6 +129,24 @@ def parse_result(disk: bytes) -> GuestResult | None:
     return GuestResult(exit_code=int(m[1]), timed_out=m[2] == b"1", out_tar=out_tar)
 
 
+def read_result(path: Path) -> GuestResult | None:
+    """:func:`parse_result` on the result disk file, reading only the header and the archive."""
+    with path.open("rb") as f:
+        head = f.read(RESULT_TAR_OFFSET)
+        m = _HEADER.match(head[:512])
+        if m is None or m[3] == b"1":
+            return parse_result(head)
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:  # starts at RESULT_TAR_OFFSET
+                tar.getmembers()
+                end = tar.offset
+        except tarfile.TarError as e:
+            raise VmError(f"guest wrote a malformed /out archive: {e}") from e
+        f.seek(RESULT_TAR_OFFSET)
+        archive = f.read(end - RESULT_TAR_OFFSET)
+    return parse_result(head + archive + b"\0" * 1024)
+
+
 def _tar_prefix(data: bytes) -> bytes:
     """The tar archive at the start of ``data``, cut after its last member."""
     buf = io.BytesIO(data)
