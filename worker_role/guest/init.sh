@@ -42,7 +42,7 @@ find_by() { # find_by <glob of .../attr> <value> <prefix>: /dev node whose attr 
 }
 wait_for() { # wait_for <glob> <value>
     i=0
-    while [ $i -lt 200 ]; do
+    while [ $i -lt 600 ]; do
         find_by "$1" "$2" && return 0
         sleep 0.05
         i=$((i + 1))
@@ -87,8 +87,14 @@ mount -t sysfs sys /newroot/sys || fail "mount task /sys"
 ip link set lo up || fail "lo up"
 if [ "$NET" = 1 ]; then
     # QEMU user-mode network: fixed addresses; restrict=on leaves only the guestfwd to the proxy.
-    for eth in /sys/class/net/eth*; do [ -e "$eth" ] && break; done
-    eth=${eth##*/}
+    # Without udev nothing renames it; it appears once virtio_net has probed the device.
+    eth=eth0
+    i=0
+    while [ ! -e /sys/class/net/$eth ]; do
+        [ $i -lt 600 ] || fail "no $eth"
+        sleep 0.05
+        i=$((i + 1))
+    done
     ip link set "$eth" up || fail "$eth up"
     ip addr add 10.0.2.15/24 dev "$eth" || fail "$eth address"
     ip route add default via 10.0.2.2 || fail "default route"
