@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from catalog.build.assemble import AssembledImage, Assembler, default_caps
 from catalog.build.cache import BuildCache, BuiltLayer, default_cache_dir
+from catalog.build.drafts import Draft, image_draft, os_draft, package_draft
 from catalog.build.manifest import BootPaths, DefaultCaps, ImageManifest, LayerRef, materialize
 from catalog.build.os_tiny import BootFiles, OsBuild
 
@@ -21,10 +22,14 @@ __all__ = [
     "BuildCache",
     "BuiltLayer",
     "DefaultCaps",
+    "Draft",
     "ImageManifest",
     "LayerRef",
     "OsBuild",
     "default_cache_dir",
     "default_caps",
+    "image_draft",
     "materialize",
+    "os_draft",
+    "package_draft",
 ]

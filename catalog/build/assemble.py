@@ -44,7 +44,7 @@ from catalog.build.tools import (
 from catalog.errors import BuildError, ImageManifestError, TaskInputError, UnknownBlobError
 from catalog.taskfile import TASK_DIR, TaskFile
 
-RECIPE = "image/1"
+RECIPE = "image/2"
 TASK_RECIPE = "task-layer/1"
 MIB = 1024 * 1024
 
@@ -127,7 +127,7 @@ class Assembler:
         write_json(record, {
             "manifest": encoded.hex(),
             "paths": {blob: str(p) for blob, p in paths.items()},
-            "layers": [{"key": x.key, "what": x.what} for x in layers],
+            "layers": [{"key": x.key, "what": x.what, "meta": dict(x.meta)} for x in layers],
         })
         return AssembledImage(manifest, manifest.id, manifest_blob, tuple(layers), reused=False)
 
@@ -186,7 +186,7 @@ class Assembler:
             encoded = bytes.fromhex(record["manifest"])
             manifest = ImageManifest.decode(encoded)
             paths = {blob: Path(p) for blob, p in record["paths"].items()}
-            layer_info = [(x["key"], x["what"]) for x in record["layers"]]
+            layer_info = [(x["key"], x["what"], x["meta"]) for x in record["layers"]]
         except (ImageManifestError, KeyError, TypeError, ValueError):
             return None  # a damaged record: build again
         if not all(p.is_file() for p in paths.values()):
@@ -196,8 +196,8 @@ class Assembler:
                 return None  # the cached file changed under us: rebuild
         manifest_blob = (await self.blobs.add_bytes(encoded)).hex()
         layers = tuple(
-            BuiltLayer(key, paths[ref.blob], what, reused=True)
-            for (key, what), ref in zip(layer_info, manifest.layers, strict=True)
+            BuiltLayer(key, paths[ref.blob], what, meta, reused=True)
+            for (key, what, meta), ref in zip(layer_info, manifest.layers, strict=True)
         )
         return AssembledImage(manifest, manifest.id, manifest_blob, layers, reused=True)
 

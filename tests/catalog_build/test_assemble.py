@@ -12,19 +12,31 @@ import msgpack
 import pytest
 
 from catalog.blob import BlobStore, parse_blob_id
-from catalog.build import AssembledImage, Assembler, BootFiles, BuildCache, ImageManifest
+from catalog.build import (
+    AssembledImage,
+    Assembler,
+    BootFiles,
+    BuildCache,
+    ImageManifest,
+    image_draft,
+    os_draft,
+    package_draft,
+)
 from catalog.build.cli import main as cli_main
 from catalog.build.manifest import DefaultCaps, LayerRef
 from catalog.build.packages import merge_usr
 from catalog.chunk_store import ChunkStore
+from catalog.entries import check_signature, decode_entry
 from catalog.errors import (
     BuildError,
     ImageManifestError,
+    InvalidEntryError,
     PackageError,
     TaskInputError,
     UnknownOsError,
 )
 from catalog.taskfile import load, loads
+from node.identity import Identity
 from tests.catalog_build.conftest import write_task
 
 TASK = """
@@ -86,6 +98,7 @@ async def test_reuse_of_images_and_layers(tmp_path: Path, boot: BootFiles) -> No
     assert again.reused
     assert again.image_id == first.image_id
     assert all(x.reused for x in again.layers)
+    assert [x.meta for x in again.layers] == [x.meta for x in first.layers]
 
     # A new command: a new image, every layer reused.
     path.write_text(TASK.replace('["sh", "main.sh"]', '["sh", "-c", "ls"]'))
@@ -184,3 +197,26 @@ def test_cli_builds_prints_reuse_and_refuses_bad_files(
     err = capsys.readouterr().err
     assert f"{path}:13: limits.max_runtime: not a duration" in err
     shutil.rmtree(tmp_path / "t")
+
+
+async def test_built_parts_become_signed_entries(tmp_path: Path, boot: BootFiles) -> None:
+    path = write_task(tmp_path / "t", TASK, FILES)
+    assembler, image = await assemble(path, tmp_path / "build", boot)
+    m = image.manifest
+    os_build = await assembler.build_os("tiny")
+    me = Identity.generate()
+    drafts = [
+        os_draft(os_build, kernel=m.kernel, initrd=m.initramfs, root=m.layers[-1].blob),
+        package_draft(image.layers[1], ["tools"], blob=m.layers[1].blob),
+        image_draft(image, "det"),
+    ]
+    for draft in drafts:
+        entry = draft.sign(me, now=1_700_000_000)
+        again = decode_entry(entry.encode())
+        check_signature(again)
+        assert again.id == entry.id
+        assert (again.kind, again.name) == (draft.kind, draft.name)
+    assert drafts[2].meta["image_id"] == image.image_id
+    assert drafts[2].blobs == {"manifest": image.manifest_blob}
+    with pytest.raises(InvalidEntryError, match="image_id"):
+        dataclasses.replace(drafts[2], meta={"image_id": "nope"}).sign(me, now=0)

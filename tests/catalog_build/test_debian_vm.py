@@ -15,12 +15,21 @@ from pathlib import Path
 import pytest
 
 from catalog.blob import BlobStore
-from catalog.build import AssembledImage, Assembler, BootFiles, BuildCache, materialize
+from catalog.build import (
+    AssembledImage,
+    Assembler,
+    BootFiles,
+    BuildCache,
+    materialize,
+    os_draft,
+    package_draft,
+)
 from catalog.build.os_debian import build_debian, installed_packages
 from catalog.build.packages import build_debian_packages
 from catalog.chunk_store import ChunkStore
 from catalog.errors import PackageError
 from catalog.taskfile import load, loads
+from node.identity import Identity
 from tests.catalog_build.conftest import write_task
 from worker_role.caps import Caps, NetworkMode
 from worker_role.errors import GuestFailedError
@@ -96,6 +105,13 @@ async def test_python3_layer_holds_only_what_debian_12_lacks(
     added = layer.meta["packages"]
     assert {"python3", "python3.11", "libpython3.11-stdlib"} <= set(added)
     assert not set(added) & set(in_os)  # nothing the OS already has is repeated
+    # Both fit in signed catalog entries, exact versions and all.
+    m = image.manifest
+    me = Identity.generate()
+    os_entry = os_draft(os_build, kernel=m.kernel, initrd=m.initramfs, root=m.layers[-1].blob)
+    assert os_entry.sign(me, now=0).meta["packages"] == in_os
+    pkg_entry = package_draft(layer, ["python3"], blob=m.layers[0].blob).sign(me, now=0)
+    assert pkg_entry.meta["packages"] == added
 
 
 async def test_package_errors_on_debian(
