@@ -64,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     _json_arg(doctor)
     doctor.set_defaults(handler=_cmd_doctor)
 
+    from catalog.cli import add_catalog_parser
     from worker_role.vm.cli import add_vm_parser
 
     add_vm_parser(commands)
+    add_catalog_parser(commands)
     return parser
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import trio
 
 import node
+from catalog.replication_service import ReplicationService
+from catalog.service import open_catalog
 from node.config import Config
 from node.errors import RpcError
 from node.identity import Identity
@@ -60,14 +62,20 @@ class Node:
     async def run(
         self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        async with Database.open(self.data_dir / "state.db", MIGRATIONS) as db:
+        trusted = self.config.catalog.trusted_publisher_keys
+        async with (
+            Database.open(self.data_dir / "state.db", MIGRATIONS) as db,
+            open_catalog(self.data_dir, self.identity, trusted) as catalog,
+        ):
             self.db = db
             async with trio.open_nursery() as nursery:
                 addrs: list[str] = await nursery.start(self.p2p.run)
-                rpc = RpcServer(self.data_dir / "rpc.sock", self.rpc_methods())
+                methods = {**self.rpc_methods(), **catalog.rpc_methods()}
+                rpc = RpcServer(self.data_dir / "rpc.sock", methods)
                 await nursery.start(rpc.run)
                 if self.config.has_role("scheduler"):
                     await nursery.start(self._advertise_scheduler)
+                    await nursery.start(ReplicationService(self.p2p, catalog.library).run)
                 task_status.started(addrs)
 
     async def _advertise_scheduler(
