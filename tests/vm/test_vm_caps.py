@@ -83,38 +83,51 @@ async def test_memory_cap_ooms_the_guest_not_the_host(vms: VmFactory) -> None:
     assert result.exit_code == 0  # the guest itself survived and reported normally
 
 
-async def test_disk_rate_cap(vms: VmFactory) -> None:
-    rate = 10 * MIB
-    # Direct I/O in a loop: the guest's page cache cannot hide the device's rate, and the host reads
-    # the bytes QEMU wrote to the scratch disk (its block stats) over a fixed window.
+async def test_disk_rate_and_iops_caps(vms: VmFactory) -> None:
+    rate, iops = 10 * MIB, 200
+    # Direct I/O: the guest's page cache cannot hide the device's rate. The host reads what QEMU
+    # wrote to the scratch disk (its block stats) over fixed windows: first big writes, which the
+    # byte rate binds (10 writes/s, far below the IOPS cap), then 4 KiB writes, which the IOPS cap
+    # binds (800 KiB/s, far below the byte rate).
     script = (
-        "echo writing; "
-        "while :; do "
-        "dd if=/dev/zero of=/tmp/f bs=1M count=32 oflag=direct 2>/dev/null || exit 9; done"
+        "echo bytes; dd if=/dev/zero of=/tmp/f bs=1M count=100 oflag=direct 2>/dev/null || exit 9; "
+        "echo iops; "
+        "while :; do dd if=/dev/zero of=/tmp/g bs=4k count=1000 oflag=direct 2>/dev/null; done"
     )
     send, receive = trio.open_memory_channel[OutputChunk](64)
-    caps = Caps(disk_mib=128, disk_bps=rate)
+    caps = Caps(disk_mib=256, disk_bps=rate, disk_iops=iops)
     task = TaskSpec(argv=("sh", "-c", script), timeout_s=120)
     async with vms.start(task, caps, output=send) as vm:
+
+        def stats() -> tuple[int, int]:
+            st = vms.backend.conn.raw.lookupByName(vm.name).blockStats("vdb")
+            return int(st[2]), int(st[3])  # write requests, write bytes
+
+        async def window() -> tuple[float, float, float]:
+            """(requests/s, bytes/s, host idle CPUs) over one measuring window."""
+            t0, i0 = trio.current_time(), _idle_cpus()
+            r0, b0 = await vms.backend.conn.call("block stats", stats)
+            await trio.sleep(DISK_WINDOW_S)  # a measuring window, not a wait for a condition
+            r1, b1 = await vms.backend.conn.call("block stats", stats)
+            dt = trio.current_time() - t0
+            return (r1 - r0) / dt, (b1 - b0) / dt, (_idle_cpus() - i0) / dt
+
         with trio.fail_after(90):
-            await _wait_for_line(receive, b"writing")
-
-        def written() -> int:
-            return int(vms.backend.conn.raw.lookupByName(vm.name).blockStats("vdb")[3])
-
-        t0, i0 = trio.current_time(), _idle_cpus()
-        b0 = await vms.backend.conn.call("block stats", written)
-        # A measuring window, not a wait for a condition.
-        await trio.sleep(DISK_WINDOW_S)
-        b1 = await vms.backend.conn.call("block stats", written)
-        t1, i1 = trio.current_time(), _idle_cpus()
+            await _wait_for_line(receive, b"bytes")
+        _, bps, idle_b = await window()
+        with trio.fail_after(90):
+            await _wait_for_line(receive, b"iops")
+        rps, _, idle_r = await window()
         await vm.destroy()
-    measured = (b1 - b0) / (t1 - t0)
-    idle = (i1 - i0) / (t1 - t0)
-    why = f"{measured / MIB:.2f} MiB/s under 10 MiB/s; host idle {idle:.2f} CPUs"
-    print(why)
-    assert measured <= 1.15 * rate, why
-    assert measured >= 0.85 * rate or idle < SATURATED_IDLE_CPUS, why
+    why = (
+        f"{bps / MIB:.2f} MiB/s under 10 MiB/s (host idle {idle_b:.2f} CPUs); "
+        f"{rps:.0f} writes/s under {iops} IOPS (host idle {idle_r:.2f} CPUs)"
+    )
+    print(why)  # shown with -rP
+    assert bps <= 1.15 * rate, why
+    assert bps >= 0.85 * rate or idle_b < SATURATED_IDLE_CPUS, why
+    assert rps <= 1.15 * iops, why
+    assert rps >= 0.85 * iops or idle_r < SATURATED_IDLE_CPUS, why
 
 
 async def test_proxy_network_allows_only_listed_destinations_at_capped_rate(
