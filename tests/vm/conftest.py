@@ -19,7 +19,16 @@ import pytest
 import trio
 
 from worker_role.caps import Caps
-from worker_role.vm import Image, Layer, RunningVm, TaskSpec, VmBackend, VmResult, open_backend
+from worker_role.vm import (
+    Image,
+    Layer,
+    LayerFormat,
+    RunningVm,
+    TaskSpec,
+    VmBackend,
+    VmResult,
+    open_backend,
+)
 from worker_role.vm.backend import OutputChunk
 
 # Under TCG on 2 busy cores a boot takes 4-10 s; the host deadline is the time limit plus this.
@@ -115,6 +124,27 @@ def squashfs_layer() -> Iterator[Layer]:
     shutil.rmtree(src)
     try:
         yield Layer(image)
+    finally:
+        image.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def erofs_layer() -> Iterator[Layer]:
+    """A read-only erofs layer holding /lower/e.txt and an /etc/motd meant to be shadowed."""
+    LAYER_DIR.mkdir(parents=True, exist_ok=True)
+    src = LAYER_DIR / f"src-{uuid.uuid4().hex}"
+    (src / "lower").mkdir(parents=True)
+    (src / "etc").mkdir()
+    (src / "lower/e.txt").write_text("hello from erofs\n")
+    (src / "etc/motd").write_text("shadowed motd\n")
+    image = LAYER_DIR / f"{src.name}.erofs"
+    subprocess.run(
+        ["mkfs.erofs", "--all-root", "-T0", str(image), str(src)], check=True, capture_output=True
+    )
+    image.chmod(0o644)
+    shutil.rmtree(src)
+    try:
+        yield Layer(image, LayerFormat.EROFS)
     finally:
         image.unlink(missing_ok=True)
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.vm
 SCRIPT = r"""
 echo "cwd=$(pwd) greeting=$GREETING"
 echo "to stderr" >&2
-cat /layer/hello.txt /etc/motd
+cat /layer/hello.txt /lower/e.txt /etc/motd
 echo overwritten > /etc/motd && cat /etc/motd
 echo "net: $(ls /sys/class/net | tr '\n' ' ')"
 dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>/dev/null; echo "fill=$?"; rm /tmp/fill
@@ -31,7 +31,7 @@ exit 7
 
 
 async def test_run_streams_output_and_returns_code_files_layers(
-    vms: VmFactory, squashfs_layer: Layer
+    vms: VmFactory, squashfs_layer: Layer, erofs_layer: Layer
 ) -> None:
     send, receive = trio.open_memory_channel[OutputChunk](16)
     streamed = {"stdout": bytearray(), "stderr": bytearray()}
@@ -41,13 +41,16 @@ async def test_run_streams_output_and_returns_code_files_layers(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(collect, receive, streamed)
         async with send:
-            result = await vms.run(task, Caps(disk_mib=32), layers=(squashfs_layer,), output=send)
+            result = await vms.run(
+                task, Caps(disk_mib=32), layers=(squashfs_layer, erofs_layer), output=send
+            )
 
     assert result.exit_code == 7
     assert not result.timed_out
     out = result.stdout.decode()
     assert "cwd=/work greeting=hi there\n" in out
-    assert "hello from a layer\nlayer motd\noverwritten\n" in out  # layer read, overlay writable
+    # Both layers read, the top one (squashfs) shadows the lower (erofs), the overlay is writable.
+    assert "hello from a layer\nhello from erofs\nlayer motd\noverwritten\n" in out
     assert "net: lo \n" in out  # network none: the guest has only loopback
     assert "fill=1\n" in out  # the 32 MiB scratch disk refuses 64 MiB
     assert result.stderr == b"to stderr\n"
