@@ -17,6 +17,7 @@ listed highest), then the Debian packages (one layer), then the OS root.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import shutil
@@ -139,8 +140,9 @@ class Assembler:
         except OSError as e:
             raise TaskInputError(f"cannot read task file {e.filename}: {e.strerror}") from e
         key = digest(TASK_RECIPE, TASK_DIR, digests)
+        what = f"task {task.name}"
         if hit := self.cache.layer(key):
-            return hit
+            return dataclasses.replace(hit, what=what)  # see build_debian_packages
         staging = self.cache.staging("task")
         try:
             root = staging / "root"
@@ -150,7 +152,7 @@ class Assembler:
                 raise TaskInputError(f"cannot copy task file {e.filename}: {e.strerror}") from e
             await squash(root, staging / "layer.sqfs", all_root=True)
             meta = {"files": list(task.files)}
-            return self.cache.add_layer(key, staging / "layer.sqfs", f"task {task.name}", meta)
+            return self.cache.add_layer(key, staging / "layer.sqfs", what, meta)
         finally:
             self.cache.discard(staging)
 
@@ -171,8 +173,10 @@ class Assembler:
             ]
         except OSError as e:
             raise TaskInputError(f"cannot read {e.filename}: {e.strerror}") from e
+        # Everything the manifest says, names included (they label its layers).
         return digest(
-            RECIPE, self.boot.ident, task.os, index, task.debian_packages, dirs, files,
+            RECIPE, self.boot.ident, task.name, task.os, index, task.debian_packages,
+            [(d.name, tree) for d, tree in zip(task.local_packages, dirs, strict=True)], files,
             task.command, sorted(task.env.items()), task.cwd, default_caps(task).__repr__(),
             math.ceil(task.limits.max_runtime),
         )

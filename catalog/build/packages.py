@@ -15,6 +15,7 @@ under ``/usr`` first, which is where dpkg's writes through the symlinks would ha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -50,8 +51,11 @@ async def build_debian_packages(
     await apt.update()
     resolved = await apt.resolve(names, status=os_build.dpkg_status)
     key = digest(RECIPE, os_build.key, sorted(names), [str(p) for p in resolved])
+    what = f"packages {' '.join(names)}"
     if hit := cache.layer(key):
-        return hit
+        # Named as this call names it, not as whoever built it first did: the name goes into
+        # the manifest, which must not depend on the cache's history.
+        return dataclasses.replace(hit, what=what)
     log.info("building a layer of %s: %d packages", " ".join(names), len(resolved))
     debs = await apt.download(resolved, cache.debs)
     staging = cache.staging("packages")
@@ -69,7 +73,7 @@ async def build_debian_packages(
             "requested": sorted(names),
             "packages": {p.name: p.version for p in resolved},
         }
-        return cache.add_layer(key, staging / "layer.sqfs", f"packages {' '.join(names)}", meta)
+        return cache.add_layer(key, staging / "layer.sqfs", what, meta)
     finally:
         cache.discard(staging)
 
@@ -84,8 +88,9 @@ async def build_directory(cache: BuildCache, source: Path, *, merged_usr: bool) 
     except OSError as e:
         raise TaskInputError(f"cannot read package directory {source}: {e}") from e
     key = digest(DIRECTORY_RECIPE, tree_key, merged_usr)
+    what = f"directory {source.name}"
     if hit := cache.layer(key):
-        return hit
+        return dataclasses.replace(hit, what=what)  # see build_debian_packages
     staging = cache.staging("directory")
     try:
         tree = staging / "root"
@@ -96,8 +101,7 @@ async def build_directory(cache: BuildCache, source: Path, *, merged_usr: bool) 
         if merged_usr:
             await trio.to_thread.run_sync(merge_usr, tree)
         await squash(tree, staging / "layer.sqfs", all_root=True)
-        meta = {"source": source.name, "tree": tree_key}
-        return cache.add_layer(key, staging / "layer.sqfs", f"directory {source.name}", meta)
+        return cache.add_layer(key, staging / "layer.sqfs", what, {"tree": tree_key})
     finally:
         cache.discard(staging)
 

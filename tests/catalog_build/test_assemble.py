@@ -88,6 +88,17 @@ async def test_same_task_in_two_directories_gives_the_same_image(
     assert m.caps.memory_mib == 64
     assert ImageManifest.decode(m.encode(), expected_id=a.image_id) == m
 
+    # Another task with the same files and tools dir: reusing the layers "det" built must give
+    # the image a fresh cache gives (layer names come from the task, not the cache).
+    three = write_task(tmp_path / "three", TASK.replace('"det"', '"other"'), FILES)
+    (three.parent / "tools").rename(three.parent / "bin-tools")
+    three.write_text(TASK.replace('"det"', '"other"').replace("./tools", "./bin-tools"))
+    _, c = await assemble(three, tmp_path / "build-a", boot)
+    _, d = await assemble(three, tmp_path / "build-c", boot)
+    assert [x.reused for x in c.layers] == [True, True, True]
+    assert [x.what for x in c.manifest.layers] == ["task other", "directory bin-tools", "os tiny"]
+    assert c.image_id == d.image_id
+
 
 async def test_reuse_of_images_and_layers(tmp_path: Path, boot: BootFiles) -> None:
     path = write_task(tmp_path / "t", TASK, FILES)

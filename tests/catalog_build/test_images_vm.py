@@ -1,4 +1,5 @@
-"""debian-12 + python3, assembled from Debian's archive and booted through the VM backend.
+"""Assembled images booted through the VM backend: the tiny example, and debian-12 + python3
+from Debian's archive.
 
 The first run on a machine builds debian-12 (mmdebstrap, ~1-2 min) into the shared build cache;
 later runs reuse it. The VM boots the blobs exported from the chunk store, not the cache's files,
@@ -73,6 +74,17 @@ max_runtime = "2m"
         assert [x.what for x in image.layers] == ["packages python3", "os debian-12"]
         result = await boot_image(image, blobs, vm_files)
     assert (result.exit_code, result.stdout, result.stderr) == (0, b"42\n", b""), result
+
+
+@pytest.mark.vm
+async def test_tiny_example_boots(tmp_path: Path, boot: BootFiles, vm_files: Path) -> None:
+    async with ChunkStore.open(tmp_path / "chunks") as store:
+        blobs = BlobStore(store)
+        image = await Assembler(BuildCache(tmp_path / "cache"), blobs, boot).assemble(
+            load(EXAMPLES / "hello.toml")
+        )
+        result = await boot_image(image, blobs, vm_files)
+    assert (result.exit_code, result.stdout) == (0, b"hello from x86_64\n"), result
 
 
 @pytest.mark.vm
