@@ -28,7 +28,8 @@ from node.store import Database
 from scheduler_role import queue_ops as ops
 from scheduler_role import schema
 from scheduler_role.end_conditions import Outcome
-from scheduler_role.errors import TaskConflictError
+from scheduler_role.errors import InvalidTaskError, TaskConflictError
+from scheduler_role.group_commit import GroupCommit
 from scheduler_role.lifecycle import (
     HOLDING,
     Replica,
@@ -120,6 +121,7 @@ class Queue:
         self, db: Database, clock: Clock, lease_timeout: float, retry_after: float
     ) -> None:
         self._db = db
+        self._commits = GroupCommit(db)
         self._clock = clock
         self.lease_timeout = lease_timeout
         self.retry_after = retry_after
@@ -138,10 +140,14 @@ class Queue:
         retry_after: float = 5.0,
     ) -> AsyncIterator[Queue]:
         """Open (creating) the queue in ``path`` (``<data>/scheduler.db``)."""
-        async with Database.open(path, schema.MIGRATIONS) as db:
+        async with Database.open(path, schema.MIGRATIONS) as db, trio.open_nursery() as nursery:
             queue = cls(db, clock or TrioClock(), lease_timeout, retry_after)
             await queue._restore()
-            yield queue
+            await nursery.start(queue._commits.run)
+            try:
+                yield queue
+            finally:
+                nursery.cancel_scope.cancel()
 
     async def _restore(self) -> None:
         rows = await self._db.fetchall(
@@ -189,7 +195,7 @@ class Queue:
             )
             return True
 
-        return await self._db.transaction(op)
+        return await self._commits.write(op)
 
     async def begin_assembly(self, task_id: str) -> None:
         await self._task_event(task_id, TaskEvent.ASSEMBLE)
@@ -221,7 +227,7 @@ class Queue:
             new = task_step(state, event)
             if image_id is not None:
                 if len(image_id) != 32:
-                    raise ValueError("image_id must be 32 bytes")
+                    raise InvalidTaskError("image_id must be 32 bytes")
                 conn.execute("UPDATE tasks SET image_id = ? WHERE seq = ?", (image_id.hex(), seq))
             verdict = {TaskState.FAILED: Outcome.FAILED, TaskState.CANCELLED: Outcome.CANCELLED}
             conn.execute(
@@ -233,9 +239,7 @@ class Queue:
             )  # fmt: skip
             return ops.judge_and_apply(conn, seq, wall, held_for)
 
-        stops = await self._db.transaction(op)
-        self._forget(stops)
-        return stops
+        return await self._commits.write(op, self._forget)
 
     async def status(self, task_id: str) -> TaskStatus:
         def op(conn: sqlite3.Connection) -> TaskStatus:
@@ -313,10 +317,14 @@ class Queue:
                 max_runtime=spec.limits.max_runtime,
             )
 
-        grant = await self._db.transaction(op)
+        def after(grant: LeaseGrant | None) -> None:
+            if grant is not None:
+                deadline = now + self.lease_timeout
+                self._held[grant.lease] = _Held(worker, deadline, now, grant.max_runtime)
+
+        grant = await self._commits.write(op, after)
         if grant is None:
             return NoWork(retry_after=self.retry_after, reason="no queued task fits this offer")
-        self._held[grant.lease] = _Held(worker, now + self.lease_timeout, now, grant.max_runtime)
         return grant
 
     async def heartbeat(self, worker: str, beat: Heartbeat) -> HeartbeatAck:
@@ -334,7 +342,7 @@ class Queue:
             if lease in running:
                 started.append(lease)
         if started:
-            await self._db.transaction(lambda conn: ops.mark_running(conn, started))
+            await self._commits.write(lambda conn: ops.mark_running(conn, started))
         return HeartbeatAck(stop=tuple(stop))
 
     async def report(self, worker: str, report: ResultReport) -> tuple[ResultAck, list[StopNotice]]:
@@ -375,10 +383,12 @@ class Queue:
             )  # fmt: skip
             return ResultStatus.RECORDED, ops.judge_and_apply(conn, seq, wall, held_for)
 
-        status, stops = await self._db.transaction(op)
-        if status is ResultStatus.RECORDED:
-            self._held.pop(lease, None)
-        self._forget(stops)
+        def after(outcome: tuple[ResultStatus, list[StopNotice]]) -> None:
+            if outcome[0] is ResultStatus.RECORDED:
+                self._held.pop(lease, None)
+            self._forget(outcome[1])
+
+        status, stops = await self._commits.write(op, after)
         return ResultAck(lease=lease, status=status), stops
 
     async def lost(self, worker: str, leases: Iterable[LeaseKey]) -> list[StopNotice]:
@@ -429,11 +439,12 @@ class Queue:
                 stops += ops.judge_and_apply(conn, seq, wall, held_for)
             return stops
 
-        stops = await self._db.transaction(op)
-        for key in leases:
-            self._held.pop(key, None)
-        self._forget(stops)
-        return stops
+        def after(stops: list[StopNotice]) -> None:
+            for key in leases:
+                self._held.pop(key, None)
+            self._forget(stops)
+
+        return await self._commits.write(op, after)
 
     # --- introspection ---------------------------------------------------------------------------
 
@@ -445,7 +456,12 @@ class Queue:
         return counts
 
     def statistics(self) -> dict[str, int]:
-        return {"held_leases": len(self._held), "workers_seen": len(self.offers)}
+        return {
+            "held_leases": len(self._held),
+            "workers_seen": len(self.offers),
+            "commits": self._commits.batches,
+            "writes": self._commits.writes,
+        }
 
     def _held_for(self) -> dict[tuple[str, int], float]:
         now = self._clock.monotonic()

@@ -2,8 +2,10 @@
 
 Numbered migrations for :meth:`node.store.Database.open`; never edit a released one, append.
 Tasks are ordered by ``seq`` (submission order, which is also the order replicas are leased in);
-replicas and results refer to it. A task's resource needs are columns as well as JSON so the lease
-query can filter in SQL before the exact policy check in Python. Times stored here are wall-clock
+replicas and results refer to it. ``tasks.open`` is 1 while a replica is queued: the lease query
+walks only open tasks (a partial index), so its cost does not grow with the tasks already leased.
+A task's resource needs are columns as well as JSON so the lease query can filter in SQL before
+the exact policy check in Python. Times stored here are wall-clock
 (Unix seconds): they must mean something after a restart, unlike the monotonic lease deadlines.
 """
 
@@ -37,13 +39,15 @@ MIGRATIONS: list[str] = [
         replicas INTEGER NOT NULL,
         quorum INTEGER NOT NULL,
         state TEXT NOT NULL,
+        open INTEGER NOT NULL DEFAULT 1,
         verdict TEXT,
         reason TEXT NOT NULL DEFAULT '',
         agreed BLOB,
         submitted_at REAL NOT NULL,
         finished_at REAL
     );
-    CREATE INDEX tasks_by_image ON tasks (image_id, seq) WHERE state = 'active';
+    CREATE INDEX tasks_open ON tasks (seq) WHERE state = 'active' AND open = 1;
+    CREATE INDEX tasks_open_by_image ON tasks (image_id, seq) WHERE state = 'active' AND open = 1;
     CREATE INDEX tasks_by_deadline ON tasks (deadline)
         WHERE state IN ('submitted', 'assembling', 'active') AND deadline IS NOT NULL;
     CREATE TABLE replicas (
@@ -56,7 +60,6 @@ MIGRATIONS: list[str] = [
         leased_at REAL,
         PRIMARY KEY (task_seq, idx)
     ) WITHOUT ROWID;
-    CREATE INDEX replicas_queued ON replicas (task_seq, idx) WHERE state = 'queued';
     CREATE INDEX replicas_by_worker ON replicas (worker) WHERE worker IS NOT NULL;
     CREATE TABLE results (
         arrival INTEGER PRIMARY KEY,
@@ -142,3 +145,8 @@ def save_replica(
         (replica.state.value, replica.worker, replica.attempts, replica.reason, leased_at, seq,
          replica.index),
     )  # fmt: skip
+    conn.execute(
+        "UPDATE tasks SET open = EXISTS (SELECT 1 FROM replicas WHERE task_seq = ? AND state = ?)"
+        " WHERE seq = ?",
+        (seq, ReplicaState.QUEUED.value, seq),
+    )
