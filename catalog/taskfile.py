@@ -4,9 +4,11 @@ Schema (every key but ``name``, ``os`` and ``command`` is optional; unknown keys
 
     name     = "hello"                   # [a-z0-9][a-z0-9._-]*, at most 64 characters
     os       = "debian-12"               # an OS of the catalog: "tiny" or "debian-12"
-    packages = ["python3", "./vendor"]   # Debian package names of that OS's archive, or local
-                                         # directories (contain a "/", relative to this file),
-                                         # each a read-only layer; later ones lie above
+    packages = ["python3", "./vendor"]   # Debian package names of that OS's archive (together
+                                         # one layer, with what they need that the OS lacks), or
+                                         # local directories (contain a "/", relative to this
+                                         # file; each a layer, as the guest's / sees it, above
+                                         # the Debian one, the last listed highest)
     command  = "python3 -c 'print(6*7)'" # a string runs under /bin/sh -c; an array is the argv
     env      = { GREETING = "hi" }       # names [A-Za-z_][A-Za-z0-9_]*, string values
     files    = ["main.py", "data/"]      # relative to this file; land in the guest under

@@ -9,10 +9,12 @@ and every .deb against the index.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from catalog.errors import BuildError, PackageError
 APT_TIMEOUT_S = 300.0
 DOWNLOAD_TIMEOUT_S = 900.0
 INDEX_MAX_AGE_S = 6 * 3600.0
+LOCK_POLL_S = 0.2
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 _INST_RE = re.compile(r"^Inst (\S+) (?:\[(\S+)\] )?\((\S+) .*\[(\S+)\]\)", re.M)
 
@@ -110,12 +113,15 @@ class Apt:
 
     async def update(self, *, refresh: bool = False) -> None:
         """Fetch the archive's index when it is missing, older than INDEX_MAX_AGE_S, or asked."""
-        age = self._index_age()
-        if not refresh and age is not None and age < INDEX_MAX_AGE_S:
-            return
         with trio.fail_after(APT_TIMEOUT_S):
-            await run(["apt-get", "update", "-q"], env=self._env,
-                      what=f"apt-get update for {self.archive.name}")
+            # apt-get update takes apt's own lock and fails, rather than waits, when another
+            # build process holds it; so builds take turns on ours first.
+            async with _flock(self.root / "update.lock"):
+                age = self._index_age()
+                if not refresh and age is not None and age < INDEX_MAX_AGE_S:
+                    return
+                await run(["apt-get", "update", "-q"], env=self._env,
+                          what=f"apt-get update for {self.archive.name}")
 
     async def required(self) -> list[str]:
         """The archive's Essential and Priority: required packages (mmdebstrap's minbase,
@@ -172,6 +178,23 @@ class Apt:
         if absent := [p.name for p in paths if not p.is_file()]:
             raise BuildError(f"apt-get download did not leave {', '.join(absent)} in {into}")
         return paths
+
+
+@asynccontextmanager
+async def _flock(path: Path) -> AsyncIterator[None]:
+    """An exclusive lock between processes. Polled, because a thread blocked in flock could
+    not be cancelled; the caller's deadline bounds the wait."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await trio.sleep(LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _write_if_changed(path: Path, text: str) -> None:
