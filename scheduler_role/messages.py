@@ -26,6 +26,7 @@ from typing import Any, ClassVar, TypeVar
 import msgpack
 
 from node.errors import LocalProtocolError, RemoteProtocolError
+from node.identity import verify
 from node.wire import WireLimits
 from scheduler_role.end_conditions import DIGEST_SIZE, result_digest
 from scheduler_role.errors import InvalidTaskError
@@ -554,3 +555,9 @@ def decode_message(raw: Mapping[str, Any]) -> Message:
     except TypeError as e:  # e.g. a non-hashable where a set member was needed
         raise RemoteProtocolError(f"{kind}: malformed: {e}") from None
     return message
+
+
+def verify_report(report: ResultReport, public_bytes: bytes) -> bool:
+    """Whether ``report`` is signed by the worker with this Ed25519 public key (the glue gets the
+    key from the stream's authenticated peer ID)."""
+    return verify(public_bytes, report.signed_bytes(), report.signature)
