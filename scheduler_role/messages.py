@@ -17,29 +17,38 @@ is malformed, unknown, has extra or missing keys, or breaks a limit into
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import msgpack
 
 from node.errors import LocalProtocolError, RemoteProtocolError
 from node.identity import verify
 from node.wire import WireLimits
+from scheduler_role.codec import (
+    MAX_TEXT,
+    as_bytes,
+    as_int,
+    as_map,
+    as_seconds,
+    as_text,
+    as_tuple,
+    caps_from_dict,
+    caps_to_dict,
+    check_keys,
+    check_lease,
+    lease_from_list,
+    lease_to_list,
+)
 from scheduler_role.end_conditions import DIGEST_SIZE, result_digest
-from scheduler_role.errors import InvalidTaskError
-from scheduler_role.task import MAX_REPLICAS, LeaseKey, check_id
-from worker_role.caps import Caps, NetworkMode
+from scheduler_role.task import LeaseKey
+from worker_role.caps import Caps
 
 PROTOCOL_ID = "/vmlend/dispatch/1.0.0"
 MAX_LEASES = 256  # per message: far above any worker's concurrent VMs
 MAX_IMAGES = 1024  # image IDs an offer may list as already held
-MAX_NET_ALLOW = 64
-MAX_TEXT = 512
-MAX_ATTEMPT = 2**31 - 1
-MAX_SECONDS = 7 * 24 * 3600.0
 SIGNATURE_SIZE = 64  # Ed25519
 ID_SIZE = 32
 
@@ -50,116 +59,6 @@ WIRE_LIMITS = WireLimits(
     max_str=4 * MAX_TEXT,
     max_bin=SIGNATURE_SIZE,
 )
-
-T = TypeVar("T")
-
-
-def _int(name: str, value: object, low: int, high: int) -> int:
-    if type(value) is not int or not low <= value <= high:
-        raise LocalProtocolError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-    return value
-
-
-def _seconds(name: str, value: object, low_exclusive: float = 0.0) -> float:
-    # bool is an int subclass; a peer's True is not one second.
-    if type(value) not in (int, float) or not isinstance(value, int | float):
-        raise LocalProtocolError(f"{name} must be a number of seconds")
-    if not (math.isfinite(value) and low_exclusive < value <= MAX_SECONDS):
-        raise LocalProtocolError(f"{name} must be seconds in ({low_exclusive}, {MAX_SECONDS}]")
-    return float(value)
-
-
-def _bytes(name: str, value: object, size: int) -> bytes:
-    if type(value) is not bytes or len(value) != size:
-        raise LocalProtocolError(f"{name} must be {size} bytes")
-    return value
-
-
-def _text(name: str, value: object) -> str:
-    if type(value) is not str or len(value) > MAX_TEXT:
-        raise LocalProtocolError(f"{name} must be a str of <= {MAX_TEXT} characters")
-    return value
-
-
-def _tuple(name: str, value: object, limit: int, item: Callable[[object], T]) -> tuple[T, ...]:
-    if not isinstance(value, list | tuple) or len(value) > limit:
-        raise LocalProtocolError(f"{name} must be a list of <= {limit} items")
-    return tuple(item(v) for v in value)
-
-
-def _keys(kind: str, raw: Mapping[str, Any], required: set[str], optional: frozenset[str]) -> None:
-    given = set(raw)
-    if not required <= given or not given <= required | optional:
-        raise LocalProtocolError(
-            f"{kind}: missing {sorted(required - given)}, "
-            f"unexpected {sorted(given - required - optional)}"
-        )
-
-
-def _map(name: str, value: object) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise LocalProtocolError(f"{name} must be a map")
-    return value
-
-
-# --- shared parts -------------------------------------------------------------------------------
-
-_CAPS_KEYS = {f for f in Caps.__dataclass_fields__}
-
-
-def caps_to_dict(caps: Caps) -> dict[str, Any]:
-    out = {f: getattr(caps, f) for f in _CAPS_KEYS}
-    out["network"] = caps.network.value
-    out["net_allow"] = list(caps.net_allow)
-    return out
-
-
-def caps_from_dict(raw: object) -> Caps:
-    value = _map("caps", raw)
-    _keys("caps", value, _CAPS_KEYS, frozenset())
-    try:
-        return Caps(
-            vcpus=_int("vcpus", value["vcpus"], 1, 1024),
-            cpu_share=_seconds("cpu_share", value["cpu_share"]),
-            memory_mib=_int("memory_mib", value["memory_mib"], 32, 2**40),
-            disk_mib=_int("disk_mib", value["disk_mib"], 1, 2**40),
-            disk_bps=_int("disk_bps", value["disk_bps"], 0, 2**62),
-            disk_iops=_int("disk_iops", value["disk_iops"], 0, 2**62),
-            network=NetworkMode(_text("network", value["network"])),
-            net_bps=_int("net_bps", value["net_bps"], 0, 2**62),
-            net_allow=_tuple("net_allow", value["net_allow"], MAX_NET_ALLOW, _allow_entry),
-        )
-    except ValueError as e:  # Caps' own checks, and an unknown network mode
-        raise LocalProtocolError(f"caps: {e}") from None
-
-
-def _allow_entry(value: object) -> str:
-    return _text("net_allow entry", value)
-
-
-def lease_to_list(lease: LeaseKey) -> list[Any]:
-    return [lease.task_id, lease.replica, lease.attempt]
-
-
-def lease_from_list(raw: object) -> LeaseKey:
-    if not isinstance(raw, list | tuple) or len(raw) != 3:
-        raise LocalProtocolError("a lease is [task, replica, attempt]")
-    task: object = raw[0]
-    try:
-        task_id = check_id("task", task)
-    except InvalidTaskError as e:
-        raise LocalProtocolError(str(e)) from None
-    return LeaseKey(
-        task_id,
-        _int("replica", raw[1], 0, MAX_REPLICAS - 1),
-        _int("attempt", raw[2], 1, MAX_ATTEMPT),
-    )
-
-
-def _check_lease(lease: object) -> None:
-    if not isinstance(lease, LeaseKey):
-        raise LocalProtocolError("lease must be a LeaseKey")
-    lease_from_list(lease_to_list(lease))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,7 +77,7 @@ class Offer:
         if len(images) > MAX_IMAGES:
             raise LocalProtocolError(f"an offer lists at most {MAX_IMAGES} images")
         for image in images:
-            _bytes("image ID", image, ID_SIZE)
+            as_bytes("image ID", image, ID_SIZE)
         object.__setattr__(self, "images", images)
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,10 +89,10 @@ class Offer:
 
     @classmethod
     def from_dict(cls, raw: object) -> Offer:
-        value = _map("offer", raw)
-        _keys("offer", value, {"room", "capacity", "images"}, frozenset())
-        images = _tuple(
-            "images", value["images"], MAX_IMAGES, lambda v: _bytes("image", v, ID_SIZE)
+        value = as_map("offer", raw)
+        check_keys("offer", value, {"room", "capacity", "images"}, frozenset())
+        images = as_tuple(
+            "images", value["images"], MAX_IMAGES, lambda v: as_bytes("image", v, ID_SIZE)
         )
         return cls(
             room=caps_from_dict(value["room"]),
@@ -219,7 +118,7 @@ class WorkRequest:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> WorkRequest:
-        _keys(cls.TYPE, raw, {"offer"}, frozenset())
+        check_keys(cls.TYPE, raw, {"offer"}, frozenset())
         return cls(offer=Offer.from_dict(raw["offer"]))
 
 
@@ -236,12 +135,12 @@ class LeaseGrant:
     max_runtime: float
 
     def __post_init__(self) -> None:
-        _check_lease(self.lease)
-        _bytes("image_id", self.image_id, ID_SIZE)
+        check_lease(self.lease)
+        as_bytes("image_id", self.image_id, ID_SIZE)
         if not isinstance(self.caps, Caps):
             raise LocalProtocolError("caps must be Caps")
-        _seconds("lease_timeout", self.lease_timeout)
-        _seconds("max_runtime", self.max_runtime)
+        as_seconds("lease_timeout", self.lease_timeout)
+        as_seconds("max_runtime", self.max_runtime)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -254,13 +153,15 @@ class LeaseGrant:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> LeaseGrant:
-        _keys(cls.TYPE, raw, {"lease", "image_id", "caps", "lease_timeout", "max_runtime"}, _NONE)
+        check_keys(
+            cls.TYPE, raw, {"lease", "image_id", "caps", "lease_timeout", "max_runtime"}, _NONE
+        )
         return cls(
             lease=lease_from_list(raw["lease"]),
             image_id=raw["image_id"],
             caps=caps_from_dict(raw["caps"]),
-            lease_timeout=_seconds("lease_timeout", raw["lease_timeout"]),
-            max_runtime=_seconds("max_runtime", raw["max_runtime"]),
+            lease_timeout=as_seconds("lease_timeout", raw["lease_timeout"]),
+            max_runtime=as_seconds("max_runtime", raw["max_runtime"]),
         )
 
 
@@ -273,16 +174,16 @@ class NoWork:
     reason: str = ""
 
     def __post_init__(self) -> None:
-        _seconds("retry_after", self.retry_after)
-        _text("reason", self.reason)
+        as_seconds("retry_after", self.retry_after)
+        as_text("reason", self.reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {"retry_after": self.retry_after, "reason": self.reason}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> NoWork:
-        _keys(cls.TYPE, raw, {"retry_after", "reason"}, _NONE)
-        return cls(retry_after=_seconds("retry_after", raw["retry_after"]), reason=raw["reason"])
+        check_keys(cls.TYPE, raw, {"retry_after", "reason"}, _NONE)
+        return cls(retry_after=as_seconds("retry_after", raw["retry_after"]), reason=raw["reason"])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -299,7 +200,7 @@ class Heartbeat:
             if type(value) is not tuple or len(value) > MAX_LEASES:
                 raise LocalProtocolError(f"{name} must be a tuple of <= {MAX_LEASES} leases")
             for lease in value:
-                _check_lease(lease)
+                check_lease(lease)
         if not set(self.running) <= set(self.leases):
             raise LocalProtocolError("every running lease must be among the leases")
 
@@ -311,10 +212,10 @@ class Heartbeat:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Heartbeat:
-        _keys(cls.TYPE, raw, {"leases", "running"}, _NONE)
+        check_keys(cls.TYPE, raw, {"leases", "running"}, _NONE)
         return cls(
-            leases=_tuple("leases", raw["leases"], MAX_LEASES, lease_from_list),
-            running=_tuple("running", raw["running"], MAX_LEASES, lease_from_list),
+            leases=as_tuple("leases", raw["leases"], MAX_LEASES, lease_from_list),
+            running=as_tuple("running", raw["running"], MAX_LEASES, lease_from_list),
         )
 
 
@@ -326,7 +227,7 @@ class _LeaseList:
         if type(self.leases) is not tuple or len(self.leases) > MAX_LEASES:
             raise LocalProtocolError(f"leases must be a tuple of <= {MAX_LEASES} leases")
         for lease in self.leases:
-            _check_lease(lease)
+            check_lease(lease)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -344,8 +245,8 @@ class HeartbeatAck:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> HeartbeatAck:
-        _keys(cls.TYPE, raw, {"stop"}, _NONE)
-        return cls(stop=_tuple("stop", raw["stop"], MAX_LEASES, lease_from_list))
+        check_keys(cls.TYPE, raw, {"stop"}, _NONE)
+        return cls(stop=as_tuple("stop", raw["stop"], MAX_LEASES, lease_from_list))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -358,15 +259,15 @@ class Stop:
 
     def __post_init__(self) -> None:
         _LeaseList(leases=self.leases)
-        _text("reason", self.reason)
+        as_text("reason", self.reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {"leases": [lease_to_list(x) for x in self.leases], "reason": self.reason}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Stop:
-        _keys(cls.TYPE, raw, {"leases", "reason"}, _NONE)
-        leases = _tuple("leases", raw["leases"], MAX_LEASES, lease_from_list)
+        check_keys(cls.TYPE, raw, {"leases", "reason"}, _NONE)
+        leases = as_tuple("leases", raw["leases"], MAX_LEASES, lease_from_list)
         return cls(leases=leases, reason=raw["reason"])
 
 
@@ -385,8 +286,8 @@ class Lost:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Lost:
-        _keys(cls.TYPE, raw, {"leases"}, _NONE)
-        return cls(leases=_tuple("leases", raw["leases"], MAX_LEASES, lease_from_list))
+        check_keys(cls.TYPE, raw, {"leases"}, _NONE)
+        return cls(leases=as_tuple("leases", raw["leases"], MAX_LEASES, lease_from_list))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -406,13 +307,13 @@ class ResultReport:
     signature: bytes
 
     def __post_init__(self) -> None:
-        _check_lease(self.lease)
-        _int("exit_code", self.exit_code, -(2**31), 2**31 - 1)
+        check_lease(self.lease)
+        as_int("exit_code", self.exit_code, -(2**31), 2**31 - 1)
         for name in ("stdout_digest", "stderr_digest", "stdout_blob", "stderr_blob"):
-            _bytes(name, getattr(self, name), DIGEST_SIZE)
+            as_bytes(name, getattr(self, name), DIGEST_SIZE)
         if self.archive_blob is not None:
-            _bytes("archive_blob", self.archive_blob, DIGEST_SIZE)
-        _bytes("signature", self.signature, SIGNATURE_SIZE)
+            as_bytes("archive_blob", self.archive_blob, DIGEST_SIZE)
+        as_bytes("signature", self.signature, SIGNATURE_SIZE)
 
     @property
     def digest(self) -> bytes:
@@ -444,7 +345,7 @@ class ResultReport:
     def from_dict(cls, raw: Mapping[str, Any]) -> ResultReport:
         required = {"lease", "exit_code", "stdout_digest", "stderr_digest", "stdout_blob"}
         required |= {"stderr_blob", "signature"}
-        _keys(cls.TYPE, raw, required, frozenset({"archive_blob"}))
+        check_keys(cls.TYPE, raw, required, frozenset({"archive_blob"}))
         values = {k: raw[k] for k in required - {"lease"}}
         return cls(
             lease=lease_from_list(raw["lease"]), archive_blob=raw.get("archive_blob"), **values
@@ -489,7 +390,7 @@ class ResultAck:
     status: ResultStatus
 
     def __post_init__(self) -> None:
-        _check_lease(self.lease)
+        check_lease(self.lease)
         if not isinstance(self.status, ResultStatus):
             raise LocalProtocolError(f"status must be a ResultStatus, got {self.status!r}")
 
@@ -498,7 +399,7 @@ class ResultAck:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ResultAck:
-        _keys(cls.TYPE, raw, {"lease", "status"}, _NONE)
+        check_keys(cls.TYPE, raw, {"lease", "status"}, _NONE)
         try:
             status = ResultStatus(raw["status"])
         except ValueError:

@@ -125,6 +125,7 @@ class Queue:
         self._clock = clock
         self.lease_timeout = lease_timeout
         self.retry_after = retry_after
+        self.max_leases_per_worker = 64
         self._held: dict[LeaseKey, _Held] = {}
         self.offers: dict[str, SeenOffer] = {}
         """The last offer each worker sent (for :mod:`explain`); pruned by :meth:`tick`."""
@@ -138,10 +139,12 @@ class Queue:
         clock: Clock | None = None,
         lease_timeout: float = 30.0,
         retry_after: float = 5.0,
+        max_leases_per_worker: int = 64,
     ) -> AsyncIterator[Queue]:
         """Open (creating) the queue in ``path`` (``<data>/scheduler.db``)."""
         async with Database.open(path, schema.MIGRATIONS) as db, trio.open_nursery() as nursery:
             queue = cls(db, clock or TrioClock(), lease_timeout, retry_after)
+            queue.max_leases_per_worker = max_leases_per_worker
             await queue._restore()
             await nursery.start(queue._commits.run)
             try:
@@ -299,9 +302,13 @@ class Queue:
         now = self._clock.monotonic()
         self.offers[worker] = SeenOffer(offer, now)
         wall = self._clock.wall()
+        held = sum(1 for h in self._held.values() if h.worker == worker)
+        if held >= self.max_leases_per_worker:
+            # The offer is the worker's word; this bounds what one worker can hoard by lying.
+            return NoWork(retry_after=self.retry_after, reason=f"already holds {held} leases")
 
         def op(conn: sqlite3.Connection) -> LeaseGrant | None:
-            found = ops.find_candidate(conn, worker, offer)
+            found = ops.find_candidate(conn, worker, offer, wall)
             if found is None:
                 return None
             seq, idx, spec = found
@@ -417,7 +424,9 @@ class Queue:
     async def _expire(
         self, leases: list[LeaseKey], reason: str, also_judge: Iterable[str] = ()
     ) -> list[StopNotice]:
-        workers = {k: self._held[k].worker for k in leases}
+        # A lease may have been reported or stopped while the caller awaited: skip those.
+        workers = {k: h.worker for k in leases if (h := self._held.get(k)) is not None}
+        leases = list(workers)
         tasks = set(also_judge) | {k.task_id for k in leases}
         if not tasks:
             return []

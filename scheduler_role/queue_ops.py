@@ -68,19 +68,22 @@ def mark_running(conn: sqlite3.Connection, leases: list[LeaseKey]) -> None:
 
 
 def find_candidate(
-    conn: sqlite3.Connection, worker: str, offer: Offer
+    conn: sqlite3.Connection, worker: str, offer: Offer, wall: float
 ) -> tuple[int, int, TaskSpec] | None:
+    """The first queued replica (held images first, then submission order) that fits ``offer``,
+    of a task ``worker`` has no replica or result of, whose deadline has not passed."""
     room = offer.room
     # Driven by the open tasks (a partial index, in submission order), so a lease costs the same
     # with ten thousand tasks already leased as with none.
     prefilter = (
         "t.state = 'active' AND t.open = 1 AND r.state = 'queued' AND t.vcpus <= ?"
         " AND t.memory_mib <= ? AND t.disk_mib <= ? AND t.network <= ?"
+        " AND (t.deadline IS NULL OR t.deadline > ?)"
         " AND NOT EXISTS (SELECT 1 FROM replicas o WHERE o.task_seq = r.task_seq AND o.worker = ?)"
         " AND NOT EXISTS (SELECT 1 FROM results s WHERE s.task_seq = r.task_seq AND s.worker = ?)"
     )
     network_ok = int(room.network is NetworkMode.PROXY)
-    params = (room.vcpus, room.memory_mib, room.disk_mib, network_ok, worker, worker)
+    params = (room.vcpus, room.memory_mib, room.disk_mib, network_ok, wall, worker, worker)
     images = sorted(i.hex() for i in offer.images)
     queries: list[tuple[str, tuple[object, ...]]] = []
     if images:

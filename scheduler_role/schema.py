@@ -16,8 +16,8 @@ import sqlite3
 from typing import Any
 
 from node.errors import LocalProtocolError, StoreError
+from scheduler_role.codec import caps_from_dict, caps_to_dict
 from scheduler_role.lifecycle import Replica, ReplicaState
-from scheduler_role.messages import caps_from_dict, caps_to_dict
 from scheduler_role.task import Limits, TaskSpec
 from worker_role.caps import NetworkMode
 

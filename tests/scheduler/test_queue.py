@@ -245,3 +245,24 @@ async def test_submit_refuses_a_different_task_under_a_used_id(queue: Queue) -> 
     await queue.submit(a)
     with pytest.raises(TaskConflictError):
         await queue.submit(replace(a, owner="someone-else"))
+
+
+async def test_a_worker_cannot_hoard_leases(tmp_path: Path) -> None:
+    async with Queue.open(tmp_path / "s.db", clock=VirtualClock(), max_leases_per_worker=2) as q:
+        for n in range(3):
+            await q.submit(spec(f"t{n}"))
+        await grant(q, "w1")
+        await grant(q, "w1")
+        refused = await q.lease("w1", offer())
+        assert isinstance(refused, NoWork)
+        assert refused.reason == "already holds 2 leases"
+
+
+async def test_no_lease_past_the_deadline_even_before_a_tick(
+    queue: Queue, autojump_clock: trio.testing.MockClock
+) -> None:
+    await queue.submit(spec("a", deadline=VirtualClock().wall() + 10))
+    await trio.sleep(11)
+    assert isinstance(await queue.lease("w1", offer()), NoWork)
+    await queue.tick()
+    assert (await queue.status("a")).reason == "deadline passed"
