@@ -106,6 +106,7 @@ class _Held:
     deadline: float  # monotonic: expires unless heartbeated before
     since: float  # monotonic: when the lease was granted (for max runtime)
     max_runtime: float
+    running: bool = False  # the worker said its VM runs (persisted once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,15 +119,22 @@ class Queue:
     """One scheduler's queue. Open with :meth:`open`; every method may be called from any task."""
 
     def __init__(
-        self, db: Database, clock: Clock, lease_timeout: float, retry_after: float
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        lease_timeout: float,
+        retry_after: float,
+        max_leases_per_worker: int,
     ) -> None:
         self._db = db
         self._commits = GroupCommit(db)
         self._clock = clock
         self.lease_timeout = lease_timeout
         self.retry_after = retry_after
-        self.max_leases_per_worker = 64
+        self.max_leases_per_worker = max_leases_per_worker
         self._held: dict[LeaseKey, _Held] = {}
+        self._held_count: dict[str, int] = {}  # leases per worker, kept with _held
         self.offers: dict[str, SeenOffer] = {}
         """The last offer each worker sent (for :mod:`explain`); pruned by :meth:`tick`."""
 
@@ -143,8 +151,13 @@ class Queue:
     ) -> AsyncIterator[Queue]:
         """Open (creating) the queue in ``path`` (``<data>/scheduler.db``)."""
         async with Database.open(path, schema.MIGRATIONS) as db, trio.open_nursery() as nursery:
-            queue = cls(db, clock or TrioClock(), lease_timeout, retry_after)
-            queue.max_leases_per_worker = max_leases_per_worker
+            queue = cls(
+                db,
+                clock or TrioClock(),
+                lease_timeout=lease_timeout,
+                retry_after=retry_after,
+                max_leases_per_worker=max_leases_per_worker,
+            )
             await queue._restore()
             await nursery.start(queue._commits.run)
             try:
@@ -154,15 +167,16 @@ class Queue:
 
     async def _restore(self) -> None:
         rows = await self._db.fetchall(
-            "SELECT t.task_id, r.idx, r.attempts, r.worker, r.leased_at, t.max_runtime"
+            "SELECT t.task_id, r.idx, r.attempts, r.worker, r.leased_at, t.max_runtime, r.state"
             " FROM replicas r JOIN tasks t ON t.seq = r.task_seq WHERE r.state IN (?, ?)",
             tuple(s.value for s in HOLDING),
         )
         now, wall = self._clock.monotonic(), self._clock.wall()
-        for task_id, idx, attempts, worker, leased_at, max_runtime in rows:
+        for task_id, idx, attempts, worker, leased_at, max_runtime, state in rows:
             ran = max(0.0, wall - (leased_at if leased_at is not None else wall))
-            held = _Held(worker, now + self.lease_timeout, now - ran, max_runtime)
-            self._held[LeaseKey(task_id, idx, attempts)] = held
+            running = state == ReplicaState.RUNNING.value
+            held = _Held(worker, now + self.lease_timeout, now - ran, max_runtime, running)
+            self._hold(LeaseKey(task_id, idx, attempts), held)
 
     # --- owner side ------------------------------------------------------------------------------
 
@@ -302,7 +316,7 @@ class Queue:
         now = self._clock.monotonic()
         self.offers[worker] = SeenOffer(offer, now)
         wall = self._clock.wall()
-        held = sum(1 for h in self._held.values() if h.worker == worker)
+        held = self._held_count.get(worker, 0)
         if held >= self.max_leases_per_worker:
             # The offer is the worker's word; this bounds what one worker can hoard by lying.
             return NoWork(retry_after=self.retry_after, reason=f"already holds {held} leases")
@@ -327,7 +341,7 @@ class Queue:
         def after(grant: LeaseGrant | None) -> None:
             if grant is not None:
                 deadline = now + self.lease_timeout
-                self._held[grant.lease] = _Held(worker, deadline, now, grant.max_runtime)
+                self._hold(grant.lease, _Held(worker, deadline, now, grant.max_runtime))
 
         grant = await self._commits.write(op, after)
         if grant is None:
@@ -346,7 +360,8 @@ class Queue:
                 stop.append(lease)
                 continue
             held.deadline = now + self.lease_timeout
-            if lease in running:
+            if lease in running and not held.running:
+                held.running = True
                 started.append(lease)
         if started:
             await self._commits.write(lambda conn: ops.mark_running(conn, started))
@@ -392,7 +407,7 @@ class Queue:
 
         def after(outcome: tuple[ResultStatus, list[StopNotice]]) -> None:
             if outcome[0] is ResultStatus.RECORDED:
-                self._held.pop(lease, None)
+                self._release(lease)
             self._forget(outcome[1])
 
         status, stops = await self._commits.write(op, after)
@@ -450,7 +465,7 @@ class Queue:
 
         def after(stops: list[StopNotice]) -> None:
             for key in leases:
-                self._held.pop(key, None)
+                self._release(key)
             self._forget(stops)
 
         return await self._commits.write(op, after)
@@ -459,10 +474,7 @@ class Queue:
 
     def held_by(self) -> dict[str, int]:
         """Leases held per worker right now (for :mod:`explain`)."""
-        counts: dict[str, int] = {}
-        for held in self._held.values():
-            counts[held.worker] = counts.get(held.worker, 0) + 1
-        return counts
+        return dict(self._held_count)
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -478,4 +490,18 @@ class Queue:
 
     def _forget(self, stops: Iterable[StopNotice]) -> None:
         for stop in stops:
-            self._held.pop(stop.lease, None)
+            self._release(stop.lease)
+
+    def _hold(self, lease: LeaseKey, held: _Held) -> None:
+        self._release(lease)
+        self._held[lease] = held
+        self._held_count[held.worker] = self._held_count.get(held.worker, 0) + 1
+
+    def _release(self, lease: LeaseKey) -> None:
+        held = self._held.pop(lease, None)
+        if held is not None:
+            left = self._held_count[held.worker] - 1
+            if left:
+                self._held_count[held.worker] = left
+            else:
+                del self._held_count[held.worker]

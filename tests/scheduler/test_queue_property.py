@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
+from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -129,6 +130,8 @@ async def check(
         assert len(per_task) == len(set(per_task)), "a worker reported twice for one task"
     finally:
         db.close()
+    # Memory (lease deadlines) and disk agree on who holds what.
+    assert q.held_by() == dict(Counter(worker for _, _, worker, _ in rows))
     # Only the holder of the latest lease of a replica is told to keep going.
     current = {(task, idx): (worker, attempts) for task, idx, worker, attempts in rows}
     for worker, leases in held.items():
