@@ -1,0 +1,71 @@
+"""The scheduler's side of ``/vmlend/dispatch/1.0.0``: one decoded message in, the answer out.
+
+The p2p glue reads a frame, decodes it with :func:`messages.decode_message`, calls
+:func:`handle` with the stream's authenticated peer ID, writes the answer back, and pushes a
+:class:`messages.Stop` to every worker named in the returned notices. Nothing here does I/O beyond
+the queue's own database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+
+from node.errors import RemoteProtocolError
+from scheduler_role.messages import (
+    Heartbeat,
+    HeartbeatAck,
+    LeaseGrant,
+    Lost,
+    Message,
+    NoWork,
+    ResultAck,
+    ResultReport,
+    Stop,
+    WorkRequest,
+    verify_report,
+)
+from scheduler_role.queue import Queue, StopNotice
+
+log = logging.getLogger("vmlend.scheduler.dispatch")
+
+Answer = LeaseGrant | NoWork | HeartbeatAck | ResultAck
+
+
+async def handle(
+    queue: Queue, worker: str, message: Message, *, public_key: bytes
+) -> tuple[Answer, list[StopNotice]]:
+    """Serve one request from ``worker`` (whose Ed25519 key is ``public_key``).
+
+    Returns the answer for this stream and the stop notices for any worker (the task this changed
+    may be running elsewhere). :class:`RemoteProtocolError` for a message a worker must not send
+    (a scheduler's message, a result with a bad signature): drop the stream.
+    """
+    if isinstance(message, WorkRequest):
+        return await queue.lease(worker, message.offer), []
+    if isinstance(message, Heartbeat):
+        return await queue.heartbeat(worker, message), []
+    if isinstance(message, ResultReport):
+        if not verify_report(message, public_key):
+            log.warning(
+                "worker %s sent a result with a bad signature for %s", worker, message.lease
+            )
+            raise RemoteProtocolError(f"result for {message.lease} has a bad signature")
+        return await queue.report(worker, message)
+    if isinstance(message, Lost):
+        stops = await queue.lost(worker, message.leases)
+        return HeartbeatAck(stop=()), stops
+    raise RemoteProtocolError(f"a worker does not send {message.TYPE!r}")
+
+
+def stop_messages(notices: Iterable[StopNotice]) -> dict[str, list[Stop]]:
+    """Group notices into one :class:`Stop` per worker and reason, to push."""
+    grouped: dict[tuple[str, str], list[StopNotice]] = defaultdict(list)
+    for notice in notices:
+        grouped[(notice.worker, notice.reason)].append(notice)
+    out: dict[str, list[Stop]] = defaultdict(list)
+    for (worker, reason), group in sorted(grouped.items()):
+        leases = tuple(sorted(n.lease for n in group))
+        out[worker].append(Stop(leases=leases, reason=reason[:512]))
+    return dict(out)

@@ -1,0 +1,110 @@
+"""Workers and a scheduler speaking the dispatch protocol through real wire frames (no sockets)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from node.errors import RemoteProtocolError
+from node.identity import Identity
+from node.wire import FrameDecoder, encode_frame
+from scheduler_role.dispatch import handle, stop_messages
+from scheduler_role.lifecycle import TaskState
+from scheduler_role.messages import (
+    WIRE_LIMITS,
+    Heartbeat,
+    LeaseGrant,
+    Lost,
+    Message,
+    NoWork,
+    ResultAck,
+    ResultStatus,
+    WorkRequest,
+    decode_message,
+    to_dict,
+)
+from scheduler_role.queue import Queue, StopNotice
+from scheduler_role.task import LeaseKey
+from tests.scheduler.conftest import offer, report, spec
+
+
+def wire(message: Message) -> Message:
+    decoder = FrameDecoder(WIRE_LIMITS)
+    decoder.feed(encode_frame(to_dict(message), WIRE_LIMITS))
+    raw = decoder.next_message()
+    assert raw is not None
+    return decode_message(raw)
+
+
+class SimWorker:
+    def __init__(self, name: str, queue: Queue, *, lies: bool = False) -> None:
+        self.name, self.queue, self.lies = name, queue, lies
+        self.identity = Identity.generate()
+        self.stopped: list[LeaseKey] = []
+
+    async def ask(self, message: Message) -> tuple[Message, list[StopNotice]]:
+        answer, stops = await handle(
+            self.queue, self.name, wire(message), public_key=self.identity.public_bytes
+        )
+        return wire(answer), stops
+
+    async def pull(self) -> LeaseGrant | None:
+        answer, _ = await self.ask(WorkRequest(offer=offer()))
+        return answer if isinstance(answer, LeaseGrant) else None
+
+    async def finish(self, grant: LeaseGrant) -> tuple[Message, list[StopNotice]]:
+        unsigned = report(grant.lease, stdout="wrong" if self.lies else "42")
+        signed = dataclasses.replace(
+            unsigned, signature=self.identity.sign(unsigned.signed_bytes())
+        )
+        return await self.ask(signed)
+
+
+async def test_quorum_with_a_lying_worker_over_the_protocol(queue: Queue) -> None:
+    await queue.submit(spec("job", replicas=3, quorum=2))
+    liar, a, b = (SimWorker(n, queue, lies=n == "liar") for n in ("liar", "a", "b"))
+    grants = {w.name: await w.pull() for w in (liar, a, b)}
+    assert all(grants.values())
+    for w in (liar, a):
+        grant = grants[w.name]
+        assert grant is not None
+        ack, _ = await w.ask(Heartbeat(leases=(grant.lease,), running=(grant.lease,)))
+        assert ack == wire(ack)
+    ack, stops = await liar.finish(grants["liar"])  # type: ignore[arg-type]
+    assert isinstance(ack, ResultAck)
+    assert ack.status is ResultStatus.RECORDED
+    await a.finish(grants["a"])  # type: ignore[arg-type]
+    assert (await queue.status("job")).state is TaskState.ACTIVE
+    _, stops = await b.finish(grants["b"])  # type: ignore[arg-type]
+    status = await queue.status("job")
+    assert status.state is TaskState.SUCCEEDED
+    assert status.dissenters == ("liar",)
+    assert stops == []  # every replica had reported
+
+
+async def test_bad_signature_and_wrong_direction_are_refused(queue: Queue) -> None:
+    await queue.submit(spec("job"))
+    w = SimWorker("w", queue)
+    grant = await w.pull()
+    assert grant is not None
+    forged = report(grant.lease)  # signature of zeros
+    with pytest.raises(RemoteProtocolError, match="signature"):
+        await handle(queue, "w", forged, public_key=w.identity.public_bytes)
+    with pytest.raises(RemoteProtocolError, match="does not send"):
+        await handle(queue, "w", NoWork(retry_after=1), public_key=w.identity.public_bytes)
+
+
+async def test_lost_leases_go_back_and_stops_are_grouped(queue: Queue) -> None:
+    await queue.submit(spec("job", replicas=2, quorum=2, max_attempts=1))
+    w1, w2 = SimWorker("w1", queue), SimWorker("w2", queue)
+    g1, g2 = await w1.pull(), await w2.pull()
+    assert g1 is not None
+    assert g2 is not None
+    # w1 crashed; with one attempt per replica the quorum is gone, so w2 must stop too.
+    _, stops = await w1.ask(Lost(leases=(g1.lease,)))
+    assert (await queue.status("job")).state is TaskState.FAILED
+    pushed = stop_messages(stops)
+    assert list(pushed) == ["w2"]
+    assert pushed["w2"][0].leases == (g2.lease,)
+    assert wire(pushed["w2"][0]) == pushed["w2"][0]
