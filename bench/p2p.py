@@ -40,6 +40,10 @@ SINK = "/vmlend/bench-sink/1.0.0"
 ECHO = "/vmlend/bench-echo/1.0.0"
 
 
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     return {
@@ -150,14 +154,17 @@ async def dht_bench(n: int, lookups: int) -> dict[str, Any]:
             for i in range(n - 1)
         ]
         spawned = trio.current_time() - spawn_start
+        progress(f"{n} nodes: processes up after {spawned:.1f}s")
         start = trio.current_time()
         converged: float | None = None
         with trio.move_on_after(90):
             await me.wait_peer_count(n - 1)
             converged = round(trio.current_time() - start, 2)
+        progress(f"{n} nodes: {len(me.peers())} live peers (all after {converged}s)")
         for proc in procs[:3]:
             with trio.fail_after(60):
                 await proc.wait_event("published")
+        progress(f"{n} nodes: 3 records published")
         gets, failures = [], 0
         for _ in range(lookups):
             for proc in procs[:3]:
@@ -168,6 +175,7 @@ async def dht_bench(n: int, lookups: int) -> dict[str, Any]:
                     failures += 1
                     continue
                 gets.append(trio.current_time() - t)
+            progress(f"{n} nodes: {len(gets)} lookups, {failures} failed")
         finds, found_counts = [], []
         for _ in range(max(3, lookups // 3)):
             t = trio.current_time()
