@@ -153,11 +153,16 @@ async def test_package_errors_on_debian(
     not os.environ.get("VMLEND_SLOW_TESTS"),
     reason="rebuilds debian-12 from scratch (~2 min); set VMLEND_SLOW_TESTS=1",
 )
-async def test_debian_12_root_layer_is_reproducible(
+async def test_debian_12_and_python3_layers_are_reproducible(
     tmp_path: Path, boot: BootFiles, shared_cache: BuildCache
 ) -> None:
     shared = await build_debian(shared_cache, boot)
-    fresh = await build_debian(BuildCache(tmp_path / "cache"), boot)
+    fresh_cache = BuildCache(tmp_path / "cache")
+    fresh = await build_debian(fresh_cache, boot)
     assert fresh.key == shared.key
     assert not fresh.root.reused
     assert fresh.root.path.read_bytes() == shared.root.path.read_bytes()
+    python = await build_debian_packages(shared_cache, shared, ["python3"])
+    again = await build_debian_packages(fresh_cache, fresh, ["python3"])
+    assert not again.reused
+    assert again.path.read_bytes() == python.path.read_bytes()
