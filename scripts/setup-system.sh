@@ -7,6 +7,7 @@ PKGS=(
   qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients libvirt-dev
   busybox-static squashfs-tools erofs-utils cpio zstd xz-utils
+  mmdebstrap gpg libdpkg-perl arch-test debian-archive-keyring
 )
 
 if [ "$(id -u)" -ne 0 ]; then
