@@ -29,8 +29,6 @@ from scheduler_role.messages import Offer
 from scheduler_role.task import LeaseKey, TaskSpec
 from worker_role.caps import NetworkMode
 
-CANDIDATE_PAGE = 64
-
 
 @dataclass(frozen=True, slots=True)
 class StopNotice:
@@ -91,22 +89,26 @@ def find_candidate(
         queries.append((f" AND t.image_id IN ({marks})", tuple(images)))
     queries.append(("", ()))
     for extra, extra_params in queries:
-        offset = 0
-        while True:
-            rows = conn.execute(
-                f"SELECT {', '.join('t.' + c.strip() for c in schema.TASK_COLUMNS.split(','))},"
-                f" r.idx FROM tasks t CROSS JOIN replicas r ON r.task_seq = t.seq"
-                f" WHERE {prefilter}{extra} ORDER BY t.seq, r.idx LIMIT ? OFFSET ?",
-                (*params, *extra_params, CANDIDATE_PAGE, offset),
-            ).fetchall()
-            for row in rows:
+        # Stepped lazily and closed at the first fit: usually the first row, so a lease reads one
+        # candidate rather than a page of them.
+        cursor = conn.execute(
+            f"{_CANDIDATES} WHERE {prefilter}{extra} ORDER BY t.seq, r.idx",
+            (*params, *extra_params),
+        )
+        try:
+            for row in cursor:
                 spec = schema.spec_from_row(row)
                 if offer_fits(offer, spec.caps):
                     return row[0], row[-1], spec
-            if len(rows) < CANDIDATE_PAGE:
-                break
-            offset += CANDIDATE_PAGE
+        finally:
+            cursor.close()
     return None
+
+
+_CANDIDATES = (
+    f"SELECT {', '.join('t.' + c.strip() for c in schema.TASK_COLUMNS.split(','))}, r.idx"
+    " FROM tasks t CROSS JOIN replicas r ON r.task_seq = t.seq"
+)
 
 
 def judge_and_apply(
