@@ -104,7 +104,7 @@ class TaskStatus:
 class _Held:
     worker: str
     deadline: float  # monotonic: expires unless heartbeated before
-    since: float  # monotonic: when the lease was granted (for max runtime)
+    since: float  # monotonic: when the lease was granted, then when its VM started
     max_runtime: float
     running: bool = False  # the worker said its VM runs (persisted once)
 
@@ -167,13 +167,13 @@ class Queue:
 
     async def _restore(self) -> None:
         rows = await self._db.fetchall(
-            "SELECT t.task_id, r.idx, r.attempts, r.worker, r.leased_at, t.max_runtime, r.state"
+            "SELECT t.task_id, r.idx, r.attempts, r.worker, r.since, t.max_runtime, r.state"
             " FROM replicas r JOIN tasks t ON t.seq = r.task_seq WHERE r.state IN (?, ?)",
             tuple(s.value for s in HOLDING),
         )
         now, wall = self._clock.monotonic(), self._clock.wall()
-        for task_id, idx, attempts, worker, leased_at, max_runtime, state in rows:
-            ran = max(0.0, wall - (leased_at if leased_at is not None else wall))
+        for task_id, idx, attempts, worker, since, max_runtime, state in rows:
+            ran = max(0.0, wall - (since if since is not None else wall))
             running = state == ReplicaState.RUNNING.value
             held = _Held(worker, now + self.lease_timeout, now - ran, max_runtime, running)
             self._hold(LeaseKey(task_id, idx, attempts), held)
@@ -362,9 +362,11 @@ class Queue:
             held.deadline = now + self.lease_timeout
             if lease in running and not held.running:
                 held.running = True
+                held.since = now  # max runtime counts from the VM's start once it has one
                 started.append(lease)
         if started:
-            await self._commits.write(lambda conn: ops.mark_running(conn, started))
+            wall = self._clock.wall()
+            await self._commits.write(lambda conn: ops.mark_running(conn, started, wall))
         return HeartbeatAck(stop=tuple(stop))
 
     async def report(self, worker: str, report: ResultReport) -> tuple[ResultAck, list[StopNotice]]:
@@ -427,7 +429,12 @@ class Queue:
         due = [k for k, h in self._held.items() if h.deadline <= now]
         stale = now - 4 * self.lease_timeout
         self.offers = {w: o for w, o in self.offers.items() if o.at >= stale}
-        long_runs = {k.task_id for k, h in self._held.items() if now - h.since >= h.max_runtime}
+        held_for = self._held_for()
+        long_runs = {
+            k.task_id
+            for k, h in self._held.items()
+            if held_for[(k.task_id, k.replica)] >= h.max_runtime
+        }
         rows = await self._db.fetchall(
             "SELECT task_id FROM tasks WHERE state IN ('submitted', 'assembling', 'active')"
             " AND deadline IS NOT NULL AND deadline <= ?",
@@ -485,8 +492,16 @@ class Queue:
         }
 
     def _held_for(self) -> dict[tuple[str, int], float]:
+        """Seconds each held replica has run, as max runtime counts them.
+
+        The worker stops its VM at max runtime itself; the scheduler steps in one lease timeout
+        later, so a result sent at the limit is not lost to heartbeat latency.
+        """
         now = self._clock.monotonic()
-        return {(k.task_id, k.replica): now - h.since for k, h in self._held.items()}
+        return {
+            (k.task_id, k.replica): max(0.0, now - h.since - self.lease_timeout)
+            for k, h in self._held.items()
+        }
 
     def _forget(self, stops: Iterable[StopNotice]) -> None:
         for stop in stops:

@@ -55,12 +55,12 @@ def load_task(
     return row[0], schema.spec_from_row(row), TaskState(row[10]), verdict, row[12]
 
 
-def mark_running(conn: sqlite3.Connection, leases: list[LeaseKey]) -> None:
+def mark_running(conn: sqlite3.Connection, leases: list[LeaseKey], wall: float) -> None:
     for lease in leases:
         conn.execute(
-            "UPDATE replicas SET state = ? WHERE state = ? AND attempts = ?"
+            "UPDATE replicas SET state = ?, since = ? WHERE state = ? AND attempts = ?"
             " AND idx = ? AND task_seq = (SELECT seq FROM tasks WHERE task_id = ?)",
-            (ReplicaState.RUNNING.value, ReplicaState.LEASED.value, lease.attempt,
+            (ReplicaState.RUNNING.value, wall, ReplicaState.LEASED.value, lease.attempt,
              lease.replica, lease.task_id),
         )  # fmt: skip
 

@@ -57,7 +57,7 @@ MIGRATIONS: list[str] = [
         worker TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
         reason TEXT NOT NULL DEFAULT '',
-        leased_at REAL,
+        since REAL,  -- wall time of the lease, then of its VM's start: max runtime counts from it
         PRIMARY KEY (task_seq, idx)
     ) WITHOUT ROWID;
     CREATE INDEX replicas_by_worker ON replicas (worker) WHERE worker IS NOT NULL;
@@ -136,13 +136,11 @@ def load_replicas(conn: sqlite3.Connection, seq: int) -> list[Replica]:
             attempts, reason in rows]  # fmt: skip
 
 
-def save_replica(
-    conn: sqlite3.Connection, seq: int, replica: Replica, leased_at: float | None
-) -> None:
+def save_replica(conn: sqlite3.Connection, seq: int, replica: Replica, since: float | None) -> None:
     conn.execute(
-        "UPDATE replicas SET state = ?, worker = ?, attempts = ?, reason = ?, leased_at = ?"
+        "UPDATE replicas SET state = ?, worker = ?, attempts = ?, reason = ?, since = ?"
         " WHERE task_seq = ? AND idx = ?",
-        (replica.state.value, replica.worker, replica.attempts, replica.reason, leased_at, seq,
+        (replica.state.value, replica.worker, replica.attempts, replica.reason, since, seq,
          replica.index),
     )  # fmt: skip
     conn.execute(

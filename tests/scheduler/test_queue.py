@@ -179,17 +179,20 @@ async def test_deadline_and_max_runtime(
     queue: Queue, autojump_clock: trio.testing.MockClock
 ) -> None:
     now = VirtualClock().wall()
-    await queue.submit(spec("late", deadline=now + 100))
+    await queue.submit(spec("late", deadline=now + 200))
     await queue.submit(spec("slow", max_runtime=50))
     late, slow = await grant(queue, "w1"), await grant(queue, "w2")
-    for _ in range(4):  # heartbeats keep the leases alive; the limits still apply
+    stopped_at = []
+    for step in range(1, 8):  # heartbeats keep the leases alive; the limits still apply
         await trio.sleep(15)
         await queue.heartbeat("w1", Heartbeat(leases=(late.lease,)))
-        await queue.heartbeat("w2", Heartbeat(leases=(slow.lease,)))
+        # The VM starts at t=15: max runtime counts from there, plus one lease timeout of grace.
+        await queue.heartbeat("w2", Heartbeat(leases=(slow.lease,), running=(slow.lease,)))
         stops = await queue.tick()
-    assert [(s.worker, s.reason) for s in stops] == [("w2", "max runtime exceeded")]
+        stopped_at += [(15 * step, s.worker, s.reason) for s in stops]
+    assert stopped_at == [(105, "w2", "max runtime exceeded")]  # 15 + 50 + 30 <= 105
     assert (await queue.status("slow")).state is TaskState.FAILED
-    await trio.sleep(45)
+    await trio.sleep(100)
     await queue.heartbeat("w1", Heartbeat(leases=(late.lease,)))
     stops = await queue.tick()
     assert [(s.worker, s.lease) for s in stops] == [("w1", late.lease)]
