@@ -599,3 +599,36 @@ class P2PNode:
             for owner in owners:
                 nursery.start_soon(fetch, owner)
         return sorted(records, key=lambda r: r.owner)
+
+    # ---- content providers -------------------------------------------------------------------
+
+    async def provide(self, key: bytes, *, timeout: float) -> None:  # noqa: ASYNC109
+        """Announce in the DHT that this node holds ``key`` (a multihash; stored at the k closest
+        peers, who keep it up to 48 h). Raises DeadlineError if announcing overran."""
+        try:
+            with trio.fail_after(timeout):
+                await self._dht.provide(key.hex())
+        except trio.TooSlowError as e:
+            raise DeadlineError(f"DHT provide of {key.hex()} took over {timeout:g}s") from e
+
+    def withdraw(self, key: bytes) -> None:
+        """Stop announcing ``key``: dropped locally and never republished. Kademlia has no
+        remove, so copies at other peers live until they expire; fetchers confirm with us."""
+        self._dht.withdraw(key.hex())
+
+    async def find_providers(
+        self,
+        key: bytes,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[str]:
+        """Peer IDs (ourselves excluded) that announced ``key``, live ones first (those that
+        answered a heartbeat within ``peer_timeout``). Raises DeadlineError on overrun."""
+        try:
+            with trio.fail_after(timeout):
+                found = await self._dht.providers(key.hex())
+        except trio.TooSlowError as e:
+            raise DeadlineError(f"DHT provider lookup of {key.hex()} took over {timeout:g}s") from e
+        live = self._liveness.live
+        found.discard(self.peer_id)
+        return sorted(found, key=lambda p: (p not in live, p))

@@ -129,6 +129,12 @@ class Dht:
     async def provide(self, index: str) -> None:
         await self.kad.provider_store.provide(bytes.fromhex(index))
 
+    def withdraw(self, index: str) -> None:
+        key = bytes.fromhex(index)
+        store = self.kad.provider_store
+        store.providing_keys.discard(key)
+        store.providers.get(key, {}).pop(str(self.kad.local_peer_id), None)
+
     async def providers(self, index: str) -> set[str]:
         """Peer IDs that announced ``index``, locally known or held by the k closest peers."""
         key = bytes.fromhex(index)
