@@ -37,7 +37,6 @@ from scheduler_role.lifecycle import (
     ReplicaState,
     TaskEvent,
     TaskState,
-    expire,
     replica_step,
     task_allows,
     task_step,
@@ -379,33 +378,7 @@ class Queue:
         held_for = self._held_for()
 
         def op(conn: sqlite3.Connection) -> tuple[ResultStatus, list[StopNotice]]:
-            row = conn.execute("SELECT seq FROM tasks WHERE task_id = ?", (lease.task_id,))
-            found = row.fetchone()
-            if found is None:
-                return ResultStatus.STALE, []
-            seq = found[0]
-            duplicate = conn.execute(
-                "SELECT 1 FROM results WHERE task_seq = ? AND idx = ? AND worker = ?",
-                (seq, lease.replica, worker),
-            ).fetchone()
-            if duplicate is not None:
-                return ResultStatus.DUPLICATE, []
-            replicas = schema.load_replicas(conn, seq)
-            if lease.replica >= len(replicas):
-                return ResultStatus.STALE, []
-            replica = replicas[lease.replica]
-            if not ops.holds(replica, worker, lease.attempt):
-                return ResultStatus.STALE, []
-            schema.save_replica(conn, seq, replica_step(replica, ReplicaEvent.REPORT), None)
-            conn.execute(
-                "INSERT INTO results (task_seq, idx, worker, attempt, exit_code, stdout_digest,"
-                " stderr_digest, stdout_blob, stderr_blob, archive_blob, signature, digest,"
-                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, lease.replica, worker, lease.attempt, report.exit_code,
-                 report.stdout_digest, report.stderr_digest, report.stdout_blob,
-                 report.stderr_blob, report.archive_blob, report.signature, report.digest, wall),
-            )  # fmt: skip
-            return ResultStatus.RECORDED, ops.judge_and_apply(conn, seq, wall, held_for)
+            return ops.record_result(conn, worker, report, wall, held_for)
 
         def after(outcome: tuple[ResultStatus, list[StopNotice]]) -> None:
             if outcome[0] is ResultStatus.RECORDED:
@@ -456,19 +429,7 @@ class Queue:
         held_for = self._held_for()
 
         def op(conn: sqlite3.Connection) -> list[StopNotice]:
-            stops: list[StopNotice] = []
-            for task_id in sorted(tasks):
-                seq, spec, _, _, _ = ops.load_task(conn, task_id)
-                replicas = schema.load_replicas(conn, seq)
-                for key in (k for k in leases if k.task_id == task_id):
-                    replica = replicas[key.replica]
-                    if ops.holds(replica, workers[key], key.attempt):
-                        after = expire(
-                            replica, max_attempts=spec.limits.max_attempts, reason=reason
-                        )
-                        schema.save_replica(conn, seq, after, None)
-                stops += ops.judge_and_apply(conn, seq, wall, held_for)
-            return stops
+            return ops.expire_leases(conn, tasks, workers, reason, wall, held_for)
 
         def after(stops: list[StopNotice]) -> None:
             for key in leases:

@@ -21,11 +21,12 @@ from scheduler_role.lifecycle import (
     ReplicaState,
     TaskEvent,
     TaskState,
+    expire,
     replica_step,
     task_step,
 )
 from scheduler_role.matching import offer_fits
-from scheduler_role.messages import Offer
+from scheduler_role.messages import Offer, ResultReport, ResultStatus
 from scheduler_role.task import LeaseKey, TaskSpec
 from worker_role.caps import NetworkMode
 
@@ -168,4 +169,66 @@ def _apply(
             (task_step(state, event).value, judgement.outcome.value, judgement.reason,
              judgement.agreed, wall, seq),
         )  # fmt: skip
+    return stops
+
+
+def record_result(
+    conn: sqlite3.Connection,
+    worker: str,
+    report: ResultReport,
+    wall: float,
+    held_for: dict[tuple[str, int], float],
+) -> tuple[ResultStatus, list[StopNotice]]:
+    """Store ``report`` if ``worker`` holds its lease now, then judge (once per replica, worker)."""
+    lease = report.lease
+    row = conn.execute("SELECT seq FROM tasks WHERE task_id = ?", (lease.task_id,))
+    found = row.fetchone()
+    if found is None:
+        return ResultStatus.STALE, []
+    seq = found[0]
+    duplicate = conn.execute(
+        "SELECT 1 FROM results WHERE task_seq = ? AND idx = ? AND worker = ?",
+        (seq, lease.replica, worker),
+    ).fetchone()
+    if duplicate is not None:
+        return ResultStatus.DUPLICATE, []
+    replicas = schema.load_replicas(conn, seq)
+    if lease.replica >= len(replicas):
+        return ResultStatus.STALE, []
+    replica = replicas[lease.replica]
+    if not holds(replica, worker, lease.attempt):
+        return ResultStatus.STALE, []
+    schema.save_replica(conn, seq, replica_step(replica, ReplicaEvent.REPORT), None)
+    conn.execute(
+        "INSERT INTO results (task_seq, idx, worker, attempt, exit_code, stdout_digest,"
+        " stderr_digest, stdout_blob, stderr_blob, archive_blob, signature, digest,"
+        " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (seq, lease.replica, worker, lease.attempt, report.exit_code,
+         report.stdout_digest, report.stderr_digest, report.stdout_blob,
+         report.stderr_blob, report.archive_blob, report.signature, report.digest, wall),
+    )  # fmt: skip
+    return ResultStatus.RECORDED, judge_and_apply(conn, seq, wall, held_for)
+
+
+def expire_leases(
+    conn: sqlite3.Connection,
+    tasks: set[str],
+    workers: dict[LeaseKey, str],
+    reason: str,
+    wall: float,
+    held_for: dict[tuple[str, int], float],
+) -> list[StopNotice]:
+    """Expire each lease in ``workers`` still held by that worker (re-queue or give up), then
+    judge every task in ``tasks``."""
+    leases = list(workers)
+    stops: list[StopNotice] = []
+    for task_id in sorted(tasks):
+        seq, spec, _, _, _ = load_task(conn, task_id)
+        replicas = schema.load_replicas(conn, seq)
+        for key in (k for k in leases if k.task_id == task_id):
+            replica = replicas[key.replica]
+            if holds(replica, workers[key], key.attempt):
+                after = expire(replica, max_attempts=spec.limits.max_attempts, reason=reason)
+                schema.save_replica(conn, seq, after, None)
+        stops += judge_and_apply(conn, seq, wall, held_for)
     return stops
