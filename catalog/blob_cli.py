@@ -1,0 +1,155 @@
+"""``vmlend blob add|get|ls|rm|gc``: the node's chunk store through its local RPC.
+
+The daemon holds the store; ``blob add`` hands it an absolute path to read (same machine, the
+RPC socket is owner-only) and ``blob get -o`` an absolute path to write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from node.rpc import Notification
+
+
+def add_blob_parser(commands: Any) -> argparse.ArgumentParser:
+    blob: argparse.ArgumentParser = commands.add_parser(
+        "blob", help="content-addressed blobs: add, fetch, list, remove"
+    )
+    sub = blob.add_subparsers(dest="blob_command", metavar="SUBCOMMAND", required=True)
+
+    add = sub.add_parser("add", help="store a file as a blob; prints its ID")
+    add.add_argument("file", metavar="FILE")
+    _common(add)
+    add.set_defaults(handler=cmd_add)
+
+    get = sub.add_parser("get", help="fetch a blob from its providers (or --from) into a file")
+    get.add_argument("blob_id", metavar="ID")
+    get.add_argument("-o", "--output", metavar="FILE", required=True)
+    get.add_argument(
+        "--from", dest="sources", action="append", metavar="MULTIADDR", help="repeatable"
+    )
+    _common(get, json_help="progress events as JSON lines on stdout")
+    get.set_defaults(handler=cmd_get)
+
+    ls = sub.add_parser("ls", help="blobs in the local store")
+    _common(ls)
+    ls.set_defaults(handler=cmd_ls)
+
+    rm = sub.add_parser("rm", help="forget a blob (its chunks go at the next gc)")
+    rm.add_argument("blob_id", metavar="ID")
+    _common(rm)
+    rm.set_defaults(handler=cmd_rm)
+
+    gc = sub.add_parser("gc", help="delete chunks no blob uses")
+    _common(gc)
+    gc.set_defaults(handler=cmd_gc)
+    return blob
+
+
+def _common(parser: argparse.ArgumentParser, json_help: str = "print JSON for scripts") -> None:
+    parser.add_argument(
+        "--data", metavar="DIR", help="data directory (default: $VMLEND_DATA or the XDG data dir)"
+    )
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from node.config import resolve_data_dir
+    from node.rpc_client import Client
+
+    # No overall timeout: adding or fetching a large blob takes as long as it takes.
+    return Client(resolve_data_dir(args.data), timeout=None)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.call("blob.add", str(Path(args.file).resolve()))
+    print(json.dumps(result) if args.json else result["id"])
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {"out": str(Path(args.output).resolve())}
+    if args.sources:
+        options["from"] = list(args.sources)
+    bar = _ProgressBar(sys.stderr) if not args.json and sys.stderr.isatty() else None
+    with _client(args) as client:
+        for item in client.stream("blob.get", args.blob_id, options):
+            if isinstance(item, Notification):
+                event = dict(item.params[0]) if item.params else {}
+                event["event"] = item.method.removeprefix("blob.")
+                if args.json:
+                    print(json.dumps(event), flush=True)
+                elif bar is not None and event["event"] == "progress":
+                    bar.show(event)
+                elif event["event"] == "peer":
+                    print(f"peer {event['peer']} {event['event']}: {event['reason']}",
+                          file=sys.stderr)
+            else:
+                result = dict(item.value)
+                if bar is not None:
+                    bar.done()
+                if args.json:
+                    print(json.dumps({"event": "done", **result}), flush=True)
+                else:
+                    print(f"{result['id']} -> {result['out']} "
+                          f"({result['bytes_fetched']} bytes fetched, "
+                          f"{result['bytes_present']} already here, {result['seconds']:.2f}s)")
+    return 0
+
+
+class _ProgressBar:
+    WIDTH = 30
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def show(self, p: dict[str, Any]) -> None:
+        total = max(int(p["bytes_total"]), 1)
+        done = int(p["bytes_done"])
+        filled = self.WIDTH * done // total
+        line = (
+            f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {100 * done // total:3d}% "
+            f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB "
+            f"{p['rate_bps'] / 2**20:.1f} MiB/s {p['peers']} peer(s)"
+        )
+        self._out.write(line)
+        self._out.flush()
+
+    def done(self) -> None:
+        self._out.write("\n")
+        self._out.flush()
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        blobs = client.call("blob.ls")
+    if args.json:
+        print(json.dumps(blobs))
+        return 0
+    print(f"{'ID':64}  {'SIZE':>12}  {'CHUNKS':>7}  STATE")
+    for b in blobs:
+        state = "complete" if b["complete"] else f"incomplete ({b['missing']} missing)"
+        print(f"{b['id']:64}  {b['size']:>12}  {b['chunks']:>7}  {state}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.call("blob.rm", args.blob_id)
+    print(json.dumps(result) if args.json else f"removed {result['id']}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.call("blob.gc")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"freed {result['chunks_freed']} chunks, {result['bytes_freed']} bytes")
+    return 0

@@ -1,0 +1,478 @@
+"""Blobs on a node: serve chunks to peers, announce what we hold, fetch from others, local RPC.
+
+Served over libp2p (authenticated by Noise): ``/vmlend/chunks/1.0.0`` (have / manifest / chunk
+requests, answered by :func:`catalog.transfer_messages.respond`) and ``TICKET_PROTOCOL`` (a
+one-time token for the direct data channel, see :mod:`catalog.data_channel`). Bulk chunk bytes
+go over that channel; they verify themselves by hash.
+
+Providers: every complete blob is announced in the DHT under :func:`provider_key` (at start, after
+an add or a finished fetch, and every ``announce_interval``); ``rm`` withdraws it.
+
+Not done yet: private blobs (encrypted chunks, key handed over Noise to the one peer that needs
+it); every blob here is public to peers that can reach the node.
+
+RPC methods (params are MessagePack-RPC arrays)::
+
+    blob.add  [ABS_PATH]                          -> {"id", "size"}
+    blob.ls   []                                  -> [{"id", "size", "chunks", "missing", ...}]
+    blob.rm   [ID]                                -> {"id"}
+    blob.gc   []                                  -> {"chunks_freed", "bytes_freed"}
+    blob.providers [ID]                           -> [peer ID, ...]
+    blob.get  [ID, {"out"?, "from"?: [MULTIADDR], "timeout"?}]   (streaming)
+              notifications "blob.progress" {bytes_done, bytes_total, bytes_fetched, rate_bps,
+              peers} and "blob.peer" {peer, event, reason}; result {"id", "bytes_total",
+              "bytes_fetched", "bytes_present", "seconds", "out"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from catalog.blob import BlobId, BlobStore, parse_blob_id
+from catalog.chunk_store import one_error
+from catalog.chunking import ChunkId
+from catalog.data_channel import TICKET_PROTOCOL, DataConnection, DataServer
+from catalog.errors import (
+    CatalogError,
+    FileAccessError,
+    InvalidIdError,
+    NoProviderError,
+    QuotaExceededError,
+    TransferError,
+    UnknownBlobError,
+)
+from catalog.transfer import TransferResult, fetch_blob
+from catalog.transfer_messages import (
+    PROTOCOL_ID,
+    ChunkRequest,
+    ChunkResponse,
+    ErrorCode,
+    ErrorResponse,
+    HaveRequest,
+    HaveResponse,
+    ManifestRequest,
+    ManifestResponse,
+    decode_message,
+    respond,
+    to_dict,
+)
+from catalog.transfer_plan import Event, PeerDropped, PeerMisbehaved, Progress
+from node.errors import NetworkError, RemoteProtocolError, RpcError
+from node.p2p import P2PNode
+from node.p2p_stream import MessageStream
+from node.rpc_server import SendNotification
+
+log = logging.getLogger("vmlend.catalog.blobs")
+
+Handler = Callable[[list[Any]], Awaitable[Any]]
+StreamHandler = Callable[[list[Any], SendNotification], Awaitable[Any]]
+_IP4 = re.compile(r"^/ip4/([0-9.]+)/")
+CONTROL_TIMEOUT = 10.0
+PROGRESS_INTERVAL = 0.1
+
+
+def provider_key(blob_id: BlobId) -> bytes:
+    """The DHT key under which holders of a blob announce themselves (a sha256 multihash)."""
+    return b"\x12\x20" + hashlib.sha256(b"vmlend-blob:" + blob_id).digest()
+
+
+class P2PLinks:
+    """:class:`catalog.transfer.Links` over a :class:`P2PNode`: control requests on libp2p
+    streams, chunks on one data-channel connection per provider (or on libp2p when
+    ``use_channel`` is off, or the provider has no channel)."""
+
+    def __init__(self, p2p: P2PNode, nursery: trio.Nursery, *, use_channel: bool = True) -> None:
+        self._p2p = p2p
+        self._nursery = nursery
+        self._use_channel = use_channel
+        self._conns: dict[str, DataConnection | None] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._ids = itertools.count(1)
+        self.addr_hints: dict[str, list[str]] = {}
+
+    async def _ask(self, peer: str, request: HaveRequest | ManifestRequest | ChunkRequest) -> Any:
+        raw = await self._p2p.request(peer, PROTOCOL_ID, to_dict(request), timeout=CONTROL_TIMEOUT)
+        reply = decode_message(raw)
+        if getattr(reply, "request_id", None) != request.request_id:
+            raise RemoteProtocolError(f"{peer} answered another request")
+        return reply
+
+    async def manifest(self, peer: str, blob_id: BlobId) -> bytes | None:
+        reply = await self._ask(peer, ManifestRequest(request_id=next(self._ids), blob_id=blob_id))
+        if isinstance(reply, ManifestResponse) and reply.blob_id == blob_id:
+            return reply.manifest
+        if isinstance(reply, ErrorResponse):
+            return None
+        raise RemoteProtocolError(f"{peer}: unexpected answer to a manifest request")
+
+    async def have(self, peer: str, blob_id: BlobId, chunk_count: int) -> list[int] | None:
+        reply = await self._ask(peer, HaveRequest(request_id=next(self._ids), blob_id=blob_id))
+        if isinstance(reply, HaveResponse) and reply.chunk_count == chunk_count:
+            return reply.held()
+        if isinstance(reply, ErrorResponse):
+            return None
+        raise RemoteProtocolError(f"{peer}: unexpected answer to a have request")
+
+    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | None:
+        conn = await self._connection(peer)
+        if conn is not None:
+            return await conn.get(chunk_id)
+        reply = await self._ask(peer, ChunkRequest(request_id=next(self._ids), chunk_id=chunk_id))
+        if isinstance(reply, ChunkResponse) and reply.chunk_id == chunk_id:
+            return reply.data
+        if isinstance(reply, ErrorResponse) and reply.code is ErrorCode.NOT_FOUND:
+            return None
+        raise RemoteProtocolError(f"{peer}: unexpected answer to a chunk request")
+
+    async def _connection(self, peer: str) -> DataConnection | None:
+        if not self._use_channel:
+            return None
+        async with self._locks.setdefault(peer, trio.Lock()):
+            if peer not in self._conns:
+                self._conns[peer] = await self._open_channel(peer)
+            return self._conns[peer]
+
+    async def _open_channel(self, peer: str) -> DataConnection | None:
+        reply = await self._p2p.request(
+            peer, TICKET_PROTOCOL, {"type": "ticket_request"}, timeout=CONTROL_TIMEOUT
+        )
+        if reply.get("type") == "no_channel":
+            return None
+        token, port, host = reply.get("token"), reply.get("port"), reply.get("host")
+        if not (
+            reply.get("type") == "ticket"
+            and isinstance(token, bytes)
+            and len(token) == 32
+            and type(port) is int
+            and 0 < port < 65536
+            and isinstance(host, str)
+        ):
+            raise RemoteProtocolError(f"{peer}: malformed data-channel ticket")
+        if host in ("", "0.0.0.0"):
+            host = self._ip_of(peer)
+        return await DataConnection.open(self._nursery, host, port, token, peer)
+
+    def _ip_of(self, peer: str) -> str:
+        addrs = list(self.addr_hints.get(peer, []))
+        addrs += [a for p in self._p2p.peers() if p.peer_id == peer for a in p.addrs]
+        for addr in addrs:
+            if match := _IP4.match(addr):
+                return match.group(1)
+        raise RemoteProtocolError(f"{peer}: no IPv4 address known for its data channel")
+
+    async def aclose(self) -> None:
+        for conn in self._conns.values():
+            if conn is not None:
+                await conn.aclose()
+
+
+class BlobService:
+    """Serves and fetches the blobs of one :class:`BlobStore` for a node."""
+
+    def __init__(
+        self,
+        p2p: P2PNode,
+        blobs: BlobStore,
+        *,
+        data_host: str | None = "127.0.0.1",
+        announce_interval: float = 1800.0,
+        request_timeout: float = 10.0,
+    ) -> None:
+        self.p2p = p2p
+        self.blobs = blobs
+        self.data = (
+            DataServer(lambda c: blobs.chunks.get(c, verify=True), host=data_host)
+            if data_host is not None
+            else None
+        )
+        self._data_host = data_host
+        self._announce_interval = announce_interval
+        self.request_timeout = request_timeout
+        self._announce_send, self._announce_receive = trio.open_memory_channel[BlobId](1000)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.data is not None:
+                await nursery.start(self.data.run)
+            self.p2p.set_handler(PROTOCOL_ID, self._serve_control)
+            self.p2p.set_handler(TICKET_PROTOCOL, self._serve_ticket)
+            nursery.start_soon(self._announce_loop)
+            task_status.started()
+
+    # ---- serving ---------------------------------------------------------------------------
+
+    async def _serve_control(self, stream: MessageStream) -> None:
+        async for raw in stream:
+            request = decode_message(raw)  # RemoteProtocolError resets only this stream
+            if not isinstance(request, HaveRequest | ManifestRequest | ChunkRequest):
+                raise RemoteProtocolError(f"{stream.peer_id} sent a {request.TYPE} as a request")
+            await stream.send(to_dict(await respond(self.blobs, request)))
+
+    async def _serve_ticket(self, stream: MessageStream) -> None:
+        raw = await stream.receive()
+        if raw.get("type") != "ticket_request":
+            raise RemoteProtocolError(f"{stream.peer_id}: expected a ticket request")
+        if self.data is None:
+            await stream.send({"type": "no_channel"})
+            return
+        token = self.data.tokens.issue(stream.peer_id, trio.current_time())
+        host = self._data_host or ""
+        await stream.send({"type": "ticket", "token": token, "port": self.data.port, "host": host})
+
+    # ---- announcing ------------------------------------------------------------------------
+
+    async def _announce_loop(self) -> None:
+        while True:
+            for info in await self.blobs.ls():
+                if info.complete:
+                    await self._provide(info.blob_id)
+            with trio.move_on_after(self._announce_interval):
+                async for blob_id in self._announce_receive:
+                    await self._provide(blob_id)
+
+    async def _provide(self, blob_id: BlobId) -> None:
+        try:
+            await self.p2p.provide(provider_key(blob_id), timeout=CONTROL_TIMEOUT)
+        except NetworkError as e:
+            log.info("announcing blob %s: %s", blob_id.hex(), e)
+
+    def announce(self, blob_id: BlobId) -> None:
+        try:
+            self._announce_send.send_nowait(blob_id)
+        except trio.WouldBlock:
+            log.info("announce queue full; %s waits for the periodic announce", blob_id.hex())
+
+    async def providers(self, blob_id: BlobId) -> list[str]:
+        return await self.p2p.find_providers(provider_key(blob_id), timeout=CONTROL_TIMEOUT)
+
+    # ---- operations ------------------------------------------------------------------------
+
+    async def add(self, path: Path) -> BlobId:
+        blob_id = await self.blobs.add_file(path)
+        self.announce(blob_id)
+        return blob_id
+
+    async def rm(self, blob_id: BlobId) -> None:
+        await self.blobs.rm(blob_id)
+        self.p2p.withdraw(provider_key(blob_id))
+
+    async def fetch(
+        self,
+        blob_id: BlobId,
+        *,
+        sources: Sequence[str] = (),
+        on_event: Callable[[Event], None] = lambda e: None,
+        use_channel: bool = True,
+    ) -> TransferResult:
+        """Fetch the blob's missing chunks from ``sources`` (multiaddrs) or its DHT providers."""
+        async with one_error(), trio.open_nursery() as nursery:
+            links = P2PLinks(self.p2p, nursery, use_channel=use_channel)
+            peers: list[str] = []
+            for addr in sources:
+                peer = await self.p2p.connect(addr)
+                links.addr_hints.setdefault(peer, []).append(addr)
+                peers.append(peer)
+            if not sources:
+                peers = await self.providers(blob_id)
+            if not peers:
+                raise NoProviderError(blob_id.hex(), ["<manifest>"], {})
+            try:
+                result = await fetch_blob(
+                    self.blobs,
+                    blob_id,
+                    links,
+                    peers,
+                    request_timeout=self.request_timeout,
+                    on_event=on_event,
+                )
+            finally:
+                await links.aclose()
+                nursery.cancel_scope.cancel()
+        self.announce(blob_id)
+        return result
+
+    # ---- local RPC -------------------------------------------------------------------------
+
+    def rpc_methods(self) -> Mapping[str, Handler]:
+        return {
+            "blob.add": self._rpc_add,
+            "blob.ls": self._rpc_ls,
+            "blob.rm": self._rpc_rm,
+            "blob.gc": self._rpc_gc,
+            "blob.providers": self._rpc_providers,
+        }
+
+    def rpc_streams(self) -> Mapping[str, StreamHandler]:
+        return {"blob.get": self._rpc_get}
+
+    async def _rpc_add(self, params: list[Any]) -> dict[str, Any]:
+        if len(params) != 1 or not isinstance(params[0], str) or not Path(params[0]).is_absolute():
+            raise RpcError("invalid_params", "expected [ABSOLUTE_PATH]")
+        with mapped_errors():
+            blob_id = await self.add(Path(params[0]))
+            size = (await self.blobs.manifest(blob_id)).total_size
+        return {"id": blob_id.hex(), "size": size}
+
+    async def _rpc_ls(self, params: list[Any]) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": i.blob_id.hex(),
+                "size": i.size,
+                "chunks": i.chunk_count,
+                "missing": i.missing_chunks,
+                "complete": i.complete,
+                "added_at": i.added_at,
+            }
+            for i in await self.blobs.ls()
+        ]
+
+    async def _rpc_rm(self, params: list[Any]) -> dict[str, Any]:
+        with mapped_errors():
+            blob_id = _blob_param(params)
+            await self.rm(blob_id)
+        return {"id": blob_id.hex()}
+
+    async def _rpc_gc(self, params: list[Any]) -> dict[str, Any]:
+        result = await self.blobs.gc()
+        return {"chunks_freed": result.chunks_freed, "bytes_freed": result.bytes_freed}
+
+    async def _rpc_providers(self, params: list[Any]) -> list[str]:
+        with mapped_errors():
+            return await self.providers(_blob_param(params))
+
+    async def _rpc_get(self, params: list[Any], send: SendNotification) -> dict[str, Any]:
+        with mapped_errors():
+            blob_id = _blob_param(params[:1])
+        options = _get_options(params)
+        out = options.get("out")
+        notes_send, notes_receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](
+            float("inf")
+        )
+        last = [-1.0]
+
+        def on_event(event: Event) -> None:
+            now = trio.current_time()
+            if isinstance(event, Progress):
+                final = event.bytes_done == event.bytes_total
+                if not final and now - last[0] < PROGRESS_INTERVAL:
+                    return
+                last[0] = now
+                notes_send.send_nowait(("blob.progress", _progress_dict(event)))
+            elif isinstance(event, PeerMisbehaved | PeerDropped):
+                kind = "misbehaved" if isinstance(event, PeerMisbehaved) else "dropped"
+                notes_send.send_nowait(
+                    ("blob.peer", {"peer": event.peer, "event": kind, "reason": event.reason})
+                )
+
+        async def forward() -> None:
+            async for method, note in notes_receive:
+                await send(method, [note])
+
+        with mapped_errors(), trio.fail_after(float(options.get("timeout", 3600))):
+            async with one_error(), trio.open_nursery() as nursery:
+                nursery.start_soon(forward)
+                try:
+                    result = await self._get_complete(blob_id, options.get("from", []), on_event)
+                finally:
+                    notes_send.close()
+            if out is not None:
+                await self.blobs.export(blob_id, Path(out))
+        return {
+            "id": blob_id.hex(),
+            "bytes_total": result.bytes_total,
+            "bytes_fetched": result.bytes_fetched,
+            "bytes_present": result.bytes_present,
+            "seconds": result.seconds,
+            "out": out,
+        }
+
+    async def _get_complete(
+        self, blob_id: BlobId, sources: list[str], on_event: Callable[[Event], None]
+    ) -> TransferResult:
+        try:
+            missing = await self.blobs.missing(blob_id)
+        except UnknownBlobError:
+            missing = None
+        if missing == []:
+            size = (await self.blobs.manifest(blob_id)).total_size
+            return TransferResult(blob_id, size, 0, size, 0, 0.0)
+        return await self.fetch(blob_id, sources=sources, on_event=on_event)
+
+
+def data_host_for(listen: Sequence[str]) -> str | None:
+    """Where the data channel listens: the IPv4 address of the first such libp2p listen
+    address (so it is reachable wherever libp2p is), or None (no channel) if there is none."""
+    for addr in listen:
+        if match := _IP4.match(addr):
+            return match.group(1)
+    return None
+
+
+def _progress_dict(p: Progress) -> dict[str, Any]:
+    return {
+        "bytes_done": p.bytes_done,
+        "bytes_total": p.bytes_total,
+        "bytes_fetched": p.bytes_fetched,
+        "chunks_done": p.chunks_done,
+        "chunks_total": p.chunks_total,
+        "rate_bps": p.rate_bps,
+        "peers": len([q for q in p.peers if q.status == "live"]),
+    }
+
+
+def _blob_param(params: list[Any]) -> BlobId:
+    if len(params) != 1 or not isinstance(params[0], str):
+        raise RpcError("invalid_params", "expected [BLOB_ID]")
+    return parse_blob_id(params[0])
+
+
+def _get_options(params: list[Any]) -> dict[str, Any]:
+    if len(params) > 2 or (len(params) == 2 and not isinstance(params[1], dict)):
+        raise RpcError("invalid_params", "expected [ID] or [ID, {out, from, timeout}]")
+    options: dict[str, Any] = params[1] if len(params) == 2 else {}
+    if unknown := set(options) - {"out", "from", "timeout"}:
+        raise RpcError("invalid_params", f"unknown options {sorted(map(str, unknown))}")
+    out = options.get("out")
+    if out is not None and (not isinstance(out, str) or not Path(out).is_absolute()):
+        raise RpcError("invalid_params", "out must be an absolute path")
+    sources = options.get("from", [])
+    if not isinstance(sources, list) or not all(isinstance(a, str) for a in sources):
+        raise RpcError("invalid_params", "from must be a list of multiaddrs")
+    timeout = options.get("timeout", 3600)
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
+        raise RpcError("invalid_params", "timeout must be seconds in (0, 86400]")
+    return options
+
+
+@contextmanager
+def mapped_errors() -> Iterator[None]:
+    """Catalog and network failures as RPC errors with stable codes."""
+    try:
+        yield
+    except trio.TooSlowError as e:
+        raise RpcError("timeout", "blob transfer did not finish in time") from e
+    except InvalidIdError as e:
+        raise RpcError("invalid_params", str(e)) from e
+    except UnknownBlobError as e:
+        raise RpcError("not_found", str(e)) from e
+    except QuotaExceededError as e:
+        raise RpcError("quota_exceeded", str(e)) from e
+    except FileAccessError as e:
+        raise RpcError("file_access", str(e)) from e
+    except NoProviderError as e:
+        raise RpcError("no_provider", str(e)) from e
+    except TransferError as e:
+        raise RpcError("transfer_failed", str(e)) from e
+    except CatalogError as e:
+        raise RpcError("catalog_error", str(e)) from e
+    except NetworkError as e:
+        raise RpcError("network_error", str(e)) from e

@@ -1,0 +1,283 @@
+"""The direct data channel: chunk bytes on plain TCP beside libp2p, for peers authorised there.
+
+Why: libp2p streams (Noise + yamux in Python) carry ~60 MB/s here; loopback TCP carries GB/s.
+Chunks verify themselves by hash, so the bulk bytes need no channel security; what must not leak
+is *who may read* (private blobs are a later concern, see the module's TODO in blob_service).
+
+Authorisation: a peer asks over its authenticated libp2p stream (``TICKET_PROTOCOL``) and gets
+a one-time 32-byte token bound to its peer ID; it opens a TCP connection, sends the token first,
+and only then may ask for chunks. A token is consumed on first use and expires after
+``TOKEN_TTL`` seconds; a connection with a wrong token is closed unanswered.
+
+Wire, after the token (all integers big-endian)::
+
+    request  = op:u8 (1 = get) | chunk_id:32
+    response = status:u8 (0 = ok, 1 = not found) | chunk_id:32 | length:u32 | data[length]
+
+Responses come in request order (requests may be pipelined). The reader checks each header
+against the request at the head of the queue and refuses lengths over ``MAX_CHUNK_SIZE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from catalog.chunking import ID_SIZE, MAX_CHUNK_SIZE, ChunkId
+from catalog.errors import ChunkCorruptError, MissingChunkError
+from node.errors import RemoteProtocolError, StreamBrokenError
+
+log = logging.getLogger("vmlend.catalog.channel")
+
+TICKET_PROTOCOL = "/vmlend/chunk-channel/1.0.0"
+TOKEN_SIZE = 32
+TOKEN_TTL = 60.0
+MAX_TOKENS_PER_PEER = 16
+OP_GET = 1
+STATUS_OK, STATUS_NOT_FOUND = 0, 1
+_REQUEST = struct.Struct(f">B{ID_SIZE}s")
+_HEADER = struct.Struct(f">B{ID_SIZE}sI")
+RECV_SIZE = 1 << 20
+
+ReadChunk = Callable[[ChunkId], Awaitable[bytes]]
+
+
+# ------------------------------------------------------------------------------------ tokens
+
+
+@dataclass
+class TokenBook:
+    """One-time tokens, each bound to a peer ID and an expiry. Sans-IO: time is passed in."""
+
+    ttl: float = TOKEN_TTL
+    per_peer: int = MAX_TOKENS_PER_PEER
+    _tokens: dict[bytes, tuple[str, float]] = field(default_factory=dict)
+
+    def issue(self, peer_id: str, now: float) -> bytes:
+        self._expire(now)
+        mine = [t for t, (p, _) in self._tokens.items() if p == peer_id]
+        for old in mine[: max(0, len(mine) - self.per_peer + 1)]:
+            del self._tokens[old]  # a peer holds at most per_peer live tokens
+        token = secrets.token_bytes(TOKEN_SIZE)
+        self._tokens[token] = (peer_id, now + self.ttl)
+        return token
+
+    def redeem(self, token: bytes, now: float) -> str | None:
+        """The peer the token was issued to, once; None if unknown, used or expired."""
+        self._expire(now)
+        entry = self._tokens.pop(token, None)
+        return entry[0] if entry is not None else None
+
+    def _expire(self, now: float) -> None:
+        for token in [t for t, (_, expiry) in self._tokens.items() if expiry <= now]:
+            del self._tokens[token]
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+class DataServer:
+    """Serve chunks on TCP to connections presenting a token from :attr:`tokens`."""
+
+    def __init__(
+        self,
+        read_chunk: ReadChunk,
+        *,
+        host: str,
+        port: int = 0,
+        token_timeout: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.tokens = TokenBook()
+        self._read_chunk = read_chunk
+        self._host = host
+        self._port = port
+        self._token_timeout = token_timeout
+        self._slots = trio.CapacityLimiter(max_connections)
+        self.port = 0
+        self.refused = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self._port, host=self._host)
+        self.port = listeners[0].socket.getsockname()[1]
+        log.info("chunk data channel on %s:%d", self._host, self.port)
+        async with trio.open_nursery() as nursery:
+            task_status.started(self.port)
+            await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                self.refused += 1
+                return
+            try:
+                await self._serve_authorised(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                log.debug("data channel connection ended: %s", e)
+            finally:
+                self._slots.release()
+
+    async def _serve_authorised(self, stream: trio.SocketStream) -> None:
+        reader = _Reader(stream)
+        with trio.move_on_after(self._token_timeout):
+            token = await reader.read_exactly(TOKEN_SIZE)
+        peer = None if token is None else self.tokens.redeem(token, trio.current_time())
+        if peer is None:
+            self.refused += 1
+            log.info("data channel: connection without a valid token refused")
+            return
+        while (raw := await reader.read_exactly(_REQUEST.size)) is not None:
+            op, chunk_id = _REQUEST.unpack(raw)
+            if op != OP_GET:
+                log.info("data channel: %s sent unknown op %d; closing", peer, op)
+                return
+            try:
+                data = await self._read_chunk(ChunkId(chunk_id))
+                status = STATUS_OK
+            except (MissingChunkError, ChunkCorruptError):
+                data, status = b"", STATUS_NOT_FOUND
+            await stream.send_all(_HEADER.pack(status, chunk_id, len(data)))
+            if data:
+                await stream.send_all(data)
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+class _Reader:
+    """Exact-size reads from a socket stream into fresh buffers (no per-segment copies)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._sock = stream.socket
+        self._stream = stream
+
+    async def read_exactly(self, n: int) -> bytes | None:
+        """``n`` bytes; None on a clean EOF before the first byte; StreamBrokenError mid-way."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                count = await self._sock.recv_into(view[got:], min(n - got, RECV_SIZE))
+            except (OSError, trio.ClosedResourceError, trio.BrokenResourceError) as e:
+                raise StreamBrokenError(f"data channel: {e}") from e
+            if count == 0:
+                if got == 0:
+                    return None
+                raise StreamBrokenError(f"data channel: EOF after {got} of {n} bytes")
+            got += count
+        return bytes(buf)
+
+
+@dataclass
+class _Waiter:
+    chunk_id: ChunkId
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: Exception | None = None
+
+
+class DataConnection:
+    """A client connection: pipelined ``get`` calls, answered in order by one reader task.
+
+    A broken or misbehaving connection fails every outstanding and later ``get`` with the same
+    error (StreamBrokenError or RemoteProtocolError); open a new one to try again.
+    """
+
+    def __init__(self, stream: trio.SocketStream, peer: str) -> None:
+        self.peer = peer
+        self._stream = stream
+        self._reader = _Reader(stream)
+        self._queue: deque[_Waiter] = deque()
+        self._send_lock = trio.Lock()
+        self._error: Exception | None = None
+        self.bytes_received = 0
+
+    @classmethod
+    async def open(
+        cls, nursery: trio.Nursery, host: str, port: int, token: bytes, peer: str
+    ) -> DataConnection:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+            stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4 << 20)
+            await stream.send_all(token)
+        except OSError as e:
+            raise StreamBrokenError(f"data channel to {peer} at {host}:{port}: {e}") from e
+        conn = cls(stream, peer)
+        nursery.start_soon(conn._read_loop)
+        return conn
+
+    async def get(self, chunk_id: ChunkId) -> bytes | None:
+        """The chunk's bytes as the peer sent them (the caller verifies), None if not found."""
+        if self._error is not None:
+            raise self._error
+        waiter = _Waiter(chunk_id)
+        async with self._send_lock:
+            self._queue.append(waiter)
+            try:
+                with trio.CancelScope(shield=True):  # never half a request on the wire
+                    await self._stream.send_all(_REQUEST.pack(OP_GET, chunk_id))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                self._fail(StreamBrokenError(f"data channel to {self.peer}: {e}"))
+        await waiter.done.wait()  # cancelling leaves the waiter queued; its answer is dropped
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.data
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                header = await self._reader.read_exactly(_HEADER.size)
+                if header is None:
+                    raise StreamBrokenError(f"data channel: {self.peer} closed the connection")
+                status, chunk_id, length = _HEADER.unpack(header)
+                if not self._queue:
+                    raise RemoteProtocolError(f"data channel: {self.peer} sent an unasked answer")
+                waiter = self._queue[0]
+                if chunk_id != waiter.chunk_id or status not in (STATUS_OK, STATUS_NOT_FOUND):
+                    raise RemoteProtocolError(f"data channel: {self.peer} answered out of order")
+                if length > MAX_CHUNK_SIZE or (status == STATUS_NOT_FOUND and length):
+                    raise RemoteProtocolError(
+                        f"data channel: {self.peer} announced {length} bytes (limit "
+                        f"{MAX_CHUNK_SIZE})"
+                    )
+                data = await self._reader.read_exactly(length) if length else b""
+                if data is None:
+                    raise StreamBrokenError(f"data channel: {self.peer} closed mid-answer")
+                self.bytes_received += length
+                self._queue.popleft()
+                waiter.data = data if status == STATUS_OK else None
+                waiter.done.set()
+        except (StreamBrokenError, RemoteProtocolError) as e:
+            self._fail(e)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        while self._queue:
+            waiter = self._queue.popleft()
+            waiter.error = self._error
+            waiter.done.set()
+
+    async def aclose(self) -> None:
+        self._fail(StreamBrokenError(f"data channel to {self.peer} closed locally"))
+        await self._stream.aclose()
+
+
+__all__ = [
+    "TICKET_PROTOCOL",
+    "DataConnection",
+    "DataServer",
+    "TokenBook",
+]

@@ -1,0 +1,234 @@
+"""Fetch a blob from several providers at once: the trio glue around :class:`TransferPlan`.
+
+The network is behind :class:`Links` (``catalog.blob_service`` implements it over libp2p plus the
+direct data channel; tests may fake it). This module owns concurrency, deadlines and the store:
+
+* the manifest comes from any provider (it verifies itself against the blob ID);
+* every provider is asked which chunks it holds (one deadline each; silent ones are left out);
+* chunks are requested as the plan says, each under ``request_timeout``; an accepted chunk (the
+  plan verified its hash) goes to a writer task that stores chunks in batches (fewer fsync
+  rounds); wrong bytes are dropped by the plan and their sender excluded;
+* a broken connection or a protocol violation drops that provider; a timeout counts as a
+  failure (``max_failures`` in a row drop it);
+* what is stored stays: :meth:`BlobStore.begin_fetch` recorded the blob first, so a later call
+  (after a cancel, a failure or a crash) fetches only what is still missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from catalog.blob import BlobId, BlobStore, Manifest
+from catalog.chunk_store import one_error
+from catalog.chunking import ChunkId
+from catalog.errors import ManifestError, NoProviderError
+from catalog.transfer_plan import (
+    CancelFetch,
+    Event,
+    FetchChunk,
+    State,
+    TransferPlan,
+    Verdict,
+)
+from node.errors import DeadlineError, NetworkError, RemoteProtocolError
+
+log = logging.getLogger("vmlend.catalog.transfer")
+
+WRITE_BATCH_BYTES = 32 * 1024 * 1024
+
+
+class Links(Protocol):
+    """What the transfer needs from the network, per provider peer.
+
+    Each method may raise NetworkError (StreamBrokenError, PeerUnreachableError, DeadlineError)
+    or RemoteProtocolError; the transfer bounds each call with its own deadline too."""
+
+    async def manifest(self, peer: str, blob_id: BlobId) -> bytes | None: ...
+
+    async def have(self, peer: str, blob_id: BlobId, chunk_count: int) -> list[int] | None: ...
+
+    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    blob_id: BlobId
+    bytes_total: int
+    bytes_fetched: int  # over the network in this call
+    bytes_present: int  # already on disk when it started (resume or dedup)
+    chunks_fetched: int
+    seconds: float
+
+
+async def get_manifest(
+    links: Links, blob_id: BlobId, peers: Sequence[str], *, request_timeout: float
+) -> Manifest:
+    """The blob's manifest from the first provider whose bytes hash to ``blob_id``."""
+    why: dict[str, str] = {}
+    for peer in peers:
+        with trio.move_on_after(request_timeout):
+            try:
+                raw = await links.manifest(peer, blob_id)
+            except (NetworkError, RemoteProtocolError) as e:
+                why[peer] = str(e)[:120]
+                continue
+            if raw is None:
+                why[peer] = "does not hold it"
+                continue
+            try:
+                return Manifest.decode(raw, expected=blob_id)
+            except ManifestError as e:
+                why[peer] = f"bad manifest: {e}"
+                continue
+        why.setdefault(peer, "timeout")
+    raise NoProviderError(blob_id.hex(), ["<manifest>"], why)
+
+
+async def fetch_blob(
+    blobs: BlobStore,
+    blob_id: BlobId,
+    links: Links,
+    peers: Sequence[str],
+    *,
+    request_timeout: float = 10.0,
+    max_in_flight: int = 8,
+    on_event: Callable[[Event], None] = lambda e: None,
+    manifest: Manifest | None = None,
+) -> TransferResult:
+    """Fetch what is missing of ``blob_id`` from ``peers``; raise a TransferError if it cannot
+    complete (NoProviderError names the peers dropped and why)."""
+    started = trio.current_time()
+    if manifest is None:
+        manifest = await get_manifest(links, blob_id, peers, request_timeout=request_timeout)
+    present = await blobs.begin_fetch(manifest)
+    plan = TransferPlan(
+        manifest, present=present, now=trio.current_time(), max_in_flight=max_in_flight
+    )
+    bytes_present = sum(ref.size for ref in manifest.chunks if ref.chunk_id in present)
+
+    async def ask_have(peer: str) -> None:
+        with trio.move_on_after(request_timeout):
+            try:
+                held = await links.have(peer, blob_id, len(manifest.chunks))
+            except (NetworkError, RemoteProtocolError) as e:
+                log.info("provider %s: have request failed: %s", peer, e)
+                return
+            if held is not None:
+                plan.add_provider(peer, held)
+
+    if plan.state is State.RUNNING:
+        async with trio.open_nursery() as nursery:
+            for peer in dict.fromkeys(peers):
+                nursery.start_soon(ask_have, peer)
+        await _run_plan(plan, blobs, links, request_timeout, on_event)
+    for event in plan.take_events():
+        on_event(event)
+    if plan.error is not None:
+        raise plan.error
+    progress = plan.progress(trio.current_time())
+    return TransferResult(
+        blob_id=blob_id,
+        bytes_total=manifest.total_size,
+        bytes_fetched=progress.bytes_fetched,
+        bytes_present=bytes_present,
+        chunks_fetched=progress.chunks_done - len(present),
+        seconds=trio.current_time() - started,
+    )
+
+
+async def _run_plan(
+    plan: TransferPlan,
+    blobs: BlobStore,
+    links: Links,
+    request_timeout: float,
+    on_event: Callable[[Event], None],
+) -> None:
+    scopes: dict[tuple[str, ChunkId], trio.CancelScope] = {}
+    to_store, stored = trio.open_memory_channel[tuple[ChunkId, bytes]](64)
+
+    async def writer() -> None:
+        async with stored:
+            while True:
+                try:
+                    batch = [await stored.receive()]
+                except trio.EndOfChannel:
+                    return
+                size = len(batch[0][1])
+                while size < WRITE_BATCH_BYTES:
+                    try:
+                        item = stored.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(item)
+                    size += len(item[1])
+                with blobs.chunks.pins() as pins:
+                    await blobs.chunks.put_many(batch, pins=pins)
+
+    async with one_error(), trio.open_nursery() as outer:
+        outer.start_soon(writer)
+        async with to_store, one_error(), trio.open_nursery() as nursery:
+
+            def pump() -> None:
+                for action in plan.next_actions(trio.current_time()):
+                    if isinstance(action, FetchChunk):
+                        nursery.start_soon(fetch_one, action)
+                    elif isinstance(action, CancelFetch):
+                        scope = scopes.get((action.peer, action.chunk_id))
+                        if scope is not None:
+                            scope.cancel()
+                for event in plan.take_events():
+                    on_event(event)
+                if plan.state is not State.RUNNING:
+                    nursery.cancel_scope.cancel()
+
+            async def fetch_one(action: FetchChunk) -> None:
+                key = (action.peer, action.chunk_id)
+                with trio.CancelScope() as scopes[key]:
+                    await _fetch_chunk(plan, links, action, request_timeout, to_store)
+                del scopes[key]
+                pump()
+
+            pump()
+
+
+async def _fetch_chunk(
+    plan: TransferPlan,
+    links: Links,
+    action: FetchChunk,
+    request_timeout: float,
+    to_store: trio.MemorySendChannel[tuple[ChunkId, bytes]],
+) -> None:
+    peer, chunk_id = action.peer, action.chunk_id
+    data: bytes | None = None
+    failure: str | None = None
+    gone: str | None = None
+    with trio.move_on_after(request_timeout) as deadline:
+        try:
+            data = await links.chunk(peer, chunk_id)
+        except DeadlineError as e:
+            failure = str(e)
+        except NetworkError as e:
+            gone = f"connection failed: {e}"
+        except RemoteProtocolError as e:
+            gone = f"protocol violation: {e}"
+    now = trio.current_time()
+    if deadline.cancelled_caught:
+        plan.on_failure(peer, chunk_id, now, f"no answer in {request_timeout:g}s")
+    elif failure is not None:
+        plan.on_failure(peer, chunk_id, now, failure)
+    elif gone is not None:
+        log.warning("provider %s dropped: %s", peer, gone)
+        plan.provider_gone(peer, now, gone)
+    elif data is None:
+        plan.on_not_found(peer, chunk_id, now)
+    elif plan.on_chunk(peer, chunk_id, data, now) is Verdict.ACCEPTED:
+        # Shielded: an accepted chunk is stored even if we then stop. A broken channel means the
+        # writer failed; its error is what the transfer raises.
+        with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError):
+            await to_store.send((chunk_id, data))
