@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _json_arg(doctor)
     doctor.set_defaults(handler=_cmd_doctor)
 
+    from catalog.blob_cli import add_blob_parser
     from catalog.build.cli import add_image_parser
     from catalog.cli import add_catalog_parser
     from worker_role.tinyos import locate
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_vm_parser(commands)
     add_catalog_parser(commands)
+    add_blob_parser(commands)
     # catalog must not import worker_role, so the tiny OS's boot files are handed in here.
     add_image_parser(commands, boot=locate)
     return parser

@@ -15,6 +15,9 @@ from typing import Any
 import trio
 
 import node
+from catalog.blob import BlobStore
+from catalog.blob_service import BlobService, data_host_for
+from catalog.chunk_store import ChunkStore
 from catalog.replication_service import ReplicationService
 from catalog.service import open_catalog
 from node.config import Config
@@ -66,12 +69,19 @@ class Node:
         async with (
             Database.open(self.data_dir / "state.db", MIGRATIONS) as db,
             open_catalog(self.data_dir, self.identity, trusted) as catalog,
+            ChunkStore.open(
+                self.data_dir / "chunks", quota_bytes=self.config.catalog.chunk_quota
+            ) as chunks,
         ):
             self.db = db
             async with trio.open_nursery() as nursery:
                 addrs: list[str] = await nursery.start(self.p2p.run)
-                methods = {**self.rpc_methods(), **catalog.rpc_methods()}
-                rpc = RpcServer(self.data_dir / "rpc.sock", methods)
+                blobs = BlobService(
+                    self.p2p, BlobStore(chunks), data_host=data_host_for(self.config.network.listen)
+                )
+                await nursery.start(blobs.run)
+                methods = {**self.rpc_methods(), **catalog.rpc_methods(), **blobs.rpc_methods()}
+                rpc = RpcServer(self.data_dir / "rpc.sock", methods, streams=blobs.rpc_streams())
                 await nursery.start(rpc.run)
                 if self.config.has_role("scheduler"):
                     await nursery.start(self._advertise_scheduler)
