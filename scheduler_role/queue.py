@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -392,6 +392,22 @@ class Queue:
         """The worker lost these leases (crashed): expire them now instead of at their deadline."""
         mine = [k for k in leases if (h := self._held.get(k)) is not None and h.worker == worker]
         return await self._expire(mine, "worker lost the lease")
+
+    async def serve_ticks(
+        self,
+        send_stops: Callable[[list[StopNotice]], Awaitable[None]],
+        *,
+        interval: float = 1.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Service: :meth:`tick` every ``interval`` seconds, handing non-empty notices to
+        ``send_stops`` (the glue pushes :class:`messages.Stop`); runs until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            stops = await self.tick()
+            if stops:
+                await send_stops(stops)
 
     async def tick(self) -> list[StopNotice]:
         """Expire lapsed leases, time out long runs, fail tasks past their deadline.

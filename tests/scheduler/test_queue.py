@@ -13,7 +13,7 @@ from scheduler_role.end_conditions import Outcome
 from scheduler_role.errors import InvalidTransition, TaskConflictError, UnknownTaskError
 from scheduler_role.lifecycle import ReplicaState, TaskState
 from scheduler_role.messages import Heartbeat, LeaseGrant, NoWork, ResultStatus
-from scheduler_role.queue import Queue
+from scheduler_role.queue import Queue, StopNotice
 from scheduler_role.task import LeaseKey
 from tests.scheduler.conftest import VirtualClock, image, offer, report, spec
 
@@ -219,6 +219,38 @@ async def test_restart_keeps_tasks_leases_and_results(
     async with Queue.open(path, clock=VirtualClock()) as q:
         assert len(await q.results("a")) == 2
         assert (await q.status("b")).replicas[0].state is ReplicaState.LEASED
+        # w3 never heartbeats after the restart: its lease lapses like any other.
+        await trio.sleep(q.lease_timeout + 1)
+        await q.tick()
+        assert (await q.status("b")).replicas[0].state is ReplicaState.QUEUED
+
+
+async def test_serve_ticks_pushes_stop_notices(
+    queue: Queue, autojump_clock: trio.testing.MockClock
+) -> None:
+    await queue.submit(spec("a", max_runtime=10))
+    g = await grant(queue, "w1")
+    pushed: list[StopNotice] = []
+    sent = trio.Event()
+
+    async def send(stops: list[StopNotice]) -> None:
+        pushed.extend(stops)
+        sent.set()
+
+    async def heartbeats() -> None:
+        while True:
+            await trio.sleep(10)
+            await queue.heartbeat("w1", Heartbeat(leases=(g.lease,)))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(queue.serve_ticks, send)
+        nursery.start_soon(heartbeats)
+        await sent.wait()
+        nursery.cancel_scope.cancel()
+    assert [(s.worker, s.lease, s.reason) for s in pushed] == [
+        ("w1", g.lease, "max runtime exceeded")
+    ]
+    assert trio.current_time() >= 10 + queue.lease_timeout  # max runtime plus the grace
 
 
 async def test_concurrent_leasing_never_double_leases(tmp_path: Path) -> None:
