@@ -10,8 +10,9 @@ reaches the same verdict from the same rows. Rules, in order:
    equal; each worker counts once. The first digest that ``quorum`` workers agree on wins, in the
    order results arrived; every worker that reported something else is a dissenter.
 3. A deadline that has passed fails the task.
-4. A replica held longer than ``max_runtime`` is failed (``time_out``): the same command would run
-   as long on another worker, so it is not retried.
+4. A replica that has run ``max_runtime`` (as the queue counts it: from its VM's start, less one
+   lease timeout of grace) is failed (``time_out``): the same command would run as long on
+   another worker, so it is not retried.
 5. If even every pending replica agreeing with the largest group could not make a quorum, the task
    fails and says why (disagreement, or replicas that used up their attempts / timed out).
 """
@@ -101,7 +102,7 @@ def judge(
     reason: str = "",
     verdict: Outcome = Outcome.FAILED,
 ) -> Judgement:
-    """Decide the task. ``held_for[i]``: seconds replica ``i`` has been held by its current worker.
+    """Decide the task. ``held_for[i]``: seconds replica ``i`` has run, as max runtime counts.
 
     For a finished task, ``reason`` is its stored reason and ``verdict`` the outcome it had before
     ``done`` (the ``done`` state alone does not say).
