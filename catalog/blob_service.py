@@ -392,6 +392,8 @@ class BlobService:
             "bytes_fetched": result.bytes_fetched,
             "bytes_present": result.bytes_present,
             "seconds": result.seconds,
+            "setup_seconds": result.setup_seconds,
+            "store_seconds": result.store_seconds,
             "out": out,
         }
 
@@ -404,7 +406,7 @@ class BlobService:
             missing = None
         if missing == []:
             size = (await self.blobs.manifest(blob_id)).total_size
-            return TransferResult(blob_id, size, 0, size, 0, 0.0)
+            return TransferResult(blob_id, size, 0, size, 0, 0.0, 0.0, 0.0)
         return await self.fetch(blob_id, sources=sources, on_event=on_event)
 
 

@@ -1,0 +1,154 @@
+"""Blob transfer between real ``vmlend node start`` processes on loopback, vs raw TCP (JSON).
+
+    .venv/bin/python -m bench.transfer [--mib 512] [--dir DIR]
+
+Measured in one run: a raw TCP copy of the blob's bytes (two threads, blocking sockets, into
+memory), then ``blob.get`` on a fresh node from 1 provider and from 3 providers (the fetcher
+stores, fsyncs and indexes every chunk), then a second blob sharing 90 % of its bytes with the
+first (ten 1/100 slices rewritten): how many bytes moved. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.localnet import LocalNode, local_network
+
+MIB = 1 << 20
+
+
+def note(msg: str) -> None:
+    print(f"[bench.transfer] {msg}", file=sys.stderr, flush=True)
+
+
+def raw_tcp_copy(data: bytes) -> float:
+    """Seconds to move ``data`` over one loopback TCP connection into a receive buffer."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def send() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(data)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    buf = bytearray(len(data))
+    view = memoryview(buf)
+    began = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        got = 0
+        while got < len(data):
+            got += sock.recv_into(view[got:], min(len(data) - got, 4 * MIB))
+    seconds = time.perf_counter() - began
+    sender.join()
+    server.close()
+    assert buf == data
+    return seconds
+
+
+def make_data(mib: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(mib * MIB)
+
+
+def variant(data: bytes, seed: int) -> bytes:
+    """``data`` with ten slices of 1 % each rewritten: 90 % shared."""
+    rng = random.Random(seed)
+    out = bytearray(data)
+    step = len(data) // 10
+    for i in range(10):
+        start = i * step + step // 2
+        out[start : start + step // 10] = rng.randbytes(step // 10)
+    return bytes(out)
+
+
+async def get(fetcher: LocalNode, blob_id: str, sources: list[str], out: Path) -> dict[str, Any]:
+    from node.rpc_client import AsyncClient
+
+    began = time.perf_counter()
+    async with AsyncClient.connect(fetcher.rpc_path) as client:
+        result: dict[str, Any] = await client.call(
+            "blob.get", blob_id, {"out": str(out), "from": sources}, timeout=None
+        )
+    result["wall_seconds"] = time.perf_counter() - began
+    return result
+
+
+async def run(mib: int, base: Path) -> dict[str, Any]:
+    data = make_data(mib, 1)
+    first = base / "first.bin"
+    first.write_bytes(data)
+    second_data = variant(data, 2)
+    second = base / "second.bin"
+    second.write_bytes(second_data)
+    raw = min(raw_tcp_copy(data) for _ in range(3))
+    note(f"raw TCP: {len(data) / raw / MIB:.0f} MiB/s")
+    report: dict[str, Any] = {
+        "blob_bytes": len(data),
+        "raw_tcp_seconds": raw,
+        "raw_tcp_mib_s": len(data) / raw / MIB,
+    }
+    async with local_network(base / "nodes", 4) as nodes:
+        fetcher, providers = nodes[0], nodes[1:]
+        blob_id = ""
+        for p in providers:
+            began = time.perf_counter()
+            blob_id = (await p.call("blob.add", str(first)))["id"]
+            note(f"added on {p.name} in {time.perf_counter() - began:.2f}s")
+        report["add_seconds"] = time.perf_counter() - began
+        for label, srcs in (("one_provider", providers[:1]), ("three_providers", providers)):
+            await fetcher.call("blob.rm", blob_id) if await fetcher.call("blob.ls") else None
+            await fetcher.call("blob.gc")
+            out = base / f"out-{label}.bin"
+            result = await get(fetcher, blob_id, [s.addrs[0] for s in srcs], out)
+            assert out.read_bytes() == data
+            out.unlink()
+            rate = len(data) / result["seconds"] / MIB
+            note(f"{label}: {rate:.0f} MiB/s (transfer), {result['wall_seconds']:.2f}s wall")
+            report[label] = {
+                "transfer_seconds": result["seconds"],
+                "setup_seconds": result["setup_seconds"],
+                "store_seconds": result["store_seconds"],
+                "wall_seconds_incl_export": result["wall_seconds"],
+                "mib_s": rate,
+                "ratio_to_raw_tcp": raw / result["seconds"],
+                "bytes_fetched": result["bytes_fetched"],
+            }
+        second_id = (await providers[0].call("blob.add", str(second)))["id"]
+        out = base / "out-second.bin"
+        result = await get(fetcher, second_id, [providers[0].addrs[0]], out)
+        assert out.read_bytes() == second_data
+        report["second_blob_90pct_shared"] = {
+            "bytes_total": result["bytes_total"],
+            "bytes_fetched": result["bytes_fetched"],
+            "bytes_present": result["bytes_present"],
+            "fetched_fraction": result["bytes_fetched"] / result["bytes_total"],
+        }
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=512)
+    parser.add_argument("--dir", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-transfer-") as tmp:
+        os.chmod(tmp, 0o700)
+        report = trio.run(run, args.mib, Path(tmp))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
