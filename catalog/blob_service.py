@@ -257,8 +257,9 @@ class BlobService:
     # ---- operations ------------------------------------------------------------------------
 
     async def add(self, path: Path) -> BlobId:
+        """Store the file and announce it (done when this returns, so others can find it)."""
         blob_id = await self.blobs.add_file(path)
-        self.announce(blob_id)
+        await self._provide(blob_id)
         return blob_id
 
     async def rm(self, blob_id: BlobId) -> None:

@@ -1,0 +1,270 @@
+"""Blob transfer between real in-process P2P nodes on loopback (libp2p control + data channel)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from catalog.blob import BlobId, BlobStore
+from catalog.blob_service import BlobService
+from catalog.chunk_store import ChunkStore
+from catalog.chunking import KIB, ChunkId, ChunkParams
+from catalog.errors import NoProviderError, QuotaExceededError
+from catalog.transfer_plan import Event, PeerDropped, PeerMisbehaved, Progress
+from node.identity import Identity
+from node.p2p import P2PNode
+from tests.catalog.conftest import random_bytes
+
+# ~64 KiB chunks: a 2 MiB blob is ~30 chunks, enough for several providers to share it.
+PARAMS = ChunkParams(min_size=16 * KIB, avg_size=64 * KIB, max_size=256 * KIB)
+MIB = 1 << 20
+
+
+class CorruptingStore(ChunkStore):
+    """A malicious provider's store: every chunk it serves has its first byte changed."""
+
+    async def get(self, chunk_id: ChunkId, *, verify: bool | None = None) -> bytes:
+        data = await super().get(chunk_id, verify=verify)
+        return bytes([data[0] ^ 0xFF]) + data[1:]
+
+
+class TruncatingStore(ChunkStore):
+    """Serves every chunk one byte short."""
+
+    async def get(self, chunk_id: ChunkId, *, verify: bool | None = None) -> bytes:
+        return (await super().get(chunk_id, verify=verify))[:-1]
+
+
+@dataclass
+class Peer:
+    service: BlobService
+    scope: trio.CancelScope
+
+    @property
+    def blobs(self) -> BlobStore:
+        return self.service.blobs
+
+    @property
+    def addr(self) -> str:
+        return self.service.p2p.addrs[0]
+
+    @property
+    def peer_id(self) -> str:
+        return self.service.p2p.peer_id
+
+    def kill(self) -> None:
+        self.scope.cancel()
+
+
+Spawn = Callable[..., Awaitable[Peer]]
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        count = 0
+
+        async def start(
+            *,
+            store_cls: type[ChunkStore] = ChunkStore,
+            quota: int | None = None,
+            bootstrap: tuple[str, ...] = (),
+            request_timeout: float = 10.0,
+        ) -> Peer:
+            nonlocal count
+            count += 1
+            home = tmp_path / f"peer{count}"
+            store = await stack.enter_async_context(
+                store_cls.open(home / "chunks", quota_bytes=quota)
+            )
+            p2p = P2PNode(
+                Identity.generate(),
+                listen=["/ip4/127.0.0.1/tcp/0"],
+                bootstrap=bootstrap,
+                heartbeat_interval=0.5,
+                peer_timeout=5.0,
+            )
+            service = BlobService(
+                p2p, BlobStore(store, params=PARAMS), request_timeout=request_timeout
+            )
+
+            async def run(task_status: trio.TaskStatus[None]) -> None:
+                async with trio.open_nursery() as inner:
+                    await inner.start(p2p.run)
+                    await inner.start(service.run)
+                    task_status.started()
+
+            scope = trio.CancelScope()
+
+            async def guarded(
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
+                with scope:
+                    await run(task_status)
+
+            await nursery.start(guarded)
+            return Peer(service, scope)
+
+        yield start
+        nursery.cancel_scope.cancel()
+
+
+async def add(peers: list[Peer], data: bytes, tmp: Path) -> BlobId:
+    path = tmp / f"input-{len(data)}-{hash(data[:64])}"
+    path.write_bytes(data)
+    ids = {await p.service.add(path) for p in peers}
+    assert len(ids) == 1
+    return ids.pop()
+
+
+async def exported(peer: Peer, blob_id: BlobId, tmp: Path) -> bytes:
+    out = tmp / f"out-{blob_id.hex()[:8]}"
+    await peer.blobs.export(blob_id, out)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("providers", [1, 3])
+async def test_fetch_from_providers(spawn: Spawn, tmp_path: Path, providers: int) -> None:
+    sources = [await spawn() for _ in range(providers)]
+    me = await spawn()
+    data = random_bytes(2 * MIB, providers)
+    blob_id = await add(sources, data, tmp_path)
+    events: list[Event] = []
+    result = await me.service.fetch(
+        blob_id, sources=[p.addr for p in sources], on_event=events.append
+    )
+    assert result.bytes_fetched == len(data)
+    assert result.bytes_present == 0
+    assert await exported(me, blob_id, tmp_path) == data
+    final = [e for e in events if isinstance(e, Progress)][-1]
+    assert final.bytes_done == len(data)
+    assert {p.peer for p in final.peers if p.bytes_received > 0} == {s.peer_id for s in sources}
+
+
+async def test_providers_announced_in_dht_and_withdrawn(spawn: Spawn, tmp_path: Path) -> None:
+    provider = await spawn()
+    me = await spawn(bootstrap=(provider.addr,))
+    await me.service.p2p.wait_peer_count(1)
+    data = random_bytes(MIB, 7)
+    blob_id = await add([provider], data, tmp_path)
+    assert await me.service.providers(blob_id) == [provider.peer_id]
+    result = await me.service.fetch(blob_id)  # no --from: found through the DHT
+    assert result.bytes_fetched == len(data)
+    assert await exported(me, blob_id, tmp_path) == data
+    await me.service.rm(blob_id)
+    await provider.service.rm(blob_id)
+    await me.blobs.gc()
+    # The provider no longer holds it: a fetch fails clearly (its stale DHT copy is not trusted).
+    with pytest.raises(NoProviderError):
+        await me.service.fetch(blob_id, sources=[provider.addr])
+
+
+async def test_provider_killed_mid_transfer(spawn: Spawn, tmp_path: Path) -> None:
+    sources = [await spawn() for _ in range(3)]
+    me = await spawn()
+    data = random_bytes(4 * MIB, 3)
+    blob_id = await add(sources, data, tmp_path)
+    victim = sources[0]
+    events: list[Event] = []
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if isinstance(event, Progress):
+            victim.kill()  # gone while its requests are in flight
+
+    result = await me.service.fetch(blob_id, sources=[p.addr for p in sources], on_event=on_event)
+    assert result.bytes_total == len(data)
+    assert await exported(me, blob_id, tmp_path) == data
+    assert victim.peer_id in {e.peer for e in events if isinstance(e, PeerDropped)}
+
+
+@pytest.mark.parametrize("store_cls", [CorruptingStore, TruncatingStore])
+async def test_malicious_provider_is_excluded(
+    spawn: Spawn, tmp_path: Path, store_cls: type[ChunkStore]
+) -> None:
+    honest = [await spawn(), await spawn()]
+    evil = await spawn(store_cls=store_cls)
+    me = await spawn()
+    data = random_bytes(2 * MIB, 4)
+    blob_id = await add([*honest, evil], data, tmp_path)
+    events: list[Event] = []
+    await me.service.fetch(
+        blob_id, sources=[evil.addr, *(p.addr for p in honest)], on_event=events.append
+    )
+    assert [e.peer for e in events if isinstance(e, PeerMisbehaved)] == [evil.peer_id]
+    assert await exported(me, blob_id, tmp_path) == data
+    assert (await me.blobs.chunks.check()).ok  # nothing corrupt was stored
+
+
+async def test_only_a_malicious_provider_fails_clearly(spawn: Spawn, tmp_path: Path) -> None:
+    evil = await spawn(store_cls=CorruptingStore)
+    me = await spawn()
+    blob_id = await add([evil], random_bytes(MIB, 5), tmp_path)
+    with pytest.raises(NoProviderError, match="misbehaving"):
+        await me.service.fetch(blob_id, sources=[evil.addr])
+    [info] = await me.blobs.ls()
+    assert info.missing_chunks == info.chunk_count  # not one wrong chunk kept
+    assert (await me.blobs.chunks.check()).ok
+    # The malicious node and ours both keep serving.
+    honest = await spawn()
+    await add([honest], random_bytes(MIB, 5), tmp_path)
+    await me.service.fetch(blob_id, sources=[honest.addr])
+
+
+async def test_cancelled_fetch_resumes_from_disk(spawn: Spawn, tmp_path: Path) -> None:
+    source = await spawn()
+    me = await spawn()
+    data = random_bytes(4 * MIB, 6)
+    blob_id = await add([source], data, tmp_path)
+    with trio.CancelScope() as scope:
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, Progress) and event.bytes_done >= len(data) // 4:
+                scope.cancel()
+
+        await me.service.fetch(blob_id, sources=[source.addr], on_event=on_event)
+    assert scope.cancelled_caught
+    [info] = await me.blobs.ls()
+    assert 0 < info.missing_chunks < info.chunk_count
+    result = await me.service.fetch(blob_id, sources=[source.addr])
+    assert result.bytes_present > 0
+    assert result.bytes_fetched < len(data)
+    assert result.bytes_fetched + result.bytes_present == len(data)
+    assert await exported(me, blob_id, tmp_path) == data
+
+
+async def test_dedup_moves_only_new_chunks(spawn: Spawn, tmp_path: Path) -> None:
+    source = await spawn()
+    me = await spawn()
+    first = random_bytes(4 * MIB, 8)
+    second = first[: 2 * MIB] + random_bytes(256 * KIB, 9) + first[2 * MIB :]
+    first_id = await add([source], first, tmp_path)
+    second_id = await add([source], second, tmp_path)
+    await me.service.fetch(first_id, sources=[source.addr])
+    result = await me.service.fetch(second_id, sources=[source.addr])
+    # The inserted 256 KiB plus the chunks around it (at most max_size on each side).
+    assert result.bytes_fetched <= 256 * KIB + 2 * PARAMS.max_size
+    assert result.bytes_present >= len(second) - result.bytes_fetched
+    assert await exported(me, second_id, tmp_path) == second
+
+
+async def test_full_quota_fails_clearly_and_stores_nothing(spawn: Spawn, tmp_path: Path) -> None:
+    source = await spawn()
+    me = await spawn(quota=MIB)
+    blob_id = await add([source], random_bytes(2 * MIB, 10), tmp_path)
+    with pytest.raises(QuotaExceededError, match="quota exceeded"):
+        await me.service.fetch(blob_id, sources=[source.addr])
+    assert await me.blobs.ls() == []
+    assert (await me.blobs.chunks.usage()).used_bytes == 0
+
+
+async def test_unknown_blob_fails_clearly(spawn: Spawn) -> None:
+    source = await spawn()
+    me = await spawn()
+    with pytest.raises(NoProviderError, match="does not hold it"):
+        await me.service.fetch(BlobId(bytes(32)), sources=[source.addr])
