@@ -120,7 +120,12 @@ class DataServer:
                 return
             try:
                 await self._serve_authorised(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            except (
+                StreamBrokenError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+            ) as e:
                 log.debug("data channel connection ended: %s", e)
             finally:
                 self._slots.release()

@@ -1,0 +1,166 @@
+"""The direct data channel against rogue peers on real loopback sockets (both directions)."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+
+import pytest
+import trio
+
+from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, hash_chunk
+from catalog.data_channel import DataConnection, DataServer, TokenBook
+from catalog.errors import MissingChunkError
+from node.errors import RemoteProtocolError, StreamBrokenError
+
+CHUNK = b"x" * 100_000
+CHUNK_ID = hash_chunk(CHUNK)
+HEADER = struct.Struct(">B32sI")
+
+
+def test_tokens_are_one_time_bound_and_expire() -> None:
+    book = TokenBook(ttl=10.0, per_peer=2)
+    token = book.issue("peer-a", now=0.0)
+    assert book.redeem(token, now=1.0) == "peer-a"
+    assert book.redeem(token, now=1.0) is None  # used
+    late = book.issue("peer-a", now=0.0)
+    assert book.redeem(late, now=10.0) is None  # expired
+    assert book.redeem(b"\x00" * 32, now=0.0) is None
+    first, second, third = (book.issue("peer-b", now=0.0) for _ in range(3))
+    assert book.redeem(first, now=0.0) is None  # at most per_peer live tokens per peer
+    assert book.redeem(third, now=0.0) == "peer-b"
+    assert book.redeem(second, now=0.0) == "peer-b"
+
+
+async def read_chunk(chunk_id: ChunkId) -> bytes:
+    if chunk_id == CHUNK_ID:
+        return CHUNK
+    raise MissingChunkError(chunk_id.hex())
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[DataServer]:
+    async with trio.open_nursery() as nursery:
+        srv = DataServer(read_chunk, host="127.0.0.1", token_timeout=1.0)
+        await nursery.start(srv.run)
+        yield srv
+        nursery.cancel_scope.cancel()
+
+
+async def connect(nursery: trio.Nursery, srv: DataServer, token: bytes) -> DataConnection:
+    return await DataConnection.open(nursery, "127.0.0.1", srv.port, token, "provider")
+
+
+async def test_server_serves_holders_of_a_token_only(server: DataServer) -> None:
+    async with trio.open_nursery() as nursery:
+        stranger = await connect(nursery, server, b"\x01" * 32)
+        with pytest.raises(StreamBrokenError):
+            await stranger.get(CHUNK_ID)
+        # A token for a peer works once; its chunks and not-founds come back in order.
+        conn = await connect(nursery, server, server.tokens.issue("me", trio.current_time()))
+        assert await conn.get(CHUNK_ID) == CHUNK
+        assert await conn.get(ChunkId(bytes(32))) is None
+        async with trio.open_nursery() as gets:
+            for _ in range(5):
+                gets.start_soon(conn.get, CHUNK_ID)
+        assert conn.bytes_received == 6 * len(CHUNK)
+        await conn.aclose()
+        assert server.refused == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_server_survives_garbage(server: DataServer) -> None:
+    for garbage in (b"", b"short", server.tokens.issue("me", 0.0) + b"\x07" + bytes(32)):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError):  # it may have closed already
+                await stream.send_all(garbage)
+                await stream.send_eof()
+            with trio.fail_after(5):
+                try:
+                    answer = await stream.receive_some(100)
+                except trio.BrokenResourceError:
+                    answer = b""  # reset: it closed with our garbage unread
+                assert answer == b""  # closed on us, unanswered
+    async with trio.open_nursery() as nursery:
+        conn = await connect(nursery, server, server.tokens.issue("me", trio.current_time()))
+        assert await conn.get(CHUNK_ID) == CHUNK
+        nursery.cancel_scope.cancel()
+
+
+Rogue = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def against(rogue: Rogue, timeout: float = 5.0) -> bytes | None:  # noqa: ASYNC109
+    """One ``get`` against a rogue server that runs ``rogue`` after reading token + request."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        got = b""
+        while len(got) < 32 + 33:
+            data = await stream.receive_some(65)
+            if not data:
+                return
+            got += data
+        await rogue(stream)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        conn = await DataConnection.open(nursery, "127.0.0.1", port, bytes(32), "rogue")
+        try:
+            with trio.fail_after(timeout):
+                result = await conn.get(CHUNK_ID)
+        except (RemoteProtocolError, StreamBrokenError, trio.TooSlowError) as e:
+            error: Exception = e
+        else:
+            return result
+        finally:
+            nursery.cancel_scope.cancel()
+    raise error
+
+
+async def test_oversized_answer_is_a_protocol_error() -> None:
+    async def rogue(stream: trio.SocketStream) -> None:
+        await stream.send_all(HEADER.pack(0, CHUNK_ID, MAX_CHUNK_SIZE + 1))
+        await trio.sleep_forever()
+
+    with pytest.raises(RemoteProtocolError, match="limit"):
+        await against(rogue)
+
+
+async def test_answer_for_another_chunk_is_a_protocol_error() -> None:
+    async def rogue(stream: trio.SocketStream) -> None:
+        await stream.send_all(HEADER.pack(0, bytes(32), 10) + bytes(10))
+        await trio.sleep_forever()
+
+    with pytest.raises(RemoteProtocolError, match="order"):
+        await against(rogue)
+
+
+async def test_truncated_chunk_then_close_is_a_broken_stream() -> None:
+    async def rogue(stream: trio.SocketStream) -> None:
+        await stream.send_all(HEADER.pack(0, CHUNK_ID, len(CHUNK)) + CHUNK[:1000])
+
+    with pytest.raises(StreamBrokenError, match="EOF after"):
+        await against(rogue)
+
+
+async def test_silence_mid_chunk_is_left_to_the_callers_deadline() -> None:
+    async def rogue(stream: trio.SocketStream) -> None:
+        await stream.send_all(HEADER.pack(0, CHUNK_ID, len(CHUNK)) + CHUNK[:1000])
+        await trio.sleep_forever()
+
+    with pytest.raises(trio.TooSlowError):
+        await against(rogue, timeout=0.3)
+
+
+async def test_wrong_bytes_of_the_right_size_are_returned_for_the_plan_to_reject() -> None:
+    async def rogue(stream: trio.SocketStream) -> None:
+        await stream.send_all(HEADER.pack(0, CHUNK_ID, len(CHUNK)) + bytes(len(CHUNK)))
+        await trio.sleep_forever()
+
+    data = await against(rogue)
+    assert data is not None
+    assert hash_chunk(data) != CHUNK_ID
