@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import trio
 
 from catalog.chunking import ID_SIZE, MAX_CHUNK_SIZE, ChunkId
-from catalog.errors import ChunkCorruptError, MissingChunkError
+from catalog.errors import CatalogError
 from node.errors import RemoteProtocolError, StreamBrokenError
 
 log = logging.getLogger("vmlend.catalog.channel")
@@ -147,7 +147,8 @@ class DataServer:
             try:
                 data = await self._read_chunk(ChunkId(chunk_id))
                 status = STATUS_OK
-            except (MissingChunkError, ChunkCorruptError):
+            except CatalogError as e:  # missing, corrupt (now quarantined), disk failure
+                log.debug("data channel: %s asked for %s: %s", peer, chunk_id.hex(), e)
                 data, status = b"", STATUS_NOT_FOUND
             await stream.send_all(_HEADER.pack(status, chunk_id, len(data)))
             if data:
