@@ -40,6 +40,18 @@ class TruncatingStore(ChunkStore):
         return (await super().get(chunk_id, verify=verify))[:-1]
 
 
+class FreezingStore(ChunkStore):
+    """Serves three chunks, then never answers again (no error, no EOF: frozen)."""
+
+    served = 0
+
+    async def get(self, chunk_id: ChunkId, *, verify: bool | None = None) -> bytes:
+        self.served += 1
+        if self.served > 3:
+            await trio.sleep_forever()
+        return await super().get(chunk_id, verify=verify)
+
+
 @dataclass
 class Peer:
     service: BlobService
@@ -181,6 +193,31 @@ async def test_provider_killed_mid_transfer(spawn: Spawn, tmp_path: Path) -> Non
     assert result.bytes_total == len(data)
     assert await exported(me, blob_id, tmp_path) == data
     assert victim.peer_id in {e.peer for e in events if isinstance(e, PeerDropped)}
+
+
+async def test_frozen_provider_is_worked_around(spawn: Spawn, tmp_path: Path) -> None:
+    frozen = await spawn(store_cls=FreezingStore)
+    honest = await spawn()
+    me = await spawn(request_timeout=0.5)
+    data = random_bytes(2 * MIB, 11)
+    blob_id = await add([frozen, honest], data, tmp_path)
+    with trio.fail_after(20):
+        await me.service.fetch(blob_id, sources=[frozen.addr, honest.addr])
+    assert await exported(me, blob_id, tmp_path) == data
+
+
+async def test_only_a_frozen_provider_fails_after_its_deadlines(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    frozen = await spawn(store_cls=FreezingStore)
+    me = await spawn(request_timeout=0.5)
+    blob_id = await add([frozen], random_bytes(MIB, 12), tmp_path)
+    events: list[Event] = []
+    with pytest.raises(NoProviderError, match="gone"):
+        await me.service.fetch(blob_id, sources=[frozen.addr], on_event=events.append)
+    assert [e.peer for e in events if isinstance(e, PeerDropped)] == [frozen.peer_id]
+    [info] = await me.blobs.ls()
+    assert info.missing_chunks < info.chunk_count  # the three it served are kept
 
 
 @pytest.mark.parametrize("store_cls", [CorruptingStore, TruncatingStore])
