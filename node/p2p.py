@@ -228,6 +228,8 @@ class P2PNode:
         self._ping_timeout = peer_timeout
         self._membership_changed = trio.Event()
         self._known: set[str] = set()
+        self._dead: set[str] = set()
+        self._dht.skip = lambda peer: str(peer) in self._dead
         self._stats = {
             "handler_errors": 0,
             "peer_errors": 0,
@@ -468,7 +470,7 @@ class P2PNode:
             async for msg in stream:
                 if msg["type"] != "ping":
                     raise RemoteProtocolError(f"heartbeat: unexpected {msg['type']!r}")
-                self._mark(self._liveness.seen(stream.peer_id, trio.current_time()))
+                self._seen(stream.peer_id)
                 await stream.send({"type": "pong"})
         except NetworkError as e:  # the watcher died or froze: routine, not a peer fault
             logger.debug("heartbeat stream from %s ended: %s", stream.peer_id, e)
@@ -512,17 +514,24 @@ class P2PNode:
                 reply = await stream.receive()
                 if reply["type"] != "pong":
                     raise RemoteProtocolError(f"heartbeat: unexpected {reply['type']!r}")
-                self._mark(self._liveness.seen(peer_id, trio.current_time()))
+                self._seen(peer_id)
                 await trio.sleep(self._heartbeat_interval)
 
+    def _seen(self, peer_id: str) -> None:
+        self._dead.discard(peer_id)
+        self._mark(self._liveness.seen(peer_id, trio.current_time()))
+
     def _forget_if_dead(self, peer_id: str) -> None:
+        """After ``peer_timeout`` without a heartbeat: stop watching the peer, drop it from the
+        routing table, and keep DHT queries away from it until it shows up again."""
         last = self._liveness.last_seen(peer_id)
         if last is not None and trio.current_time() - last <= self._liveness.peer_timeout:
             return
+        self._dead.add(peer_id)
+        self._dht.drop_peer(parse_peer_id(peer_id))
         if any(str(b.peer_id) == peer_id for b in self._bootstrap):
             return  # keep trying bootstrap peers: they may come back
         self._known.discard(peer_id)
-        self._dht.drop_peer(parse_peer_id(peer_id))
 
     # ---- DHT records -------------------------------------------------------------------------
 
@@ -553,13 +562,35 @@ class P2PNode:
     ) -> Record:
         """The newest valid record of ``kind`` published by peer ``owner``.
 
+        The owner always holds its newest record, so when we are connected to it we ask it first
+        (one stream); otherwise, or if it does not answer within a third of ``timeout``, we ask
+        the k closest peers to the key (and the owner) through the DHT.
         Raises RecordNotFoundError (none, or only invalid copies) or DeadlineError."""
         key = dht_records.record_key(kind, owner)
+        owner_id = parse_peer_id(owner)
+        if owner == self.peer_id:
+            mine = self._best_record(key, [v for v in [self._dht.get_local(key)] if v])
+            if mine is not None:
+                return mine
         try:
             with trio.fail_after(timeout):
-                values = await self._dht.get_all(key, also_ask=parse_peer_id(owner))
+                also_ask: ID | None = owner_id
+                if self.is_connected(owner):
+                    also_ask = None  # asked here already
+                    with trio.move_on_after(timeout / 3):
+                        value = await self._dht.get_from(owner_id, key)
+                        direct = self._best_record(key, [value] if value else [])
+                        if direct is not None:
+                            return direct
+                values = await self._dht.get_all(key, also_ask=also_ask)
         except trio.TooSlowError as e:
             raise DeadlineError(f"DHT lookup of {key} took over {timeout:g}s") from e
+        best = self._best_record(key, values)
+        if best is None:
+            raise RecordNotFoundError(f"no valid record under {key}")
+        return best
+
+    def _best_record(self, key: str, values: list[bytes]) -> Record | None:
         best: Record | None = None
         now = self._wall_clock()
         for value in values:
@@ -570,8 +601,6 @@ class P2PNode:
                 continue
             if best is None or record.issued_at > best.issued_at:
                 best = record
-        if best is None:
-            raise RecordNotFoundError(f"no valid record under {key}")
         return best
 
     async def find_records(

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import trio
 from libp2p.abc import IHost
+from libp2p.kad_dht.common import BUCKET_SIZE
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.records.validator import NamespacedValidator, Validator
@@ -68,11 +69,17 @@ class Dht:
     def __init__(self, kad: KadDHT, *, query_timeout: float) -> None:
         self.kad = kad
         self._query_timeout = query_timeout
+        # Peers not to ask (the node sets it to "known dead": heartbeats stopped).
+        self.skip: Callable[[ID], bool] = lambda peer: False
 
     async def _closest(self, key: bytes) -> list[ID]:
-        peers = await self.kad.peer_routing.find_closest_peers_network(key)
+        """The k closest peers to ``key``: the network lookup's answer, or our routing table's
+        if the lookup overruns ``query_timeout`` (py-libp2p waits 10 s on each frozen peer)."""
+        peers: list[ID] = self.kad.routing_table.find_local_closest_peers(key, BUCKET_SIZE)
+        with trio.move_on_after(self._query_timeout):
+            peers = await self.kad.peer_routing.find_closest_peers_network(key)
         me = self.kad.local_peer_id
-        return [p for p in peers if p != me]
+        return [p for p in peers if p != me and not self.skip(p)]
 
     async def put(self, key: str, value: bytes) -> int:
         """Validate, store locally and at the k closest peers; return how many peers took it.
@@ -119,12 +126,31 @@ class Dht:
                     found[rec.value] = None
 
         async with trio.open_nursery() as nursery:
-            if also_ask is not None and also_ask != self.kad.local_peer_id:
-                nursery.start_soon(ask, also_ask)
+            extra = also_ask
+            if extra is not None and extra != self.kad.local_peer_id and not self.skip(extra):
+                nursery.start_soon(ask, extra)
             for peer in await self._closest(lookup_target(key_bytes)):
                 if peer != also_ask:
                     nursery.start_soon(ask, peer)
         return list(found)
+
+    def get_local(self, key: str) -> bytes | None:
+        record = self.kad.value_store.get(key.encode())
+        return None if record is None else bytes(record.value)
+
+    async def get_from(self, peer: ID, key: str) -> bytes | None:
+        """The value ``peer`` holds for ``key`` (unvalidated), or None."""
+        with trio.move_on_after(self._query_timeout):
+            try:
+                rec = await self.kad.value_store._get_from_peer(
+                    peer, key.encode(), return_record=True
+                )
+            except LIBP2P_IO_ERRORS as e:
+                logger.debug("get %s from %s: %s", key, peer, e)
+                return None
+            value = getattr(rec, "value", None)
+            return value if isinstance(value, bytes) else None
+        return None
 
     async def provide(self, index: str) -> None:
         await self.kad.provider_store.provide(bytes.fromhex(index))

@@ -15,6 +15,7 @@ from node.identity import Identity
 from node.p2p import P2PNode
 from tests.p2p_helpers import FAST, LOOPBACK, running_nodes
 from tests.p2p_helpers.rogue import local_value, push_raw_value
+from tests.p2p_helpers.subprocess_peer import peer_process
 
 SCHEDULER = "scheduler"
 
@@ -125,3 +126,20 @@ async def test_a_node_publishes_only_under_its_own_peer_id() -> None:
         other = dht_records.peer_id_of(Identity.generate().public_bytes)
         with pytest.raises(LocalProtocolError):
             await node.put_record(SCHEDULER, other, {"name": "x"}, ttl=60)
+
+
+async def test_a_record_outlives_its_publisher_in_the_dht() -> None:
+    async with running_nodes(4) as nodes, peer_process(nodes[0].addrs[0], publish=SCHEDULER) as pub:
+        with trio.fail_after(20):
+            await pub.wait_event("published")
+            for node in nodes:
+                await node.wait_peers(lambda ps: pub.peer_id in {p.peer_id for p in ps})
+        pub.kill()
+        with trio.fail_after(10):  # as a client would notice: the publisher leaves peer lists
+            for node in nodes:
+                await node.wait_peers(lambda ps: pub.peer_id not in {p.peer_id for p in ps})
+        for node in nodes:
+            record = await node.get_record(SCHEDULER, pub.peer_id, timeout=10)
+            assert record.owner == pub.peer_id  # served by the k closest, not the owner
+            found = await node.find_records(SCHEDULER, timeout=10)
+            assert [r.owner for r in found] == [pub.peer_id]
