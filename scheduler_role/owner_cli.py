@@ -1,0 +1,209 @@
+"""The task owner's commands: ``vmlend submit / status / logs / wait / results / cancel / run``.
+
+All go through the local node's RPC (``task.*``, see :mod:`scheduler_role.owner_node`); the node
+forwards them to the scheduler holding the task. Exit codes: 0 done (or the task's own exit code for
+``run``), 1 the task failed or was cancelled, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from node.rpc import Notification
+from node.rpc_client import Client, Result
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def add_owner_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(name, help=help)
+        parser.add_argument("--data", metavar="DIR", help="data directory of the local node")
+        return parser
+
+    submit = command("submit", "submit a task file; print its task ID")
+    submit.add_argument("task", type=Path, metavar="TASK.toml")
+    submit.add_argument("--scheduler", metavar="PEER", help="scheduler peer ID (default: first)")
+    submit.add_argument("--wait", action="store_true", help="wait until the task is over")
+    submit.set_defaults(handler=cmd_submit)
+
+    status = command("status", "a task's state, or every task this node submitted")
+    status.add_argument("task_id", nargs="?", metavar="ID")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.set_defaults(handler=cmd_status)
+
+    logs = command("logs", "a task's output")
+    logs.add_argument("task_id", metavar="ID")
+    logs.add_argument("--follow", "-f", action="store_true", help="until the task is over")
+    logs.set_defaults(handler=cmd_logs)
+
+    wait = command("wait", "wait until a task is over; exit 0 if it succeeded")
+    wait.add_argument("task_id", metavar="ID")
+    wait.set_defaults(handler=cmd_wait)
+
+    results = command("results", "fetch a task's result: stdout, stderr, exit_code, out.tar")
+    results.add_argument("task_id", metavar="ID")
+    results.add_argument("-o", "--out", type=Path, required=True, metavar="DIR")
+    results.set_defaults(handler=cmd_results)
+
+    cancel = command("cancel", "cancel a task (its VMs are stopped)")
+    cancel.add_argument("task_id", metavar="ID")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    run = command("run", "run CMD in a VM somewhere on the network; exit with its exit code")
+    run.add_argument("--cpus", type=int, default=1)
+    run.add_argument("--memory", default="256MiB", metavar="SIZE")
+    run.add_argument("--os", default="tiny")
+    run.add_argument("--package", action="append", default=[], metavar="P")
+    run.add_argument("--file", action="append", default=[], metavar="PATH",
+                     help="relative to the current directory; lands under /task")
+    run.add_argument("--timeout", default="10m", help="max runtime, e.g. 30s")
+    run.add_argument("--scheduler", metavar="PEER")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    run.set_defaults(handler=cmd_run)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from node.config import resolve_data_dir
+
+    return Client(resolve_data_dir(args.data), timeout=None)
+
+
+def submit_text(
+    client: Client, text: str, base_dir: Path, scheduler: str | None = None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"text": text, "base_dir": str(base_dir.resolve())}
+    if scheduler:
+        params["scheduler"] = scheduler
+    answer: dict[str, Any] = client.call("task.submit", params)
+    return answer
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    path: Path = args.task
+    try:
+        text = path.read_text()
+    except OSError as e:
+        print(f"vmlend submit: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    client = _client(args)
+    task_id = submit_text(client, text, path.parent, args.scheduler)["task_id"]
+    print(task_id, flush=True)
+    if not args.wait:
+        return 0
+    return _print_final(client.call("task.wait", {"task_id": task_id}))
+
+
+def _print_final(status: dict[str, Any]) -> int:
+    line = f"{status['task_id']}: {status['state']}"
+    if status.get("exit_code") is not None:
+        line += f" (exit code {status['exit_code']})"
+    if status.get("reason"):
+        line += f": {status['reason']}"
+    print(line)
+    return 0 if status["state"] in ("succeeded", "done") else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    params = {"task_id": args.task_id} if args.task_id else {}
+    found = client.call("task.status", params)
+    if args.json:
+        print(json.dumps(found, default=str))
+        return 0
+    for status in found if isinstance(found, list) else [found]:
+        line = f"{status['task_id']}  {status['state']}"
+        if status.get("exit_code") is not None:
+            line += f"  exit {status['exit_code']}"
+        if status.get("reason"):
+            line += f"  {status['reason']}"
+        print(line)
+        for replica in status.get("replicas", []):
+            worker = replica["worker"] or "-"
+            print(f"  replica {replica['index']}: {replica['state']} {worker}"
+                  f" (attempts {replica['attempts']})")
+        for reason in status.get("waiting", []):
+            print(f"  waiting: {reason}")
+    return 0
+
+
+def follow_logs(client: Client, task_id: str, *, follow: bool) -> str:
+    """Copy the task's output to ours; the task's state at the end."""
+    state = ""
+    for item in client.stream("task.logs", {"task_id": task_id, "follow": follow}):
+        if isinstance(item, Notification) and item.method == "task.log":
+            kind, data = item.params
+            out = sys.stdout.buffer if kind == "stdout" else sys.stderr.buffer
+            out.write(data)
+            out.flush()
+        elif isinstance(item, Result):
+            state = str(item.value.get("state"))
+    return state
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    follow_logs(_client(args), args.task_id, follow=args.follow)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    return _print_final(_client(args).call("task.wait", {"task_id": args.task_id}))
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    out = args.out.resolve()
+    answer = _client(args).call("task.results", {"task_id": args.task_id, "out": str(out)})
+    print(f"{args.task_id}: {answer['state']}, exit code {answer.get('exit_code')}")
+    names = ["stdout", "stderr", "exit_code"] + (["out.tar"] if answer.get("archive") else [])
+    for name in names:
+        print(f"  {out / name}")
+    return 0 if answer.get("exit_code") is not None else EXIT_FAILED
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    status = _client(args).call("task.cancel", {"task_id": args.task_id})
+    print(f"{args.task_id}: {status['state']}")
+    return 0
+
+
+def run_text(args: argparse.Namespace, argv: list[str]) -> str:
+    """The task file ``vmlend run`` submits (JSON strings are valid TOML basic strings)."""
+    lines = [
+        'name = "run"',
+        f"os = {json.dumps(args.os)}",
+        f"command = {json.dumps(argv)}",
+        f"packages = {json.dumps(list(args.package))}",
+        f"files = {json.dumps(list(args.file))}",
+        "[resources]",
+        f"cpus = {int(args.cpus)}",
+        f"cpu_share = {float(args.cpus)}",
+        f"memory = {json.dumps(args.memory)}",
+        "[limits]",
+        f"max_runtime = {json.dumps(args.timeout)}",
+        "max_attempts = 3",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("vmlend run: no command (give it after --)", file=sys.stderr)
+        return EXIT_USAGE
+    client = _client(args)
+    task_id = submit_text(client, run_text(args, argv), Path.cwd(), args.scheduler)["task_id"]
+    print(f"vmlend run: task {task_id}", file=sys.stderr, flush=True)
+    follow_logs(client, task_id, follow=True)
+    status = client.call("task.wait", {"task_id": task_id})
+    code = status.get("exit_code")
+    if code is None:
+        print(f"vmlend run: {task_id} {status['state']}: {status.get('reason')}", file=sys.stderr)
+        return EXIT_FAILED
+    return int(code)

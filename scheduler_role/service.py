@@ -1,0 +1,274 @@
+"""The scheduler role on the network: the queue behind ``/vmlend/dispatch/1.0.0`` and the owners'
+``/vmlend/tasks/1.0.0`` (:mod:`scheduler_role.owner_api`), plus ``/vmlend/tasklogs/1.0.0``.
+
+Thin trio glue around the sans-IO parts: each dispatch frame is decoded with
+:func:`messages.decode_message` and answered by :func:`dispatch.handle`; stop notices (from a
+result, a cancel, an expired lease or a tick) are pushed as :class:`messages.Stop` on the worker's
+own control stream (the worker also learns them from its next heartbeat ack). Before a result is
+counted its blobs (stdout, stderr, the ``/out`` archive) are fetched from the worker's chunk store
+into ours, so results stay here until the owner has them, whatever happens to the worker.
+
+Log frames (``/vmlend/tasklogs/1.0.0``, worker -> scheduler)::
+
+    {"type": "log", "lease": [task_id, replica, attempt], "stream": "stdout"|"stderr", "data": bin}
+
+Logs are kept in memory for owners following them (:class:`LogBuffer`); after a restart the
+result's stdout/stderr stand in for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from catalog.blob import BlobId
+from catalog.blob_service import BlobService
+from catalog.build.assemble import Assembler
+from catalog.build.cache import BuildCache
+from catalog.build.os_tiny import BootFiles
+from catalog.errors import CatalogError, UnknownBlobError
+from catalog.taskfile import load
+from node.errors import NetworkError, RemoteProtocolError
+from node.p2p import P2PNode
+from node.p2p_stream import MessageStream
+from scheduler_role import dispatch
+from scheduler_role.codec import lease_from_list
+from scheduler_role.lifecycle import TaskState
+from scheduler_role.messages import (
+    PROTOCOL_ID,
+    ResultReport,
+    decode_message,
+    to_dict,
+    verify_report,
+)
+from scheduler_role.queue import Queue, StopNotice
+from scheduler_role.task import LeaseKey
+
+log = logging.getLogger("vmlend.scheduler.service")
+
+LOGS_PROTOCOL = "/vmlend/tasklogs/1.0.0"
+MAX_LOG_BYTES = 1 << 20  # kept per task for followers; the result holds the tail anyway
+FETCH_TIMEOUT = 60.0
+TASKS_DIR = "tasks"
+
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_ED25519_PEER_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
+
+
+def public_key_of(peer_id: str) -> bytes:
+    """The raw Ed25519 key inside an (identity-multihash) peer ID; RemoteProtocolError if none."""
+    n = 0
+    for ch in peer_id:
+        digit = _B58.find(ch)
+        if digit < 0:
+            raise RemoteProtocolError(f"peer ID {peer_id!r} is not base58")
+        n = n * 58 + digit
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    raw = b"\0" * (len(peer_id) - len(peer_id.lstrip("1"))) + raw
+    if len(raw) != 38 or not raw.startswith(_ED25519_PEER_PREFIX):
+        raise RemoteProtocolError(f"peer ID {peer_id!r} does not hold an Ed25519 key")
+    return raw[len(_ED25519_PEER_PREFIX) :]
+
+
+async def has_blob(blobs: BlobService, blob_id: BlobId) -> bool:
+    """Whether the blob is complete in this node's store."""
+    try:
+        return not await blobs.blobs.missing(blob_id)
+    except UnknownBlobError:
+        return False
+
+
+@dataclass
+class LogBuffer:
+    """The live output of one task's current replica run, for followers."""
+
+    source: LeaseKey | None = None
+    chunks: list[tuple[str, bytes]] = field(default_factory=list)
+    size: int = 0
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def add(self, lease: LeaseKey, stream: str, data: bytes) -> None:
+        if self.source is None or (
+            lease.replica == self.source.replica and lease.attempt > self.source.attempt
+        ):
+            if self.source is not None:
+                self.chunks.clear()
+                self.size = 0
+            self.source = lease
+        if lease != self.source or self.size >= MAX_LOG_BYTES:
+            return
+        self.chunks.append((stream, data))
+        self.size += len(data)
+        self.pulse()
+
+    def pulse(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class SchedulerService:
+    """One scheduler: queue, dispatch, logs, image assembly. Start with ``nursery.start(run)``."""
+
+    def __init__(
+        self,
+        p2p: P2PNode,
+        blobs: BlobService,
+        data_dir: Path,
+        *,
+        boot: Callable[[], BootFiles],
+        lease_timeout: float = 30.0,
+        build_cache: Path | None = None,
+    ) -> None:
+        self.p2p = p2p
+        self.blobs = blobs
+        self.data_dir = data_dir
+        self._boot = boot
+        self._lease_timeout = lease_timeout
+        self._build_cache = build_cache
+        self._workers: dict[str, MessageStream] = {}
+        self.logs: dict[str, LogBuffer] = {}
+        self._changed = trio.Event()
+        self._assembly_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self.queue: Queue
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from scheduler_role.owner_api import TASKS_PROTOCOL, OwnerApi
+
+        await trio.Path(self.data_dir / TASKS_DIR).mkdir(parents=True, exist_ok=True)
+        async with (
+            Queue.open(
+                self.data_dir / "scheduler.db", lease_timeout=self._lease_timeout, retry_after=2.0
+            ) as queue,
+            trio.open_nursery() as nursery,
+        ):
+            self.queue = queue
+            self._nursery = nursery
+            await nursery.start(queue.serve_ticks, self._after_tick)
+            for status in await queue.waiting():
+                if status.state in (TaskState.SUBMITTED, TaskState.ASSEMBLING):
+                    nursery.start_soon(self.assemble, status.spec.task_id)
+            self.p2p.set_handler(PROTOCOL_ID, self._serve_dispatch)
+            self.p2p.set_handler(LOGS_PROTOCOL, self._serve_logs)
+            self.p2p.set_handler(TASKS_PROTOCOL, OwnerApi(self).serve)
+            log.info("scheduler %s serving", self.p2p.peer_id)
+            task_status.started()
+
+    # ---- changes -------------------------------------------------------------------------
+
+    def changed(self) -> None:
+        """Wake whoever waits for a task's state to move (owners' wait, logs)."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Until the next change, or ``timeout`` s (tick-driven changes do not always signal)."""
+        with trio.move_on_after(timeout):
+            await self._changed.wait()
+
+    async def _after_tick(self, stops: list[StopNotice]) -> None:
+        await self.push_stops(stops)
+        self.changed()
+
+    async def push_stops(self, stops: Sequence[StopNotice]) -> None:
+        for worker, messages in dispatch.stop_messages(stops).items():
+            stream = self._workers.get(worker)
+            if stream is None:
+                continue  # it learns from its next heartbeat's ack
+            for message in messages:
+                try:
+                    await stream.send(to_dict(message))
+                except NetworkError as e:
+                    log.info("stop to %s not delivered (%s); heartbeats tell it", worker, e)
+
+    # ---- image assembly ------------------------------------------------------------------
+
+    def task_dir(self, task_id: str) -> Path:
+        return self.data_dir / TASKS_DIR / task_id
+
+    def start_assembly(self, task_id: str) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self.assemble, task_id)
+
+    async def assemble(self, task_id: str) -> None:
+        """Build the task's image from its stored task file; the queue learns either way."""
+        async with self._assembly_lock:
+            status = await self.queue.status(task_id)
+            if status.state is TaskState.SUBMITTED:
+                await self.queue.begin_assembly(task_id)
+            elif status.state is not TaskState.ASSEMBLING:
+                return
+            try:
+                task = load(self.task_dir(task_id) / "task.toml")
+                assembler = Assembler(BuildCache(self._build_cache), self.blobs.blobs, self._boot())
+                image = await assembler.assemble(task)
+            except (CatalogError, OSError) as e:
+                log.info("assembling %s failed: %s", task_id, e)
+                await self.queue.assembly_failed(task_id, f"image assembly failed: {e}"[:500])
+                self.changed()
+                return
+            m = image.manifest
+            for blob in (image.manifest_blob, m.kernel, m.initramfs, *(x.blob for x in m.layers)):
+                self.blobs.announce(BlobId(bytes.fromhex(blob)))
+            await self.queue.image_ready(task_id, bytes.fromhex(image.manifest_blob))
+            log.info("task %s: image %s ready", task_id, image.image_id)
+            self.changed()
+
+    # ---- dispatch ------------------------------------------------------------------------
+
+    async def _serve_dispatch(self, stream: MessageStream) -> None:
+        worker = stream.peer_id
+        key = public_key_of(worker)
+        # The worker speaks at least every lease_timeout / 3 (heartbeats) or retry_after.
+        stream.deadline = max(60.0, 4 * self._lease_timeout)
+        self._workers[worker] = stream
+        try:
+            async for raw in stream:
+                message = decode_message(raw)
+                if isinstance(message, ResultReport) and verify_report(message, key):
+                    await self._fetch_result(worker, message)
+                answer, stops = await dispatch.handle(self.queue, worker, message, public_key=key)
+                await stream.send(to_dict(answer))
+                await self.push_stops(stops)
+                self.changed()
+        finally:
+            if self._workers.get(worker) is stream:
+                del self._workers[worker]
+
+    async def _fetch_result(self, worker: str, report: ResultReport) -> None:
+        """Copy the result's blobs from the worker before the result counts."""
+        addrs = next((list(p.addrs) for p in self.p2p.peers() if p.peer_id == worker), [])
+        blobs = [report.stdout_blob, report.stderr_blob]
+        if report.archive_blob is not None:
+            blobs.append(report.archive_blob)
+        with trio.fail_after(FETCH_TIMEOUT):
+            for blob in blobs:
+                if not await has_blob(self.blobs, BlobId(blob)):
+                    await self.blobs.fetch(BlobId(blob), sources=addrs[:1])
+
+    # ---- logs ----------------------------------------------------------------------------
+
+    async def _serve_logs(self, stream: MessageStream) -> None:
+        stream.deadline = 3600.0  # a quiet task may print nothing for long
+        async for raw in stream:
+            lease, kind, data = _decode_log(raw)
+            self.logs.setdefault(lease.task_id, LogBuffer()).add(lease, kind, data)
+
+    def log_buffer(self, task_id: str) -> LogBuffer:
+        return self.logs.setdefault(task_id, LogBuffer())
+
+
+def _decode_log(raw: dict[str, Any]) -> tuple[LeaseKey, str, bytes]:
+    if raw.get("type") != "log" or set(raw) != {"type", "lease", "stream", "data"}:
+        raise RemoteProtocolError("expected a log frame")
+    lease = lease_from_list(raw["lease"])
+    if raw["stream"] not in ("stdout", "stderr") or not isinstance(raw["data"], bytes):
+        raise RemoteProtocolError("bad log frame")
+    return lease, str(raw["stream"]), raw["data"]
+
+

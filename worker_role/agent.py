@@ -1,0 +1,372 @@
+"""The worker agent (DESIGN.md steps 2, 3, 5, 6, 9, 11): pulls work from schedulers, runs it in
+capped VMs, reports signed results.
+
+For each scheduler it finds (DHT records, plus ``worker.schedulers`` from the config) and its
+lending policy serves, the agent keeps one ``/vmlend/dispatch/1.0.0`` control stream: it asks for
+work only while its policy leaves room, heartbeats every lease it holds, and obeys a pushed
+:class:`Stop` (or a heartbeat ack's stop list) by cancelling the lease's scope, which destroys the
+VM. Images come through the chunk transfer from the scheduler that leased them (only the chunks we
+lack); output streams to the scheduler over ``/vmlend/tasklogs/1.0.0`` while the VM runs; the
+result's stdout, stderr and ``/out`` archive go into our chunk store and the scheduler fetches them
+before it counts the signed report.
+
+Held leases are written to ``<data>/agent_leases.json``. After a crash the VM backend sweeps the
+dead process's domains when it opens, and the agent tells each scheduler which leases it lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+import trio
+
+from catalog.blob import BlobId
+from catalog.blob_service import BlobService
+from catalog.build.manifest import ImageManifest, materialize
+from catalog.errors import CatalogError, UnknownBlobError
+from node.config import WorkerConfig
+from node.errors import NetworkError, ProtocolError, StreamBrokenError
+from node.identity import Identity
+from node.p2p import P2PNode
+from node.p2p_stream import MessageStream
+from scheduler_role.codec import lease_from_list, lease_to_list
+from scheduler_role.messages import (
+    PROTOCOL_ID,
+    Heartbeat,
+    HeartbeatAck,
+    LeaseGrant,
+    Lost,
+    Message,
+    NoWork,
+    Offer,
+    ResultAck,
+    ResultReport,
+    Stop,
+    WorkRequest,
+    decode_message,
+    signed_result_bytes,
+    to_dict,
+)
+from scheduler_role.service import LOGS_PROTOCOL
+from scheduler_role.task import LeaseKey
+from worker_role.caps import MIB, Caps
+from worker_role.errors import VmError
+from worker_role.policy import LendingPolicy, PolicyError
+from worker_role.vm.backend import Image, OutputChunk, VmBackend, VmResult, open_backend
+from worker_role.vm.task import Layer, LayerFormat, TaskSpec
+
+log = logging.getLogger("vmlend.worker.agent")
+
+SCHEDULER_RECORD_KIND = "scheduler"
+DISCOVERY_INTERVAL = 5.0
+REQUEST_TIMEOUT = 30.0
+FETCH_TIMEOUT = 300.0
+STATE_FILE = "agent_leases.json"
+
+
+def policy_of(config: WorkerConfig) -> LendingPolicy:
+    return LendingPolicy(
+        max_vcpus=config.max_vcpus,
+        max_cpu_share=config.max_cpu_share,
+        max_memory_mib=config.max_memory // MIB,
+        max_disk_mib=config.max_disk // MIB,
+        max_concurrent_vms=config.max_concurrent_vms,
+        network_allowed=config.network_allowed,
+        max_disk_bps=config.max_disk_rate or None,
+        max_net_bps=config.max_net_rate or None,
+        schedulers=frozenset(config.schedulers),
+        net_allow=config.net_allow or None,
+    )
+
+
+@dataclass
+class _Lease:
+    scheduler: str
+    caps: Caps
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    running: bool = False
+
+
+class _Control:
+    """One control stream to a scheduler: requests take turns; pushed Stops go to ``on_stop``."""
+
+    def __init__(self, stream: MessageStream) -> None:
+        self.stream = stream
+        self._lock = trio.Lock()
+        self._send, self._answers = trio.open_memory_channel[Message](1)
+
+    async def read(self, on_stop: Any) -> None:
+        async with self._send:
+            async for raw in self.stream:
+                message = decode_message(raw)
+                if isinstance(message, Stop):
+                    on_stop(message.leases, message.reason)
+                else:
+                    await self._send.send(message)
+
+    async def request(self, message: Message) -> Message:
+        async with self._lock:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                await self.stream.send(to_dict(message))
+                try:
+                    return await self._answers.receive()
+                except trio.EndOfChannel:
+                    raise StreamBrokenError("the scheduler closed the stream") from None
+
+
+class WorkerAgent:
+    def __init__(
+        self,
+        p2p: P2PNode,
+        blobs: BlobService,
+        identity: Identity,
+        data_dir: Path,
+        config: WorkerConfig,
+        *,
+        boot_allowance_s: float = 60.0,
+    ) -> None:
+        self.p2p = p2p
+        self.blobs = blobs
+        self.identity = identity
+        self.config = config
+        self.policy = policy_of(config)
+        self._state_path = data_dir / STATE_FILE
+        self._images_dir = config.vm_dir / "images"
+        self._boot_allowance_s = boot_allowance_s
+        self._leases: dict[LeaseKey, _Lease] = {}
+        self._lost: dict[str, list[LeaseKey]] = {}
+        self._controls: dict[str, _Control] = {}
+        self._serving: set[str] = set()
+        self._images: set[bytes] = set()
+        self._room = trio.Event()
+        self.backend: VmBackend
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._lost = await trio.to_thread.run_sync(self._load_state)
+        async with (
+            open_backend(
+                runtime_dir=self.config.vm_dir,
+                policy=self.policy,
+                boot_allowance_s=self._boot_allowance_s,
+            ) as backend,
+            trio.open_nursery() as nursery,
+        ):
+            self.backend = backend
+            nursery.start_soon(self._discover, nursery)
+            task_status.started()
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, list[LeaseKey]]:
+        try:
+            raw = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {s: [lease_from_list(x) for x in keys] for s, keys in raw.items()}
+
+    def _save_state(self) -> None:
+        held: dict[str, list[Any]] = {}
+        for key, lease in self._leases.items():
+            held.setdefault(lease.scheduler, []).append(lease_to_list(key))
+        for scheduler, keys in self._lost.items():
+            held.setdefault(scheduler, []).extend(lease_to_list(k) for k in keys)
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(held))
+        tmp.replace(self._state_path)
+
+    def _room_changed(self) -> None:
+        self._room.set()
+        self._room = trio.Event()
+
+    # ---- schedulers ----------------------------------------------------------------------
+
+    async def _discover(self, nursery: trio.Nursery) -> None:
+        while True:
+            found: dict[str, list[str]] = {s: [] for s in self.config.schedulers}
+            try:
+                for record in await self.p2p.find_records(SCHEDULER_RECORD_KIND, timeout=10.0):
+                    found[str(record.payload["peer_id"])] = list(record.payload["addrs"])
+            except NetworkError as e:
+                log.info("finding schedulers: %s", e)
+            for scheduler, addrs in found.items():
+                if scheduler not in self._serving and self.policy.serves(scheduler):
+                    self._serving.add(scheduler)
+                    nursery.start_soon(self._serve_guarded, scheduler, addrs, nursery)
+            await trio.sleep(DISCOVERY_INTERVAL)
+
+    async def _serve_guarded(self, scheduler: str, addrs: list[str], nursery: trio.Nursery) -> None:
+        try:
+            await self._serve(scheduler, addrs, nursery)
+        except (NetworkError, ProtocolError, trio.TooSlowError) as e:
+            log.info("scheduler %s: %s (will look again)", scheduler, e)
+        finally:
+            self._controls.pop(scheduler, None)
+            self._serving.discard(scheduler)
+
+    async def _serve(self, scheduler: str, addrs: list[str], outer: trio.Nursery) -> None:
+        if addrs and not self.p2p.is_connected(scheduler):
+            await self.p2p.connect(addrs[0])
+        async with (
+            await self.p2p.open_stream(scheduler, PROTOCOL_ID) as stream,
+            trio.open_nursery() as nursery,
+        ):
+            stream.deadline = math.inf  # reads wait for pushes; requests have their own deadline
+            control = _Control(stream)
+            nursery.start_soon(control.read, self._stop)
+            if lost := self._lost.get(scheduler):
+                await control.request(Lost(leases=tuple(lost)))
+                del self._lost[scheduler]
+                await trio.to_thread.run_sync(self._save_state)
+            self._controls[scheduler] = control
+            nursery.start_soon(self._heartbeats, scheduler, control)
+            await self._ask_for_work(scheduler, control, addrs, outer)
+
+    async def _ask_for_work(
+        self, scheduler: str, control: _Control, addrs: list[str], nursery: trio.Nursery
+    ) -> None:
+        while True:
+            room = self.policy.remaining([lease.caps for lease in self._leases.values()])
+            capacity = self.policy.remaining([])
+            if room is None or capacity is None:
+                await self._room.wait()
+                continue
+            offer = Offer(room=room, capacity=capacity, images=frozenset(self._images))
+            answer = await control.request(WorkRequest(offer=offer))
+            if isinstance(answer, LeaseGrant):
+                self._leases[answer.lease] = _Lease(scheduler, answer.caps)
+                await trio.to_thread.run_sync(self._save_state)
+                nursery.start_soon(self._run_lease, scheduler, addrs, answer)
+            elif isinstance(answer, NoWork):
+                with trio.move_on_after(answer.retry_after):
+                    await self._room.wait()
+            else:
+                raise ProtocolError(f"{scheduler} answered a work request with {answer.TYPE}")
+
+    async def _heartbeats(self, scheduler: str, control: _Control) -> None:
+        while True:
+            mine = {k: v for k, v in self._leases.items() if v.scheduler == scheduler}
+            if mine:
+                running = tuple(k for k, v in mine.items() if v.running)
+                answer = await control.request(Heartbeat(leases=tuple(mine), running=running))
+                if isinstance(answer, HeartbeatAck) and answer.stop:
+                    self._stop(answer.stop, "no longer ours")
+            await trio.sleep(2.0)
+
+    def _stop(self, leases: tuple[LeaseKey, ...], reason: str) -> None:
+        for key in leases:
+            lease = self._leases.get(key)
+            if lease is not None:
+                log.info("stopping %s: %s", key, reason)
+                lease.scope.cancel()
+
+    # ---- one lease -----------------------------------------------------------------------
+
+    async def _run_lease(self, scheduler: str, addrs: list[str], grant: LeaseGrant) -> None:
+        lease = self._leases[grant.lease]
+        try:
+            with lease.scope:
+                result = await self._execute(scheduler, addrs, grant, lease)
+                report = await self._report(grant.lease, result)
+                control = self._controls.get(scheduler)
+                if control is None:
+                    raise NetworkError(f"no control stream to {scheduler} for the result")
+                answer = await control.request(report)
+                if isinstance(answer, ResultAck):
+                    log.info("result of %s: %s", grant.lease, answer.status.value)
+        except (VmError, CatalogError, PolicyError, NetworkError, ValueError) as e:
+            log.warning("lease %s failed: %s", grant.lease, e)
+            control = self._controls.get(scheduler)
+            if control is not None:
+                with trio.move_on_after(REQUEST_TIMEOUT):
+                    try:
+                        await control.request(Lost(leases=(grant.lease,)))
+                    except (NetworkError, ProtocolError) as e2:
+                        log.info("telling %s about lost %s: %s", scheduler, grant.lease, e2)
+        finally:
+            del self._leases[grant.lease]
+            await trio.to_thread.run_sync(self._save_state)
+            self._room_changed()
+
+    async def _ensure_blob(self, blob: BlobId, addrs: list[str]) -> None:
+        try:
+            if not await self.blobs.blobs.missing(blob):
+                return
+        except UnknownBlobError:
+            pass
+        with trio.fail_after(FETCH_TIMEOUT):
+            await self.blobs.fetch(blob, sources=addrs[:1])
+
+    async def _image(self, grant: LeaseGrant, addrs: list[str]) -> tuple[Image, ImageManifest]:
+        manifest_blob = BlobId(grant.image_id)
+        await self._ensure_blob(manifest_blob, addrs)
+        path = self._images_dir / f"{grant.image_id.hex()}.manifest"
+        await trio.Path(self._images_dir).mkdir(parents=True, exist_ok=True)
+        if not await trio.Path(path).exists():
+            await self.blobs.blobs.export(manifest_blob, path)
+        manifest = ImageManifest.decode(await trio.Path(path).read_bytes())
+        for blob in (manifest.kernel, manifest.initramfs, *(x.blob for x in manifest.layers)):
+            await self._ensure_blob(BlobId(bytes.fromhex(blob)), addrs)
+        self._images.add(grant.image_id)
+        paths = await materialize(manifest, self.blobs.blobs, self._images_dir)
+        layers = tuple(
+            Layer(p, LayerFormat(ref.format))
+            for p, ref in zip(paths.layers, manifest.layers, strict=True)
+        )
+        boot = Image(kernel=paths.kernel, initrd=paths.initrd, cmdline=paths.cmdline, layers=layers)
+        return boot, manifest
+
+    async def _execute(
+        self, scheduler: str, addrs: list[str], grant: LeaseGrant, lease: _Lease
+    ) -> VmResult:
+        image, m = await self._image(grant, addrs)
+        timeout = max(1, min(m.timeout_s, math.ceil(grant.max_runtime)))
+        task = TaskSpec(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=timeout)
+        send, receive = trio.open_memory_channel[OutputChunk](256)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward_logs, scheduler, grant.lease, receive)
+            async with send, self.backend.start(image, task, grant.caps, output=send) as vm:
+                lease.running = True
+                log.info("lease %s runs in %s", grant.lease, vm.name)
+                return await vm.wait()
+        raise AssertionError("unreachable")
+
+    async def _forward_logs(
+        self, scheduler: str, lease: LeaseKey, receive: trio.MemoryReceiveChannel[OutputChunk]
+    ) -> None:
+        """Stream output to the scheduler; if it cannot take it, drain (the result has it)."""
+        async with receive:
+            try:
+                async with await self.p2p.open_stream(scheduler, LOGS_PROTOCOL) as stream:
+                    async for kind, data in receive:
+                        frame = {"stream": kind, "data": data, "lease": lease_to_list(lease)}
+                        await stream.send({"type": "log", **frame})
+            except (NetworkError, ProtocolError) as e:
+                log.info("log stream of %s: %s", lease, e)
+                async for _ in receive:
+                    pass
+
+    async def _report(self, lease: LeaseKey, result: VmResult) -> ResultReport:
+        store = self.blobs.blobs
+        stdout_blob = await store.add_bytes(result.stdout)
+        stderr_blob = await store.add_bytes(result.stderr)
+        archive = await store.add_bytes(result.out_tar) if result.out_tar is not None else None
+        for blob in (stdout_blob, stderr_blob, archive):
+            if blob is not None:
+                self.blobs.announce(blob)
+        fields: dict[str, Any] = {
+            "lease": lease,
+            "exit_code": result.exit_code,
+            "stdout_digest": blake3.blake3(result.stdout).digest(),
+            "stderr_digest": blake3.blake3(result.stderr).digest(),
+            "stdout_blob": bytes(stdout_blob),
+            "stderr_blob": bytes(stderr_blob),
+            "archive_blob": bytes(archive) if archive is not None else None,
+        }
+        signature = self.identity.sign(signed_result_bytes(**fields))
+        return ResultReport(signature=signature, **fields)
