@@ -67,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     from catalog.blob_cli import add_blob_parser
     from catalog.build.cli import add_image_parser
     from catalog.cli import add_catalog_parser
+    from scheduler_role.owner_cli import add_owner_parsers
     from worker_role.tinyos import locate
     from worker_role.vm.cli import add_vm_parser
 
     add_vm_parser(commands)
     add_catalog_parser(commands)
     add_blob_parser(commands)
+    add_owner_parsers(commands)
     # catalog must not import worker_role, so the tiny OS's boot files are handed in here.
     add_image_parser(commands, boot=locate)
     return parser

@@ -26,6 +26,10 @@ from node.identity import Identity
 from node.p2p import P2PNode, PeerInfo
 from node.rpc_server import RpcServer
 from node.store import Database
+from scheduler_role.owner_node import OwnerService
+from scheduler_role.service import SchedulerService
+from worker_role import tinyos
+from worker_role.agent import WorkerAgent
 
 log = logging.getLogger("vmlend.node.daemon")
 
@@ -80,12 +84,25 @@ class Node:
                     self.p2p, BlobStore(chunks), data_host=data_host_for(self.config.network.listen)
                 )
                 await nursery.start(blobs.run)
+                owner = OwnerService(self.p2p, blobs, self.data_dir)
                 methods = {**self.rpc_methods(), **catalog.rpc_methods(), **blobs.rpc_methods()}
-                rpc = RpcServer(self.data_dir / "rpc.sock", methods, streams=blobs.rpc_streams())
+                methods.update(owner.rpc_methods())
+                streams = {**blobs.rpc_streams(), **owner.rpc_streams()}
+                rpc = RpcServer(self.data_dir / "rpc.sock", methods, streams=streams)
                 await nursery.start(rpc.run)
                 if self.config.has_role("scheduler"):
+                    scheduler = SchedulerService(
+                        self.p2p, blobs, self.data_dir, boot=tinyos.locate,
+                        lease_timeout=self.config.scheduler.lease_timeout,
+                    )  # fmt: skip
+                    await nursery.start(scheduler.run)
                     await nursery.start(self._advertise_scheduler)
                     await nursery.start(ReplicationService(self.p2p, catalog.library).run)
+                if self.config.has_role("worker"):
+                    agent = WorkerAgent(
+                        self.p2p, blobs, self.identity, self.data_dir, self.config.worker
+                    )
+                    await nursery.start(agent.run)
                 task_status.started(addrs)
 
     async def _advertise_scheduler(
