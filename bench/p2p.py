@@ -26,7 +26,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.dht_records import RecordNotFoundError
+from node.dht_records import RecordNotFoundError, record_key
 from node.errors import DeadlineError
 from node.identity import Identity
 from node.p2p import P2PNode
@@ -136,7 +136,8 @@ async def p2p_bench(size: int, round_trips: int) -> dict[str, Any]:
 
 
 async def dht_bench(n: int, lookups: int) -> dict[str, Any]:
-    """One measuring node here, ``n - 1`` nodes in their own processes (3 of them publish)."""
+    """One measuring node here, ``n - 1`` nodes in their own processes (3 of them publish).
+    get_record asks the (connected) owner first; dht_lookup_only measures the DHT path alone."""
     timings = {"heartbeat_interval": 2.0, "peer_timeout": 10.0, "discovery_interval": 5.0}
     async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
         me = P2PNode(Identity.generate(), listen=[LOOPBACK], **timings)
@@ -176,6 +177,19 @@ async def dht_bench(n: int, lookups: int) -> dict[str, Any]:
                     continue
                 gets.append(trio.current_time() - t)
             progress(f"{n} nodes: {len(gets)} lookups, {failures} failed")
+        # The DHT path alone (what get_record falls back to when the owner is not connected):
+        # an iterative FIND_NODE for the key, then GET_VALUE from the k closest peers.
+        dht_gets, dht_misses = [], 0
+        for _ in range(lookups):
+            for proc in procs[:3]:
+                key = record_key("bench", proc.peer_id)
+                t = trio.current_time()
+                values = await me._dht.get_all(key)
+                elapsed = trio.current_time() - t
+                if me._best_record(key, values) is None:
+                    dht_misses += 1
+                else:
+                    dht_gets.append(elapsed)
         finds, found_counts = [], []
         for _ in range(max(3, lookups // 3)):
             t = trio.current_time()
@@ -190,6 +204,8 @@ async def dht_bench(n: int, lookups: int) -> dict[str, Any]:
         "live_peers_seen": len(me.peers()),
         "get_record": summary(gets) if gets else None,
         "get_record_failures": failures,
+        "dht_lookup_only": summary(dht_gets) if dht_gets else None,
+        "dht_lookup_misses": dht_misses,
         "find_records_3_publishers": summary(finds),
         "find_records_found": sorted(set(found_counts)),
     }
