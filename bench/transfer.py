@@ -60,7 +60,8 @@ def raw_tcp_copy(data: bytes) -> float:
 
 
 def make_data(mib: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(mib * MIB)
+    rng = random.Random(seed)  # randbytes takes at most 2**31 bits at once
+    return b"".join(rng.randbytes(MIB) for _ in range(mib))
 
 
 def variant(data: bytes, seed: int) -> bytes:

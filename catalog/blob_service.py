@@ -122,7 +122,7 @@ class P2PLinks:
             return None
         raise RemoteProtocolError(f"{peer}: unexpected answer to a have request")
 
-    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | None:
+    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | bytearray | None:
         conn = await self._connection(peer)
         if conn is not None:
             return await conn.get(chunk_id)

@@ -44,6 +44,8 @@ STATUS_OK, STATUS_NOT_FOUND = 0, 1
 _REQUEST = struct.Struct(f">B{ID_SIZE}s")
 _HEADER = struct.Struct(f">B{ID_SIZE}sI")
 RECV_SIZE = 1 << 20
+READ_AHEAD = 4
+SOCKET_BUFFER = 4 << 20
 
 ReadChunk = Callable[[ChunkId], Awaitable[bytes]]
 
@@ -112,6 +114,7 @@ class DataServer:
             await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, SOCKET_BUFFER)
         async with stream:
             try:
                 self._slots.acquire_nowait()
@@ -134,25 +137,55 @@ class DataServer:
         reader = _Reader(stream)
         with trio.move_on_after(self._token_timeout):
             token = await reader.read_exactly(TOKEN_SIZE)
-        peer = None if token is None else self.tokens.redeem(token, trio.current_time())
+        peer = None if token is None else self.tokens.redeem(bytes(token), trio.current_time())
         if peer is None:
             self.refused += 1
             log.info("data channel: connection without a valid token refused")
             return
-        while (raw := await reader.read_exactly(_REQUEST.size)) is not None:
-            op, chunk_id = _REQUEST.unpack(raw)
-            if op != OP_GET:
-                log.info("data channel: %s sent unknown op %d; closing", peer, op)
-                return
+        # Read ahead: the next chunks come off the disk (and are verified) while this one is
+        # being sent. Answers stay in request order.
+        answers, outbox = trio.open_memory_channel[tuple[bytes, bytes]](READ_AHEAD)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_answers, stream, outbox, nursery.cancel_scope)
+            async with answers:
+                while (raw := await _read_request(reader, peer)) is not None:
+                    op, chunk_id = _REQUEST.unpack(raw)
+                    if op != OP_GET:
+                        log.info("data channel: %s sent unknown op %d; closing", peer, op)
+                        nursery.cancel_scope.cancel()
+                        return
+                    try:
+                        data = await self._read_chunk(ChunkId(chunk_id))
+                        status = STATUS_OK
+                    except CatalogError as e:  # missing, corrupt (now quarantined), disk failure
+                        log.debug("data channel: %s asked for %s: %s", peer, chunk_id.hex(), e)
+                        data, status = b"", STATUS_NOT_FOUND
+                    await answers.send((_HEADER.pack(status, chunk_id, len(data)), data))
+
+    @staticmethod
+    async def _send_answers(
+        stream: trio.SocketStream,
+        outbox: trio.MemoryReceiveChannel[tuple[bytes, bytes]],
+        connection: trio.CancelScope,
+    ) -> None:
+        async with outbox:
             try:
-                data = await self._read_chunk(ChunkId(chunk_id))
-                status = STATUS_OK
-            except CatalogError as e:  # missing, corrupt (now quarantined), disk failure
-                log.debug("data channel: %s asked for %s: %s", peer, chunk_id.hex(), e)
-                data, status = b"", STATUS_NOT_FOUND
-            await stream.send_all(_HEADER.pack(status, chunk_id, len(data)))
-            if data:
-                await stream.send_all(data)
+                async for header, data in outbox:
+                    await stream.send_all(header + data if len(data) < 65536 else header)
+                    if len(data) >= 65536:
+                        await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                log.debug("data channel: the peer went away: %s", e)
+                connection.cancel()
+
+
+async def _read_request(reader: _Reader, peer: str) -> bytearray | None:
+    """The next request, or None when the peer is done or went away."""
+    try:
+        return await reader.read_exactly(_REQUEST.size)
+    except StreamBrokenError as e:
+        log.debug("data channel: %s: %s", peer, e)
+        return None
 
 
 # ------------------------------------------------------------------------------------ client
@@ -165,7 +198,7 @@ class _Reader:
         self._sock = stream.socket
         self._stream = stream
 
-    async def read_exactly(self, n: int) -> bytes | None:
+    async def read_exactly(self, n: int) -> bytearray | None:
         """``n`` bytes; None on a clean EOF before the first byte; StreamBrokenError mid-way."""
         buf = bytearray(n)
         view = memoryview(buf)
@@ -180,14 +213,14 @@ class _Reader:
                     return None
                 raise StreamBrokenError(f"data channel: EOF after {got} of {n} bytes")
             got += count
-        return bytes(buf)
+        return buf
 
 
 @dataclass
 class _Waiter:
     chunk_id: ChunkId
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
+    data: bytearray | None = None
     error: Exception | None = None
 
 
@@ -213,7 +246,7 @@ class DataConnection:
     ) -> DataConnection:
         try:
             stream = await trio.open_tcp_stream(host, port)
-            stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4 << 20)
+            stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, SOCKET_BUFFER)
             await stream.send_all(token)
         except OSError as e:
             raise StreamBrokenError(f"data channel to {peer} at {host}:{port}: {e}") from e
@@ -221,7 +254,7 @@ class DataConnection:
         nursery.start_soon(conn._read_loop)
         return conn
 
-    async def get(self, chunk_id: ChunkId) -> bytes | None:
+    async def get(self, chunk_id: ChunkId) -> bytearray | None:
         """The chunk's bytes as the peer sent them (the caller verifies), None if not found."""
         if self._error is not None:
             raise self._error
@@ -255,7 +288,7 @@ class DataConnection:
                         f"data channel: {self.peer} announced {length} bytes (limit "
                         f"{MAX_CHUNK_SIZE})"
                     )
-                data = await self._reader.read_exactly(length) if length else b""
+                data = await self._reader.read_exactly(length) if length else bytearray()
                 if data is None:
                     raise StreamBrokenError(f"data channel: {self.peer} closed mid-answer")
                 self.bytes_received += length

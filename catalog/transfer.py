@@ -54,7 +54,7 @@ class Links(Protocol):
 
     async def have(self, peer: str, blob_id: BlobId, chunk_count: int) -> list[int] | None: ...
 
-    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | None: ...
+    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | bytearray | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +161,9 @@ async def _run_plan(
     store_seconds = 0.0
     scopes: dict[tuple[str, ChunkId], trio.CancelScope] = {}
     writers = trio.Semaphore(WRITERS)
-    to_store, stored = trio.open_memory_channel[tuple[ChunkId, bytes]](64)
+    to_store, stored = trio.open_memory_channel[tuple[ChunkId, bytes | bytearray]](64)
 
-    async def store(batch: list[tuple[ChunkId, bytes]]) -> None:
+    async def store(batch: list[tuple[ChunkId, bytes | bytearray]]) -> None:
         nonlocal store_seconds
         try:
             began = trio.current_time()
@@ -174,7 +174,13 @@ async def _run_plan(
             writers.release()
 
     async def writer() -> None:
-        # Up to WRITERS batches are written at once, so their fsyncs overlap.
+        # Up to WRITERS batches are written at once, so their fsyncs overlap. Shielded: what
+        # was accepted is stored even when the transfer is cancelled (it ends when the fetchers
+        # have stopped and the channel is closed), so a resume does not fetch it again.
+        with trio.CancelScope(shield=True):
+            await write_all()
+
+    async def write_all() -> None:
         async with stored, one_error(), trio.open_nursery() as batches:
             while True:
                 try:
@@ -225,10 +231,10 @@ async def _fetch_chunk(
     links: Links,
     action: FetchChunk,
     request_timeout: float,
-    to_store: trio.MemorySendChannel[tuple[ChunkId, bytes]],
+    to_store: trio.MemorySendChannel[tuple[ChunkId, bytes | bytearray]],
 ) -> None:
     peer, chunk_id = action.peer, action.chunk_id
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
     failure: str | None = None
     gone: str | None = None
     with trio.move_on_after(request_timeout) as deadline:

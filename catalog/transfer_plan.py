@@ -231,7 +231,9 @@ class TransferPlan:
             self._exclude(state, "gone")
             self._events.append(PeerDropped(peer, reason))
 
-    def on_chunk(self, peer: PeerId, chunk_id: ChunkId, data: bytes, now: float) -> Verdict:
+    def on_chunk(
+        self, peer: PeerId, chunk_id: ChunkId, data: bytes | bytearray, now: float
+    ) -> Verdict:
         """A ChunkResponse arrived. Store the bytes only if this returns ``ACCEPTED``."""
         state = self._peers.get(peer)
         if state is None or state.status != "live":

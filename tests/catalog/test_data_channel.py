@@ -60,7 +60,7 @@ async def test_server_serves_holders_of_a_token_only(server: DataServer) -> None
             await stranger.get(CHUNK_ID)
         # A token for a peer works once; its chunks and not-founds come back in order.
         conn = await connect(nursery, server, server.tokens.issue("me", trio.current_time()))
-        assert await conn.get(CHUNK_ID) == CHUNK
+        assert await conn.get(CHUNK_ID) == bytearray(CHUNK)
         assert await conn.get(ChunkId(bytes(32))) is None
         async with trio.open_nursery() as gets:
             for _ in range(5):
@@ -86,14 +86,14 @@ async def test_server_survives_garbage(server: DataServer) -> None:
                 assert answer == b""  # closed on us, unanswered
     async with trio.open_nursery() as nursery:
         conn = await connect(nursery, server, server.tokens.issue("me", trio.current_time()))
-        assert await conn.get(CHUNK_ID) == CHUNK
+        assert await conn.get(CHUNK_ID) == bytearray(CHUNK)
         nursery.cancel_scope.cancel()
 
 
 Rogue = Callable[[trio.SocketStream], Awaitable[None]]
 
 
-async def against(rogue: Rogue, timeout: float = 5.0) -> bytes | None:  # noqa: ASYNC109
+async def against(rogue: Rogue, timeout: float = 5.0) -> bytearray | None:  # noqa: ASYNC109
     """One ``get`` against a rogue server that runs ``rogue`` after reading token + request."""
 
     async def handle(stream: trio.SocketStream) -> None:
