@@ -41,31 +41,16 @@ API (errors from :mod:`node.errors` unless noted)::
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
-from libp2p import new_swarm
-from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519
-from libp2p.crypto.keys import KeyPair
-from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.host.basic_host import BasicHost
 from libp2p.host.exceptions import StreamFailure
-from libp2p.network import swarm as swarm_module
-from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
-from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNotSupportedError
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -83,105 +68,39 @@ from node.errors import (
 from node.heartbeat import Liveness
 from node.identity import Identity
 from node.p2p_dht import Dht, make_dht
+from node.p2p_host import (
+    HEARTBEAT_PROTOCOL,
+    PEERSTORE_ERRORS,
+    DialTimeoutError,
+    Handler,
+    PeerInfo,
+    UnsupportedProtocolError,
+    build_host,
+    check_protocol_id,
+    connect_delay,
+    disable_connect_delay,
+    parse_peer_id,
+    peer_addr,
+    protocol_refused,
+    to_multiaddr,
+)
 from node.p2p_stream import LIBP2P_IO_ERRORS, MessageStream
 from node.wire import DEFAULT_LIMITS, Message, WireLimits
 
+__all__ = [
+    "HEARTBEAT_PROTOCOL",
+    "DialTimeoutError",
+    "Handler",
+    "MessageStream",
+    "P2PNode",
+    "PeerInfo",
+    "UnsupportedProtocolError",
+    "check_protocol_id",
+    "connect_delay",
+    "disable_connect_delay",
+]
+
 logger = logging.getLogger("vmlend.node.p2p")
-
-PROTOCOL_ID_RE = re.compile(r"/vmlend/[a-z0-9][a-z0-9-]*/\d+\.\d+\.\d+")
-HEARTBEAT_PROTOCOL = "/vmlend/heartbeat/1.0.0"
-
-Handler = Callable[[MessageStream], Awaitable[None]]
-_PEERSTORE_ERRORS: tuple[type[BaseException], ...] = (*LIBP2P_IO_ERRORS, KeyError)
-
-
-class UnsupportedProtocolError(RemoteProtocolError):
-    """The peer does not speak the protocol we asked for."""
-
-
-class DialTimeoutError(PeerUnreachableError, DeadlineError):
-    """No connection to the peer within the dial deadline (e.g. a silent port)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PeerInfo:
-    peer_id: str
-    addrs: tuple[str, ...]  # full multiaddrs ending in /p2p/<peer_id>
-
-
-def disable_connect_delay() -> None:
-    """Remove py-libp2p's 250 ms happy-eyeballs wait after every dial (process-wide)."""
-    swarm_module._HAPPY_EYEBALLS_DELAY = 0.0
-
-
-def connect_delay() -> float:
-    delay: float = swarm_module._HAPPY_EYEBALLS_DELAY
-    return delay
-
-
-def check_protocol_id(protocol_id: str) -> str:
-    if not PROTOCOL_ID_RE.fullmatch(protocol_id):
-        raise LocalProtocolError(
-            f"protocol ID {protocol_id!r} is not /vmlend/<name>/<major>.<minor>.<patch>"
-        )
-    return protocol_id
-
-
-def parse_peer_id(peer_id: str) -> ID:
-    try:
-        return ID.from_base58(peer_id)
-    except (ValueError, TypeError) as e:
-        raise LocalProtocolError(f"not a peer ID: {peer_id!r}") from e
-
-
-def _multiaddr(addr: str) -> Multiaddr:
-    try:
-        return Multiaddr(addr)
-    except ValueError as e:
-        raise LocalProtocolError(f"not a multiaddr: {addr!r}: {e}") from e
-
-
-def _peer_addr(addr: str) -> Libp2pPeerInfo:
-    """A full multiaddr ending in /p2p/<peer id>."""
-    try:
-        return info_from_p2p_addr(_multiaddr(addr))
-    except ValueError as e:  # InvalidAddrError
-        raise LocalProtocolError(f"{addr!r} does not end in /p2p/<peer id>: {e}") from e
-
-
-def _protocol_refused(error: BaseException) -> bool:
-    """True if multistream-select said "na" to our protocol somewhere down ``error``'s chain."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, ProtocolNotSupportedError) or (
-            isinstance(seen, MultiselectClientError) and "not supported" in str(seen)
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _key_pair(identity: Identity) -> KeyPair:
-    private = Libp2pEd25519.from_bytes(identity.private_bytes)
-    return KeyPair(private, private.get_public_key())
-
-
-def _build_host(identity: Identity, listen: Sequence[Multiaddr]) -> BasicHost:
-    key_pair = _key_pair(identity)
-    security = {
-        TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(
-            key_pair, noise_privkey=new_x25519_key_pair().private_key
-        )
-    }
-    swarm = new_swarm(
-        key_pair=key_pair,
-        sec_opt=security,
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-        listen_addrs=list(listen),
-        retry_config=RetryConfig(max_retries=0),
-        connection_config=ConnectionConfig(),
-    )
-    return BasicHost(network=swarm)
 
 
 class P2PNode:
@@ -213,8 +132,8 @@ class P2PNode:
             raise ValueError("need 0 < heartbeat_interval < peer_timeout")
         disable_connect_delay()
         self.identity = identity
-        self._listen = [_multiaddr(a) for a in listen]
-        self._bootstrap = [_peer_addr(a) for a in bootstrap]
+        self._listen = [to_multiaddr(a) for a in listen]
+        self._bootstrap = [peer_addr(a) for a in bootstrap]
         self._heartbeat_interval = heartbeat_interval
         self._stream_deadline = stream_deadline
         self._dial_timeout = dial_timeout
@@ -222,7 +141,7 @@ class P2PNode:
         self._limits = limits
         self._max_inbound_streams = max_inbound_streams
         self._wall_clock = wall_clock
-        self._host = _build_host(identity, self._listen)
+        self._host = build_host(identity, self._listen)
         self._dht = Dht(make_dht(self._host, wall_clock), query_timeout=stream_deadline)
         self._liveness = Liveness(peer_timeout=peer_timeout)
         self._ping_timeout = peer_timeout
@@ -292,7 +211,7 @@ class P2PNode:
 
     async def connect(self, addr: str) -> str:
         """Connect to a full multiaddr (ending in /p2p/<id>); return the peer ID."""
-        info = _peer_addr(addr)
+        info = peer_addr(addr)
         self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 0)
         await self._connect(info.peer_id)
         self._known.add(str(info.peer_id))
@@ -322,7 +241,7 @@ class P2PNode:
     def _addrs_of(self, peer: ID) -> list[Multiaddr]:
         try:
             addrs: list[Multiaddr] = self._host.get_peerstore().addrs(peer)
-        except _PEERSTORE_ERRORS:
+        except PEERSTORE_ERRORS:
             return []
         return addrs
 
@@ -340,7 +259,7 @@ class P2PNode:
         except trio.TooSlowError as e:
             raise DeadlineError(f"opening {protocol_id} to {peer_id} took too long") from e
         except StreamFailure as e:
-            if _protocol_refused(e):
+            if protocol_refused(e):
                 raise UnsupportedProtocolError(f"{peer_id} does not speak {protocol_id}") from e
             raise StreamBrokenError(f"opening {protocol_id} to {peer_id}: {e}") from e
         except SwarmException as e:

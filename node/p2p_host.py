@@ -1,0 +1,132 @@
+"""Building the py-libp2p host the way vmlend needs it, and the small typed helpers around it.
+
+Only the ``node.p2p*`` modules import libp2p. See :mod:`node.p2p` for the traps this handles.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from libp2p import new_swarm
+from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.host.basic_host import BasicHost
+from libp2p.network import swarm as swarm_module
+from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNotSupportedError
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from multiaddr import Multiaddr
+
+from node.errors import (
+    DeadlineError,
+    LocalProtocolError,
+    PeerUnreachableError,
+    RemoteProtocolError,
+)
+from node.identity import Identity
+from node.p2p_stream import LIBP2P_IO_ERRORS, MessageStream
+
+PROTOCOL_ID_RE = re.compile(r"/vmlend/[a-z0-9][a-z0-9-]*/\d+\.\d+\.\d+")
+HEARTBEAT_PROTOCOL = "/vmlend/heartbeat/1.0.0"
+
+Handler = Callable[[MessageStream], Awaitable[None]]
+PEERSTORE_ERRORS: tuple[type[BaseException], ...] = (*LIBP2P_IO_ERRORS, KeyError)
+
+
+class UnsupportedProtocolError(RemoteProtocolError):
+    """The peer does not speak the protocol we asked for."""
+
+
+class DialTimeoutError(PeerUnreachableError, DeadlineError):
+    """No connection to the peer within the dial deadline (e.g. a silent port)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    peer_id: str
+    addrs: tuple[str, ...]  # full multiaddrs ending in /p2p/<peer_id>
+
+
+def disable_connect_delay() -> None:
+    """Remove py-libp2p's 250 ms happy-eyeballs wait after every dial (process-wide)."""
+    swarm_module._HAPPY_EYEBALLS_DELAY = 0.0
+
+
+def connect_delay() -> float:
+    delay: float = swarm_module._HAPPY_EYEBALLS_DELAY
+    return delay
+
+
+def check_protocol_id(protocol_id: str) -> str:
+    if not PROTOCOL_ID_RE.fullmatch(protocol_id):
+        raise LocalProtocolError(
+            f"protocol ID {protocol_id!r} is not /vmlend/<name>/<major>.<minor>.<patch>"
+        )
+    return protocol_id
+
+
+def parse_peer_id(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except (ValueError, TypeError) as e:
+        raise LocalProtocolError(f"not a peer ID: {peer_id!r}") from e
+
+
+def to_multiaddr(addr: str) -> Multiaddr:
+    try:
+        return Multiaddr(addr)
+    except ValueError as e:
+        raise LocalProtocolError(f"not a multiaddr: {addr!r}: {e}") from e
+
+
+def peer_addr(addr: str) -> Libp2pPeerInfo:
+    """A full multiaddr ending in /p2p/<peer id>."""
+    try:
+        return info_from_p2p_addr(to_multiaddr(addr))
+    except ValueError as e:  # InvalidAddrError
+        raise LocalProtocolError(f"{addr!r} does not end in /p2p/<peer id>: {e}") from e
+
+
+def protocol_refused(error: BaseException) -> bool:
+    """True if multistream-select said "na" to our protocol somewhere down ``error``'s chain."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ProtocolNotSupportedError) or (
+            isinstance(seen, MultiselectClientError) and "not supported" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def key_pair_of(identity: Identity) -> KeyPair:
+    private = Libp2pEd25519.from_bytes(identity.private_bytes)
+    return KeyPair(private, private.get_public_key())
+
+
+def build_host(identity: Identity, listen: Sequence[Multiaddr]) -> BasicHost:
+    key_pair = key_pair_of(identity)
+    security = {
+        TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(
+            key_pair, noise_privkey=new_x25519_key_pair().private_key
+        )
+    }
+    swarm = new_swarm(
+        key_pair=key_pair,
+        sec_opt=security,
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=list(listen),
+        retry_config=RetryConfig(max_retries=0),
+        connection_config=ConnectionConfig(),
+    )
+    return BasicHost(network=swarm)
