@@ -203,8 +203,8 @@ class WorkerAgent:
     async def _serve_guarded(self, scheduler: str, addrs: list[str], nursery: trio.Nursery) -> None:
         try:
             await self._serve(scheduler, addrs, nursery)
-        except (NetworkError, ProtocolError, trio.TooSlowError) as e:
-            log.info("scheduler %s: %s (will look again)", scheduler, e)
+        except* (NetworkError, ProtocolError, trio.TooSlowError) as group:
+            log.info("scheduler %s: %s (will look again)", scheduler, _first(group))
         finally:
             self._controls.pop(scheduler, None)
             self._serving.discard(scheduler)
@@ -279,8 +279,9 @@ class WorkerAgent:
                 answer = await control.request(report)
                 if isinstance(answer, ResultAck):
                     log.info("result of %s: %s", grant.lease, answer.status.value)
-        except (VmError, CatalogError, PolicyError, NetworkError, ValueError) as e:
-            log.warning("lease %s failed: %s", grant.lease, e)
+        except* (VmError, CatalogError, PolicyError, NetworkError, ProtocolError, ValueError,
+                 trio.TooSlowError) as e:
+            log.warning("lease %s failed: %s", grant.lease, _first(e))
             control = self._controls.get(scheduler)
             if control is not None:
                 with trio.move_on_after(REQUEST_TIMEOUT):
@@ -370,3 +371,11 @@ class WorkerAgent:
         }
         signature = self.identity.sign(signed_result_bytes(**fields))
         return ResultReport(signature=signature, **fields)
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf of ``group``, for one log line."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
