@@ -4,7 +4,8 @@
 
 Measured in one run: a raw TCP copy of the blob's bytes (two threads, blocking sockets, into
 memory), then ``blob.get`` on a fresh node from 1 provider and from 3 providers (the fetcher
-stores, fsyncs and indexes every chunk), then a second blob sharing 90 % of its bytes with the
+stores, fsyncs and indexes every chunk), and from 1 provider with chunks on libp2p streams
+instead of the data channel (for comparison), then a second blob sharing 90 % of its bytes with the
 first (ten 1/100 slices rewritten): how many bytes moved. Progress goes to stderr.
 """
 
@@ -75,14 +76,15 @@ def variant(data: bytes, seed: int) -> bytes:
     return bytes(out)
 
 
-async def get(fetcher: LocalNode, blob_id: str, sources: list[str], out: Path) -> dict[str, Any]:
+async def get(
+    fetcher: LocalNode, blob_id: str, sources: list[str], out: Path, *, channel: bool = True
+) -> dict[str, Any]:
     from node.rpc_client import AsyncClient
 
     began = time.perf_counter()
+    options = {"out": str(out), "from": sources, "channel": channel}
     async with AsyncClient.connect(fetcher.rpc_path) as client:
-        result: dict[str, Any] = await client.call(
-            "blob.get", blob_id, {"out": str(out), "from": sources}, timeout=None
-        )
+        result: dict[str, Any] = await client.call("blob.get", blob_id, options, timeout=None)
     result["wall_seconds"] = time.perf_counter() - began
     return result
 
@@ -109,11 +111,19 @@ async def run(mib: int, base: Path) -> dict[str, Any]:
             blob_id = (await p.call("blob.add", str(first)))["id"]
             note(f"added on {p.name} in {time.perf_counter() - began:.2f}s")
         report["add_seconds"] = time.perf_counter() - began
-        for label, srcs in (("one_provider", providers[:1]), ("three_providers", providers)):
-            await fetcher.call("blob.rm", blob_id) if await fetcher.call("blob.ls") else None
+        report["load_average_1min"] = os.getloadavg()[0]
+        cases = (
+            ("one_provider", providers[:1], True),
+            ("three_providers", providers, True),
+            ("one_provider_libp2p_streams_only", providers[:1], False),
+        )
+        for label, srcs, channel in cases:
+            if await fetcher.call("blob.ls"):
+                await fetcher.call("blob.rm", blob_id)
             await fetcher.call("blob.gc")
             out = base / f"out-{label}.bin"
-            result = await get(fetcher, blob_id, [s.addrs[0] for s in srcs], out)
+            sources = [s.addrs[0] for s in srcs]
+            result = await get(fetcher, blob_id, sources, out, channel=channel)
             assert out.read_bytes() == data
             out.unlink()
             rate = len(data) / result["seconds"] / MIB

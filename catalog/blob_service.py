@@ -18,7 +18,8 @@ RPC methods (params are MessagePack-RPC arrays)::
     blob.rm   [ID]                                -> {"id"}
     blob.gc   []                                  -> {"chunks_freed", "bytes_freed"}
     blob.providers [ID]                           -> [peer ID, ...]
-    blob.get  [ID, {"out"?, "from"?: [MULTIADDR], "timeout"?}]   (streaming)
+    blob.get  [ID, {"out"?, "from"?: [MULTIADDR], "timeout"?, "channel"?: bool}]  (streaming;
+              channel false moves chunks on libp2p streams instead of the data channel)
               notifications "blob.progress" {bytes_done, bytes_total, bytes_fetched, rate_bps,
               peers} and "blob.peer" {peer, event, reason}; result {"id", "bytes_total",
               "bytes_fetched", "bytes_present", "seconds", "out"}
@@ -252,7 +253,29 @@ class BlobService:
             log.info("announce queue full; %s waits for the periodic announce", blob_id.hex())
 
     async def providers(self, blob_id: BlobId) -> list[str]:
-        return await self.p2p.find_providers(provider_key(blob_id), timeout=CONTROL_TIMEOUT)
+        """Peers announced in the DHT as holding the blob that answer, now, that they hold all
+        of it (announcements outlive a withdrawal or a dead node; this filters those out)."""
+        announced = await self.p2p.find_providers(provider_key(blob_id), timeout=CONTROL_TIMEOUT)
+        confirmed: set[str] = set()
+
+        async def confirm(peer: str) -> None:
+            request = HaveRequest(request_id=0, blob_id=blob_id)
+            with trio.move_on_after(CONTROL_TIMEOUT):
+                try:
+                    raw = await self.p2p.request(
+                        peer, PROTOCOL_ID, to_dict(request), timeout=CONTROL_TIMEOUT
+                    )
+                    reply = decode_message(raw)
+                except (NetworkError, RemoteProtocolError) as e:
+                    log.debug("provider %s of %s: %s", peer, blob_id.hex(), e)
+                    return
+                if isinstance(reply, HaveResponse) and len(reply.held()) == reply.chunk_count:
+                    confirmed.add(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in announced:
+                nursery.start_soon(confirm, peer)
+        return [peer for peer in announced if peer in confirmed]
 
     # ---- operations ------------------------------------------------------------------------
 
@@ -382,7 +405,9 @@ class BlobService:
             async with one_error(), trio.open_nursery() as nursery:
                 nursery.start_soon(forward)
                 try:
-                    result = await self._get_complete(blob_id, options.get("from", []), on_event)
+                    result = await self._get_complete(
+                        blob_id, options.get("from", []), on_event, options.get("channel", True)
+                    )
                 finally:
                     notes_send.close()
             if out is not None:
@@ -399,7 +424,11 @@ class BlobService:
         }
 
     async def _get_complete(
-        self, blob_id: BlobId, sources: list[str], on_event: Callable[[Event], None]
+        self,
+        blob_id: BlobId,
+        sources: list[str],
+        on_event: Callable[[Event], None],
+        use_channel: bool,
     ) -> TransferResult:
         try:
             missing = await self.blobs.missing(blob_id)
@@ -408,7 +437,9 @@ class BlobService:
         if missing == []:
             size = (await self.blobs.manifest(blob_id)).total_size
             return TransferResult(blob_id, size, 0, size, 0, 0.0, 0.0, 0.0)
-        return await self.fetch(blob_id, sources=sources, on_event=on_event)
+        return await self.fetch(
+            blob_id, sources=sources, on_event=on_event, use_channel=use_channel
+        )
 
 
 def data_host_for(listen: Sequence[str]) -> str | None:
@@ -442,7 +473,7 @@ def _get_options(params: list[Any]) -> dict[str, Any]:
     if len(params) > 2 or (len(params) == 2 and not isinstance(params[1], dict)):
         raise RpcError("invalid_params", "expected [ID] or [ID, {out, from, timeout}]")
     options: dict[str, Any] = params[1] if len(params) == 2 else {}
-    if unknown := set(options) - {"out", "from", "timeout"}:
+    if unknown := set(options) - {"out", "from", "timeout", "channel"}:
         raise RpcError("invalid_params", f"unknown options {sorted(map(str, unknown))}")
     out = options.get("out")
     if out is not None and (not isinstance(out, str) or not Path(out).is_absolute()):
@@ -450,6 +481,8 @@ def _get_options(params: list[Any]) -> dict[str, Any]:
     sources = options.get("from", [])
     if not isinstance(sources, list) or not all(isinstance(a, str) for a in sources):
         raise RpcError("invalid_params", "from must be a list of multiaddrs")
+    if not isinstance(options.get("channel", True), bool):
+        raise RpcError("invalid_params", "channel must be true or false")
     timeout = options.get("timeout", 3600)
     if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
         raise RpcError("invalid_params", "timeout must be seconds in (0, 86400]")

@@ -66,7 +66,7 @@ class TransferResult:
     chunks_fetched: int
     seconds: float
     setup_seconds: float  # manifest, begin_fetch and have requests
-    store_seconds: float  # in the chunk store's writes (overlaps the network time)
+    store_seconds: float  # wall time with a chunk-store write in progress (overlaps the network)
 
 
 async def get_manifest(
@@ -157,21 +157,25 @@ async def _run_plan(
     request_timeout: float,
     on_event: Callable[[Event], None],
 ) -> float:
-    """Run the plan to its end; return the seconds spent storing chunks."""
+    """Run the plan to its end; return the seconds during which some chunk write was in
+    progress (wall time, however many batches overlapped)."""
     store_seconds = 0.0
+    busy_since = 0.0
     scopes: dict[tuple[str, ChunkId], trio.CancelScope] = {}
     writers = trio.Semaphore(WRITERS)
     to_store, stored = trio.open_memory_channel[tuple[ChunkId, bytes | bytearray]](64)
 
     async def store(batch: list[tuple[ChunkId, bytes | bytearray]]) -> None:
-        nonlocal store_seconds
+        nonlocal store_seconds, busy_since
+        if writers.value == WRITERS - 1:  # the first write in progress
+            busy_since = trio.current_time()
         try:
-            began = trio.current_time()
             with blobs.chunks.pins() as pins:
                 await blobs.chunks.put_many(batch, pins=pins)
-            store_seconds += trio.current_time() - began
         finally:
             writers.release()
+            if writers.value == WRITERS:  # the last one done
+                store_seconds += trio.current_time() - busy_since
 
     async def writer() -> None:
         # Up to WRITERS batches are written at once, so their fsyncs overlap. Shielded: what

@@ -171,6 +171,7 @@ async def test_providers_announced_in_dht_and_withdrawn(spawn: Spawn, tmp_path: 
     await me.service.rm(blob_id)
     await provider.service.rm(blob_id)
     await me.blobs.gc()
+    assert await me.service.providers(blob_id) == []  # announced, but no longer holding it
     # The provider no longer holds it: a fetch fails clearly (its stale DHT copy is not trusted).
     with pytest.raises(NoProviderError):
         await me.service.fetch(blob_id, sources=[provider.addr])
