@@ -189,6 +189,7 @@ class OwnerApi:
                 for r in status.replicas
             ],
             "results": len(results),
+            "reported_by": list(status.reported),
             "dissenters": list(status.dissenters),
             "waiting": explain(status, self.queue.offers, self.queue.held_by()),
         }  # fmt: skip

@@ -127,6 +127,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             worker = replica["worker"] or "-"
             print(f"  replica {replica['index']}: {replica['state']} {worker}"
                   f" (attempts {replica['attempts']})")
+        for worker in status.get("reported_by", []):
+            print(f"  result from {worker}")
         for reason in status.get("waiting", []):
             print(f"  waiting: {reason}")
     return 0
