@@ -1,0 +1,126 @@
+"""The network side of a blob transfer on a :class:`P2PNode` (implements
+:class:`catalog.transfer.Links`): control requests (manifest, have) on libp2p streams of
+``/vmlend/chunks/1.0.0``; chunk bytes on one direct data-channel connection per provider,
+authorised by a one-time token asked for over libp2p (see :mod:`catalog.data_channel`), or on
+libp2p streams when the channel is off or the provider has none.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+import trio
+
+from catalog.blob import BlobId
+from catalog.chunking import ChunkId
+from catalog.data_channel import TICKET_PROTOCOL, DataConnection
+from catalog.transfer_messages import (
+    PROTOCOL_ID,
+    ChunkRequest,
+    ChunkResponse,
+    ErrorCode,
+    ErrorResponse,
+    HaveRequest,
+    HaveResponse,
+    ManifestRequest,
+    ManifestResponse,
+    decode_message,
+    to_dict,
+)
+from node.errors import RemoteProtocolError
+from node.p2p import P2PNode
+
+IP4 = re.compile(r"^/ip4/([0-9.]+)/")
+CONTROL_TIMEOUT = 10.0
+
+
+class P2PLinks:
+    """:class:`catalog.transfer.Links` over a :class:`P2PNode`: control requests on libp2p
+    streams, chunks on one data-channel connection per provider (or on libp2p when
+    ``use_channel`` is off, or the provider has no channel)."""
+
+    def __init__(self, p2p: P2PNode, nursery: trio.Nursery, *, use_channel: bool = True) -> None:
+        self._p2p = p2p
+        self._nursery = nursery
+        self._use_channel = use_channel
+        self._conns: dict[str, DataConnection | None] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._ids = itertools.count(1)
+        self.addr_hints: dict[str, list[str]] = {}
+
+    async def _ask(self, peer: str, request: HaveRequest | ManifestRequest | ChunkRequest) -> Any:
+        raw = await self._p2p.request(peer, PROTOCOL_ID, to_dict(request), timeout=CONTROL_TIMEOUT)
+        reply = decode_message(raw)
+        if getattr(reply, "request_id", None) != request.request_id:
+            raise RemoteProtocolError(f"{peer} answered another request")
+        return reply
+
+    async def manifest(self, peer: str, blob_id: BlobId) -> bytes | None:
+        reply = await self._ask(peer, ManifestRequest(request_id=next(self._ids), blob_id=blob_id))
+        if isinstance(reply, ManifestResponse) and reply.blob_id == blob_id:
+            return reply.manifest
+        if isinstance(reply, ErrorResponse):
+            return None
+        raise RemoteProtocolError(f"{peer}: unexpected answer to a manifest request")
+
+    async def have(self, peer: str, blob_id: BlobId, chunk_count: int) -> list[int] | None:
+        reply = await self._ask(peer, HaveRequest(request_id=next(self._ids), blob_id=blob_id))
+        if isinstance(reply, HaveResponse) and reply.chunk_count == chunk_count:
+            return reply.held()
+        if isinstance(reply, ErrorResponse):
+            return None
+        raise RemoteProtocolError(f"{peer}: unexpected answer to a have request")
+
+    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | bytearray | None:
+        conn = await self._connection(peer)
+        if conn is not None:
+            return await conn.get(chunk_id)
+        reply = await self._ask(peer, ChunkRequest(request_id=next(self._ids), chunk_id=chunk_id))
+        if isinstance(reply, ChunkResponse) and reply.chunk_id == chunk_id:
+            return reply.data
+        if isinstance(reply, ErrorResponse) and reply.code is ErrorCode.NOT_FOUND:
+            return None
+        raise RemoteProtocolError(f"{peer}: unexpected answer to a chunk request")
+
+    async def _connection(self, peer: str) -> DataConnection | None:
+        if not self._use_channel:
+            return None
+        async with self._locks.setdefault(peer, trio.Lock()):
+            if peer not in self._conns:
+                self._conns[peer] = await self._open_channel(peer)
+            return self._conns[peer]
+
+    async def _open_channel(self, peer: str) -> DataConnection | None:
+        reply = await self._p2p.request(
+            peer, TICKET_PROTOCOL, {"type": "ticket_request"}, timeout=CONTROL_TIMEOUT
+        )
+        if reply.get("type") == "no_channel":
+            return None
+        token, port, host = reply.get("token"), reply.get("port"), reply.get("host")
+        if not (
+            reply.get("type") == "ticket"
+            and isinstance(token, bytes)
+            and len(token) == 32
+            and type(port) is int
+            and 0 < port < 65536
+            and isinstance(host, str)
+        ):
+            raise RemoteProtocolError(f"{peer}: malformed data-channel ticket")
+        if host in ("", "0.0.0.0"):
+            host = self._ip_of(peer)
+        return await DataConnection.open(self._nursery, host, port, token, peer)
+
+    def _ip_of(self, peer: str) -> str:
+        addrs = list(self.addr_hints.get(peer, []))
+        addrs += [a for p in self._p2p.peers() if p.peer_id == peer for a in p.addrs]
+        for addr in addrs:
+            if match := IP4.match(addr):
+                return match.group(1)
+        raise RemoteProtocolError(f"{peer}: no IPv4 address known for its data channel")
+
+    async def aclose(self) -> None:
+        for conn in self._conns.values():
+            if conn is not None:
+                await conn.aclose()
