@@ -28,9 +28,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from catalog.chunking import ID_SIZE, MAX_CHUNK_SIZE, ChunkId
-from catalog.errors import CatalogError
+from catalog.errors import CatalogError, MissingChunkError
 from node.errors import RemoteProtocolError, StreamBrokenError
 
 log = logging.getLogger("vmlend.catalog.channel")
@@ -46,6 +48,8 @@ _HEADER = struct.Struct(f">B{ID_SIZE}sI")
 RECV_SIZE = 1 << 20
 READ_AHEAD = 4
 SOCKET_BUFFER = 4 << 20
+KEY_SIZE = 32
+TAG_SIZE = 16
 
 ReadChunk = Callable[[ChunkId], Awaitable[bytes]]
 
@@ -53,25 +57,42 @@ ReadChunk = Callable[[ChunkId], Awaitable[bytes]]
 # ------------------------------------------------------------------------------------ tokens
 
 
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a token allows: ``peer`` may read the chunks in ``scope`` (all if None); with a
+    ``key``, every chunk is sent encrypted (ChaCha20-Poly1305, nonce = answer number)."""
+
+    peer: str
+    scope: frozenset[ChunkId] | None = None
+    key: bytes | None = None
+
+
 @dataclass
 class TokenBook:
-    """One-time tokens, each bound to a peer ID and an expiry. Sans-IO: time is passed in."""
+    """One-time tokens, each bound to a grant and an expiry. Sans-IO: time is passed in."""
 
     ttl: float = TOKEN_TTL
     per_peer: int = MAX_TOKENS_PER_PEER
-    _tokens: dict[bytes, tuple[str, float]] = field(default_factory=dict)
+    _tokens: dict[bytes, tuple[Grant, float]] = field(default_factory=dict)
 
-    def issue(self, peer_id: str, now: float) -> bytes:
+    def issue(
+        self,
+        peer_id: str,
+        now: float,
+        *,
+        scope: frozenset[ChunkId] | None = None,
+        key: bytes | None = None,
+    ) -> bytes:
         self._expire(now)
-        mine = [t for t, (p, _) in self._tokens.items() if p == peer_id]
+        mine = [t for t, (g, _) in self._tokens.items() if g.peer == peer_id]
         for old in mine[: max(0, len(mine) - self.per_peer + 1)]:
             del self._tokens[old]  # a peer holds at most per_peer live tokens
         token = secrets.token_bytes(TOKEN_SIZE)
-        self._tokens[token] = (peer_id, now + self.ttl)
+        self._tokens[token] = (Grant(peer_id, scope, key), now + self.ttl)
         return token
 
-    def redeem(self, token: bytes, now: float) -> str | None:
-        """The peer the token was issued to, once; None if unknown, used or expired."""
+    def redeem(self, token: bytes, now: float) -> Grant | None:
+        """The grant the token was issued with, once; None if unknown, used or expired."""
         self._expire(now)
         entry = self._tokens.pop(token, None)
         return entry[0] if entry is not None else None
@@ -79,6 +100,10 @@ class TokenBook:
     def _expire(self, now: float) -> None:
         for token in [t for t, (_, expiry) in self._tokens.items() if expiry <= now]:
             del self._tokens[token]
+
+
+def _nonce(number: int) -> bytes:
+    return number.to_bytes(12, "big")
 
 
 # ------------------------------------------------------------------------------------ server
@@ -137,11 +162,14 @@ class DataServer:
         reader = _Reader(stream)
         with trio.move_on_after(self._token_timeout):
             token = await reader.read_exactly(TOKEN_SIZE)
-        peer = None if token is None else self.tokens.redeem(bytes(token), trio.current_time())
-        if peer is None:
+        grant = None if token is None else self.tokens.redeem(bytes(token), trio.current_time())
+        if grant is None:
             self.refused += 1
             log.info("data channel: connection without a valid token refused")
             return
+        peer = grant.peer
+        cipher = ChaCha20Poly1305(grant.key) if grant.key is not None else None
+        sent = 0
         # Read ahead: the next chunks come off the disk (and are verified) while this one is
         # being sent. Answers stay in request order.
         answers, outbox = trio.open_memory_channel[tuple[bytes, bytes]](READ_AHEAD)
@@ -155,11 +183,16 @@ class DataServer:
                         nursery.cancel_scope.cancel()
                         return
                     try:
+                        if grant.scope is not None and chunk_id not in grant.scope:
+                            raise MissingChunkError(chunk_id.hex())  # not for this token
                         data = await self._read_chunk(ChunkId(chunk_id))
                         status = STATUS_OK
                     except CatalogError as e:  # missing, corrupt (now quarantined), disk failure
                         log.debug("data channel: %s asked for %s: %s", peer, chunk_id.hex(), e)
                         data, status = b"", STATUS_NOT_FOUND
+                    if cipher is not None and data:
+                        data = cipher.encrypt(_nonce(sent), data, chunk_id)
+                        sent += 1
                     await answers.send((_HEADER.pack(status, chunk_id, len(data)), data))
 
     @staticmethod
@@ -231,8 +264,11 @@ class DataConnection:
     error (StreamBrokenError or RemoteProtocolError); open a new one to try again.
     """
 
-    def __init__(self, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(self, stream: trio.SocketStream, peer: str, key: bytes | None = None) -> None:
         self.peer = peer
+        self._cipher = ChaCha20Poly1305(key) if key is not None else None
+        self._max_length = MAX_CHUNK_SIZE + (TAG_SIZE if key is not None else 0)
+        self._received = 0
         self._stream = stream
         self._reader = _Reader(stream)
         self._queue: deque[_Waiter] = deque()
@@ -242,7 +278,14 @@ class DataConnection:
 
     @classmethod
     async def open(
-        cls, nursery: trio.Nursery, host: str, port: int, token: bytes, peer: str
+        cls,
+        nursery: trio.Nursery,
+        host: str,
+        port: int,
+        token: bytes,
+        peer: str,
+        *,
+        key: bytes | None = None,
     ) -> DataConnection:
         try:
             stream = await trio.open_tcp_stream(host, port)
@@ -250,7 +293,7 @@ class DataConnection:
             await stream.send_all(token)
         except OSError as e:
             raise StreamBrokenError(f"data channel to {peer} at {host}:{port}: {e}") from e
-        conn = cls(stream, peer)
+        conn = cls(stream, peer, key)
         nursery.start_soon(conn._read_loop)
         return conn
 
@@ -283,15 +326,17 @@ class DataConnection:
                 waiter = self._queue[0]
                 if chunk_id != waiter.chunk_id or status not in (STATUS_OK, STATUS_NOT_FOUND):
                     raise RemoteProtocolError(f"data channel: {self.peer} answered out of order")
-                if length > MAX_CHUNK_SIZE or (status == STATUS_NOT_FOUND and length):
+                if length > self._max_length or (status == STATUS_NOT_FOUND and length):
                     raise RemoteProtocolError(
                         f"data channel: {self.peer} announced {length} bytes (limit "
-                        f"{MAX_CHUNK_SIZE})"
+                        f"{self._max_length})"
                     )
                 data = await self._reader.read_exactly(length) if length else bytearray()
                 if data is None:
                     raise StreamBrokenError(f"data channel: {self.peer} closed mid-answer")
                 self.bytes_received += length
+                if self._cipher is not None and length:
+                    data = self._decrypt(data, waiter.chunk_id)
                 self._queue.popleft()
                 waiter.data = data if status == STATUS_OK else None
                 waiter.done.set()
@@ -300,6 +345,17 @@ class DataConnection:
         finally:
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
+
+    def _decrypt(self, data: bytearray, chunk_id: ChunkId) -> bytearray:
+        assert self._cipher is not None
+        try:
+            plain = self._cipher.decrypt(_nonce(self._received), bytes(data), chunk_id)
+        except InvalidTag:
+            raise RemoteProtocolError(
+                f"data channel: {self.peer} sent an answer that fails authentication"
+            ) from None
+        self._received += 1
+        return bytearray(plain)
 
     def _fail(self, error: Exception) -> None:
         if self._error is None:

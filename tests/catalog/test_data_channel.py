@@ -23,15 +23,17 @@ HEADER = struct.Struct(">B32sI")
 def test_tokens_are_one_time_bound_and_expire() -> None:
     book = TokenBook(ttl=10.0, per_peer=2)
     token = book.issue("peer-a", now=0.0)
-    assert book.redeem(token, now=1.0) == "peer-a"
+    grant = book.redeem(token, now=1.0)
+    assert grant is not None
+    assert grant.peer == "peer-a"
     assert book.redeem(token, now=1.0) is None  # used
     late = book.issue("peer-a", now=0.0)
     assert book.redeem(late, now=10.0) is None  # expired
     assert book.redeem(b"\x00" * 32, now=0.0) is None
     first, second, third = (book.issue("peer-b", now=0.0) for _ in range(3))
     assert book.redeem(first, now=0.0) is None  # at most per_peer live tokens per peer
-    assert book.redeem(third, now=0.0) == "peer-b"
-    assert book.redeem(second, now=0.0) == "peer-b"
+    assert book.redeem(third, now=0.0) is not None
+    assert book.redeem(second, now=0.0) is not None
 
 
 async def read_chunk(chunk_id: ChunkId) -> bytes:
@@ -164,3 +166,36 @@ async def test_wrong_bytes_of_the_right_size_are_returned_for_the_plan_to_reject
     data = await against(rogue)
     assert data is not None
     assert hash_chunk(data) != CHUNK_ID
+
+
+async def test_grant_scope_and_encryption(server: DataServer) -> None:
+    key = bytes(range(32))
+    async with trio.open_nursery() as nursery:
+        now = trio.current_time()
+        scoped = server.tokens.issue("me", now, scope=frozenset({CHUNK_ID}), key=key)
+        conn = await DataConnection.open(
+            nursery, "127.0.0.1", server.port, scoped, "provider", key=key
+        )
+        assert await conn.get(CHUNK_ID) == bytearray(CHUNK)
+        assert await conn.get(CHUNK_ID) == bytearray(CHUNK)  # next nonce
+        assert conn.bytes_received == 2 * (len(CHUNK) + 16)
+        outside = server.tokens.issue("me", now, scope=frozenset())
+        conn = await DataConnection.open(nursery, "127.0.0.1", server.port, outside, "provider")
+        assert await conn.get(CHUNK_ID) is None  # not in the token's scope
+        wrong = server.tokens.issue("me", now, key=key)
+        conn = await DataConnection.open(
+            nursery, "127.0.0.1", server.port, wrong, "provider", key=bytes(32)
+        )
+        with pytest.raises(RemoteProtocolError, match="authentication"):
+            await conn.get(CHUNK_ID)
+        nursery.cancel_scope.cancel()
+    # On the wire: ciphertext, not the chunk.
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        token = server.tokens.issue("me", trio.current_time(), key=key)
+        await stream.send_all(token + b"\x01" + CHUNK_ID)
+        wire = b""
+        with trio.fail_after(5):
+            while len(wire) < HEADER.size + len(CHUNK) + 16:
+                wire += await stream.receive_some(1 << 20)
+        assert CHUNK[:1000] not in wire
