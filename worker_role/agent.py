@@ -16,9 +16,11 @@ dead process's domains when it opens, and the agent tells each scheduler which l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,10 @@ SCHEDULER_RECORD_KIND = "scheduler"
 DISCOVERY_INTERVAL = 5.0
 REQUEST_TIMEOUT = 30.0
 FETCH_TIMEOUT = 300.0
+DELIVERY_TIMEOUT = 120.0
 STATE_FILE = "agent_leases.json"
+FAULT_WRONG_RESULT = "VMLEND_FAULT_WRONG_RESULT"
+"""Fault hook for tests: a worker started with this set to 1 reports a wrong stdout."""
 
 
 def policy_of(config: WorkerConfig) -> LendingPolicy:
@@ -145,6 +150,7 @@ class WorkerAgent:
         self._serving: set[str] = set()
         self._images: set[bytes] = set()
         self._room = trio.Event()
+        self._controls_changed = trio.Event()
         self.backend: VmBackend
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -208,6 +214,7 @@ class WorkerAgent:
         finally:
             self._controls.pop(scheduler, None)
             self._serving.discard(scheduler)
+            self._control_changed()
 
     async def _serve(self, scheduler: str, addrs: list[str], outer: trio.Nursery) -> None:
         if addrs and not self.p2p.is_connected(scheduler):
@@ -224,6 +231,7 @@ class WorkerAgent:
                 del self._lost[scheduler]
                 await trio.to_thread.run_sync(self._save_state)
             self._controls[scheduler] = control
+            self._control_changed()
             nursery.start_soon(self._heartbeats, scheduler, control)
             await self._ask_for_work(scheduler, control, addrs, outer)
 
@@ -273,12 +281,7 @@ class WorkerAgent:
             with lease.scope:
                 result = await self._execute(scheduler, addrs, grant, lease)
                 report = await self._report(grant.lease, result)
-                control = self._controls.get(scheduler)
-                if control is None:
-                    raise NetworkError(f"no control stream to {scheduler} for the result")
-                answer = await control.request(report)
-                if isinstance(answer, ResultAck):
-                    log.info("result of %s: %s", grant.lease, answer.status.value)
+                await self._deliver(scheduler, report)
         except* (VmError, CatalogError, PolicyError, NetworkError, ProtocolError, ValueError,
                  trio.TooSlowError) as e:
             log.warning("lease %s failed: %s", grant.lease, _first(e))
@@ -293,6 +296,29 @@ class WorkerAgent:
             del self._leases[grant.lease]
             await trio.to_thread.run_sync(self._save_state)
             self._room_changed()
+
+    async def _deliver(self, scheduler: str, report: ResultReport) -> None:
+        """Hand the result to the scheduler, across a reconnect (a scheduler that restarted
+        keeps the lease for one lease timeout; a second copy of a report is acked DUPLICATE)."""
+        with trio.fail_after(DELIVERY_TIMEOUT):
+            while True:
+                control = self._controls.get(scheduler)
+                if control is None:
+                    await self._controls_changed.wait()
+                    continue
+                try:
+                    answer = await control.request(report)
+                except (NetworkError, trio.TooSlowError) as e:
+                    log.info("result of %s not delivered yet: %s", report.lease, e)
+                    await self._controls_changed.wait()
+                    continue
+                if isinstance(answer, ResultAck):
+                    log.info("result of %s: %s", report.lease, answer.status.value)
+                return
+
+    def _control_changed(self) -> None:
+        self._controls_changed.set()
+        self._controls_changed = trio.Event()
 
     async def _ensure_blob(self, blob: BlobId, addrs: list[str]) -> None:
         try:
@@ -354,6 +380,8 @@ class WorkerAgent:
 
     async def _report(self, lease: LeaseKey, result: VmResult) -> ResultReport:
         store = self.blobs.blobs
+        if os.environ.get(FAULT_WRONG_RESULT) == "1":
+            result = dataclasses.replace(result, stdout=b"a wrong result\n")
         stdout_blob = await store.add_bytes(result.stdout)
         stderr_blob = await store.add_bytes(result.stderr)
         archive = await store.add_bytes(result.out_tar) if result.out_tar is not None else None
