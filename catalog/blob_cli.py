@@ -23,6 +23,9 @@ def add_blob_parser(commands: Any) -> argparse.ArgumentParser:
 
     add = sub.add_parser("add", help="store a file as a blob; prints its ID")
     add.add_argument("file", metavar="FILE")
+    add.add_argument(
+        "--private", action="store_true", help="not announced; served only to granted peers"
+    )
     _common(add)
     add.set_defaults(handler=cmd_add)
 
@@ -43,6 +46,12 @@ def add_blob_parser(commands: Any) -> argparse.ArgumentParser:
     rm.add_argument("blob_id", metavar="ID")
     _common(rm)
     rm.set_defaults(handler=cmd_rm)
+
+    grant = sub.add_parser("grant", help="let a peer fetch a private blob from this node")
+    grant.add_argument("blob_id", metavar="ID")
+    grant.add_argument("peer_id", metavar="PEER_ID")
+    _common(grant)
+    grant.set_defaults(handler=cmd_grant)
 
     gc = sub.add_parser("gc", help="delete chunks no blob uses")
     _common(gc)
@@ -67,7 +76,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 def cmd_add(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.call("blob.add", str(Path(args.file).resolve()))
+        path = str(Path(args.file).resolve())
+        result = client.call("blob.add", path, {"private": bool(args.private)})
     print(json.dumps(result) if args.json else result["id"])
     return 0
 
@@ -134,6 +144,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"{'ID':64}  {'SIZE':>12}  {'CHUNKS':>7}  STATE")
     for b in blobs:
         state = "complete" if b["complete"] else f"incomplete ({b['missing']} missing)"
+        state += ", private" if b.get("private") else ""
         print(f"{b['id']:64}  {b['size']:>12}  {b['chunks']:>7}  {state}")
     return 0
 
@@ -142,6 +153,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.call("blob.rm", args.blob_id)
     print(json.dumps(result) if args.json else f"removed {result['id']}")
+    return 0
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.call("blob.grant", args.blob_id, args.peer_id)
+    print(json.dumps(result) if args.json else f"granted {result['peer']} {result['id']}")
     return 0
 
 

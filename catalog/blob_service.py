@@ -8,12 +8,14 @@ go over that channel; they verify themselves by hash.
 Providers: every complete blob is announced in the DHT under :func:`provider_key` (at start, after
 an add or a finished fetch, and every ``announce_interval``); ``rm`` withdraws it.
 
-Not done yet: private blobs (encrypted chunks, key handed over Noise to the one peer that needs
-it); every blob here is public to peers that can reach the node.
+Private blobs (``add(private=True)``, then ``grant`` per peer; see :mod:`catalog.blob_access`):
+never announced, unknown to peers not granted them, and their chunks travel on the data channel
+encrypted with a key handed over the granted peer's Noise stream.
 
 RPC methods (params are MessagePack-RPC arrays)::
 
-    blob.add  [ABS_PATH]                          -> {"id", "size"}
+    blob.add  [ABS_PATH] | [ABS_PATH, {"private": bool}]  -> {"id", "size"}
+    blob.grant [ID, PEER_ID]                      -> {"id", "peer"}   (private blobs only)
     blob.ls   []                                  -> [{"id", "size", "chunks", "missing", ...}]
     blob.rm   [ID]                                -> {"id"}
     blob.gc   []                                  -> {"chunks_freed", "bytes_freed"}
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,8 +40,10 @@ from typing import Any
 import trio
 
 from catalog.blob import BlobId, BlobStore, parse_blob_id
+from catalog.blob_access import BlobAccess
 from catalog.chunk_store import one_error
-from catalog.data_channel import TICKET_PROTOCOL, DataServer
+from catalog.chunking import ChunkId
+from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL, DataServer
 from catalog.errors import (
     CatalogError,
     FileAccessError,
@@ -53,9 +58,12 @@ from catalog.transfer_links import CONTROL_TIMEOUT, IP4, P2PLinks
 from catalog.transfer_messages import (
     PROTOCOL_ID,
     ChunkRequest,
+    ErrorCode,
+    ErrorResponse,
     HaveRequest,
     HaveResponse,
     ManifestRequest,
+    Message,
     decode_message,
     respond,
     to_dict,
@@ -89,9 +97,11 @@ class BlobService:
         data_host: str | None = "127.0.0.1",
         announce_interval: float = 1800.0,
         request_timeout: float = 10.0,
+        access: BlobAccess | None = None,
     ) -> None:
         self.p2p = p2p
         self.blobs = blobs
+        self.access = access if access is not None else BlobAccess()
         self.data = (
             DataServer(lambda c: blobs.chunks.get(c, verify=True), host=data_host)
             if data_host is not None
@@ -118,31 +128,70 @@ class BlobService:
             request = decode_message(raw)  # RemoteProtocolError resets only this stream
             if not isinstance(request, HaveRequest | ManifestRequest | ChunkRequest):
                 raise RemoteProtocolError(f"{stream.peer_id} sent a {request.TYPE} as a request")
-            await stream.send(to_dict(await respond(self.blobs, request)))
+            await stream.send(to_dict(await self._answer(stream.peer_id, request)))
+
+    async def _answer(
+        self, peer: str, request: HaveRequest | ManifestRequest | ChunkRequest
+    ) -> Message:
+        """:func:`respond`, for what ``peer`` may read: a private blob not granted to it is
+        unknown, and so is a chunk that only such blobs use."""
+        if isinstance(request, ChunkRequest):
+            if not await self._may_read_chunk(peer, ChunkId(request.chunk_id)):
+                return ErrorResponse(request_id=request.request_id, code=ErrorCode.NOT_FOUND)
+        elif not self.access.may_read(BlobId(request.blob_id), peer):
+            return ErrorResponse(request_id=request.request_id, code=ErrorCode.UNKNOWN_BLOB)
+        return await respond(self.blobs, request)
+
+    async def _may_read_chunk(self, peer: str, chunk_id: ChunkId) -> bool:
+        if not self.access.private_ids():
+            return True
+        rows = await self.blobs.chunks.db.fetchall(
+            "SELECT owner FROM chunk_refs WHERE chunk_id = ?", (chunk_id,)
+        )
+        return any(self.access.may_read(BlobId(bytes(row[0])), peer) for row in rows)
 
     async def _serve_ticket(self, stream: MessageStream) -> None:
+        """A one-time data-channel token for the asking peer, scoped to one blob's chunks; for
+        a private blob it carries the key its chunks will be encrypted with (this stream is
+        Noise-encrypted, so only that peer learns it)."""
         raw = await stream.receive()
-        if raw.get("type") != "ticket_request":
+        blob = raw.get("blob_id")
+        if raw.get("type") != "ticket_request" or not isinstance(blob, bytes) or len(blob) != 32:
             raise RemoteProtocolError(f"{stream.peer_id}: expected a ticket request")
+        blob_id = BlobId(blob)
         if self.data is None:
             await stream.send({"type": "no_channel"})
             return
-        token = self.data.tokens.issue(stream.peer_id, trio.current_time())
-        host = self._data_host or ""
-        await stream.send({"type": "ticket", "token": token, "port": self.data.port, "host": host})
+        try:
+            if not self.access.may_read(blob_id, stream.peer_id):
+                raise UnknownBlobError(blob_id.hex())
+            manifest = await self.blobs.manifest(blob_id)
+        except UnknownBlobError:
+            await stream.send({"type": "unknown_blob"})
+            return
+        key = secrets.token_bytes(KEY_SIZE) if self.access.is_private(blob_id) else None
+        scope = frozenset(manifest.distinct_ids())
+        token = self.data.tokens.issue(stream.peer_id, trio.current_time(), scope=scope, key=key)
+        reply = {"type": "ticket", "token": token, "port": self.data.port}
+        reply["host"] = self._data_host or ""
+        if key is not None:
+            reply["key"] = key
+        await stream.send(reply)
 
     # ---- announcing ------------------------------------------------------------------------
 
     async def _announce_loop(self) -> None:
         while True:
             for info in await self.blobs.ls():
-                if info.complete:
+                if info.complete and not self.access.is_private(info.blob_id):
                     await self._provide(info.blob_id)
             with trio.move_on_after(self._announce_interval):
                 async for blob_id in self._announce_receive:
                     await self._provide(blob_id)
 
     async def _provide(self, blob_id: BlobId) -> None:
+        if self.access.is_private(blob_id):
+            return  # never announced
         try:
             await self.p2p.provide(provider_key(blob_id), timeout=CONTROL_TIMEOUT)
         except NetworkError as e:
@@ -181,15 +230,30 @@ class BlobService:
 
     # ---- operations ------------------------------------------------------------------------
 
-    async def add(self, path: Path) -> BlobId:
-        """Store the file and announce it (done when this returns, so others can find it)."""
+    async def add(self, path: Path, *, private: bool = False) -> BlobId:
+        """Store the file and announce it (done when this returns, so others can find it); a
+        private blob is not announced and is served only to peers it is granted to."""
         blob_id = await self.blobs.add_file(path)
+        if private:
+            self.access.make_private(blob_id)
+            await trio.to_thread.run_sync(self.access.save)
         await self._provide(blob_id)
         return blob_id
+
+    async def grant(self, blob_id: BlobId, peer: str) -> None:
+        """Let ``peer`` fetch the private blob ``blob_id`` from this node."""
+        if not self.access.is_private(blob_id):
+            raise CatalogError(f"blob {blob_id.hex()} is public; grants are for private blobs")
+        await self.blobs.manifest(blob_id)  # UnknownBlobError
+        self.access.grant(blob_id, peer)
+        await trio.to_thread.run_sync(self.access.save)
 
     async def rm(self, blob_id: BlobId) -> None:
         await self.blobs.rm(blob_id)
         self.p2p.withdraw(provider_key(blob_id))
+        if self.access.is_private(blob_id):
+            self.access.forget(blob_id)
+            await trio.to_thread.run_sync(self.access.save)
 
     async def fetch(
         self,
@@ -201,7 +265,13 @@ class BlobService:
     ) -> TransferResult:
         """Fetch the blob's missing chunks from ``sources`` (multiaddrs) or its DHT providers."""
         async with one_error(), trio.open_nursery() as nursery:
-            links = P2PLinks(self.p2p, nursery, use_channel=use_channel)
+            links = P2PLinks(
+                self.p2p,
+                nursery,
+                blob_id,
+                use_channel=use_channel,
+                on_private=lambda: self.access.make_private(blob_id),
+            )
             peers: list[str] = []
             for addr in sources:
                 peer = await self.p2p.connect(addr)
@@ -223,6 +293,9 @@ class BlobService:
             finally:
                 await links.aclose()
                 nursery.cancel_scope.cancel()
+                if self.access.is_private(blob_id):
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(self.access.save)
         self.announce(blob_id)
         return result
 
@@ -234,6 +307,7 @@ class BlobService:
             "blob.ls": self._rpc_ls,
             "blob.rm": self._rpc_rm,
             "blob.gc": self._rpc_gc,
+            "blob.grant": self._rpc_grant,
             "blob.providers": self._rpc_providers,
         }
 
@@ -241,10 +315,16 @@ class BlobService:
         return {"blob.get": self._rpc_get}
 
     async def _rpc_add(self, params: list[Any]) -> dict[str, Any]:
-        if len(params) != 1 or not isinstance(params[0], str) or not Path(params[0]).is_absolute():
-            raise RpcError("invalid_params", "expected [ABSOLUTE_PATH]")
+        if not 1 <= len(params) <= 2 or not isinstance(params[0], str):
+            raise RpcError("invalid_params", "expected [ABSOLUTE_PATH] or [PATH, {private}]")
+        options = params[1] if len(params) == 2 else {}
+        if not isinstance(options, dict) or set(options) - {"private"}:
+            raise RpcError("invalid_params", "the only option is private (true or false)")
+        private = options.get("private", False)
+        if not Path(params[0]).is_absolute() or not isinstance(private, bool):
+            raise RpcError("invalid_params", "the path must be absolute, private a bool")
         with mapped_errors():
-            blob_id = await self.add(Path(params[0]))
+            blob_id = await self.add(Path(params[0]), private=private)
             size = (await self.blobs.manifest(blob_id)).total_size
         return {"id": blob_id.hex(), "size": size}
 
@@ -256,6 +336,7 @@ class BlobService:
                 "chunks": i.chunk_count,
                 "missing": i.missing_chunks,
                 "complete": i.complete,
+                "private": self.access.is_private(i.blob_id),
                 "added_at": i.added_at,
             }
             for i in await self.blobs.ls()
@@ -266,6 +347,14 @@ class BlobService:
             blob_id = _blob_param(params)
             await self.rm(blob_id)
         return {"id": blob_id.hex()}
+
+    async def _rpc_grant(self, params: list[Any]) -> dict[str, Any]:
+        if len(params) != 2 or not isinstance(params[1], str):
+            raise RpcError("invalid_params", "expected [BLOB_ID, PEER_ID]")
+        with mapped_errors():
+            blob_id = _blob_param(params[:1])
+            await self.grant(blob_id, params[1])
+        return {"id": blob_id.hex(), "peer": params[1]}
 
     async def _rpc_gc(self, params: list[Any]) -> dict[str, Any]:
         result = await self.blobs.gc()

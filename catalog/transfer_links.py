@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from catalog.blob import BlobId
 from catalog.chunking import ChunkId
-from catalog.data_channel import TICKET_PROTOCOL, DataConnection
+from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL, DataConnection
 from catalog.transfer_messages import (
     PROTOCOL_ID,
     ChunkRequest,
@@ -37,12 +38,24 @@ CONTROL_TIMEOUT = 10.0
 
 
 class P2PLinks:
-    """:class:`catalog.transfer.Links` over a :class:`P2PNode`: control requests on libp2p
-    streams, chunks on one data-channel connection per provider (or on libp2p when
-    ``use_channel`` is off, or the provider has no channel)."""
+    """:class:`catalog.transfer.Links` for fetching ``blob_id`` over a :class:`P2PNode`: control
+    requests on libp2p streams, chunks on one data-channel connection per provider, its ticket
+    scoped to this blob (or on libp2p when ``use_channel`` is off, or the provider has no
+    channel for us). ``private`` turns True once a provider said the blob is private (its
+    ticket carried a key)."""
 
-    def __init__(self, p2p: P2PNode, nursery: trio.Nursery, *, use_channel: bool = True) -> None:
+    def __init__(
+        self,
+        p2p: P2PNode,
+        nursery: trio.Nursery,
+        blob_id: BlobId,
+        *,
+        use_channel: bool = True,
+        on_private: Callable[[], None] = lambda: None,
+    ) -> None:
         self._p2p = p2p
+        self._blob_id = blob_id
+        self._on_private = on_private
         self._nursery = nursery
         self._use_channel = use_channel
         self._conns: dict[str, DataConnection | None] = {}
@@ -93,12 +106,14 @@ class P2PLinks:
             return self._conns[peer]
 
     async def _open_channel(self, peer: str) -> DataConnection | None:
-        reply = await self._p2p.request(
-            peer, TICKET_PROTOCOL, {"type": "ticket_request"}, timeout=CONTROL_TIMEOUT
-        )
-        if reply.get("type") == "no_channel":
-            return None
+        request = {"type": "ticket_request", "blob_id": self._blob_id}
+        reply = await self._p2p.request(peer, TICKET_PROTOCOL, request, timeout=CONTROL_TIMEOUT)
+        if reply.get("type") in ("no_channel", "unknown_blob"):
+            return None  # chunk requests go on libp2p, where the provider answers each
         token, port, host = reply.get("token"), reply.get("port"), reply.get("host")
+        key = reply.get("key")
+        if key is not None and not (isinstance(key, bytes) and len(key) == KEY_SIZE):
+            raise RemoteProtocolError(f"{peer}: malformed data-channel key")
         if not (
             reply.get("type") == "ticket"
             and isinstance(token, bytes)
@@ -110,7 +125,9 @@ class P2PLinks:
             raise RemoteProtocolError(f"{peer}: malformed data-channel ticket")
         if host in ("", "0.0.0.0"):
             host = self._ip_of(peer)
-        return await DataConnection.open(self._nursery, host, port, token, peer)
+        if key is not None:
+            self._on_private()
+        return await DataConnection.open(self._nursery, host, port, token, peer, key=key)
 
     def _ip_of(self, peer: str) -> str:
         addrs = list(self.addr_hints.get(peer, []))

@@ -15,6 +15,7 @@ from catalog.blob_service import BlobService
 from catalog.chunk_store import ChunkStore
 from catalog.chunking import KIB, ChunkId, ChunkParams
 from catalog.errors import NoProviderError, QuotaExceededError
+from catalog.transfer_links import P2PLinks
 from catalog.transfer_plan import Event, PeerDropped, PeerMisbehaved, Progress
 from node.identity import Identity
 from node.p2p import P2PNode
@@ -306,3 +307,31 @@ async def test_unknown_blob_fails_clearly(spawn: Spawn) -> None:
     me = await spawn()
     with pytest.raises(NoProviderError, match="does not hold it"):
         await me.service.fetch(BlobId(bytes(32)), sources=[source.addr])
+
+
+async def test_private_blob_is_served_only_to_granted_peers(spawn: Spawn, tmp_path: Path) -> None:
+    owner = await spawn()
+    me = await spawn(bootstrap=(owner.addr,))
+    stranger = await spawn()
+    data = random_bytes(MIB, 13)
+    (tmp_path / "secret").write_bytes(data)
+    blob_id = await owner.service.add(tmp_path / "secret", private=True)
+    await me.service.p2p.wait_peer_count(1)
+    assert await me.service.providers(blob_id) == []  # never announced
+    with pytest.raises(NoProviderError, match="does not hold it"):
+        await stranger.service.fetch(blob_id, sources=[owner.addr])
+    await owner.service.grant(blob_id, me.peer_id)
+    result = await me.service.fetch(blob_id, sources=[owner.addr])  # encrypted channel
+    assert result.bytes_fetched == len(data)
+    assert await exported(me, blob_id, tmp_path) == data
+    assert me.service.access.is_private(blob_id)  # and private where it was fetched to
+    with pytest.raises(NoProviderError, match="does not hold it"):
+        await stranger.service.fetch(blob_id, sources=[me.addr])
+    # Nor does asking for its chunks by ID on libp2p reveal them.
+    chunk_id = (await owner.blobs.manifest(blob_id)).chunks[0].chunk_id
+    async with trio.open_nursery() as nursery:
+        links = P2PLinks(stranger.service.p2p, nursery, blob_id, use_channel=False)
+        await stranger.service.p2p.connect(owner.addr)
+        assert await links.chunk(owner.peer_id, chunk_id) is None
+        links_me = P2PLinks(me.service.p2p, nursery, blob_id, use_channel=False)
+        assert await links_me.chunk(owner.peer_id, chunk_id) is not None
