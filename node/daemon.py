@@ -16,6 +16,7 @@ import trio
 
 import node
 from catalog.blob import BlobStore
+from catalog.blob_access import BlobAccess
 from catalog.blob_service import BlobService, data_host_for
 from catalog.chunk_store import ChunkStore
 from catalog.replication_service import ReplicationService
@@ -81,7 +82,10 @@ class Node:
             async with trio.open_nursery() as nursery:
                 addrs: list[str] = await nursery.start(self.p2p.run)
                 blobs = BlobService(
-                    self.p2p, BlobStore(chunks), data_host=data_host_for(self.config.network.listen)
+                    self.p2p,
+                    BlobStore(chunks),
+                    data_host=data_host_for(self.config.network.listen),
+                    access=BlobAccess(self.data_dir / "blob_access.json"),
                 )
                 await nursery.start(blobs.run)
                 owner = OwnerService(self.p2p, blobs, self.data_dir)
