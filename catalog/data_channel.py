@@ -148,13 +148,13 @@ class DataServer:
                 return
             try:
                 await self._serve_authorised(stream)
-            except (
+            except* (
                 StreamBrokenError,
                 trio.BrokenResourceError,
                 trio.ClosedResourceError,
-                OSError,
-            ) as e:
-                log.debug("data channel connection ended: %s", e)
+                OSError,  # the socket, or the disk under a chunk being read
+            ) as group:
+                log.debug("data channel connection ended: %s", group.exceptions[0])
             finally:
                 self._slots.release()
 
@@ -187,7 +187,7 @@ class DataServer:
                             raise MissingChunkError(chunk_id.hex())  # not for this token
                         data = await self._read_chunk(ChunkId(chunk_id))
                         status = STATUS_OK
-                    except CatalogError as e:  # missing, corrupt (now quarantined), disk failure
+                    except (CatalogError, OSError) as e:  # missing, corrupt, disk failure
                         log.debug("data channel: %s asked for %s: %s", peer, chunk_id.hex(), e)
                         data, status = b"", STATUS_NOT_FOUND
                     if cipher is not None and data:

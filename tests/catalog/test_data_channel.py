@@ -199,3 +199,18 @@ async def test_grant_scope_and_encryption(server: DataServer) -> None:
             while len(wire) < HEADER.size + len(CHUNK) + 16:
                 wire += await stream.receive_some(1 << 20)
         assert CHUNK[:1000] not in wire
+
+
+async def test_a_disk_error_is_answered_not_found() -> None:
+    async def failing_read(chunk_id: ChunkId) -> bytes:
+        if chunk_id == CHUNK_ID:
+            raise OSError(5, "Input/output error")
+        return await read_chunk(chunk_id)
+
+    async with trio.open_nursery() as nursery:
+        srv = DataServer(failing_read, host="127.0.0.1")
+        await nursery.start(srv.run)
+        conn = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
+        assert await conn.get(CHUNK_ID) is None  # the fetcher asks another provider
+        assert await conn.get(ChunkId(bytes(32))) is None  # and the connection still works
+        nursery.cancel_scope.cancel()
