@@ -32,25 +32,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from catalog.blob import BlobId, BlobStore, parse_blob_id
+from catalog.blob import BlobId, BlobStore
 from catalog.blob_access import BlobAccess
+from catalog.blob_rpc import blob_param, get_options, mapped_errors, progress_dict
 from catalog.chunk_store import one_error
 from catalog.chunking import ChunkId
 from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL, DataServer
 from catalog.errors import (
     CatalogError,
-    FileAccessError,
-    InvalidIdError,
     NoProviderError,
-    QuotaExceededError,
-    TransferError,
     UnknownBlobError,
 )
 from catalog.transfer import TransferResult, fetch_blob
@@ -344,7 +340,7 @@ class BlobService:
 
     async def _rpc_rm(self, params: list[Any]) -> dict[str, Any]:
         with mapped_errors():
-            blob_id = _blob_param(params)
+            blob_id = blob_param(params)
             await self.rm(blob_id)
         return {"id": blob_id.hex()}
 
@@ -352,7 +348,7 @@ class BlobService:
         if len(params) != 2 or not isinstance(params[1], str):
             raise RpcError("invalid_params", "expected [BLOB_ID, PEER_ID]")
         with mapped_errors():
-            blob_id = _blob_param(params[:1])
+            blob_id = blob_param(params[:1])
             await self.grant(blob_id, params[1])
         return {"id": blob_id.hex(), "peer": params[1]}
 
@@ -362,12 +358,12 @@ class BlobService:
 
     async def _rpc_providers(self, params: list[Any]) -> list[str]:
         with mapped_errors():
-            return await self.providers(_blob_param(params))
+            return await self.providers(blob_param(params))
 
     async def _rpc_get(self, params: list[Any], send: SendNotification) -> dict[str, Any]:
         with mapped_errors():
-            blob_id = _blob_param(params[:1])
-        options = _get_options(params)
+            blob_id = blob_param(params[:1])
+        options = get_options(params)
         out = options.get("out")
         notes_send, notes_receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](
             float("inf")
@@ -381,7 +377,7 @@ class BlobService:
                 if not final and now - last[0] < PROGRESS_INTERVAL:
                     return
                 last[0] = now
-                notes_send.send_nowait(("blob.progress", _progress_dict(event)))
+                notes_send.send_nowait(("blob.progress", progress_dict(event)))
             elif isinstance(event, PeerMisbehaved | PeerDropped):
                 kind = "misbehaved" if isinstance(event, PeerMisbehaved) else "dropped"
                 notes_send.send_nowait(
@@ -440,66 +436,3 @@ def data_host_for(listen: Sequence[str]) -> str | None:
         if match := IP4.match(addr):
             return match.group(1)
     return None
-
-
-def _progress_dict(p: Progress) -> dict[str, Any]:
-    return {
-        "bytes_done": p.bytes_done,
-        "bytes_total": p.bytes_total,
-        "bytes_fetched": p.bytes_fetched,
-        "chunks_done": p.chunks_done,
-        "chunks_total": p.chunks_total,
-        "rate_bps": p.rate_bps,
-        "peers": len([q for q in p.peers if q.status == "live"]),
-    }
-
-
-def _blob_param(params: list[Any]) -> BlobId:
-    if len(params) != 1 or not isinstance(params[0], str):
-        raise RpcError("invalid_params", "expected [BLOB_ID]")
-    return parse_blob_id(params[0])
-
-
-def _get_options(params: list[Any]) -> dict[str, Any]:
-    if len(params) > 2 or (len(params) == 2 and not isinstance(params[1], dict)):
-        raise RpcError("invalid_params", "expected [ID] or [ID, {out, from, timeout}]")
-    options: dict[str, Any] = params[1] if len(params) == 2 else {}
-    if unknown := set(options) - {"out", "from", "timeout", "channel"}:
-        raise RpcError("invalid_params", f"unknown options {sorted(map(str, unknown))}")
-    out = options.get("out")
-    if out is not None and (not isinstance(out, str) or not Path(out).is_absolute()):
-        raise RpcError("invalid_params", "out must be an absolute path")
-    sources = options.get("from", [])
-    if not isinstance(sources, list) or not all(isinstance(a, str) for a in sources):
-        raise RpcError("invalid_params", "from must be a list of multiaddrs")
-    if not isinstance(options.get("channel", True), bool):
-        raise RpcError("invalid_params", "channel must be true or false")
-    timeout = options.get("timeout", 3600)
-    if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
-        raise RpcError("invalid_params", "timeout must be seconds in (0, 86400]")
-    return options
-
-
-@contextmanager
-def mapped_errors() -> Iterator[None]:
-    """Catalog and network failures as RPC errors with stable codes."""
-    try:
-        yield
-    except trio.TooSlowError as e:
-        raise RpcError("timeout", "blob transfer did not finish in time") from e
-    except InvalidIdError as e:
-        raise RpcError("invalid_params", str(e)) from e
-    except UnknownBlobError as e:
-        raise RpcError("not_found", str(e)) from e
-    except QuotaExceededError as e:
-        raise RpcError("quota_exceeded", str(e)) from e
-    except FileAccessError as e:
-        raise RpcError("file_access", str(e)) from e
-    except NoProviderError as e:
-        raise RpcError("no_provider", str(e)) from e
-    except TransferError as e:
-        raise RpcError("transfer_failed", str(e)) from e
-    except CatalogError as e:
-        raise RpcError("catalog_error", str(e)) from e
-    except NetworkError as e:
-        raise RpcError("network_error", str(e)) from e

@@ -1,0 +1,87 @@
+"""Argument checks, result shapes and error codes of the ``blob.*`` local RPC methods
+(served by :class:`catalog.blob_service.BlobService`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from catalog.blob import BlobId, parse_blob_id
+from catalog.errors import (
+    CatalogError,
+    FileAccessError,
+    InvalidIdError,
+    NoProviderError,
+    QuotaExceededError,
+    TransferError,
+    UnknownBlobError,
+)
+from catalog.transfer_plan import Progress
+from node.errors import NetworkError, RpcError
+
+
+def progress_dict(p: Progress) -> dict[str, Any]:
+    return {
+        "bytes_done": p.bytes_done,
+        "bytes_total": p.bytes_total,
+        "bytes_fetched": p.bytes_fetched,
+        "chunks_done": p.chunks_done,
+        "chunks_total": p.chunks_total,
+        "rate_bps": p.rate_bps,
+        "peers": len([q for q in p.peers if q.status == "live"]),
+    }
+
+
+def blob_param(params: list[Any]) -> BlobId:
+    if len(params) != 1 or not isinstance(params[0], str):
+        raise RpcError("invalid_params", "expected [BLOB_ID]")
+    return parse_blob_id(params[0])
+
+
+def get_options(params: list[Any]) -> dict[str, Any]:
+    if len(params) > 2 or (len(params) == 2 and not isinstance(params[1], dict)):
+        raise RpcError("invalid_params", "expected [ID] or [ID, {out, from, timeout}]")
+    options: dict[str, Any] = params[1] if len(params) == 2 else {}
+    if unknown := set(options) - {"out", "from", "timeout", "channel"}:
+        raise RpcError("invalid_params", f"unknown options {sorted(map(str, unknown))}")
+    out = options.get("out")
+    if out is not None and (not isinstance(out, str) or not Path(out).is_absolute()):
+        raise RpcError("invalid_params", "out must be an absolute path")
+    sources = options.get("from", [])
+    if not isinstance(sources, list) or not all(isinstance(a, str) for a in sources):
+        raise RpcError("invalid_params", "from must be a list of multiaddrs")
+    if not isinstance(options.get("channel", True), bool):
+        raise RpcError("invalid_params", "channel must be true or false")
+    timeout = options.get("timeout", 3600)
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
+        raise RpcError("invalid_params", "timeout must be seconds in (0, 86400]")
+    return options
+
+
+@contextmanager
+def mapped_errors() -> Iterator[None]:
+    """Catalog and network failures as RPC errors with stable codes."""
+    try:
+        yield
+    except trio.TooSlowError as e:
+        raise RpcError("timeout", "blob transfer did not finish in time") from e
+    except InvalidIdError as e:
+        raise RpcError("invalid_params", str(e)) from e
+    except UnknownBlobError as e:
+        raise RpcError("not_found", str(e)) from e
+    except QuotaExceededError as e:
+        raise RpcError("quota_exceeded", str(e)) from e
+    except FileAccessError as e:
+        raise RpcError("file_access", str(e)) from e
+    except NoProviderError as e:
+        raise RpcError("no_provider", str(e)) from e
+    except TransferError as e:
+        raise RpcError("transfer_failed", str(e)) from e
+    except CatalogError as e:
+        raise RpcError("catalog_error", str(e)) from e
+    except NetworkError as e:
+        raise RpcError("network_error", str(e)) from e
