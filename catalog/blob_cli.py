@@ -97,7 +97,7 @@ def cmd_get(args: argparse.Namespace) -> int:
                 elif bar is not None and event["event"] == "progress":
                     bar.show(event)
                 elif event["event"] == "peer":
-                    print(f"peer {event['peer']} {event['event']}: {event['reason']}",
+                    print(f"peer {event['peer']} {event['status']}: {event['reason']}",
                           file=sys.stderr)
             else:
                 result = dict(item.value)

@@ -23,8 +23,9 @@ RPC methods (params are MessagePack-RPC arrays)::
     blob.get  [ID, {"out"?, "from"?: [MULTIADDR], "timeout"?, "channel"?: bool}]  (streaming;
               channel false moves chunks on libp2p streams instead of the data channel)
               notifications "blob.progress" {bytes_done, bytes_total, bytes_fetched, rate_bps,
-              peers} and "blob.peer" {peer, event, reason}; result {"id", "bytes_total",
-              "bytes_fetched", "bytes_present", "seconds", "out"}
+              peers} and "blob.peer" {peer, status: misbehaved|dropped, reason}; result {"id",
+              "bytes_total", "bytes_fetched", "bytes_present", "seconds", "setup_seconds",
+              "store_seconds", "out"}
 """
 
 from __future__ import annotations
@@ -381,7 +382,7 @@ class BlobService:
             elif isinstance(event, PeerMisbehaved | PeerDropped):
                 kind = "misbehaved" if isinstance(event, PeerMisbehaved) else "dropped"
                 notes_send.send_nowait(
-                    ("blob.peer", {"peer": event.peer, "event": kind, "reason": event.reason})
+                    ("blob.peer", {"peer": event.peer, "status": kind, "reason": event.reason})
                 )
 
         async def forward() -> None:
