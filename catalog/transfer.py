@@ -161,20 +161,23 @@ async def _run_plan(
     progress (wall time, however many batches overlapped)."""
     store_seconds = 0.0
     busy_since = 0.0
+    active = 0  # batches being written now
     scopes: dict[tuple[str, ChunkId], trio.CancelScope] = {}
     writers = trio.Semaphore(WRITERS)
     to_store, stored = trio.open_memory_channel[tuple[ChunkId, bytes | bytearray]](64)
 
     async def store(batch: list[tuple[ChunkId, bytes | bytearray]]) -> None:
-        nonlocal store_seconds, busy_since
-        if writers.value == WRITERS - 1:  # the first write in progress
+        nonlocal store_seconds, busy_since, active
+        active += 1
+        if active == 1:
             busy_since = trio.current_time()
         try:
             with blobs.chunks.pins() as pins:
                 await blobs.chunks.put_many(batch, pins=pins)
         finally:
             writers.release()
-            if writers.value == WRITERS:  # the last one done
+            active -= 1
+            if active == 0:
                 store_seconds += trio.current_time() - busy_since
 
     async def writer() -> None:
