@@ -153,6 +153,7 @@ async def test_fetch_from_providers(spawn: Spawn, tmp_path: Path, providers: int
     )
     assert result.bytes_fetched == len(data)
     assert result.bytes_present == 0
+    assert 0 < result.store_seconds <= result.seconds
     assert await exported(me, blob_id, tmp_path) == data
     final = [e for e in events if isinstance(e, Progress)][-1]
     assert final.bytes_done == len(data)
