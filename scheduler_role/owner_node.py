@@ -86,9 +86,18 @@ class OwnerService:
                 found = await self._schedulers()
                 for addr in found.get(scheduler, [])[:1]:
                     await self.p2p.connect(addr)
-            answer = await self.p2p.request(
-                scheduler, TASKS_PROTOCOL, request, timeout=REQUEST_TIMEOUT + _timeout(request)
-            )
+            # Not p2p.request: a wait may take far longer than the default stream deadline.
+            limit = REQUEST_TIMEOUT + _timeout(request)
+            with trio.fail_after(limit):
+                async with await self.p2p.open_stream(scheduler, TASKS_PROTOCOL) as stream:
+                    stream.deadline = limit
+                    await stream.send(request)
+                    await stream.send_end()
+                    answer = await stream.receive()
+        except trio.EndOfChannel:
+            raise RpcError("scheduler_unreachable", f"{scheduler} ended without a reply") from None
+        except trio.TooSlowError:
+            raise RpcError("timeout", f"no answer from scheduler {scheduler} in time") from None
         except NetworkError as e:
             raise RpcError("scheduler_unreachable", f"scheduler {scheduler}: {e}") from e
         if answer.get("type") == "error":
