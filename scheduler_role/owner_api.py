@@ -1,8 +1,10 @@
 """The scheduler's side of ``/vmlend/tasks/1.0.0``: what an owner's node asks on its owner's behalf.
 
-One request per stream; the owner is the stream's authenticated peer ID. Requests and answers::
+One request per stream; the owner is the stream's authenticated peer ID. The files a task file
+names come as one tar archive in the owner's chunk store (``files_blob``), fetched from the
+owner's addresses (``from``) before the task is accepted. Requests and answers::
 
-    {"type": "submit", "task_id", "taskfile": str, "files": {relpath: bin}}
+    {"type": "submit", "task_id", "taskfile": str, "files_blob"?: hex, "from"?: [MULTIADDR]}
         -> {"type": "submitted", "task_id", "new": bool}
     {"type": "status", "task_id"}                  -> {"type": "status", ...status_dict}
     {"type": "wait", "task_id", "timeout": s}      -> {"type": "status", ...} once finished
@@ -22,17 +24,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import tarfile
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import blake3
 import trio
 
-from catalog.blob import BlobId
-from catalog.errors import TaskFileError
+from catalog.blob import BlobId, parse_blob_id
+from catalog.errors import CatalogError, TaskFileError
 from catalog.taskfile import TaskFile, load
-from node.errors import RemoteProtocolError
+from node.errors import NetworkError, RemoteProtocolError
 from node.p2p_stream import MessageStream
 from scheduler_role.end_conditions import result_digest
 from scheduler_role.errors import SchedulerError, UnknownTaskError
@@ -49,6 +52,7 @@ log = logging.getLogger("vmlend.scheduler.owners")
 TASKS_PROTOCOL = "/vmlend/tasks/1.0.0"
 MAX_FILES = 256
 MAX_OUTPUT_INLINE = 1 << 20
+FILES_TIMEOUT = 120.0
 
 
 def caps_of(task: TaskFile) -> Caps:
@@ -136,11 +140,18 @@ class OwnerApi:
     # ---- submit --------------------------------------------------------------------------
 
     async def _submit(self, owner: str, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        text, files = request.get("taskfile"), request.get("files", {})
-        if not isinstance(text, str) or not isinstance(files, dict) or len(files) > MAX_FILES:
-            raise RemoteProtocolError("submit needs a task file text and a map of files")
+        text, blob = request.get("taskfile"), request.get("files_blob")
+        sources = request.get("from")
+        if not isinstance(text, str):
+            raise RemoteProtocolError("submit needs the task file's text")
         where = self.service.task_dir(task_id)
-        await trio.to_thread.run_sync(_write_task, where, text, files)
+        archive = None
+        if blob is not None:
+            if not isinstance(blob, str) or not isinstance(sources, list):
+                raise RemoteProtocolError("files_blob needs a blob ID and the owner's addresses")
+            archive = where.parent / f"{task_id}.files.tar"
+            await self._fetch_files(parse_blob_id(blob), [str(a) for a in sources[:1]], archive)
+        await trio.to_thread.run_sync(_write_task, where, text, archive)
         try:
             task = load(where / "task.toml")
         except TaskFileError as e:
@@ -152,6 +163,17 @@ class OwnerApi:
             self.service.start_assembly(task_id)
         self.service.changed()
         return {"type": "submitted", "task_id": task_id, "new": new}
+
+    async def _fetch_files(self, blob: BlobId, sources: list[str], into: Path) -> None:
+        blobs = self.service.blobs
+        try:
+            with trio.fail_after(FILES_TIMEOUT):
+                if not await has_blob(blobs, blob):
+                    await blobs.fetch(blob, sources=sources)
+                await trio.Path(into.parent).mkdir(parents=True, exist_ok=True)
+                await blobs.blobs.export(blob, into)
+        except (CatalogError, NetworkError, trio.TooSlowError) as e:
+            raise RefusedError("files_unavailable", f"fetching the task's files: {e}") from None
 
     def _check_placeable(self, spec: TaskSpec) -> None:
         """Refuse a task no worker seen could ever hold (unknowable with no worker seen)."""
@@ -263,15 +285,19 @@ def _task_id(request: dict[str, Any]) -> str:
     return task_id
 
 
-def _write_task(where: Path, text: str, files: dict[Any, Any]) -> None:
+def _write_task(where: Path, text: str, archive: Path | None) -> None:
     where.mkdir(parents=True, exist_ok=True)
-    for rel, data in files.items():
-        path = PurePosixPath(str(rel))
-        if path.is_absolute() or ".." in path.parts or not isinstance(data, bytes):
-            raise RemoteProtocolError(f"bad task file path {rel!r}")
-        target = where / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+    if archive is not None:
+        try:
+            with tarfile.open(archive) as tar:
+                members = tar.getmembers()
+                if len(members) > MAX_FILES:
+                    raise RefusedError("invalid_task", f"more than {MAX_FILES} files")
+                tar.extractall(where, filter="data")  # no absolute paths, links out, devices
+        except (tarfile.TarError, OSError) as e:
+            raise RefusedError("invalid_task", f"the task's files: {e}") from None
+        finally:
+            archive.unlink(missing_ok=True)
     (where / "task.toml").write_text(text)
 
 

@@ -1,7 +1,8 @@
 """The task owner's side on their own node: local RPC ``task.*`` forwarded to a scheduler.
 
 The owner's node picks the scheduler (``scheduler`` option, else the first found in the DHT),
-ships the task file and the files it names over ``/vmlend/tasks/1.0.0``, and remembers which
+sends the task file over ``/vmlend/tasks/1.0.0`` (the files it names go into our chunk store as
+one archive, which the scheduler fetches), and remembers which
 scheduler holds each task (``<data>/owner_tasks.json``), so every later call goes there.
 
 RPC methods (MessagePack-RPC params: one map)::
@@ -17,9 +18,11 @@ RPC methods (MessagePack-RPC params: one map)::
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import secrets
+import tarfile
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ log = logging.getLogger("vmlend.owner")
 
 SCHEDULER_RECORD_KIND = "scheduler"
 REQUEST_TIMEOUT = 60.0
-MAX_SHIPPED_BYTES = 3 << 20  # files travel inline in one frame (4 MiB)
+MAX_SHIPPED_BYTES = 256 << 20
 
 Handler = Callable[[list[Any]], Awaitable[Any]]
 StreamHandler = Callable[[list[Any], SendNotification], Awaitable[Any]]
@@ -133,7 +136,13 @@ class OwnerService:
             found = await self._schedulers()
             scheduler = sorted(found)[0]
         task_id = f"{task.name}-{secrets.token_hex(5)}"
-        request = {"type": "submit", "task_id": task_id, "taskfile": text, "files": files}
+        request: dict[str, Any] = {"type": "submit", "task_id": task_id, "taskfile": text}
+        if files:
+            # The files travel through the chunk store: the scheduler fetches the archive from us.
+            archive = await trio.to_thread.run_sync(_tar, files)
+            blob = await self.blobs.blobs.add_bytes(archive)
+            self.blobs.announce(blob)
+            request |= {"files_blob": blob.hex(), "from": self.p2p.addrs}
         answer = await self._ask(str(scheduler), request)
         self._remember(task_id, str(scheduler))
         return {"task_id": task_id, "scheduler": scheduler, "new": answer.get("new", True)}
@@ -248,3 +257,15 @@ def _collect_files(task: TaskFile) -> dict[str, bytes]:
             f"the task's files exceed {MAX_SHIPPED_BYTES >> 20} MiB", source="files", key="files"
         )
     return out
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    """A deterministic tar of ``files`` (sorted, no owners or times)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size = len(files[name])
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(files[name]))
+    return out.getvalue()
