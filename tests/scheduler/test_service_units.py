@@ -1,0 +1,104 @@
+"""Unit tests of the scheduler service's and the owner side's pure parts (no network, no VMs)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from catalog.errors import TaskFileError
+from catalog.taskfile import loads
+from node.dht_records import peer_id_of
+from node.errors import RemoteProtocolError
+from node.identity import Identity
+from scheduler_role.owner_api import caps_of, spec_of
+from scheduler_role.owner_cli import run_text
+from scheduler_role.owner_node import _collect_files, _tar
+from scheduler_role.service import LogBuffer, public_key_of
+from scheduler_role.task import LeaseKey
+from worker_role.agent import policy_of
+from worker_role.caps import Caps
+
+
+def test_public_key_of_a_peer_id_round_trips() -> None:
+    me = Identity.generate()
+    assert public_key_of(peer_id_of(me.public_bytes)) == me.public_bytes
+
+
+@pytest.mark.parametrize("bad", ["", "0OIl", "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"])
+def test_public_key_of_refuses_what_holds_no_ed25519_key(bad: str) -> None:
+    with pytest.raises(RemoteProtocolError):
+        public_key_of(bad)
+
+
+def test_log_buffer_follows_the_newest_attempt_of_one_replica() -> None:
+    buffer = LogBuffer()
+    first, other, retry = LeaseKey("t", 0, 1), LeaseKey("t", 1, 1), LeaseKey("t", 0, 2)
+    buffer.add(first, "stdout", b"a")
+    buffer.add(other, "stdout", b"ignored: another replica")
+    assert buffer.chunks == [("stdout", b"a")]
+    changed = buffer.changed
+    buffer.add(retry, "stderr", b"b")
+    assert changed.is_set()
+    assert (buffer.source, buffer.chunks) == (retry, [("stderr", b"b")])
+    buffer.add(first, "stdout", b"late word from the lapsed attempt")
+    assert buffer.chunks == [("stderr", b"b")]
+
+
+def test_task_file_maps_onto_caps_and_spec() -> None:
+    task = loads(
+        'name = "x"\nos = "tiny"\ncommand = "true"\nreplicas = 3\nquorum = 2\n'
+        '[resources]\ncpus = 2\nmemory = "300MiB"\n[limits]\nmax_runtime = "1m"\n'
+        'deadline = "1h"\nmax_attempts = 5\n'
+    )
+    assert caps_of(task) == Caps(vcpus=2, cpu_share=2.0, memory_mib=300, disk_mib=256)
+    spec = spec_of(task, "x-1", "owner1", now=1000.0)
+    assert (spec.replicas, spec.quorum, spec.limits.max_attempts) == (3, 2, 5)
+    assert (spec.limits.max_runtime, spec.limits.deadline) == (60.0, 4600.0)
+
+
+def test_vmlend_run_writes_a_valid_task_file(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    args = argparse.Namespace(
+        os="tiny", package=[], file=["a.txt"], cpus=1, memory="128MiB", timeout="30s"
+    )
+    task = loads(run_text(args, ["sh", "-c", 'echo "quoted" \\ $HOME']), base_dir=tmp_path)
+    assert task.command == ("sh", "-c", 'echo "quoted" \\ $HOME')
+    assert (task.files, task.limits.max_runtime, task.resources.memory) == (
+        ("a.txt",), 30.0, 128 << 20,
+    )  # fmt: skip
+
+
+def test_task_files_are_collected_relative_and_never_from_outside(tmp_path: Path) -> None:
+    (tmp_path / "task" / "data").mkdir(parents=True)
+    (tmp_path / "task" / "main.sh").write_text("echo hi\n")
+    (tmp_path / "task" / "data" / "x").write_text("x")
+    (tmp_path / "secret").write_text("no")
+    base = tmp_path / "task"
+    task = loads('name="t"\nos="tiny"\ncommand="sh main.sh"\nfiles=["main.sh","data/"]\n',
+                 base_dir=base)  # fmt: skip
+    files = _collect_files(task)
+    assert files == {"main.sh": b"echo hi\n", "data/x": b"x"}
+    with tarfile.open(fileobj=io.BytesIO(_tar(files))) as tar:
+        assert sorted(tar.getnames()) == ["data/x", "main.sh"]
+    assert _tar(files) == _tar(dict(reversed(list(files.items()))))  # deterministic
+    (base / "link").symlink_to(tmp_path / "secret")
+    sneaky = loads('name="t"\nos="tiny"\ncommand="true"\nfiles=["link"]\n', base_dir=base)
+    with pytest.raises(TaskFileError, match="outside"):
+        _collect_files(sneaky)
+
+
+def test_lending_policy_from_the_worker_config() -> None:
+    from node.config import WorkerConfig
+
+    config = WorkerConfig(
+        max_vcpus=2, max_cpu_share=2.0, max_memory=512 << 20, max_concurrent_vms=2
+    )
+    policy = policy_of(config)
+    assert (policy.max_memory_mib, policy.max_concurrent_vms) == (512, 2)
+    room = policy.remaining([Caps(memory_mib=128)])
+    assert room is not None
+    assert room.memory_mib == 384
