@@ -143,3 +143,20 @@ async def test_a_record_outlives_its_publisher_in_the_dht() -> None:
             assert record.owner == pub.peer_id  # served by the k closest, not the owner
             found = await node.find_records(SCHEDULER, timeout=10)
             assert [r.owner for r in found] == [pub.peer_id]
+
+
+async def test_content_providers_are_found_by_every_node() -> None:
+    key = b"\x12\x20" + bytes(range(32))
+    async with running_nodes(4) as nodes:
+        with trio.fail_after(20):
+            for node in nodes:
+                await node.wait_peer_count(3)
+        holder = nodes[2]
+        await holder.provide(key, timeout=10)
+        for node in nodes:
+            found = await node.find_providers(key, timeout=10)
+            assert found == ([] if node is holder else [holder.peer_id])
+        holder.withdraw(key)
+        assert holder.peer_id not in {
+            str(p.peer_id) for p in holder._dht.kad.provider_store.get_providers(key)
+        }
