@@ -359,6 +359,9 @@ class P2PNode:
             key=lambda info: info.peer_id,
         )
 
+    def _live_ids(self) -> list[ID]:
+        return [parse_peer_id(p) for p in sorted(self._liveness.live)]
+
     def _full_addrs(self, peer_id: str) -> tuple[str, ...]:
         suffix = f"/p2p/{peer_id}"
         addrs = (str(a) for a in self._addrs_of(parse_peer_id(peer_id)))
@@ -532,7 +535,9 @@ class P2PNode:
         (e.g. all schedulers). Raises DeadlineError if the index lookup alone overran."""
         try:
             with trio.fail_after(timeout):
-                owners = await self._dht.providers(dht_records.index_key(kind))
+                owners = await self._dht.providers(
+                    dht_records.index_key(kind), also_ask=self._live_ids()
+                )
         except trio.TooSlowError as e:
             raise DeadlineError(f"DHT index lookup of {kind!r} took over {timeout:g}s") from e
         records: list[Record] = []
@@ -574,7 +579,7 @@ class P2PNode:
         answered a heartbeat within ``peer_timeout``). Raises DeadlineError on overrun."""
         try:
             with trio.fail_after(timeout):
-                found = await self._dht.providers(key.hex())
+                found = await self._dht.providers(key.hex(), also_ask=self._live_ids())
         except trio.TooSlowError as e:
             raise DeadlineError(f"DHT provider lookup of {key.hex()} took over {timeout:g}s") from e
         live = self._liveness.live

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 from libp2p.abc import IHost
@@ -53,6 +53,9 @@ def make_dht(host: IHost, wall_clock: Callable[[], float]) -> KadDHT:
         validator_changed=True,
         strict_validation=True,
     )
+
+
+MAX_EXTRA_ASKS = 64
 
 
 def lookup_target(key: bytes) -> bytes:
@@ -161,8 +164,10 @@ class Dht:
         store.providing_keys.discard(key)
         store.providers.get(key, {}).pop(str(self.kad.local_peer_id), None)
 
-    async def providers(self, index: str) -> set[str]:
-        """Peer IDs that announced ``index``, locally known or held by the k closest peers."""
+    async def providers(self, index: str, *, also_ask: Sequence[ID] = ()) -> set[str]:
+        """Peer IDs that announced ``index``, locally known or held by the k closest peers or by
+        ``also_ask`` (at most ``MAX_EXTRA_ASKS`` of them; the node passes its live peers, so a
+        small network finds every announcement even when a lookup came back short)."""
         key = bytes.fromhex(index)
         found = {str(p.peer_id) for p in self.kad.provider_store.get_providers(key)}
 
@@ -182,8 +187,12 @@ class Dht:
                     found.add(str(info.peer_id))
 
         async with trio.open_nursery() as nursery:
-            for peer in await self._closest(key):
+            extra = [p for p in also_ask if not self.skip(p)][:MAX_EXTRA_ASKS]
+            for peer in extra:
                 nursery.start_soon(ask, peer)
+            for peer in await self._closest(key):
+                if peer not in extra:
+                    nursery.start_soon(ask, peer)
         return found
 
     async def add_peer(self, peer: ID) -> None:
