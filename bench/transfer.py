@@ -3,10 +3,11 @@
     .venv/bin/python -m bench.transfer [--mib 512] [--dir DIR]
 
 Measured in one run: a raw TCP copy of the blob's bytes (two threads, blocking sockets, into
-memory), then ``blob.get`` on a fresh node from 1 provider and from 3 providers (the fetcher
-stores, fsyncs and indexes every chunk), and from 1 provider with chunks on libp2p streams
-instead of the data channel (for comparison), then a second blob sharing 90 % of its bytes with the
-first (ten 1/100 slices rewritten): how many bytes moved. Progress goes to stderr.
+memory); the chunk store alone storing its chunks as a fetch does (no network); ``blob.get`` on
+a fresh node from 1 provider and from 3 providers (the fetcher stores, fsyncs and indexes every
+chunk), and from 1 provider with chunks on libp2p streams instead of the data channel; then a
+second blob sharing 90 % of its bytes with the first (ten 1/100 slices rewritten): how many
+bytes moved. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -89,6 +90,37 @@ async def get(
     return result
 
 
+async def store_only(data: bytes, root: Path) -> float:
+    """Seconds to store ``data``'s chunks as a fetch does (16 MiB batches, 4 at once), with no
+    network: the chunk store's own ceiling in this run."""
+    from catalog.chunk_store import ChunkStore
+    from catalog.chunking import Chunker, hash_chunk
+    from catalog.transfer import WRITE_BATCH_BYTES, WRITERS
+
+    chunks = [(hash_chunk(c), bytes(c)) for c in Chunker().cut(data)]
+    batches: list[list[Any]] = [[]]
+    for item in chunks:
+        if sum(len(c) for _, c in batches[-1]) >= WRITE_BATCH_BYTES:
+            batches.append([])
+        batches[-1].append(item)
+    async with ChunkStore.open(root) as store:
+        limit = trio.Semaphore(WRITERS)
+
+        async def put(batch: list[Any]) -> None:
+            try:
+                with store.pins() as pins:
+                    await store.put_many(batch, pins=pins)
+            finally:
+                limit.release()
+
+        began = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                await limit.acquire()
+                nursery.start_soon(put, batch)
+        return time.perf_counter() - began
+
+
 async def run(mib: int, base: Path) -> dict[str, Any]:
     data = make_data(mib, 1)
     first = base / "first.bin"
@@ -98,10 +130,14 @@ async def run(mib: int, base: Path) -> dict[str, Any]:
     second.write_bytes(second_data)
     raw = min(raw_tcp_copy(data) for _ in range(3))
     note(f"raw TCP: {len(data) / raw / MIB:.0f} MiB/s")
+    stored = await store_only(data, base / "store-only")
+    note(f"chunk store alone: {len(data) / stored / MIB:.0f} MiB/s")
     report: dict[str, Any] = {
         "blob_bytes": len(data),
         "raw_tcp_seconds": raw,
         "raw_tcp_mib_s": len(data) / raw / MIB,
+        "store_only_seconds": stored,
+        "store_only_mib_s": len(data) / stored / MIB,
     }
     async with local_network(base / "nodes", 4) as nodes:
         fetcher, providers = nodes[0], nodes[1:]
