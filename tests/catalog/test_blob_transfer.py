@@ -201,7 +201,7 @@ async def test_provider_killed_mid_transfer(spawn: Spawn, tmp_path: Path) -> Non
 async def test_frozen_provider_is_worked_around(spawn: Spawn, tmp_path: Path) -> None:
     frozen = await spawn(store_cls=FreezingStore)
     honest = await spawn()
-    me = await spawn(request_timeout=0.5)
+    me = await spawn(request_timeout=2.0)
     data = random_bytes(2 * MIB, 11)
     blob_id = await add([frozen, honest], data, tmp_path)
     with trio.fail_after(20):
@@ -213,7 +213,7 @@ async def test_only_a_frozen_provider_fails_after_its_deadlines(
     spawn: Spawn, tmp_path: Path
 ) -> None:
     frozen = await spawn(store_cls=FreezingStore)
-    me = await spawn(request_timeout=0.5)
+    me = await spawn(request_timeout=2.0)
     blob_id = await add([frozen], random_bytes(MIB, 12), tmp_path)
     events: list[Event] = []
     with pytest.raises(NoProviderError, match="gone"):
