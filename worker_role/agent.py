@@ -151,6 +151,7 @@ class WorkerAgent:
         self._images: set[bytes] = set()
         self._room = trio.Event()
         self._controls_changed = trio.Event()
+        self._offering = trio.Lock()
         self.backend: VmBackend
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -239,21 +240,26 @@ class WorkerAgent:
         self, scheduler: str, control: _Control, addrs: list[str], nursery: trio.Nursery
     ) -> None:
         while True:
-            room = self.policy.remaining([lease.caps for lease in self._leases.values()])
-            capacity = self.policy.remaining([])
-            if room is None or capacity is None:
-                await self._room.wait()
-                continue
-            offer = Offer(room=room, capacity=capacity, images=frozenset(self._images))
-            answer = await control.request(WorkRequest(offer=offer))
-            if isinstance(answer, LeaseGrant):
-                self._leases[answer.lease] = _Lease(scheduler, answer.caps)
-                await trio.to_thread.run_sync(self._save_state)
-                nursery.start_soon(self._run_lease, scheduler, addrs, answer)
+            room_changed = self._room  # taken before looking, so no change is missed
+            # One offer out at a time across schedulers: the room offered is then really free.
+            async with self._offering:
+                room = self.policy.remaining([lease.caps for lease in self._leases.values()])
+                capacity = self.policy.remaining([])
+                if room is None or capacity is None:
+                    answer: Message | None = None
+                else:
+                    offer = Offer(room=room, capacity=capacity, images=frozenset(self._images))
+                    answer = await control.request(WorkRequest(offer=offer))
+                if isinstance(answer, LeaseGrant):
+                    self._leases[answer.lease] = _Lease(scheduler, answer.caps)
+                    await trio.to_thread.run_sync(self._save_state)
+                    nursery.start_soon(self._run_lease, scheduler, addrs, answer)
+            if answer is None:
+                await room_changed.wait()
             elif isinstance(answer, NoWork):
                 with trio.move_on_after(answer.retry_after):
-                    await self._room.wait()
-            else:
+                    await room_changed.wait()
+            elif not isinstance(answer, LeaseGrant):
                 raise ProtocolError(f"{scheduler} answered a work request with {answer.TYPE}")
 
     async def _heartbeats(self, scheduler: str, control: _Control) -> None:
