@@ -33,6 +33,7 @@ from typing import Any
 import msgpack
 
 from node.errors import LocalProtocolError, RemoteProtocolError
+from node.wire import too_deep
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 MAX_MSGID = 2**32 - 1
@@ -126,22 +127,6 @@ def error_object(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
 
 
-def _check_depth(obj: object, max_depth: int) -> None:
-    # Iterative, so a hostile nesting cannot blow the Python stack either.
-    stack: list[tuple[object, int]] = [(obj, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: list[object] = [*item.keys(), *item.values()]
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > max_depth:
-            raise StreamCorruptError(f"message nested deeper than {max_depth} levels")
-        stack.extend((child, depth + 1) for child in children)
-
-
 def _is_msgid(value: object) -> bool:
     return type(value) is int and 0 <= value <= MAX_MSGID
 
@@ -196,7 +181,10 @@ class _Connection:
                     self._feed_some()
                     continue
                 self._message_start = self._unpacker.tell()
-                _check_depth(obj, self.limits.max_depth)
+                if too_deep(obj, self.limits.max_depth):
+                    raise StreamCorruptError(
+                        f"message nested deeper than {self.limits.max_depth} levels"
+                    )
                 return True, obj
         except StreamCorruptError as e:
             self._error = e

@@ -34,8 +34,12 @@ class WireLimits:
 DEFAULT_LIMITS = WireLimits()
 
 
-def _check_depth(obj: object, max_depth: int) -> None:
-    # Iterative, so a hostile nesting cannot blow the Python stack either.
+def too_deep(obj: object, max_depth: int) -> bool:
+    """True if ``obj`` nests maps/arrays deeper than ``max_depth`` levels.
+
+    Iterative, so a hostile nesting cannot blow the Python stack either. Shared with the local
+    RPC decoder, which reports the same condition with its own error type.
+    """
     stack: list[tuple[object, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
@@ -46,8 +50,9 @@ def _check_depth(obj: object, max_depth: int) -> None:
         else:
             continue
         if depth > max_depth:
-            raise RemoteProtocolError(f"message nested deeper than {max_depth} levels")
+            return True
         stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def decode_body(body: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Message:
@@ -72,7 +77,8 @@ def decode_body(body: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Message:
         raise RemoteProtocolError(f"frame is a {type(obj).__name__}, expected a map")
     if not isinstance(obj.get("type"), str):
         raise RemoteProtocolError("message has no string 'type' field")
-    _check_depth(obj, limits.max_depth)
+    if too_deep(obj, limits.max_depth):
+        raise RemoteProtocolError(f"message nested deeper than {limits.max_depth} levels")
     return obj
 
 
