@@ -1,6 +1,9 @@
-"""``vmlend image build TASK.toml [--data DIR] [--cache DIR] [--json]``.
+"""``vmlend image build TASK.toml [--data DIR] [--cache DIR] [--publish] [--json]``.
 
-Prints the image ID and, for each layer (top first), whether it was reused or built. The lead
+Prints the image ID and, for each layer (top first), whether it was reused or built; with
+``--publish`` also the os, package and image entries it signed into the catalog. When a node is
+running on the data dir it holds the chunk store, so the build runs inside it (``image.build``
+over the local RPC); otherwise it runs here. The lead
 wires :func:`add_image_parser` into ``node/cli.py``, handing it the tiny OS's locator (catalog
 does not import worker_role)::
 
@@ -19,20 +22,23 @@ import argparse
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from catalog.blob import BlobStore
-from catalog.build.assemble import AssembledImage, Assembler
-from catalog.build.cache import BuildCache
 from catalog.build.os_tiny import BootFiles
+from catalog.build.service import BAD_TASK_ERRORS, INVALID_TASK, build_and_publish
 from catalog.chunk_store import ChunkStore
-from catalog.errors import PackageError, TaskFileError, TaskInputError, UnknownOsError
-from catalog.taskfile import TaskFile, load
-from node.config import resolve_data_dir
-from node.errors import VmlendError
+from catalog.service import open_catalog
+from catalog.taskfile import load
+from node.config import load_config, resolve_data_dir
+from node.errors import RpcError, VmlendError
+from node.identity import Identity
+from node.rpc_client import Client, NodeNotRunningError
 
 CHUNKS_DIR = "chunks"
 """The chunk store under the data dir, where built blobs go."""
@@ -58,43 +64,79 @@ def add_image_parser(
     )
     build.add_argument("--cache", type=Path, metavar="DIR", default=None,
                        help="build cache (default: $VMLEND_BUILD_CACHE or /var/cache/vmlend/build)")
+    build.add_argument(
+        "--publish", action="store_true", help="sign its os/package/image entries into the catalog"
+    )
     build.add_argument("--json", action="store_true", help="print JSON for scripts")
     build.set_defaults(handler=functools.partial(cmd_image_build, boot=boot))
 
 
 def cmd_image_build(args: argparse.Namespace, *, boot: BootLocator) -> int:
     try:
-        task = load(args.task)
+        task_path = args.task.absolute()
+        load(task_path)  # bad task files are refused here, before any node is involved
         data = resolve_data_dir(args.data)
-        image = trio.run(build_image, task, data, args.cache, boot)
-    except (TaskFileError, UnknownOsError, PackageError, TaskInputError) as e:
+        summary = _build_in_node(data, task_path, args.publish, args.cache)
+        if summary is None:
+            summary = trio.run(_build_here, task_path, data, args.cache, args.publish, boot)
+    except BAD_TASK_ERRORS as e:
         print(f"vmlend image build: {e}", file=sys.stderr)
         return EXIT_BAD_TASK
+    except RpcError as e:
+        print(f"vmlend image build: {e.message}", file=sys.stderr)
+        return EXIT_BAD_TASK if e.code == INVALID_TASK else EXIT_FAILED
     except VmlendError as e:
         print(f"vmlend image build: {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
-        print(json.dumps(image.summary(), indent=1))
+        print(json.dumps(summary, indent=1))
     else:
-        print(format_summary(image))
+        print(format_summary(summary))
     return 0
 
 
-async def build_image(
-    task: TaskFile, data: Path, cache: Path | None, boot: BootLocator
-) -> AssembledImage:
-    """Assemble ``task``'s image into the chunk store under ``data``."""
+def _build_in_node(
+    data: Path, task: Path, publish: bool, cache: Path | None
+) -> dict[str, Any] | None:
+    """The summary from the node running on ``data``, or None when no node runs there."""
+    options: dict[str, Any] = {"task": str(task), "publish": publish}
+    if cache is not None:
+        options["cache"] = str(cache.absolute())
+    try:
+        with Client(data, timeout=None) as client:
+            result: dict[str, Any] = client.call("image.build", options)
+    except NodeNotRunningError:
+        return None
+    return result
+
+
+async def _build_here(
+    task: Path, data: Path, cache: Path | None, publish: bool, boot: BootLocator
+) -> dict[str, Any]:
     await trio.Path(data).mkdir(parents=True, exist_ok=True)
+    identity = Identity.load_or_create(data)
     async with ChunkStore.open(data / CHUNKS_DIR) as store:
-        assembler = Assembler(BuildCache(cache), BlobStore(store), boot())
-        return await assembler.assemble(task)
+        if not publish:
+            return await build_and_publish(
+                task, blobs=BlobStore(store), library=None, identity=identity, boot=boot,
+                cache_dir=cache, now=time.time(),
+            )
+        trusted = load_config(data, {}).catalog.trusted_publisher_keys
+        async with open_catalog(data, identity, trusted) as catalog:
+            return await build_and_publish(
+                task, blobs=BlobStore(store), library=catalog.library, identity=identity,
+                boot=boot, cache_dir=cache, now=time.time(),
+            )
 
 
-def format_summary(image: AssembledImage) -> str:
-    lines = [f"image {image.image_id}" + (" (reused)" if image.reused else "")]
-    for layer in image.summary()["layers"]:
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"image {summary['image_id']}" + (" (reused)" if summary["reused"] else "")]
+    for layer in summary["layers"]:
         state = "reused" if layer["reused"] else "built "
         lines.append(f"  {state} {layer['blob'][:16]}  {layer['what']}")
+    for entry in summary.get("published", []):
+        what = f"{entry['kind']} {entry['name']} {entry['version']}"
+        lines.append(f"  entry  {entry['id'][:16]}  {what}")
     return "\n".join(lines)
 
 
