@@ -18,6 +18,7 @@ import node
 from catalog.blob import BlobStore
 from catalog.blob_access import BlobAccess
 from catalog.blob_service import BlobService, data_host_for
+from catalog.build.service import ImageBuildService
 from catalog.chunk_store import ChunkStore
 from catalog.replication_service import ReplicationService
 from catalog.service import open_catalog
@@ -91,6 +92,10 @@ class Node:
                 owner = OwnerService(self.p2p, blobs, self.data_dir)
                 methods = {**self.rpc_methods(), **catalog.rpc_methods(), **blobs.rpc_methods()}
                 methods.update(owner.rpc_methods())
+                images = ImageBuildService(
+                    blobs.blobs, catalog.library, self.identity, tinyos.locate
+                )
+                methods.update(images.rpc_methods())
                 streams = {**blobs.rpc_streams(), **owner.rpc_streams()}
                 rpc = RpcServer(self.data_dir / "rpc.sock", methods, streams=streams)
                 await nursery.start(rpc.run)
