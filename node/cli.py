@@ -31,7 +31,10 @@ def _json_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmlend", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vmlend",
+        description="Lend and borrow compute as resource-capped VMs on a peer-to-peer network.",
+    )
     parser.add_argument("--version", action="version", version=f"vmlend {node.__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
