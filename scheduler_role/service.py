@@ -143,7 +143,7 @@ class SchedulerService:
         await trio.Path(self.data_dir / TASKS_DIR).mkdir(parents=True, exist_ok=True)
         async with (
             Queue.open(
-                self.data_dir / "scheduler.db", lease_timeout=self._lease_timeout, retry_after=2.0
+                self.data_dir / "scheduler.db", lease_timeout=self._lease_timeout, retry_after=1.0
             ) as queue,
             trio.open_nursery() as nursery,
         ):
