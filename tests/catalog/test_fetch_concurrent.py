@@ -1,137 +1,38 @@
-"""A concurrent trio fetch loop over the sans-IO plan, with per-request deadlines, in virtual time.
+"""``catalog.transfer.fetch_blob`` in virtual time, against in-process providers.
 
-``fetch_blob`` below is the whole networked transfer minus the p2p adapter: the adapter only has
-to provide ``call(peer, request) -> response``. It lives in the tests until the adapter lands
-(then it moves to ``catalog/``); here it runs against in-process providers whose faults include a
-peer that freezes mid-transfer, which only a deadline can detect.
+The providers implement the transfer's ``Links`` interface from snapshots of real stores (taken
+with the real provider-side ``respond``); their faults include a peer that freezes mid-transfer,
+which only a deadline can detect. The same loop runs over real nodes in test_blob_transfer.py.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 import trio
 import trio.testing
 
-from catalog.blob import BlobId, BlobStore, Manifest
+from catalog.blob import BlobId, BlobStore
 from catalog.chunk_store import ChunkStore
 from catalog.chunking import ChunkId
-from catalog.errors import ManifestError, NoProviderError
+from catalog.errors import NoProviderError
+from catalog.transfer import fetch_blob
 from catalog.transfer_messages import (
     ChunkRequest,
     ChunkResponse,
-    ErrorCode,
-    ErrorResponse,
     HaveRequest,
     HaveResponse,
     ManifestRequest,
     ManifestResponse,
     Message,
-    Request,
     respond,
 )
-from catalog.transfer_plan import (
-    CancelFetch,
-    Event,
-    FetchChunk,
-    PeerMisbehaved,
-    State,
-    TransferPlan,
-    Verdict,
-)
+from catalog.transfer_plan import Event, PeerMisbehaved
 from tests.catalog.conftest import SMALL, random_bytes
-
-
-class Client(Protocol):
-    async def call(self, peer: str, request: Request) -> Message: ...
-
-
-async def fetch_blob(
-    blobs: BlobStore,
-    blob_id: BlobId,
-    client: Client,
-    peers: list[str],
-    *,
-    request_timeout: float,
-    on_event: Callable[[Event], None],
-) -> None:
-    ids = itertools.count()
-    manifest: Manifest | None = None
-    for peer in peers:  # the manifest verifies itself, so any provider will do
-        with trio.move_on_after(request_timeout):
-            reply = await client.call(peer, ManifestRequest(request_id=next(ids), blob_id=blob_id))
-            if isinstance(reply, ManifestResponse):
-                try:
-                    manifest = Manifest.decode(reply.manifest, expected=blob_id)
-                    break
-                except ManifestError:
-                    continue
-    if manifest is None:
-        raise NoProviderError(blob_id.hex(), ["<manifest>"], {})
-    present = await blobs.begin_fetch(manifest)
-    plan = TransferPlan(manifest, present=present, now=trio.current_time())
-
-    async def ask_have(peer: str) -> None:
-        with trio.move_on_after(request_timeout):
-            reply = await client.call(peer, HaveRequest(request_id=next(ids), blob_id=blob_id))
-            if isinstance(reply, HaveResponse) and reply.chunk_count == len(manifest.chunks):
-                plan.add_provider(peer, reply.held())
-
-    async with trio.open_nursery() as nursery:
-        for peer in peers:
-            nursery.start_soon(ask_have, peer)
-
-    scopes: dict[tuple[str, ChunkId], trio.CancelScope] = {}
-
-    async with trio.open_nursery() as nursery:
-
-        def pump() -> None:
-            for action in plan.next_actions(trio.current_time()):
-                if isinstance(action, FetchChunk):
-                    nursery.start_soon(fetch_one, action)
-                elif isinstance(action, CancelFetch):
-                    scope = scopes.get((action.peer, action.chunk_id))
-                    if scope is not None:
-                        scope.cancel()
-            for event in plan.take_events():
-                on_event(event)
-            if plan.state in (State.FAILED, State.CANCELLED):
-                nursery.cancel_scope.cancel()
-
-        async def fetch_one(action: FetchChunk) -> None:
-            key = (action.peer, action.chunk_id)
-            with trio.CancelScope() as scopes[key]:
-                with trio.move_on_after(request_timeout) as deadline:
-                    reply = await client.call(
-                        action.peer, ChunkRequest(request_id=next(ids), chunk_id=action.chunk_id)
-                    )
-                now = trio.current_time()
-                if deadline.cancelled_caught:
-                    plan.on_failure(action.peer, action.chunk_id, now, "timeout")
-                elif isinstance(reply, ChunkResponse) and reply.chunk_id == action.chunk_id:
-                    if plan.on_chunk(action.peer, action.chunk_id, reply.data, now) is (
-                        Verdict.ACCEPTED
-                    ):
-                        # Shielded: an accepted chunk is stored even if the transfer then ends.
-                        with trio.CancelScope(shield=True):
-                            await blobs.chunks.put(reply.data, expected=action.chunk_id)
-                elif isinstance(reply, ErrorResponse) and reply.code is ErrorCode.NOT_FOUND:
-                    plan.on_not_found(action.peer, action.chunk_id, now)
-                else:
-                    plan.on_failure(action.peer, action.chunk_id, now, f"bad answer {reply!r:.80}")
-            del scopes[key]
-            pump()
-
-        pump()
-    if plan.error is not None:
-        raise plan.error
-    assert await blobs.missing(blob_id) == []
 
 
 @dataclass
@@ -164,22 +65,26 @@ class Swarm:
             answers[peer] = table
         return cls(answers)
 
-    async def call(self, peer: str, request: Request) -> Message:
+    async def manifest(self, peer: str, blob_id: BlobId) -> bytes | None:
+        reply = self.answers[peer][b"m"]
+        return reply.manifest if isinstance(reply, ManifestResponse) else None
+
+    async def have(self, peer: str, blob_id: BlobId, chunk_count: int) -> list[int] | None:
+        reply = self.answers[peer][b"h"]
+        if isinstance(reply, HaveResponse) and reply.chunk_count == chunk_count:
+            return sorted(reply.held())
+        return None
+
+    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | None:
         count = self.answered.get(peer, 0)
-        if isinstance(request, ChunkRequest) and count >= self.freeze_after.get(peer, 1 << 30):
+        if count >= self.freeze_after.get(peer, 1 << 30):
             await trio.sleep_forever()  # frozen: no answer, no EOF
-        key = {HaveRequest: b"h", ManifestRequest: b"m"}.get(type(request))
-        if key is None:
-            assert isinstance(request, ChunkRequest)
-            key = request.chunk_id
-        reply = replace(self.answers[peer][key], request_id=request.request_id)
-        if isinstance(reply, ChunkResponse):
-            self.answered[peer] = count + 1
-            await trio.sleep(0.001 + len(reply.data) / self.rate.get(peer, 1e6))
-            if peer in self.corrupt:
-                reply = ChunkResponse(request_id=reply.request_id, chunk_id=reply.chunk_id,
-                                      data=b"\x00" + reply.data[1:])
-        return reply
+        reply = self.answers[peer][chunk_id]
+        if not isinstance(reply, ChunkResponse):
+            return None
+        self.answered[peer] = count + 1
+        await trio.sleep(0.001 + len(reply.data) / self.rate.get(peer, 1e6))
+        return b"\x00" + reply.data[1:] if peer in self.corrupt else reply.data
 
 
 @pytest.fixture
@@ -208,6 +113,7 @@ async def test_fetch_concurrently(
     events: list[Event] = []
     await fetch_blob(stores["me"], blob_id, swarm, list(peers), request_timeout=1.0,
                      on_event=events.append)
+    assert await stores["me"].missing(blob_id) == []
     assert sum(swarm.answered.values()) >= len((await stores["me"].manifest(blob_id)).chunks)
     assert all(swarm.answered.get(p, 0) > 0 for p in peers)
 
@@ -222,6 +128,7 @@ async def test_frozen_and_malicious_providers(
     events: list[Event] = []
     await fetch_blob(stores["me"], blob_id, swarm, ["a", "b", "c"], request_timeout=1.0,
                      on_event=events.append)
+    assert await stores["me"].missing(blob_id) == []
     assert [e.peer for e in events if isinstance(e, PeerMisbehaved)] == ["b"]
     out = stores["me"]
     await out.export(blob_id, Path(str(out.chunks.root)) / "out")
