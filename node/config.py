@@ -45,6 +45,8 @@ commented sample file)::
     max_disk_rate = "0"              # disk bytes/s per VM; "0" = unlimited
     max_disk_iops = 0                # disk operations/s per VM; 0 = unlimited
     schedulers = []                  # peer IDs of the schedulers to serve; [] = any
+    shares = {}                      # { "<scheduler peer id>" = weight }: offers in proportion
+                                     # to positive integer weights; unlisted schedulers weigh 1
     hours = []                       # local-time windows like "22:00-07:00"; [] = always
     idle_only = false                # lend only while the machine is otherwise idle
     vm_dir = "/var/lib/vmlend/vm"    # VM-facing files; must be reachable by the libvirt-qemu user
@@ -135,6 +137,7 @@ class WorkerConfig:
     max_disk_rate: int = 0
     max_disk_iops: int = 0
     schedulers: tuple[str, ...] = ()
+    shares: tuple[tuple[str, int], ...] = ()
     hours: tuple[HoursWindow, ...] = ()
     idle_only: bool = False
     vm_dir: Path = Path("/var/lib/vmlend/vm")
@@ -220,6 +223,7 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         "max_disk_rate": k.rate(),
         "max_disk_iops": k.integer(0),
         "schedulers": k.list_of(k.PEER_ID, 'peer IDs like "12D3KooW..."'),
+        "shares": k.peer_weights(),
         "hours": k.list_of(k.HOURS, 'daily windows like "22:00-07:00"'),
         "idle_only": k.boolean(),
         "vm_dir": k.absolute_path(),

@@ -251,6 +251,39 @@ def list_of(item: Kind, item_expected: str) -> Kind:
     return Kind(expected, parse, from_text, is_list=True)
 
 
+def peer_weights() -> Kind:
+    """A TOML table ``{ "<peer id>" = weight, ... }``: positive integer weights by peer ID.
+
+    Held as a tuple of ``(peer id, weight)`` pairs sorted by peer ID, so the config stays frozen.
+    On the command line: ``ID=2,ID=1``.
+    """
+    expected = 'a table of peer IDs to positive integer weights, like { "12D3KooW..." = 2 }'
+    weight = integer(1, 1_000_000)
+
+    def parse(value: object) -> tuple[tuple[str, int], ...]:
+        if not isinstance(value, dict):
+            raise _fail(expected, value)
+        result: list[tuple[str, int]] = []
+        for peer, raw in value.items():
+            if not isinstance(peer, str) or not is_peer_id(peer):
+                raise _fail(expected, peer, " (not a peer ID)")
+            try:
+                result.append((peer, weight.parse(raw)))
+            except BadValue:
+                raise _fail(expected, raw, f" (the share of {peer})") from None
+        return tuple(sorted(result))
+
+    def from_text(text: str) -> object:
+        table: dict[str, object] = {}
+        for part in (p.strip() for p in text.split(",")):
+            if part:
+                peer, _, raw = part.partition("=")
+                table[peer.strip()] = _int_from_text(raw.strip())
+        return table
+
+    return Kind(expected, parse, from_text)
+
+
 # --- list items -----------------------------------------------------------------------------
 
 def _checked(predicate: Callable[[str], bool]) -> Callable[[object], Any]:

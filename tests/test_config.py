@@ -213,6 +213,7 @@ def test_every_key_from_a_file(layers: Layers) -> None:
         max_disk_rate = "50MiB"
         max_disk_iops = 500
         schedulers = ["{PEER_A}"]
+        shares = {{ "{PEER_B}" = 3, "{PEER_A}" = 1 }}
         hours = ["00:00-24:00"]
         idle_only = true
         vm_dir = "/srv/vmlend/vm"
@@ -236,6 +237,7 @@ def test_every_key_from_a_file(layers: Layers) -> None:
     assert w.net_allow == ("deb.debian.org:443", "*.pypi.org", "10.0.0.0/8", "[2001:db8::1]:80")
     assert (w.max_net_rate, w.max_disk_rate, w.max_disk_iops) == (10**7, 50 * MIB, 500)
     assert w.schedulers == (PEER_A,)
+    assert dict(w.shares) == {PEER_A: 1, PEER_B: 3}
     assert w.hours == (HoursWindow(0, 1440),)
     assert w.hours[0].contains(0)
     assert w.hours[0].contains(1439)
@@ -312,6 +314,11 @@ def test_a_section_that_is_not_a_table(layers: Layers) -> None:
         ('net_allow = ["x.org:99999"]', "worker.net_allow", 'got "x.org:99999" (item 1)'),
         ('net_allow = ["ok.org", "bad host"]', "worker.net_allow", '"bad host" (item 2)'),
         ('schedulers = ["Qm-not-a-peer"]', "worker.schedulers", 'expected a list of peer IDs'),
+        ('shares = ["x"]', "worker.shares", "expected a table of peer IDs to positive integer"),
+        ('shares = { "Qm-bad" = 1 }', "worker.shares", 'got "Qm-bad" (not a peer ID)'),
+        (f'shares = {{ "{PEER_A}" = 0 }}', "worker.shares", f"got 0 (the share of {PEER_A})"),
+        (f'shares = {{ "{PEER_A}" = 1.5 }}', "worker.shares", "got 1.5 (the share of"),
+        (f'shares = {{ "{PEER_A}" = true }}', "worker.shares", "got true (the share of"),
         ('hours = ["9-17"]', "worker.hours", 'got "9-17"'),
         ('hours = ["10:00-10:00"]', "worker.hours", 'got "10:00-10:00"'),
         ('hours = ["24:00-01:00"]', "worker.hours", 'got "24:00-01:00"'),
@@ -576,3 +583,10 @@ def test_any_value_for_any_key_is_accepted_or_a_config_error_naming_it(
         assert error.source == "command line"
         assert error.key is not None
         assert error.key.startswith(key.split(".")[0] + ".")
+
+
+def test_shares_from_a_flag(layers: Layers) -> None:
+    config = layers.load({"worker.shares": f"{PEER_A}=2, {PEER_B}=5"})
+    assert config.worker.shares == tuple(sorted([(PEER_A, 2), (PEER_B, 5)]))
+    with pytest.raises(ConfigError, match="the share of"):
+        layers.load({"worker.shares": f"{PEER_A}=none"})

@@ -2,8 +2,10 @@
 capped VMs, reports signed results.
 
 For each scheduler it finds (DHT records, plus ``worker.schedulers`` from the config) and its
-lending policy serves, the agent keeps one ``/vmlend/dispatch/1.0.0`` control stream: it asks for
-work only while its policy leaves room, heartbeats every lease it holds, and obeys a pushed
+lending policy serves, the agent keeps one ``/vmlend/dispatch/1.0.0`` control stream. One offer
+loop asks for work only while the policy leaves room, one scheduler at a time, picked in proportion
+to ``worker.shares`` (:mod:`worker_role.shares`) among those connected and not resting after a
+``NoWork``. The agent heartbeats every lease it holds, and obeys a pushed
 :class:`Stop` (or a heartbeat ack's stop list) by cancelling the lease's scope, which destroys the
 VM. Images come through the chunk transfer from the scheduler that leased them (only the chunks we
 lack); output streams to the scheduler over ``/vmlend/tasklogs/1.0.0`` while the VM runs; the
@@ -23,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import blake3
 import trio
@@ -60,6 +62,7 @@ from scheduler_role.task import LeaseKey
 from worker_role.caps import MIB, Caps
 from worker_role.errors import VmError
 from worker_role.policy import LendingPolicy, PolicyError
+from worker_role.shares import Shares
 from worker_role.vm.backend import Image, OutputChunk, VmBackend, VmResult, open_backend
 from worker_role.vm.task import Layer, LayerFormat, TaskSpec
 
@@ -99,12 +102,32 @@ class _Lease:
 
 
 class _Control:
-    """One control stream to a scheduler: requests take turns; pushed Stops go to ``on_stop``."""
+    """One control stream to a scheduler: requests take turns; pushed Stops go to ``on_stop``.
+
+    Whoever sees the stream fail calls :meth:`fail`; :meth:`wait_failed` then raises it in the
+    task that serves this scheduler, which tears the stream down.
+    """
 
     def __init__(self, stream: MessageStream) -> None:
         self.stream = stream
         self._lock = trio.Lock()
         self._send, self._answers = trio.open_memory_channel[Message](1)
+        self._error: BaseException | None = None
+        self._failed = trio.Event()
+
+    @property
+    def broken(self) -> bool:
+        return self._error is not None
+
+    def fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._failed.set()
+
+    async def wait_failed(self) -> NoReturn:
+        await self._failed.wait()
+        assert self._error is not None
+        raise self._error
 
     async def read(self, on_stop: Any) -> None:
         async with self._send:
@@ -114,6 +137,7 @@ class _Control:
                     on_stop(message.leases, message.reason)
                 else:
                     await self._send.send(message)
+        self.fail(StreamBrokenError("the scheduler closed the stream"))
 
     async def request(self, message: Message) -> Message:
         async with self._lock:
@@ -147,11 +171,14 @@ class WorkerAgent:
         self._leases: dict[LeaseKey, _Lease] = {}
         self._lost: dict[str, list[LeaseKey]] = {}
         self._controls: dict[str, _Control] = {}
+        self._addrs: dict[str, list[str]] = {}
         self._serving: set[str] = set()
+        self._shares = Shares(dict(config.shares))
+        self._resting: dict[str, float] = {}  # scheduler -> when it may be asked again (NoWork)
         self._images: set[bytes] = set()
         self._room = trio.Event()
         self._controls_changed = trio.Event()
-        self._offering = trio.Lock()
+        self._poked = trio.Event()  # room or controls changed: the offer loop looks again
         self.backend: VmBackend
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -166,6 +193,7 @@ class WorkerAgent:
         ):
             self.backend = backend
             nursery.start_soon(self._discover, nursery)
+            nursery.start_soon(self._offer_loop, nursery)
             task_status.started()
 
     # ---- state ---------------------------------------------------------------------------
@@ -190,6 +218,12 @@ class WorkerAgent:
     def _room_changed(self) -> None:
         self._room.set()
         self._room = trio.Event()
+        self._resting.clear()  # with new room, every scheduler may have work for us again
+        self._poke()
+
+    def _poke(self) -> None:
+        self._poked.set()
+        self._poked = trio.Event()
 
     # ---- schedulers ----------------------------------------------------------------------
 
@@ -204,20 +238,21 @@ class WorkerAgent:
             for scheduler, addrs in found.items():
                 if scheduler not in self._serving and self.policy.serves(scheduler):
                     self._serving.add(scheduler)
-                    nursery.start_soon(self._serve_guarded, scheduler, addrs, nursery)
+                    nursery.start_soon(self._serve_guarded, scheduler, addrs)
             await trio.sleep(DISCOVERY_INTERVAL)
 
-    async def _serve_guarded(self, scheduler: str, addrs: list[str], nursery: trio.Nursery) -> None:
+    async def _serve_guarded(self, scheduler: str, addrs: list[str]) -> None:
         try:
-            await self._serve(scheduler, addrs, nursery)
+            await self._serve(scheduler, addrs)
         except* (NetworkError, ProtocolError, trio.TooSlowError) as group:
             log.info("scheduler %s: %s (will look again)", scheduler, _first(group))
         finally:
             self._controls.pop(scheduler, None)
+            self._resting.pop(scheduler, None)
             self._serving.discard(scheduler)
             self._control_changed()
 
-    async def _serve(self, scheduler: str, addrs: list[str], outer: trio.Nursery) -> None:
+    async def _serve(self, scheduler: str, addrs: list[str]) -> None:
         if addrs and not self.p2p.is_connected(scheduler):
             await self.p2p.connect(addrs[0])
         async with (
@@ -232,35 +267,52 @@ class WorkerAgent:
                 del self._lost[scheduler]
                 await trio.to_thread.run_sync(self._save_state)
             self._controls[scheduler] = control
+            self._addrs[scheduler] = addrs
             self._control_changed()
             nursery.start_soon(self._heartbeats, scheduler, control)
-            await self._ask_for_work(scheduler, control, addrs, outer)
+            await control.wait_failed()
 
-    async def _ask_for_work(
-        self, scheduler: str, control: _Control, addrs: list[str], nursery: trio.Nursery
-    ) -> None:
+    async def _offer_loop(self, nursery: trio.Nursery) -> None:
+        """While the policy leaves room, ask one scheduler at a time for work, by their shares.
+
+        One offer out at a time across schedulers: the room offered is then really free.
+        """
         while True:
-            room_changed = self._room  # taken before looking, so no change is missed
-            # One offer out at a time across schedulers: the room offered is then really free.
-            async with self._offering:
-                room = self.policy.remaining([lease.caps for lease in self._leases.values()])
-                capacity = self.policy.remaining([])
-                if room is None or capacity is None:
-                    answer: Message | None = None
-                else:
-                    offer = Offer(room=room, capacity=capacity, images=frozenset(self._images))
-                    answer = await control.request(WorkRequest(offer=offer))
-                if isinstance(answer, LeaseGrant):
-                    self._leases[answer.lease] = _Lease(scheduler, answer.caps)
-                    await trio.to_thread.run_sync(self._save_state)
-                    nursery.start_soon(self._run_lease, scheduler, addrs, answer)
-            if answer is None:
-                await room_changed.wait()
-            elif isinstance(answer, NoWork):
-                with trio.move_on_after(answer.retry_after):
-                    await room_changed.wait()
-            elif not isinstance(answer, LeaseGrant):
-                raise ProtocolError(f"{scheduler} answered a work request with {answer.TYPE}")
+            poked = self._poked  # taken before looking, so no change is missed
+            now = trio.current_time()
+            self._resting = {s: t for s, t in self._resting.items() if t > now}
+            room = self.policy.remaining([lease.caps for lease in self._leases.values()])
+            capacity = self.policy.remaining([])
+            if room is None or capacity is None:
+                await poked.wait()
+                continue
+            ready = [
+                s for s, c in self._controls.items() if not c.broken and s not in self._resting
+            ]
+            scheduler = self._shares.pick(ready)
+            if scheduler is None:
+                with trio.move_on_at(min(self._resting.values(), default=math.inf)):
+                    await poked.wait()
+                continue
+            offer = Offer(room=room, capacity=capacity, images=frozenset(self._images))
+            await self._offer(scheduler, self._controls[scheduler], offer, nursery)
+
+    async def _offer(
+        self, scheduler: str, control: _Control, offer: Offer, nursery: trio.Nursery
+    ) -> None:
+        try:
+            answer = await control.request(WorkRequest(offer=offer))
+        except (NetworkError, ProtocolError, trio.TooSlowError) as e:
+            control.fail(e)  # the task serving this scheduler raises it and lets go of it
+            return
+        if isinstance(answer, LeaseGrant):
+            self._leases[answer.lease] = _Lease(scheduler, answer.caps)
+            await trio.to_thread.run_sync(self._save_state)
+            nursery.start_soon(self._run_lease, scheduler, self._addrs[scheduler], answer)
+        elif isinstance(answer, NoWork):
+            self._resting[scheduler] = trio.current_time() + answer.retry_after
+        else:
+            control.fail(ProtocolError(f"{scheduler} answered a work request with {answer.TYPE}"))
 
     async def _heartbeats(self, scheduler: str, control: _Control) -> None:
         while True:
@@ -325,6 +377,7 @@ class WorkerAgent:
     def _control_changed(self) -> None:
         self._controls_changed.set()
         self._controls_changed = trio.Event()
+        self._poke()
 
     async def _ensure_blob(self, blob: BlobId, addrs: list[str]) -> None:
         try:
