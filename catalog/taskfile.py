@@ -1,9 +1,15 @@
 """The task file: what an owner writes to describe one task (TOML).
 
-Schema (every key but ``name``, ``os`` and ``command`` is optional; unknown keys are refused)::
+Schema (every key but ``name``, ``os`` (or ``image``) and ``command`` is optional; unknown keys
+are refused)::
 
     name     = "hello"                   # [a-z0-9][a-z0-9._-]*, at most 64 characters
     os       = "debian-12"               # an OS of the catalog: "tiny" or "debian-12"
+    image    = "hello@1"                 # instead of os, packages and files: a ready image, by
+                                         # its image ID (64 hex digits) or the name[@version] of
+                                         # a catalog image entry; it runs this file's command
+                                         # (env added to the image's; cwd default the image's)
+                                         # with no assembly
     packages = ["python3", "./vendor"]   # Debian package names of that OS's archive (together
                                          # one layer, with what they need that the OS lacks), or
                                          # local directories (contain a "/", relative to this
@@ -59,8 +65,10 @@ MIB = 1024 * 1024
 
 _TOP_KEYS = {
     "name", "os", "packages", "command", "env", "files", "cwd", "resources", "limits",
-    "replicas", "quorum",
+    "replicas", "quorum", "image",
 }
+_NOT_WITH_IMAGE = ("os", "packages", "files")
+IMAGE_REF_RE = re.compile(r"[0-9a-f]{64}|[a-z0-9][a-z0-9._-]{0,63}(@[A-Za-z0-9._+-]{1,64})?")
 _RESOURCE_KEYS = {"cpus", "cpu_share", "memory", "disk", "disk_rate", "network", "allow"}
 _LIMIT_KEYS = {"max_runtime", "deadline", "max_attempts"}
 _NETWORKS = ("none", "proxy")
@@ -100,6 +108,8 @@ class TaskFile:
     quorum: int = 1
     base_dir: Path = Path(".")
     """The directory ``files`` and local package directories are relative to."""
+    image: str = ""
+    """A ready image (ID or catalog image entry name[@version]); then ``os`` is empty."""
 
     @property
     def debian_packages(self) -> tuple[str, ...]:
@@ -166,7 +176,8 @@ class _Parser:
 
     def task(self, raw: dict[str, Any]) -> TaskFile:
         self.check_keys(raw, _TOP_KEYS, ())
-        for required in ("name", "os", "command"):
+        image = self.image(raw)
+        for required in ("name", "command") if image else ("name", "os", "command"):
             if required not in raw:
                 raise TaskFileError(
                     f"missing required key {required!r}", source=self.source, line=None,
@@ -175,12 +186,13 @@ class _Parser:
         name = self.typed(raw, ("name",), str, None)
         if not NAME_RE.fullmatch(name):
             raise self.fail(("name",), f"{name!r} is not a task name ({NAME_RE.pattern})")
-        os_name = self.typed(raw, ("os",), str, None)
-        if not NAME_RE.fullmatch(os_name):
+        os_name = self.typed(raw, ("os",), str, "")
+        if not image and not NAME_RE.fullmatch(os_name):
             raise self.fail(("os",), f"{os_name!r} is not an OS name")
         files = self.files(raw)
-        cwd = self.typed(raw, ("cwd",), str, TASK_DIR if files else "/")
-        if not cwd.startswith("/"):
+        # With a ready image, no cwd means the image's own ("").
+        cwd = self.typed(raw, ("cwd",), str, TASK_DIR if files else "" if image else "/")
+        if not (cwd.startswith("/") or (image and "cwd" not in raw)):
             raise self.fail(("cwd",), f"must be an absolute path, not {cwd!r}")
         replicas = self.positive(raw, ("replicas",), 1)
         quorum = self.positive(raw, ("quorum",), 1)
@@ -199,7 +211,21 @@ class _Parser:
             replicas=replicas,
             quorum=quorum,
             base_dir=self.base_dir,
+            image=image,
         )
+
+    def image(self, raw: Mapping[str, Any]) -> str:
+        if "image" not in raw:
+            return ""
+        ref: str = self.typed(raw, ("image",), str, None)
+        if not IMAGE_REF_RE.fullmatch(ref):
+            raise self.fail(
+                ("image",), f"{ref!r} is neither an image ID (64 hex digits) nor NAME[@VERSION]"
+            )
+        for key in _NOT_WITH_IMAGE:
+            if key in raw:
+                raise self.fail((key,), f"{key!r} cannot be given with 'image' (the image has it)")
+        return ref
 
     def positive(self, table: Mapping[str, Any], key: tuple[str, ...], default: int) -> int:
         value: int = self.typed(table, key, int, default)

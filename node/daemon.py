@@ -103,6 +103,7 @@ class Node:
                     scheduler = SchedulerService(
                         self.p2p, blobs, self.data_dir, boot=tinyos.locate,
                         lease_timeout=self.config.scheduler.lease_timeout,
+                        library=catalog.library,
                     )  # fmt: skip
                     await nursery.start(scheduler.run)
                     await nursery.start(self._advertise_scheduler)

@@ -58,7 +58,10 @@ def add_owner_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     run = command("run", "run CMD in a VM somewhere on the network; exit with its exit code")
     run.add_argument("--cpus", type=int, default=1)
     run.add_argument("--memory", default="256MiB", metavar="SIZE")
-    run.add_argument("--os", default="tiny")
+    run.add_argument("--os", default=None, help="default tiny")
+    run.add_argument("--image", metavar="REF",
+                     help="a ready image: its ID or a catalog image NAME[@VERSION] (no --os, "
+                     "--package or --file with it)")
     run.add_argument("--package", action="append", default=[], metavar="P")
     run.add_argument("--file", action="append", default=[], metavar="PATH",
                      help="relative to the current directory; lands under /task")
@@ -175,12 +178,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def run_text(args: argparse.Namespace, argv: list[str]) -> str:
     """The task file ``vmlend run`` submits (JSON strings are valid TOML basic strings)."""
+    if args.image is not None:
+        source = [f"image = {json.dumps(args.image)}"]
+    else:
+        source = [
+            f"os = {json.dumps(args.os or 'tiny')}",
+            f"packages = {json.dumps(list(args.package))}",
+            f"files = {json.dumps(list(args.file))}",
+        ]
     lines = [
         'name = "run"',
-        f"os = {json.dumps(args.os)}",
+        *source,
         f"command = {json.dumps(argv)}",
-        f"packages = {json.dumps(list(args.package))}",
-        f"files = {json.dumps(list(args.file))}",
         "[resources]",
         f"cpus = {int(args.cpus)}",
         f"cpu_share = {float(args.cpus)}",
@@ -198,6 +207,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         print("vmlend run: no command (give it after --)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.image is not None and (args.os is not None or args.package or args.file):
+        print("vmlend run: --image cannot go with --os, --package or --file", file=sys.stderr)
         return EXIT_USAGE
     client = _client(args)
     task_id = submit_text(client, run_text(args, argv), Path.cwd(), args.scheduler)["task_id"]

@@ -30,9 +30,11 @@ from catalog.blob import BlobId
 from catalog.blob_service import BlobService
 from catalog.build.assemble import Assembler
 from catalog.build.cache import BuildCache
+from catalog.build.manifest import ImageManifest
 from catalog.build.os_tiny import BootFiles
-from catalog.errors import CatalogError, UnknownBlobError
-from catalog.taskfile import load
+from catalog.errors import CatalogError, UnknownBlobError, UnknownEntryError
+from catalog.library import Library
+from catalog.taskfile import TaskFile, load
 from node.errors import NetworkError, RemoteProtocolError
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
@@ -47,6 +49,7 @@ from scheduler_role.messages import (
     verify_report,
 )
 from scheduler_role.queue import Queue, StopNotice
+from scheduler_role.ready_image import ready_manifest
 from scheduler_role.task import LeaseKey
 
 log = logging.getLogger("vmlend.scheduler.service")
@@ -123,6 +126,7 @@ class SchedulerService:
         boot: Callable[[], BootFiles],
         lease_timeout: float = 30.0,
         build_cache: Path | None = None,
+        library: Library | None = None,
     ) -> None:
         self.p2p = p2p
         self.blobs = blobs
@@ -130,6 +134,7 @@ class SchedulerService:
         self._boot = boot
         self._lease_timeout = lease_timeout
         self._build_cache = build_cache
+        self._library = library
         self._workers: dict[str, MessageStream] = {}
         self.logs: dict[str, LogBuffer] = {}
         self._changed = trio.Event()
@@ -205,19 +210,29 @@ class SchedulerService:
                 return
             try:
                 task = load(self.task_dir(task_id) / "task.toml")
-                assembler = Assembler(BuildCache(self._build_cache), self.blobs.blobs, self._boot())
-                image = await assembler.assemble(task)
-            except (CatalogError, OSError) as e:
+                manifest_blob, m = await self._image_of(task_id, task)
+            except (CatalogError, OSError, trio.TooSlowError) as e:
                 log.info("assembling %s failed: %s", task_id, e)
                 await self.queue.assembly_failed(task_id, f"image assembly failed: {e}"[:500])
                 self.changed()
                 return
-            m = image.manifest
-            for blob in (image.manifest_blob, m.kernel, m.initramfs, *(x.blob for x in m.layers)):
+            for blob in (m.kernel, m.initramfs, *(x.blob for x in m.layers)):
                 self.blobs.announce(BlobId(bytes.fromhex(blob)))
-            await self.queue.image_ready(task_id, bytes.fromhex(image.manifest_blob))
-            log.info("task %s: image %s ready", task_id, image.image_id)
+            self.blobs.announce(manifest_blob)
+            await self.queue.image_ready(task_id, bytes(manifest_blob))
+            log.info("task %s: image %s ready", task_id, m.id)
             self.changed()
+
+    async def _image_of(self, task_id: str, task: TaskFile) -> tuple[BlobId, ImageManifest]:
+        """A ready image the task names, or one assembled from its OS, packages and files."""
+        if task.image:
+            if self._library is None:
+                raise UnknownEntryError("this scheduler has no catalog to find images in")
+            scratch = trio.Path(self.task_dir(task_id) / "image.manifest")
+            return await ready_manifest(self._library, self.blobs, task, scratch)
+        assembler = Assembler(BuildCache(self._build_cache), self.blobs.blobs, self._boot())
+        image = await assembler.assemble(task)
+        return BlobId(bytes.fromhex(image.manifest_blob)), image.manifest
 
     # ---- dispatch ------------------------------------------------------------------------
 

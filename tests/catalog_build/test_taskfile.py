@@ -70,6 +70,7 @@ max_attempts = 5
 
 
 BASE = 'name = "t"\nos = "tiny"\ncommand = "true"\n'
+IMAGE = 'name = "t"\nimage = "hello@1"\ncommand = "true"\n'
 
 
 @pytest.mark.parametrize(
@@ -100,6 +101,11 @@ BASE = 'name = "t"\nos = "tiny"\ncommand = "true"\n'
         ('name = "Bad Name"\nos = "tiny"\ncommand = "x"\n', 1, "name", "not a task name"),
         ('name = "t"\nos = "tiny"\ncommand = []\n', 3, "command", "non-empty array"),
         ('name = "t"\nos = 12\ncommand = "x"\n', 2, "os", "a string"),
+        (IMAGE + 'os = "tiny"\n', 4, "os", "cannot be given with 'image'"),
+        (IMAGE + 'packages = ["python3"]\n', 4, "packages", "cannot be given with 'image'"),
+        (IMAGE + 'files = ["x"]\n', 4, "files", "cannot be given with 'image'"),
+        ('name = "t"\ncommand = "x"\nimage = "Not An Image!"\n', 3, "image", "neither an image"),
+        ('name = "t"\ncommand = "x"\nimage = 5\n', 3, "image", "a string"),
     ],
 )
 def test_invalid_names_line_and_key(
@@ -137,3 +143,14 @@ def test_find_key_line_prefers_the_deepest_match() -> None:
     assert find_key_line(text, ("nothing",)) is None
     assert taskfile.is_local_package("./x")
     assert not taskfile.is_local_package("python3")
+
+
+def test_a_ready_image_instead_of_os_packages_files() -> None:
+    t = loads(IMAGE)
+    assert (t.image, t.os, t.packages, t.files, t.cwd) == ("hello@1", "", (), (), "")
+    assert loads(IMAGE + 'cwd = "/task"\n').cwd == "/task"
+    assert loads(f'name = "t"\nimage = "{"ab" * 32}"\ncommand = "x"\n').image == "ab" * 32
+    with pytest.raises(TaskFileError, match="missing required key 'os'"):
+        loads('name = "t"\ncommand = "x"\n')
+    with pytest.raises(TaskFileError, match="missing required key 'command'"):
+        loads('name = "t"\nimage = "hello"\n')

@@ -63,13 +63,18 @@ def test_task_file_maps_onto_caps_and_spec() -> None:
 def test_vmlend_run_writes_a_valid_task_file(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("a")
     args = argparse.Namespace(
-        os="tiny", package=[], file=["a.txt"], cpus=1, memory="128MiB", timeout="30s"
+        os="tiny", package=[], file=["a.txt"], cpus=1, memory="128MiB", timeout="30s", image=None
     )
     task = loads(run_text(args, ["sh", "-c", 'echo "quoted" \\ $HOME']), base_dir=tmp_path)
     assert task.command == ("sh", "-c", 'echo "quoted" \\ $HOME')
     assert (task.files, task.limits.max_runtime, task.resources.memory) == (
         ("a.txt",), 30.0, 128 << 20,
     )  # fmt: skip
+    ready = argparse.Namespace(
+        os=None, package=[], file=[], cpus=1, memory="128MiB", timeout="30s", image="hello@1"
+    )
+    task = loads(run_text(ready, ["true"]), base_dir=tmp_path)
+    assert (task.image, task.os, task.files, task.command) == ("hello@1", "", (), ("true",))
 
 
 def test_task_files_are_collected_relative_and_never_from_outside(tmp_path: Path) -> None:
