@@ -92,6 +92,12 @@ async def build_and_publish(
 ) -> dict[str, Any]:
     """Assemble the task's image into ``blobs``; with a ``library``, publish its entries too."""
     task = load(task_path)
+    if task.image:
+        raise TaskFileError(
+            f"names the ready image {task.image!r}: there is nothing to build (submit it as is)",
+            source=str(task_path),
+            key="image",
+        )
     assembler = Assembler(BuildCache(cache_dir), blobs, boot())
     image = await assembler.assemble(task)
     summary = image.summary()

@@ -75,3 +75,12 @@ def test_bad_task_file_is_refused_with_exit_2(
     code = main(["image", "build", str(task), "--data", str(tmp_path / "d"), "--publish"])
     assert code == 2
     assert "bad.toml:3" in capsys.readouterr().err
+
+
+def test_a_task_file_naming_a_ready_image_has_nothing_to_build(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = tmp_path / "ready.toml"
+    task.write_text('name = "x"\nimage = "hello"\ncommand = "true"\n')
+    assert main(["image", "build", str(task), "--data", str(tmp_path / "d")]) == 2
+    assert "nothing to build" in capsys.readouterr().err
