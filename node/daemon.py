@@ -64,6 +64,8 @@ class Node:
             stream_deadline=net.stream_deadline,
         )
 
+    agent: WorkerAgent | None = None
+
     @property
     def roles(self) -> list[str]:
         return sorted(str(r) for r in self.config.node.roles)
@@ -109,10 +111,10 @@ class Node:
                     await nursery.start(self._advertise_scheduler)
                     await nursery.start(ReplicationService(self.p2p, catalog.library).run)
                 if self.config.has_role("worker"):
-                    agent = WorkerAgent(
+                    self.agent = WorkerAgent(
                         self.p2p, blobs, self.identity, self.data_dir, self.config.worker
                     )
-                    await nursery.start(agent.run)
+                    await nursery.start(self.agent.run)
                 task_status.started(addrs)
 
     async def _advertise_scheduler(
@@ -150,6 +152,8 @@ class Node:
             "roles": self.roles,
             "version": node.__version__,
             "data_dir": str(self.data_dir),
+            # None when lending works (or the node has no worker role), else the reason.
+            "lending_problem": self.agent.problem if self.agent is not None else None,
         }
 
     async def _rpc_peers_list(self, params: list[Any]) -> list[dict[str, Any]]:

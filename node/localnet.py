@@ -45,6 +45,7 @@ class LocalNode:
     peer_id: str = ""
     addrs: list[str] = field(default_factory=list)
     output: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
 
     @property
     def rpc_path(self) -> Path:
@@ -61,7 +62,7 @@ class LocalNode:
         """Start the process and return once it has printed its addresses and RPC socket."""
         self.output.clear()
         self.addrs = []
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.process = await trio.lowlevel.open_process(
             self.command(), stdout=-1, stderr=-1, env=env
         )
@@ -70,6 +71,7 @@ class LocalNode:
         assert self.process.stderr is not None
         nursery.start_soon(self._pump, self.process.stdout, ready)
         nursery.start_soon(self._pump, self.process.stderr, None)
+        nursery.start_soon(self._reap, self.process)
         with trio.move_on_after(START_TIMEOUT) as scope:
             await ready.wait()
         if scope.cancelled_caught or not self.peer_id:
@@ -94,6 +96,18 @@ class LocalNode:
                     ready.set()
         if ready is not None:
             ready.set()  # the process died before it was ready; start() reports it
+
+    @staticmethod
+    async def _reap(process: trio.Process) -> None:
+        """Kill the process if the nursery is cancelled first (a failing test), so no node
+        outlives the test that started it."""
+        try:
+            await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
 
     async def call(self, method: str, *params: Any) -> Any:
         """One RPC call; bound it with a cancel scope at the call site."""

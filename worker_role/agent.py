@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -60,7 +61,7 @@ from scheduler_role.messages import (
 from scheduler_role.service import LOGS_PROTOCOL
 from scheduler_role.task import LeaseKey
 from worker_role.caps import MIB, Caps
-from worker_role.errors import VmError
+from worker_role.errors import VmError, WorkerError
 from worker_role.policy import LendingPolicy, PolicyError
 from worker_role.shares import Shares
 from worker_role.vm.backend import Image, OutputChunk, VmBackend, VmResult, open_backend
@@ -180,18 +181,27 @@ class WorkerAgent:
         self._controls_changed = trio.Event()
         self._poked = trio.Event()  # room or controls changed: the offer loop looks again
         self.backend: VmBackend
+        self.problem: str | None = None  # why this node cannot lend, if it cannot
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Lend until cancelled. If this machine cannot run VMs (no tiny OS, no libvirt, ...)
+        the node keeps running without lending, and :attr:`problem` says why."""
         self._lost = await trio.to_thread.run_sync(self._load_state)
-        async with (
-            open_backend(
-                runtime_dir=self.config.vm_dir,
-                policy=self.policy,
-                boot_allowance_s=self._boot_allowance_s,
-            ) as backend,
-            trio.open_nursery() as nursery,
-        ):
-            self.backend = backend
+        async with AsyncExitStack() as stack:
+            try:
+                self.backend = await stack.enter_async_context(
+                    open_backend(
+                        runtime_dir=self.config.vm_dir,
+                        policy=self.policy,
+                        boot_allowance_s=self._boot_allowance_s,
+                    )
+                )
+            except WorkerError as e:
+                self.problem = str(e)
+                log.error("not lending: %s (run 'vmlend doctor')", e)
+                task_status.started()
+                return
+            nursery = await stack.enter_async_context(trio.open_nursery())
             nursery.start_soon(self._discover, nursery)
             nursery.start_soon(self._offer_loop, nursery)
             task_status.started()

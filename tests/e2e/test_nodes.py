@@ -53,3 +53,20 @@ async def test_killed_node_leaves_peer_lists_and_restart_keeps_peer_id(tmp_path:
             await nodes[0].call("peers.wait", {"count": 2, "timeout": 60})
             assert await restarted.stop() == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_worker_that_cannot_run_vms_keeps_the_node_up_and_says_why(tmp_path: Path) -> None:
+    # No tiny OS where this node looks for one: the worker role cannot lend, the node still runs.
+    empty = tmp_path / "no-tiny-os"
+    empty.mkdir()
+    async with trio.open_nursery() as nursery:
+        node = LocalNode("no-vms", tmp_path / "n", ("worker", "owner"))
+        node.env["VMLEND_DATA_DIR"] = str(empty)
+        await node.start(nursery)
+        with trio.fail_after(30):
+            info = await node.call("node.info")
+        assert "tiny OS" in info["lending_problem"], info
+        assert sorted(info["roles"]) == ["owner", "worker"]
+        assert await node.stop() == 0
+        assert any("not lending" in line for line in node.output), node.output[-5:]
+        nursery.cancel_scope.cancel()
