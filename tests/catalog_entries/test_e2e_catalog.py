@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.errors import RpcError
 from node.localnet import LocalNode, vmlend_command
 from tests.catalog_entries.helpers import PUBLISHER, os_entry, package_entry
 
@@ -44,10 +43,6 @@ async def test_three_schedulers_publish_replicate_and_catch_up(tmp_path: Path) -
             node = LocalNode(f"s{i}", trusting_data_dir(tmp_path / f"s{i}"), ROLES, boot)
             nodes.append(node)
             await node.start(nursery)
-        try:
-            await nodes[0].call("catalog.list")
-        except RpcError as e:
-            pytest.skip(f"the daemon does not serve the catalog yet ({e.code})")
         with trio.fail_after(60):
             for node in nodes:
                 await node.call("peers.wait", {"count": 2, "timeout": 60})
