@@ -21,6 +21,7 @@ def caps(draw: st.DrawFn) -> Caps:
         memory_mib=draw(st.integers(32, 4096)),
         disk_mib=draw(st.integers(1, 8192)),
         disk_bps=draw(st.integers(0, 10_000)),
+        disk_iops=draw(st.integers(0, 10_000)),
         network=network,
         net_bps=draw(st.integers(0, 10_000)),
     )
@@ -35,6 +36,7 @@ policies = st.builds(
     max_concurrent_vms=st.integers(0, 4),
     network_allowed=st.booleans(),
     max_disk_bps=st.none() | st.integers(0, 20_000),
+    max_disk_iops=st.none() | st.integers(0, 20_000),
     max_net_bps=st.none() | st.integers(0, 20_000),
 )
 
@@ -54,6 +56,9 @@ def reference_fits(policy: LendingPolicy, request: Caps, running: list[Caps]) ->
     if policy.max_disk_bps is not None:
         ok = ok and request.disk_bps > 0
         ok = ok and sum(c.disk_bps for c in everything) <= policy.max_disk_bps
+    if policy.max_disk_iops is not None:
+        ok = ok and request.disk_iops > 0
+        ok = ok and sum(c.disk_iops for c in everything) <= policy.max_disk_iops
     if policy.max_net_bps is not None and request.network is NetworkMode.PROXY:
         ok = ok and request.net_bps > 0
         ok = ok and sum(c.net_bps for c in with_net) <= policy.max_net_bps
@@ -88,6 +93,10 @@ def test_admitting_one_by_one_never_exceeds_the_totals(
     assert sum(c.cpu_share for c in admitted) <= policy.max_cpu_share + 1e-9
     assert sum(c.memory_mib for c in admitted) <= policy.max_memory_mib
     assert sum(c.disk_mib for c in admitted) <= policy.max_disk_mib
+    if policy.max_disk_bps is not None:
+        assert sum(c.disk_bps for c in admitted) <= policy.max_disk_bps
+    if policy.max_disk_iops is not None:
+        assert sum(c.disk_iops for c in admitted) <= policy.max_disk_iops
     if policy.max_net_bps is not None:
         net = sum(c.net_bps for c in admitted if c.network is NetworkMode.PROXY)
         assert net <= policy.max_net_bps
@@ -110,6 +119,10 @@ def test_remaining_fits_and_bounds_whatever_fits(
         assert request.cpu_share <= left.cpu_share + 1e-9
         assert request.memory_mib <= left.memory_mib
         assert request.disk_mib <= left.disk_mib
+        if policy.max_disk_bps is not None:
+            assert request.disk_bps <= left.disk_bps
+        if policy.max_disk_iops is not None:
+            assert request.disk_iops <= left.disk_iops
         if request.network is NetworkMode.PROXY:
             assert left.network is NetworkMode.PROXY
             if policy.max_net_bps is not None:
@@ -147,16 +160,22 @@ def test_message_names_every_limit_exceeded() -> None:
 
 
 def test_unlimited_rate_is_refused_when_the_lender_caps_it() -> None:
-    policy = LendingPolicy(network_allowed=True, max_net_bps=1_000_000, max_disk_bps=10_000_000)
+    policy = LendingPolicy(
+        network_allowed=True, max_net_bps=1_000_000, max_disk_bps=10_000_000, max_disk_iops=500
+    )
     with pytest.raises(PolicyViolation) as info:
         policy.check(Caps(network=NetworkMode.PROXY), [])
     assert str(info.value) == (
         "disk rate unlimited exceeds the lender's limit of 10000000 B/s; "
+        "disk operations unlimited exceeds the lender's limit of 500 IOPS; "
         "network rate unlimited exceeds the lender's limit of 1000000 B/s"
     )
-    policy.check(Caps(network=NetworkMode.PROXY, net_bps=1_000_000, disk_bps=1), [])
+    policy.check(Caps(network=NetworkMode.PROXY, net_bps=1_000_000, disk_bps=1, disk_iops=1), [])
     # A VM without network asks nothing of the network budget, whatever its net_bps says.
-    policy.check(Caps(disk_bps=1), [])
+    policy.check(Caps(disk_bps=1, disk_iops=1), [])
+    # The operations of every VM running count against the limit together.
+    with pytest.raises(PolicyViolation, match="disk operations 200 IOPS exceeds what is left"):
+        policy.check(Caps(disk_bps=1, disk_iops=200), [Caps(disk_bps=1, disk_iops=400)])
 
 
 def test_concurrent_vms_and_schedulers() -> None:

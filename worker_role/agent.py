@@ -88,6 +88,7 @@ def policy_of(config: WorkerConfig) -> LendingPolicy:
         max_concurrent_vms=config.max_concurrent_vms,
         network_allowed=config.network_allowed,
         max_disk_bps=config.max_disk_rate or None,
+        max_disk_iops=config.max_disk_iops or None,
         max_net_bps=config.max_net_rate or None,
         schedulers=frozenset(config.schedulers),
         net_allow=config.net_allow or None,

@@ -59,12 +59,13 @@ class LendingPolicy:
 
     ``max_cpu_share`` is host CPUs' worth (the unit of ``Caps.cpu_share``) all lent VMs together may
     use: 1.0 on a 2-core host lends half the machine; see :meth:`for_host` to give it as a fraction.
-    ``max_disk_bps``/``max_net_bps`` (bytes/s) of ``None`` mean no limit; when set, a request must
-    carry its own finite rate (0, "unlimited", is refused). ``schedulers`` holds the peer IDs of the
-    schedulers served; empty means any. ``net_allow`` is the lender's egress allow-list (entries as
-    in :mod:`worker_role.egress_rules`): every destination a task asks for in ``Caps.net_allow``
-    must fall within one of them; ``None`` lets a task name any destination (the proxy still never
-    lets a guest reach internal addresses it was not given by address).
+    ``max_disk_bps``/``max_net_bps`` (bytes/s) and ``max_disk_iops`` (operations/s) of ``None`` mean
+    no limit; when set, a request must carry its own finite rate (0, "unlimited", is refused).
+    ``schedulers`` holds the peer IDs of the schedulers served; empty means any. ``net_allow`` is
+    the lender's egress allow-list (entries as in :mod:`worker_role.egress_rules`): every
+    destination a task asks for in ``Caps.net_allow`` must fall within one of them; ``None`` lets a
+    task name any destination (the proxy still never lets a guest reach internal addresses it was
+    not given by address).
     """
 
     max_vcpus: int = 1
@@ -74,6 +75,7 @@ class LendingPolicy:
     max_concurrent_vms: int = 1
     network_allowed: bool = False
     max_disk_bps: int | None = None
+    max_disk_iops: int | None = None
     max_net_bps: int | None = None
     schedulers: frozenset[str] = field(default_factory=frozenset)
     net_allow: tuple[str, ...] | None = None
@@ -84,7 +86,7 @@ class LendingPolicy:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.max_cpu_share >= 0:  # also rejects NaN
             raise ValueError(f"max_cpu_share must be >= 0, got {self.max_cpu_share}")
-        for name in ("max_disk_bps", "max_net_bps"):
+        for name in ("max_disk_bps", "max_disk_iops", "max_net_bps"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
@@ -144,6 +146,14 @@ class LendingPolicy:
             ),
             ("disk_mib", "disk", request.disk_mib, used.disk_mib, self.max_disk_mib, " MiB"),
             ("disk_bps", "disk rate", request.disk_bps, used.disk_bps, self.max_disk_bps, " B/s"),
+            (
+                "disk_iops",
+                "disk operations",
+                request.disk_iops,
+                used.disk_iops,
+                self.max_disk_iops,
+                " IOPS",
+            ),
         ]
         if request.network is NetworkMode.PROXY:
             checks.append(
@@ -152,7 +162,7 @@ class LendingPolicy:
         for limit, label, asked, in_use, allowed, unit in checks:
             if allowed is None:
                 continue
-            if limit in ("disk_bps", "net_bps") and asked == 0:
+            if limit in ("disk_bps", "disk_iops", "net_bps") and asked == 0:
                 found.append(
                     Violation(
                         limit,
@@ -216,12 +226,14 @@ class LendingPolicy:
         memory_mib = self.max_memory_mib - used.memory_mib
         disk_mib = self.max_disk_mib - used.disk_mib
         disk_bps = 0 if self.max_disk_bps is None else self.max_disk_bps - used.disk_bps
+        disk_iops = 0 if self.max_disk_iops is None else self.max_disk_iops - used.disk_iops
         if (
             vcpus < 1
             or cpu_share <= _SHARE_EPSILON
             or memory_mib < _MIN_MEMORY_MIB
             or disk_mib < 1
             or (self.max_disk_bps is not None and disk_bps <= 0)
+            or (self.max_disk_iops is not None and disk_iops <= 0)
         ):
             return None
         net_bps = 0 if self.max_net_bps is None else self.max_net_bps - used.net_bps
@@ -232,6 +244,7 @@ class LendingPolicy:
             memory_mib=memory_mib,
             disk_mib=disk_mib,
             disk_bps=disk_bps,
+            disk_iops=disk_iops,
             network=NetworkMode.PROXY if network else NetworkMode.NONE,
             net_bps=net_bps if network else 0,
             net_allow=(("*",) if self.net_allow is None else self.net_allow) if network else (),
@@ -245,6 +258,7 @@ class _Totals:
     memory_mib: int
     disk_mib: int
     disk_bps: int
+    disk_iops: int
     net_bps: int
 
     @classmethod
@@ -256,6 +270,7 @@ class _Totals:
             memory_mib=sum(c.memory_mib for c in vms),
             disk_mib=sum(c.disk_mib for c in vms),
             disk_bps=sum(c.disk_bps for c in vms),
+            disk_iops=sum(c.disk_iops for c in vms),
             # A VM without network uses none of the network budget, whatever net_bps says.
             net_bps=sum(c.net_bps for c in vms if c.network is NetworkMode.PROXY),
         )
