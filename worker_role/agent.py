@@ -22,7 +22,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +76,18 @@ FETCH_TIMEOUT = 300.0
 DELIVERY_TIMEOUT = 120.0
 STATE_FILE = "agent_leases.json"
 FAULT_WRONG_RESULT = "VMLEND_FAULT_WRONG_RESULT"
-"""Fault hook for tests: a worker started with this set to 1 reports a wrong stdout."""
+"""Fault hook for tests: a node started with this set to 1 reports a wrong stdout."""
+
+
+def tamper_from_env(environ: Mapping[str, str]) -> Callable[[VmResult], VmResult] | None:
+    """The result tamperer the fault hooks in ``environ`` ask for, or ``None`` (none set)."""
+    if environ.get(FAULT_WRONG_RESULT) == "1":
+        return _wrong_result
+    return None
+
+
+def _wrong_result(result: VmResult) -> VmResult:
+    return dataclasses.replace(result, stdout=b"a wrong result\n")
 
 
 def policy_of(config: WorkerConfig) -> LendingPolicy:
@@ -161,7 +172,9 @@ class WorkerAgent:
         config: WorkerConfig,
         *,
         boot_allowance_s: float = 60.0,
+        tamper_result: Callable[[VmResult], VmResult] | None = None,
     ) -> None:
+        """``tamper_result`` (a fault hook for tests) rewrites each result before it is reported."""
         self.p2p = p2p
         self.blobs = blobs
         self.identity = identity
@@ -170,6 +183,7 @@ class WorkerAgent:
         self._state_path = data_dir / STATE_FILE
         self._images_dir = config.vm_dir / "images"
         self._boot_allowance_s = boot_allowance_s
+        self._tamper_result = tamper_result
         self._leases: dict[LeaseKey, _Lease] = {}
         self._lost: dict[str, list[LeaseKey]] = {}
         self._controls: dict[str, _Control] = {}
@@ -450,8 +464,8 @@ class WorkerAgent:
 
     async def _report(self, lease: LeaseKey, result: VmResult) -> ResultReport:
         store = self.blobs.blobs
-        if os.environ.get(FAULT_WRONG_RESULT) == "1":
-            result = dataclasses.replace(result, stdout=b"a wrong result\n")
+        if self._tamper_result is not None:
+            result = self._tamper_result(result)
         stdout_blob = await store.add_bytes(result.stdout)
         stderr_blob = await store.add_bytes(result.stderr)
         archive = await store.add_bytes(result.out_tar) if result.out_tar is not None else None
