@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import tarfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import blake3
 import trio
 
 from catalog.blob import BlobId, parse_blob_id
+from catalog.build.assemble import default_caps
 from catalog.errors import CatalogError, TaskFileError
 from catalog.taskfile import TaskFile, load
 from node.errors import NetworkError, RemoteProtocolError
@@ -45,7 +45,7 @@ from scheduler_role.matching import violations
 from scheduler_role.queue import StoredResult, TaskStatus
 from scheduler_role.service import SchedulerService, has_blob
 from scheduler_role.task import Limits, TaskSpec
-from worker_role.caps import MIB, Caps, NetworkMode
+from worker_role.caps import Caps, NetworkMode
 
 log = logging.getLogger("vmlend.scheduler.owners")
 
@@ -56,15 +56,16 @@ FILES_TIMEOUT = 120.0
 
 
 def caps_of(task: TaskFile) -> Caps:
-    r = task.resources
+    """The caps the task is placed by: its manifest's (``default_caps``), so they agree."""
+    d = default_caps(task)
     return Caps(
-        vcpus=r.cpus,
-        cpu_share=r.cpu_share,
-        memory_mib=max(32, math.ceil(r.memory / MIB)),
-        disk_mib=max(1, math.ceil(r.disk / MIB)),
-        disk_bps=r.disk_rate,
-        network=NetworkMode(r.network),
-        net_allow=r.allow,
+        vcpus=d.vcpus,
+        cpu_share=d.cpu_share_milli / 1000,
+        memory_mib=d.memory_mib,
+        disk_mib=d.disk_mib,
+        disk_bps=d.disk_bps,
+        network=NetworkMode(d.network),
+        net_allow=d.net_allow,
     )
 
 

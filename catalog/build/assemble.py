@@ -215,13 +215,20 @@ class Assembler:
             return False
 
 
+MIN_MEMORY_MIB = 32
+MIN_DISK_MIB = 1
+
+
 def default_caps(task: TaskFile) -> DefaultCaps:
+    """The task file's resources as caps, rounded up to whole MiB and clamped to the least a VM
+    can run with -- the one mapping: the scheduler places a task by these (``caps_of``) and its
+    manifest records them, so the two always agree."""
     r = task.resources
     return DefaultCaps(
         vcpus=r.cpus,
         cpu_share_milli=round(r.cpu_share * 1000),
-        memory_mib=math.ceil(r.memory / MIB),
-        disk_mib=math.ceil(r.disk / MIB),
+        memory_mib=max(MIN_MEMORY_MIB, math.ceil(r.memory / MIB)),
+        disk_mib=max(MIN_DISK_MIB, math.ceil(r.disk / MIB)),
         disk_bps=r.disk_rate,
         network=r.network,
         net_allow=r.allow,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from catalog.build.assemble import default_caps
 from catalog.errors import TaskFileError
 from catalog.taskfile import loads
 from node.dht_records import peer_id_of
@@ -20,7 +22,7 @@ from scheduler_role.owner_node import _collect_files, _tar
 from scheduler_role.service import LogBuffer, public_key_of
 from scheduler_role.task import LeaseKey
 from worker_role.agent import policy_of
-from worker_role.caps import Caps
+from worker_role.caps import MIB, Caps
 
 
 def test_public_key_of_a_peer_id_round_trips() -> None:
@@ -58,6 +60,18 @@ def test_task_file_maps_onto_caps_and_spec() -> None:
     spec = spec_of(task, "x-1", "owner1", now=1000.0)
     assert (spec.replicas, spec.quorum, spec.limits.max_attempts) == (3, 2, 5)
     assert (spec.limits.max_runtime, spec.limits.deadline) == (60.0, 4600.0)
+
+
+def test_placement_and_manifest_caps_agree_for_a_tiny_task() -> None:
+    # The loader refuses such a file; a TaskFile built otherwise must still map one way.
+    loaded = loads('name = "x"\nos = "tiny"\ncommand = "true"\n')
+    task = dataclasses.replace(
+        loaded, resources=dataclasses.replace(loaded.resources, memory=16 * MIB, disk=100 * 1024)
+    )
+    manifest = default_caps(task)
+    placed = caps_of(task)
+    assert (placed.memory_mib, placed.disk_mib) == (manifest.memory_mib, manifest.disk_mib)
+    assert (manifest.memory_mib, manifest.disk_mib) == (32, 1)
 
 
 def test_vmlend_run_writes_a_valid_task_file(tmp_path: Path) -> None:
