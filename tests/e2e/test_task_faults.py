@@ -85,7 +85,7 @@ async def test_worker_killed_mid_task_finishes_elsewhere_and_leaves_no_vm(
         victim = next(n for n in nodes if n.peer_id == holder)
         assert victim.process is not None
         old_pid = victim.process.pid
-        left_behind = _domains_of(old_pid) & _running_domains()
+        left_behind = _domains_of(old_pid) & await _running_domains()
         assert left_behind, "the killed worker's VM should be running"
         await victim.kill()
         with trio.fail_after(150):
@@ -97,7 +97,7 @@ async def test_worker_killed_mid_task_finishes_elsewhere_and_leaves_no_vm(
             again = LocalNode("again", victim.data_dir, victim.roles, owner.addrs[:1])
             with trio.fail_after(60):
                 await again.start(nursery)  # ready once its backend swept what it left
-            assert not (left_behind & _running_domains())
+            assert not (left_behind & await _running_domains())
             assert await again.stop() == 0
 
 
@@ -149,16 +149,17 @@ async def test_deadline_passed_stops_the_task_and_reports_it(
     async with network(tmp_path, roles, monkeypatch) as nodes:
         owner, worker = nodes[0], nodes[2]
         assert worker.process is not None
-        # The guest's own limit (max_runtime) would end it ~boot time after the deadline.
-        limits = 'max_runtime = "20s"\ndeadline = "20s"\n'
+        # The guest's own limit (max_runtime) is far off: only the deadline can end it in time.
+        limits = 'max_runtime = "5m"\ndeadline = "20s"\n'
         text = task_text("echo started; sleep 300", limits=limits)
         with trio.fail_after(150):
             task_id = await submit(owner, text, tmp_path)
             assert await _first_output(owner, task_id) == b"started\n"
-            ours = _domains_of(worker.process.pid) & _running_domains()
+            ours = _domains_of(worker.process.pid) & await _running_domains()
+            assert ours, "the task's VM should be running before the deadline"
             status = await owner.call("task.wait", {"task_id": task_id, "timeout": 140})
         assert status["state"] == "failed", status
         assert "deadline" in status["reason"]
         with trio.fail_after(10):
-            while ours & _running_domains():  # noqa: ASYNC110 (see test_tasks)
+            while ours & await _running_domains():  # noqa: ASYNC110 (see test_tasks)
                 await trio.sleep(0.2)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -79,9 +78,12 @@ def _domains_of(pid: int) -> set[str]:
     return found
 
 
-def _running_domains() -> set[str]:
-    out = subprocess.run(["virsh", "list", "--name"], capture_output=True, text=True, check=True)
-    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
+async def _running_domains() -> set[str]:
+    """The domains running on the system libvirt the worker uses (asked without blocking trio)."""
+    out = await trio.run_process(
+        ["virsh", "-c", "qemu:///system", "list", "--name"], capture_stdout=True
+    )
+    return {line.strip() for line in out.stdout.decode().splitlines() if line.strip()}
 
 
 async def test_task_round_trip_files_exit_code_stdout_and_out_archive(tmp_path: Path) -> None:
@@ -147,7 +149,7 @@ async def test_cancel_mid_run_destroys_the_vm_within_seconds(tmp_path: Path) -> 
         with trio.fail_after(180):
             task_id = await _submit(owner, _task_dir(tmp_path, SLEEPER))
             assert await _first_output(owner, task_id) == b"started\n"
-        ours = _domains_of(worker.process.pid) & _running_domains()
+        ours = _domains_of(worker.process.pid) & await _running_domains()
         assert len(ours) == 1, f"the task's VM should be running: {ours}"
         (domain,) = ours
         with trio.fail_after(30):
@@ -156,6 +158,6 @@ async def test_cancel_mid_run_destroys_the_vm_within_seconds(tmp_path: Path) -> 
         # From the cancel's acceptance: the scheduler pushes Stop, the worker destroys the VM.
         with trio.fail_after(10):
             # libvirt has no blocking "until gone" query the test can use without importing it.
-            while domain in _running_domains():  # noqa: ASYNC110
+            while domain in await _running_domains():  # noqa: ASYNC110
                 await trio.sleep(0.2)
-        assert domain not in _running_domains()
+        assert domain not in await _running_domains()
