@@ -104,6 +104,8 @@ def _cmd_node_start(args: argparse.Namespace) -> int:
 
     data_dir = resolve_data_dir(args.data)
     config = load_config(data_dir, _start_flags(args))
+    if not args.verbose:  # -v on the command line outranks the file, like every other flag
+        logging.getLogger().setLevel(config.node.log_level.upper())
     identity = Identity.load_or_create(data_dir)
     the_node = Node(config, data_dir, identity)
 
@@ -138,6 +140,8 @@ def _cmd_node_info(args: argparse.Namespace) -> int:
         print(json.dumps(info))
         return 0
     print(f"peer id:  {info['peer_id']}")
+    if info.get("name"):
+        print(f"name:     {info['name']}")
     print(f"version:  {info['version']}")
     print(f"roles:    {', '.join(info['roles'])}")
     for addr in info["addrs"]:

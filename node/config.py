@@ -33,22 +33,21 @@ commented sample file)::
     trusted_publishers = []          # Ed25519 public keys, 64 hex digits each; EXTENDS
     chunk_quota = "20GiB"            # disk the chunk store may fill
 
-    [worker]                         # the lending policy: no task may exceed it
-    max_vcpus = 1                    # vCPUs of one VM
-    max_cpu_share = 1.0              # host CPUs one VM may use; 0 < share <= max_vcpus
-    max_memory = "1GiB"              # memory of one VM; at least 32MiB
-    max_disk = "2GiB"                # scratch disk of one VM; at least 1MiB
+    [worker]                         # the lending policy: no task may exceed it; every limit
+                                     # bounds all lent VMs together, not each one
+    max_vcpus = 1                    # vCPUs in all
+    max_cpu_share = 1.0              # host CPUs in all; 0 < share <= max_vcpus
+    max_memory = "1GiB"              # guest memory in all; at least 32MiB
+    max_disk = "2GiB"                # scratch disk in all; at least 1MiB
     max_concurrent_vms = 1           # VMs at once; 0 lends nothing
     network_allowed = false          # may a VM reach the network at all (via the egress proxy)
-    net_allow = []                   # where it may go: "host[:port]", "*.domain", CIDR, "[v6]:port"
-    max_net_rate = "0"               # egress per VM, e.g. "1MiB/s"; "0" = unlimited
-    max_disk_rate = "0"              # disk bytes/s per VM; "0" = unlimited
-    max_disk_iops = 0                # disk operations/s per VM; 0 = unlimited
+    net_allow = []                   # where it may go: "host[:port]", "*.domain", "[v6]:port"
+    max_net_rate = "0"               # egress in all, e.g. "1MiB/s"; "0" = unlimited
+    max_disk_rate = "0"              # disk bytes/s in all; "0" = unlimited
+    max_disk_iops = 0                # disk operations/s in all; 0 = unlimited
     schedulers = []                  # peer IDs of the schedulers to serve; [] = any
     shares = {}                      # { "<scheduler peer id>" = weight }: offers in proportion
                                      # to positive integer weights; unlisted schedulers weigh 1
-    hours = []                       # local-time windows like "22:00-07:00"; [] = always
-    idle_only = false                # lend only while the machine is otherwise idle
     vm_dir = "/var/lib/vmlend/vm"    # VM-facing files; must be reachable by the libvirt-qemu user
 
     [scheduler]
@@ -70,14 +69,13 @@ from typing import Any
 
 import node
 from node import config_kinds as k
-from node.config_kinds import HoursWindow, Role
+from node.config_kinds import Role
 from node.errors import ConfigError
 from node.units import GIB, format_duration
 
 __all__ = [
     "CatalogConfig",
     "Config",
-    "HoursWindow",
     "NetworkConfig",
     "NodeConfig",
     "Role",
@@ -138,8 +136,6 @@ class WorkerConfig:
     max_disk_iops: int = 0
     schedulers: tuple[str, ...] = ()
     shares: tuple[tuple[str, int], ...] = ()
-    hours: tuple[HoursWindow, ...] = ()
-    idle_only: bool = False
     vm_dir: Path = Path("/var/lib/vmlend/vm")
 
 
@@ -218,14 +214,12 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         "max_disk": k.size(minimum=1024 * 1024),
         "max_concurrent_vms": k.integer(0, 4096),
         "network_allowed": k.boolean(),
-        "net_allow": k.list_of(k.NET_ALLOW, "destinations like \"example.com:443\" or CIDRs"),
+        "net_allow": k.list_of(k.NET_ALLOW, "destinations like \"example.com:443\""),
         "max_net_rate": k.rate(),
         "max_disk_rate": k.rate(),
         "max_disk_iops": k.integer(0),
         "schedulers": k.list_of(k.PEER_ID, 'peer IDs like "12D3KooW..."'),
         "shares": k.peer_weights(),
-        "hours": k.list_of(k.HOURS, 'daily windows like "22:00-07:00"'),
-        "idle_only": k.boolean(),
         "vm_dir": k.absolute_path(),
     },
     "scheduler": {

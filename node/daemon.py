@@ -23,7 +23,7 @@ from catalog.chunk_store import ChunkStore
 from catalog.replication_service import ReplicationService
 from catalog.service import open_catalog
 from node.config import Config
-from node.errors import RpcError
+from node.errors import ConfigError, RpcError
 from node.identity import Identity
 from node.p2p import P2PNode, PeerInfo
 from node.rpc_server import RpcServer
@@ -31,7 +31,8 @@ from node.store import Database
 from scheduler_role.owner_node import OwnerService
 from scheduler_role.service import SchedulerService
 from worker_role import tinyos
-from worker_role.agent import WorkerAgent
+from worker_role.agent import WorkerAgent, policy_of
+from worker_role.egress_errors import InvalidAllowRule
 
 log = logging.getLogger("vmlend.node.daemon")
 
@@ -51,6 +52,8 @@ class Node:
 
     def __init__(self, config: Config, data_dir: Path, identity: Identity) -> None:
         self.config = config
+        if config.has_role("worker"):
+            _check_lending_policy(config)
         self.data_dir = data_dir
         self.identity = identity
         net = config.network
@@ -148,6 +151,7 @@ class Node:
     async def _rpc_node_info(self, params: list[Any]) -> dict[str, Any]:
         return {
             "peer_id": self.p2p.peer_id,
+            "name": self.config.node.name,
             "addrs": self.p2p.addrs,
             "roles": self.roles,
             "version": node.__version__,
@@ -192,6 +196,18 @@ class Node:
                     return found
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _check_lending_policy(config: Config) -> None:
+    """Refuse a lending policy the worker could not apply, at start-up, as a config error.
+
+    The config only checks shapes; the egress rules' own parser is the one grammar of
+    ``net_allow`` (so the two can never disagree)."""
+    try:
+        policy_of(config.worker)
+    except InvalidAllowRule as e:
+        sources = ", ".join(config.sources) or "defaults"
+        raise ConfigError(str(e), source=sources, key="worker.net_allow") from e
 
 
 def _wait_args(params: list[Any], allowed: set[str]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ async def test_five_nodes_discover_each_other_and_find_a_scheduler(tmp_path: Pat
             assert found[0]["addrs"]
         info = await nodes[0].call("node.info")
         assert info["peer_id"] == nodes[0].peer_id
+        assert info["name"] == ""  # node.name's default
+        assert info["lending_problem"] is None  # this machine can run VMs
         assert sorted(info["roles"]) == ["scheduler", "worker"]
         assert all(a.endswith(f"/p2p/{nodes[0].peer_id}") for a in info["addrs"])
     for n in nodes:
