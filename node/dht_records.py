@@ -82,6 +82,26 @@ def peer_id_of(public_bytes: bytes) -> str:
     return _b58encode(_PEER_ID_PREFIX + public_bytes)
 
 
+def _b58decode(text: str) -> bytes:
+    n = 0
+    for ch in text:
+        digit = _B58.find(ch)
+        if digit < 0:
+            raise ValueError(f"{text!r} is not base58")
+        n = n * 58 + digit
+    pad = len(text) - len(text.lstrip("1"))
+    return b"\x00" * pad + n.to_bytes((n.bit_length() + 7) // 8, "big")
+
+
+def public_key_of(peer_id: str) -> bytes:
+    """The raw 32-byte Ed25519 key inside a peer ID (the inverse of :func:`peer_id_of`);
+    ValueError if the ID is not base58 or holds no Ed25519 key."""
+    raw = _b58decode(peer_id)
+    if len(raw) != len(_PEER_ID_PREFIX) + 32 or not raw.startswith(_PEER_ID_PREFIX):
+        raise ValueError(f"peer ID {peer_id!r} does not hold an Ed25519 key")
+    return raw[len(_PEER_ID_PREFIX) :]
+
+
 def check_kind(kind: str) -> str:
     if not _KIND_RE.fullmatch(kind):
         raise ValueError(f"record kind {kind!r} must match {_KIND_RE.pattern}")

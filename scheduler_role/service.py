@@ -35,6 +35,7 @@ from catalog.build.os_tiny import BootFiles
 from catalog.errors import CatalogError, UnknownBlobError, UnknownEntryError
 from catalog.library import Library
 from catalog.taskfile import TaskFile, load
+from node import dht_records
 from node.errors import NetworkError, RemoteProtocolError
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
@@ -59,23 +60,12 @@ MAX_LOG_BYTES = 1 << 20  # kept per task for followers; the result holds the tai
 FETCH_TIMEOUT = 60.0
 TASKS_DIR = "tasks"
 
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_ED25519_PEER_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
-
-
 def public_key_of(peer_id: str) -> bytes:
-    """The raw Ed25519 key inside an (identity-multihash) peer ID; RemoteProtocolError if none."""
-    n = 0
-    for ch in peer_id:
-        digit = _B58.find(ch)
-        if digit < 0:
-            raise RemoteProtocolError(f"peer ID {peer_id!r} is not base58")
-        n = n * 58 + digit
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    raw = b"\0" * (len(peer_id) - len(peer_id.lstrip("1"))) + raw
-    if len(raw) != 38 or not raw.startswith(_ED25519_PEER_PREFIX):
-        raise RemoteProtocolError(f"peer ID {peer_id!r} does not hold an Ed25519 key")
-    return raw[len(_ED25519_PEER_PREFIX) :]
+    """The raw Ed25519 key inside a peer ID; RemoteProtocolError if none."""
+    try:
+        return dht_records.public_key_of(peer_id)
+    except ValueError as e:
+        raise RemoteProtocolError(str(e)) from e
 
 
 async def has_blob(blobs: BlobService, blob_id: BlobId) -> bool:

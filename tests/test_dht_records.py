@@ -14,6 +14,7 @@ from node.dht_records import (
     make_record,
     parse_record,
     peer_id_of,
+    public_key_of,
     record_key,
 )
 from node.identity import Identity
@@ -143,3 +144,17 @@ def test_make_record_refuses_bad_arguments() -> None:
         make_record(ALICE, "Bad/Kind", {}, ttl=10, now=NOW)
     with pytest.raises(ValueError, match="exceeds"):
         make_record(ALICE, "scheduler", {"x": b"0" * 20_000}, ttl=10, now=NOW)
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_public_key_of_inverts_peer_id_of(key: bytes) -> None:
+    assert public_key_of(peer_id_of(key)) == key
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "0OIl", "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "1" + peer_id_of(b"k" * 32)],
+)
+def test_public_key_of_refuses_an_id_without_an_ed25519_key(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"base58|Ed25519"):
+        public_key_of(bad)
