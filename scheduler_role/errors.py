@@ -1,10 +1,9 @@
 """The scheduler's errors: a subtree of :class:`node.errors.VmlendError`.
 
 They say whose fault a failure is: the caller asked for a move the lifecycle forbids
-(:class:`InvalidTransition`), named something unknown (:class:`UnknownTaskError`), reused a task ID
-for a different task (:class:`TaskConflictError`), or a worker spoke for a lease that is no longer
-its own (:class:`StaleLeaseError`: expired, re-leased, stopped). Wire-level violations by a peer
-stay :class:`node.errors.RemoteProtocolError`.
+(:class:`InvalidTransition`), named something unknown (:class:`UnknownTaskError`), or reused a
+task ID for a different task (:class:`TaskConflictError`). Wire-level violations by a peer stay
+:class:`node.errors.RemoteProtocolError`.
 """
 
 from __future__ import annotations
@@ -45,15 +44,3 @@ class UnknownTaskError(SchedulerError):
         super().__init__(f"no task {task_id} in the queue")
         self.task_id = task_id
 
-
-class StaleLeaseError(SchedulerError):
-    """A worker spoke for a lease it does not hold (expired, re-leased to another, or stopped).
-
-    The worker should drop the lease: its result, if any, is not counted.
-    """
-
-    def __init__(self, lease: str, worker: str, why: str) -> None:
-        super().__init__(f"lease {lease} is not held by worker {worker}: {why}")
-        self.lease = lease
-        self.worker = worker
-        self.why = why
