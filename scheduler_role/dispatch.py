@@ -33,25 +33,30 @@ log = logging.getLogger("vmlend.scheduler.dispatch")
 Answer = LeaseGrant | NoWork | HeartbeatAck | ResultAck
 
 
+def check_report(worker: str, report: ResultReport, public_key: bytes) -> None:
+    """RemoteProtocolError unless ``report`` is signed by ``worker``'s key ``public_key``."""
+    if not verify_report(report, public_key):
+        log.warning("worker %s sent a result with a bad signature for %s", worker, report.lease)
+        raise RemoteProtocolError(f"result for {report.lease} has a bad signature")
+
+
 async def handle(
-    queue: Queue, worker: str, message: Message, *, public_key: bytes
+    queue: Queue, worker: str, message: Message, *, public_key: bytes, verified: bool = False
 ) -> tuple[Answer, list[StopNotice]]:
     """Serve one request from ``worker`` (whose Ed25519 key is ``public_key``).
 
     Returns the answer for this stream and the stop notices for any worker (the task this changed
     may be running elsewhere). :class:`RemoteProtocolError` for a message a worker must not send
-    (a scheduler's message, a result with a bad signature): drop the stream.
+    (a scheduler's message, a result with a bad signature): drop the stream. ``verified`` says the
+    caller has already checked a result's signature (:func:`check_report`), so it is not again.
     """
     if isinstance(message, WorkRequest):
         return await queue.lease(worker, message.offer), []
     if isinstance(message, Heartbeat):
         return await queue.heartbeat(worker, message), []
     if isinstance(message, ResultReport):
-        if not verify_report(message, public_key):
-            log.warning(
-                "worker %s sent a result with a bad signature for %s", worker, message.lease
-            )
-            raise RemoteProtocolError(f"result for {message.lease} has a bad signature")
+        if not verified:
+            check_report(worker, message, public_key)
         return await queue.report(worker, message)
     if isinstance(message, Lost):
         stops = await queue.lost(worker, message.leases)

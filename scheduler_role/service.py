@@ -47,7 +47,6 @@ from scheduler_role.messages import (
     ResultReport,
     decode_message,
     to_dict,
-    verify_report,
 )
 from scheduler_role.queue import Queue, StopNotice
 from scheduler_role.ready_image import ready_manifest
@@ -235,9 +234,13 @@ class SchedulerService:
         try:
             async for raw in stream:
                 message = decode_message(raw)
-                if isinstance(message, ResultReport) and verify_report(message, key):
+                if isinstance(message, ResultReport):
+                    # Signed by this worker before its blobs are fetched; not checked again.
+                    dispatch.check_report(worker, message, key)
                     await self._fetch_result(worker, message)
-                answer, stops = await dispatch.handle(self.queue, worker, message, public_key=key)
+                answer, stops = await dispatch.handle(
+                    self.queue, worker, message, public_key=key, verified=True
+                )
                 await stream.send(to_dict(answer))
                 await self.push_stops(stops)
                 self.changed()

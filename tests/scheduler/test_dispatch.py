@@ -9,7 +9,7 @@ import pytest
 from node.errors import RemoteProtocolError
 from node.identity import Identity
 from node.wire import FrameDecoder, encode_frame
-from scheduler_role.dispatch import handle, stop_messages
+from scheduler_role.dispatch import check_report, handle, stop_messages
 from scheduler_role.lifecycle import TaskState
 from scheduler_role.messages import (
     WIRE_LIMITS,
@@ -93,6 +93,22 @@ async def test_bad_signature_and_wrong_direction_are_refused(queue: Queue) -> No
         await handle(queue, "w", forged, public_key=w.identity.public_bytes)
     with pytest.raises(RemoteProtocolError, match="does not send"):
         await handle(queue, "w", NoWork(retry_after=1), public_key=w.identity.public_bytes)
+
+
+async def test_a_result_the_caller_verified_is_not_checked_again(queue: Queue) -> None:
+    await queue.submit(spec("job"))
+    w = SimWorker("w", queue)
+    grant = await w.pull()
+    assert grant is not None
+    unsigned = report(grant.lease)
+    signed = dataclasses.replace(unsigned, signature=w.identity.sign(unsigned.signed_bytes()))
+    check_report("w", signed, w.identity.public_bytes)
+    with pytest.raises(RemoteProtocolError, match="signature"):
+        check_report("w", unsigned, w.identity.public_bytes)
+    # The service checks before fetching the blobs; handle then trusts it (the key is not used).
+    ack, _ = await handle(queue, "w", signed, public_key=b"", verified=True)
+    assert isinstance(ack, ResultAck)
+    assert ack.status is ResultStatus.RECORDED
 
 
 async def test_lost_leases_go_back_and_stops_are_grouped(queue: Queue) -> None:
