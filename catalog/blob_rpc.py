@@ -21,6 +21,7 @@ from catalog.errors import (
     UnknownBlobError,
 )
 from catalog.transfer_plan import Progress
+from node import rpc_params
 from node.errors import NetworkError, RpcError
 
 
@@ -43,11 +44,7 @@ def blob_param(params: list[Any]) -> BlobId:
 
 
 def get_options(params: list[Any]) -> dict[str, Any]:
-    if len(params) > 2 or (len(params) == 2 and not isinstance(params[1], dict)):
-        raise RpcError("invalid_params", "expected [ID] or [ID, {out, from, timeout}]")
-    options: dict[str, Any] = params[1] if len(params) == 2 else {}
-    if unknown := set(options) - {"out", "from", "timeout", "channel"}:
-        raise RpcError("invalid_params", f"unknown options {sorted(map(str, unknown))}")
+    options = rpc_params.options(params, 1, {"out", "from", "timeout", "channel"})
     out = options.get("out")
     if out is not None and (not isinstance(out, str) or not Path(out).is_absolute()):
         raise RpcError("invalid_params", "out must be an absolute path")
@@ -56,9 +53,7 @@ def get_options(params: list[Any]) -> dict[str, Any]:
         raise RpcError("invalid_params", "from must be a list of multiaddrs")
     if not isinstance(options.get("channel", True), bool):
         raise RpcError("invalid_params", "channel must be true or false")
-    timeout = options.get("timeout", 3600)
-    if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
-        raise RpcError("invalid_params", "timeout must be seconds in (0, 86400]")
+    rpc_params.timeout_option(options, default=3600, maximum=86400)
     return options
 
 

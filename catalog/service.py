@@ -35,6 +35,7 @@ from catalog.errors import (
     UntrustedPublisherError,
 )
 from catalog.library import Library
+from node import rpc_params
 from node.errors import RpcError
 from node.identity import Identity
 
@@ -67,14 +68,14 @@ class CatalogService:
         }
 
     async def _list(self, params: list[Any]) -> list[dict[str, Any]]:
-        options = _options(params, 0, {"kind"})
+        options = rpc_params.options(params, 0, {"kind"})
         kind = _kind(options)
         return [e.to_dict() for e in await self.library.list_entries(kind)]
 
     async def _show(self, params: list[Any]) -> dict[str, Any]:
         if not params or not isinstance(params[0], str):
             raise RpcError("invalid_params", "expected [REF] or [REF, {kind}]")
-        options = _options(params, 1, {"kind"})
+        options = rpc_params.options(params, 1, {"kind"})
         with _mapped_errors():
             entry = await self.library.resolve(params[0], _kind(options))
         return entry.to_dict()
@@ -91,9 +92,9 @@ class CatalogService:
     async def _wait(self, params: list[Any]) -> dict[str, Any]:
         if not params or not isinstance(params[0], str) or not _ID_RE.fullmatch(params[0]):
             raise RpcError("invalid_params", "expected [ID] or [ID, {timeout}] with a full ID")
-        timeout = _options(params, 1, {"timeout"}).get("timeout", 30)
-        if not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
-            raise RpcError("invalid_params", "timeout must be a number of seconds in (0, 3600]")
+        timeout = rpc_params.timeout_option(
+            rpc_params.options(params, 1, {"timeout"}), default=30, maximum=3600
+        )
         with trio.move_on_after(timeout):
             await self.library.wait_for(params[0])
             return (await self.library.get(params[0])).to_dict()
@@ -135,15 +136,6 @@ async def open_catalog(
     policy = TrustPolicy({*trusted, identity.public_bytes})
     async with Library.open(data_dir, policy) as library:
         yield CatalogService(library, identity, wall_clock=wall_clock)
-
-
-def _options(params: list[Any], at: int, allowed: set[str]) -> dict[str, Any]:
-    if len(params) > at + 1 or (len(params) == at + 1 and not isinstance(params[at], dict)):
-        raise RpcError("invalid_params", f"expected at most one map of options {sorted(allowed)}")
-    options: dict[str, Any] = params[at] if len(params) == at + 1 else {}
-    if unknown := set(options) - allowed:
-        raise RpcError("invalid_params", f"unknown options {sorted(map(str, unknown))}")
-    return options
 
 
 def _kind(options: dict[str, Any]) -> str | None:

@@ -22,6 +22,7 @@ from catalog.build.service import ImageBuildService
 from catalog.chunk_store import ChunkStore
 from catalog.replication_service import ReplicationService
 from catalog.service import open_catalog
+from node import rpc_params
 from node.config import Config
 from node.errors import ConfigError, RpcError
 from node.identity import Identity
@@ -169,15 +170,16 @@ class Node:
 
     async def _rpc_peers_wait(self, params: list[Any]) -> list[dict[str, Any]]:
         """Block until at least ``count`` live peers, or until ``absent`` is no longer live."""
-        args = _wait_args(params, {"count", "absent", "timeout"})
-        count = int(args.get("count", 0))
+        args = rpc_params.options(params, 0, {"count", "absent", "timeout"})
+        count = rpc_params.int_option(args, "count", default=0)
+        timeout = rpc_params.timeout_option(args, default=30, maximum=3600)
         absent = args.get("absent")
 
         def done(peers: list[PeerInfo]) -> bool:
             ids = {p.peer_id for p in peers}
             return len(peers) >= count and (absent is None or absent not in ids)
 
-        with _rpc_deadline(args, "peers"):
+        with _rpc_deadline(timeout, "peers"):
             await self.p2p.wait_peers(done)
         return await self._rpc_peers_list([])
 
@@ -186,10 +188,11 @@ class Node:
 
         Records have no change notification in Kademlia, so the node re-queries with back-off.
         """
-        args = _wait_args(params, {"count", "timeout"})
-        count = int(args.get("count", 1))
+        args = rpc_params.options(params, 0, {"count", "timeout"})
+        count = rpc_params.int_option(args, "count", default=1)
+        timeout = rpc_params.timeout_option(args, default=30, maximum=3600)
         delay = 0.1
-        with _rpc_deadline(args, "schedulers"):
+        with _rpc_deadline(timeout, "schedulers"):
             while True:
                 found = await self._rpc_schedulers_list([])
                 if len(found) >= count:
@@ -210,22 +213,10 @@ def _check_lending_policy(config: Config) -> None:
         raise ConfigError(str(e), source=sources, key="worker.net_allow") from e
 
 
-def _wait_args(params: list[Any], allowed: set[str]) -> dict[str, Any]:
-    if len(params) > 1 or (params and not isinstance(params[0], dict)):
-        raise RpcError("invalid_params", "expected one map of options")
-    args: dict[str, Any] = params[0] if params else {}
-    if unknown := set(args) - allowed:
-        raise RpcError("invalid_params", f"unknown options {sorted(unknown)}")
-    timeout = args.get("timeout", 30)
-    if not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
-        raise RpcError("invalid_params", "timeout must be a number of seconds in (0, 3600]")
-    return args
-
-
 @contextmanager
-def _rpc_deadline(args: dict[str, Any], what: str) -> Iterator[None]:
+def _rpc_deadline(seconds: float, what: str) -> Iterator[None]:
     try:
-        with trio.fail_after(float(args.get("timeout", 30))):
+        with trio.fail_after(seconds):
             yield
     except trio.TooSlowError as e:
         raise RpcError("timeout", f"{what} condition not reached in time") from e

@@ -33,6 +33,7 @@ from catalog.blob import BlobId
 from catalog.blob_service import BlobService
 from catalog.errors import TaskFileError
 from catalog.taskfile import TaskFile, loads
+from node import rpc_params
 from node.errors import NetworkError, RpcError
 from node.p2p import P2PNode
 from node.rpc_server import SendNotification
@@ -230,12 +231,7 @@ def _timeout(request: dict[str, Any]) -> float:
 
 
 def _args(params: list[Any], allowed: set[str]) -> dict[str, Any]:
-    if len(params) != 1 or not isinstance(params[0], dict):
-        raise RpcError("invalid_params", "expected one map of options")
-    args: dict[str, Any] = params[0]
-    if unknown := set(args) - allowed:
-        raise RpcError("invalid_params", f"unknown options {sorted(unknown)}")
-    return args
+    return rpc_params.options(params, 0, allowed, required=True)
 
 
 def _collect_files(task: TaskFile) -> dict[str, bytes]:

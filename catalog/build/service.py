@@ -20,6 +20,7 @@ from catalog.build.publish import publish_build
 from catalog.errors import PackageError, TaskFileError, TaskInputError, UnknownOsError
 from catalog.library import Library
 from catalog.taskfile import load
+from node import rpc_params
 from node.errors import RpcError, VmlendError
 from node.identity import Identity
 
@@ -53,11 +54,7 @@ class ImageBuildService:
 
     async def _rpc_build(self, params: list[Any]) -> dict[str, Any]:
         """``[{"task": ABSOLUTE PATH, "publish": bool, "cache": PATH?}]`` -> the build summary."""
-        if len(params) != 1 or not isinstance(params[0], dict):
-            raise RpcError("invalid_params", "expected one map {task, publish, cache?}")
-        options: dict[str, Any] = params[0]
-        if unknown := set(options) - {"task", "publish", "cache"}:
-            raise RpcError("invalid_params", f"unknown options {sorted(map(str, unknown))}")
+        options = rpc_params.options(params, 0, {"task", "publish", "cache"}, required=True)
         task_path = options.get("task")
         if not isinstance(task_path, str) or not Path(task_path).is_absolute():
             raise RpcError("invalid_params", "task must be an absolute path")
