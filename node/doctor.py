@@ -22,7 +22,6 @@ class Check:
     name: str
     ok: bool
     detail: str
-    needed_to_lend: bool = True
 
 
 def _check_config(data_flag: str | None) -> tuple[list[Check], Path | None, Path | None]:
@@ -73,7 +72,7 @@ def run_doctor(data_flag: str | None, *, as_json: bool = False) -> int:
     if vm_dir is not None:
         checks.append(_check_disk(vm_dir, "vm"))
         checks.extend(_check_vm(vm_dir))
-    can_lend = all(c.ok for c in checks if c.needed_to_lend)
+    can_lend = all(c.ok for c in checks)
     if as_json:
         print(json.dumps({"can_lend": can_lend, "checks": [asdict(c) for c in checks]}))
     else:

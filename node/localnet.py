@@ -121,17 +121,6 @@ class LocalNode:
     async def kill(self) -> int:
         return await self._signal_and_wait(signal.SIGKILL, 10.0)
 
-    def freeze(self) -> None:
-        self._send(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        self._send(signal.SIGCONT)
-
-    def _send(self, sig: signal.Signals) -> None:
-        if self.process is None or self.process.returncode is not None:
-            raise LocalNodeError(f"node {self.name} is not running")
-        self.process.send_signal(sig)
-
     async def _signal_and_wait(self, sig: signal.Signals, grace: float) -> int:
         if self.process is None:
             raise LocalNodeError(f"node {self.name} was never started")

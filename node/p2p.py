@@ -532,9 +532,11 @@ class P2PNode:
         timeout: float,  # noqa: ASYNC109
     ) -> list[Record]:
         """Every valid record of ``kind`` whose publisher announced it in the kind's index
-        (e.g. all schedulers). Raises DeadlineError if the index lookup alone overran."""
+        (e.g. all schedulers), within ``timeout`` in all. Raises DeadlineError if the index
+        lookup overran; records not fetched by the deadline are left out."""
+        deadline = trio.current_time() + timeout
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_at(deadline):
                 owners = await self._dht.providers(
                     dht_records.index_key(kind), also_ask=self._live_ids()
                 )
@@ -543,8 +545,9 @@ class P2PNode:
         records: list[Record] = []
 
         async def fetch(owner: str) -> None:
+            left = deadline - trio.current_time()
             try:
-                records.append(await self.get_record(kind, owner, timeout=timeout))
+                records.append(await self.get_record(kind, owner, timeout=max(left, 0.0)))
             except (RecordNotFoundError, DeadlineError) as e:
                 logger.debug("record %s of %s: %s", kind, owner, e)
 

@@ -1,8 +1,4 @@
-"""Real ``vmlend node start`` schedulers: publish with the CLI, replicate, catch up after a stop.
-
-Skipped while the daemon does not serve the ``catalog.*`` methods (they are wired in
-``node/daemon.py``).
-"""
+"""Real ``vmlend node start`` schedulers: publish with the CLI, replicate, catch up after a stop."""
 
 from __future__ import annotations
 
