@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 
 import psutil
 import pytest
@@ -25,10 +26,26 @@ CPU_WINDOW_S = 10.0
 SATURATED_IDLE_CPUS = 0.25
 
 
-def _idle_cpus() -> float:
-    t = psutil.cpu_times()
-    return float(t.idle + getattr(t, "iowait", 0.0))
 DISK_WINDOW_S = 6.0
+
+
+def _idle_cpus(*, iowait: bool = True) -> float:
+    """Host CPU seconds idle so far; with ``iowait=False`` time waiting on disk is not idle (a disk
+    measurement must not call a host idle whose CPUs wait on the very disk being measured)."""
+    t = psutil.cpu_times()
+    return float(t.idle + (getattr(t, "iowait", 0.0) if iowait else 0.0))
+
+
+def _lower_bound(holds: bool, idle: float, why: str) -> None:
+    """Check a cap's lower bound, waived (with a warning saying so) only on a saturated host."""
+    if holds:
+        return
+    assert idle < SATURATED_IDLE_CPUS, why
+    warnings.warn(
+        f"lower bound waived: the host had only {idle:.2f} idle CPUs "
+        f"(< {SATURATED_IDLE_CPUS}): {why}",
+        stacklevel=2,
+    )
 
 
 async def _wait_for_line(receive: trio.MemoryReceiveChannel[OutputChunk], marker: bytes) -> None:
@@ -61,7 +78,7 @@ async def test_cpu_share_caps_the_whole_vm(vms: VmFactory) -> None:
     why = f"QEMU used {share:.2f} of a host CPU under a 0.5 cap; host idle {idle:.2f} CPUs"
     print(why)  # shown with -rP: the measurement, not just pass/fail
     assert share <= 0.60, why
-    assert share >= 0.40 or idle < SATURATED_IDLE_CPUS, why
+    _lower_bound(share >= 0.40, idle, why)
 
 
 async def test_memory_cap_ooms_the_guest_not_the_host(vms: VmFactory) -> None:
@@ -105,12 +122,12 @@ async def test_disk_rate_and_iops_caps(vms: VmFactory) -> None:
 
         async def window() -> tuple[float, float, float]:
             """(requests/s, bytes/s, host idle CPUs) over one measuring window."""
-            t0, i0 = trio.current_time(), _idle_cpus()
+            t0, i0 = trio.current_time(), _idle_cpus(iowait=False)
             r0, b0 = await vms.backend.conn.call("block stats", stats)
             await trio.sleep(DISK_WINDOW_S)  # a measuring window, not a wait for a condition
             r1, b1 = await vms.backend.conn.call("block stats", stats)
             dt = trio.current_time() - t0
-            return (r1 - r0) / dt, (b1 - b0) / dt, (_idle_cpus() - i0) / dt
+            return (r1 - r0) / dt, (b1 - b0) / dt, (_idle_cpus(iowait=False) - i0) / dt
 
         with trio.fail_after(90):
             await _wait_for_line(receive, b"bytes")
@@ -125,9 +142,9 @@ async def test_disk_rate_and_iops_caps(vms: VmFactory) -> None:
     )
     print(why)  # shown with -rP
     assert bps <= 1.15 * rate, why
-    assert bps >= 0.85 * rate or idle_b < SATURATED_IDLE_CPUS, why
+    _lower_bound(bps >= 0.85 * rate, idle_b, why)
     assert rps <= 1.15 * iops, why
-    assert rps >= 0.85 * iops or idle_r < SATURATED_IDLE_CPUS, why
+    _lower_bound(rps >= 0.85 * iops, idle_r, why)
 
 
 async def test_proxy_network_allows_only_listed_destinations_at_capped_rate(
@@ -176,7 +193,7 @@ async def test_proxy_network_allows_only_listed_destinations_at_capped_rate(
     why = f"{measured / 1024:.0f} KiB/s under 256 KiB/s; host idle {idle:.2f} CPUs"
     print(why)
     assert measured <= 1.15 * rate, why
-    assert measured >= 0.85 * rate or idle < SATURATED_IDLE_CPUS, why
+    _lower_bound(measured >= 0.85 * rate, idle, why)
     assert result.egress is not None
     assert result.egress.bytes_down >= blob
     assert result.egress.refused == 1
