@@ -220,16 +220,13 @@ def test_remaining_example() -> None:
     assert left.network is NetworkMode.NONE
 
 
-def test_for_host_and_validation() -> None:
-    policy = LendingPolicy.for_host(host_cpus=2, cpu_fraction=0.5, max_vcpus=2)
-    assert policy.max_cpu_share == 1.0
-    assert policy.max_vcpus == 2
+def test_validation() -> None:
     with pytest.raises(ValueError, match="max_memory_mib"):
         LendingPolicy(max_memory_mib=-1)
     with pytest.raises(ValueError, match="max_cpu_share"):
         LendingPolicy(max_cpu_share=float("nan"))
-    with pytest.raises(ValueError, match="cpu_fraction"):
-        LendingPolicy.for_host(host_cpus=2, cpu_fraction=1.5)
+    with pytest.raises(ValueError, match="max_disk_iops"):
+        LendingPolicy(max_disk_iops=-1)
     # Whatever collection config hands over, the policy stays hashable.
     assert hash(LendingPolicy(schedulers={"A"})) == hash(LendingPolicy(schedulers=frozenset("A")))  # type: ignore[arg-type]
 

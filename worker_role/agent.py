@@ -192,7 +192,6 @@ class WorkerAgent:
         self._shares = Shares(dict(config.shares))
         self._resting: dict[str, float] = {}  # scheduler -> when it may be asked again (NoWork)
         self._images: set[bytes] = set()
-        self._room = trio.Event()
         self._controls_changed = trio.Event()
         self._poked = trio.Event()  # room or controls changed: the offer loop looks again
         self.backend: VmBackend
@@ -241,8 +240,6 @@ class WorkerAgent:
         tmp.replace(self._state_path)
 
     def _room_changed(self) -> None:
-        self._room.set()
-        self._room = trio.Event()
         self._resting.clear()  # with new room, every scheduler may have work for us again
         self._poke()
 

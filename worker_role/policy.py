@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from node.errors import VmlendError
 from worker_role.caps import Caps, NetworkMode
@@ -58,7 +57,7 @@ class LendingPolicy:
     """What a lender allows, in the units of :class:`Caps`.
 
     ``max_cpu_share`` is host CPUs' worth (the unit of ``Caps.cpu_share``) all lent VMs together may
-    use: 1.0 on a 2-core host lends half the machine; see :meth:`for_host` to give it as a fraction.
+    use: 1.0 on a 2-core host lends half the machine.
     ``max_disk_bps``/``max_net_bps`` (bytes/s) and ``max_disk_iops`` (operations/s) of ``None`` mean
     no limit; when set, a request must carry its own finite rate (0, "unlimited", is refused).
     ``schedulers`` holds the peer IDs of the schedulers served; empty means any. ``net_allow`` is
@@ -95,15 +94,6 @@ class LendingPolicy:
         if self.net_allow is not None:
             object.__setattr__(self, "net_allow", tuple(self.net_allow))
             AllowList(self.net_allow)  # raises InvalidAllowRule (a ValueError) on a bad entry
-
-    @classmethod
-    def for_host(cls, *, host_cpus: int, cpu_fraction: float, **limits: Any) -> LendingPolicy:
-        """A policy lending ``cpu_fraction`` of a host with ``host_cpus`` CPUs (0.5 = half)."""
-        if host_cpus < 1:
-            raise ValueError(f"host_cpus must be >= 1, got {host_cpus}")
-        if not 0 <= cpu_fraction <= 1:
-            raise ValueError(f"cpu_fraction must be in [0, 1], got {cpu_fraction}")
-        return cls(max_cpu_share=host_cpus * cpu_fraction, **limits)
 
     def serves(self, scheduler: str) -> bool:
         """Whether work from the scheduler with this peer ID is accepted."""

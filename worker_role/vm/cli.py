@@ -1,7 +1,6 @@
 """``vmlend vm run``: run a command in a capped tiny VM on this machine, as a lender's self-check.
 
-The lead wires :func:`add_vm_parser` into ``node/cli.py``; until then
-``python -m worker_role.vm.cli vm run -- echo hi`` does the same. The exit code is the guest
+:func:`add_vm_parser` adds it to ``vmlend`` (in ``node/cli.py``). The exit code is the guest
 command's, 124 when it hit its time limit, 125 when the VM itself failed or was refused.
 """
 

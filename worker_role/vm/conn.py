@@ -56,14 +56,6 @@ def translated(what: str) -> Iterator[None]:
         raise VmError(f"{what}: {e.get_error_message() or e}") from e
 
 
-def is_no_domain(e: BaseException) -> bool:
-    cause = e.__cause__ if isinstance(e, VmError) else e
-    return (
-        isinstance(cause, libvirt.libvirtError)
-        and cause.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
-    )
-
-
 class Connection:
     """A libvirt connection for trio code. ``call`` runs a blocking function in a thread.
 
