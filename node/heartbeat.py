@@ -22,9 +22,15 @@ class Liveness:
         return self._live
 
     def seen(self, peer_id: str, now: float) -> bool:
-        """Record a heartbeat from ``peer_id``; True if that changed the live set."""
+        """Record a heartbeat from ``peer_id``; True if that made it live.
+
+        Expiring the others is :meth:`sweep`'s job (once per interval), not every heartbeat's:
+        sweeping here made each interval cost O(peers^2)."""
         self._last_seen[peer_id] = max(now, self._last_seen.get(peer_id, now))
-        return self.sweep(now)
+        if peer_id in self._live:
+            return False
+        self._live = self._live | {peer_id}
+        return True
 
     def last_seen(self, peer_id: str) -> float | None:
         return self._last_seen.get(peer_id)
