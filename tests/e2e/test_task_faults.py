@@ -6,6 +6,7 @@ The scheduler runs with a 6 s lease timeout so that a dead worker's lease lapses
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -149,8 +150,10 @@ async def test_deadline_passed_stops_the_task_and_reports_it(
     async with network(tmp_path, roles, monkeypatch) as nodes:
         owner, worker = nodes[0], nodes[2]
         assert worker.process is not None
-        # The guest's own limit (max_runtime) is far off: only the deadline can end it in time.
-        limits = 'max_runtime = "5m"\ndeadline = "20s"\n'
+        # The guest's own limit (max_runtime) is far off: only the deadline can end it in time. A
+        # deadline as a duration may not be shorter than max_runtime; as a UTC time it may.
+        when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=40)
+        limits = f'max_runtime = "5m"\ndeadline = {when:%Y-%m-%dT%H:%M:%SZ}\n'
         text = task_text("echo started; sleep 300", limits=limits)
         with trio.fail_after(150):
             task_id = await submit(owner, text, tmp_path)
