@@ -6,6 +6,7 @@ This is one of the two modules of ``node`` allowed to import the roles (the othe
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from node.store import Database
 from scheduler_role.owner_node import OwnerService
 from scheduler_role.service import SchedulerService
 from worker_role import tinyos
-from worker_role.agent import WorkerAgent, policy_of
+from worker_role.agent import WorkerAgent, policy_of, tamper_from_env
 from worker_role.egress_errors import InvalidAllowRule
 
 log = logging.getLogger("vmlend.node.daemon")
@@ -116,8 +117,9 @@ class Node:
                     await nursery.start(ReplicationService(self.p2p, catalog.library).run)
                 if self.config.has_role("worker"):
                     self.agent = WorkerAgent(
-                        self.p2p, blobs, self.identity, self.data_dir, self.config.worker
-                    )
+                        self.p2p, blobs, self.identity, self.data_dir, self.config.worker,
+                        tamper_result=tamper_from_env(os.environ),
+                    )  # fmt: skip
                     await nursery.start(self.agent.run)
                 task_status.started(addrs)
 

@@ -118,6 +118,9 @@ async def test_three_replicas_quorum_two_outvote_a_wrong_worker(
     agreeing = set(status["reported_by"]) - set(status["dissenters"])
     assert len(agreeing) >= 2
     assert wrong not in agreeing
+    # Whether the wrong worker reports at all is a race: if both honest workers report first,
+    # quorum ends the task and its replica is stopped. The dissent path itself is proved
+    # deterministically on the real queue (tests/scheduler/test_queue.py, quorum tests).
     assert (wrong in status["reported_by"]) == (wrong in status["dissenters"])
 
 
