@@ -3,11 +3,14 @@
     .venv/bin/python -m bench.transfer [--mib 512] [--dir DIR]
 
 Measured in one run: a raw TCP copy of the blob's bytes (two threads, blocking sockets, into
-memory); the chunk store alone storing its chunks as a fetch does (no network); ``blob.get`` on
-a fresh node from 1 provider and from 3 providers (the fetcher stores, fsyncs and indexes every
-chunk), and from 1 provider with chunks on libp2p streams instead of the data channel; then a
-second blob sharing 90 % of its bytes with the first (ten 1/100 slices rewritten): how many
-bytes moved. Progress goes to stderr.
+memory), and the same copy into a file made durable with fdatasync (``nc > FILE && sync``: the
+guarantee a fetch gives); the chunk store alone storing its chunks as a fetch does (no network);
+``blob.get`` on a fresh node from 1 provider and from 3 providers (the fetcher stores, fsyncs
+and indexes every chunk), from 1 provider with chunks on libp2p streams instead of the data
+channel, and from 1 provider into a node whose store is on tmpfs (the transfer without the
+disk); then a second blob sharing 90 % of its bytes with the first (ten 1/100 slices
+rewritten): how many bytes moved. Each step starts after ``sync``, with no dirty pages left by
+the one before. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +65,44 @@ def raw_tcp_copy(data: bytes) -> float:
     server.close()
     assert buf == data
     return seconds
+
+
+def raw_tcp_to_disk(data: bytes, path: Path) -> float:
+    """Seconds to move ``data`` over one loopback TCP connection into a file and fdatasync it
+    (``nc > FILE && sync``): the same bytes made durable with no chunking, hashing or index."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def send() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(data)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    buf = bytearray(4 * MIB)
+    view = memoryview(buf)
+    began = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            while count := sock.recv_into(view):
+                os.write(fd, view[:count])
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - began
+    sender.join()
+    server.close()
+    assert path.stat().st_size == len(data)
+    path.unlink()
+    return seconds
+
+
+def settle() -> None:
+    """Write back what earlier steps left dirty, so each measurement starts with an idle disk
+    (otherwise the kernel throttles whichever step comes after a big write)."""
+    os.sync()
 
 
 def make_data(mib: int, seed: int) -> bytes:
@@ -109,7 +153,7 @@ async def store_only(data: bytes, root: Path) -> float:
         async def put(batch: list[Any]) -> None:
             try:
                 with store.pins() as pins:
-                    await store.put_many(batch, pins=pins)
+                    await store.put_many(batch, pins=pins, verified=True)
             finally:
                 limit.release()
 
@@ -121,6 +165,45 @@ async def store_only(data: bytes, root: Path) -> float:
         return time.perf_counter() - began
 
 
+async def fetch_case(
+    into: LocalNode, blob_id: str, sources: list[LocalNode], out: Path, channel: bool
+) -> dict[str, Any]:
+    """``blob.get`` on ``into`` (its copy dropped and collected first) from ``sources``."""
+    if await into.call("blob.ls"):
+        await into.call("blob.rm", blob_id)
+    await into.call("blob.gc")
+    result = await get(into, blob_id, [s.addrs[0] for s in sources], out, channel=channel)
+    got = await trio.to_thread.run_sync(out.read_bytes)
+    await trio.to_thread.run_sync(out.unlink)
+    return {
+        "transfer_seconds": result["seconds"],
+        "setup_seconds": result["setup_seconds"],
+        "store_seconds": result["store_seconds"],
+        "wall_seconds_incl_export": result["wall_seconds"],
+        "mib_s": result["bytes_total"] / result["seconds"] / MIB,
+        "bytes_fetched": result["bytes_fetched"],
+        "out": got,
+    }
+
+
+@asynccontextmanager
+async def in_ram_node(bootstrap: LocalNode) -> AsyncIterator[LocalNode]:
+    """A node whose data directory (chunk store included) is on tmpfs, where fsync costs
+    nothing: fetching into it measures the transfer without the disk."""
+    ram = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="bench-transfer-"))
+    try:
+        async with trio.open_nursery() as nursery:
+            node = LocalNode("ram", ram / "node", ("owner",), bootstrap.addrs[:1])
+            await node.start(nursery)
+            try:
+                yield node
+            finally:
+                with trio.CancelScope(shield=True):
+                    await node.stop()
+    finally:
+        shutil.rmtree(ram, ignore_errors=True)
+
+
 async def run(mib: int, base: Path) -> dict[str, Any]:
     data = make_data(mib, 1)
     first = base / "first.bin"
@@ -128,14 +211,21 @@ async def run(mib: int, base: Path) -> dict[str, Any]:
     second_data = variant(data, 2)
     second = base / "second.bin"
     second.write_bytes(second_data)
+    settle()
     raw = min(raw_tcp_copy(data) for _ in range(3))
     note(f"raw TCP: {len(data) / raw / MIB:.0f} MiB/s")
+    settle()
+    raw_disk = raw_tcp_to_disk(data, base / "raw-to-disk.bin")
+    note(f"raw TCP into a file, fdatasync'ed: {len(data) / raw_disk / MIB:.0f} MiB/s")
+    settle()
     stored = await store_only(data, base / "store-only")
     note(f"chunk store alone: {len(data) / stored / MIB:.0f} MiB/s")
     report: dict[str, Any] = {
         "blob_bytes": len(data),
         "raw_tcp_seconds": raw,
         "raw_tcp_mib_s": len(data) / raw / MIB,
+        "raw_tcp_to_disk_seconds": raw_disk,
+        "raw_tcp_to_disk_mib_s": len(data) / raw_disk / MIB,
         "store_only_seconds": stored,
         "store_only_mib_s": len(data) / stored / MIB,
     }
@@ -150,31 +240,22 @@ async def run(mib: int, base: Path) -> dict[str, Any]:
             note(f"added on {p.name} in {add_seconds[-1]:.2f}s")
         report["add_seconds_per_provider"] = add_seconds
         report["load_average_1min"] = os.getloadavg()[0]
-        cases = (
-            ("one_provider", providers[:1], True),
-            ("three_providers", providers, True),
-            ("one_provider_libp2p_streams_only", providers[:1], False),
-        )
-        for label, srcs, channel in cases:
-            if await fetcher.call("blob.ls"):
-                await fetcher.call("blob.rm", blob_id)
-            await fetcher.call("blob.gc")
-            out = base / f"out-{label}.bin"
-            sources = [s.addrs[0] for s in srcs]
-            result = await get(fetcher, blob_id, sources, out, channel=channel)
-            assert out.read_bytes() == data
-            out.unlink()
-            rate = len(data) / result["seconds"] / MIB
-            note(f"{label}: {rate:.0f} MiB/s (transfer), {result['wall_seconds']:.2f}s wall")
-            report[label] = {
-                "transfer_seconds": result["seconds"],
-                "setup_seconds": result["setup_seconds"],
-                "store_seconds": result["store_seconds"],
-                "wall_seconds_incl_export": result["wall_seconds"],
-                "mib_s": rate,
-                "ratio_to_raw_tcp": raw / result["seconds"],
-                "bytes_fetched": result["bytes_fetched"],
-            }
+        async with in_ram_node(nodes[0]) as ram_fetcher:
+            cases = (
+                ("one_provider", fetcher, providers[:1], True),
+                ("three_providers", fetcher, providers, True),
+                ("one_provider_libp2p_streams_only", fetcher, providers[:1], False),
+                # The same fetch into a chunk store on tmpfs: the network and CPU side alone.
+                ("one_provider_store_in_ram", ram_fetcher, providers[:1], True),
+            )
+            for label, into, srcs, channel in cases:
+                settle()
+                case = await fetch_case(into, blob_id, srcs, base / f"out-{label}.bin", channel)
+                assert case.pop("out") == data
+                case["ratio_to_raw_tcp"] = raw / case["transfer_seconds"]
+                case["ratio_to_raw_tcp_to_disk"] = raw_disk / case["transfer_seconds"]
+                note(f"{label}: {case['mib_s']:.0f} MiB/s, {case['ratio_to_raw_tcp']:.2f}x raw TCP")
+                report[label] = case
         second_id = (await providers[0].call("blob.add", str(second)))["id"]
         out = base / "out-second.bin"
         result = await get(fetcher, second_id, [providers[0].addrs[0]], out)

@@ -214,7 +214,7 @@ class BlobStore:
                         async for batch in receive:
                             if len(refs) + len(batch) > MAX_BLOB_CHUNKS:
                                 raise CatalogError(f"blob too large: over {MAX_BLOB_CHUNKS} chunks")
-                            await self.chunks.put_many(batch, pins=pins)
+                            await self.chunks.put_many(batch, pins=pins, verified=True)
                             refs.extend(ChunkRef(chunk_id, len(data)) for chunk_id, data in batch)
                             done += sum(len(data) for _, data in batch)
                             if progress is not None:

@@ -21,6 +21,7 @@ against the request at the head of the queue and refuses lengths over ``MAX_CHUN
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import struct
 from collections import deque
@@ -52,6 +53,28 @@ KEY_SIZE = 32
 TAG_SIZE = 16
 
 ReadChunk = Callable[[ChunkId], Awaitable[bytes]]
+OpenChunk = Callable[[ChunkId], Awaitable["ChunkFile"]]
+SMALL = 65536  # answers up to this size go out in one send with their header
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFile:
+    """An open, read-only chunk file to send with ``sendfile``; the sender closes ``fd``."""
+
+    fd: int
+    size: int
+
+
+@dataclass(slots=True)
+class _Answer:
+    header: bytes
+    data: bytes = b""
+    file: ChunkFile | None = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            os.close(self.file.fd)
+            self.file = None
 
 
 # ------------------------------------------------------------------------------------ tokens
@@ -116,6 +139,7 @@ class DataServer:
         self,
         read_chunk: ReadChunk,
         *,
+        open_chunk: OpenChunk | None = None,
         host: str,
         port: int = 0,
         token_timeout: float = 10.0,
@@ -123,6 +147,7 @@ class DataServer:
     ) -> None:
         self.tokens = TokenBook()
         self._read_chunk = read_chunk
+        self._open_chunk = open_chunk
         self._host = host
         self._port = port
         self._token_timeout = token_timeout
@@ -170,9 +195,9 @@ class DataServer:
         peer = grant.peer
         cipher = ChaCha20Poly1305(grant.key) if grant.key is not None else None
         sent = 0
-        # Read ahead: the next chunks come off the disk (and are verified) while this one is
-        # being sent. Answers stay in request order.
-        answers, outbox = trio.open_memory_channel[tuple[bytes, bytes]](READ_AHEAD)
+        # Read ahead: the next chunks come off the disk while this one is being sent. Answers
+        # stay in request order.
+        answers, outbox = trio.open_memory_channel[_Answer](READ_AHEAD)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_answers, stream, outbox, nursery.cancel_scope)
             async with answers:
@@ -185,31 +210,72 @@ class DataServer:
                     try:
                         if grant.scope is not None and chunk_id not in grant.scope:
                             raise MissingChunkError(chunk_id.hex())  # not for this token
-                        data = await self._read_chunk(ChunkId(chunk_id))
-                        status = STATUS_OK
+                        if cipher is None and self._open_chunk is not None:
+                            file = await self._open_chunk(ChunkId(chunk_id))
+                            header = _HEADER.pack(STATUS_OK, chunk_id, file.size)
+                            answer = _Answer(header, file=file)
+                        else:
+                            data = await self._read_chunk(ChunkId(chunk_id))
+                            if cipher is not None:
+                                data = cipher.encrypt(_nonce(sent), data, chunk_id)
+                                sent += 1
+                            answer = _Answer(_HEADER.pack(STATUS_OK, chunk_id, len(data)), data)
                     except (CatalogError, OSError) as e:  # missing, corrupt, disk failure
                         log.debug("data channel: %s asked for %s: %s", peer, chunk_id.hex(), e)
-                        data, status = b"", STATUS_NOT_FOUND
-                    if cipher is not None and data:
-                        data = cipher.encrypt(_nonce(sent), data, chunk_id)
-                        sent += 1
-                    await answers.send((_HEADER.pack(status, chunk_id, len(data)), data))
+                        answer = _Answer(_HEADER.pack(STATUS_NOT_FOUND, chunk_id, 0))
+                    try:
+                        await answers.send(answer)
+                    except BaseException:
+                        answer.close()
+                        raise
 
     @staticmethod
     async def _send_answers(
         stream: trio.SocketStream,
-        outbox: trio.MemoryReceiveChannel[tuple[bytes, bytes]],
+        outbox: trio.MemoryReceiveChannel[_Answer],
         connection: trio.CancelScope,
     ) -> None:
         async with outbox:
             try:
-                async for header, data in outbox:
-                    await stream.send_all(header + data if len(data) < 65536 else header)
-                    if len(data) >= 65536:
-                        await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                async for answer in outbox:
+                    try:
+                        await _send_answer(stream, answer)
+                    finally:
+                        answer.close()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 log.debug("data channel: the peer went away: %s", e)
                 connection.cancel()
+            finally:
+                while True:  # answers read ahead but never sent still hold open files
+                    try:
+                        outbox.receive_nowait().close()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+
+
+async def _send_answer(stream: trio.SocketStream, answer: _Answer) -> None:
+    data, file = answer.data, answer.file
+    if file is None:
+        if len(data) < SMALL:
+            await stream.send_all(answer.header + data)
+        else:
+            await stream.send_all(answer.header)
+            await stream.send_all(data)
+        return
+    await stream.send_all(answer.header)
+    # sendfile: the kernel moves the file's cached pages to the socket, with no copy into
+    # Python and back (the fetcher verifies every chunk, so the provider need not read it).
+    sock = stream.socket
+    offset = 0
+    while offset < file.size:
+        await sock.wait_writable()
+        try:
+            count = os.sendfile(sock.fileno(), file.fd, offset, file.size - offset)
+        except BlockingIOError:
+            continue
+        if count == 0:  # the file is shorter than it was when opened: cut the answer short
+            raise StreamBrokenError(f"chunk file ended after {offset} of {file.size} bytes")
+        offset += count
 
 
 async def _read_request(reader: _Reader, peer: str) -> bytearray | None:

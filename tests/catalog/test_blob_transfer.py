@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -26,7 +27,18 @@ PARAMS = ChunkParams(min_size=16 * KIB, avg_size=64 * KIB, max_size=256 * KIB)
 MIB = 1 << 20
 
 
-class CorruptingStore(ChunkStore):
+class RogueStore(ChunkStore):
+    """Serves through :meth:`get` on both paths: what a rogue ``get`` returns is also what the
+    data channel's sendfile path sends (from an in-memory file)."""
+
+    async def open_file(self, chunk_id: ChunkId) -> tuple[int, int]:
+        data = await self.get(chunk_id)
+        fd = os.memfd_create("chunk", os.MFD_CLOEXEC)
+        os.write(fd, data)
+        return fd, len(data)
+
+
+class CorruptingStore(RogueStore):
     """A malicious provider's store: every chunk it serves has its first byte changed."""
 
     async def get(self, chunk_id: ChunkId, *, verify: bool | None = None) -> bytes:
@@ -34,14 +46,14 @@ class CorruptingStore(ChunkStore):
         return bytes([data[0] ^ 0xFF]) + data[1:]
 
 
-class TruncatingStore(ChunkStore):
+class TruncatingStore(RogueStore):
     """Serves every chunk one byte short."""
 
     async def get(self, chunk_id: ChunkId, *, verify: bool | None = None) -> bytes:
         return (await super().get(chunk_id, verify=verify))[:-1]
 
 
-class FreezingStore(ChunkStore):
+class FreezingStore(RogueStore):
     """Serves three chunks, then never answers again (no error, no EOF: frozen)."""
 
     served = 0

@@ -41,6 +41,34 @@ async def test_put_refuses_bytes_that_do_not_match_the_expected_id(store: ChunkS
     assert (await store.usage()).chunk_count == 0
 
 
+async def test_put_many_reverifies_unless_the_caller_vouches(store: ChunkStore) -> None:
+    data = b"bytes the caller hashed"
+    with store.pins() as pins, pytest.raises(ChunkCorruptError):
+        await store.put_many([(hash_chunk(b"something else"), data)], pins=pins)
+    assert (await store.usage()).chunk_count == 0
+    # verified=True skips that pass (a fetch's plan hashed these buffers already); if a caller
+    # vouches falsely, verify-on-read still refuses the bytes and takes the chunk out.
+    wrong_id = hash_chunk(b"something else")
+    with store.pins() as pins:
+        await store.put_many([(wrong_id, data)], pins=pins, verified=True)
+    with pytest.raises(ChunkCorruptError):
+        await store.get(wrong_id)
+    assert await store.present([wrong_id]) == set()
+
+
+async def test_open_file_is_the_chunk_as_stored(store: ChunkStore) -> None:
+    data = random_bytes(300_000, 3)
+    chunk_id = await store.put(data)
+    fd, size = await store.open_file(chunk_id)
+    try:
+        assert size == len(data)
+        assert os.pread(fd, size + 1, 0) == data
+    finally:
+        os.close(fd)
+    with pytest.raises(MissingChunkError):
+        await store.open_file(hash_chunk(b"nope"))
+
+
 async def test_get_unknown_chunk(store: ChunkStore) -> None:
     with pytest.raises(MissingChunkError):
         await store.get(hash_chunk(b"nope"))

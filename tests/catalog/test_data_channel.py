@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -11,7 +12,7 @@ import pytest
 import trio
 
 from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, hash_chunk
-from catalog.data_channel import DataConnection, DataServer, TokenBook
+from catalog.data_channel import ChunkFile, DataConnection, DataServer, TokenBook
 from catalog.errors import MissingChunkError
 from node.errors import RemoteProtocolError, StreamBrokenError
 
@@ -42,10 +43,25 @@ async def read_chunk(chunk_id: ChunkId) -> bytes:
     raise MissingChunkError(chunk_id.hex())
 
 
+def file_of(data: bytes) -> ChunkFile:
+    fd = os.memfd_create("chunk", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return ChunkFile(fd, len(data))
+
+
+async def open_chunk(chunk_id: ChunkId) -> ChunkFile:
+    return file_of(await read_chunk(chunk_id))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[DataServer]:
+    """Public chunks go out by sendfile (``open_chunk``), encrypted ones through ``read_chunk``."""
     async with trio.open_nursery() as nursery:
-        srv = DataServer(read_chunk, host="127.0.0.1", token_timeout=1.0)
+        srv = DataServer(read_chunk, open_chunk=open_chunk, host="127.0.0.1", token_timeout=1.0)
         await nursery.start(srv.run)
         yield srv
         nursery.cancel_scope.cancel()
@@ -213,4 +229,45 @@ async def test_a_disk_error_is_answered_not_found() -> None:
         conn = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
         assert await conn.get(CHUNK_ID) is None  # the fetcher asks another provider
         assert await conn.get(ChunkId(bytes(32))) is None  # and the connection still works
+        nursery.cancel_scope.cancel()
+
+
+async def test_sendfile_answers_close_every_file() -> None:
+    before = open_fds()
+    async with trio.open_nursery() as nursery:
+        srv = DataServer(read_chunk, open_chunk=open_chunk, host="127.0.0.1")
+        await nursery.start(srv.run)
+        conn = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
+        async with trio.open_nursery() as gets:
+            for _ in range(20):
+                gets.start_soon(conn.get, CHUNK_ID)
+        assert conn.bytes_received == 20 * len(CHUNK)
+        await conn.aclose()
+        # A fetcher that asks for many chunks and vanishes without reading the answers.
+        stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
+        await stream.send_all(srv.tokens.issue("me", trio.current_time()))
+        await stream.send_all((b"\x01" + CHUNK_ID) * 50)
+        await stream.aclose()
+        again = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
+        assert await again.get(CHUNK_ID) == bytearray(CHUNK)  # the server carries on
+        await again.aclose()
+        nursery.cancel_scope.cancel()
+    # Every file opened for an answer, sent or only read ahead, is closed by now.
+    assert open_fds() == before
+
+
+async def test_a_chunk_file_shorter_than_opened_breaks_only_its_connection() -> None:
+    async def shrunk(chunk_id: ChunkId) -> ChunkFile:
+        file = file_of(await read_chunk(chunk_id))
+        os.ftruncate(file.fd, 10)  # e.g. someone truncated it after it was opened
+        return file
+
+    async with trio.open_nursery() as nursery:
+        srv = DataServer(read_chunk, open_chunk=shrunk, host="127.0.0.1")
+        await nursery.start(srv.run)
+        conn = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
+        with pytest.raises(StreamBrokenError):
+            await conn.get(CHUNK_ID)  # cut short: the fetcher drops this connection
+        again = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
+        assert await again.get(ChunkId(bytes(32))) is None  # the server still serves
         nursery.cancel_scope.cancel()
