@@ -22,6 +22,7 @@ demo: setup
 
 lint: setup-venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 # The full suite includes the from-scratch rebuild that proves the debian-12 layers reproducible.

@@ -107,7 +107,8 @@ def store(data: bytes, runs: int, workdir: Path) -> dict[str, object]:
     out["add_file_new"] = round(n / min(firsts) / 1e6, 1)
     out["add_file_again_dedup"] = round(n / min(seconds) / 1e6, 1)
     out["add_file_vs_copy_fsync"] = round(
-        float(out["add_file_new"]) / float(out["plain_copy_fsync"]), 2  # type: ignore[arg-type]
+        float(out["add_file_new"]) / float(out["plain_copy_fsync"]),
+        2,  # type: ignore[arg-type]
     )
     return out
 

@@ -68,24 +68,48 @@ def plain_qemu_boot(runs: int, accel: Accel, work: Path) -> list[float]:
             check=True,
         )
         cmd = [
-            "qemu-system-x86_64", "-machine", f"pc,accel={'kvm' if accel is Accel.KVM else 'tcg'}",
-            "-m", str(GUEST_MIB), "-nodefaults", "-no-user-config", "-display", "none",
-            "-no-reboot", "-serial", f"file:{work / 'console.log'}",
-            "-kernel", str(tiny.kernel), "-initrd", str(tiny.initrd), "-append", tiny.cmdline,
+            "qemu-system-x86_64",
+            "-machine",
+            f"pc,accel={'kvm' if accel is Accel.KVM else 'tcg'}",
+            "-m",
+            str(GUEST_MIB),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            f"file:{work / 'console.log'}",
+            "-kernel",
+            str(tiny.kernel),
+            "-initrd",
+            str(tiny.initrd),
+            "-append",
+            tiny.cmdline,
         ]
-        for path, serial, ro in ((task, "vmlend-task", True), (scratch, "vmlend-scratch", False),
-                                 (result, "vmlend-result", False)):
+        for path, serial, ro in (
+            (task, "vmlend-task", True),
+            (scratch, "vmlend-scratch", False),
+            (result, "vmlend-result", False),
+        ):
             ident = serial.split("-")[1]
-            cmd += ["-drive", f"file={path},format=raw,if=none,id={ident}"
-                    + (",readonly=on" if ro else ""),
-                    "-device", f"virtio-blk-pci,drive={ident},serial={serial}"]
+            cmd += [
+                "-drive",
+                f"file={path},format=raw,if=none,id={ident}" + (",readonly=on" if ro else ""),
+                "-device",
+                f"virtio-blk-pci,drive={ident},serial={serial}",
+            ]
         cmd += ["-device", "virtio-serial-pci"]
         for name in ("stdout", "stderr"):
-            cmd += ["-chardev", f"file,id={name},path={work / name}",
-                    "-device", f"virtserialport,chardev={name},name=vmlend.{name}"]
+            cmd += [
+                "-chardev",
+                f"file,id={name},path={work / name}",
+                "-device",
+                f"virtserialport,chardev={name},name=vmlend.{name}",
+            ]
         t0 = time.monotonic()
         subprocess.run(cmd, check=True, timeout=120)
-        got = parse_result(result.read_bytes()[:1 << 20])
+        got = parse_result(result.read_bytes()[: 1 << 20])
         times.append(time.monotonic() - t0)
         if got is None or got.exit_code != 0:
             raise RuntimeError(f"plain QEMU run failed: {(work / 'console.log').read_text()}")
@@ -137,8 +161,9 @@ async def concurrent(backend: VmBackend, max_vms: int, idle: dict[str, Any]) -> 
         async def one() -> None:
             send, receive = trio.open_memory_channel[OutputChunk](16)
             task = TaskSpec(argv=IDLE, timeout_s=3600)
-            async with backend.start(Image.tiny(), task, Caps(memory_mib=GUEST_MIB),
-                                     output=send) as vm:
+            async with backend.start(
+                Image.tiny(), task, Caps(memory_mib=GUEST_MIB), output=send
+            ) as vm:
                 await wait_ready(receive)
                 uss.append(psutil.Process(vm.qemu_pid()).memory_full_info().uss)
                 count["ready"] += 1
@@ -167,7 +192,8 @@ async def concurrent(backend: VmBackend, max_vms: int, idle: dict[str, Any]) -> 
         "available_memory_drop_per_vm_mib": round(used / max(ready, 1) / 2**20, 1),
         "memory_bound_estimate": int(0.9 * total_mem / per_vm) if per_vm else 0,
         "cpu_bound_estimate_idle": int(cpus / idle["idle_cpu_fraction"])
-        if idle["idle_cpu_fraction"] > 0 else None,
+        if idle["idle_cpu_fraction"] > 0
+        else None,
         "host_load_average_1m": round(psutil.getloadavg()[0], 1),
         "note": "measured up to 'asked'; estimates extrapolate from each QEMU's unique memory "
         "(90% of host RAM) and idle CPU (all host CPUs), the smaller one bounds",

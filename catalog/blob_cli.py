@@ -97,8 +97,10 @@ def cmd_get(args: argparse.Namespace) -> int:
                 elif bar is not None and event["event"] == "progress":
                     bar.show(event)
                 elif event["event"] == "peer":
-                    print(f"peer {event['peer']} {event['status']}: {event['reason']}",
-                          file=sys.stderr)
+                    print(
+                        f"peer {event['peer']} {event['status']}: {event['reason']}",
+                        file=sys.stderr,
+                    )
             else:
                 result = dict(item.value)
                 if bar is not None:
@@ -106,9 +108,11 @@ def cmd_get(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps({"event": "done", **result}), flush=True)
                 else:
-                    print(f"{result['id']} -> {result['out']} "
-                          f"({result['bytes_fetched']} bytes fetched, "
-                          f"{result['bytes_present']} already here, {result['seconds']:.2f}s)")
+                    print(
+                        f"{result['id']} -> {result['out']} "
+                        f"({result['bytes_fetched']} bytes fetched, "
+                        f"{result['bytes_present']} already here, {result['seconds']:.2f}s)"
+                    )
     return 0
 
 

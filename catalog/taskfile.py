@@ -64,8 +64,18 @@ MAX_FILE_SIZE = 1 << 20
 MIB = 1024 * 1024
 
 _TOP_KEYS = {
-    "name", "os", "packages", "command", "env", "files", "cwd", "resources", "limits",
-    "replicas", "quorum", "image",
+    "name",
+    "os",
+    "packages",
+    "command",
+    "env",
+    "files",
+    "cwd",
+    "resources",
+    "limits",
+    "replicas",
+    "quorum",
+    "image",
 }
 _NOT_WITH_IMAGE = ("os", "packages", "files")
 IMAGE_REF_RE = re.compile(r"[0-9a-f]{64}|[a-z0-9][a-z0-9._-]{0,63}(@[A-Za-z0-9._+-]{1,64})?")
@@ -139,9 +149,7 @@ def loads(text: str, *, source: str = "<task>", base_dir: Path = Path(".")) -> T
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
-        raise TaskFileError(
-            str(e), source=source, line=int(m[1]) if m else None, key=None
-        ) from e
+        raise TaskFileError(str(e), source=source, line=int(m[1]) if m else None, key=None) from e
     return _Parser(text, source, base_dir).task(raw)
 
 
@@ -166,11 +174,16 @@ class _Parser:
     ) -> Any:
         value = table.get(key[-1], default)
         # bool is an int in Python; a task file saying cpus = true is a mistake.
-        if value is not default and (not isinstance(value, kind) or (
-            kind in (int, float) and isinstance(value, bool)
-        )):
-            want = {str: "a string", int: "an integer", float: "a number", list: "an array",
-                    dict: "a table"}[kind]
+        if value is not default and (
+            not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool))
+        ):
+            want = {
+                str: "a string",
+                int: "an integer",
+                float: "a number",
+                list: "an array",
+                dict: "a table",
+            }[kind]
             raise self.fail(key, f"must be {want}, not {type(value).__name__}")
         return value
 
@@ -180,7 +193,9 @@ class _Parser:
         for required in ("name", "command") if image else ("name", "os", "command"):
             if required not in raw:
                 raise TaskFileError(
-                    f"missing required key {required!r}", source=self.source, line=None,
+                    f"missing required key {required!r}",
+                    source=self.source,
+                    line=None,
                     key=required,
                 )
         name = self.typed(raw, ("name",), str, None)
@@ -320,7 +335,7 @@ class _Parser:
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # a bare number is bytes / seconds
         if not isinstance(value, str):
-            raise self.fail(key, f"must be a string like \"256MiB\" or \"10m\", not {value!r}")
+            raise self.fail(key, f'must be a string like "256MiB" or "10m", not {value!r}')
         try:
             return parse(value)
         except ValueError as e:
@@ -383,7 +398,7 @@ def find_key_line(text: str, key: tuple[str, ...]) -> int | None:
             continue  # a different key
         if depth == len(full) < len(key):
             # An inline table: does the rest of the path appear on this line?
-            rest = line[m.end():]
+            rest = line[m.end() :]
             if all(re.search(rf"(^|[\s{{,]){re.escape(k)}\s*=", rest) for k in key[depth:]):
                 depth = len(key)
         if depth > len(table) and (best is None or depth > best[0]):

@@ -323,9 +323,7 @@ class TransferPlan:
 
     def progress(self, now: float) -> Progress:
         peers = tuple(
-            PeerProgress(
-                p.peer, p.bytes_received, len(p.in_flight), p.meter.rate(now), p.status
-            )
+            PeerProgress(p.peer, p.bytes_received, len(p.in_flight), p.meter.rate(now), p.status)
             for p in sorted(self._peers.values(), key=lambda p: p.peer)
         )
         return Progress(
@@ -362,9 +360,7 @@ class TransferPlan:
         self._queue = deque(sorted(self._needed, key=lambda c: (rarity[c], self._position[c])))
 
     def _assign(self, now: float) -> list[FetchChunk]:
-        live = sorted(
-            (p for p in self._peers.values() if p.status == "live"), key=lambda p: p.peer
-        )
+        live = sorted((p for p in self._peers.values() if p.status == "live"), key=lambda p: p.peer)
         free = {p.peer: self.max_in_flight - len(p.in_flight) for p in live}
         if sum(max(n, 0) for n in free.values()) <= 0:
             return []

@@ -214,7 +214,7 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         "max_disk": k.size(minimum=1024 * 1024),
         "max_concurrent_vms": k.integer(0, 4096),
         "network_allowed": k.boolean(),
-        "net_allow": k.list_of(k.NET_ALLOW, "destinations like \"example.com:443\""),
+        "net_allow": k.list_of(k.NET_ALLOW, 'destinations like "example.com:443"'),
         "max_net_rate": k.rate(),
         "max_disk_rate": k.rate(),
         "max_disk_iops": k.integer(0),
@@ -332,8 +332,9 @@ def _entries(document: dict[str, Any], source: str) -> list[tuple[tuple[str, str
                 f"unknown section [{section}] (known: {', '.join(_SCHEMA)})", source=source
             )
         if not isinstance(table, dict):
-            raise ConfigError(f"expected a table [{section}], got {k.show(table)}",
-                              source=source, key=section)
+            raise ConfigError(
+                f"expected a table [{section}], got {k.show(table)}", source=source, key=section
+            )
         for key, raw in table.items():
             _check_known(section, key, source, f"{section}.{key}")
             entries.append(((section, key), raw))
@@ -343,8 +344,9 @@ def _entries(document: dict[str, Any], source: str) -> list[tuple[tuple[str, str
 def _check_known(section: str, key: str, source: str, dotted: str) -> None:
     dotted = dotted or '""'  # an empty flag name would otherwise vanish from the message
     if section not in _SCHEMA:
-        raise ConfigError(f"unknown section (known: {', '.join(_SCHEMA)})", source=source,
-                          key=dotted)
+        raise ConfigError(
+            f"unknown section (known: {', '.join(_SCHEMA)})", source=source, key=dotted
+        )
     if key not in _SCHEMA[section]:
         raise ConfigError(
             f"unknown key (known in [{section}]: {', '.join(_SCHEMA[section])})",
@@ -371,18 +373,22 @@ def _check_together(config: Config, origin: Mapping[tuple[str, str], str]) -> No
 
     worker, network = config.worker, config.network
     if worker.max_cpu_share > worker.max_vcpus:
-        raise fail({
-            ("worker", "max_cpu_share"): f"expected at most worker.max_vcpus "
-            f"({worker.max_vcpus}), got {worker.max_cpu_share}",
-            ("worker", "max_vcpus"): f"expected at least worker.max_cpu_share "
-            f"({worker.max_cpu_share}), got {worker.max_vcpus}",
-        })
+        raise fail(
+            {
+                ("worker", "max_cpu_share"): f"expected at most worker.max_vcpus "
+                f"({worker.max_vcpus}), got {worker.max_cpu_share}",
+                ("worker", "max_vcpus"): f"expected at least worker.max_cpu_share "
+                f"({worker.max_cpu_share}), got {worker.max_vcpus}",
+            }
+        )
     if network.peer_timeout <= network.heartbeat_interval:
-        raise fail({
-            ("network", "peer_timeout"): f"expected more than network.heartbeat_interval "
-            f"({format_duration(network.heartbeat_interval)}), "
-            f"got {format_duration(network.peer_timeout)}",
-            ("network", "heartbeat_interval"): f"expected less than network.peer_timeout "
-            f"({format_duration(network.peer_timeout)}), "
-            f"got {format_duration(network.heartbeat_interval)}",
-        })
+        raise fail(
+            {
+                ("network", "peer_timeout"): f"expected more than network.heartbeat_interval "
+                f"({format_duration(network.heartbeat_interval)}), "
+                f"got {format_duration(network.peer_timeout)}",
+                ("network", "heartbeat_interval"): f"expected less than network.peer_timeout "
+                f"({format_duration(network.peer_timeout)}), "
+                f"got {format_duration(network.heartbeat_interval)}",
+            }
+        )

@@ -177,8 +177,9 @@ def size(*, minimum: int = 0) -> Kind:
 
 
 def rate() -> Kind:
-    return _units_kind('a rate like "10MiB/s" ("0" = unlimited)', units.parse_rate,
-                       allow_number=True)
+    return _units_kind(
+        'a rate like "10MiB/s" ("0" = unlimited)', units.parse_rate, allow_number=True
+    )
 
 
 def duration() -> Kind:
@@ -265,6 +266,7 @@ def peer_weights() -> Kind:
 
 
 # --- list items -----------------------------------------------------------------------------
+
 
 def _checked(predicate: Callable[[str], bool]) -> Callable[[object], Any]:
     def parse(value: object) -> str:

@@ -114,7 +114,7 @@ def parse_rate(text: str) -> int:
         return parse_size(stripped)
     except ValueError:
         raise ValueError(
-            f"not a rate: {text!r} (expected a size per second like \"10MiB/s\")"
+            f'not a rate: {text!r} (expected a size per second like "10MiB/s")'
         ) from None
 
 

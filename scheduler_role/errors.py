@@ -43,4 +43,3 @@ class UnknownTaskError(SchedulerError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"no task {task_id} in the queue")
         self.task_id = task_id
-

@@ -59,12 +59,20 @@ def add_owner_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     run.add_argument("--cpus", type=int, default=1)
     run.add_argument("--memory", default="256MiB", metavar="SIZE")
     run.add_argument("--os", default=None, help="default tiny")
-    run.add_argument("--image", metavar="REF",
-                     help="a ready image: its ID or a catalog image NAME[@VERSION] (no --os, "
-                     "--package or --file with it)")
+    run.add_argument(
+        "--image",
+        metavar="REF",
+        help="a ready image: its ID or a catalog image NAME[@VERSION] (no --os, "
+        "--package or --file with it)",
+    )
     run.add_argument("--package", action="append", default=[], metavar="P")
-    run.add_argument("--file", action="append", default=[], metavar="PATH",
-                     help="relative to the current directory; lands under /task")
+    run.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="relative to the current directory; lands under /task",
+    )
     run.add_argument("--timeout", default="10m", help="max runtime, e.g. 30s")
     run.add_argument("--scheduler", metavar="PEER")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
@@ -128,8 +136,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(line)
         for replica in status.get("replicas", []):
             worker = replica["worker"] or "-"
-            print(f"  replica {replica['index']}: {replica['state']} {worker}"
-                  f" (attempts {replica['attempts']})")
+            print(
+                f"  replica {replica['index']}: {replica['state']} {worker}"
+                f" (attempts {replica['attempts']})"
+            )
         for worker in status.get("reported_by", []):
             print(f"  result from {worker}")
         for reason in status.get("waiting", []):

@@ -59,6 +59,7 @@ MAX_LOG_BYTES = 1 << 20  # kept per task for followers; the result holds the tai
 FETCH_TIMEOUT = 60.0
 TASKS_DIR = "tasks"
 
+
 def public_key_of(peer_id: str) -> bytes:
     """The raw Ed25519 key inside a peer ID; RemoteProtocolError if none."""
     try:
@@ -278,5 +279,3 @@ def _decode_log(raw: dict[str, Any]) -> tuple[LeaseKey, str, bytes]:
     if raw["stream"] not in ("stdout", "stderr") or not isinstance(raw["data"], bytes):
         raise RemoteProtocolError("bad log frame")
     return lease, str(raw["stream"]), raw["data"]
-
-

@@ -64,9 +64,7 @@ async def test_a_killed_node_leaves_every_peer_list_within_the_heartbeat_window(
             window = FAST["peer_timeout"] + 2 * FAST["heartbeat_interval"]
             with trio.fail_after(window + 1.0):
                 for node in nodes:
-                    await node.wait_peers(
-                        lambda ps: peer.peer_id not in {p.peer_id for p in ps}
-                    )
+                    await node.wait_peers(lambda ps: peer.peer_id not in {p.peer_id for p in ps})
         # The survivors still see each other.
         for node in nodes:
             assert len(node.peers()) == 2

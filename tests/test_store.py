@@ -130,6 +130,7 @@ async def test_a_closed_database_says_so(tmp_path: Path) -> None:
 
 # --- transactions -------------------------------------------------------------------------------
 
+
 async def test_execute_fetchone_fetchall(db: Database) -> None:
     assert await db.execute("INSERT INTO rows VALUES (?, ?)", (1, 0)) == 1
     assert await db.execute("INSERT INTO rows VALUES (:t, :s)", {"t": 1, "s": 1}) == 1
@@ -202,6 +203,7 @@ async def test_a_failed_commit_rolls_back_and_the_database_stays_usable(tmp_path
 
 # --- concurrency and cancellation ---------------------------------------------------------------
 
+
 async def test_many_tasks_writing_at_once_all_land(db: Database) -> None:
     tasks, per_task = 40, 10
 
@@ -269,6 +271,7 @@ async def test_cancel_while_queued_behind_another_leaves_it_fully_absent(db: Dat
         nursery.start_soon(db.transaction, first)
         await entered.wait()
         with trio.CancelScope() as scope:
+
             async def queue_second() -> None:
                 await db.transaction(second)
 
@@ -303,6 +306,7 @@ async def test_cancelling_writers_at_any_point_never_leaves_half_a_transaction(
 
 
 # --- a real crash -------------------------------------------------------------------------------
+
 
 class LineReader:
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:

@@ -362,8 +362,15 @@ class WorkerAgent:
                 result = await self._execute(scheduler, addrs, grant, lease)
                 report = await self._report(grant.lease, result)
                 await self._deliver(scheduler, report)
-        except* (VmError, CatalogError, PolicyError, NetworkError, ProtocolError, ValueError,
-                 trio.TooSlowError) as e:
+        except* (
+            VmError,
+            CatalogError,
+            PolicyError,
+            NetworkError,
+            ProtocolError,
+            ValueError,
+            trio.TooSlowError,
+        ) as e:
             log.warning("lease %s failed: %s", grant.lease, _first(e))
             control = self._controls.get(scheduler)
             if control is not None:

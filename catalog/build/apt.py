@@ -120,8 +120,11 @@ class Apt:
                 age = self._index_age()
                 if not refresh and age is not None and age < INDEX_MAX_AGE_S:
                     return
-                await run(["apt-get", "update", "-q"], env=self._env,
-                          what=f"apt-get update for {self.archive.name}")
+                await run(
+                    ["apt-get", "update", "-q"],
+                    env=self._env,
+                    what=f"apt-get update for {self.archive.name}",
+                )
 
     async def required(self) -> list[str]:
         """The archive's Essential and Priority: required packages (mmdebstrap's minbase,
@@ -172,8 +175,12 @@ class Apt:
         missing = [p for p in wanted if not (into / p.deb_name).is_file()]
         if missing:
             with trio.fail_after(DOWNLOAD_TIMEOUT_S):
-                await run(["apt-get", "download", "-q", *map(str, missing)], cwd=into,
-                          env=self._env, what="apt-get download")
+                await run(
+                    ["apt-get", "download", "-q", *map(str, missing)],
+                    cwd=into,
+                    env=self._env,
+                    what="apt-get download",
+                )
         paths = [into / p.deb_name for p in wanted]
         if absent := [p.name for p in paths if not p.is_file()]:
             raise BuildError(f"apt-get download did not leave {', '.join(absent)} in {into}")
@@ -217,6 +224,8 @@ def _apt_reason(error: str, packages: Sequence[str], archive: str) -> str:
     if m:
         return f"package {m[1]} has no installable version in the {archive} archive"
     if "nmet dependencies" in error:
-        return (f"{', '.join(packages)} does not fit this {archive} build (unmet dependencies; "
-                f"rebuild the OS if the archive moved on): {error}")
+        return (
+            f"{', '.join(packages)} does not fit this {archive} build (unmet dependencies; "
+            f"rebuild the OS if the archive moved on): {error}"
+        )
     return f"cannot install {', '.join(packages)} on {archive}: {error}"

@@ -125,11 +125,14 @@ class Assembler:
         manifest_blob = (await self.blobs.add_bytes(encoded)).hex()
         paths = {kernel: os_build.kernel, initrd: os_build.initrd}
         paths.update({ref.blob: x.path for ref, x in zip(refs, layers, strict=True)})
-        write_json(record, {
-            "manifest": encoded.hex(),
-            "paths": {blob: str(p) for blob, p in paths.items()},
-            "layers": [{"key": x.key, "what": x.what, "meta": dict(x.meta)} for x in layers],
-        })
+        write_json(
+            record,
+            {
+                "manifest": encoded.hex(),
+                "paths": {blob: str(p) for blob, p in paths.items()},
+                "layers": [{"key": x.key, "what": x.what, "meta": dict(x.meta)} for x in layers],
+            },
+        )
         return AssembledImage(manifest, manifest.id, manifest_blob, tuple(layers), reused=False)
 
     async def task_layer(self, task: TaskFile) -> BuiltLayer:
@@ -168,16 +171,23 @@ class Assembler:
                 (rel, await trio.to_thread.run_sync(tree_digest, task.base_dir / rel))
                 for rel in task.files
             ]
-            dirs = [
-                await trio.to_thread.run_sync(tree_digest, d) for d in task.local_packages
-            ]
+            dirs = [await trio.to_thread.run_sync(tree_digest, d) for d in task.local_packages]
         except OSError as e:
             raise TaskInputError(f"cannot read {e.filename}: {e.strerror}") from e
         # Everything the manifest says, names included (they label its layers).
         return digest(
-            RECIPE, self.boot.ident, task.name, task.os, index, task.debian_packages,
-            [(d.name, tree) for d, tree in zip(task.local_packages, dirs, strict=True)], files,
-            task.command, sorted(task.env.items()), task.cwd, default_caps(task).__repr__(),
+            RECIPE,
+            self.boot.ident,
+            task.name,
+            task.os,
+            index,
+            task.debian_packages,
+            [(d.name, tree) for d, tree in zip(task.local_packages, dirs, strict=True)],
+            files,
+            task.command,
+            sorted(task.env.items()),
+            task.cwd,
+            default_caps(task).__repr__(),
             math.ceil(task.limits.max_runtime),
         )
 

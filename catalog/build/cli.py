@@ -62,8 +62,13 @@ def add_image_parser(
     build.add_argument(
         "--data", metavar="DIR", help="data directory (default: $VMLEND_DATA or the XDG data dir)"
     )
-    build.add_argument("--cache", type=Path, metavar="DIR", default=None,
-                       help="build cache (default: $VMLEND_BUILD_CACHE or /var/cache/vmlend/build)")
+    build.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="build cache (default: $VMLEND_BUILD_CACHE or /var/cache/vmlend/build)",
+    )
     build.add_argument(
         "--publish", action="store_true", help="sign its os/package/image entries into the catalog"
     )
@@ -118,14 +123,24 @@ async def _build_here(
     async with ChunkStore.open(data / CHUNKS_DIR) as store:
         if not publish:
             return await build_and_publish(
-                task, blobs=BlobStore(store), library=None, identity=identity, boot=boot,
-                cache_dir=cache, now=time.time(),
+                task,
+                blobs=BlobStore(store),
+                library=None,
+                identity=identity,
+                boot=boot,
+                cache_dir=cache,
+                now=time.time(),
             )
         trusted = load_config(data, {}).catalog.trusted_publisher_keys
         async with open_catalog(data, identity, trusted) as catalog:
             return await build_and_publish(
-                task, blobs=BlobStore(store), library=catalog.library, identity=identity,
-                boot=boot, cache_dir=cache, now=time.time(),
+                task,
+                blobs=BlobStore(store),
+                library=catalog.library,
+                identity=identity,
+                boot=boot,
+                cache_dir=cache,
+                now=time.time(),
             )
 
 

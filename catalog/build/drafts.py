@@ -28,15 +28,22 @@ class Draft:
 
     def sign(self, identity: Identity, *, now: float) -> Entry:
         return make_entry(
-            identity, kind=self.kind, name=self.name, version=self.version,
-            blobs=self.blobs, meta=self.meta, now=now,
+            identity,
+            kind=self.kind,
+            name=self.name,
+            version=self.version,
+            blobs=self.blobs,
+            meta=self.meta,
+            now=now,
         )
 
 
 def os_draft(os_build: OsBuild, *, kernel: str, initrd: str, root: str) -> Draft:
     """An ``os`` entry: kernel, initramfs (role ``initrd``) and root layer blobs."""
     return Draft(
-        kind="os", name=os_build.name, version=os_build.version,
+        kind="os",
+        name=os_build.name,
+        version=os_build.version,
         blobs={"kernel": kernel, "initrd": initrd, "root": root},
         meta={**os_build.meta, "key": os_build.key},
     )
@@ -45,8 +52,11 @@ def os_draft(os_build: OsBuild, *, kernel: str, initrd: str, root: str) -> Draft
 def package_draft(layer: BuiltLayer, names: Sequence[str], *, blob: str) -> Draft:
     """A ``package`` entry for a layer of Debian packages (or a directory: ``names`` = its name)."""
     return Draft(
-        kind="package", name="+".join(names)[:64], version=layer.key[:16],
-        blobs={"layer": blob}, meta={**layer.meta, "key": layer.key},
+        kind="package",
+        name="+".join(names)[:64],
+        version=layer.key[:16],
+        blobs={"layer": blob},
+        meta={**layer.meta, "key": layer.key},
     )
 
 
@@ -54,10 +64,16 @@ def image_draft(image: AssembledImage, task_name: str) -> Draft:
     """An ``image`` entry: the manifest blob, and the image ID it hashes to."""
     m = image.manifest
     return Draft(
-        kind="image", name=task_name, version=image.image_id[:16],
+        kind="image",
+        name=task_name,
+        version=image.image_id[:16],
         blobs={"manifest": image.manifest_blob},
-        meta={"image_id": image.image_id, "os": m.os, "os_version": m.os_version,
-              "layers": [ref.what for ref in m.layers]},
+        meta={
+            "image_id": image.image_id,
+            "os": m.os,
+            "os_version": m.os_version,
+            "layers": [ref.what for ref in m.layers],
+        },
     )
 
 
@@ -72,8 +88,9 @@ def _check_packages(entry: Entry) -> None:
         isinstance(packages, Mapping)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in packages.items())
     ):
-        raise InvalidEntryError(f"{entry.kind} {entry.name}: meta.packages must map names to "
-                                "versions")
+        raise InvalidEntryError(
+            f"{entry.kind} {entry.name}: meta.packages must map names to versions"
+        )
 
 
 def _check_image(entry: Entry) -> None:

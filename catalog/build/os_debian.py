@@ -117,10 +117,16 @@ async def _build_into(
     try:
         tree = staging / "root"
         cmd = [
-            "mmdebstrap", "--mode=root", f"--variant={r.variant}", "--format=directory",
-            f"--architectures={r.archive.arch}", "--quiet",
+            "mmdebstrap",
+            "--mode=root",
+            f"--variant={r.variant}",
+            "--format=directory",
+            f"--architectures={r.archive.arch}",
+            "--quiet",
             *(f"--dpkgopt={o}" for o in DPKG_OPTIONS),
-            r.archive.suite, str(tree), *r.archive.sources,
+            r.archive.suite,
+            str(tree),
+            *r.archive.sources,
         ]
         with trio.fail_after(MMDEBSTRAP_TIMEOUT_S):
             await run(cmd, env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}, what="mmdebstrap")
@@ -136,15 +142,18 @@ async def _build_into(
         (staging / "status").chmod(0o644)
         await squash(tree, staging / "root.sqfs", all_root=False)
         await trio.to_thread.run_sync(shutil.rmtree, tree)
-        write_json(staging / "os.json", {
-            "suite": r.archive.suite,
-            "variant": r.variant,
-            "arch": r.archive.arch,
-            "sources": list(r.archive.sources),
-            "packages": dict(sorted(installed.items())),
-            "merged_usr": True,
-            "source_date_epoch": SOURCE_DATE_EPOCH,
-        })
+        write_json(
+            staging / "os.json",
+            {
+                "suite": r.archive.suite,
+                "variant": r.variant,
+                "arch": r.archive.arch,
+                "sources": list(r.archive.sources),
+                "packages": dict(sorted(installed.items())),
+                "merged_usr": True,
+                "source_date_epoch": SOURCE_DATE_EPOCH,
+            },
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.parent.chmod(0o755)
         publish_dir(staging, out)

@@ -61,8 +61,11 @@ class OsBuild:
 
 
 def boot_meta(boot: BootFiles) -> dict[str, Any]:
-    return {"kernel_release": boot.kernel_release, "boot_ident": boot.ident,
-            "cmdline": boot.cmdline}
+    return {
+        "kernel_release": boot.kernel_release,
+        "boot_ident": boot.ident,
+        "cmdline": boot.cmdline,
+    }
 
 
 async def build_tiny(cache: BuildCache, boot: BootFiles) -> OsBuild:

@@ -111,8 +111,9 @@ async def test_fetch_concurrently(
     blob_id = await seed(stores, peers, data)
     swarm = await Swarm.snapshot({p: stores[p] for p in peers}, blob_id)
     events: list[Event] = []
-    await fetch_blob(stores["me"], blob_id, swarm, list(peers), request_timeout=1.0,
-                     on_event=events.append)
+    await fetch_blob(
+        stores["me"], blob_id, swarm, list(peers), request_timeout=1.0, on_event=events.append
+    )
     assert await stores["me"].missing(blob_id) == []
     assert sum(swarm.answered.values()) >= len((await stores["me"].manifest(blob_id)).chunks)
     assert all(swarm.answered.get(p, 0) > 0 for p in peers)
@@ -126,8 +127,9 @@ async def test_frozen_and_malicious_providers(
     swarm = await Swarm.snapshot({p: stores[p] for p in "abc"}, blob_id)
     swarm.freeze_after, swarm.corrupt = {"a": 3}, {"b"}
     events: list[Event] = []
-    await fetch_blob(stores["me"], blob_id, swarm, ["a", "b", "c"], request_timeout=1.0,
-                     on_event=events.append)
+    await fetch_blob(
+        stores["me"], blob_id, swarm, ["a", "b", "c"], request_timeout=1.0, on_event=events.append
+    )
     assert await stores["me"].missing(blob_id) == []
     assert [e.peer for e in events if isinstance(e, PeerMisbehaved)] == ["b"]
     out = stores["me"]
@@ -142,8 +144,9 @@ async def test_all_providers_frozen_fails_clearly(
     swarm = await Swarm.snapshot({"a": stores["a"]}, blob_id)
     swarm.freeze_after = {"a": 2}
     with pytest.raises(NoProviderError, match=r"a \(gone\)"):
-        await fetch_blob(stores["me"], blob_id, swarm, ["a"], request_timeout=1.0,
-                         on_event=lambda e: None)
+        await fetch_blob(
+            stores["me"], blob_id, swarm, ["a"], request_timeout=1.0, on_event=lambda e: None
+        )
     [info] = await stores["me"].ls()
     assert info.complete is False  # kept for a later resume
     assert info.missing_chunks < info.chunk_count

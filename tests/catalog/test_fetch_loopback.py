@@ -85,8 +85,10 @@ async def fetch(
                 continue
             assert isinstance(action, FetchChunk)
             now += 0.001
-            reply = await call(providers[action.peer],
-                               ChunkRequest(request_id=next(_ids), chunk_id=action.chunk_id))
+            reply = await call(
+                providers[action.peer],
+                ChunkRequest(request_id=next(_ids), chunk_id=action.chunk_id),
+            )
             if isinstance(reply, ErrorResponse):
                 assert reply.code is ErrorCode.NOT_FOUND
                 plan.on_not_found(action.peer, action.chunk_id, now)

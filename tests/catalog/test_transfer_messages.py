@@ -48,8 +48,12 @@ messages = st.one_of(
     st.builds(ChunkRequest, request_id=rid, chunk_id=ids),
     st.builds(ChunkResponse, request_id=rid, chunk_id=ids, data=st.binary(min_size=1)),
     st.builds(CancelRequest, request_id=rid),
-    st.builds(ErrorResponse, request_id=rid, code=st.sampled_from(ErrorCode),
-              message=st.text(max_size=100)),
+    st.builds(
+        ErrorResponse,
+        request_id=rid,
+        code=st.sampled_from(ErrorCode),
+        message=st.text(max_size=100),
+    ),
 )
 
 
@@ -63,8 +67,12 @@ def test_roundtrip_through_wire_frames(message: Message) -> None:
 @settings(derandomize=True, deadline=None)  # same examples every run, no timing
 @given(have_responses())
 def test_have_response_encodings_agree(message: HaveResponse) -> None:
-    again = HaveResponse.build(request_id=0, blob_id=message.blob_id,
-                               chunk_count=message.chunk_count, positions=message.held())
+    again = HaveResponse.build(
+        request_id=0,
+        blob_id=message.blob_id,
+        chunk_count=message.chunk_count,
+        positions=message.held(),
+    )
     assert again.held() == message.held()
     if message.positions is not None:
         assert len(message.positions) <= MAX_POSITIONS
@@ -82,8 +90,12 @@ def test_a_max_size_chunk_fits_one_frame() -> None:
 def test_oversized_chunk_is_refused_both_ways() -> None:
     with pytest.raises(LocalProtocolError):
         ChunkResponse(request_id=1, chunk_id=b"x" * 32, data=b"a" * (MAX_CHUNK_SIZE + 1))
-    raw = {"type": "chunk_response", "request_id": 1, "chunk_id": b"x" * 32,
-           "data": b"a" * (MAX_CHUNK_SIZE + 1)}
+    raw = {
+        "type": "chunk_response",
+        "request_id": 1,
+        "chunk_id": b"x" * 32,
+        "data": b"a" * (MAX_CHUNK_SIZE + 1),
+    }
     with pytest.raises(RemoteProtocolError):
         decode_message(raw)
 
@@ -107,18 +119,49 @@ GOOD: dict[str, Any] = {"type": "chunk_request", "request_id": 7, "chunk_id": b"
         {"type": "error", "request_id": 1, "code": "teapot", "message": ""},
         {"type": "error", "request_id": 1, "code": "busy", "message": "x" * 10_000},
         {"type": "have_response", "request_id": 1, "blob_id": b"b" * 32, "chunk_count": 3},
-        {"type": "have_response", "request_id": 1, "blob_id": b"b" * 32, "chunk_count": 3,
-         "bitmap": b"\x08"},  # bit 3 set past chunk_count
-        {"type": "have_response", "request_id": 1, "blob_id": b"b" * 32, "chunk_count": 3,
-         "bitmap": b"\x01\x00"},  # wrong length
-        {"type": "have_response", "request_id": 1, "blob_id": b"b" * 32, "chunk_count": 3,
-         "positions": [2, 1]},  # not sorted
-        {"type": "have_response", "request_id": 1, "blob_id": b"b" * 32, "chunk_count": 3,
-         "positions": [3]},  # out of range
-        {"type": "have_response", "request_id": 1, "blob_id": b"b" * 32, "chunk_count": 3,
-         "positions": [0], "bitmap": b"\x01"},  # both
-        {"type": "have_response", "request_id": 1, "blob_id": b"b" * 32, "chunk_count": 3,
-         "positions": {"a": 1}},
+        {
+            "type": "have_response",
+            "request_id": 1,
+            "blob_id": b"b" * 32,
+            "chunk_count": 3,
+            "bitmap": b"\x08",
+        },  # bit 3 set past chunk_count
+        {
+            "type": "have_response",
+            "request_id": 1,
+            "blob_id": b"b" * 32,
+            "chunk_count": 3,
+            "bitmap": b"\x01\x00",
+        },  # wrong length
+        {
+            "type": "have_response",
+            "request_id": 1,
+            "blob_id": b"b" * 32,
+            "chunk_count": 3,
+            "positions": [2, 1],
+        },  # not sorted
+        {
+            "type": "have_response",
+            "request_id": 1,
+            "blob_id": b"b" * 32,
+            "chunk_count": 3,
+            "positions": [3],
+        },  # out of range
+        {
+            "type": "have_response",
+            "request_id": 1,
+            "blob_id": b"b" * 32,
+            "chunk_count": 3,
+            "positions": [0],
+            "bitmap": b"\x01",
+        },  # both
+        {
+            "type": "have_response",
+            "request_id": 1,
+            "blob_id": b"b" * 32,
+            "chunk_count": 3,
+            "positions": {"a": 1},
+        },
     ],
 )
 def test_malformed_messages_are_remote_protocol_errors(raw: dict[str, Any]) -> None:
@@ -127,10 +170,30 @@ def test_malformed_messages_are_remote_protocol_errors(raw: dict[str, Any]) -> N
 
 
 @settings(derandomize=True, deadline=None)  # same examples every run, no timing
-@given(st.dictionaries(st.sampled_from(["type", "request_id", "chunk_id", "data", "code",
-                                        "positions", "bitmap", "blob_id", "chunk_count"]),
-                       st.one_of(st.none(), st.integers(), st.binary(max_size=40),
-                                 st.text(max_size=20), st.lists(st.integers(), max_size=4))))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "type",
+                "request_id",
+                "chunk_id",
+                "data",
+                "code",
+                "positions",
+                "bitmap",
+                "blob_id",
+                "chunk_count",
+            ]
+        ),
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.binary(max_size=40),
+            st.text(max_size=20),
+            st.lists(st.integers(), max_size=4),
+        ),
+    )
+)
 def test_garbage_never_escapes_as_anything_but_remote_protocol_error(raw: dict[str, Any]) -> None:
     with contextlib.suppress(RemoteProtocolError):
         decode_message(raw)

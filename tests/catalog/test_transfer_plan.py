@@ -68,8 +68,14 @@ class FakeNet:
     _seq: int = 0
 
     @classmethod
-    def start(cls, manifest: Manifest, data: dict[ChunkId, bytes], providers: list[FakeProvider],
-              present: set[ChunkId] | None = None, **limits: int) -> FakeNet:
+    def start(
+        cls,
+        manifest: Manifest,
+        data: dict[ChunkId, bytes],
+        providers: list[FakeProvider],
+        present: set[ChunkId] | None = None,
+        **limits: int,
+    ) -> FakeNet:
         plan = TransferPlan(manifest, present=present or set(), now=0.0, **limits)
         for p in providers:
             plan.add_provider(p.peer, p.positions)
@@ -84,16 +90,18 @@ class FakeNet:
             if isinstance(action, CancelFetch):
                 # The provider honours the cancel: the answer never comes.
                 self.cancels.append(action)
-                self._heap = [e for e in self._heap if (e[2], e[3]) != (action.peer,
-                                                                        action.chunk_id)]
+                self._heap = [
+                    e for e in self._heap if (e[2], e[3]) != (action.peer, action.chunk_id)
+                ]
                 heapq.heapify(self._heap)
                 continue
             assert action.peer not in excluded, "asked an excluded peer"
             self.sent.append(action)
             prov = self.provider(action.peer)
             prov.link_free = max(self.now, prov.link_free) + action.size / prov.rate
-            heapq.heappush(self._heap, (prov.link_free + prov.latency, self._seq, prov.peer,
-                                        action.chunk_id))
+            heapq.heappush(
+                self._heap, (prov.link_free + prov.latency, self._seq, prov.peer, action.chunk_id)
+            )
             self._seq += 1
             outstanding = sum(1 for _, _, p, _ in self._heap if p == action.peer)
             self.max_outstanding[action.peer] = max(
@@ -151,8 +159,10 @@ def test_one_provider() -> None:
 
 def test_three_providers_share_the_work() -> None:
     manifest, data = make_blob(60)
-    providers = [FakeProvider(p, everything(manifest), rate=r)
-                 for p, r in (("a", 100_000), ("b", 50_000), ("c", 25_000))]
+    providers = [
+        FakeProvider(p, everything(manifest), rate=r)
+        for p, r in (("a", 100_000), ("b", 50_000), ("c", 25_000))
+    ]
     net = FakeNet.start(manifest, data, providers)
     assert net.run() is State.COMPLETE
     assert net.stored == data
@@ -175,9 +185,11 @@ def test_rarest_chunks_are_asked_first() -> None:
 
 def test_provider_serving_wrong_bytes_is_excluded() -> None:
     manifest, data = make_blob(30)
-    providers = [FakeProvider("bad", everything(manifest), rate=1e6, corrupt=True),
-                 FakeProvider("good1", everything(manifest)),
-                 FakeProvider("good2", everything(manifest))]
+    providers = [
+        FakeProvider("bad", everything(manifest), rate=1e6, corrupt=True),
+        FakeProvider("good1", everything(manifest)),
+        FakeProvider("good2", everything(manifest)),
+    ]
     net = FakeNet.start(manifest, data, providers)
     assert net.run() is State.COMPLETE
     assert net.stored == data  # nothing corrupt was ever accepted
@@ -191,8 +203,10 @@ def test_provider_serving_wrong_bytes_is_excluded() -> None:
 
 def test_provider_vanishing_mid_transfer() -> None:
     manifest, data = make_blob(50)
-    providers = [FakeProvider("flaky", everything(manifest), rate=1e6, vanish_after=10),
-                 FakeProvider("steady", everything(manifest))]
+    providers = [
+        FakeProvider("flaky", everything(manifest), rate=1e6, vanish_after=10),
+        FakeProvider("steady", everything(manifest)),
+    ]
     net = FakeNet.start(manifest, data, providers)
     assert net.run() is State.COMPLETE
     assert net.stored == data
@@ -203,8 +217,10 @@ def test_provider_vanishing_mid_transfer() -> None:
 
 def test_only_holder_vanishing_fails_with_clear_error() -> None:
     manifest, data = make_blob(20)
-    providers = [FakeProvider("a", everything(manifest), vanish_after=5),
-                 FakeProvider("b", list(range(10)))]
+    providers = [
+        FakeProvider("a", everything(manifest), vanish_after=5),
+        FakeProvider("b", list(range(10))),
+    ]
     net = FakeNet.start(manifest, data, providers)
     assert net.run() is State.FAILED
     error = net.plan.error
@@ -232,8 +248,10 @@ def test_no_providers_at_all() -> None:
 
 def test_not_found_is_fetched_elsewhere_without_blame() -> None:
     manifest, data = make_blob(12)
-    providers = [FakeProvider("liar", everything(manifest), rate=1e6, lies_about={0, 1, 2}),
-                 FakeProvider("b", everything(manifest))]
+    providers = [
+        FakeProvider("liar", everything(manifest), rate=1e6, lies_about={0, 1, 2}),
+        FakeProvider("b", everything(manifest)),
+    ]
     net = FakeNet.start(manifest, data, providers)
     assert net.run() is State.COMPLETE
     assert net.stored == data
@@ -277,16 +295,17 @@ def test_cancel_then_resume() -> None:
     late = cancels[0].chunk_id
     assert net.plan.on_chunk("a", late, data[late], net.now) is Verdict.DUPLICATE
     done = set(net.stored)
-    resumed = FakeNet.start(manifest, data, [FakeProvider("a", everything(manifest))],
-                            present=done)
+    resumed = FakeNet.start(manifest, data, [FakeProvider("a", everything(manifest))], present=done)
     assert resumed.run() is State.COMPLETE
     assert {a.chunk_id for a in resumed.sent} == set(data) - done
 
 
 def test_endgame_reasks_the_slow_peers_last_chunks() -> None:
     manifest, data = make_blob(30)
-    providers = [FakeProvider("fast", everything(manifest), rate=1e6),
-                 FakeProvider("slow", everything(manifest), rate=1_000)]
+    providers = [
+        FakeProvider("fast", everything(manifest), rate=1e6),
+        FakeProvider("slow", everything(manifest), rate=1_000),
+    ]
     net = FakeNet.start(manifest, data, providers)
     assert net.run() is State.COMPLETE
     dupes = [a for a in net.sent if a.duplicate]
@@ -329,8 +348,9 @@ def test_repeated_failures_drop_the_peer() -> None:
 
 def test_progress_and_rate_use_injected_time() -> None:
     manifest, data = make_blob(50, size=10_000)
-    net = FakeNet.start(manifest, data, [FakeProvider("a", everything(manifest), rate=100_000,
-                                                      latency=0.0)])
+    net = FakeNet.start(
+        manifest, data, [FakeProvider("a", everything(manifest), rate=100_000, latency=0.0)]
+    )
     assert net.run() is State.COMPLETE
     progress = [e for e in net.events if isinstance(e, Progress)]
     assert len(progress) == 50
@@ -366,8 +386,13 @@ def test_property_random_swarms(
     net = FakeNet.start(manifest, data, providers, present=have)
     state = net.run()
     needed = set(data) - have
-    honest = set().union(*[{manifest.chunks[i].chunk_id for i in p.positions}
-                           for p in providers if not p.corrupt and p.vanish_after is None])
+    honest = set().union(
+        *[
+            {manifest.chunks[i].chunk_id for i in p.positions}
+            for p in providers
+            if not p.corrupt and p.vanish_after is None
+        ]
+    )
     assert state in (State.COMPLETE, State.FAILED)
     if needed <= honest:
         assert state is State.COMPLETE

@@ -144,8 +144,11 @@ async def test_errors(tmp_path: Path, boot: BootFiles) -> None:
                 loads('name="t"\nos="tiny"\npackages=["python3"]\ncommand="x"\n')
             )
         task_dir = tmp_path / "t"
-        path = write_task(task_dir, 'name="t"\nos="tiny"\nfiles=["gone.txt"]\ncommand="x"\n',
-                          {"gone.txt": "soon gone"})
+        path = write_task(
+            task_dir,
+            'name="t"\nos="tiny"\nfiles=["gone.txt"]\ncommand="x"\n',
+            {"gone.txt": "soon gone"},
+        )
         task = load(path)
         (task_dir / "gone.txt").unlink()
         with pytest.raises(TaskInputError, match=r"gone\.txt"):
@@ -154,9 +157,17 @@ async def test_errors(tmp_path: Path, boot: BootFiles) -> None:
 
 def test_manifest_refuses_tampered_and_non_canonical_bytes() -> None:
     m = ImageManifest(
-        os="tiny", os_version="x", kernel="a" * 64, initramfs="b" * 64, cmdline="console=ttyS0",
-        layers=(LayerRef(blob="c" * 64, what="os tiny"),), caps=DefaultCaps(),
-        command=("true",), env=(), cwd="/", timeout_s=5,
+        os="tiny",
+        os_version="x",
+        kernel="a" * 64,
+        initramfs="b" * 64,
+        cmdline="console=ttyS0",
+        layers=(LayerRef(blob="c" * 64, what="os tiny"),),
+        caps=DefaultCaps(),
+        command=("true",),
+        env=(),
+        cwd="/",
+        timeout_s=5,
     )
     data = m.encode()
     assert ImageManifest.decode(data, expected_id=m.id) == m
@@ -192,8 +203,15 @@ def test_cli_builds_prints_reuse_and_refuses_bad_files(
     tmp_path: Path, boot: BootFiles, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_task(tmp_path / "t", TASK, FILES)
-    args = ["image", "build", str(path), "--data", str(tmp_path / "data"),
-            "--cache", str(tmp_path / "cache")]
+    args = [
+        "image",
+        "build",
+        str(path),
+        "--data",
+        str(tmp_path / "data"),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     assert cli_main([*args, "--json"], boot=lambda: boot) == 0
     first = json.loads(capsys.readouterr().out)
     assert not first["reused"]
@@ -203,7 +221,7 @@ def test_cli_builds_prints_reuse_and_refuses_bad_files(
     assert out.startswith(f"image {first['image_id']} (reused)\n")
     assert "  reused " in out
     assert "task det" in out
-    path.write_text(TASK + "\n[limits]\nmax_runtime = \"forever\"\n")
+    path.write_text(TASK + '\n[limits]\nmax_runtime = "forever"\n')
     assert cli_main(args, boot=lambda: boot) == 2
     err = capsys.readouterr().err
     assert f"{path}:13: limits.max_runtime: not a duration" in err

@@ -43,12 +43,21 @@ BOOT_ALLOWANCE_S = 90.0
 async def boot_image(image: AssembledImage, blobs: BlobStore, into: Path) -> VmResult:
     m = image.manifest
     paths = await materialize(m, blobs, into)
-    vm_image = Image(kernel=paths.kernel, initrd=paths.initrd, cmdline=paths.cmdline,
-                     layers=tuple(Layer(p) for p in paths.layers))
+    vm_image = Image(
+        kernel=paths.kernel,
+        initrd=paths.initrd,
+        cmdline=paths.cmdline,
+        layers=tuple(Layer(p) for p in paths.layers),
+    )
     task = TaskSpec(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=m.timeout_s)
-    caps = Caps(vcpus=m.caps.vcpus, cpu_share=m.caps.cpu_share_milli / 1000,
-                memory_mib=m.caps.memory_mib, disk_mib=m.caps.disk_mib,
-                disk_bps=m.caps.disk_bps, network=NetworkMode(m.caps.network))
+    caps = Caps(
+        vcpus=m.caps.vcpus,
+        cpu_share=m.caps.cpu_share_milli / 1000,
+        memory_mib=m.caps.memory_mib,
+        disk_mib=m.caps.disk_mib,
+        disk_bps=m.caps.disk_bps,
+        network=NetworkMode(m.caps.network),
+    )
     async with open_backend(boot_allowance_s=BOOT_ALLOWANCE_S) as backend:
         try:
             return await backend.run(vm_image, task, caps)
@@ -60,14 +69,17 @@ async def boot_image(image: AssembledImage, blobs: BlobStore, into: Path) -> VmR
 async def test_debian_python3_image_runs_a_python_one_liner(
     tmp_path: Path, boot: BootFiles, shared_cache: BuildCache, vm_files: Path
 ) -> None:
-    path = write_task(tmp_path / "task", """
+    path = write_task(
+        tmp_path / "task",
+        """
 name = "py-one-liner"
 os = "debian-12"
 packages = ["python3"]
 command = 'python3 -c "print(6*7)"'
 [limits]
 max_runtime = "2m"
-""")
+""",
+    )
     async with ChunkStore.open(tmp_path / "chunks") as store:
         blobs = BlobStore(store)
         image = await Assembler(shared_cache, blobs, boot).assemble(load(path))
@@ -93,9 +105,7 @@ async def test_python_example_with_task_files_runs(
 ) -> None:
     async with ChunkStore.open(tmp_path / "chunks") as store:
         blobs = BlobStore(store)
-        image = await Assembler(shared_cache, blobs, boot).assemble(
-            load(EXAMPLES / "python.toml")
-        )
+        image = await Assembler(shared_cache, blobs, boot).assemble(load(EXAMPLES / "python.toml"))
         result = await boot_image(image, blobs, vm_files)
     assert result.exit_code == 0, result
     assert result.stdout.startswith(b"hello from python 3.11"), result
@@ -132,18 +142,21 @@ async def test_package_errors_on_debian(
     async with ChunkStore.open(tmp_path / "chunks") as store:
         assembler = Assembler(shared_cache, BlobStore(store), boot)
         with pytest.raises(PackageError, match="not in the debian-12 archive"):
-            await assembler.assemble(loads(
-                'name="p"\nos="debian-12"\npackages=["no-such-package-zz"]\ncommand="x"\n'
-            ))
+            await assembler.assemble(
+                loads('name="p"\nos="debian-12"\npackages=["no-such-package-zz"]\ncommand="x"\n')
+            )
         # An OS whose libc6 is older than python3 needs: python3 does not fit it.
         os_build = await assembler.build_os("debian-12")
         status = tmp_path / "status"
         stanzas = os_build.dpkg_status.read_text().split("\n\n")  # type: ignore[union-attr]
-        status.write_text("\n\n".join(
-            re.sub(r"(?m)^Version: .*$", "Version: 2.0-1", s)
-            if s.startswith("Package: libc6\n") else s
-            for s in stanzas
-        ))
+        status.write_text(
+            "\n\n".join(
+                re.sub(r"(?m)^Version: .*$", "Version: 2.0-1", s)
+                if s.startswith("Package: libc6\n")
+                else s
+                for s in stanzas
+            )
+        )
         old = dataclasses.replace(os_build, dpkg_status=status, key="old-libc")
         with pytest.raises(PackageError, match="does not fit"):
             await build_debian_packages(shared_cache, old, ["python3"])

@@ -12,8 +12,13 @@ from node.identity import Identity
 from node.p2p import P2PNode
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-FAST = {"heartbeat_interval": 0.2, "peer_timeout": 1.0, "stream_deadline": 2.0, "dial_timeout": 2.0,
-        "discovery_interval": 0.5}
+FAST = {
+    "heartbeat_interval": 0.2,
+    "peer_timeout": 1.0,
+    "stream_deadline": 2.0,
+    "dial_timeout": 2.0,
+    "discovery_interval": 0.5,
+}
 
 
 @asynccontextmanager

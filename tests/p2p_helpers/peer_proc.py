@@ -27,9 +27,14 @@ from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
 from node.wire import encode_frame
 
-TIMINGS = {"heartbeat_interval": 0.2, "peer_timeout": 1.0, "stream_deadline": 2.0,
-           "dial_timeout": 2.0, "discovery_interval": 0.5,
-           **json.loads(os.environ.get("VMLEND_TEST_TIMINGS", "{}"))}
+TIMINGS = {
+    "heartbeat_interval": 0.2,
+    "peer_timeout": 1.0,
+    "stream_deadline": 2.0,
+    "dial_timeout": 2.0,
+    "discovery_interval": 0.5,
+    **json.loads(os.environ.get("VMLEND_TEST_TIMINGS", "{}")),
+}
 
 
 def event(name: str) -> None:
@@ -60,8 +65,9 @@ async def main(args: list[str]) -> None:
     if args[:1] == ["--publish"]:
         publish, args = args[1], args[2:]
     bootstrap = args
-    node = P2PNode(Identity.generate(), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=bootstrap,
-                   **TIMINGS)
+    node = P2PNode(
+        Identity.generate(), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=bootstrap, **TIMINGS
+    )
     node.set_handler("/vmlend/test-echo/1.0.0", echo)
     node.set_handler("/vmlend/test-half/1.0.0", half)
     node.set_handler("/vmlend/test-one/1.0.0", one)

@@ -148,7 +148,6 @@ def test_caps_this_machine_cannot_enforce_are_refused_by_name() -> None:
     assert "cpu_share: no cgroup cpu" in str(info.value)
 
 
-
 class Untouchable:
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"libvirt touched ({name}) before the policy refused")

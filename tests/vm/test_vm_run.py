@@ -97,8 +97,21 @@ async def test_hung_guest_hits_the_host_deadline(vms: VmFactory) -> None:
 
 
 async def test_cli_streams_output_and_exits_124_on_timeout() -> None:
-    cmd = [sys.executable, "-m", "worker_role.vm.cli", "vm", "run", "--memory", "128MiB",
-           "--timeout", "3s", "--", "sh", "-c", "echo hi; echo err >&2; sleep 600"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker_role.vm.cli",
+        "vm",
+        "run",
+        "--memory",
+        "128MiB",
+        "--timeout",
+        "3s",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; echo err >&2; sleep 600",
+    ]
     with trio.fail_after(120):
         proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
     assert proc.returncode == 124

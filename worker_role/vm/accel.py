@@ -119,12 +119,24 @@ async def _check_live_caps(backend: VmBackend, name: str, accel: Accel) -> dict[
         dom = backend.conn.raw.lookupByName(name)
         live = libvirt.VIR_DOMAIN_AFFECT_LIVE
         checks: list[tuple[str, Any]] = [
-            ("cpu_share", lambda: dom.setSchedulerParametersFlags(
-                {"global_quota": cpu_quota_us(_PROBE_CAPS)}, live)),
-            ("memory_mib", lambda: dom.setMemoryParameters(
-                {"hard_limit": hard_limit_kib(_PROBE_CAPS, accel)}, live)),
-            ("disk_bps", lambda: dom.setBlockIoTune(
-                "vdb", {"total_bytes_sec": _PROBE_CAPS.disk_bps, "group_name": "vmlend"}, live)),
+            (
+                "cpu_share",
+                lambda: dom.setSchedulerParametersFlags(
+                    {"global_quota": cpu_quota_us(_PROBE_CAPS)}, live
+                ),
+            ),
+            (
+                "memory_mib",
+                lambda: dom.setMemoryParameters(
+                    {"hard_limit": hard_limit_kib(_PROBE_CAPS, accel)}, live
+                ),
+            ),
+            (
+                "disk_bps",
+                lambda: dom.setBlockIoTune(
+                    "vdb", {"total_bytes_sec": _PROBE_CAPS.disk_bps, "group_name": "vmlend"}, live
+                ),
+            ),
         ]
         for cap, check in checks:
             try:

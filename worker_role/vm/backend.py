@@ -413,8 +413,20 @@ class VmBackend:
         await trio.to_thread.run_sync(files)
         # No journal: the scratch disk dies with the VM, so crash consistency buys nothing.
         proc = await trio.run_process(
-            ["mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", "-O", "^has_journal",
-             "-E", "nodiscard", str(vm_dir / "scratch.img")],
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-b",
+                "4096",
+                "-O",
+                "^has_journal",
+                "-E",
+                "nodiscard",
+                str(vm_dir / "scratch.img"),
+            ],
             capture_stdout=True,
             capture_stderr=True,
             check=False,

@@ -34,24 +34,49 @@ def add_vm_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
         description="Everything after -- is the command, run in the guest's busybox root.",
     )
     run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
-    run.add_argument("--cpu-share", type=float, default=None,
-                     help="host CPUs the whole VM may use, e.g. 0.5 (default: --cpus)")
+    run.add_argument(
+        "--cpu-share",
+        type=float,
+        default=None,
+        help="host CPUs the whole VM may use, e.g. 0.5 (default: --cpus)",
+    )
     run.add_argument("--memory", type=_mib, default=256, help="guest memory (default 256MiB)")
     run.add_argument("--disk", type=_mib, default=256, help="scratch disk size (default 256MiB)")
-    run.add_argument("--disk-bps", type=parse_rate, default=0,
-                     help="disk bytes/s, e.g. 10MiB/s (default unlimited)")
+    run.add_argument(
+        "--disk-bps",
+        type=parse_rate,
+        default=0,
+        help="disk bytes/s, e.g. 10MiB/s (default unlimited)",
+    )
     run.add_argument("--disk-iops", type=int, default=0, help="disk IOPS (default unlimited)")
-    run.add_argument("--network", choices=[m.value for m in NetworkMode], default="none",
-                     help="none (only lo) or proxy (HTTP proxy with --allow and --net-bps)")
-    run.add_argument("--allow", action="append", default=[], metavar="HOST:PORT",
-                     help="destination the proxy lets through (repeatable)")
+    run.add_argument(
+        "--network",
+        choices=[m.value for m in NetworkMode],
+        default="none",
+        help="none (only lo) or proxy (HTTP proxy with --allow and --net-bps)",
+    )
+    run.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="destination the proxy lets through (repeatable)",
+    )
     run.add_argument("--net-bps", type=parse_rate, default=0, help="proxy rate cap")
-    run.add_argument("--timeout", type=parse_duration, default=60.0,
-                     help="time limit of the command, e.g. 30s or 5m (default 60s)")
+    run.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=60.0,
+        help="time limit of the command, e.g. 30s or 5m (default 60s)",
+    )
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--cwd", default="/", help="working directory in the guest")
-    run.add_argument("--vm-dir", type=Path, default=None,
-                     help="VM runtime directory (default /var/lib/vmlend/vm)")
+    run.add_argument(
+        "--vm-dir",
+        type=Path,
+        default=None,
+        help="VM runtime directory (default /var/lib/vmlend/vm)",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     run.set_defaults(handler=cmd_vm_run)
 
