@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NewType
+from typing import NamedTuple, NewType
 
 import blake3
 from pyfastcdc import FastCDC
@@ -35,6 +35,15 @@ MAX_CHUNK_SIZE = 4 * MIB
 def hash_chunk(data: bytes | bytearray | memoryview) -> ChunkId:
     """The ID of a chunk: blake3 of its bytes, so a fetched chunk verifies itself."""
     return ChunkId(blake3.blake3(data).digest())
+
+
+class HashedChunk(NamedTuple):
+    """Bytes received for a chunk and their blake3, computed by this process off the event loop
+    (never a digest taken from a peer): the transfer plan compares ``digest`` with the ID it
+    asked for instead of hashing the bytes again."""
+
+    data: bytes
+    digest: ChunkId
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,7 +26,7 @@ import trio
 
 from catalog.blob import BlobId, BlobStore, Manifest
 from catalog.chunk_store import one_error
-from catalog.chunking import ChunkId
+from catalog.chunking import ChunkId, HashedChunk
 from catalog.errors import ManifestError, NoProviderError
 from catalog.transfer_plan import (
     CancelFetch,
@@ -42,6 +42,7 @@ log = logging.getLogger("vmlend.catalog.transfer")
 
 WRITE_BATCH_BYTES = 16 * 1024 * 1024
 WRITERS = 4
+BATCH_LINGER = 0.02  # seconds a started batch waits for more chunks
 
 
 class Links(Protocol):
@@ -54,7 +55,9 @@ class Links(Protocol):
 
     async def have(self, peer: str, blob_id: BlobId, chunk_count: int) -> list[int] | None: ...
 
-    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | bytearray | None: ...
+    async def chunk(
+        self, peer: str, chunk_id: ChunkId
+    ) -> bytes | bytearray | HashedChunk | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,21 +192,27 @@ async def _run_plan(
             await write_all()
 
     async def write_all() -> None:
+        # Group commit: a batch is formed only once a writer is free, from what arrived while
+        # they were busy, topped up for at most BATCH_LINGER; each batch costs two index
+        # transactions and a thread hop whatever its size, so one-chunk batches (what a free
+        # writer took before) spent more time on bookkeeping than on bytes.
         async with stored, one_error(), trio.open_nursery() as batches:
             while True:
+                await writers.acquire()
                 try:
                     batch = [await stored.receive()]
                 except trio.EndOfChannel:
+                    writers.release()
                     return
                 size = len(batch[0][1])
-                while size < WRITE_BATCH_BYTES:
-                    try:
-                        item = stored.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    batch.append(item)
-                    size += len(item[1])
-                await writers.acquire()
+                with trio.move_on_after(BATCH_LINGER):
+                    while size < WRITE_BATCH_BYTES:
+                        try:
+                            item = await stored.receive()
+                        except trio.EndOfChannel:
+                            break
+                        batch.append(item)
+                        size += len(item[1])
                 batches.start_soon(store, batch)
 
     async with one_error(), trio.open_nursery() as outer:
@@ -242,7 +251,7 @@ async def _fetch_chunk(
     to_store: trio.MemorySendChannel[tuple[ChunkId, bytes | bytearray]],
 ) -> None:
     peer, chunk_id = action.peer, action.chunk_id
-    data: bytes | bytearray | None = None
+    data: bytes | bytearray | HashedChunk | None = None
     failure: str | None = None
     gone: str | None = None
     with trio.move_on_after(request_timeout) as deadline:
@@ -264,8 +273,12 @@ async def _fetch_chunk(
         plan.provider_gone(peer, now, gone)
     elif data is None:
         plan.on_not_found(peer, chunk_id, now)
-    elif plan.on_chunk(peer, chunk_id, data, now) is Verdict.ACCEPTED:
-        # Shielded: an accepted chunk is stored even if we then stop. A broken channel means the
-        # writer failed; its error is what the transfer raises.
-        with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError):
-            await to_store.send((chunk_id, data))
+    else:
+        digest = None
+        if isinstance(data, HashedChunk):
+            data, digest = data
+        if plan.on_chunk(peer, chunk_id, data, now, digest=digest) is Verdict.ACCEPTED:
+            # Shielded: an accepted chunk is stored even if we then stop. A broken channel
+            # means the writer failed; its error is what the transfer raises.
+            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError):
+                await to_store.send((chunk_id, data))

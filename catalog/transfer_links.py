@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from catalog.blob import BlobId
-from catalog.chunking import ChunkId
+from catalog.chunking import ChunkId, HashedChunk
 from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL, DataConnection
 from catalog.transfer_messages import (
     PROTOCOL_ID,
@@ -86,10 +86,10 @@ class P2PLinks:
             return None
         raise RemoteProtocolError(f"{peer}: unexpected answer to a have request")
 
-    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | bytearray | None:
+    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | bytearray | HashedChunk | None:
         conn = await self._connection(peer)
         if conn is not None:
-            return await conn.get(chunk_id)
+            return await conn.get_hashed(chunk_id)
         reply = await self._ask(peer, ChunkRequest(request_id=next(self._ids), chunk_id=chunk_id))
         if isinstance(reply, ChunkResponse) and reply.chunk_id == chunk_id:
             return reply.data

@@ -232,9 +232,18 @@ class TransferPlan:
             self._events.append(PeerDropped(peer, reason))
 
     def on_chunk(
-        self, peer: PeerId, chunk_id: ChunkId, data: bytes | bytearray, now: float
+        self,
+        peer: PeerId,
+        chunk_id: ChunkId,
+        data: bytes | bytearray,
+        now: float,
+        *,
+        digest: ChunkId | None = None,
     ) -> Verdict:
-        """A ChunkResponse arrived. Store the bytes only if this returns ``ACCEPTED``."""
+        """A ChunkResponse arrived. Store the bytes only if this returns ``ACCEPTED``.
+
+        ``digest`` is the blake3 of ``data`` if the caller computed it itself (off the event
+        loop); it is never a value a peer supplied."""
         state = self._peers.get(peer)
         if state is None or state.status != "live":
             return Verdict.REJECTED  # a late answer from a peer we already stopped using
@@ -245,7 +254,9 @@ class TransferPlan:
         else:
             self._misbehaved(state, chunk_id, "sent a chunk it was not asked for")
             return Verdict.REJECTED
-        if len(data) != self._sizes.get(chunk_id, -1) or hash_chunk(data) != chunk_id:
+        if digest is None:
+            digest = hash_chunk(data)
+        if len(data) != self._sizes.get(chunk_id, -1) or digest != chunk_id:
             self._misbehaved(state, chunk_id, "sent bytes that do not hash to the chunk ID")
             return Verdict.REJECTED
         state.failures = 0

@@ -271,3 +271,55 @@ async def test_a_chunk_file_shorter_than_opened_breaks_only_its_connection() -> 
         again = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
         assert await again.get(ChunkId(bytes(32))) is None  # the server still serves
         nursery.cancel_scope.cancel()
+
+
+async def test_get_hashed_hashes_what_arrived(server: DataServer) -> None:
+    async with trio.open_nursery() as nursery:
+        conn = await connect(nursery, server, server.tokens.issue("me", trio.current_time()))
+        answer = await conn.get_hashed(CHUNK_ID)
+        assert answer is not None
+        assert (answer.data, answer.digest) == (CHUNK, CHUNK_ID)
+        key = bytes(range(32))
+        token = server.tokens.issue("me", trio.current_time(), key=key)
+        private = await DataConnection.open(
+            nursery, "127.0.0.1", server.port, token, "provider", key=key
+        )
+        answer = await private.get_hashed(CHUNK_ID)
+        assert answer is not None
+        assert answer.digest == CHUNK_ID  # of the decrypted bytes
+        nursery.cancel_scope.cancel()
+
+
+async def test_aclose_fails_outstanding_gets_and_ends_the_reader() -> None:
+    before = open_fds()
+    asked = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        got = b""
+        while len(got) < 32 + 33:  # token and request
+            got += await stream.receive_some(65)
+        asked.set()
+        await trio.sleep_forever()  # never answers
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        conn = await DataConnection.open(nursery, "127.0.0.1", port, bytes(32), "silent")
+        outcome: list[BaseException] = []
+
+        async def get() -> None:
+            try:
+                await conn.get(CHUNK_ID)
+            except StreamBrokenError as e:
+                outcome.append(e)
+
+        async with trio.open_nursery() as gets:
+            gets.start_soon(get)
+            await asked.wait()
+            await conn.aclose()
+        [error] = outcome
+        assert "closed locally" in str(error)
+        with pytest.raises(StreamBrokenError):
+            await conn.get(CHUNK_ID)
+        nursery.cancel_scope.cancel()
+    assert open_fds() == before  # the reader thread returned and the socket is closed

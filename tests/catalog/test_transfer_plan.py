@@ -427,3 +427,24 @@ def test_many_chunks_plan_in_linear_time() -> None:
     net = FakeNet.start(manifest, data, providers)
     assert net.run() is State.COMPLETE
     assert len(net.stored) == 5000
+
+
+def test_a_digest_computed_by_the_caller_is_checked_like_a_hash() -> None:
+    manifest, data = make_blob(2)
+    [first, second] = (ref.chunk_id for ref in manifest.chunks)
+    plan = TransferPlan(manifest, present=set(), now=0.0)
+    plan.add_provider("a", [0, 1])
+    plan.add_provider("b", [0, 1])
+    asked = {(a.peer, a.chunk_id) for a in plan.next_actions(0.0) if isinstance(a, FetchChunk)}
+    assert asked == {("a", first), ("b", second)} or asked == {("a", second), ("b", first)}
+    [(peer_first, _)] = [key for key in asked if key[1] == first]
+    [(peer_second, _)] = [key for key in asked if key[1] == second]
+    # The right digest is accepted without the plan hashing the bytes again.
+    verdict = plan.on_chunk(peer_first, first, data[first], 1.0, digest=first)
+    assert verdict is Verdict.ACCEPTED
+    # A digest that is not the chunk's ID means wrong bytes: rejected, the sender excluded.
+    verdict = plan.on_chunk(peer_second, second, data[second], 1.0, digest=first)
+    assert verdict is Verdict.REJECTED
+    assert any(
+        isinstance(e, PeerMisbehaved) and e.peer == peer_second for e in plan.take_events()
+    )
