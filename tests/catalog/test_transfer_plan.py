@@ -445,6 +445,4 @@ def test_a_digest_computed_by_the_caller_is_checked_like_a_hash() -> None:
     # A digest that is not the chunk's ID means wrong bytes: rejected, the sender excluded.
     verdict = plan.on_chunk(peer_second, second, data[second], 1.0, digest=first)
     assert verdict is Verdict.REJECTED
-    assert any(
-        isinstance(e, PeerMisbehaved) and e.peer == peer_second for e in plan.take_events()
-    )
+    assert any(isinstance(e, PeerMisbehaved) and e.peer == peer_second for e in plan.take_events())
