@@ -77,17 +77,25 @@ async def test_blob_cli_between_real_nodes(tmp_path: Path) -> None:
 
 
 class GatedStore(ChunkStore):
-    """Serves ``allowed`` chunks, then holds every further read until ``gate`` is set."""
+    """Serves ``allowed`` chunks, then holds every further read until ``gate`` is set, on both
+    serving paths (libp2p streams read with ``get``, the data channel sends ``open_file``)."""
 
     allowed = 1 << 30
     served = 0
     gate: trio.Event
 
-    async def get(self, chunk_id: ChunkId, *, verify: bool | None = None) -> bytes:
+    async def _turn(self) -> None:
         if self.served >= self.allowed:
             await self.gate.wait()
         self.served += 1
+
+    async def get(self, chunk_id: ChunkId, *, verify: bool | None = None) -> bytes:
+        await self._turn()
         return await super().get(chunk_id, verify=verify)
+
+    async def open_file(self, chunk_id: ChunkId) -> tuple[int, int]:
+        await self._turn()
+        return await super().open_file(chunk_id)
 
 
 async def test_fetching_node_killed_mid_transfer_resumes_after_restart(tmp_path: Path) -> None:
