@@ -123,16 +123,31 @@ def variant(data: bytes, seed: int) -> bytes:
 
 
 async def get(
-    fetcher: LocalNode, blob_id: str, sources: list[str], out: Path, *, channel: bool = True
+    fetcher: LocalNode,
+    blob_id: str,
+    sources: list[str],
+    out: Path | None,
+    *,
+    channel: bool = True,
 ) -> dict[str, Any]:
+    """``blob.get`` on ``fetcher``: into its store, and exported to ``out`` if given."""
     from node.rpc_client import AsyncClient
 
     began = time.perf_counter()
-    options = {"out": str(out), "from": sources, "channel": channel}
+    options: dict[str, Any] = {"from": sources, "channel": channel}
+    if out is not None:
+        options["out"] = str(out)
     async with AsyncClient.connect(fetcher.rpc_path) as client:
         result: dict[str, Any] = await client.call("blob.get", blob_id, options, timeout=None)
     result["wall_seconds"] = time.perf_counter() - began
     return result
+
+
+def cpu_seconds(node: LocalNode) -> float:
+    """CPU time (user + system, every thread) the node's process has used so far."""
+    assert node.process is not None
+    fields = Path(f"/proc/{node.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def store_only(data: bytes, root: Path) -> float:
@@ -173,16 +188,25 @@ async def fetch_case(
     if await into.call("blob.ls"):
         await into.call("blob.rm", blob_id)
     await into.call("blob.gc")
-    result = await get(into, blob_id, [s.addrs[0] for s in sources], out, channel=channel)
+    addrs = [s.addrs[0] for s in sources]
+    cpu = [cpu_seconds(node) for node in (into, *sources)]
+    result = await get(into, blob_id, addrs, None, channel=channel)
+    cpu = [cpu_seconds(node) - before for node, before in zip((into, *sources), cpu, strict=True)]
+    await get(into, blob_id, addrs, out, channel=channel)  # complete now: only exports
     got = await trio.to_thread.run_sync(out.read_bytes)
     await trio.to_thread.run_sync(out.unlink)
+    seconds = result["seconds"]
     return {
-        "transfer_seconds": result["seconds"],
+        "transfer_seconds": seconds,
         "setup_seconds": result["setup_seconds"],
         "store_seconds": result["store_seconds"],
-        "wall_seconds_incl_export": result["wall_seconds"],
-        "mib_s": result["bytes_total"] / result["seconds"] / MIB,
+        "mib_s": result["bytes_total"] / seconds / MIB,
         "bytes_fetched": result["bytes_fetched"],
+        # Where the time goes: CPU seconds of each process over the whole blob.get, and how
+        # many of this machine's cores that kept busy on average during the transfer.
+        "cpu_seconds_fetcher": cpu[0],
+        "cpu_seconds_providers": sum(cpu[1:]),
+        "cores_busy": sum(cpu) / result["wall_seconds"],
         "out": got,
     }
 
@@ -223,6 +247,7 @@ async def run(mib: int, base: Path) -> dict[str, Any]:
     note(f"chunk store alone: {len(data) / stored / MIB:.0f} MiB/s")
     report: dict[str, Any] = {
         "blob_bytes": len(data),
+        "cpu_count": os.cpu_count(),
         "raw_tcp_seconds": raw,
         "raw_tcp_mib_s": len(data) / raw / MIB,
         "raw_tcp_to_disk_seconds": raw_disk,
