@@ -416,16 +416,22 @@ class DataConnection:
 
     async def _read_loop(self) -> None:
         try:
-            await trio.to_thread.run_sync(self._read_answers, limiter=self._thread)
+            token = trio.lowlevel.current_trio_token()
+            await trio.to_thread.run_sync(self._read_answers, token, limiter=self._thread)
         except (StreamBrokenError, RemoteProtocolError) as e:
             self._fail(e)
         finally:
             self._fail(StreamBrokenError(f"data channel to {self.peer} closed"))
             self._sock.close()  # only now: the reader thread has returned
 
-    def _read_answers(self) -> None:
-        """Reader thread: receive, decrypt and hash answers until the connection ends."""
-        while True:
+    def _read_answers(self, token: trio.lowlevel.TrioToken) -> None:
+        """Reader thread: receive, decrypt and hash answers until the connection ends.
+
+        Answers are handed to trio without waiting for it to take them (``run_sync_soon`` keeps
+        their order), so the thread goes straight on to the next one instead of waiting for a
+        round trip between the threads per chunk (context switches were ~13 % of the fetcher's
+        CPU under perf here). At most the requests in flight can be waiting to be taken."""
+        while self._error is None:
             trio.from_thread.check_cancelled()
             header = self._receive(_HEADER.size, first=True)
             if header is None:
@@ -443,7 +449,7 @@ class DataConnection:
                 if self._cipher is not None and length:
                     data = self._decrypt(data, ChunkId(chunk_id))
                 answer = HashedChunk(data, hash_chunk(data))
-            trio.from_thread.run_sync(self._deliver, ChunkId(chunk_id), answer, length)
+            token.run_sync_soon(self._deliver, ChunkId(chunk_id), answer, length)
 
     def _receive(self, n: int, *, first: bool = False) -> bytes | None:
         """Reader thread: ``n`` bytes; None on a clean EOF before an answer (``first``)."""
@@ -466,13 +472,16 @@ class DataConnection:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _deliver(self, chunk_id: ChunkId, answer: HashedChunk | None, length: int) -> None:
-        """In trio: hand an answer to the request at the head of the queue."""
+        """In trio (a run_sync_soon callback: must not raise): hand an answer to the request at
+        the head of the queue, or end the connection if the peer broke the protocol."""
         if self._error is not None:
-            raise self._error  # failed meanwhile (closed locally): stop the reader
+            return  # failed meanwhile (closed locally, say): the reader is stopping
         if not self._queue:
-            raise RemoteProtocolError(f"data channel: {self.peer} sent an unasked answer")
+            self._abort(RemoteProtocolError(f"data channel: {self.peer} sent an unasked answer"))
+            return
         if chunk_id != self._queue[0].chunk_id:
-            raise RemoteProtocolError(f"data channel: {self.peer} answered out of order")
+            self._abort(RemoteProtocolError(f"data channel: {self.peer} answered out of order"))
+            return
         waiter = self._queue.popleft()
         self.bytes_received += length
         waiter.answer = answer
@@ -497,11 +506,14 @@ class DataConnection:
             waiter.error = self._error
             waiter.done.set()
 
-    async def aclose(self) -> None:
+    def _abort(self, error: Exception) -> None:
         """Fail what is outstanding and end the reader thread (the read loop closes the socket)."""
-        self._fail(StreamBrokenError(f"data channel to {self.peer} closed locally"))
+        self._fail(error)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader's recv with EOF
+
+    async def aclose(self) -> None:
+        self._abort(StreamBrokenError(f"data channel to {self.peer} closed locally"))
 
 
 __all__ = [
