@@ -50,7 +50,7 @@ from catalog.errors import (
     NoProviderError,
     UnknownBlobError,
 )
-from catalog.transfer import TransferResult, fetch_blob
+from catalog.transfer import Held, TransferResult, fetch_blob
 from catalog.transfer_links import CONTROL_TIMEOUT, IP4, P2PLinks
 from catalog.transfer_messages import (
     PROTOCOL_ID,
@@ -214,8 +214,12 @@ class BlobService:
     async def providers(self, blob_id: BlobId) -> list[str]:
         """Peers announced in the DHT as holding the blob that answer, now, that they hold all
         of it (announcements outlive a withdrawal or a dead node; this filters those out)."""
+        return list(await self._confirmed_providers(blob_id))
+
+    async def _confirmed_providers(self, blob_id: BlobId) -> dict[str, Held]:
+        """:meth:`providers`, with what each said it holds (a fetch need not ask again)."""
         announced = await self.p2p.find_providers(provider_key(blob_id), timeout=CONTROL_TIMEOUT)
-        confirmed: set[str] = set()
+        confirmed: dict[str, Held] = {}
 
         async def confirm(peer: str) -> None:
             request = HaveRequest(request_id=0, blob_id=blob_id)
@@ -228,13 +232,15 @@ class BlobService:
                 except (NetworkError, RemoteProtocolError) as e:
                     log.debug("provider %s of %s: %s", peer, blob_id.hex(), e)
                     return
-                if isinstance(reply, HaveResponse) and len(reply.held()) == reply.chunk_count:
-                    confirmed.add(peer)
+                if isinstance(reply, HaveResponse):
+                    held = reply.held()
+                    if len(held) == reply.chunk_count:
+                        confirmed[peer] = Held(reply.chunk_count, held)
 
         async with trio.open_nursery() as nursery:
             for peer in announced:
                 nursery.start_soon(confirm, peer)
-        return [peer for peer in announced if peer in confirmed]
+        return {peer: confirmed[peer] for peer in announced if peer in confirmed}
 
     # ---- operations ------------------------------------------------------------------------
 
@@ -281,12 +287,14 @@ class BlobService:
                 on_private=lambda: self.access.make_private(blob_id),
             )
             peers: list[str] = []
+            held: dict[str, Held] = {}
             for addr in sources:
                 peer = await self.p2p.connect(addr)
                 links.addr_hints.setdefault(peer, []).append(addr)
                 peers.append(peer)
             if not sources:
-                peers = await self.providers(blob_id)
+                held = await self._confirmed_providers(blob_id)
+                peers = list(held)
             if not peers:
                 raise NoProviderError(blob_id.hex(), ["<manifest>"], {})
             try:
@@ -297,6 +305,7 @@ class BlobService:
                     peers,
                     request_timeout=self.request_timeout,
                     on_event=on_event,
+                    held=held,
                 )
             finally:
                 await links.aclose()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +58,14 @@ class Links(Protocol):
     async def chunk(
         self, peer: str, chunk_id: ChunkId
     ) -> bytes | bytearray | HashedChunk | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What a provider said it holds of a blob: its chunk count and the positions held."""
+
+    chunk_count: int
+    positions: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +114,11 @@ async def fetch_blob(
     max_in_flight: int = 8,
     on_event: Callable[[Event], None] = lambda e: None,
     manifest: Manifest | None = None,
+    held: Mapping[str, Held] | None = None,
 ) -> TransferResult:
     """Fetch what is missing of ``blob_id`` from ``peers``; raise a TransferError if it cannot
-    complete (NoProviderError names the peers dropped and why)."""
+    complete (NoProviderError names the peers dropped and why). ``held``: what some peers have
+    just said they hold (they are not asked again if it fits the manifest)."""
     started = trio.current_time()
     if manifest is None:
         manifest = await get_manifest(links, blob_id, peers, request_timeout=request_timeout)
@@ -119,14 +129,18 @@ async def fetch_blob(
     bytes_present = sum(ref.size for ref in manifest.chunks if ref.chunk_id in present)
 
     async def ask_have(peer: str) -> None:
+        known = (held or {}).get(peer)
+        if known is not None and known.chunk_count == len(manifest.chunks):
+            plan.add_provider(peer, known.positions)
+            return
         with trio.move_on_after(request_timeout):
             try:
-                held = await links.have(peer, blob_id, len(manifest.chunks))
+                positions = await links.have(peer, blob_id, len(manifest.chunks))
             except (NetworkError, RemoteProtocolError) as e:
                 log.info("provider %s: have request failed: %s", peer, e)
                 return
-            if held is not None:
-                plan.add_provider(peer, held)
+            if positions is not None:
+                plan.add_provider(peer, positions)
 
     store_seconds = 0.0
     setup_seconds = trio.current_time() - started

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -189,6 +190,27 @@ async def test_providers_announced_in_dht_and_withdrawn(spawn: Spawn, tmp_path: 
     # The provider no longer holds it: a fetch fails clearly (its stale DHT copy is not trusted).
     with pytest.raises(NoProviderError):
         await me.service.fetch(blob_id, sources=[provider.addr])
+
+
+async def test_providers_found_in_the_dht_are_asked_what_they_hold_once(
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = await spawn()
+    me = await spawn(bootstrap=(provider.addr,))
+    await me.service.p2p.wait_peer_count(1)
+    blob_id = await add([provider], random_bytes(MIB, 8), tmp_path)
+    have_requests: list[str] = []
+    original = P2PNode.request
+
+    async def counting(self: P2PNode, peer: str, protocol: str, message: Any, **kw: Any) -> Any:
+        if isinstance(message, dict) and message.get("type") == "have_request":
+            have_requests.append(peer)
+        return await original(self, peer, protocol, message, **kw)
+
+    monkeypatch.setattr(P2PNode, "request", counting)
+    result = await me.service.fetch(blob_id)  # confirms the DHT's providers, then fetches
+    assert result.bytes_fetched == MIB
+    assert have_requests == [provider.peer_id]  # the confirmation's answer is reused
 
 
 async def test_provider_killed_mid_transfer(spawn: Spawn, tmp_path: Path) -> None:
