@@ -26,8 +26,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,10 @@ def note(msg: str) -> None:
     print(f"[bench.transfer] {msg}", file=sys.stderr, flush=True)
 
 
-def raw_tcp_copy(data: bytes) -> float:
-    """Seconds to move ``data`` over one loopback TCP connection into a receive buffer."""
+@contextmanager
+def serving(data: bytes) -> Iterator[int]:
+    """A thread that sends ``data`` to the first connection on the yielded loopback port."""
     server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
 
     def send() -> None:
         conn, _ = server.accept()
@@ -54,16 +54,24 @@ def raw_tcp_copy(data: bytes) -> float:
 
     sender = threading.Thread(target=send)
     sender.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        sender.join()
+        server.close()
+
+
+def raw_tcp_copy(data: bytes) -> float:
+    """Seconds to move ``data`` over one loopback TCP connection into a receive buffer."""
     buf = bytearray(len(data))
     view = memoryview(buf)
-    began = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        got = 0
-        while got < len(data):
-            got += sock.recv_into(view[got:], min(len(data) - got, 4 * MIB))
-    seconds = time.perf_counter() - began
-    sender.join()
-    server.close()
+    with serving(data) as port:
+        began = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            got = 0
+            while got < len(data):
+                got += sock.recv_into(view[got:], min(len(data) - got, 4 * MIB))
+        seconds = time.perf_counter() - began
     assert buf == data
     return seconds
 
@@ -71,30 +79,18 @@ def raw_tcp_copy(data: bytes) -> float:
 def raw_tcp_to_disk(data: bytes, path: Path) -> float:
     """Seconds to move ``data`` over one loopback TCP connection into a file and fdatasync it
     (``nc > FILE && sync``): the same bytes made durable with no chunking, hashing or index."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def send() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.sendall(data)
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    buf = bytearray(4 * MIB)
-    view = memoryview(buf)
-    began = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            while count := sock.recv_into(view):
-                os.write(fd, view[:count])
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    seconds = time.perf_counter() - began
-    sender.join()
-    server.close()
+    view = memoryview(bytearray(4 * MIB))
+    with serving(data) as port:
+        began = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                while count := sock.recv_into(view):
+                    os.write(fd, view[:count])
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        seconds = time.perf_counter() - began
     assert path.stat().st_size == len(data)
     path.unlink()
     return seconds
