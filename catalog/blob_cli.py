@@ -1,4 +1,4 @@
-"""``vmlend blob add|get|ls|rm|gc``: the node's chunk store through its local RPC.
+"""``vmlend blob add|get|ls|rm|grant|check|gc``: the node's chunk store through its local RPC.
 
 The daemon holds the store; ``blob add`` hands it an absolute path to read (same machine, the
 RPC socket is owner-only) and ``blob get -o`` an absolute path to write.
@@ -52,6 +52,12 @@ def add_blob_parser(commands: Any) -> argparse.ArgumentParser:
     grant.add_argument("peer_id", metavar="PEER_ID")
     _common(grant)
     grant.set_defaults(handler=cmd_grant)
+
+    check = sub.add_parser(
+        "check", help="verify every chunk on disk; quarantine corrupt ones (exit 1 if any)"
+    )
+    _common(check)
+    check.set_defaults(handler=cmd_check)
 
     gc = sub.add_parser("gc", help="delete chunks no blob uses")
     _common(gc)
@@ -175,3 +181,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
     else:
         print(f"freed {result['chunks_freed']} chunks, {result['bytes_freed']} bytes")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = client.call("blob.check")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, what in (
+            ("corrupt", "corrupt, quarantined (fetch its blob again)"),
+            ("missing_files", "indexed but its file is gone"),
+            ("stray_files", "a file the index does not know"),
+            ("unfinished", "a write or delete left unfinished"),
+        ):
+            for name in report[key]:
+                print(f"{name}: {what}")
+        print("chunk store ok" if report["ok"] else "chunk store has problems (listed above)")
+    return 0 if report["ok"] else 1

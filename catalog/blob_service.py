@@ -324,6 +324,7 @@ class BlobService:
             "blob.ls": self._rpc_ls,
             "blob.rm": self._rpc_rm,
             "blob.gc": self._rpc_gc,
+            "blob.check": self._rpc_check,
             "blob.grant": self._rpc_grant,
             "blob.providers": self._rpc_providers,
         }
@@ -376,6 +377,19 @@ class BlobService:
     async def _rpc_gc(self, params: list[Any]) -> dict[str, Any]:
         result = await self.blobs.gc()
         return {"chunks_freed": result.chunks_freed, "bytes_freed": result.bytes_freed}
+
+    async def _rpc_check(self, params: list[Any]) -> dict[str, Any]:
+        if params:
+            raise RpcError("invalid_params", "blob.check takes no parameters")
+        report = await self.blobs.chunks.scrub()
+        return {
+            "ok": report.ok,
+            "corrupt": report.corrupt,  # quarantined now
+            "missing_files": report.missing_files,
+            "stray_files": report.stray_files,
+            "unfinished": report.unfinished_rows,
+            "temp_files": report.temp_files,
+        }
 
     async def _rpc_providers(self, params: list[Any]) -> list[str]:
         with mapped_errors():

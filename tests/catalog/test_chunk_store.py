@@ -69,6 +69,20 @@ async def test_open_file_is_the_chunk_as_stored(store: ChunkStore) -> None:
         await store.open_file(hash_chunk(b"nope"))
 
 
+async def test_scrub_quarantines_rotted_chunks_only(store: ChunkStore) -> None:
+    good = await store.put(random_bytes(5000, 1))
+    rotted = await store.put(random_bytes(5000, 2))
+    path = store.path_of(rotted)
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0x01  # one bit flipped on disk
+    path.write_bytes(bytes(raw))
+    report = await store.scrub()
+    assert report.corrupt == [rotted.hex()]
+    assert await store.present([good, rotted]) == {good}  # never served again
+    assert (store.root / "corrupt" / rotted.hex()).exists()  # kept for a post-mortem
+    assert (await store.scrub()).ok
+
+
 async def test_get_unknown_chunk(store: ChunkStore) -> None:
     with pytest.raises(MissingChunkError):
         await store.get(hash_chunk(b"nope"))

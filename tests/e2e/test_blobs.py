@@ -144,3 +144,24 @@ async def test_fetching_node_killed_mid_transfer_resumes_after_restart(tmp_path:
         assert (tmp_path / "out.bin").read_bytes() == data
         assert await restarted.stop() == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_blob_check_quarantines_a_rotted_chunk(tmp_path: Path) -> None:
+    data = random_bytes(3 * MIB, 3)
+    (tmp_path / "in.bin").write_bytes(data)
+    async with local_network(tmp_path, 1) as [node]:
+        blob_id = (await node.call("blob.add", str(tmp_path / "in.bin")))["id"]
+        code, out, err = await vmlend("blob", "check", "--data", str(node.data_dir))
+        assert (code, out.strip()) == (0, "chunk store ok"), err
+        victim = next(p for p in (node.data_dir / "chunks").glob("??/*") if p.is_file())
+        raw = bytearray(victim.read_bytes())
+        raw[-1] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+        code, out, err = await vmlend("blob", "check", "--data", str(node.data_dir), "--json")
+        assert code == 1, err
+        report = json.loads(out)
+        assert report["corrupt"] == [victim.name]
+        [listed] = await node.call("blob.ls")
+        assert (listed["id"], listed["complete"], listed["missing"]) == (blob_id, False, 1)
+        code, out, err = await vmlend("blob", "check", "--data", str(node.data_dir))
+        assert code == 0, err  # quarantined: nothing corrupt is left in the store
