@@ -285,6 +285,7 @@ class BlobService:
                 blob_id,
                 use_channel=use_channel,
                 on_private=lambda: self.access.make_private(blob_id),
+                spool=self.blobs.chunks.spool_dir,
             )
             peers: list[str] = []
             held: dict[str, Held] = {}

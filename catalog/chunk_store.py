@@ -37,7 +37,7 @@ from pathlib import Path
 
 import trio
 
-from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, hash_chunk
+from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, SpooledChunk, hash_chunk
 from catalog.errors import (
     CatalogError,
     ChunkCorruptError,
@@ -314,6 +314,57 @@ class ChunkStore:
                 raise
             with trio.CancelScope(shield=True):  # the files are in place: finish the bookkeeping
                 await self.db.transaction(lambda c: _mark_present(c, list(to_write)))
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where a receiver may write chunks it has verified, for :meth:`adopt_many` (files
+        left there by a crash are cleared when the store opens)."""
+        return self.root / "tmp"
+
+    async def adopt_many(
+        self, chunks: Sequence[tuple[ChunkId, SpooledChunk]], *, pins: PinSet
+    ) -> None:
+        """Store chunks a receiver already wrote under :attr:`spool_dir` and hashed itself
+        (their bytes are not read again): fsync, name and index them like :meth:`put_many`.
+        Every spooled file is consumed: adopted, or deleted (a duplicate, a chunk already
+        here, or any failure, QuotaExceededError included)."""
+        unique: dict[ChunkId, SpooledChunk] = {}
+        extra: list[Path] = []
+        for chunk_id, spooled in chunks:
+            if chunk_id in unique or spooled.size > MAX_CHUNK_SIZE or len(chunk_id) != 32:
+                extra.append(spooled.path)
+            else:
+                unique[chunk_id] = spooled
+        try:
+            pins.add(unique)
+            async with self._writing():
+                sizes = {chunk_id: spooled.size for chunk_id, spooled in unique.items()}
+                to_write, inserted = await self.db.transaction(lambda c: self._reserve(c, sizes))
+                pins.created.update(inserted)
+                extra += [sp.path for chunk_id, sp in unique.items() if chunk_id not in to_write]
+                todo = [
+                    (chunk_id, sp.path) for chunk_id, sp in unique.items() if chunk_id in to_write
+                ]
+                unique.clear()
+                if not todo:
+                    return
+                try:
+                    await trio.to_thread.run_sync(_adopt_batch, self.root, todo)
+                except BaseException as e:
+                    extra += [path for _, path in todo]
+                    with trio.CancelScope(shield=True):
+                        await self._unreserve(inserted, pins)
+                    if isinstance(e, OSError):
+                        raise StoreIOError(
+                            f"cannot store chunks under {self.root}: {e.strerror}"
+                        ) from e
+                    raise
+                with trio.CancelScope(shield=True):
+                    await self.db.transaction(lambda c: _mark_present(c, list(to_write)))
+        finally:
+            extra += [sp.path for sp in unique.values()]  # not reached: reservation failed
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_paths, extra)
 
     def _reserve(
         self, conn: sqlite3.Connection, sizes: dict[ChunkId, int]
@@ -598,7 +649,15 @@ def _write_temp_files(
 
 
 def _write_batch(root: Path, chunks: list[tuple[ChunkId, Buffer]], verify: bool) -> None:
-    written = _write_temp_files(root, chunks, verify)
+    _commit_temps(_write_temp_files(root, chunks, verify))
+
+
+def _adopt_batch(root: Path, chunks: list[tuple[ChunkId, Path]]) -> None:
+    _commit_temps([(path, root / chunk_id.hex()[:2] / chunk_id.hex()) for chunk_id, path in chunks])
+
+
+def _commit_temps(written: list[tuple[Path, Path]]) -> None:
+    """fsync the temp files, give them their final names, fsync the directories."""
     try:
         _in_parallel(_fsync_file, [tmp for tmp, _ in written])
         dirs = _rename_all(written)
@@ -618,6 +677,11 @@ def _in_parallel(fn: Callable[[Path], None], paths: Sequence[Path]) -> None:
         return
     for _ in _SYNC_POOL.map(fn, paths):
         pass
+
+
+def _unlink_paths(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _unlink_temps(written: list[tuple[Path, Path]]) -> None:

@@ -46,6 +46,15 @@ class HashedChunk(NamedTuple):
     digest: ChunkId
 
 
+class SpooledChunk(NamedTuple):
+    """Bytes received for a chunk, already written to a temp file of the chunk store (not yet
+    fsynced or named), with the blake3 computed here before they were written."""
+
+    path: Path
+    size: int
+    digest: ChunkId
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChunkParams:
     """FastCDC size parameters, in bytes (``avg_size`` is FastCDC's target before min skipping)."""

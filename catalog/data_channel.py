@@ -29,13 +29,22 @@ import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from catalog.chunking import ID_SIZE, MAX_CHUNK_SIZE, ChunkId, HashedChunk, hash_chunk
+from catalog.chunking import (
+    ID_SIZE,
+    MAX_CHUNK_SIZE,
+    ChunkId,
+    HashedChunk,
+    SpooledChunk,
+    hash_chunk,
+)
 from catalog.errors import CatalogError, MissingChunkError
+from catalog.writeback import start_writeback
 from node.errors import RemoteProtocolError, StreamBrokenError
 
 log = logging.getLogger("vmlend.catalog.channel")
@@ -323,8 +332,15 @@ class _Reader:
 class _Waiter:
     chunk_id: ChunkId
     done: trio.Event = field(default_factory=trio.Event)
-    answer: HashedChunk | None = None
+    answer: HashedChunk | SpooledChunk | None = None
     error: Exception | None = None
+    abandoned: bool = False
+
+
+def _discard(answer: HashedChunk | SpooledChunk | None) -> None:
+    """Drop an answer nobody will take (a spooled file included)."""
+    if isinstance(answer, SpooledChunk):
+        answer.path.unlink(missing_ok=True)
 
 
 class DataConnection:
@@ -340,9 +356,12 @@ class DataConnection:
     error (StreamBrokenError or RemoteProtocolError); open a new one to try again.
     """
 
-    def __init__(self, sock: socket.socket, peer: str, key: bytes | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: str, key: bytes | None = None, spool: Path | None = None
+    ) -> None:
         self.peer = peer
         self._sock = sock
+        self._spool = spool
         self._cipher = ChaCha20Poly1305(key) if key is not None else None
         self._max_length = MAX_CHUNK_SIZE + (TAG_SIZE if key is not None else 0)
         self._received = 0  # answers decrypted so far: the next nonce (reader thread only)
@@ -362,13 +381,18 @@ class DataConnection:
         peer: str,
         *,
         key: bytes | None = None,
+        spool: Path | None = None,
     ) -> DataConnection:
+        """Connect and present ``token``. With ``spool`` (a chunk store's
+        :attr:`~catalog.chunk_store.ChunkStore.spool_dir`), each chunk whose bytes hash to the
+        ID it was sent under is written there by the reader thread and answered as a
+        :class:`SpooledChunk`: the bytes never leave that thread."""
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as e:
             raise StreamBrokenError(f"data channel to {peer} at {host}:{port}: {e}") from e
         sock = socket.socket(fileno=stream.socket.detach())
-        conn = cls(sock, peer, key)
+        conn = cls(sock, peer, key, spool)
         try:
             sock.setblocking(True)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
@@ -384,10 +408,15 @@ class DataConnection:
     async def get(self, chunk_id: ChunkId) -> bytes | None:
         """The chunk's bytes as the peer sent them (the caller verifies), None if not found."""
         answer = await self.get_hashed(chunk_id)
+        if isinstance(answer, SpooledChunk):  # a spooling connection: read it back
+            data = await trio.to_thread.run_sync(answer.path.read_bytes)
+            _discard(answer)
+            return data
         return None if answer is None else answer.data
 
-    async def get_hashed(self, chunk_id: ChunkId) -> HashedChunk | None:
-        """The chunk's bytes and their blake3 (computed here), None if not found."""
+    async def get_hashed(self, chunk_id: ChunkId) -> HashedChunk | SpooledChunk | None:
+        """The chunk's bytes (or, with a spool, its file) and their blake3 (computed here),
+        None if not found."""
         if self._error is not None:
             raise self._error
         waiter = _Waiter(chunk_id)
@@ -395,7 +424,11 @@ class DataConnection:
             self._queue.append(waiter)
             with trio.CancelScope(shield=True):  # never half a request on the wire
                 await self._send(_REQUEST.pack(OP_GET, chunk_id))
-        await waiter.done.wait()  # cancelling leaves the waiter queued; its answer is dropped
+        try:
+            await waiter.done.wait()
+        finally:
+            # Cancelled: the waiter stays queued (answers come in order); its answer is dropped.
+            waiter.abandoned = not waiter.done.is_set()
         if waiter.error is not None:
             raise waiter.error
         return waiter.answer
@@ -448,7 +481,7 @@ class DataConnection:
                 data = self._receive(length) or b""
                 if self._cipher is not None and length:
                     data = self._decrypt(data, ChunkId(chunk_id))
-                answer = HashedChunk(data, hash_chunk(data))
+                answer = self._spooled(ChunkId(chunk_id), data, hash_chunk(data))
             token.run_sync_soon(self._deliver, ChunkId(chunk_id), answer, length)
 
     def _receive(self, n: int, *, first: bool = False) -> bytes | None:
@@ -471,18 +504,46 @@ class DataConnection:
             got += len(piece)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _deliver(self, chunk_id: ChunkId, answer: HashedChunk | None, length: int) -> None:
+    def _spooled(
+        self, chunk_id: ChunkId, data: bytes, digest: ChunkId
+    ) -> HashedChunk | SpooledChunk:
+        """Reader thread: write a good chunk to the spool; wrong bytes (for the plan to blame
+        their sender) and a spool that cannot be written (the store then reports the disk
+        error) stay in memory."""
+        if self._spool is None or digest != chunk_id:
+            return HashedChunk(data, digest)
+        path = self._spool / f"{chunk_id.hex()}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return HashedChunk(data, digest)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            start_writeback(fd)
+        except OSError:
+            path.unlink(missing_ok=True)
+            return HashedChunk(data, digest)
+        finally:
+            os.close(fd)
+        return SpooledChunk(path, len(data), digest)
+
+    def _deliver(
+        self, chunk_id: ChunkId, answer: HashedChunk | SpooledChunk | None, length: int
+    ) -> None:
         """In trio (a run_sync_soon callback: must not raise): hand an answer to the request at
         the head of the queue, or end the connection if the peer broke the protocol."""
-        if self._error is not None:
-            return  # failed meanwhile (closed locally, say): the reader is stopping
-        if not self._queue:
-            self._abort(RemoteProtocolError(f"data channel: {self.peer} sent an unasked answer"))
-            return
-        if chunk_id != self._queue[0].chunk_id:
-            self._abort(RemoteProtocolError(f"data channel: {self.peer} answered out of order"))
-            return
+        if self._error is not None or not self._queue or chunk_id != self._queue[0].chunk_id:
+            _discard(answer)
+            if self._error is None:
+                what = "an unasked answer" if not self._queue else "answers out of order"
+                self._abort(RemoteProtocolError(f"data channel: {self.peer} sent {what}"))
+            return  # else failed meanwhile (closed locally, say): the reader is stopping
         waiter = self._queue.popleft()
+        if waiter.abandoned:
+            _discard(answer)
+            return
         self.bytes_received += length
         waiter.answer = answer
         waiter.done.set()

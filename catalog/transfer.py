@@ -16,7 +16,6 @@ direct data channel; tests may fake it). This module owns concurrency, deadlines
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import trio
 
 from catalog.blob import BlobId, BlobStore, Manifest
 from catalog.chunk_store import one_error
-from catalog.chunking import ChunkId, HashedChunk
+from catalog.chunking import ChunkId, HashedChunk, SpooledChunk
 from catalog.errors import ManifestError, NoProviderError
 from catalog.transfer_plan import (
     CancelFetch,
@@ -57,7 +56,10 @@ class Links(Protocol):
 
     async def chunk(
         self, peer: str, chunk_id: ChunkId
-    ) -> bytes | bytearray | HashedChunk | None: ...
+    ) -> bytes | bytearray | HashedChunk | SpooledChunk | None: ...
+
+
+Accepted = tuple[ChunkId, bytes | bytearray | SpooledChunk]  # a chunk the plan accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,17 +183,22 @@ async def _run_plan(
     active = 0  # batches being written now
     scopes: dict[tuple[str, ChunkId], trio.CancelScope] = {}
     writers = trio.Semaphore(WRITERS)
-    to_store, stored = trio.open_memory_channel[tuple[ChunkId, bytes | bytearray]](64)
+    to_store, stored = trio.open_memory_channel[Accepted](64)
 
-    async def store(batch: list[tuple[ChunkId, bytes | bytearray]]) -> None:
+    async def store(batch: list[Accepted]) -> None:
         nonlocal store_seconds, busy_since, active
         active += 1
         if active == 1:
             busy_since = trio.current_time()
         try:
+            in_memory = [(i, d) for i, d in batch if not isinstance(d, SpooledChunk)]
+            spooled = [(i, d) for i, d in batch if isinstance(d, SpooledChunk)]
             with blobs.chunks.pins() as pins:
-                # The plan hashed these very buffers when it accepted them.
-                await blobs.chunks.put_many(batch, pins=pins, verified=True)
+                # The plan checked these very bytes (their hash) when it accepted them.
+                if spooled:
+                    await blobs.chunks.adopt_many(spooled, pins=pins)
+                if in_memory:
+                    await blobs.chunks.put_many(in_memory, pins=pins, verified=True)
         finally:
             writers.release()
             active -= 1
@@ -210,24 +217,28 @@ async def _run_plan(
         # they were busy, topped up for at most BATCH_LINGER; each batch costs two index
         # transactions and a thread hop whatever its size, so one-chunk batches (what a free
         # writer took before) spent more time on bookkeeping than on bytes.
-        async with stored, one_error(), trio.open_nursery() as batches:
-            while True:
-                await writers.acquire()
-                try:
-                    batch = [await stored.receive()]
-                except trio.EndOfChannel:
-                    writers.release()
-                    return
-                size = len(batch[0][1])
-                with trio.move_on_after(BATCH_LINGER):
-                    while size < WRITE_BATCH_BYTES:
+        async with stored:
+            try:
+                async with one_error(), trio.open_nursery() as batches:
+                    while True:
+                        await writers.acquire()
                         try:
-                            item = await stored.receive()
+                            batch = [await stored.receive()]
                         except trio.EndOfChannel:
-                            break
-                        batch.append(item)
-                        size += len(item[1])
-                batches.start_soon(store, batch)
+                            writers.release()
+                            return
+                        size = _size(batch[0][1])
+                        with trio.move_on_after(BATCH_LINGER):
+                            while size < WRITE_BATCH_BYTES:
+                                try:
+                                    item = await stored.receive()
+                                except trio.EndOfChannel:
+                                    break
+                                batch.append(item)
+                                size += _size(item[1])
+                        batches.start_soon(store, batch)
+            finally:
+                _drop_unstored(stored)  # a writer failed: these are never stored
 
     async with one_error(), trio.open_nursery() as outer:
         outer.start_soon(writer)
@@ -262,10 +273,10 @@ async def _fetch_chunk(
     links: Links,
     action: FetchChunk,
     request_timeout: float,
-    to_store: trio.MemorySendChannel[tuple[ChunkId, bytes | bytearray]],
+    to_store: trio.MemorySendChannel[Accepted],
 ) -> None:
     peer, chunk_id = action.peer, action.chunk_id
-    data: bytes | bytearray | HashedChunk | None = None
+    data: bytes | bytearray | HashedChunk | SpooledChunk | None = None
     failure: str | None = None
     gone: str | None = None
     with trio.move_on_after(request_timeout) as deadline:
@@ -287,12 +298,43 @@ async def _fetch_chunk(
         plan.provider_gone(peer, now, gone)
     elif data is None:
         plan.on_not_found(peer, chunk_id, now)
+    elif isinstance(data, SpooledChunk):
+        verdict = plan.on_received(peer, chunk_id, data.size, data.digest, now)
+        if verdict is not Verdict.ACCEPTED or not await _accept(to_store, chunk_id, data):
+            with trio.CancelScope(shield=True):  # a duplicate or a rejected copy: drop its file
+                await trio.to_thread.run_sync(data.path.unlink, True)
     else:
         digest = None
         if isinstance(data, HashedChunk):
             data, digest = data
         if plan.on_chunk(peer, chunk_id, data, now, digest=digest) is Verdict.ACCEPTED:
-            # Shielded: an accepted chunk is stored even if we then stop. A broken channel
-            # means the writer failed; its error is what the transfer raises.
-            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError):
-                await to_store.send((chunk_id, data))
+            await _accept(to_store, chunk_id, data)
+
+
+async def _accept(
+    to_store: trio.MemorySendChannel[Accepted],
+    chunk_id: ChunkId,
+    data: bytes | bytearray | SpooledChunk,
+) -> bool:
+    """Queue an accepted chunk for the writers; False if they are gone (their error is what the
+    transfer raises). Shielded: an accepted chunk is stored even if we then stop."""
+    with trio.CancelScope(shield=True):
+        try:
+            await to_store.send((chunk_id, data))
+        except trio.BrokenResourceError:
+            return False
+    return True
+
+
+def _drop_unstored(stored: trio.MemoryReceiveChannel[Accepted]) -> None:
+    while True:
+        try:
+            _, data = stored.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return
+        if isinstance(data, SpooledChunk):
+            data.path.unlink(missing_ok=True)
+
+
+def _size(data: bytes | bytearray | SpooledChunk) -> int:
+    return data.size if isinstance(data, SpooledChunk) else len(data)

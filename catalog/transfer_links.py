@@ -10,12 +10,13 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from catalog.blob import BlobId
-from catalog.chunking import ChunkId, HashedChunk
+from catalog.chunking import ChunkId, HashedChunk, SpooledChunk
 from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL, DataConnection
 from catalog.transfer_messages import (
     PROTOCOL_ID,
@@ -52,12 +53,14 @@ class P2PLinks:
         *,
         use_channel: bool = True,
         on_private: Callable[[], None] = lambda: None,
+        spool: Path | None = None,
     ) -> None:
         self._p2p = p2p
         self._blob_id = blob_id
         self._on_private = on_private
         self._nursery = nursery
         self._use_channel = use_channel
+        self._spool = spool  # where data connections write verified chunks (see DataConnection)
         self._conns: dict[str, DataConnection | None] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._ids = itertools.count(1)
@@ -86,7 +89,9 @@ class P2PLinks:
             return None
         raise RemoteProtocolError(f"{peer}: unexpected answer to a have request")
 
-    async def chunk(self, peer: str, chunk_id: ChunkId) -> bytes | bytearray | HashedChunk | None:
+    async def chunk(
+        self, peer: str, chunk_id: ChunkId
+    ) -> bytes | bytearray | HashedChunk | SpooledChunk | None:
         conn = await self._connection(peer)
         if conn is not None:
             return await conn.get_hashed(chunk_id)
@@ -127,7 +132,9 @@ class P2PLinks:
             host = self._ip_of(peer)
         if key is not None:
             self._on_private()
-        return await DataConnection.open(self._nursery, host, port, token, peer, key=key)
+        return await DataConnection.open(
+            self._nursery, host, port, token, peer, key=key, spool=self._spool
+        )
 
     def _ip_of(self, peer: str) -> str:
         addrs = list(self.addr_hints.get(peer, []))

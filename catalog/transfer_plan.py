@@ -244,6 +244,15 @@ class TransferPlan:
 
         ``digest`` is the blake3 of ``data`` if the caller computed it itself (off the event
         loop); it is never a value a peer supplied."""
+        if digest is None:
+            digest = hash_chunk(data)
+        return self.on_received(peer, chunk_id, len(data), digest, now)
+
+    def on_received(
+        self, peer: PeerId, chunk_id: ChunkId, size: int, digest: ChunkId, now: float
+    ) -> Verdict:
+        """:meth:`on_chunk` for bytes the caller holds elsewhere (e.g. already spooled to a
+        file): their size and the blake3 the caller computed."""
         state = self._peers.get(peer)
         if state is None or state.status != "live":
             return Verdict.REJECTED  # a late answer from a peer we already stopped using
@@ -254,20 +263,18 @@ class TransferPlan:
         else:
             self._misbehaved(state, chunk_id, "sent a chunk it was not asked for")
             return Verdict.REJECTED
-        if digest is None:
-            digest = hash_chunk(data)
-        if len(data) != self._sizes.get(chunk_id, -1) or digest != chunk_id:
+        if size != self._sizes.get(chunk_id, -1) or digest != chunk_id:
             self._misbehaved(state, chunk_id, "sent bytes that do not hash to the chunk ID")
             return Verdict.REJECTED
         state.failures = 0
-        state.bytes_received += len(data)
-        state.meter.add(now, len(data))
+        state.bytes_received += size
+        state.meter.add(now, size)
         if chunk_id not in self._needed or self.state is not State.RUNNING:
             return Verdict.DUPLICATE
         self._needed.discard(chunk_id)
-        self._bytes_done += len(data) * self._uses[chunk_id]
-        self._bytes_fetched += len(data)
-        self._meter.add(now, len(data))
+        self._bytes_done += size * self._uses[chunk_id]
+        self._bytes_fetched += size
+        self._meter.add(now, size)
         for other in sorted(self._asked.pop(chunk_id, set())):
             other_state = self._peers[other]
             del other_state.in_flight[chunk_id]

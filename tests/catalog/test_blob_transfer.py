@@ -171,6 +171,10 @@ async def test_fetch_from_providers(spawn: Spawn, tmp_path: Path, providers: int
     final = [e for e in events if isinstance(e, Progress)][-1]
     assert final.bytes_done == len(data)
     assert {p.peer for p in final.peers if p.bytes_received > 0} == {s.peer_id for s in sources}
+    # Chunks came spooled to files by the data channel; every one was adopted or deleted
+    # (endgame duplicates included), none is left behind.
+    assert list(me.blobs.chunks.spool_dir.iterdir()) == []
+    assert (await me.blobs.chunks.check()).ok
 
 
 async def test_providers_announced_in_dht_and_withdrawn(spawn: Spawn, tmp_path: Path) -> None:
@@ -273,6 +277,7 @@ async def test_malicious_provider_is_excluded(
     assert [e.peer for e in events if isinstance(e, PeerMisbehaved)] == [evil.peer_id]
     assert await exported(me, blob_id, tmp_path) == data
     assert (await me.blobs.chunks.check()).ok  # nothing corrupt was stored
+    assert list(me.blobs.chunks.spool_dir.iterdir()) == []
 
 
 async def test_only_a_malicious_provider_fails_clearly(spawn: Spawn, tmp_path: Path) -> None:
@@ -335,6 +340,7 @@ async def test_full_quota_fails_clearly_and_stores_nothing(spawn: Spawn, tmp_pat
         await me.service.fetch(blob_id, sources=[source.addr])
     assert await me.blobs.ls() == []
     assert (await me.blobs.chunks.usage()).used_bytes == 0
+    assert list(me.blobs.chunks.spool_dir.iterdir()) == []  # received, refused, deleted
 
 
 async def test_unknown_blob_fails_clearly(spawn: Spawn) -> None:

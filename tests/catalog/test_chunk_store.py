@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from catalog.chunk_store import ChunkStore
-from catalog.chunking import hash_chunk
+from catalog.chunking import ChunkId, SpooledChunk, hash_chunk
 from catalog.errors import (
     ChunkCorruptError,
     MissingChunkError,
@@ -81,6 +81,38 @@ async def test_scrub_quarantines_rotted_chunks_only(store: ChunkStore) -> None:
     assert await store.present([good, rotted]) == {good}  # never served again
     assert (store.root / "corrupt" / rotted.hex()).exists()  # kept for a post-mortem
     assert (await store.scrub()).ok
+
+
+def spool(store: ChunkStore, data: bytes) -> tuple[ChunkId, SpooledChunk]:
+    chunk_id = hash_chunk(data)
+    path = store.spool_dir / f"{chunk_id.hex()}.{len(list(store.spool_dir.iterdir()))}"
+    path.write_bytes(data)
+    return chunk_id, SpooledChunk(path, len(data), chunk_id)
+
+
+async def test_adopt_many_names_spooled_files_and_consumes_every_one(store: ChunkStore) -> None:
+    here = await store.put(random_bytes(3000, 1))
+    a, b = random_bytes(4000, 2), random_bytes(5000, 3)
+    batch = [spool(store, a), spool(store, b), spool(store, a), spool(store, random_bytes(3000, 1))]
+    with store.pins() as pins:
+        await store.adopt_many(batch, pins=pins)
+    assert await store.present([hash_chunk(a), hash_chunk(b), here]) == {
+        hash_chunk(a),
+        hash_chunk(b),
+        here,
+    }
+    assert await store.get(hash_chunk(b)) == b
+    assert list(store.spool_dir.iterdir()) == []  # adopted, or deleted as a duplicate
+    assert (await store.check()).ok
+
+
+async def test_adopt_many_over_quota_deletes_the_spooled_files(tmp_path: Path) -> None:
+    async with ChunkStore.open(tmp_path / "q", quota_bytes=6000) as store:
+        batch = [spool(store, random_bytes(4000, 1)), spool(store, random_bytes(4000, 2))]
+        with store.pins() as pins, pytest.raises(QuotaExceededError):
+            await store.adopt_many(batch, pins=pins)
+        assert (await store.usage()).chunk_count == 0
+        assert list(store.spool_dir.iterdir()) == []
 
 
 async def test_get_unknown_chunk(store: ChunkStore) -> None:

@@ -7,11 +7,12 @@ import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 
-from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, hash_chunk
+from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, SpooledChunk, hash_chunk
 from catalog.data_channel import ChunkFile, DataConnection, DataServer, TokenBook
 from catalog.errors import MissingChunkError
 from node.errors import RemoteProtocolError, StreamBrokenError
@@ -111,7 +112,11 @@ async def test_server_survives_garbage(server: DataServer) -> None:
 Rogue = Callable[[trio.SocketStream], Awaitable[None]]
 
 
-async def against(rogue: Rogue, timeout: float = 5.0) -> bytearray | None:  # noqa: ASYNC109
+async def against(
+    rogue: Rogue,
+    timeout: float = 5.0,  # noqa: ASYNC109
+    spool: Path | None = None,
+) -> bytes | None:
     """One ``get`` against a rogue server that runs ``rogue`` after reading token + request."""
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -126,7 +131,9 @@ async def against(rogue: Rogue, timeout: float = 5.0) -> bytearray | None:  # no
     async with trio.open_nursery() as nursery:
         [listener] = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
         port = listener.socket.getsockname()[1]
-        conn = await DataConnection.open(nursery, "127.0.0.1", port, bytes(32), "rogue")
+        conn = await DataConnection.open(
+            nursery, "127.0.0.1", port, bytes(32), "rogue", spool=spool
+        )
         try:
             with trio.fail_after(timeout):
                 result = await conn.get(CHUNK_ID)
@@ -323,3 +330,28 @@ async def test_aclose_fails_outstanding_gets_and_ends_the_reader() -> None:
             await conn.get(CHUNK_ID)
         nursery.cancel_scope.cancel()
     assert open_fds() == before  # the reader thread returned and the socket is closed
+
+
+async def test_a_spooling_connection_writes_good_chunks_only(
+    server: DataServer, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        token = server.tokens.issue("me", trio.current_time())
+        conn = await DataConnection.open(
+            nursery, "127.0.0.1", server.port, token, "provider", spool=tmp_path
+        )
+        answer = await conn.get_hashed(CHUNK_ID)
+        assert isinstance(answer, SpooledChunk)
+        assert (answer.size, answer.digest) == (len(CHUNK), CHUNK_ID)
+        assert answer.path.parent == tmp_path
+        assert answer.path.read_bytes() == CHUNK
+        assert await conn.get_hashed(ChunkId(bytes(32))) is None
+        nursery.cancel_scope.cancel()
+
+    async def wrong(stream: trio.SocketStream) -> None:
+        await stream.send_all(HEADER.pack(0, CHUNK_ID, len(CHUNK)) + b"y" * len(CHUNK))
+
+    other = tmp_path / "other"
+    other.mkdir()
+    assert await against(wrong, spool=other) == b"y" * len(CHUNK)
+    assert list(other.iterdir()) == []  # kept in memory, for the plan to blame its sender
