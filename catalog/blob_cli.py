@@ -193,7 +193,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             ("corrupt", "corrupt, quarantined (fetch its blob again)"),
             ("missing_files", "indexed but its file is gone"),
             ("stray_files", "a file the index does not know"),
-            ("unfinished", "a write or delete left unfinished"),
         ):
             for name in report[key]:
                 print(f"{name}: {what}")

@@ -383,8 +383,12 @@ class BlobService:
         if params:
             raise RpcError("invalid_params", "blob.check takes no parameters")
         report = await self.blobs.chunks.scrub()
+        # Unfinished rows and temp files belong to writes in flight (a fetch keeps its spooled
+        # chunks under tmp/ until they are committed) or to a crash, which the next start
+        # finishes: reported, not counted as problems.
+        problems = report.corrupt or report.missing_files or report.stray_files
         return {
-            "ok": report.ok,
+            "ok": not problems,
             "corrupt": report.corrupt,  # quarantined now
             "missing_files": report.missing_files,
             "stray_files": report.stray_files,
