@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -306,14 +307,8 @@ class ChunkStore:
             if not to_write:
                 return
             todo = [(i, data) for i, data in unique.items() if i in to_write]
-            try:
-                await self._write_files(todo, verify=not verified)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._unreserve(inserted, pins)
-                raise
-            with trio.CancelScope(shield=True):  # the files are in place: finish the bookkeeping
-                await self.db.transaction(lambda c: _mark_present(c, list(to_write)))
+            write = partial(_write_batch, self.root, todo, not verified)
+            await self._commit(write, pins, inserted, to_write)
 
     @property
     def spool_dir(self) -> Path:
@@ -348,19 +343,8 @@ class ChunkStore:
                 unique.clear()
                 if not todo:
                     return
-                try:
-                    await trio.to_thread.run_sync(_adopt_batch, self.root, todo)
-                except BaseException as e:
-                    extra += [path for _, path in todo]
-                    with trio.CancelScope(shield=True):
-                        await self._unreserve(inserted, pins)
-                    if isinstance(e, OSError):
-                        raise StoreIOError(
-                            f"cannot store chunks under {self.root}: {e.strerror}"
-                        ) from e
-                    raise
-                with trio.CancelScope(shield=True):
-                    await self.db.transaction(lambda c: _mark_present(c, list(to_write)))
+                extra += [path for _, path in todo]  # gone once adopted (renamed) anyway
+                await self._commit(partial(_adopt_batch, self.root, todo), pins, inserted, to_write)
         finally:
             extra += [sp.path for sp in unique.values()]  # not reached: reservation failed
             with trio.CancelScope(shield=True):
@@ -391,8 +375,16 @@ class ChunkStore:
         )
         return to_write, set(new)
 
-    async def _write_files(self, chunks: list[tuple[ChunkId, Buffer]], *, verify: bool) -> None:
-        """Write, fsync, rename, fsync directories; no name ever points at bytes not on disk.
+    async def _commit(
+        self,
+        write: Callable[[], None],
+        pins: PinSet,
+        inserted: set[ChunkId],
+        written: set[ChunkId],
+    ) -> None:
+        """Run ``write`` (blocking: write, fsync, rename, fsync directories; no name ever points
+        at bytes not on disk) for the ``written`` chunks, reserved WRITING, then mark them
+        present; on failure take back what this operation reserved (``inserted``).
 
         One worker thread does the whole batch (no trio round trip per file). Each file's
         writeback starts as soon as it is written (see :mod:`catalog.writeback`), and the
@@ -400,10 +392,16 @@ class ChunkStore:
         (measured here: several times faster than one fsync after another).
         """
         try:
-            await trio.to_thread.run_sync(_write_batch, self.root, chunks, verify)
-        except OSError as e:
-            # ENOSPC, EIO, EACCES...: the disk's fault, not the data's; say where.
-            raise StoreIOError(f"cannot write chunks under {self.root}: {e.strerror}") from e
+            await trio.to_thread.run_sync(write)
+        except BaseException as e:
+            with trio.CancelScope(shield=True):
+                await self._unreserve(inserted, pins)
+            if isinstance(e, OSError):
+                # ENOSPC, EIO, EACCES...: the disk's fault, not the data's; say where.
+                raise StoreIOError(f"cannot write chunks under {self.root}: {e.strerror}") from e
+            raise
+        with trio.CancelScope(shield=True):  # the files are in place: finish the bookkeeping
+            await self.db.transaction(lambda c: _mark_present(c, list(written)))
 
     async def _unreserve(self, chunk_ids: set[ChunkId], pins: PinSet) -> None:
         """Take back chunks a failed write reserved (their files may already be in place)."""
@@ -623,6 +621,22 @@ def _write_all(fd: int, data: Buffer) -> None:
         view = view[written:]
 
 
+def write_temp(directory: Path, chunk_id: ChunkId, data: Buffer) -> Path:
+    """Blocking: write ``data`` to a fresh temp file for ``chunk_id`` in ``directory`` (a
+    store's :attr:`ChunkStore.spool_dir`) and start its writeback; nothing is left on failure."""
+    path = directory / f"{chunk_id.hex()}.{secrets.token_hex(4)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data)
+        start_writeback(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return path
+
+
 def _write_temp_files(
     root: Path, chunks: list[tuple[ChunkId, Buffer]], verify: bool
 ) -> list[tuple[Path, Path]]:
@@ -634,14 +648,7 @@ def _write_temp_files(
             if verify and hash_chunk(data) != chunk_id:
                 raise ChunkCorruptError(chunk_id.hex(), "bytes changed before they were written")
             name = chunk_id.hex()
-            tmp = root / "tmp" / f"{name}.{secrets.token_hex(4)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            written.append((tmp, root / name[:2] / name))
-            try:
-                _write_all(fd, data)
-                start_writeback(fd)
-            finally:
-                os.close(fd)
+            written.append((write_temp(root / "tmp", chunk_id, data), root / name[:2] / name))
     except BaseException:
         _unlink_temps(written)
         raise

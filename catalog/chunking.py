@@ -54,6 +54,10 @@ class SpooledChunk(NamedTuple):
     size: int
     digest: ChunkId
 
+    def discard(self) -> None:
+        """Delete the file (a chunk that will not be adopted)."""
+        self.path.unlink(missing_ok=True)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChunkParams:

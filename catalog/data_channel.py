@@ -35,6 +35,7 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from catalog.chunk_store import write_temp
 from catalog.chunking import (
     ID_SIZE,
     MAX_CHUNK_SIZE,
@@ -44,7 +45,6 @@ from catalog.chunking import (
     hash_chunk,
 )
 from catalog.errors import CatalogError, MissingChunkError
-from catalog.writeback import start_writeback
 from node.errors import RemoteProtocolError, StreamBrokenError
 
 log = logging.getLogger("vmlend.catalog.channel")
@@ -340,7 +340,7 @@ class _Waiter:
 def _discard(answer: HashedChunk | SpooledChunk | None) -> None:
     """Drop an answer nobody will take (a spooled file included)."""
     if isinstance(answer, SpooledChunk):
-        answer.path.unlink(missing_ok=True)
+        answer.discard()
 
 
 class DataConnection:
@@ -512,21 +512,10 @@ class DataConnection:
         error) stay in memory."""
         if self._spool is None or digest != chunk_id:
             return HashedChunk(data, digest)
-        path = self._spool / f"{chunk_id.hex()}.{secrets.token_hex(4)}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            path = write_temp(self._spool, chunk_id, data)
         except OSError:
             return HashedChunk(data, digest)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            start_writeback(fd)
-        except OSError:
-            path.unlink(missing_ok=True)
-            return HashedChunk(data, digest)
-        finally:
-            os.close(fd)
         return SpooledChunk(path, len(data), digest)
 
     def _deliver(

@@ -301,8 +301,7 @@ async def _fetch_chunk(
     elif isinstance(data, SpooledChunk):
         verdict = plan.on_received(peer, chunk_id, data.size, data.digest, now)
         if verdict is not Verdict.ACCEPTED or not await _accept(to_store, chunk_id, data):
-            with trio.CancelScope(shield=True):  # a duplicate or a rejected copy: drop its file
-                await trio.to_thread.run_sync(data.path.unlink, True)
+            data.discard()  # a duplicate or a rejected copy
     else:
         digest = None
         if isinstance(data, HashedChunk):
@@ -333,7 +332,7 @@ def _drop_unstored(stored: trio.MemoryReceiveChannel[Accepted]) -> None:
         except (trio.WouldBlock, trio.EndOfChannel):
             return
         if isinstance(data, SpooledChunk):
-            data.path.unlink(missing_ok=True)
+            data.discard()
 
 
 def _size(data: bytes | bytearray | SpooledChunk) -> int:

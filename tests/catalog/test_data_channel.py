@@ -346,6 +346,8 @@ async def test_a_spooling_connection_writes_good_chunks_only(
         assert answer.path.parent == tmp_path
         assert answer.path.read_bytes() == CHUNK
         assert await conn.get_hashed(ChunkId(bytes(32))) is None
+        assert await conn.get(CHUNK_ID) == CHUNK  # plain get reads a spooled answer back
+        assert os.listdir(tmp_path) == [answer.path.name]  # ...and deletes its file
         nursery.cancel_scope.cancel()
 
     async def wrong(stream: trio.SocketStream) -> None:
