@@ -143,11 +143,12 @@ class BlobService:
             return ErrorResponse(request_id=request.request_id, code=ErrorCode.UNKNOWN_BLOB)
         return await respond(self.blobs, request)
 
-    async def _open_chunk(self, chunk_id: ChunkId) -> ChunkFile:
-        # Public chunks go out with sendfile, unverified here: every fetcher verifies each chunk
-        # (and stops using a provider that sends wrong bytes), so a second check on this side
-        # would only cost a read and a hash pass per byte. Local readers still verify.
-        fd, size = await self.blobs.chunks.open_file(chunk_id)
+    def _open_chunk(self, chunk_id: ChunkId) -> ChunkFile:
+        # Blocking (the data channel calls it in a connection's thread). Public chunks go out
+        # with sendfile, unverified here: every fetcher verifies each chunk (and stops using a
+        # provider that sends wrong bytes), so a second check on this side would only cost a
+        # read and a hash pass per byte. Local readers still verify.
+        fd, size = self.blobs.chunks.open_file_sync(chunk_id)
         return ChunkFile(fd, size)
 
     async def _may_read_chunk(self, peer: str, chunk_id: ChunkId) -> bool:

@@ -245,9 +245,10 @@ class ChunkStore:
         """A read-only descriptor of the chunk's file and its size, for sending it to a peer
         as it is (the caller closes it). Not verified: the receiver checks the bytes against
         the chunk ID anyway, as every fetch does; local readers use :meth:`get`."""
-        return await trio.to_thread.run_sync(self._open_sync, chunk_id)
+        return await trio.to_thread.run_sync(self.open_file_sync, chunk_id)
 
-    def _open_sync(self, chunk_id: ChunkId) -> tuple[int, int]:
+    def open_file_sync(self, chunk_id: ChunkId) -> tuple[int, int]:
+        """Blocking :meth:`open_file` (for a thread that serves a connection)."""
         try:
             fd = os.open(self.path_of(chunk_id), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

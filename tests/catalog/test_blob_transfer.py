@@ -32,8 +32,8 @@ class RogueStore(ChunkStore):
     """Serves through :meth:`get` on both paths: what a rogue ``get`` returns is also what the
     data channel's sendfile path sends (from an in-memory file)."""
 
-    async def open_file(self, chunk_id: ChunkId) -> tuple[int, int]:
-        data = await self.get(chunk_id)
+    def open_file_sync(self, chunk_id: ChunkId) -> tuple[int, int]:
+        data = trio.from_thread.run(self.get, chunk_id)  # called in the data channel's thread
         fd = os.memfd_create("chunk", os.MFD_CLOEXEC)
         os.write(fd, data)
         return fd, len(data)

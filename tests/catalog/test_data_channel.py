@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, SpooledChunk, hash_chunk
 from catalog.data_channel import ChunkFile, DataConnection, DataServer, TokenBook
@@ -50,8 +52,10 @@ def file_of(data: bytes) -> ChunkFile:
     return ChunkFile(fd, len(data))
 
 
-async def open_chunk(chunk_id: ChunkId) -> ChunkFile:
-    return file_of(await read_chunk(chunk_id))
+def open_chunk(chunk_id: ChunkId) -> ChunkFile:
+    if chunk_id == CHUNK_ID:
+        return file_of(CHUNK)
+    raise MissingChunkError(chunk_id.hex())
 
 
 def open_fds() -> int:
@@ -264,8 +268,8 @@ async def test_sendfile_answers_close_every_file() -> None:
 
 
 async def test_a_chunk_file_shorter_than_opened_breaks_only_its_connection() -> None:
-    async def shrunk(chunk_id: ChunkId) -> ChunkFile:
-        file = file_of(await read_chunk(chunk_id))
+    def shrunk(chunk_id: ChunkId) -> ChunkFile:
+        file = open_chunk(chunk_id)
         os.ftruncate(file.fd, 10)  # e.g. someone truncated it after it was opened
         return file
 
@@ -357,3 +361,27 @@ async def test_a_spooling_connection_writes_good_chunks_only(
     other.mkdir()
     assert await against(wrong, spool=other) == b"y" * len(CHUNK)
     assert list(other.iterdir()) == []  # kept in memory, for the plan to blame its sender
+
+
+async def test_an_answer_arriving_as_its_get_is_cancelled_is_deleted(tmp_path: Path) -> None:
+    # The reader thread's hand-over and a cancel of the waiting get land in the same tick: the
+    # get ends cancelled, and the spooled file nobody will take is deleted, not left behind.
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        conn = DataConnection(ours, "provider", spool=tmp_path)
+        spooled = tmp_path / "answer"
+        spooled.write_bytes(CHUNK)
+        scope = trio.CancelScope()
+
+        async def get() -> None:
+            with scope:
+                await conn.get_hashed(CHUNK_ID)
+                pytest.fail("the get was not cancelled")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            conn._deliver(CHUNK_ID, SpooledChunk(spooled, len(CHUNK), CHUNK_ID), len(CHUNK))
+        assert scope.cancelled_caught
+    assert not spooled.exists()

@@ -78,7 +78,7 @@ async def test_blob_cli_between_real_nodes(tmp_path: Path) -> None:
 
 class GatedStore(ChunkStore):
     """Serves ``allowed`` chunks, then holds every further read until ``gate`` is set, on both
-    serving paths (libp2p streams read with ``get``, the data channel sends ``open_file``)."""
+    serving paths (libp2p streams read with ``get``, the data channel sends ``open_file_sync``)."""
 
     allowed = 1 << 30
     served = 0
@@ -93,9 +93,9 @@ class GatedStore(ChunkStore):
         await self._turn()
         return await super().get(chunk_id, verify=verify)
 
-    async def open_file(self, chunk_id: ChunkId) -> tuple[int, int]:
-        await self._turn()
-        return await super().open_file(chunk_id)
+    def open_file_sync(self, chunk_id: ChunkId) -> tuple[int, int]:
+        trio.from_thread.run(self._turn)  # called in the data channel's thread
+        return super().open_file_sync(chunk_id)
 
 
 async def test_fetching_node_killed_mid_transfer_resumes_after_restart(tmp_path: Path) -> None:
