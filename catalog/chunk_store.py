@@ -622,11 +622,18 @@ def _write_all(fd: int, data: Buffer) -> None:
         view = view[written:]
 
 
+def open_temp(directory: Path, chunk_id: ChunkId) -> tuple[Path, int]:
+    """Blocking: create a fresh temp file for ``chunk_id`` in ``directory`` (a store's
+    :attr:`ChunkStore.spool_dir`), open for reading and writing; the caller closes it, and
+    deletes it if it will not be adopted."""
+    path = directory / f"{chunk_id.hex()}.{secrets.token_hex(4)}"
+    return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
 def write_temp(directory: Path, chunk_id: ChunkId, data: Buffer) -> Path:
     """Blocking: write ``data`` to a fresh temp file for ``chunk_id`` in ``directory`` (a
     store's :attr:`ChunkStore.spool_dir`) and start its writeback; nothing is left on failure."""
-    path = directory / f"{chunk_id.hex()}.{secrets.token_hex(4)}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    path, fd = open_temp(directory, chunk_id)
     try:
         _write_all(fd, data)
         start_writeback(fd)

@@ -26,6 +26,7 @@ import os
 import secrets
 import socket
 import struct
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from catalog.chunk_store import write_temp
+from catalog import splice
+from catalog.chunk_store import open_temp, write_temp
 from catalog.chunking import (
     ID_SIZE,
     MAX_CHUNK_SIZE,
@@ -44,7 +46,8 @@ from catalog.chunking import (
     SpooledChunk,
     hash_chunk,
 )
-from catalog.errors import CatalogError, MissingChunkError
+from catalog.errors import CatalogError, MissingChunkError, SpoolWriteError
+from catalog.writeback import start_writeback
 from node.errors import RemoteProtocolError, StreamBrokenError
 
 log = logging.getLogger("vmlend.catalog.channel")
@@ -344,6 +347,9 @@ class _Waiter:
     abandoned: bool = False
 
 
+_Arrived = tuple[ChunkId, HashedChunk | SpooledChunk | None, int]  # chunk, answer, length
+
+
 def _discard(answer: HashedChunk | SpooledChunk | None) -> None:
     """Drop an answer nobody will take (a spooled file included)."""
     if isinstance(answer, SpooledChunk):
@@ -353,11 +359,13 @@ def _discard(answer: HashedChunk | SpooledChunk | None) -> None:
 class DataConnection:
     """A client connection: pipelined ``get`` calls, answered in order.
 
-    The answers are read by a worker thread on a blocking socket: it receives each chunk whole
-    (one ``recv`` with MSG_WAITALL into a fresh, unzeroed buffer), decrypts it if the grant has a
-    key, and hashes it, all with the GIL released, and hands the result to trio. The event loop
-    then only matches answers to requests (measured here: receiving and hashing on the event
-    loop kept it busy the whole transfer, at about a third of the channel's rate).
+    The answers are read by a worker thread on a blocking socket, and the event loop only
+    matches them to requests (measured here: receiving and hashing on the event loop kept it
+    busy the whole transfer, at about a third of the channel's rate). With a spool and no key,
+    the thread moves each answer from the socket into a spool file with ``splice`` and hashes
+    it there (:mod:`catalog.splice`); otherwise it receives each answer whole (one ``recv`` with
+    MSG_WAITALL), decrypts it if the grant has a key, hashes it, and writes it to the spool if
+    there is one. The bytes never pass through the event loop.
 
     A broken or misbehaving connection fails every outstanding and later ``get`` with the same
     error (StreamBrokenError or RemoteProtocolError); open a new one to try again.
@@ -376,6 +384,9 @@ class DataConnection:
         self._send_lock = trio.Lock()
         self._error: Exception | None = None
         self._thread = trio.CapacityLimiter(1)  # its own: never waits for the shared pool
+        self._arrived: list[_Arrived] = []  # answers the reader thread handed over
+        self._arrived_lock = threading.Lock()
+        self._wake_pending = False
         self.bytes_received = 0
 
     @classmethod
@@ -391,9 +402,9 @@ class DataConnection:
         spool: Path | None = None,
     ) -> DataConnection:
         """Connect and present ``token``. With ``spool`` (a chunk store's
-        :attr:`~catalog.chunk_store.ChunkStore.spool_dir`), each chunk whose bytes hash to the
-        ID it was sent under is written there by the reader thread and answered as a
-        :class:`SpooledChunk`: the bytes never leave that thread."""
+        :attr:`~catalog.chunk_store.ChunkStore.spool_dir`), each answer is written there by
+        the reader thread and given as a :class:`SpooledChunk` with the digest of its bytes
+        (right or wrong: whoever takes it adopts or deletes the file)."""
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as e:
@@ -467,29 +478,58 @@ class DataConnection:
     def _read_answers(self, token: trio.lowlevel.TrioToken) -> None:
         """Reader thread: receive, decrypt and hash answers until the connection ends.
 
-        Answers are handed to trio without waiting for it to take them (``run_sync_soon`` keeps
-        their order), so the thread goes straight on to the next one instead of waiting for a
-        round trip between the threads per chunk (context switches were ~13 % of the fetcher's
-        CPU under perf here). At most the requests in flight can be waiting to be taken."""
-        while self._error is None:
-            trio.from_thread.check_cancelled()
-            header = self._receive(_HEADER.size, first=True)
-            if header is None:
-                raise StreamBrokenError(f"data channel: {self.peer} closed the connection")
-            status, chunk_id, length = _HEADER.unpack(header)
-            if status not in (STATUS_OK, STATUS_NOT_FOUND):
-                raise RemoteProtocolError(f"data channel: {self.peer} sent status {status}")
-            if length > self._max_length or (status == STATUS_NOT_FOUND and length):
-                raise RemoteProtocolError(
-                    f"data channel: {self.peer} announced {length} bytes (limit {self._max_length})"
-                )
-            answer = None
-            if status == STATUS_OK:
-                data = self._receive(length) or b""
-                if self._cipher is not None and length:
-                    data = self._decrypt(data, ChunkId(chunk_id))
-                answer = self._spooled(ChunkId(chunk_id), data, hash_chunk(data))
-            token.run_sync_soon(self._deliver, ChunkId(chunk_id), answer, length)
+        Answers are handed to trio without waiting for it to take them, so the thread goes
+        straight on to the next one instead of waiting for a round trip between the threads
+        per chunk (context switches were ~13 % of the fetcher's CPU under perf here). At most
+        the requests in flight can be waiting to be taken."""
+        splicer = None
+        if self._spool is not None and self._cipher is None and splice.AVAILABLE:
+            splicer = splice.Splicer()
+        try:
+            while self._error is None:
+                trio.from_thread.check_cancelled()
+                header = self._receive(_HEADER.size, first=True)
+                if header is None:
+                    raise StreamBrokenError(f"data channel: {self.peer} closed the connection")
+                status, raw_id, length = _HEADER.unpack(header)
+                if status not in (STATUS_OK, STATUS_NOT_FOUND):
+                    raise RemoteProtocolError(f"data channel: {self.peer} sent status {status}")
+                if length > self._max_length or (status == STATUS_NOT_FOUND and length):
+                    raise RemoteProtocolError(
+                        f"data channel: {self.peer} announced {length} bytes"
+                        f" (limit {self._max_length})"
+                    )
+                chunk_id = ChunkId(raw_id)
+                answer: HashedChunk | SpooledChunk | None = None
+                if status == STATUS_OK and splicer is not None:
+                    answer = self._splice_answer(splicer, chunk_id, length)
+                elif status == STATUS_OK:
+                    data = self._receive(length) or b""
+                    if self._cipher is not None and length:
+                        data = self._decrypt(data, chunk_id)
+                    answer = self._spooled(chunk_id, data)
+                self._hand_over(token, (chunk_id, answer, length))
+        finally:
+            if splicer is not None:
+                splicer.close()
+
+    def _hand_over(self, token: trio.lowlevel.TrioToken, arrived: _Arrived) -> None:
+        """Reader thread: queue an answer for trio, waking it only if it has not been woken
+        for earlier ones yet (each wake-up is a syscall and a context switch)."""
+        with self._arrived_lock:
+            self._arrived.append(arrived)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        token.run_sync_soon(self._take_arrived)
+
+    def _take_arrived(self) -> None:
+        """In trio (a run_sync_soon callback: must not raise): deliver what has arrived."""
+        with self._arrived_lock:
+            arrived, self._arrived = self._arrived, []
+            self._wake_pending = False
+        for chunk_id, answer, length in arrived:
+            self._deliver(chunk_id, answer, length)
 
     def _receive(self, n: int, *, first: bool = False) -> bytes | None:
         """Reader thread: ``n`` bytes; None on a clean EOF before an answer (``first``)."""
@@ -511,13 +551,41 @@ class DataConnection:
             got += len(piece)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _spooled(
-        self, chunk_id: ChunkId, data: bytes, digest: ChunkId
+    def _splice_answer(
+        self, splicer: splice.Splicer, chunk_id: ChunkId, length: int
     ) -> HashedChunk | SpooledChunk:
-        """Reader thread: write a good chunk to the spool; wrong bytes (for the plan to blame
-        their sender) and a spool that cannot be written (the store then reports the disk
-        error) stay in memory."""
-        if self._spool is None or digest != chunk_id:
+        """Reader thread: move an answer's bytes from the socket straight into a spool file
+        and hash them there. Whatever they hash to, the file is the answer: the plan rejects
+        wrong bytes (blaming their sender) and the transfer deletes their file. If the spool
+        cannot be written, the answer is received into memory (the store then reports the
+        disk's error)."""
+        assert self._spool is not None
+        try:
+            path, fd = open_temp(self._spool, chunk_id)
+        except OSError:
+            data = self._receive(length) or b""
+            return HashedChunk(data, hash_chunk(data))
+        kept = False
+        try:
+            splicer.move(self._sock.fileno(), fd, length, trio.from_thread.check_cancelled)
+            start_writeback(fd)
+            answer = SpooledChunk(path, length, splice.hash_file(fd, length))
+            kept = True
+            return answer
+        except SpoolWriteError as e:
+            data = e.salvaged + (self._receive(e.remaining) or b"")
+            return HashedChunk(data, hash_chunk(data))
+        finally:
+            os.close(fd)
+            if not kept:
+                path.unlink(missing_ok=True)
+
+    def _spooled(self, chunk_id: ChunkId, data: bytes) -> HashedChunk | SpooledChunk:
+        """Reader thread: hash received bytes and, with a spool, write them to a file there;
+        a spool that cannot be written leaves them in memory (the store then reports the
+        disk's error)."""
+        digest = hash_chunk(data)
+        if self._spool is None:
             return HashedChunk(data, digest)
         try:
             path = write_temp(self._spool, chunk_id, data)

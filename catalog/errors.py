@@ -32,6 +32,16 @@ class MissingChunkError(CatalogError):
         self.chunk_id_hex = chunk_id_hex
 
 
+class SpoolWriteError(CatalogError):
+    """The file could not take the bytes (disk full, I/O error). ``salvaged``: the bytes already
+    taken off the socket; ``remaining``: how many of the answer are still to be received."""
+
+    def __init__(self, error: OSError, salvaged: bytes, remaining: int) -> None:
+        super().__init__(f"cannot write a received chunk to the spool: {error}")
+        self.salvaged = salvaged
+        self.remaining = remaining
+
+
 class UnknownBlobError(CatalogError):
     """No blob with this ID is in the store."""
 

@@ -336,7 +336,7 @@ async def test_aclose_fails_outstanding_gets_and_ends_the_reader() -> None:
     assert open_fds() == before  # the reader thread returned and the socket is closed
 
 
-async def test_a_spooling_connection_writes_good_chunks_only(
+async def test_a_spooling_connection_writes_every_answer_to_a_file(
     server: DataServer, tmp_path: Path
 ) -> None:
     async with trio.open_nursery() as nursery:
@@ -359,8 +359,8 @@ async def test_a_spooling_connection_writes_good_chunks_only(
 
     other = tmp_path / "other"
     other.mkdir()
-    assert await against(wrong, spool=other) == b"y" * len(CHUNK)
-    assert list(other.iterdir()) == []  # kept in memory, for the plan to blame its sender
+    assert await against(wrong, spool=other) == b"y" * len(CHUNK)  # for the plan to reject
+    assert list(other.iterdir()) == []  # get read the spooled answer back and deleted it
 
 
 async def test_an_answer_arriving_as_its_get_is_cancelled_is_deleted(tmp_path: Path) -> None:
@@ -385,3 +385,28 @@ async def test_an_answer_arriving_as_its_get_is_cancelled_is_deleted(tmp_path: P
             conn._deliver(CHUNK_ID, SpooledChunk(spooled, len(CHUNK), CHUNK_ID), len(CHUNK))
         assert scope.cancelled_caught
     assert not spooled.exists()
+
+
+async def test_a_spool_that_cannot_be_written_leaves_the_answer_in_memory(
+    server: DataServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import catalog.data_channel
+
+    def unwritable(directory: Path, chunk_id: ChunkId) -> tuple[Path, int]:
+        path = directory / chunk_id.hex()
+        path.write_bytes(b"")
+        return path, os.open(path, os.O_RDONLY)  # moving bytes into it fails, like a full disk
+
+    monkeypatch.setattr(catalog.data_channel, "open_temp", unwritable)
+    async with trio.open_nursery() as nursery:
+        token = server.tokens.issue("me", trio.current_time())
+        conn = await DataConnection.open(
+            nursery, "127.0.0.1", server.port, token, "provider", spool=tmp_path
+        )
+        for _ in range(2):  # the connection stays in step after a salvaged answer
+            answer = await conn.get_hashed(CHUNK_ID)
+            assert not isinstance(answer, SpooledChunk)
+            assert answer is not None
+            assert (answer.data, answer.digest) == (CHUNK, CHUNK_ID)
+        assert os.listdir(tmp_path) == []  # the unwritable file was deleted
+        nursery.cancel_scope.cancel()
