@@ -21,11 +21,13 @@ against the request at the head of the queue and refuses lengths over ``MAX_CHUN
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
 import socket
 import struct
+import termios
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -65,6 +67,7 @@ SOCKET_BUFFER = 4 << 20
 KEY_SIZE = 32
 TAG_SIZE = 16
 POLL_INTERVAL = 0.1  # seconds a connection's thread blocks on its socket before checking for cancel
+HAND_OVER_BATCH = 4  # answers a reader thread may hold before waking trio (see _hand_over)
 _TIMEO = struct.pack("ll", 0, int(POLL_INTERVAL * 1_000_000))
 
 ReadChunk = Callable[[ChunkId], Awaitable[bytes]]  # the chunk's bytes, verified
@@ -510,18 +513,40 @@ class DataConnection:
                     answer = self._spooled(chunk_id, data)
                 self._hand_over(token, (chunk_id, answer, length))
         finally:
+            self._hand_over(token, None)  # nothing is left undelivered
             if splicer is not None:
                 splicer.close()
 
-    def _hand_over(self, token: trio.lowlevel.TrioToken, arrived: _Arrived) -> None:
-        """Reader thread: queue an answer for trio, waking it only if it has not been woken
-        for earlier ones yet (each wake-up is a syscall and a context switch)."""
+    def _hand_over(self, token: trio.lowlevel.TrioToken, arrived: _Arrived | None) -> None:
+        """Reader thread: queue an answer for trio (None: only deliver what is queued).
+
+        Trio is woken for a batch, not for each answer: each wake-up is a syscall, and the
+        woken event loop then competes with this thread for a core and the GIL (measured here:
+        the reader thread spent ~13 % of its time in the wake-up and ~20 % waiting for a core).
+        It is woken at once when the next answer is not all here yet (so an answer never waits
+        on a slow peer), and otherwise every HAND_OVER_BATCH answers (so requests keep flowing:
+        the transfer asks for more as answers are delivered)."""
+        hold = arrived is not None and self._next_answer_here()
         with self._arrived_lock:
-            self._arrived.append(arrived)
-            if self._wake_pending:
+            if arrived is not None:
+                self._arrived.append(arrived)
+            if self._wake_pending or not self._arrived:
+                return
+            if hold and len(self._arrived) < HAND_OVER_BATCH:
                 return
             self._wake_pending = True
         token.run_sync_soon(self._take_arrived)
+
+    def _next_answer_here(self) -> bool:
+        """Reader thread: whether the whole next answer is already in the socket's buffer."""
+        try:
+            header = self._sock.recv(_HEADER.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if len(header) < _HEADER.size:
+                return False
+            waiting = struct.unpack("i", fcntl.ioctl(self._sock, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:  # nothing there (EAGAIN), or the connection is failing: deliver now
+            return False
+        return bool(waiting >= _HEADER.size + _HEADER.unpack(header)[2])
 
     def _take_arrived(self) -> None:
         """In trio (a run_sync_soon callback: must not raise): deliver what has arrived."""

@@ -410,3 +410,52 @@ async def test_a_spool_that_cannot_be_written_leaves_the_answer_in_memory(
             assert (answer.data, answer.digest) == (CHUNK, CHUNK_ID)
         assert os.listdir(tmp_path) == []  # the unwritable file was deleted
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("spooled", [False, True])
+async def test_answers_held_for_a_batch_are_delivered_when_the_peer_goes_quiet(
+    tmp_path: Path, spooled: bool
+) -> None:
+    # Two whole answers arrive back to back, then nothing: the reader thread may hold the first
+    # while the second is already there, but must hand both over before it waits for a third.
+    answered = trio.Event()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        got = b""
+        while len(got) < 32 + 3 * 33:
+            got += await stream.receive_some(200)
+        answer = HEADER.pack(0, CHUNK_ID, len(CHUNK)) + CHUNK
+        await stream.send_all(answer + answer)
+        answered.set()
+        await trio.sleep_forever()
+
+    results: list[bytes | None] = []
+    both = trio.Event()
+    third = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        spool = tmp_path if spooled else None
+        conn = await DataConnection.open(
+            nursery, "127.0.0.1", port, bytes(32), "quiet", spool=spool
+        )
+
+        async def get() -> None:
+            results.append(await conn.get(CHUNK_ID))
+            if len(results) == 2:
+                both.set()
+
+        async def never_answered() -> None:
+            with third:
+                await conn.get(CHUNK_ID)
+
+        async with trio.open_nursery() as gets:
+            for request in (get, get, never_answered):  # sent in this order
+                gets.start_soon(request)
+                await trio.testing.wait_all_tasks_blocked()
+            await answered.wait()
+            with trio.fail_after(5):
+                await both.wait()
+            third.cancel()
+        nursery.cancel_scope.cancel()
+    assert results == [CHUNK, CHUNK]
