@@ -286,7 +286,7 @@ class BlobService:
                 blob_id,
                 use_channel=use_channel,
                 on_private=lambda: self.access.make_private(blob_id),
-                spool=self.blobs.chunks.spool_dir,
+                spool=self.blobs.chunks.spool,
             )
             peers: list[str] = []
             held: dict[str, Held] = {}

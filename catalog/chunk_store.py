@@ -47,6 +47,7 @@ from catalog.errors import (
     StoreIOError,
     StoreLockedError,
 )
+from catalog.file_pool import FilePool
 from catalog.writeback import start_writeback
 from node.store import Database
 
@@ -157,6 +158,7 @@ class ChunkStore:
         self._writers = 0
         self._gc_running = False
         self._cond = trio.Condition()
+        self._free = FilePool(root / "free")  # files of deleted chunks, for the next writes
 
     @classmethod
     @asynccontextmanager
@@ -308,14 +310,18 @@ class ChunkStore:
             if not to_write:
                 return
             todo = [(i, data) for i, data in unique.items() if i in to_write]
-            write = partial(_write_batch, self.root, todo, not verified)
+            write = partial(_write_batch, self.spool, self.root, todo, not verified)
             await self._commit(write, pins, inserted, to_write)
 
     @property
-    def spool_dir(self) -> Path:
-        """Where a receiver may write chunks it has verified, for :meth:`adopt_many` (files
+    def spool(self) -> Spool:
+        """Where a receiver may write the chunks it receives, for :meth:`adopt_many` (files
         left there by a crash are cleared when the store opens)."""
-        return self.root / "tmp"
+        return Spool(self.root / "tmp", self._free)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.spool.directory
 
     async def adopt_many(
         self, chunks: Sequence[tuple[ChunkId, SpooledChunk]], *, pins: PinSet
@@ -475,7 +481,7 @@ class ChunkStore:
             return
         paths = [self.path_of(chunk_id) for chunk_id in doomed]
         with trio.CancelScope(shield=True):  # rows are DELETING; finish so the quota frees up
-            await trio.to_thread.run_sync(_unlink_all, paths)
+            await trio.to_thread.run_sync(_recycle_all, self._free, paths)
             await self.db.transaction(
                 lambda c: c.executemany(
                     f"DELETE FROM chunks WHERE id = ? AND state = {DELETING}",
@@ -486,6 +492,7 @@ class ChunkStore:
     async def _recover(self) -> None:
         """Finish what a crash interrupted: temp files, half-reserved and half-deleted chunks."""
         await trio.to_thread.run_sync(_clear_dir, self.root / "tmp")
+        await trio.to_thread.run_sync(self._free.load)
         rows = await self.db.fetchall(
             f"SELECT id, state FROM chunks WHERE state IN ({WRITING}, {DELETING})"
         )
@@ -622,49 +629,61 @@ def _write_all(fd: int, data: Buffer) -> None:
         view = view[written:]
 
 
-def open_temp(directory: Path, chunk_id: ChunkId) -> tuple[Path, int]:
-    """Blocking: create a fresh temp file for ``chunk_id`` in ``directory`` (a store's
-    :attr:`ChunkStore.spool_dir`), open for reading and writing; the caller closes it, and
-    deletes it if it will not be adopted."""
-    path = directory / f"{chunk_id.hex()}.{secrets.token_hex(4)}"
-    return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+@dataclass(frozen=True, slots=True)
+class Spool:
+    """Where chunks are written before the store names them: fresh temp files in
+    ``directory``, taken from ``pool`` (recycled files of deleted chunks) when it has some.
+    Its methods block; any thread may call them."""
 
+    directory: Path
+    pool: FilePool | None = None
 
-def write_temp(directory: Path, chunk_id: ChunkId, data: Buffer) -> Path:
-    """Blocking: write ``data`` to a fresh temp file for ``chunk_id`` in ``directory`` (a
-    store's :attr:`ChunkStore.spool_dir`) and start its writeback; nothing is left on failure."""
-    path, fd = open_temp(directory, chunk_id)
-    try:
-        _write_all(fd, data)
-        start_writeback(fd)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
-    return path
+    def open(self, chunk_id: ChunkId) -> tuple[Path, int]:
+        """A new temp file for ``chunk_id``, open for reading and writing; the caller closes
+        it, and deletes it if it will not be adopted."""
+        path = self.directory / f"{chunk_id.hex()}.{secrets.token_hex(4)}"
+        fd = self.pool.take(path) if self.pool is not None else None
+        if fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return path, fd
+
+    def write(self, chunk_id: ChunkId, data: Buffer) -> Path:
+        """Write ``data`` to a new temp file and start its writeback; nothing is left on
+        failure."""
+        path, fd = self.open(chunk_id)
+        try:
+            _write_all(fd, data)
+            start_writeback(fd)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        return path
 
 
 def _write_temp_files(
-    root: Path, chunks: list[tuple[ChunkId, Buffer]], verify: bool
+    spool: Spool, root: Path, chunks: list[tuple[ChunkId, Buffer]], verify: bool
 ) -> list[tuple[Path, Path]]:
-    """Write each chunk to a fresh file under tmp/ and start its writeback; return (temp path,
-    final path) pairs."""
+    """Write each chunk to a new temp file and start its writeback; return (temp path, final
+    path) pairs."""
     written: list[tuple[Path, Path]] = []
     try:
         for chunk_id, data in chunks:
             if verify and hash_chunk(data) != chunk_id:
                 raise ChunkCorruptError(chunk_id.hex(), "bytes changed before they were written")
             name = chunk_id.hex()
-            written.append((write_temp(root / "tmp", chunk_id, data), root / name[:2] / name))
+            written.append((spool.write(chunk_id, data), root / name[:2] / name))
     except BaseException:
         _unlink_temps(written)
         raise
     return written
 
 
-def _write_batch(root: Path, chunks: list[tuple[ChunkId, Buffer]], verify: bool) -> None:
-    _commit_temps(_write_temp_files(root, chunks, verify))
+def _write_batch(
+    spool: Spool, root: Path, chunks: list[tuple[ChunkId, Buffer]], verify: bool
+) -> None:
+    _commit_temps(_write_temp_files(spool, root, chunks, verify))
 
 
 def _adopt_batch(root: Path, chunks: list[tuple[ChunkId, Path]]) -> None:
@@ -738,12 +757,11 @@ def _mark_present(conn: sqlite3.Connection, chunk_ids: list[ChunkId]) -> None:
     )
 
 
-def _unlink_all(paths: list[Path]) -> None:
-    dirs = set()
-    for path in paths:
+def _recycle_all(pool: FilePool, paths: list[Path]) -> None:
+    """Delete chunk files for good: emptied into the pool, or unlinked when it is full."""
+    for path in pool.keep(paths):
         path.unlink(missing_ok=True)
-        dirs.add(path.parent)
-    for directory in dirs:
+    for directory in {path.parent for path in paths} | {pool.directory}:
         if directory.exists():
             _fsync_dir(directory)
 

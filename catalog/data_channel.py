@@ -32,14 +32,13 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from catalog import splice
-from catalog.chunk_store import open_temp, write_temp
+from catalog.chunk_store import Spool
 from catalog.chunking import (
     ID_SIZE,
     MAX_CHUNK_SIZE,
@@ -375,7 +374,7 @@ class DataConnection:
     """
 
     def __init__(
-        self, sock: socket.socket, peer: str, key: bytes | None = None, spool: Path | None = None
+        self, sock: socket.socket, peer: str, key: bytes | None = None, spool: Spool | None = None
     ) -> None:
         self.peer = peer
         self._sock = sock
@@ -402,10 +401,10 @@ class DataConnection:
         peer: str,
         *,
         key: bytes | None = None,
-        spool: Path | None = None,
+        spool: Spool | None = None,
     ) -> DataConnection:
         """Connect and present ``token``. With ``spool`` (a chunk store's
-        :attr:`~catalog.chunk_store.ChunkStore.spool_dir`), each answer is written there by
+        :attr:`~catalog.chunk_store.ChunkStore.spool`), each answer is written there by
         the reader thread and given as a :class:`SpooledChunk` with the digest of its bytes
         (right or wrong: whoever takes it adopts or deletes the file)."""
         try:
@@ -586,7 +585,7 @@ class DataConnection:
         disk's error)."""
         assert self._spool is not None
         try:
-            path, fd = open_temp(self._spool, chunk_id)
+            path, fd = self._spool.open(chunk_id)
         except OSError:
             data = self._receive(length) or b""
             return HashedChunk(data, hash_chunk(data))
@@ -613,7 +612,7 @@ class DataConnection:
         if self._spool is None:
             return HashedChunk(data, digest)
         try:
-            path = write_temp(self._spool, chunk_id, data)
+            path = self._spool.write(chunk_id, data)
         except OSError:
             return HashedChunk(data, digest)
         return SpooledChunk(path, len(data), digest)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from catalog.blob import BlobId
+from catalog.chunk_store import Spool
 from catalog.chunking import ChunkId, HashedChunk, SpooledChunk
 from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL, DataConnection
 from catalog.transfer_messages import (
@@ -53,7 +53,7 @@ class P2PLinks:
         *,
         use_channel: bool = True,
         on_private: Callable[[], None] = lambda: None,
-        spool: Path | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self._p2p = p2p
         self._blob_id = blob_id

@@ -151,6 +151,26 @@ async def test_gc_frees_exactly_unreferenced_chunks(store: ChunkStore) -> None:
     assert (await store.check()).ok
 
 
+async def test_gc_keeps_the_freed_files_empty_for_the_next_writes(tmp_path: Path) -> None:
+    async with ChunkStore.open(tmp_path / "store") as store:
+        old = [await store.put(random_bytes(5000, i)) for i in range(3)]
+        inodes = {store.path_of(chunk_id).stat().st_ino for chunk_id in old}
+        assert (await store.gc()).chunks_freed == 3
+        pooled = list((tmp_path / "store" / "free").iterdir())
+        assert [p.stat().st_size for p in pooled] == [0, 0, 0]  # no data, no disk blocks
+        assert (await store.usage()).used_bytes == 0
+        new = await store.put(b"new bytes")  # written into a recycled file
+        path, fd = store.spool.open(hash_chunk(b"spooled"))  # so is a spool file
+        os.close(fd)
+        assert {store.path_of(new).stat().st_ino, path.stat().st_ino} <= inodes
+        path.unlink()
+        assert await store.get(new) == b"new bytes"
+        assert (await store.check()).ok  # the pool is neither stray nor temp files
+    async with ChunkStore.open(tmp_path / "store") as again:  # the rest is found again
+        assert len(list((tmp_path / "store" / "free").iterdir())) == 1
+        assert again.path_of(await again.put(b"more")).stat().st_ino in inodes
+
+
 async def test_gc_spares_pinned_chunks(store: ChunkStore) -> None:
     with store.pins() as pins:
         data = b"in flight"

@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from catalog.chunk_store import Spool
 from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, SpooledChunk, hash_chunk
 from catalog.data_channel import ChunkFile, DataConnection, DataServer, TokenBook
 from catalog.errors import MissingChunkError
@@ -119,7 +120,7 @@ Rogue = Callable[[trio.SocketStream], Awaitable[None]]
 async def against(
     rogue: Rogue,
     timeout: float = 5.0,  # noqa: ASYNC109
-    spool: Path | None = None,
+    spool: Spool | None = None,
 ) -> bytes | None:
     """One ``get`` against a rogue server that runs ``rogue`` after reading token + request."""
 
@@ -342,7 +343,7 @@ async def test_a_spooling_connection_writes_every_answer_to_a_file(
     async with trio.open_nursery() as nursery:
         token = server.tokens.issue("me", trio.current_time())
         conn = await DataConnection.open(
-            nursery, "127.0.0.1", server.port, token, "provider", spool=tmp_path
+            nursery, "127.0.0.1", server.port, token, "provider", spool=Spool(tmp_path)
         )
         answer = await conn.get_hashed(CHUNK_ID)
         assert isinstance(answer, SpooledChunk)
@@ -359,7 +360,7 @@ async def test_a_spooling_connection_writes_every_answer_to_a_file(
 
     other = tmp_path / "other"
     other.mkdir()
-    assert await against(wrong, spool=other) == b"y" * len(CHUNK)  # for the plan to reject
+    assert await against(wrong, spool=Spool(other)) == b"y" * len(CHUNK)  # for the plan to reject
     assert list(other.iterdir()) == []  # get read the spooled answer back and deleted it
 
 
@@ -368,7 +369,7 @@ async def test_an_answer_arriving_as_its_get_is_cancelled_is_deleted(tmp_path: P
     # get ends cancelled, and the spooled file nobody will take is deleted, not left behind.
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        conn = DataConnection(ours, "provider", spool=tmp_path)
+        conn = DataConnection(ours, "provider", spool=Spool(tmp_path))
         spooled = tmp_path / "answer"
         spooled.write_bytes(CHUNK)
         scope = trio.CancelScope()
@@ -388,20 +389,18 @@ async def test_an_answer_arriving_as_its_get_is_cancelled_is_deleted(tmp_path: P
 
 
 async def test_a_spool_that_cannot_be_written_leaves_the_answer_in_memory(
-    server: DataServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: DataServer, tmp_path: Path
 ) -> None:
-    import catalog.data_channel
+    class Unwritable(Spool):
+        def open(self, chunk_id: ChunkId) -> tuple[Path, int]:
+            path = self.directory / chunk_id.hex()
+            path.write_bytes(b"")
+            return path, os.open(path, os.O_RDONLY)  # moving bytes in fails, like a full disk
 
-    def unwritable(directory: Path, chunk_id: ChunkId) -> tuple[Path, int]:
-        path = directory / chunk_id.hex()
-        path.write_bytes(b"")
-        return path, os.open(path, os.O_RDONLY)  # moving bytes into it fails, like a full disk
-
-    monkeypatch.setattr(catalog.data_channel, "open_temp", unwritable)
     async with trio.open_nursery() as nursery:
         token = server.tokens.issue("me", trio.current_time())
         conn = await DataConnection.open(
-            nursery, "127.0.0.1", server.port, token, "provider", spool=tmp_path
+            nursery, "127.0.0.1", server.port, token, "provider", spool=Unwritable(tmp_path)
         )
         for _ in range(2):  # the connection stays in step after a salvaged answer
             answer = await conn.get_hashed(CHUNK_ID)
@@ -435,7 +434,7 @@ async def test_answers_held_for_a_batch_are_delivered_when_the_peer_goes_quiet(
     async with trio.open_nursery() as nursery:
         [listener] = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
         port = listener.socket.getsockname()[1]
-        spool = tmp_path if spooled else None
+        spool = Spool(tmp_path) if spooled else None
         conn = await DataConnection.open(
             nursery, "127.0.0.1", port, bytes(32), "quiet", spool=spool
         )
