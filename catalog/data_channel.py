@@ -436,10 +436,23 @@ class DataConnection:
         if self._error is not None:
             raise self._error
         waiter = _Waiter(chunk_id)
-        async with self._send_lock:
-            self._queue.append(waiter)
-            with trio.CancelScope(shield=True):  # never half a request on the wire
-                await self._send(_REQUEST.pack(OP_GET, chunk_id))
+        request = _REQUEST.pack(OP_GET, chunk_id)
+        sent = 0
+        if not self._send_lock.locked():  # the usual case: the socket takes it all at once
+            sent = self._send_some(request)
+        if sent == len(request):
+            self._queue.append(waiter)  # no await since the send: nobody came in between
+        else:
+            if sent:  # the rest must follow before anyone else's: the lock is free (no await)
+                self._send_lock.acquire_nowait()
+            else:
+                await self._send_lock.acquire()
+            try:
+                self._queue.append(waiter)
+                with trio.CancelScope(shield=True):  # never half a request on the wire
+                    await self._send(request[sent:])
+            finally:
+                self._send_lock.release()
         try:
             await waiter.done.wait()
         except BaseException:
@@ -451,6 +464,17 @@ class DataConnection:
         if waiter.error is not None:
             raise waiter.error
         return waiter.answer
+
+    def _send_some(self, data: bytes) -> int:
+        """Send what the socket takes now, without waiting; how much that was."""
+        try:
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            error = StreamBrokenError(f"data channel to {self.peer}: {e}")
+            self._fail(error)
+            raise error from e
 
     async def _send(self, data: bytes) -> None:
         # Non-blocking sends on the blocking socket (MSG_DONTWAIT), waiting in trio when full.

@@ -317,11 +317,14 @@ async def _accept(
 ) -> bool:
     """Queue an accepted chunk for the writers; False if they are gone (their error is what the
     transfer raises). Shielded: an accepted chunk is stored even if we then stop."""
-    with trio.CancelScope(shield=True):
+    try:
         try:
-            await to_store.send((chunk_id, data))
-        except trio.BrokenResourceError:
-            return False
+            to_store.send_nowait((chunk_id, data))  # the usual case: the queue has room
+        except trio.WouldBlock:
+            with trio.CancelScope(shield=True):
+                await to_store.send((chunk_id, data))
+    except trio.BrokenResourceError:
+        return False
     return True
 
 

@@ -105,6 +105,8 @@ class P2PLinks:
     async def _connection(self, peer: str) -> DataConnection | None:
         if not self._use_channel:
             return None
+        if peer in self._conns:  # the usual case, once per peer is past
+            return self._conns[peer]
         async with self._locks.setdefault(peer, trio.Lock()):
             if peer not in self._conns:
                 self._conns[peer] = await self._open_channel(peer)
