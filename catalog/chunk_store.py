@@ -206,6 +206,11 @@ class ChunkStore:
 
         return await self.db.transaction(query)
 
+    async def present_sizes(self) -> list[tuple[ChunkId, int]]:
+        """Every chunk fully on disk, with its size."""
+        rows = await self.db.fetchall(f"SELECT id, size FROM chunks WHERE state = {PRESENT}")
+        return [(ChunkId(bytes(row[0])), int(row[1])) for row in rows]
+
     async def refcount(self, chunk_id: ChunkId) -> int:
         row = await self.db.fetchone(
             "SELECT COUNT(*) FROM chunk_refs WHERE chunk_id = ?", (chunk_id,)

@@ -32,6 +32,9 @@ commented sample file)::
     [catalog]
     trusted_publishers = []          # Ed25519 public keys, 64 hex digits each; EXTENDS
     chunk_quota = "20GiB"            # disk the chunk store may fill
+    scrub_interval = "1d"            # how often every stored chunk is re-read and checked
+                                     # (chunks are served unread: this notices rot); "0" = never
+    scrub_rate = "16MiB/s"           # disk bytes/s a scrub may read; "0" = unlimited
 
     [worker]                         # the lending policy: no task may exceed it; every limit
                                      # bounds all lent VMs together, not each one
@@ -71,7 +74,7 @@ import node
 from node import config_kinds as k
 from node.config_kinds import Role
 from node.errors import ConfigError
-from node.units import GIB, format_duration
+from node.units import GIB, MIB, format_duration
 
 __all__ = [
     "CatalogConfig",
@@ -114,6 +117,8 @@ class NetworkConfig:
 class CatalogConfig:
     trusted_publishers: tuple[str, ...] = ()  # lowercase hex
     chunk_quota: int = 20 * GIB
+    scrub_interval: float = 86400.0
+    scrub_rate: int = 16 * MIB
 
     @property
     def trusted_publisher_keys(self) -> tuple[bytes, ...]:
@@ -206,6 +211,8 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
     "catalog": {
         "trusted_publishers": k.list_of(k.PUBLIC_KEY, "Ed25519 public keys as 64 hex digits"),
         "chunk_quota": k.size(),
+        "scrub_interval": k.duration(zero_means="never"),
+        "scrub_rate": k.rate(),
     },
     "worker": {
         "max_vcpus": k.integer(1, 1024),

@@ -182,13 +182,17 @@ def rate() -> Kind:
     )
 
 
-def duration() -> Kind:
-    expected = 'a duration above zero like "90s", "5m", "1h30m" or "250ms"'
+def duration(*, zero_means: str | None = None) -> Kind:
+    """A duration above zero, or also zero when ``zero_means`` says what zero stands for."""
+    if zero_means is None:
+        expected = 'a duration above zero like "90s", "5m", "1h30m" or "250ms"'
+    else:
+        expected = f'a duration like "90s", "5m", "1h30m" or "1d" ("0" = {zero_means})'
     base = _units_kind(expected, units.parse_duration, allow_number=True)
 
     def parse(value: object) -> float:
         result: float = base.parse(value)
-        if result <= 0:
+        if result < 0 or (result == 0 and zero_means is None):
             raise _fail(expected, value)
         return result
 

@@ -22,6 +22,7 @@ from catalog.blob_service import BlobService, data_host_for
 from catalog.build.service import ImageBuildService
 from catalog.chunk_store import ChunkStore
 from catalog.replication_service import ReplicationService
+from catalog.scrubber import Scrubber
 from catalog.service import open_catalog
 from node import rpc_params
 from node.config import Config
@@ -96,6 +97,12 @@ class Node:
                     access=BlobAccess(self.data_dir / "blob_access.json"),
                 )
                 await nursery.start(blobs.run)
+                scrubber = Scrubber(
+                    chunks,
+                    interval=self.config.catalog.scrub_interval,
+                    rate=self.config.catalog.scrub_rate,
+                )
+                await nursery.start(scrubber.run)
                 owner = OwnerService(self.p2p, blobs, self.data_dir)
                 methods = {**self.rpc_methods(), **catalog.rpc_methods(), **blobs.rpc_methods()}
                 methods.update(owner.rpc_methods())

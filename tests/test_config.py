@@ -586,3 +586,18 @@ def test_shares_from_a_flag(layers: Layers) -> None:
     assert config.worker.shares == tuple(sorted([(PEER_A, 2), (PEER_B, 5)]))
     with pytest.raises(ConfigError, match="the share of"):
         layers.load({"worker.shares": f"{PEER_A}=none"})
+
+
+def test_a_scrub_interval_of_zero_means_never_but_other_durations_must_be_positive(
+    layers: Layers,
+) -> None:
+    layers.node_toml.write_text('[catalog]\nscrub_interval = "0"\nscrub_rate = "0"\n')
+    config = layers.load()
+    assert (config.catalog.scrub_interval, config.catalog.scrub_rate) == (0.0, 0)
+    layers.node_toml.write_text('[catalog]\nscrub_interval = "1d12h"\nscrub_rate = "4MiB/s"\n')
+    config = layers.load()
+    assert (config.catalog.scrub_interval, config.catalog.scrub_rate) == (129600.0, 4 << 20)
+    layers.node_toml.write_text('[catalog]\nscrub_interval = "-1s"\n')
+    assert "scrub_interval" in layers.error()
+    layers.node_toml.write_text('[network]\ndial_timeout = "0"\n')
+    assert "above zero" in layers.error()
