@@ -34,6 +34,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,9 @@ class BlobService:
         # with sendfile, unverified here: every fetcher verifies each chunk (and stops using a
         # provider that sends wrong bytes), so a second check on this side would only cost a
         # read and a hash pass per byte. Local readers still verify.
-        fd, size = self.blobs.chunks.open_file_sync(chunk_id)
-        return ChunkFile(fd, size)
+        chunks = self.blobs.chunks
+        fd, size = chunks.open_file_sync(chunk_id)
+        return ChunkFile(fd, size, closer=partial(chunks.close_file, chunk_id))
 
     async def _may_read_chunk(self, peer: str, chunk_id: ChunkId) -> bool:
         if not self.access.private_ids():

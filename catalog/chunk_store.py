@@ -28,6 +28,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -159,6 +160,10 @@ class ChunkStore:
         self._gc_running = False
         self._cond = trio.Condition()
         self._free = FilePool(root / "free")  # files of deleted chunks, for the next writes
+        # Chunk files open for sending (open_file_sync until close_file): gc deletes these
+        # instead of recycling them, since a sender reads them unverified.
+        self._sending: Counter[ChunkId] = Counter()
+        self._sending_lock = threading.Lock()
 
     @classmethod
     @asynccontextmanager
@@ -250,24 +255,37 @@ class ChunkStore:
 
     async def open_file(self, chunk_id: ChunkId) -> tuple[int, int]:
         """A read-only descriptor of the chunk's file and its size, for sending it to a peer
-        as it is (the caller closes it). Not verified: the receiver checks the bytes against
-        the chunk ID anyway, as every fetch does; local readers use :meth:`get`."""
+        as it is (close it with :meth:`close_file`). Not verified: the receiver checks the
+        bytes against the chunk ID anyway, as every fetch does; local readers use :meth:`get`."""
         return await trio.to_thread.run_sync(self.open_file_sync, chunk_id)
 
     def open_file_sync(self, chunk_id: ChunkId) -> tuple[int, int]:
-        """Blocking :meth:`open_file` (for a thread that serves a connection)."""
-        try:
-            fd = os.open(self.path_of(chunk_id), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise MissingChunkError(chunk_id.hex()) from None
+        """Blocking :meth:`open_file` (for a thread that serves a connection); pass the
+        descriptor to :meth:`close_file` when done."""
+        with self._sending_lock:  # gc sees the file open, or this open fails: never between
+            try:
+                fd = os.open(self.path_of(chunk_id), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise MissingChunkError(chunk_id.hex()) from None
+            self._sending[chunk_id] += 1
         try:
             size = os.fstat(fd).st_size
             # Start reading it in now, so sending it does not wait on the disk.
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
         except BaseException:
-            os.close(fd)
+            self.close_file(chunk_id, fd)
             raise
         return fd, size
+
+    def close_file(self, chunk_id: ChunkId, fd: int) -> None:
+        """Close a descriptor from :meth:`open_file` (any thread)."""
+        os.close(fd)
+        with self._sending_lock:
+            left = self._sending[chunk_id] - 1
+            if left > 0:
+                self._sending[chunk_id] = left
+            else:
+                self._sending.pop(chunk_id, None)
 
     async def quarantine(self, chunk_id: ChunkId) -> None:
         """Move a corrupt chunk aside and forget it; blobs using it become incomplete."""
@@ -484,15 +502,29 @@ class ChunkStore:
     async def _delete(self, doomed: dict[ChunkId, int]) -> None:
         if not doomed:
             return
-        paths = [self.path_of(chunk_id) for chunk_id in doomed]
         with trio.CancelScope(shield=True):  # rows are DELETING; finish so the quota frees up
-            await trio.to_thread.run_sync(_recycle_all, self._free, paths)
+            await trio.to_thread.run_sync(self._dispose, list(doomed))
             await self.db.transaction(
                 lambda c: c.executemany(
                     f"DELETE FROM chunks WHERE id = ? AND state = {DELETING}",
                     ((chunk_id,) for chunk_id in doomed),
                 )
             )
+
+    def _dispose(self, doomed: list[ChunkId]) -> None:
+        """Blocking: delete chunk files for good. Each goes to the pool of files for the next
+        writes (see catalog.file_pool), unless the pool is full or someone is sending it: that
+        send must go on reading the old bytes, so that file is unlinked (its inode lives on
+        until closed)."""
+        for chunk_id in doomed:
+            path = self.path_of(chunk_id)
+            with self._sending_lock:
+                pooled = chunk_id not in self._sending and self._free.keep(path)
+            if not pooled:
+                path.unlink(missing_ok=True)
+        for directory in {self.path_of(c).parent for c in doomed} | {self._free.directory}:
+            if directory.exists():
+                _fsync_dir(directory)
 
     async def _recover(self) -> None:
         """Finish what a crash interrupted: temp files, half-reserved and half-deleted chunks."""
@@ -760,15 +792,6 @@ def _mark_present(conn: sqlite3.Connection, chunk_ids: list[ChunkId]) -> None:
         f"UPDATE chunks SET state = {PRESENT} WHERE id = ? AND state = {WRITING}",
         ((chunk_id,) for chunk_id in chunk_ids),
     )
-
-
-def _recycle_all(pool: FilePool, paths: list[Path]) -> None:
-    """Delete chunk files for good: emptied into the pool, or unlinked when it is full."""
-    for path in pool.keep(paths):
-        path.unlink(missing_ok=True)
-    for directory in {path.parent for path in paths} | {pool.directory}:
-        if directory.exists():
-            _fsync_dir(directory)
 
 
 def _clear_dir(directory: Path) -> None:

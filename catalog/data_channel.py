@@ -74,10 +74,15 @@ OpenChunk = Callable[[ChunkId], "ChunkFile"]  # blocking: called in a connection
 
 @dataclass(frozen=True, slots=True)
 class ChunkFile:
-    """An open, read-only chunk file to send with ``sendfile``; the sender closes ``fd``."""
+    """An open, read-only chunk file to send with ``sendfile``; the sender calls ``close``
+    (``os.close`` of ``fd`` unless the opener says otherwise)."""
 
     fd: int
     size: int
+    closer: Callable[[int], None] = os.close
+
+    def close(self) -> None:
+        self.closer(self.fd)
 
 
 # ------------------------------------------------------------------------------------ tokens
@@ -315,7 +320,7 @@ class _ServedConnection:
                     raise StreamBrokenError(f"chunk file ended after {offset} of {file.size} bytes")
                 offset += count
         finally:
-            os.close(file.fd)
+            file.close()
 
     def _send_all(self, data: bytes, flags: int = 0) -> None:
         view = memoryview(data)

@@ -66,6 +66,20 @@ class FreezingStore(RogueStore):
         return await super().get(chunk_id, verify=verify)
 
 
+class HoldingStore(ChunkStore):
+    """An honest store that serves nothing until ``released`` is set (on both paths)."""
+
+    released: trio.Event
+
+    async def get(self, chunk_id: ChunkId, *, verify: bool | None = None) -> bytes:
+        await self.released.wait()
+        return await super().get(chunk_id, verify=verify)
+
+    def open_file_sync(self, chunk_id: ChunkId) -> tuple[int, int]:
+        trio.from_thread.run(self.released.wait)  # called in the data channel's thread
+        return super().open_file_sync(chunk_id)
+
+
 @dataclass
 class Peer:
     service: BlobService
@@ -265,14 +279,23 @@ async def test_only_a_frozen_provider_fails_after_its_deadlines(
 async def test_malicious_provider_is_excluded(
     spawn: Spawn, tmp_path: Path, store_cls: type[ChunkStore]
 ) -> None:
-    honest = [await spawn(), await spawn()]
+    # The honest providers answer only once the evil one has been caught, so that it is asked
+    # and answers (else the honest ones may finish the whole blob first).
+    HoldingStore.released = trio.Event()
+    honest = [await spawn(store_cls=HoldingStore), await spawn(store_cls=HoldingStore)]
     evil = await spawn(store_cls=store_cls)
     me = await spawn()
     data = random_bytes(2 * MIB, 4)
     blob_id = await add([*honest, evil], data, tmp_path)
     events: list[Event] = []
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if isinstance(event, PeerMisbehaved):
+            HoldingStore.released.set()
+
     await me.service.fetch(
-        blob_id, sources=[evil.addr, *(p.addr for p in honest)], on_event=events.append
+        blob_id, sources=[evil.addr, *(p.addr for p in honest)], on_event=on_event
     )
     assert [e.peer for e in events if isinstance(e, PeerMisbehaved)] == [evil.peer_id]
     assert await exported(me, blob_id, tmp_path) == data

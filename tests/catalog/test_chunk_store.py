@@ -64,9 +64,26 @@ async def test_open_file_is_the_chunk_as_stored(store: ChunkStore) -> None:
         assert size == len(data)
         assert os.pread(fd, size + 1, 0) == data
     finally:
-        os.close(fd)
+        store.close_file(chunk_id, fd)
     with pytest.raises(MissingChunkError):
         await store.open_file(hash_chunk(b"nope"))
+
+
+async def test_gc_never_recycles_a_file_that_is_being_sent(store: ChunkStore) -> None:
+    data = random_bytes(5000, 1)
+    chunk_id = await store.put(data)
+    fd, size = await store.open_file(chunk_id)
+    try:
+        assert (await store.gc()).chunks_freed == 1  # dropped while a peer is being sent it
+        assert list((store.root / "free").iterdir()) == []  # unlinked, not pooled for reuse
+        await store.put(random_bytes(5000, 2))
+        assert os.pread(fd, size, 0) == data  # the send goes on with the bytes it started
+    finally:
+        store.close_file(chunk_id, fd)
+    other = await store.put(random_bytes(5000, 3))
+    assert (await store.gc()).chunks_freed == 2  # nothing open now: both pooled
+    assert len(list((store.root / "free").iterdir())) == 2
+    assert not await store.has(other)
 
 
 async def test_scrub_quarantines_rotted_chunks_only(store: ChunkStore) -> None:

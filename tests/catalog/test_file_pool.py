@@ -22,7 +22,7 @@ def test_kept_files_come_back_empty_and_writable(tmp_path: Path) -> None:
     assert pool.take(tmp_path / "none") is None  # empty pool: the caller creates a file
     doomed = files(tmp_path / "old", 3)
     inodes = {p.stat().st_ino for p in doomed}
-    assert pool.keep(doomed) == []
+    assert all(pool.keep(p) for p in doomed)
     assert not any(p.exists() for p in doomed)
     assert [p.stat().st_size for p in (tmp_path / "free").iterdir()] == [0, 0, 0]
     taken = tmp_path / "new"
@@ -42,16 +42,16 @@ def test_the_pool_keeps_at_most_its_limit(tmp_path: Path) -> None:
     pool = FilePool(tmp_path / "free", limit=2)
     pool.load()
     doomed = files(tmp_path / "old", 5)
-    rest = pool.keep(doomed)
-    assert rest == doomed[2:]  # the caller deletes these
-    assert all(p.exists() for p in rest)
+    assert [pool.keep(p) for p in doomed] == [True, True, False, False, False]
+    assert all(p.exists() for p in doomed[2:])  # the caller deletes these
     assert len(pool) == 2
 
 
 def test_a_new_pool_finds_the_files_a_previous_run_kept(tmp_path: Path) -> None:
     first = FilePool(tmp_path / "free")
     first.load()
-    first.keep(files(tmp_path / "old", 2))
+    for path in files(tmp_path / "old", 2):
+        first.keep(path)
     again = FilePool(tmp_path / "free")
     again.load()
     assert len(again) == 2
@@ -63,11 +63,13 @@ def test_a_new_pool_finds_the_files_a_previous_run_kept(tmp_path: Path) -> None:
 def test_files_removed_from_the_pool_behind_its_back_are_skipped(tmp_path: Path) -> None:
     pool = FilePool(tmp_path / "free")
     pool.load()
-    pool.keep(files(tmp_path / "old", 2))
+    for path in files(tmp_path / "old", 2):
+        pool.keep(path)
     victim = next((tmp_path / "free").iterdir())
     victim.unlink()
     fd = pool.take(tmp_path / "t")
     assert fd is not None  # the other one
     os.close(fd)
     assert pool.take(tmp_path / "u") is None
-    assert pool.keep([tmp_path / "never-existed"]) == []  # already gone: nothing to do
+    assert pool.keep(tmp_path / "never-existed")  # already gone: nothing left to delete
+    assert len(pool) == 0
