@@ -57,7 +57,7 @@ log = logging.getLogger("vmlend.catalog.chunks")
 Buffer = bytes | bytearray | memoryview
 
 WRITING, PRESENT, DELETING = 0, 1, 2
-SYNC_THREADS = 16  # concurrent fsyncs; beyond this the disk, not the journal, is the limit
+SYNC_THREADS = 16  # concurrent directory fsyncs (files: see _sync_files)
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -730,7 +730,7 @@ def _adopt_batch(root: Path, chunks: list[tuple[ChunkId, Path]]) -> None:
 def _commit_temps(written: list[tuple[Path, Path]]) -> None:
     """fsync the temp files, give them their final names, fsync the directories."""
     try:
-        _in_parallel(_fsync_file, [tmp for tmp, _ in written])
+        _sync_files([tmp for tmp, _ in written])
         dirs = _rename_all(written)
     except BaseException:
         _unlink_temps(written)  # leave no temp file behind
@@ -760,12 +760,22 @@ def _unlink_temps(written: list[tuple[Path, Path]]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _sync_files(paths: list[Path]) -> None:
+    """Make the files durable: start every file's writeback, then wait for each in turn. The
+    disk works on all of them at once, as with an fsync per thread, without the threads:
+    measured here, a fetch ran ~7 % faster this way (16 fsync threads woke ~5000 times per
+    512 MiB and fought the transfer for the cores); the chunk store alone, ~5 % slower."""
+    fds: list[int] = []
     try:
-        os.fdatasync(fd)  # data and size; the name is made durable by the directory fsync
+        for path in paths:
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        for fd in fds:
+            start_writeback(fd)
+        for fd in fds:
+            os.fdatasync(fd)  # data and size; the name is made durable by the directory fsync
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def _rename_all(written: list[tuple[Path, Path]]) -> list[Path]:
