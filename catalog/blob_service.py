@@ -52,7 +52,7 @@ from catalog.errors import (
     UnknownBlobError,
 )
 from catalog.transfer import Held, TransferResult, fetch_blob
-from catalog.transfer_links import CONTROL_TIMEOUT, IP4, P2PLinks
+from catalog.transfer_links import CONTROL_TIMEOUT, P2PLinks, ip_of
 from catalog.transfer_messages import (
     PROTOCOL_ID,
     ChunkRequest,
@@ -473,9 +473,9 @@ class BlobService:
 
 
 def data_host_for(listen: Sequence[str]) -> str | None:
-    """Where the data channel listens: the IPv4 address of the first such libp2p listen
-    address (so it is reachable wherever libp2p is), or None (no channel) if there is none."""
+    """Where the data channel listens: the IP address (v4 or v6) of the first libp2p listen
+    address that has one (so it is reachable wherever libp2p is), or None (no channel)."""
     for addr in listen:
-        if match := IP4.match(addr):
-            return match.group(1)
+        if (ip := ip_of(addr)) is not None:
+            return str(ip)
     return None

@@ -169,7 +169,8 @@ class DataServer:
         self._token_timeout = token_timeout
         self._slots = trio.CapacityLimiter(max_connections)
         self.port = 0
-        self.refused = 0
+        self.refused = 0  # connections turned away (no valid token, or too many)
+        self.served = 0  # connections that showed a valid token
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self._port, host=self._host)
@@ -207,6 +208,7 @@ class DataServer:
             self.refused += 1
             log.info("data channel: connection without a valid token refused")
             return
+        self.served += 1
         sock = _blocking(stream)
         try:
             served = _ServedConnection(sock, grant, self._read_chunk, self._open_chunk)

@@ -7,9 +7,10 @@ libp2p streams when the channel is off or the provider has none.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -34,7 +35,39 @@ from catalog.transfer_messages import (
 from node.errors import RemoteProtocolError
 from node.p2p import P2PNode
 
-IP4 = re.compile(r"^/ip4/([0-9.]+)/")
+_IP_ADDR = re.compile(r"^/(ip4|ip6)/([^/]+)/")
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def ip_of(multiaddr: str) -> IpAddress | None:
+    """The IP address a multiaddr starts with (``/ip4/...`` or ``/ip6/...``), if it does."""
+    match = _IP_ADDR.match(multiaddr)
+    if match is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(match.group(2))
+    except ValueError:
+        return None
+    return ip if f"ip{ip.version}" == match.group(1) else None
+
+
+def channel_host(ticket_host: str, known: Iterable[str]) -> str:
+    """Where to reach a provider's data channel: the host its ticket names, or, when that is
+    unspecified (it listens on every address: "0.0.0.0", "::"), the first address of that
+    family among the multiaddrs ``known`` for the provider. ValueError if there is none."""
+    try:
+        ip = ipaddress.ip_address(ticket_host)
+    except ValueError:
+        raise ValueError(f"the ticket's host {ticket_host[:60]!r} is not an IP address") from None
+    if not ip.is_unspecified:
+        return str(ip)
+    for addr in known:
+        mine = ip_of(addr)
+        if mine is not None and mine.version == ip.version and not mine.is_unspecified:
+            return str(mine)
+    raise ValueError(f"no IPv{ip.version} address known for its data channel")
+
+
 CONTROL_TIMEOUT = 10.0
 
 
@@ -130,21 +163,17 @@ class P2PLinks:
             and isinstance(host, str)
         ):
             raise RemoteProtocolError(f"{peer}: malformed data-channel ticket")
-        if host in ("", "0.0.0.0"):
-            host = self._ip_of(peer)
+        addrs = list(self.addr_hints.get(peer, []))
+        addrs += [a for p in self._p2p.peers() if p.peer_id == peer for a in p.addrs]
+        try:
+            host = channel_host(host, addrs)
+        except ValueError as e:
+            raise RemoteProtocolError(f"{peer}: {e}") from None
         if key is not None:
             self._on_private()
         return await DataConnection.open(
             self._nursery, host, port, token, peer, key=key, spool=self._spool
         )
-
-    def _ip_of(self, peer: str) -> str:
-        addrs = list(self.addr_hints.get(peer, []))
-        addrs += [a for p in self._p2p.peers() if p.peer_id == peer for a in p.addrs]
-        for addr in addrs:
-            if match := IP4.match(addr):
-                return match.group(1)
-        raise RemoteProtocolError(f"{peer}: no IPv4 address known for its data channel")
 
     async def aclose(self) -> None:
         for conn in self._conns.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -13,7 +14,7 @@ import pytest
 import trio
 
 from catalog.blob import BlobId, BlobStore
-from catalog.blob_service import BlobService
+from catalog.blob_service import BlobService, data_host_for
 from catalog.chunk_store import ChunkStore
 from catalog.chunking import KIB, ChunkId, ChunkParams
 from catalog.errors import NoProviderError, QuotaExceededError
@@ -115,6 +116,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             quota: int | None = None,
             bootstrap: tuple[str, ...] = (),
             request_timeout: float = 10.0,
+            ip: str = "127.0.0.1",
         ) -> Peer:
             nonlocal count
             count += 1
@@ -122,15 +124,19 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             store = await stack.enter_async_context(
                 store_cls.open(home / "chunks", quota_bytes=quota)
             )
+            listen = [f"/ip{ipaddress.ip_address(ip).version}/{ip}/tcp/0"]
             p2p = P2PNode(
                 Identity.generate(),
-                listen=["/ip4/127.0.0.1/tcp/0"],
+                listen=listen,
                 bootstrap=bootstrap,
                 heartbeat_interval=0.5,
                 peer_timeout=5.0,
             )
             service = BlobService(
-                p2p, BlobStore(store, params=PARAMS), request_timeout=request_timeout
+                p2p,
+                BlobStore(store, params=PARAMS),
+                request_timeout=request_timeout,
+                data_host=data_host_for(listen),  # as a node does
             )
 
             async def run(task_status: trio.TaskStatus[None]) -> None:
@@ -189,6 +195,19 @@ async def test_fetch_from_providers(spawn: Spawn, tmp_path: Path, providers: int
     # (endgame duplicates included), none is left behind.
     assert list(me.blobs.chunks.spool_dir.iterdir()) == []
     assert (await me.blobs.chunks.check()).ok
+    assert all(s.service.data is not None and s.service.data.served == 1 for s in sources)
+
+
+async def test_ipv6_only_nodes_fetch_on_the_data_channel(spawn: Spawn, tmp_path: Path) -> None:
+    source = await spawn(ip="::1")
+    me = await spawn(ip="::1")
+    data = random_bytes(MIB, 20)
+    blob_id = await add([source], data, tmp_path)
+    result = await me.service.fetch(blob_id, sources=[source.addr])
+    assert result.bytes_fetched == len(data)
+    assert await exported(me, blob_id, tmp_path) == data
+    assert source.service.data is not None
+    assert source.service.data.served == 1  # not the libp2p streams, at a tenth of the rate
 
 
 async def test_providers_announced_in_dht_and_withdrawn(spawn: Spawn, tmp_path: Path) -> None:
