@@ -1,8 +1,14 @@
 """The direct data channel: chunk bytes on plain TCP beside libp2p, for peers authorised there.
 
-Why: libp2p streams (Noise + yamux in Python) carry ~60 MB/s here; loopback TCP carries GB/s.
-Chunks verify themselves by hash, so the bulk bytes need no channel security; what must not leak
-is *who may read* (private blobs are a later concern, see the module's TODO in blob_service).
+Why: libp2p streams (Noise + yamux in Python) carry ~60-80 MB/s here; loopback TCP carries
+GB/s. Chunks verify themselves by hash, so public bytes need no channel security; what must not
+leak is *who may read*: a token's grant names the chunks its peer may read, and for a private
+blob carries a key (handed over the Noise-encrypted libp2p stream) that every answer is
+encrypted with (ChaCha20-Poly1305).
+
+Both ends keep the bytes off the event loop: the provider serves each connection from a thread
+of its own (``sendfile`` from the chunk files), and the fetcher reads each connection in a
+thread that splices answers into spool files and hashes them there (see DataConnection).
 
 Authorisation: a peer asks over its authenticated libp2p stream (``TICKET_PROTOCOL``) and gets
 a one-time 32-byte token bound to its peer ID; it opens a TCP connection, sends the token first,

@@ -118,3 +118,20 @@ def test_hash_file_hashes_the_counted_prefix(tmp_path: Path) -> None:
         assert hash_file(fd, 0) == hash_chunk(b"")
     finally:
         os.close(fd)
+
+
+def test_hash_file_reads_when_the_file_cannot_be_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_mapping(*args: object, **kwargs: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    data = random_bytes(3 << 20, 5)  # several pieces
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    monkeypatch.setattr("catalog.splice.mmap.mmap", no_mapping)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert hash_file(fd, len(data)) == hash_chunk(data)
+    finally:
+        os.close(fd)
