@@ -12,6 +12,9 @@ quarantines what fails: the blobs using it turn incomplete, and a later fetch re
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -34,9 +37,20 @@ class ScrubPass:
 
 class Scrubber:
     """Verify every present chunk of ``store`` each ``interval`` seconds (0: never), reading
-    at most ``rate`` bytes a second (0: as fast as the disk goes)."""
+    at most ``rate`` bytes a second (0: as fast as the disk goes).
 
-    def __init__(self, store: ChunkStore, *, interval: float, rate: int) -> None:
+    The end of each pass is written (wall-clock time) to ``<store>/scrubbed``, and a new
+    Scrubber waits only for what is left of the interval since then: a node restarted more
+    often than ``interval`` still scrubs on schedule."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        *,
+        interval: float,
+        rate: int,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         if interval < 0 or rate < 0:
             raise ValueError(f"need interval >= 0 and rate >= 0, got {interval} and {rate}")
         self.store = store
@@ -44,14 +58,20 @@ class Scrubber:
         self.rate = rate
         self.last: ScrubPass | None = None
         self._passed = trio.Event()
+        self._wall_clock = wall_clock
+        self._stamp = store.root / "scrubbed"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         if not self.interval:
             return
+        await trio.sleep(await self._due_in())
         while True:
-            await trio.sleep(self.interval)
             found = await self.scrub_once()
+            try:
+                await trio.to_thread.run_sync(self._write_stamp, self._wall_clock())
+            except OSError as e:  # the next start then scrubs a little early: no harm
+                log.warning("cannot record the scrub pass in %s: %s", self._stamp, e)
             self.last, passed, self._passed = found, self._passed, trio.Event()
             passed.set()
             log.info(
@@ -61,6 +81,27 @@ class Scrubber:
                 found.corrupt,
                 found.missing,
             )
+            await trio.sleep(self.interval)
+
+    async def _due_in(self) -> float:
+        """Seconds until the next pass: what is left of the interval since the last one (a
+        stamp from the future, after the clock was set back, counts as just now)."""
+        last = await trio.to_thread.run_sync(self._read_stamp)
+        if last is None:
+            return self.interval
+        return min(self.interval, max(0.0, last + self.interval - self._wall_clock()))
+
+    def _read_stamp(self) -> float | None:
+        try:
+            last = float(self._stamp.read_text().strip())
+        except (OSError, ValueError):  # none yet, or unreadable: a full interval from now
+            return None
+        return last if math.isfinite(last) else None
+
+    def _write_stamp(self, when: float) -> None:
+        temp = self._stamp.with_name(self._stamp.name + ".tmp")
+        temp.write_text(f"{when:.3f}\n")
+        temp.replace(self._stamp)  # whole or not at all; losing it only brings a pass forward
 
     async def next_pass(self) -> ScrubPass:
         """Wait for the end of :meth:`run`'s next pass; what it found."""

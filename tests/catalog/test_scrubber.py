@@ -62,3 +62,41 @@ async def test_passes_come_every_interval_and_zero_means_never(
 def test_bad_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="interval"):
         Scrubber(None, interval=-1, rate=0)  # type: ignore[arg-type]
+
+
+async def test_a_restarted_node_keeps_the_schedule(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    wall = [1_000_000.0]  # the wall clock, moved by hand alongside trio's
+
+    def scrubber(store: ChunkStore) -> Scrubber:
+        return Scrubber(store, interval=3600, rate=0, wall_clock=lambda: wall[0])
+
+    async with ChunkStore.open(tmp_path / "chunks") as store:
+        await store.put(b"some bytes")
+        async with trio.open_nursery() as nursery:
+            first = scrubber(store)
+            began = trio.current_time()
+            await nursery.start(first.run)
+            await first.next_pass()  # no pass recorded yet: a whole interval
+            assert 3600 <= trio.current_time() - began < 3601
+            nursery.cancel_scope.cancel()
+        assert float((tmp_path / "chunks" / "scrubbed").read_text()) == wall[0]
+        # Restarted 3000 s after that pass: the next one is due 600 s later, not 3600.
+        wall[0] += 3000
+        async with trio.open_nursery() as nursery:
+            again = scrubber(store)
+            began = trio.current_time()
+            await nursery.start(again.run)
+            await again.next_pass()
+            assert 600 <= trio.current_time() - began < 601
+            nursery.cancel_scope.cancel()
+        # A stamp from the future (the clock was set back) counts as a pass just now.
+        (tmp_path / "chunks" / "scrubbed").write_text(f"{wall[0] + 10**6}\n")
+        async with trio.open_nursery() as nursery:
+            late = scrubber(store)
+            began = trio.current_time()
+            await nursery.start(late.run)
+            await late.next_pass()
+            assert 3600 <= trio.current_time() - began < 3601
+            nursery.cancel_scope.cancel()
