@@ -68,35 +68,23 @@ async def test_a_restarted_node_keeps_the_schedule(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     wall = [1_000_000.0]  # the wall clock, moved by hand alongside trio's
+    stamp = tmp_path / "chunks" / "scrubbed"
 
-    def scrubber(store: ChunkStore) -> Scrubber:
-        return Scrubber(store, interval=3600, rate=0, wall_clock=lambda: wall[0])
+    async def first_pass_after_a_start(store: ChunkStore) -> float:
+        """Start a scrubber (a node starting); seconds until its first pass is done."""
+        scrubber = Scrubber(store, interval=3600, rate=0, wall_clock=lambda: wall[0])
+        async with trio.open_nursery() as nursery:
+            began = trio.current_time()
+            await nursery.start(scrubber.run)
+            await scrubber.next_pass()
+            nursery.cancel_scope.cancel()
+        return trio.current_time() - began
 
     async with ChunkStore.open(tmp_path / "chunks") as store:
         await store.put(b"some bytes")
-        async with trio.open_nursery() as nursery:
-            first = scrubber(store)
-            began = trio.current_time()
-            await nursery.start(first.run)
-            await first.next_pass()  # no pass recorded yet: a whole interval
-            assert 3600 <= trio.current_time() - began < 3601
-            nursery.cancel_scope.cancel()
-        assert float((tmp_path / "chunks" / "scrubbed").read_text()) == wall[0]
-        # Restarted 3000 s after that pass: the next one is due 600 s later, not 3600.
-        wall[0] += 3000
-        async with trio.open_nursery() as nursery:
-            again = scrubber(store)
-            began = trio.current_time()
-            await nursery.start(again.run)
-            await again.next_pass()
-            assert 600 <= trio.current_time() - began < 601
-            nursery.cancel_scope.cancel()
-        # A stamp from the future (the clock was set back) counts as a pass just now.
-        (tmp_path / "chunks" / "scrubbed").write_text(f"{wall[0] + 10**6}\n")
-        async with trio.open_nursery() as nursery:
-            late = scrubber(store)
-            began = trio.current_time()
-            await nursery.start(late.run)
-            await late.next_pass()
-            assert 3600 <= trio.current_time() - began < 3601
-            nursery.cancel_scope.cancel()
+        assert 3600 <= await first_pass_after_a_start(store) < 3601  # none recorded yet
+        assert float(stamp.read_text()) == wall[0]
+        wall[0] += 3000  # restarted 3000 s after that pass: the next is due 600 s later
+        assert 600 <= await first_pass_after_a_start(store) < 601
+        stamp.write_text(f"{wall[0] + 10**6}\n")  # from the future: the clock was set back
+        assert 3600 <= await first_pass_after_a_start(store) < 3601  # counts as just now
