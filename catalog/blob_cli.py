@@ -80,11 +80,20 @@ def _client(args: argparse.Namespace) -> Any:
     return Client(resolve_data_dir(args.data), timeout=None)
 
 
-def cmd_add(args: argparse.Namespace) -> int:
+def _call(args: argparse.Namespace, method: str, *params: Any) -> Any:
     with _client(args) as client:
-        path = str(Path(args.file).resolve())
-        result = client.call("blob.add", path, {"private": bool(args.private)})
-    print(json.dumps(result) if args.json else result["id"])
+        return client.call(method, *params)
+
+
+def _print(args: argparse.Namespace, result: Any, text: str) -> None:
+    """``result`` as JSON with ``--json``, else ``text`` for people."""
+    print(json.dumps(result) if args.json else text)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    path = str(Path(args.file).resolve())
+    result = _call(args, "blob.add", path, {"private": bool(args.private)})
+    _print(args, result, result["id"])
     return 0
 
 
@@ -146,8 +155,7 @@ class _ProgressBar:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        blobs = client.call("blob.ls")
+    blobs = _call(args, "blob.ls")
     if args.json:
         print(json.dumps(blobs))
         return 0
@@ -160,32 +168,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        result = client.call("blob.rm", args.blob_id)
-    print(json.dumps(result) if args.json else f"removed {result['id']}")
+    result = _call(args, "blob.rm", args.blob_id)
+    _print(args, result, f"removed {result['id']}")
     return 0
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        result = client.call("blob.grant", args.blob_id, args.peer_id)
-    print(json.dumps(result) if args.json else f"granted {result['peer']} {result['id']}")
+    result = _call(args, "blob.grant", args.blob_id, args.peer_id)
+    _print(args, result, f"granted {result['peer']} {result['id']}")
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        result = client.call("blob.gc")
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"freed {result['chunks_freed']} chunks, {result['bytes_freed']} bytes")
+    result = _call(args, "blob.gc")
+    _print(args, result, f"freed {result['chunks_freed']} chunks, {result['bytes_freed']} bytes")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        report = client.call("blob.check")
+    report = _call(args, "blob.check")
     if args.json:
         print(json.dumps(report))
     else:
