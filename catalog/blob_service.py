@@ -55,6 +55,7 @@ from catalog.transfer import Held, TransferResult, fetch_blob
 from catalog.transfer_links import CONTROL_TIMEOUT, P2PLinks, ip_of
 from catalog.transfer_messages import (
     PROTOCOL_ID,
+    WIRE_LIMITS,
     ChunkRequest,
     ErrorCode,
     ErrorResponse,
@@ -118,7 +119,7 @@ class BlobService:
         async with trio.open_nursery() as nursery:
             if self.data is not None:
                 await nursery.start(self.data.run)
-            self.p2p.set_handler(PROTOCOL_ID, self._serve_control)
+            self.p2p.set_handler(PROTOCOL_ID, self._serve_control, limits=WIRE_LIMITS)
             self.p2p.set_handler(TICKET_PROTOCOL, self._serve_ticket)
             nursery.start_soon(self._announce_loop)
             task_status.started()
@@ -229,7 +230,11 @@ class BlobService:
             with trio.move_on_after(CONTROL_TIMEOUT):
                 try:
                     raw = await self.p2p.request(
-                        peer, PROTOCOL_ID, to_dict(request), timeout=CONTROL_TIMEOUT
+                        peer,
+                        PROTOCOL_ID,
+                        to_dict(request),
+                        timeout=CONTROL_TIMEOUT,
+                        limits=WIRE_LIMITS,
                     )
                     reply = decode_message(raw)
                 except (NetworkError, RemoteProtocolError) as e:

@@ -21,6 +21,7 @@ from catalog.chunking import ChunkId, HashedChunk, SpooledChunk
 from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL, DataConnection
 from catalog.transfer_messages import (
     PROTOCOL_ID,
+    WIRE_LIMITS,
     ChunkRequest,
     ChunkResponse,
     ErrorCode,
@@ -100,7 +101,9 @@ class P2PLinks:
         self.addr_hints: dict[str, list[str]] = {}
 
     async def _ask(self, peer: str, request: HaveRequest | ManifestRequest | ChunkRequest) -> Any:
-        raw = await self._p2p.request(peer, PROTOCOL_ID, to_dict(request), timeout=CONTROL_TIMEOUT)
+        raw = await self._p2p.request(
+            peer, PROTOCOL_ID, to_dict(request), timeout=CONTROL_TIMEOUT, limits=WIRE_LIMITS
+        )
         reply = decode_message(raw)
         if getattr(reply, "request_id", None) != request.request_id:
             raise RemoteProtocolError(f"{peer} answered another request")

@@ -29,6 +29,8 @@ API (errors from :mod:`node.errors` unless noted)::
     node.set_handler("/vmlend/x/1.0.0", handler)  # handler(MessageStream) -> None
     reply = await node.request(peer_id, protocol_id, msg, timeout=5.0)
     stream = await node.open_stream(peer_id, protocol_id)  # send/receive/send_end/aclose/reset
+    # each of these three takes limits=WireLimits(...): that protocol's own frame limits (both
+    # ends must pass the same); without it, the node's ``limits``
     await node.connect("/ip4/.../tcp/.../p2p/<id>") -> peer_id;  node.is_connected(peer_id)
     node.peers() -> list[PeerInfo];  await node.wait_peers(pred);  await node.wait_peer_count(n)
     await node.put_record(kind, node.peer_id, payload, ttl=60.0) -> Record
@@ -245,8 +247,11 @@ class P2PNode:
             return []
         return addrs
 
-    async def open_stream(self, peer_id: str, protocol_id: str) -> MessageStream:
-        """Open a stream to ``peer_id`` speaking ``protocol_id``.
+    async def open_stream(
+        self, peer_id: str, protocol_id: str, *, limits: WireLimits | None = None
+    ) -> MessageStream:
+        """Open a stream to ``peer_id`` speaking ``protocol_id``, whose frames are held to
+        ``limits`` (the node's by default).
 
         Raises PeerUnreachableError (DialTimeoutError if the dial deadline passed),
         UnsupportedProtocolError, StreamBrokenError or DeadlineError."""
@@ -271,7 +276,7 @@ class P2PNode:
             peer_id=peer_id,
             protocol_id=protocol_id,
             deadline=self._stream_deadline,
-            limits=self._limits,
+            limits=limits or self._limits,
         )
 
     async def request(
@@ -281,11 +286,12 @@ class P2PNode:
         msg: Message,
         *,
         timeout: float,  # noqa: ASYNC109
+        limits: WireLimits | None = None,
     ) -> Message:
         """Send one message and return the one reply, all within ``timeout`` (DeadlineError)."""
         try:
             with trio.fail_after(timeout):
-                async with await self.open_stream(peer_id, protocol_id) as stream:
+                async with await self.open_stream(peer_id, protocol_id, limits=limits) as stream:
                     await stream.send(msg)
                     await stream.send_end()
                     try:
@@ -299,10 +305,13 @@ class P2PNode:
                 f"{protocol_id} request to {peer_id}: no reply in {timeout:g}s"
             ) from e
 
-    def set_handler(self, protocol_id: str, handler: Handler) -> None:
-        """Serve ``protocol_id``: ``handler`` gets each inbound stream; when it returns the
-        stream is closed with an end frame; if it raises, only that stream is reset. At most
-        ``max_inbound_streams`` run at once per protocol; streams beyond that are reset."""
+    def set_handler(
+        self, protocol_id: str, handler: Handler, *, limits: WireLimits | None = None
+    ) -> None:
+        """Serve ``protocol_id``: ``handler`` gets each inbound stream, whose frames are held
+        to ``limits`` (the node's by default); when it returns the stream is closed with an end
+        frame; if it raises, only that stream is reset. At most ``max_inbound_streams`` run at
+        once per protocol; streams beyond that are reset."""
         check_protocol_id(protocol_id)
         slots = trio.CapacityLimiter(self._max_inbound_streams)
 
@@ -317,20 +326,22 @@ class P2PNode:
                 await MessageStream(raw, peer_id="?", protocol_id=protocol_id, deadline=1.0).reset()
                 return
             try:
-                await self._serve(protocol_id, handler, raw)
+                await self._serve(protocol_id, handler, raw, limits or self._limits)
             finally:
                 slots.release()
 
         self._host.set_stream_handler(TProtocol(protocol_id), serve)
 
-    async def _serve(self, protocol_id: str, handler: Handler, raw: Any) -> None:
+    async def _serve(
+        self, protocol_id: str, handler: Handler, raw: Any, limits: WireLimits
+    ) -> None:
         peer_id = str(raw.muxed_conn.peer_id)
         stream = MessageStream(
             raw,
             peer_id=peer_id,
             protocol_id=protocol_id,
             deadline=self._stream_deadline,
-            limits=self._limits,
+            limits=limits,
         )
         try:
             await handler(stream)

@@ -44,6 +44,7 @@ from scheduler_role.codec import lease_from_list
 from scheduler_role.lifecycle import TaskState
 from scheduler_role.messages import (
     PROTOCOL_ID,
+    WIRE_LIMITS,
     ResultReport,
     decode_message,
     to_dict,
@@ -148,7 +149,7 @@ class SchedulerService:
             for status in await queue.waiting():
                 if status.state in (TaskState.SUBMITTED, TaskState.ASSEMBLING):
                     nursery.start_soon(self.assemble, status.spec.task_id)
-            self.p2p.set_handler(PROTOCOL_ID, self._serve_dispatch)
+            self.p2p.set_handler(PROTOCOL_ID, self._serve_dispatch, limits=WIRE_LIMITS)
             self.p2p.set_handler(LOGS_PROTOCOL, self._serve_logs)
             self.p2p.set_handler(TASKS_PROTOCOL, OwnerApi(self).serve)
             log.info("scheduler %s serving", self.p2p.peer_id)

@@ -194,6 +194,39 @@ async def test_message_size_limits_hold_on_both_sides() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_protocol_holds_its_frames_to_its_own_limits() -> None:
+    # Limits passed for one protocol, on both ends, replace the node's for its streams only:
+    # a bigger frame travels there, a smaller limit is enforced there, other protocols keep
+    # the node's.
+    node_limits = WireLimits(max_frame_size=2048, max_bin=2048)
+    bulk = WireLimits(max_frame_size=16384, max_bin=16384)
+    tight = WireLimits(max_frame_size=512, max_bin=512)
+    async with trio.open_nursery() as nursery:
+        a = P2PNode(Identity.generate(), listen=[LOOPBACK], limits=node_limits, **FAST)
+        b = P2PNode(Identity.generate(), listen=[LOOPBACK], limits=node_limits, **FAST)
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        b.set_handler("/vmlend/bulk/1.0.0", echo, limits=bulk)
+        b.set_handler("/vmlend/tight/1.0.0", echo, limits=tight)
+        b.set_handler(ECHO, echo)
+        await a.connect(b.addrs[0])
+        reply = await a.request(
+            b.peer_id,
+            "/vmlend/bulk/1.0.0",
+            {"type": "x", "blob": bytes(8192)},
+            timeout=5,
+            limits=bulk,
+        )
+        assert reply["blob"] == bytes(8192)
+        with pytest.raises(LocalProtocolError):  # the node's own limits on another protocol
+            await a.request(b.peer_id, ECHO, {"type": "x", "blob": bytes(8192)}, timeout=5)
+        with pytest.raises(StreamBrokenError):  # over what b allows on this protocol: reset
+            await a.request(
+                b.peer_id, "/vmlend/tight/1.0.0", {"type": "x", "blob": bytes(1024)}, timeout=5
+            )
+        nursery.cancel_scope.cancel()
+
+
 def test_protocol_ids_follow_the_naming_rule() -> None:
     assert check_protocol_id("/vmlend/catalog-sync/1.2.3")
     for bad in ["/ipfs/kad/1.0.0", "/vmlend/x/1.0", "/vmlend/X/1.0.0", "vmlend/x/1.0.0"]:

@@ -43,6 +43,7 @@ from node.p2p_stream import MessageStream
 from scheduler_role.codec import lease_from_list, lease_to_list
 from scheduler_role.messages import (
     PROTOCOL_ID,
+    WIRE_LIMITS,
     Heartbeat,
     HeartbeatAck,
     LeaseGrant,
@@ -278,7 +279,7 @@ class WorkerAgent:
         if addrs and not self.p2p.is_connected(scheduler):
             await self.p2p.connect(addrs[0])
         async with (
-            await self.p2p.open_stream(scheduler, PROTOCOL_ID) as stream,
+            await self.p2p.open_stream(scheduler, PROTOCOL_ID, limits=WIRE_LIMITS) as stream,
             trio.open_nursery() as nursery,
         ):
             stream.deadline = math.inf  # reads wait for pushes; requests have their own deadline

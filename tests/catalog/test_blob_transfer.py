@@ -16,7 +16,7 @@ import trio
 from catalog.blob import BlobId, BlobStore
 from catalog.blob_service import BlobService, data_host_for
 from catalog.chunk_store import ChunkStore
-from catalog.chunking import KIB, ChunkId, ChunkParams
+from catalog.chunking import DEFAULT_PARAMS, KIB, MAX_CHUNK_SIZE, ChunkId, ChunkParams
 from catalog.errors import NoProviderError, QuotaExceededError
 from catalog.transfer_links import P2PLinks
 from catalog.transfer_plan import Event, PeerDropped, PeerMisbehaved, Progress
@@ -117,6 +117,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             bootstrap: tuple[str, ...] = (),
             request_timeout: float = 10.0,
             ip: str = "127.0.0.1",
+            params: ChunkParams = PARAMS,
         ) -> Peer:
             nonlocal count
             count += 1
@@ -134,7 +135,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             )
             service = BlobService(
                 p2p,
-                BlobStore(store, params=PARAMS),
+                BlobStore(store, params=params),
                 request_timeout=request_timeout,
                 data_host=data_host_for(listen),  # as a node does
             )
@@ -172,6 +173,26 @@ async def exported(peer: Peer, blob_id: BlobId, tmp: Path) -> bytes:
     out = tmp / f"out-{blob_id.hex()[:8]}"
     await peer.blobs.export(blob_id, out)
     return out.read_bytes()
+
+
+@pytest.mark.parametrize("use_channel", [True, False])
+async def test_chunks_of_the_largest_size_travel(
+    spawn: Spawn, tmp_path: Path, use_channel: bool
+) -> None:
+    # Zeros have no content-defined cut point: every chunk is cut at MAX_CHUNK_SIZE. Such a
+    # chunk once did not fit a libp2p stream's frame (the node-wide limit, not the chunk
+    # protocol's own), so a fetch on libp2p streams dropped every provider.
+    provider = await spawn(params=DEFAULT_PARAMS)
+    me = await spawn(params=DEFAULT_PARAMS)
+    data = bytes(2 * MAX_CHUNK_SIZE + 12345)
+    blob_id = await add([provider], data, tmp_path)
+    manifest = await provider.blobs.manifest(blob_id)
+    assert [ref.size for ref in manifest.chunks][:2] == [MAX_CHUNK_SIZE, MAX_CHUNK_SIZE]
+    result = await me.service.fetch(blob_id, sources=[provider.addr], use_channel=use_channel)
+    assert result.bytes_fetched == MAX_CHUNK_SIZE + 12345  # the two equal chunks are one
+    assert await exported(me, blob_id, tmp_path) == data
+    assert provider.service.data is not None
+    assert provider.service.data.served == (1 if use_channel else 0)
 
 
 @pytest.mark.parametrize("providers", [1, 3])
