@@ -54,8 +54,8 @@ def test_small_edit_changes_only_nearby_chunks(
 
 
 def test_default_params_insert_in_large_buffer_shares_most_chunks() -> None:
-    data = random_bytes(24 * MIB, 7)
-    edited = data[: 10 * MIB] + b"inserted" + data[10 * MIB :]
+    data = random_bytes(48 * MIB, 7)
+    edited = data[: 20 * MIB] + b"inserted" + data[20 * MIB :]
     chunker = Chunker(DEFAULT_PARAMS)
     before, after = ids(data, chunker), ids(edited, chunker)
     shared = set(before) & set(after)
