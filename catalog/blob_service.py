@@ -97,6 +97,7 @@ class BlobService:
         announce_interval: float = 1800.0,
         request_timeout: float = 10.0,
         access: BlobAccess | None = None,
+        max_data_connections: int = 64,
     ) -> None:
         self.p2p = p2p
         self.blobs = blobs
@@ -106,6 +107,7 @@ class BlobService:
                 lambda c: blobs.chunks.get(c, verify=True),
                 open_chunk=self._open_chunk,
                 host=data_host,
+                max_connections=max_data_connections,
             )
             if data_host is not None
             else None

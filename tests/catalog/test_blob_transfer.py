@@ -18,7 +18,7 @@ from catalog.blob_service import BlobService, data_host_for
 from catalog.chunk_store import ChunkStore
 from catalog.chunking import DEFAULT_PARAMS, KIB, MAX_CHUNK_SIZE, ChunkId, ChunkParams
 from catalog.errors import NoProviderError, QuotaExceededError
-from catalog.transfer_links import P2PLinks
+from catalog.transfer_links import CHANNELS_PER_PROVIDER, P2PLinks
 from catalog.transfer_plan import Event, PeerDropped, PeerMisbehaved, Progress
 from node.identity import Identity
 from node.p2p import P2PNode
@@ -118,6 +118,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             request_timeout: float = 10.0,
             ip: str = "127.0.0.1",
             params: ChunkParams = PARAMS,
+            max_data_connections: int = 64,
         ) -> Peer:
             nonlocal count
             count += 1
@@ -138,6 +139,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
                 BlobStore(store, params=params),
                 request_timeout=request_timeout,
                 data_host=data_host_for(listen),  # as a node does
+                max_data_connections=max_data_connections,
             )
 
             async def run(task_status: trio.TaskStatus[None]) -> None:
@@ -192,7 +194,7 @@ async def test_chunks_of_the_largest_size_travel(
     assert result.bytes_fetched == MAX_CHUNK_SIZE + 12345  # the two equal chunks are one
     assert await exported(me, blob_id, tmp_path) == data
     assert provider.service.data is not None
-    assert provider.service.data.served == (1 if use_channel else 0)
+    assert provider.service.data.served == (CHANNELS_PER_PROVIDER if use_channel else 0)
 
 
 @pytest.mark.parametrize("providers", [1, 3])
@@ -216,7 +218,26 @@ async def test_fetch_from_providers(spawn: Spawn, tmp_path: Path, providers: int
     # (endgame duplicates included), none is left behind.
     assert list(me.blobs.chunks.spool_dir.iterdir()) == []
     assert (await me.blobs.chunks.check()).ok
-    assert all(s.service.data is not None and s.service.data.served == 1 for s in sources)
+    assert all(
+        s.service.data is not None and s.service.data.served == CHANNELS_PER_PROVIDER
+        for s in sources
+    )
+
+
+async def test_a_refused_extra_connection_leaves_the_others_in_use(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    # The provider takes one data connection at a time: the fetcher's second one is refused
+    # (closed at once). Its requests move to the first; the provider is not dropped.
+    source = await spawn(max_data_connections=1)
+    me = await spawn()
+    data = random_bytes(2 * MIB, 21)
+    blob_id = await add([source], data, tmp_path)
+    result = await me.service.fetch(blob_id, sources=[source.addr])
+    assert result.bytes_fetched == len(data)
+    assert await exported(me, blob_id, tmp_path) == data
+    assert source.service.data is not None
+    assert (source.service.data.served, source.service.data.refused) == (1, 1)
 
 
 async def test_ipv6_only_nodes_fetch_on_the_data_channel(spawn: Spawn, tmp_path: Path) -> None:
@@ -228,7 +249,8 @@ async def test_ipv6_only_nodes_fetch_on_the_data_channel(spawn: Spawn, tmp_path:
     assert result.bytes_fetched == len(data)
     assert await exported(me, blob_id, tmp_path) == data
     assert source.service.data is not None
-    assert source.service.data.served == 1  # not the libp2p streams, at a tenth of the rate
+    # not the libp2p streams, at a tenth of the rate
+    assert source.service.data.served == CHANNELS_PER_PROVIDER
 
 
 async def test_providers_announced_in_dht_and_withdrawn(spawn: Spawn, tmp_path: Path) -> None:
