@@ -52,7 +52,7 @@ from catalog.errors import (
     UnknownBlobError,
 )
 from catalog.transfer import Held, TransferResult, fetch_blob
-from catalog.transfer_links import CONTROL_TIMEOUT, P2PLinks, ip_of
+from catalog.transfer_links import CONTROL_TIMEOUT, P2PLinks, connections_per_provider, ip_of
 from catalog.transfer_messages import (
     PROTOCOL_ID,
     WIRE_LIMITS,
@@ -288,6 +288,18 @@ class BlobService:
         use_channel: bool = True,
     ) -> TransferResult:
         """Fetch the blob's missing chunks from ``sources`` (multiaddrs) or its DHT providers."""
+        peers: list[str] = []
+        hints: dict[str, list[str]] = {}
+        held: dict[str, Held] = {}
+        for addr in sources:
+            peer = await self.p2p.connect(addr)
+            hints.setdefault(peer, []).append(addr)
+            peers.append(peer)
+        if not sources:
+            held = await self._confirmed_providers(blob_id)
+            peers = list(held)
+        if not peers:
+            raise NoProviderError(blob_id.hex(), ["<manifest>"], {})
         async with one_error(), trio.open_nursery() as nursery:
             links = P2PLinks(
                 self.p2p,
@@ -296,18 +308,9 @@ class BlobService:
                 use_channel=use_channel,
                 on_private=lambda: self.access.make_private(blob_id),
                 spool=self.blobs.chunks.spool,
+                connections=connections_per_provider(len(set(peers))),
+                addr_hints=hints,
             )
-            peers: list[str] = []
-            held: dict[str, Held] = {}
-            for addr in sources:
-                peer = await self.p2p.connect(addr)
-                links.addr_hints.setdefault(peer, []).append(addr)
-                peers.append(peer)
-            if not sources:
-                held = await self._confirmed_providers(blob_id)
-                peers = list(held)
-            if not peers:
-                raise NoProviderError(blob_id.hex(), ["<manifest>"], {})
             try:
                 result = await fetch_blob(
                     self.blobs,

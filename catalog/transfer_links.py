@@ -73,18 +73,25 @@ def channel_host(ticket_host: str, known: Iterable[str]) -> str:
 
 
 CONTROL_TIMEOUT = 10.0
-# Connections per provider, each read by a thread of its own (and served by one there): two
-# let the receiving, hashing and writing of answers use two cores. Measured here (1 provider,
-# 512 MiB): ~10 % faster than one connection; three were no faster than two.
-CHANNELS_PER_PROVIDER = 2
+# Data connections a fetch opens in all (at least one per provider), each read by a thread of
+# its own (and served by one there), so that receiving, hashing and writing answers use two
+# cores. Measured here (512 MiB): from 1 provider, two connections were ~10 % faster than one,
+# three no faster than two; from 3 providers, two each were slower than one each.
+CONNECTIONS_PER_FETCH = 2
+
+
+def connections_per_provider(providers: int) -> int:
+    """How many data connections to open to each of ``providers`` providers."""
+    return max(1, CONNECTIONS_PER_FETCH // max(1, providers))
 
 
 class P2PLinks:
     """:class:`catalog.transfer.Links` for fetching ``blob_id`` over a :class:`P2PNode`: control
-    requests on libp2p streams, chunks on CHANNELS_PER_PROVIDER data-channel connections per
-    provider, asked in turn, each with its own ticket scoped to this blob (or on libp2p when
-    ``use_channel`` is off, or the provider has no channel for us). ``on_private`` is called
-    once a provider said the blob is private (its ticket carried a key)."""
+    requests on libp2p streams; chunks on ``connections`` data-channel connections per provider
+    (see :func:`connections_per_provider`), asked in turn, each with its own ticket scoped to
+    this blob, or on libp2p when ``use_channel`` is off or the provider has no channel for us.
+    ``on_private`` is called once a provider said the blob is private (its ticket carried a
+    key). ``addr_hints``: addresses each peer was reached at, where its channel may be too."""
 
     def __init__(
         self,
@@ -95,6 +102,8 @@ class P2PLinks:
         use_channel: bool = True,
         on_private: Callable[[], None] = lambda: None,
         spool: Spool | None = None,
+        connections: int = 1,
+        addr_hints: dict[str, list[str]] | None = None,
     ) -> None:
         self._p2p = p2p
         self._blob_id = blob_id
@@ -106,7 +115,8 @@ class P2PLinks:
         self._turns: dict[str, Iterator[DataConnection]] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._ids = itertools.count(1)
-        self.addr_hints: dict[str, list[str]] = {}
+        self._connections = connections
+        self._addr_hints = addr_hints or {}  # addresses a peer was reached at (for its channel)
 
     async def _ask(self, peer: str, request: HaveRequest | ManifestRequest | ChunkRequest) -> Any:
         raw = await self._p2p.request(
@@ -173,7 +183,7 @@ class P2PLinks:
         return bool(conns)
 
     async def _open_channels(self, peer: str) -> list[DataConnection]:
-        """CHANNELS_PER_PROVIDER connections to ``peer``'s data channel, or none if it has no
+        """``connections`` connections to ``peer``'s data channel, or none if it has no
         channel for us. The first one's failure is the caller's; a later one's only means
         fewer connections."""
         first = await self._open_channel(peer)
@@ -191,7 +201,7 @@ class P2PLinks:
                 conns.append(conn)
 
         async with trio.open_nursery() as nursery:
-            for _ in range(CHANNELS_PER_PROVIDER - 1):
+            for _ in range(self._connections - 1):
                 nursery.start_soon(another)
         return conns
 
@@ -213,7 +223,7 @@ class P2PLinks:
             and isinstance(host, str)
         ):
             raise RemoteProtocolError(f"{peer}: malformed data-channel ticket")
-        addrs = list(self.addr_hints.get(peer, []))
+        addrs = list(self._addr_hints.get(peer, []))
         addrs += [a for p in self._p2p.peers() if p.peer_id == peer for a in p.addrs]
         try:
             host = channel_host(host, addrs)

@@ -18,7 +18,7 @@ from catalog.blob_service import BlobService, data_host_for
 from catalog.chunk_store import ChunkStore
 from catalog.chunking import DEFAULT_PARAMS, KIB, MAX_CHUNK_SIZE, ChunkId, ChunkParams
 from catalog.errors import NoProviderError, QuotaExceededError
-from catalog.transfer_links import CHANNELS_PER_PROVIDER, P2PLinks
+from catalog.transfer_links import P2PLinks, connections_per_provider
 from catalog.transfer_plan import Event, PeerDropped, PeerMisbehaved, Progress
 from node.identity import Identity
 from node.p2p import P2PNode
@@ -194,7 +194,7 @@ async def test_chunks_of_the_largest_size_travel(
     assert result.bytes_fetched == MAX_CHUNK_SIZE + 12345  # the two equal chunks are one
     assert await exported(me, blob_id, tmp_path) == data
     assert provider.service.data is not None
-    assert provider.service.data.served == (CHANNELS_PER_PROVIDER if use_channel else 0)
+    assert provider.service.data.served == (2 if use_channel else 0)  # two for one provider
 
 
 @pytest.mark.parametrize("providers", [1, 3])
@@ -219,7 +219,7 @@ async def test_fetch_from_providers(spawn: Spawn, tmp_path: Path, providers: int
     assert list(me.blobs.chunks.spool_dir.iterdir()) == []
     assert (await me.blobs.chunks.check()).ok
     assert all(
-        s.service.data is not None and s.service.data.served == CHANNELS_PER_PROVIDER
+        s.service.data is not None and s.service.data.served == connections_per_provider(providers)
         for s in sources
     )
 
@@ -250,7 +250,7 @@ async def test_ipv6_only_nodes_fetch_on_the_data_channel(spawn: Spawn, tmp_path:
     assert await exported(me, blob_id, tmp_path) == data
     assert source.service.data is not None
     # not the libp2p streams, at a tenth of the rate
-    assert source.service.data.served == CHANNELS_PER_PROVIDER
+    assert source.service.data.served == 2
 
 
 async def test_providers_announced_in_dht_and_withdrawn(spawn: Spawn, tmp_path: Path) -> None:
