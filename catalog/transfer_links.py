@@ -11,7 +11,7 @@ import ipaddress
 import itertools
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -112,7 +112,6 @@ class P2PLinks:
         self._use_channel = use_channel
         self._spool = spool  # where data connections write verified chunks (see DataConnection)
         self._conns: dict[str, list[DataConnection]] = {}  # empty: chunks go on libp2p
-        self._turns: dict[str, Iterator[DataConnection]] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._ids = itertools.count(1)
         self._connections = connections
@@ -164,23 +163,24 @@ class P2PLinks:
     async def _connection(self, peer: str) -> DataConnection | None:
         if not self._use_channel:
             return None
-        turns = self._turns.get(peer)
-        if turns is None:
+        if peer not in self._conns:  # once per peer: the lock is not taken after that
             async with self._locks.setdefault(peer, trio.Lock()):
                 if peer not in self._conns:
                     self._conns[peer] = await self._open_channels(peer)
-                    self._turns[peer] = itertools.cycle(self._conns[peer])
-                turns = self._turns[peer]
-        return next(turns, None)
+        conns = self._conns[peer]
+        if not conns:
+            return None
+        conns.append(conns.pop(0))  # they take turns
+        return conns[-1]
 
     def _forget(self, peer: str, conn: DataConnection) -> bool:
-        """Take a broken connection out of ``peer``'s turns; whether any other remains."""
+        """Take a broken connection out of ``peer``'s turns if another remains (the last one
+        stays, and keeps failing, as a lone connection always did); whether it is out."""
         conns = self._conns.get(peer, [])
-        if conn in conns:
+        if conn in conns and len(conns) > 1:
             conns.remove(conn)
-            self._turns[peer] = itertools.cycle(conns)
             log.info("a data connection to %s broke; %d left", peer, len(conns))
-        return bool(conns)
+        return conn not in conns
 
     async def _open_channels(self, peer: str) -> list[DataConnection]:
         """``connections`` connections to ``peer``'s data channel, or none if it has no
