@@ -30,11 +30,11 @@ from pathlib import Path
 
 import trio
 
+from catalog.caps import Caps
+from catalog.dispatch import Heartbeat, LeaseGrant, LeaseKey, Offer, ResultReport
 from node.store import Database
-from scheduler_role.messages import Heartbeat, LeaseGrant, Offer, ResultReport
 from scheduler_role.queue import Queue
-from scheduler_role.task import LeaseKey, Limits, TaskSpec
-from worker_role.caps import Caps
+from scheduler_role.task import Limits, TaskSpec
 
 IMAGE = hashlib.blake2b(b"bench image", digest_size=32).digest()
 DIGEST = hashlib.blake2b(b"hello", digest_size=32).digest()

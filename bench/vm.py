@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import trio
 
-from worker_role.caps import Caps
+from catalog.caps import Caps
 from worker_role.tinyos import locate
 from worker_role.vm import Image, TaskSpec, VmBackend, open_backend
 from worker_role.vm.backend import OutputChunk

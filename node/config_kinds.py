@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from node import units
+from node.allow_rules import AllowRule, InvalidAllowRule
 
 
 class BadValue(ValueError):
@@ -365,9 +366,11 @@ PUBLIC_KEY = Kind("an Ed25519 public key as 64 hex digits", _parse_public_key)
 
 
 def _is_destination(value: str) -> bool:
-    # Only the shape here: node must not import the worker role, and the grammar has one owner,
-    # worker_role.egress_rules, which the daemon applies when it builds the lending policy.
-    return bool(value) and len(value) <= 300 and not any(c.isspace() for c in value)
+    try:
+        AllowRule.parse(value)
+    except InvalidAllowRule:
+        return False
+    return True
 
 
 NET_ALLOW = Kind(

@@ -26,7 +26,7 @@ from catalog.scrubber import Scrubber
 from catalog.service import open_catalog
 from node import rpc_params
 from node.config import Config
-from node.errors import ConfigError, RpcError
+from node.errors import RpcError
 from node.identity import Identity
 from node.p2p import P2PNode, PeerInfo
 from node.rpc_server import RpcServer
@@ -34,8 +34,7 @@ from node.store import Database
 from scheduler_role.owner_node import OwnerService
 from scheduler_role.service import SchedulerService
 from worker_role import tinyos
-from worker_role.agent import WorkerAgent, policy_of, tamper_from_env
-from worker_role.egress_errors import InvalidAllowRule
+from worker_role.agent import WorkerAgent, tamper_from_env
 
 log = logging.getLogger("vmlend.node.daemon")
 
@@ -55,8 +54,6 @@ class Node:
 
     def __init__(self, config: Config, data_dir: Path, identity: Identity) -> None:
         self.config = config
-        if config.has_role("worker"):
-            _check_lending_policy(config)
         self.data_dir = data_dir
         self.identity = identity
         net = config.network
@@ -208,18 +205,6 @@ class Node:
                     return found
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-
-def _check_lending_policy(config: Config) -> None:
-    """Refuse a lending policy the worker could not apply, at start-up, as a config error.
-
-    The config only checks shapes; the egress rules' own parser is the one grammar of
-    ``net_allow`` (so the two can never disagree)."""
-    try:
-        policy_of(config.worker)
-    except InvalidAllowRule as e:
-        sources = ", ".join(config.sources) or "defaults"
-        raise ConfigError(str(e), source=sources, key="worker.net_allow") from e
 
 
 @contextmanager

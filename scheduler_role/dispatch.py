@@ -12,8 +12,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable
 
-from node.errors import RemoteProtocolError
-from scheduler_role.messages import (
+from catalog.dispatch import (
     Heartbeat,
     HeartbeatAck,
     LeaseGrant,
@@ -26,6 +25,7 @@ from scheduler_role.messages import (
     WorkRequest,
     verify_report,
 )
+from node.errors import RemoteProtocolError
 from scheduler_role.queue import Queue, StopNotice
 
 log = logging.getLogger("vmlend.scheduler.dispatch")

@@ -19,12 +19,9 @@ reaches the same verdict from the same rows. Rules, in order:
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-
-import blake3
 
 from scheduler_role.lifecycle import (
     FINISHED_TASK_STATES,
@@ -35,20 +32,6 @@ from scheduler_role.lifecycle import (
     TaskState,
 )
 from scheduler_role.task import TaskSpec
-
-DIGEST_SIZE = 32
-_NO_ARCHIVE = bytes(DIGEST_SIZE)
-_DIGEST_CONTEXT = b"vmlend result digest v1\0"
-
-
-def result_digest(exit_code: int, stdout_digest: bytes, archive_id: bytes | None) -> bytes:
-    """What two results must share to agree. stderr is left out: it carries timings and noise."""
-    if len(stdout_digest) != DIGEST_SIZE:
-        raise ValueError(f"stdout digest must be {DIGEST_SIZE} bytes")
-    if archive_id is not None and len(archive_id) != DIGEST_SIZE:
-        raise ValueError(f"archive ID must be {DIGEST_SIZE} bytes")
-    packed = struct.pack(">q", exit_code) + stdout_digest + (archive_id or _NO_ARCHIVE)
-    return blake3.blake3(_DIGEST_CONTEXT + packed).digest()
 
 
 class Outcome(StrEnum):

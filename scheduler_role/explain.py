@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from catalog.caps import Caps, NetworkMode, Violation
 from scheduler_role.lifecycle import HOLDING, ReplicaState, TaskState
 from scheduler_role.matching import violations
 from scheduler_role.queue import SeenOffer, TaskStatus
-from worker_role.caps import Caps, NetworkMode
-from worker_role.policy import Violation
 
 
 def explain(

@@ -33,11 +33,11 @@ import trio
 
 from catalog.blob import BlobId, parse_blob_id
 from catalog.build.assemble import default_caps
+from catalog.dispatch import result_digest
 from catalog.errors import CatalogError, TaskFileError
 from catalog.taskfile import TaskFile, load
 from node.errors import NetworkError, RemoteProtocolError
 from node.p2p_stream import MessageStream
-from scheduler_role.end_conditions import result_digest
 from scheduler_role.errors import SchedulerError, UnknownTaskError
 from scheduler_role.explain import explain
 from scheduler_role.lifecycle import FINISHED_TASK_STATES
@@ -45,7 +45,6 @@ from scheduler_role.matching import violations
 from scheduler_role.queue import StoredResult, TaskStatus
 from scheduler_role.service import SchedulerService, has_blob
 from scheduler_role.task import Limits, TaskSpec
-from worker_role.caps import Caps, NetworkMode
 
 log = logging.getLogger("vmlend.scheduler.owners")
 
@@ -53,20 +52,6 @@ TASKS_PROTOCOL = "/vmlend/tasks/1.0.0"
 MAX_FILES = 256
 MAX_OUTPUT_INLINE = 1 << 20
 FILES_TIMEOUT = 120.0
-
-
-def caps_of(task: TaskFile) -> Caps:
-    """The caps the task is placed by: its manifest's (``default_caps``), so they agree."""
-    d = default_caps(task)
-    return Caps(
-        vcpus=d.vcpus,
-        cpu_share=d.cpu_share_milli / 1000,
-        memory_mib=d.memory_mib,
-        disk_mib=d.disk_mib,
-        disk_bps=d.disk_bps,
-        network=NetworkMode(d.network),
-        net_allow=d.net_allow,
-    )
 
 
 def spec_of(task: TaskFile, task_id: str, owner: str, now: float) -> TaskSpec:
@@ -78,7 +63,7 @@ def spec_of(task: TaskFile, task_id: str, owner: str, now: float) -> TaskSpec:
     return TaskSpec(
         task_id=task_id,
         owner=owner,
-        caps=caps_of(task),
+        caps=default_caps(task),
         limits=Limits(
             max_runtime=task.limits.max_runtime,
             deadline=absolute,
@@ -307,4 +292,4 @@ def stdout_digest(data: bytes) -> bytes:
     return blake3.blake3(data).digest()
 
 
-__all__ = ["TASKS_PROTOCOL", "OwnerApi", "caps_of", "result_digest", "spec_of", "stdout_digest"]
+__all__ = ["TASKS_PROTOCOL", "OwnerApi", "result_digest", "spec_of", "stdout_digest"]

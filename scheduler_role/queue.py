@@ -24,6 +24,16 @@ from typing import Protocol
 
 import trio
 
+from catalog.dispatch import (
+    Heartbeat,
+    HeartbeatAck,
+    LeaseGrant,
+    NoWork,
+    Offer,
+    ResultAck,
+    ResultReport,
+    ResultStatus,
+)
 from node.store import Database
 from scheduler_role import queue_ops as ops
 from scheduler_role import schema
@@ -41,20 +51,11 @@ from scheduler_role.lifecycle import (
     task_allows,
     task_step,
 )
-from scheduler_role.messages import (
-    Heartbeat,
-    HeartbeatAck,
-    LeaseGrant,
-    NoWork,
-    Offer,
-    ResultAck,
-    ResultReport,
-    ResultStatus,
-)
 from scheduler_role.queue_ops import StopNotice
 
 __all__ = ["Clock", "Queue", "SeenOffer", "StopNotice", "StoredResult", "TaskStatus", "TrioClock"]
-from scheduler_role.task import LeaseKey, TaskSpec
+from catalog.dispatch import LeaseKey
+from scheduler_role.task import TaskSpec
 
 
 class Clock(Protocol):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from catalog.caps import NetworkMode
+from catalog.dispatch import LeaseKey, Offer, ResultReport, ResultStatus
 from scheduler_role import schema
 from scheduler_role.end_conditions import Judgement, Outcome, ResultView, judge
 from scheduler_role.errors import UnknownTaskError
@@ -26,9 +28,7 @@ from scheduler_role.lifecycle import (
     task_step,
 )
 from scheduler_role.matching import offer_fits
-from scheduler_role.messages import Offer, ResultReport, ResultStatus
-from scheduler_role.task import LeaseKey, TaskSpec
-from worker_role.caps import NetworkMode
+from scheduler_role.task import TaskSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,11 +15,10 @@ import json
 import sqlite3
 from typing import Any
 
+from catalog.caps import Caps, NetworkMode
 from node.errors import LocalProtocolError, StoreError
-from scheduler_role.codec import caps_from_dict, caps_to_dict
 from scheduler_role.lifecycle import Replica, ReplicaState
 from scheduler_role.task import Limits, TaskSpec
-from worker_role.caps import NetworkMode
 
 MIGRATIONS: list[str] = [
     """
@@ -94,7 +93,7 @@ def spec_values(spec: TaskSpec) -> dict[str, Any]:
         "task_id": spec.task_id,
         "owner": spec.owner,
         "image_id": spec.image_id.hex() if spec.image_id is not None else None,
-        "caps": json.dumps(caps_to_dict(spec.caps), sort_keys=True),
+        "caps": json.dumps(spec.caps.to_wire(), sort_keys=True),
         "vcpus": spec.caps.vcpus,
         "memory_mib": spec.caps.memory_mib,
         "disk_mib": spec.caps.disk_mib,
@@ -113,7 +112,7 @@ def spec_from_row(row: sqlite3.Row | tuple[Any, ...]) -> TaskSpec:
         row[:10]
     )
     try:
-        caps = caps_from_dict(json.loads(caps_json))
+        caps = Caps.from_wire(json.loads(caps_json))
     except (LocalProtocolError, ValueError) as e:
         raise StoreError(f"task {task_id}: stored caps are invalid: {e}") from e
     return TaskSpec(

@@ -22,7 +22,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -32,6 +31,17 @@ from catalog.build.assemble import Assembler
 from catalog.build.cache import BuildCache
 from catalog.build.manifest import ImageManifest
 from catalog.build.os_tiny import BootFiles
+from catalog.dispatch import (
+    LOGS_PROTOCOL_ID,
+    LOGS_WIRE_LIMITS,
+    PROTOCOL_ID,
+    WIRE_LIMITS,
+    LeaseKey,
+    ResultReport,
+    decode_log_chunk,
+    decode_message,
+    to_dict,
+)
 from catalog.errors import CatalogError, UnknownBlobError, UnknownEntryError
 from catalog.library import Library
 from catalog.taskfile import TaskFile, load
@@ -40,22 +50,12 @@ from node.errors import NetworkError, RemoteProtocolError
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
 from scheduler_role import dispatch
-from scheduler_role.codec import lease_from_list
 from scheduler_role.lifecycle import TaskState
-from scheduler_role.messages import (
-    PROTOCOL_ID,
-    WIRE_LIMITS,
-    ResultReport,
-    decode_message,
-    to_dict,
-)
 from scheduler_role.queue import Queue, StopNotice
 from scheduler_role.ready_image import ready_manifest
-from scheduler_role.task import LeaseKey
 
 log = logging.getLogger("vmlend.scheduler.service")
 
-LOGS_PROTOCOL = "/vmlend/tasklogs/1.0.0"
 MAX_LOG_BYTES = 1 << 20  # kept per task for followers; the result holds the tail anyway
 FETCH_TIMEOUT = 60.0
 TASKS_DIR = "tasks"
@@ -150,7 +150,7 @@ class SchedulerService:
                 if status.state in (TaskState.SUBMITTED, TaskState.ASSEMBLING):
                     nursery.start_soon(self.assemble, status.spec.task_id)
             self.p2p.set_handler(PROTOCOL_ID, self._serve_dispatch, limits=WIRE_LIMITS)
-            self.p2p.set_handler(LOGS_PROTOCOL, self._serve_logs)
+            self.p2p.set_handler(LOGS_PROTOCOL_ID, self._serve_logs, limits=LOGS_WIRE_LIMITS)
             self.p2p.set_handler(TASKS_PROTOCOL, OwnerApi(self).serve)
             log.info("scheduler %s serving", self.p2p.peer_id)
             task_status.started()
@@ -266,17 +266,10 @@ class SchedulerService:
     async def _serve_logs(self, stream: MessageStream) -> None:
         stream.deadline = 3600.0  # a quiet task may print nothing for long
         async for raw in stream:
-            lease, kind, data = _decode_log(raw)
-            self.logs.setdefault(lease.task_id, LogBuffer()).add(lease, kind, data)
+            chunk = decode_log_chunk(raw)
+            self.logs.setdefault(chunk.lease.task_id, LogBuffer()).add(
+                chunk.lease, chunk.stream, chunk.data
+            )
 
     def log_buffer(self, task_id: str) -> LogBuffer:
         return self.logs.setdefault(task_id, LogBuffer())
-
-
-def _decode_log(raw: dict[str, Any]) -> tuple[LeaseKey, str, bytes]:
-    if raw.get("type") != "log" or set(raw) != {"type", "lease", "stream", "data"}:
-        raise RemoteProtocolError("expected a log frame")
-    lease = lease_from_list(raw["lease"])
-    if raw["stream"] not in ("stdout", "stderr") or not isinstance(raw["data"], bytes):
-        raise RemoteProtocolError("bad log frame")
-    return lease, str(raw["stream"]), raw["data"]

@@ -2,29 +2,26 @@
 
 The task file (``catalog.taskfile``) says much more (OS, packages, command, files); the scheduler
 only places and judges, so it keeps the image to run, the caps to run it under, the limits and the
-replication. A lease is named by :class:`LeaseKey`: the attempt number makes a lease that lapsed
-and a later lease of the same replica different names, so a late word from the first holder can
-never be taken for the second.
+replication.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
+from catalog.caps import Caps
+from catalog.dispatch import MAX_REPLICAS
+from node.wire_fields import ID_RE
 from scheduler_role.errors import InvalidTaskError
-from worker_role.caps import Caps
 
-MAX_REPLICAS = 16
 MAX_ATTEMPTS = 100
 IMAGE_ID_SIZE = 32
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def check_id(kind: str, value: object) -> str:
     """Task IDs and peer IDs: 1-128 characters of [A-Za-z0-9._:-], not starting with a symbol."""
-    if type(value) is not str or not _ID_RE.fullmatch(value):
+    if type(value) is not str or not ID_RE.fullmatch(value):
         raise InvalidTaskError(f"{kind} must be 1-128 characters of [A-Za-z0-9._:-], got {value!r}")
     return value
 
@@ -81,15 +78,3 @@ class TaskSpec:
             raise InvalidTaskError(
                 f"quorum must be in [1, replicas={self.replicas}], got {self.quorum}"
             )
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class LeaseKey:
-    """One lease: replica ``replica`` of ``task_id``, ``attempt``-th time it was leased (from 1)."""
-
-    task_id: str
-    replica: int
-    attempt: int
-
-    def __str__(self) -> str:
-        return f"{self.task_id}/{self.replica}#{self.attempt}"

@@ -8,12 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker_role.egress_errors import (
-    BadProxyRequest,
+from node.allow_rules import (
+    AllowList,
+    AllowRule,
     DestinationRefused,
     InvalidAllowRule,
-    RequestHeadTooLarge,
+    is_internal,
+    normalize_host,
 )
+from worker_role.egress_errors import BadProxyRequest, RequestHeadTooLarge
 from worker_role.egress_http import (
     ConnectRequest,
     ForwardRequest,
@@ -21,7 +24,6 @@ from worker_role.egress_http import (
     parse_request_head,
     response,
 )
-from worker_role.egress_rules import AllowList, AllowRule, is_internal, normalize_host
 from worker_role.token_bucket import TokenBucket
 
 labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True).filter(

@@ -28,12 +28,12 @@ def test_bad_lending_policy_stops_start_up_with_exit_2(
     assert not (tmp_path / "rpc.sock").exists()
 
 
-def test_the_egress_grammar_is_checked_only_for_workers(tmp_path: Path) -> None:
-    # An owner-only node never builds a lending policy, so it does not judge net_allow.
+def test_the_egress_grammar_is_the_configs_own(tmp_path: Path) -> None:
+    # One grammar for net_allow: the config parses it with the proxy's own rules, whatever the
+    # roles, so a file that one node accepts no other node refuses.
     from node.config import load_config
-    from node.daemon import Node
-    from node.identity import Identity
+    from node.errors import ConfigError
 
     (tmp_path / "node.toml").write_text('[worker]\nnet_allow = ["10.0.0.0/8"]\n')
-    config = load_config(tmp_path, {"node.roles": ["owner"]})
-    Node(config, tmp_path, Identity.load_or_create(tmp_path))
+    with pytest.raises(ConfigError, match=r"worker\.net_allow"):
+        load_config(tmp_path, {"node.roles": ["owner"]})

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from catalog.caps import Caps, NetworkMode
 from node.errors import VmlendError
-from worker_role.caps import Caps, NetworkMode
 from worker_role.policy import LendingPolicy, PolicyViolation
 
 

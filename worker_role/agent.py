@@ -34,19 +34,17 @@ import trio
 from catalog.blob import BlobId
 from catalog.blob_service import BlobService
 from catalog.build.manifest import ImageManifest, materialize
-from catalog.errors import CatalogError, UnknownBlobError
-from node.config import WorkerConfig
-from node.errors import NetworkError, ProtocolError, StreamBrokenError
-from node.identity import Identity
-from node.p2p import P2PNode
-from node.p2p_stream import MessageStream
-from scheduler_role.codec import lease_from_list, lease_to_list
-from scheduler_role.messages import (
+from catalog.caps import MIB, Caps
+from catalog.dispatch import (
+    LOGS_PROTOCOL_ID,
+    LOGS_WIRE_LIMITS,
     PROTOCOL_ID,
     WIRE_LIMITS,
     Heartbeat,
     HeartbeatAck,
     LeaseGrant,
+    LeaseKey,
+    LogChunk,
     Lost,
     Message,
     NoWork,
@@ -56,12 +54,17 @@ from scheduler_role.messages import (
     Stop,
     WorkRequest,
     decode_message,
+    lease_from_list,
+    lease_to_list,
     signed_result_bytes,
     to_dict,
 )
-from scheduler_role.service import LOGS_PROTOCOL
-from scheduler_role.task import LeaseKey
-from worker_role.caps import MIB, Caps
+from catalog.errors import CatalogError, UnknownBlobError
+from node.config import WorkerConfig
+from node.errors import NetworkError, ProtocolError, StreamBrokenError
+from node.identity import Identity
+from node.p2p import P2PNode
+from node.p2p_stream import MessageStream
 from worker_role.errors import VmError, WorkerError
 from worker_role.policy import LendingPolicy, PolicyError
 from worker_role.shares import Shares
@@ -458,10 +461,12 @@ class WorkerAgent:
         """Stream output to the scheduler; if it cannot take it, drain (the result has it)."""
         async with receive:
             try:
-                async with await self.p2p.open_stream(scheduler, LOGS_PROTOCOL) as stream:
+                async with await self.p2p.open_stream(
+                    scheduler, LOGS_PROTOCOL_ID, limits=LOGS_WIRE_LIMITS
+                ) as stream:
                     async for kind, data in receive:
-                        frame = {"stream": kind, "data": data, "lease": lease_to_list(lease)}
-                        await stream.send({"type": "log", **frame})
+                        chunk = LogChunk(lease=lease, stream=kind, data=data)
+                        await stream.send(to_dict(chunk))
             except (NetworkError, ProtocolError) as e:
                 log.info("log stream of %s: %s", lease, e)
                 async for _ in receive:

@@ -9,16 +9,6 @@ class EgressError(VmlendError):
     """Root of the egress proxy's own errors."""
 
 
-class InvalidAllowRule(EgressError, ValueError):
-    """An allow-list entry (from the lender's policy or a task's request) is malformed."""
-
-
-class DestinationRefused(EgressError):
-    """The guest asked for a destination the allow-list does not permit."""
-
-    status = 403
-
-
 class BadProxyRequest(RemoteProtocolError):
     """The guest sent a request head the proxy does not accept (the guest's fault)."""
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from node.allow_rules import normalize_host, split_host_port
 from worker_role.egress_errors import BadProxyRequest, RequestHeadTooLarge
-from worker_role.egress_rules import normalize_host, split_host_port
 
 _TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET_RE = re.compile(rb"[\x21-\x7e]+")

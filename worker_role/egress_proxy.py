@@ -2,7 +2,7 @@
 
 The guest's user-mode NIC (``restrict=on``) forwards one guest address to this proxy, which accepts
 ``CONNECT host:port`` tunnels and absolute-URI plain HTTP requests. The protocol and the rules are
-sans-IO (:mod:`worker_role.egress_http`, :mod:`worker_role.egress_rules`,
+sans-IO (:mod:`worker_role.egress_http`, :mod:`node.allow_rules`,
 :mod:`worker_role.token_bucket`); this module is the trio glue, the limits and the counters.
 """
 
@@ -18,15 +18,10 @@ from typing import Protocol
 
 import trio
 
-from worker_role.egress_errors import (
-    BadProxyRequest,
-    DestinationRefused,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from node.allow_rules import AllowList, DestinationRefused, IPAddress, parse_ip
+from worker_role.egress_errors import BadProxyRequest, UpstreamTimeout, UpstreamUnreachable
 from worker_role.egress_http import ConnectRequest, ProxyRequest, find_head_end, parse_request_head
 from worker_role.egress_http import response as http_response
-from worker_role.egress_rules import AllowList, IPAddress, parse_ip
 from worker_role.token_bucket import TokenBucket
 
 log = logging.getLogger("vmlend.worker.egress")
@@ -70,7 +65,7 @@ async def resolve(host: str, port: int) -> list[str]:
 
 class EgressProxy:
     """One VM's egress proxy. ``rate_bps`` is bytes/s for all its connections and both directions
-    together (0 = unlimited); ``allow`` entries are as in :mod:`worker_role.egress_rules`."""
+    together (0 = unlimited); ``allow`` entries are as in :mod:`node.allow_rules`."""
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from catalog.build.assemble import AssembledImage, Assembler, default_caps
 from catalog.build.cache import BuildCache, BuiltLayer, default_cache_dir
 from catalog.build.drafts import Draft, image_draft, os_draft, package_draft
-from catalog.build.manifest import BootPaths, DefaultCaps, ImageManifest, LayerRef, materialize
+from catalog.build.manifest import BootPaths, ImageManifest, LayerRef, materialize
 from catalog.build.os_tiny import BootFiles, OsBuild
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "BootPaths",
     "BuildCache",
     "BuiltLayer",
-    "DefaultCaps",
     "Draft",
     "ImageManifest",
     "LayerRef",

@@ -31,7 +31,7 @@ import trio
 from catalog.blob import BlobStore, parse_blob_id
 from catalog.build import os_debian
 from catalog.build.cache import BuildCache, BuiltLayer
-from catalog.build.manifest import DefaultCaps, ImageManifest, LayerRef
+from catalog.build.manifest import ImageManifest, LayerRef
 from catalog.build.os_tiny import BootFiles, OsBuild, build_tiny
 from catalog.build.packages import build_debian_packages, build_directory
 from catalog.build.tools import (
@@ -42,6 +42,7 @@ from catalog.build.tools import (
     tree_digest,
     write_json,
 )
+from catalog.caps import Caps, NetworkMode
 from catalog.errors import BuildError, ImageManifestError, TaskInputError, UnknownBlobError
 from catalog.taskfile import TASK_DIR, TaskFile
 
@@ -229,18 +230,18 @@ MIN_MEMORY_MIB = 32
 MIN_DISK_MIB = 1
 
 
-def default_caps(task: TaskFile) -> DefaultCaps:
-    """The task file's resources as caps, rounded up to whole MiB and clamped to the least a VM
-    can run with -- the one mapping: the scheduler places a task by these (``caps_of``) and its
-    manifest records them, so the two always agree."""
+def default_caps(task: TaskFile) -> Caps:
+    """The task file's resources as caps, rounded up to whole MiB, the share to thousandths, and
+    clamped to the least a VM can run with -- the one mapping: the scheduler places a task by
+    these and its manifest records them, so the two always agree."""
     r = task.resources
-    return DefaultCaps(
+    return Caps(
         vcpus=r.cpus,
-        cpu_share_milli=round(r.cpu_share * 1000),
+        cpu_share=round(r.cpu_share * 1000) / 1000,
         memory_mib=max(MIN_MEMORY_MIB, math.ceil(r.memory / MIB)),
         disk_mib=max(MIN_DISK_MIB, math.ceil(r.disk / MIB)),
         disk_bps=r.disk_rate,
-        network=r.network,
+        network=NetworkMode(r.network),
         net_allow=r.allow,
     )
 

@@ -27,6 +27,7 @@ import msgpack
 import trio
 
 from catalog.blob import BlobStore, parse_blob_id
+from catalog.caps import Caps, NetworkMode
 from catalog.errors import ImageManifestError
 
 VERSION = 1
@@ -34,7 +35,6 @@ MAX_MANIFEST_SIZE = 256 * 1024
 MAX_LAYERS = 16  # the guest init's disks: one per layer, plus task, scratch and result
 _HEX = re.compile(r"[0-9a-f]{64}")
 _FORMATS = ("squashfs", "erofs")
-_NETWORKS = ("none", "proxy")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,19 +45,6 @@ class LayerRef:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DefaultCaps:
-    """The task's own caps; a worker may only lower them to its lending policy, never raise."""
-
-    vcpus: int = 1
-    cpu_share_milli: int = 1000
-    memory_mib: int = 256
-    disk_mib: int = 256
-    disk_bps: int = 0
-    network: str = "none"
-    net_allow: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ImageManifest:
     os: str
     os_version: str
@@ -65,7 +52,8 @@ class ImageManifest:
     initramfs: str
     cmdline: str
     layers: tuple[LayerRef, ...]
-    caps: DefaultCaps
+    caps: Caps
+    """The task's own caps (``cpu_share`` in whole thousandths); a worker may only lower them."""
     command: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
     cwd: str
@@ -81,8 +69,9 @@ class ImageManifest:
             raise ImageManifestError("layer format must be squashfs or erofs")
         if not self.command or not self.cwd.startswith("/") or self.timeout_s < 1:
             raise ImageManifestError("a manifest needs a command, an absolute cwd, a timeout")
-        if self.caps.network not in _NETWORKS:
-            raise ImageManifestError(f"unknown network mode {self.caps.network!r}")
+        c = self.caps
+        if c.disk_iops or c.net_bps or round(c.cpu_share * 1000) != c.cpu_share * 1000:
+            raise ImageManifestError("manifest caps hold no rates but disk_bps, shares in 1/1000")
         if list(self.env) != sorted(dict(self.env).items()):
             raise ImageManifestError("env must be sorted by name, each name once")
 
@@ -98,11 +87,11 @@ class ImageManifest:
             "layers": [{"blob": x.blob, "format": x.format, "what": x.what} for x in self.layers],
             "caps": {
                 "vcpus": c.vcpus,
-                "cpu_share_milli": c.cpu_share_milli,
+                "cpu_share_milli": round(c.cpu_share * 1000),
                 "memory_mib": c.memory_mib,
                 "disk_mib": c.disk_mib,
                 "disk_bps": c.disk_bps,
-                "network": c.network,
+                "network": c.network.value,
                 "net_allow": list(c.net_allow),
             },
             "command": list(self.command),
@@ -151,13 +140,13 @@ class ImageManifest:
                 LayerRef(blob=_str(x["blob"]), what=_str(x["what"]), format=_str(x["format"]))
                 for x in raw["layers"]
             ),
-            caps=DefaultCaps(
+            caps=Caps(
                 vcpus=_int(caps["vcpus"]),
-                cpu_share_milli=_int(caps["cpu_share_milli"]),
+                cpu_share=_int(caps["cpu_share_milli"]) / 1000,
                 memory_mib=_int(caps["memory_mib"]),
                 disk_mib=_int(caps["disk_mib"]),
                 disk_bps=_int(caps["disk_bps"]),
-                network=_str(caps["network"]),
+                network=NetworkMode(_str(caps["network"])),
                 net_allow=tuple(_str(a) for a in caps["net_allow"]),
             ),
             command=tuple(_str(a) for a in raw["command"]),

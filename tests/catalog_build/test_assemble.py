@@ -23,8 +23,9 @@ from catalog.build import (
     package_draft,
 )
 from catalog.build.cli import main as cli_main
-from catalog.build.manifest import DefaultCaps, LayerRef
+from catalog.build.manifest import LayerRef
 from catalog.build.packages import merge_usr
+from catalog.caps import Caps
 from catalog.chunk_store import ChunkStore
 from catalog.entries import check_signature, decode_entry
 from catalog.errors import (
@@ -163,7 +164,7 @@ def test_manifest_refuses_tampered_and_non_canonical_bytes() -> None:
         initramfs="b" * 64,
         cmdline="console=ttyS0",
         layers=(LayerRef(blob="c" * 64, what="os tiny"),),
-        caps=DefaultCaps(),
+        caps=Caps(),
         command=("true",),
         env=(),
         cwd="/",

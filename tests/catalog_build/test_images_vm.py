@@ -32,7 +32,6 @@ from catalog.errors import PackageError
 from catalog.taskfile import load, loads
 from node.identity import Identity
 from tests.catalog_build.conftest import write_task
-from worker_role.caps import Caps, NetworkMode
 from worker_role.errors import GuestFailedError
 from worker_role.vm import Image, Layer, TaskSpec, VmResult, open_backend
 
@@ -50,17 +49,9 @@ async def boot_image(image: AssembledImage, blobs: BlobStore, into: Path) -> VmR
         layers=tuple(Layer(p) for p in paths.layers),
     )
     task = TaskSpec(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=m.timeout_s)
-    caps = Caps(
-        vcpus=m.caps.vcpus,
-        cpu_share=m.caps.cpu_share_milli / 1000,
-        memory_mib=m.caps.memory_mib,
-        disk_mib=m.caps.disk_mib,
-        disk_bps=m.caps.disk_bps,
-        network=NetworkMode(m.caps.network),
-    )
     async with open_backend(boot_allowance_s=BOOT_ALLOWANCE_S) as backend:
         try:
-            return await backend.run(vm_image, task, caps)
+            return await backend.run(vm_image, task, m.caps)
         except GuestFailedError as e:
             pytest.fail(f"{e}\n" + "\n".join(e.console_tail))
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from scheduler_role.messages import Offer, ResultReport
+from catalog.caps import Caps, NetworkMode
+from catalog.dispatch import LeaseKey, Offer, ResultReport
 from scheduler_role.queue import Queue
-from scheduler_role.task import LeaseKey, Limits, TaskSpec
-from worker_role.caps import Caps, NetworkMode
+from scheduler_role.task import Limits, TaskSpec
 
 BASE_WALL = 1_800_000_000.0
 

@@ -6,15 +6,11 @@ import dataclasses
 
 import pytest
 
-from node.errors import RemoteProtocolError
-from node.identity import Identity
-from node.wire import FrameDecoder, encode_frame
-from scheduler_role.dispatch import check_report, handle, stop_messages
-from scheduler_role.lifecycle import TaskState
-from scheduler_role.messages import (
+from catalog.dispatch import (
     WIRE_LIMITS,
     Heartbeat,
     LeaseGrant,
+    LeaseKey,
     Lost,
     Message,
     NoWork,
@@ -24,8 +20,12 @@ from scheduler_role.messages import (
     decode_message,
     to_dict,
 )
+from node.errors import RemoteProtocolError
+from node.identity import Identity
+from node.wire import FrameDecoder, encode_frame
+from scheduler_role.dispatch import check_report, handle, stop_messages
+from scheduler_role.lifecycle import TaskState
 from scheduler_role.queue import Queue, StopNotice
-from scheduler_role.task import LeaseKey
 from tests.scheduler.conftest import offer, report, spec
 
 

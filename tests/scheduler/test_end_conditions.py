@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler_role.end_conditions import Outcome, ResultView, judge, result_digest
+from catalog.dispatch import result_digest
+from scheduler_role.end_conditions import Outcome, ResultView, judge
 from scheduler_role.lifecycle import Replica, ReplicaState, TaskState
 from tests.scheduler.conftest import digest_of, spec
 

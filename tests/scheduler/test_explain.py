@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import trio
 
+from catalog.dispatch import LeaseGrant
 from scheduler_role.explain import explain
-from scheduler_role.messages import LeaseGrant
 from scheduler_role.queue import Queue, SeenOffer
 from tests.scheduler.conftest import offer, spec
 

@@ -10,12 +10,11 @@ import pytest
 import trio
 import trio.testing
 
+from catalog.dispatch import Heartbeat, LeaseGrant, LeaseKey, NoWork, verify_report
 from node.errors import StoreError
 from node.identity import Identity
 from scheduler_role.errors import UnknownTaskError
-from scheduler_role.messages import Heartbeat, LeaseGrant, NoWork, verify_report
 from scheduler_role.queue import Queue
-from scheduler_role.task import LeaseKey
 from tests.scheduler.conftest import VirtualClock, offer, report, spec
 
 

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.errors import LocalProtocolError, RemoteProtocolError
-from node.wire import FrameDecoder, encode_frame
-from scheduler_role.messages import (
+from catalog.caps import Caps, NetworkMode
+from catalog.dispatch import (
     WIRE_LIMITS,
     Heartbeat,
     HeartbeatAck,
     LeaseGrant,
+    LeaseKey,
     Lost,
     Message,
     NoWork,
@@ -29,9 +29,9 @@ from scheduler_role.messages import (
     decode_message,
     to_dict,
 )
-from scheduler_role.task import LeaseKey
+from node.errors import LocalProtocolError, RemoteProtocolError
+from node.wire import FrameDecoder, encode_frame
 from tests.scheduler.conftest import image, offer, report
-from worker_role.caps import Caps, NetworkMode
 
 DETERMINISTIC = settings(derandomize=True, deadline=None)
 

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from catalog.dispatch import Heartbeat, LeaseGrant, LeaseKey, NoWork, ResultStatus
 from scheduler_role.end_conditions import Outcome
 from scheduler_role.errors import InvalidTransition, TaskConflictError, UnknownTaskError
 from scheduler_role.lifecycle import ReplicaState, TaskState
-from scheduler_role.messages import Heartbeat, LeaseGrant, NoWork, ResultStatus
 from scheduler_role.queue import Queue, StopNotice
-from scheduler_role.task import LeaseKey
 from tests.scheduler.conftest import VirtualClock, image, offer, report, spec
 
 

@@ -18,10 +18,9 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from catalog.dispatch import Heartbeat, LeaseGrant, LeaseKey, ResultStatus
 from scheduler_role.lifecycle import FINISHED_TASK_STATES, TaskState
-from scheduler_role.messages import Heartbeat, LeaseGrant, ResultStatus
 from scheduler_role.queue import Queue
-from scheduler_role.task import LeaseKey
 from tests.scheduler.conftest import VirtualClock, offer, report, spec
 
 WORKERS = ["w0", "w1", "w2", "w3"]

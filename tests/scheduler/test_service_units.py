@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 
 from catalog.build.assemble import default_caps
+from catalog.caps import MIB, Caps
+from catalog.dispatch import LeaseKey
 from catalog.errors import TaskFileError
 from catalog.taskfile import loads
 from node.dht_records import peer_id_of
 from node.errors import RemoteProtocolError
 from node.identity import Identity
-from scheduler_role.owner_api import caps_of, spec_of
+from scheduler_role.owner_api import spec_of
 from scheduler_role.owner_cli import run_text
 from scheduler_role.owner_node import _collect_files, _tar
 from scheduler_role.service import LogBuffer, public_key_of
-from scheduler_role.task import LeaseKey
 from worker_role.agent import policy_of
-from worker_role.caps import MIB, Caps
 
 
 def test_public_key_of_a_peer_id_round_trips() -> None:
@@ -56,22 +56,20 @@ def test_task_file_maps_onto_caps_and_spec() -> None:
         '[resources]\ncpus = 2\nmemory = "300MiB"\n[limits]\nmax_runtime = "1m"\n'
         'deadline = "1h"\nmax_attempts = 5\n'
     )
-    assert caps_of(task) == Caps(vcpus=2, cpu_share=2.0, memory_mib=300, disk_mib=256)
+    assert default_caps(task) == Caps(vcpus=2, cpu_share=2.0, memory_mib=300, disk_mib=256)
     spec = spec_of(task, "x-1", "owner1", now=1000.0)
     assert (spec.replicas, spec.quorum, spec.limits.max_attempts) == (3, 2, 5)
     assert (spec.limits.max_runtime, spec.limits.deadline) == (60.0, 4600.0)
 
 
-def test_placement_and_manifest_caps_agree_for_a_tiny_task() -> None:
-    # The loader refuses such a file; a TaskFile built otherwise must still map one way.
+def test_a_tiny_task_maps_onto_the_least_a_vm_runs_with() -> None:
+    # The loader refuses such a file; a TaskFile built otherwise must still map to valid caps.
     loaded = loads('name = "x"\nos = "tiny"\ncommand = "true"\n')
     task = dataclasses.replace(
         loaded, resources=dataclasses.replace(loaded.resources, memory=16 * MIB, disk=100 * 1024)
     )
-    manifest = default_caps(task)
-    placed = caps_of(task)
-    assert (placed.memory_mib, placed.disk_mib) == (manifest.memory_mib, manifest.disk_mib)
-    assert (manifest.memory_mib, manifest.disk_mib) == (32, 1)
+    caps = default_caps(task)
+    assert (caps.memory_mib, caps.disk_mib) == (32, 1)
 
 
 def test_vmlend_run_writes_a_valid_task_file(tmp_path: Path) -> None:

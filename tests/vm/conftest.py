@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from worker_role.caps import Caps
+from catalog.caps import Caps
 from worker_role.vm import (
     Image,
     Layer,

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import trio
 
-from worker_role.caps import Caps, NetworkMode
+from catalog.caps import Caps, NetworkMode
 from worker_role.errors import CapUnsupportedError, VmSetupError
 from worker_role.policy import LendingPolicy, PolicyViolation
 from worker_role.vm import Image, TaskSpec

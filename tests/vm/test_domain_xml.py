@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker_role.caps import Caps, NetworkMode
+from catalog.caps import Caps, NetworkMode
 from worker_role.vm.domain_xml import (
     CPU_PERIOD_US,
     METADATA_NS,

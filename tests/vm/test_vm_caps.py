@@ -11,8 +11,8 @@ import psutil
 import pytest
 import trio
 
+from catalog.caps import MIB, Caps, NetworkMode
 from tests.vm.conftest import VmFactory
-from worker_role.caps import MIB, Caps, NetworkMode
 from worker_role.vm import TaskSpec
 from worker_role.vm.backend import OutputChunk
 from worker_role.vm.domain_xml import hard_limit_kib

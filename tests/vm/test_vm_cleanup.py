@@ -19,7 +19,7 @@ pytestmark = pytest.mark.vm
 HOLDER = textwrap.dedent(
     """
     import trio
-    from worker_role.caps import Caps
+    from catalog.caps import Caps
     from worker_role.vm import Image, TaskSpec, open_backend
 
     async def main():

@@ -10,8 +10,8 @@ import tarfile
 import pytest
 import trio
 
+from catalog.caps import Caps
 from tests.vm.conftest import VmFactory, collect
-from worker_role.caps import Caps
 from worker_role.errors import GuestFailedError, GuestTimeoutError
 from worker_role.vm import Layer, TaskSpec
 from worker_role.vm.backend import OUTPUT_TAIL_BYTES, OutputChunk

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 import trio
 
-from worker_role.caps import Caps
+from catalog.caps import Caps
 from worker_role.errors import GuestFailedError, VmError, VmSetupError
 from worker_role.tinyos import locate
 from worker_role.vm.domain_xml import Accel, cpu_quota_us, hard_limit_kib

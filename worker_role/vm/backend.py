@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt
 import trio
 
-from worker_role.caps import Caps, NetworkMode
+from catalog.caps import Caps, NetworkMode
 from worker_role.egress_proxy import EgressProxy, EgressStatistics
 from worker_role.errors import (
     CapUnsupportedError,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from worker_role.caps import Caps, NetworkMode
+from catalog.caps import Caps, NetworkMode
 from worker_role.vm.task import (
     LAYER_SERIAL,
     PROXY_GUEST_ADDR,

@@ -1,4 +1,7 @@
-"""The egress allow-list, sans-IO: which destinations a guest may reach through the proxy.
+"""The allow-rule grammar, sans-IO: which destinations a guest may reach through the egress proxy.
+
+The lender's config, the scheduler's matching and the worker's proxy all parse these rules, so
+the grammar lives here, below every role.
 
 Entries: ``example.org:443`` (that name, that port), ``*.debian.org:80`` (any name *under*
 debian.org, at any depth, but not debian.org itself), ``10.0.0.5:8080`` / ``[::1]:80`` (that
@@ -16,9 +19,20 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from worker_role.egress_errors import DestinationRefused, InvalidAllowRule
+from node.errors import VmlendError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class InvalidAllowRule(VmlendError, ValueError):
+    """An allow-list entry (from the lender's policy or a task's request) is malformed."""
+
+
+class DestinationRefused(VmlendError):
+    """The guest asked for a destination the allow-list does not permit."""
+
+    status = 403  # what the egress proxy answers with
+
 
 _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
 _NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")

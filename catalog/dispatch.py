@@ -1,6 +1,7 @@
-"""Messages of the dispatch protocol (``/vmlend/dispatch/1.0.0``), as frozen dataclasses.
+"""The dispatch protocol between a scheduler and its workers: the contract of the two roles.
 
-A worker keeps one control stream to each scheduler it serves and speaks first:
+A worker keeps one control stream to each scheduler it serves (``/vmlend/dispatch/1.0.0``) and
+speaks first:
 
     worker -> scheduler   WorkRequest(offer)          answered by LeaseGrant or NoWork
     worker -> scheduler   Heartbeat(leases)           answered by HeartbeatAck(stop)
@@ -8,49 +9,55 @@ A worker keeps one control stream to each scheduler it serves and speaks first:
     worker -> scheduler   Lost(leases)                (after a crash; answered by HeartbeatAck)
     scheduler -> worker   Stop(leases, reason)        (pushed when a task ends; also in the acks)
 
-They travel as msgpack maps in :mod:`node.wire` frames (use :data:`WIRE_LIMITS`). The worker's
+and streams a running lease's output on ``/vmlend/tasklogs/1.0.0`` as :class:`LogChunk` frames.
+Messages travel as msgpack maps in :mod:`node.wire` frames (use :data:`WIRE_LIMITS`). The worker's
 identity is the stream's authenticated peer ID, never a field. Building a message with a bad field
 raises :class:`LocalProtocolError` (our bug); :func:`decode_message` turns anything a peer sent that
 is malformed, unknown, has extra or missing keys, or breaks a limit into
 :class:`RemoteProtocolError`.
+
+A lease is named by :class:`LeaseKey`: the attempt number makes a lease that lapsed and a later
+lease of the same replica different names, so a late word from the first holder can never be taken
+for the second.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+import blake3
 import msgpack
 
+from catalog.caps import Caps
 from node.errors import LocalProtocolError, RemoteProtocolError
 from node.identity import verify
 from node.wire import WireLimits
-from scheduler_role.codec import (
+from node.wire_fields import (
     MAX_TEXT,
     as_bytes,
+    as_id,
     as_int,
     as_map,
     as_seconds,
     as_text,
     as_tuple,
-    caps_from_dict,
-    caps_to_dict,
     check_keys,
-    check_lease,
-    lease_from_list,
-    lease_to_list,
 )
-from scheduler_role.end_conditions import DIGEST_SIZE, result_digest
-from scheduler_role.task import LeaseKey
-from worker_role.caps import Caps
 
 PROTOCOL_ID = "/vmlend/dispatch/1.0.0"
+LOGS_PROTOCOL_ID = "/vmlend/tasklogs/1.0.0"
 MAX_LEASES = 256  # per message: far above any worker's concurrent VMs
 MAX_IMAGES = 1024  # image IDs an offer may list as already held
+MAX_REPLICAS = 16
+MAX_ATTEMPT = 2**31 - 1
+MAX_LOG_CHUNK = 64 * 1024
 SIGNATURE_SIZE = 64  # Ed25519
 ID_SIZE = 32
+DIGEST_SIZE = 32
 
 WIRE_LIMITS = WireLimits(
     max_frame_size=256 * 1024,
@@ -59,6 +66,56 @@ WIRE_LIMITS = WireLimits(
     max_str=4 * MAX_TEXT,
     max_bin=SIGNATURE_SIZE,
 )
+LOGS_WIRE_LIMITS = WireLimits(
+    max_frame_size=MAX_LOG_CHUNK + 4096, max_depth=3, max_items=16, max_str=1024,
+    max_bin=MAX_LOG_CHUNK,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class LeaseKey:
+    """One lease: replica ``replica`` of ``task_id``, ``attempt``-th time it was leased (from 1)."""
+
+    task_id: str
+    replica: int
+    attempt: int
+
+    def __str__(self) -> str:
+        return f"{self.task_id}/{self.replica}#{self.attempt}"
+
+
+def lease_to_list(lease: LeaseKey) -> list[Any]:
+    return [lease.task_id, lease.replica, lease.attempt]
+
+
+def lease_from_list(raw: object) -> LeaseKey:
+    if not isinstance(raw, list | tuple) or len(raw) != 3:
+        raise LocalProtocolError("a lease is [task, replica, attempt]")
+    return LeaseKey(
+        as_id("task", raw[0]),
+        as_int("replica", raw[1], 0, MAX_REPLICAS - 1),
+        as_int("attempt", raw[2], 1, MAX_ATTEMPT),
+    )
+
+
+def check_lease(lease: object) -> None:
+    if not isinstance(lease, LeaseKey):
+        raise LocalProtocolError("lease must be a LeaseKey")
+    lease_from_list(lease_to_list(lease))
+
+
+_NO_ARCHIVE = bytes(DIGEST_SIZE)
+_DIGEST_CONTEXT = b"vmlend result digest v1\0"
+
+
+def result_digest(exit_code: int, stdout_digest: bytes, archive_id: bytes | None) -> bytes:
+    """What two results must share to agree. stderr is left out: it carries timings and noise."""
+    if len(stdout_digest) != DIGEST_SIZE:
+        raise ValueError(f"stdout digest must be {DIGEST_SIZE} bytes")
+    if archive_id is not None and len(archive_id) != DIGEST_SIZE:
+        raise ValueError(f"archive ID must be {DIGEST_SIZE} bytes")
+    packed = struct.pack(">q", exit_code) + stdout_digest + (archive_id or _NO_ARCHIVE)
+    return blake3.blake3(_DIGEST_CONTEXT + packed).digest()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,8 +139,8 @@ class Offer:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "room": caps_to_dict(self.room),
-            "capacity": caps_to_dict(self.capacity),
+            "room": self.room.to_wire(),
+            "capacity": self.capacity.to_wire(),
             "images": sorted(self.images),
         }
 
@@ -95,8 +152,8 @@ class Offer:
             "images", value["images"], MAX_IMAGES, lambda v: as_bytes("image", v, ID_SIZE)
         )
         return cls(
-            room=caps_from_dict(value["room"]),
-            capacity=caps_from_dict(value["capacity"]),
+            room=Caps.from_wire(value["room"]),
+            capacity=Caps.from_wire(value["capacity"]),
             images=frozenset(images),
         )
 
@@ -146,7 +203,7 @@ class LeaseGrant:
         return {
             "lease": lease_to_list(self.lease),
             "image_id": self.image_id,
-            "caps": caps_to_dict(self.caps),
+            "caps": self.caps.to_wire(),
             "lease_timeout": self.lease_timeout,
             "max_runtime": self.max_runtime,
         }
@@ -159,7 +216,7 @@ class LeaseGrant:
         return cls(
             lease=lease_from_list(raw["lease"]),
             image_id=raw["image_id"],
-            caps=caps_from_dict(raw["caps"]),
+            caps=Caps.from_wire(raw["caps"]),
             lease_timeout=as_seconds("lease_timeout", raw["lease_timeout"]),
             max_runtime=as_seconds("max_runtime", raw["max_runtime"]),
         )
@@ -407,6 +464,31 @@ class ResultAck:
         return cls(lease=lease_from_list(raw["lease"]), status=status)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogChunk:
+    """Output of a running lease, on the task-log stream (worker -> scheduler, unanswered)."""
+
+    TYPE: ClassVar[str] = "log"
+    lease: LeaseKey
+    stream: str
+    data: bytes
+
+    def __post_init__(self) -> None:
+        check_lease(self.lease)
+        if self.stream not in ("stdout", "stderr"):
+            raise LocalProtocolError(f"stream must be stdout or stderr, got {self.stream!r}")
+        if type(self.data) is not bytes or len(self.data) > MAX_LOG_CHUNK:
+            raise LocalProtocolError(f"data must be <= {MAX_LOG_CHUNK} bytes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lease": lease_to_list(self.lease), "stream": self.stream, "data": self.data}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LogChunk:
+        check_keys(cls.TYPE, raw, {"lease", "stream", "data"}, _NONE)
+        return cls(lease=lease_from_list(raw["lease"]), stream=raw["stream"], data=raw["data"])
+
+
 _NONE: frozenset[str] = frozenset()
 
 Message = (
@@ -437,7 +519,7 @@ _TYPES: dict[str, Any] = {
 }
 
 
-def to_dict(message: Message) -> dict[str, Any]:
+def to_dict(message: Message | LogChunk) -> dict[str, Any]:
     """The msgpack-ready map for ``message``, with its ``type``."""
     return {"type": message.TYPE, **message.to_dict()}
 
@@ -462,3 +544,13 @@ def verify_report(report: ResultReport, public_bytes: bytes) -> bool:
     """Whether ``report`` is signed by the worker with this Ed25519 public key (the glue gets the
     key from the stream's authenticated peer ID)."""
     return verify(public_bytes, report.signed_bytes(), report.signature)
+
+
+def decode_log_chunk(raw: Mapping[str, Any]) -> LogChunk:
+    """Validate a frame of the task-log stream; :class:`RemoteProtocolError` if it is bad."""
+    if raw.get("type") != LogChunk.TYPE:
+        raise RemoteProtocolError(f"expected a log frame, got {raw.get('type')!r}")
+    try:
+        return LogChunk.from_dict({k: v for k, v in raw.items() if k != "type"})
+    except LocalProtocolError as e:
+        raise RemoteProtocolError(f"log: {e}") from None
