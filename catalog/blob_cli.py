@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from node.cli_common import EXIT_FAILURE, add_data_option, add_json_option, node_client
 from node.rpc import Notification
+from node.rpc_blocking_client import Client
 
 
-def add_blob_parser(commands: Any) -> argparse.ArgumentParser:
-    blob: argparse.ArgumentParser = commands.add_parser(
-        "blob", help="content-addressed blobs: add, fetch, list, remove"
-    )
+def add_blob_arguments(blob: argparse.ArgumentParser) -> None:
+    """Add the ``blob`` command's subcommands to its parser."""
     sub = blob.add_subparsers(dest="blob_command", metavar="SUBCOMMAND", required=True)
 
     add = sub.add_parser("add", help="store a file as a blob; prints its ID")
@@ -62,22 +62,16 @@ def add_blob_parser(commands: Any) -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="delete chunks no blob uses")
     _common(gc)
     gc.set_defaults(handler=cmd_gc)
-    return blob
 
 
 def _common(parser: argparse.ArgumentParser, json_help: str = "print JSON for scripts") -> None:
-    parser.add_argument(
-        "--data", metavar="DIR", help="data directory (default: $VMLEND_DATA or the XDG data dir)"
-    )
-    parser.add_argument("--json", action="store_true", help=json_help)
+    add_data_option(parser)
+    add_json_option(parser, help=json_help)
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from node.config import resolve_data_dir
-    from node.rpc_client import Client
-
+def _client(args: argparse.Namespace) -> Client:
     # No overall timeout: adding or fetching a large blob takes as long as it takes.
-    return Client(resolve_data_dir(args.data), timeout=None)
+    return node_client(args, timeout=None)
 
 
 def _call(args: argparse.Namespace, method: str, *params: Any) -> Any:
@@ -198,4 +192,4 @@ def cmd_check(args: argparse.Namespace) -> int:
             for name in report[key]:
                 print(f"{name}: {what}")
         print("chunk store ok" if report["ok"] else "chunk store has problems (listed above)")
-    return 0 if report["ok"] else 1
+    return 0 if report["ok"] else EXIT_FAILURE

@@ -1,8 +1,9 @@
 """``vmlend catalog ls|show|publish``: thin clients of the node's ``catalog.*`` RPC methods.
 
-``add_catalog_parser(subparsers)`` adds the ``catalog`` command to ``node.cli``'s parser. Each
-subcommand sets ``handler(args) -> int``; errors (RpcError, NodeNotRunningError) propagate to
-``node.cli.main``, which prints them and picks the exit code.
+:func:`add_catalog_arguments` fills the ``catalog`` command's parser (``node.cli`` calls it only
+when that command runs). Each subcommand sets ``handler(args) -> int``; errors (RpcError,
+NodeNotRunningError) propagate to ``node.cli_common.run_command``, which prints them and picks the
+exit code.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from catalog.entries import KINDS
-
-EXIT_USAGE = 2
+from node.cli_common import EXIT_USAGE, add_data_option, add_json_option, node_client, print_table
 
 
 def add_catalog_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
     """Add ``catalog`` (with ``ls``, ``show``, ``publish``) to an ``add_subparsers()`` object."""
-    catalog = subparsers.add_parser("catalog", help="the catalog's os/package/image/task entries")
+    catalog = subparsers.add_parser("catalog")
+    add_catalog_arguments(catalog)
+    return catalog
+
+
+def add_catalog_arguments(catalog: argparse.ArgumentParser) -> None:
+    """Add ``ls``, ``show`` and ``publish`` to the ``catalog`` command's parser."""
     sub = catalog.add_subparsers(dest="catalog_command", metavar="SUBCOMMAND", required=True)
 
     ls = sub.add_parser("ls", help="list entries")
@@ -53,21 +59,15 @@ def add_catalog_parser(
     publish.add_argument("--entry", metavar="FILE", help="an already signed entry's bytes")
     _common(publish)
     publish.set_defaults(handler=cmd_publish)
-    return catalog
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", metavar="DIR", help="data directory (default: $VMLEND_DATA or the XDG data dir)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_data_option(parser)
+    add_json_option(parser)
 
 
 def _call(args: argparse.Namespace, method: str, *params: Any) -> Any:
-    from node.config import resolve_data_dir
-    from node.rpc_client import Client
-
-    with Client(resolve_data_dir(args.data)) as client:
+    with node_client(args) as client:
         return client.call(method, *params)
 
 
@@ -96,9 +96,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         )
         for e in entries
     ]
-    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
-    for row in (header, *rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows, header)
     return 0
 
 

@@ -1,7 +1,12 @@
 """The ``vmlend`` command. ``main(argv) -> int`` so tests can call it in-process.
 
-Exit codes: 0 success, 1 a failure while doing the work, 2 bad usage or bad configuration, and for
-``vm run`` the guest command's own exit code (124 on timeout).
+Exit codes (:mod:`node.cli_common`): 0 success, 1 a failure while doing the work, 2 bad usage or
+bad configuration, and for ``vm run`` the guest command's own exit code (124 on timeout).
+
+Here the roles' commands are composed into one command line. A command defined in another module
+has its arguments added only once argparse has picked it, so that its module and what that module
+imports (the image builder, the VM backend, trio) load only for that command: ``vmlend --version``
+and ``vmlend peers`` answer without them.
 """
 
 from __future__ import annotations
@@ -10,24 +15,51 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import node
-from node.errors import ConfigError, IdentityError, RpcError, VmlendError
+from node.cli_common import (
+    AddArguments,
+    add_data_option,
+    add_json_option,
+    add_verbosity_option,
+    configure_logging,
+    data_dir,
+    node_client,
+    print_table,
+    run_command,
+)
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+if TYPE_CHECKING:
+    from catalog.build.os_tiny import BootFiles
+
+    _SubParsersAction = argparse._SubParsersAction[argparse.ArgumentParser]
+else:  # generic only to type checkers
+    _SubParsersAction = argparse._SubParsersAction
 
 
-def _data_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", metavar="DIR", help="data directory (default: $VMLEND_DATA or the XDG data dir)"
-    )
+class _CommandsAddedOnUse(_SubParsersAction):
+    """Subcommands whose arguments (and so whose modules) are added only when argparse picks one."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[str, AddArguments] = {}
 
-def _json_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    def add_command(self, name: str, *, help: str, add_arguments: AddArguments) -> None:
+        self.add_parser(name, help=help)
+        self._pending[name] = add_arguments
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if isinstance(values, list) and values and values[0] in self._pending:
+            self._pending.pop(values[0])(self.choices[values[0]])
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,51 +68,109 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lend and borrow compute as resource-capped VMs on a peer-to-peer network.",
     )
     parser.add_argument("--version", action="version", version=f"vmlend {node.__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_verbosity_option(parser)
+    commands = cast(
+        _CommandsAddedOnUse,
+        parser.add_subparsers(
+            action=_CommandsAddedOnUse, dest="command", metavar="COMMAND", required=True
+        ),
+    )
+    _add_node_commands(commands)
+    for name, help, add_arguments in _COMMANDS_OF_OTHER_MODULES:
+        commands.add_command(name, help=help, add_arguments=add_arguments)
+    return parser
 
+
+def _add_node_commands(commands: _CommandsAddedOnUse) -> None:
     node_cmd = commands.add_parser("node", help="run or inspect the local node")
     node_sub = node_cmd.add_subparsers(dest="node_command", metavar="SUBCOMMAND", required=True)
     start = node_sub.add_parser("start", help="run the node in the foreground")
-    _data_arg(start)
+    add_data_option(start)
     start.add_argument("--listen", action="append", metavar="MULTIADDR", help="repeatable")
     start.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="repeatable")
     start.add_argument("--roles", metavar="LIST", help="comma-separated: worker,scheduler,owner")
     start.set_defaults(handler=_cmd_node_start)
     info = node_sub.add_parser("info", help="this node's peer ID, addresses, roles, version")
-    _data_arg(info)
-    _json_arg(info)
+    add_data_option(info)
+    add_json_option(info)
     info.set_defaults(handler=_cmd_node_info)
 
-    peers = commands.add_parser("peers", help="peers this node is connected to")
-    _data_arg(peers)
-    _json_arg(peers)
-    peers.set_defaults(handler=_cmd_peers)
+    for name, help, handler in (
+        ("peers", "peers this node is connected to", _cmd_peers),
+        ("schedulers", "schedulers found in the DHT", _cmd_schedulers),
+        ("doctor", "check whether this machine can lend compute", _cmd_doctor),
+    ):
+        command = commands.add_parser(name, help=help)
+        add_data_option(command)
+        add_json_option(command)
+        command.set_defaults(handler=handler)
 
-    schedulers = commands.add_parser("schedulers", help="schedulers found in the DHT")
-    _data_arg(schedulers)
-    _json_arg(schedulers)
-    schedulers.set_defaults(handler=_cmd_schedulers)
 
-    doctor = commands.add_parser("doctor", help="check whether this machine can lend compute")
-    _data_arg(doctor)
-    _json_arg(doctor)
-    doctor.set_defaults(handler=_cmd_doctor)
+def _vm_arguments(parser: argparse.ArgumentParser) -> None:
+    from worker_role.vm.cli import add_vm_arguments
 
-    from catalog.blob_cli import add_blob_parser
-    from catalog.build.cli import add_image_parser
-    from catalog.cli import add_catalog_parser
-    from scheduler_role.owner_cli import add_owner_parsers
+    add_vm_arguments(parser)
+
+
+def _catalog_arguments(parser: argparse.ArgumentParser) -> None:
+    from catalog.cli import add_catalog_arguments
+
+    add_catalog_arguments(parser)
+
+
+def _blob_arguments(parser: argparse.ArgumentParser) -> None:
+    from catalog.blob_cli import add_blob_arguments
+
+    add_blob_arguments(parser)
+
+
+def _owner_arguments(command: str) -> AddArguments:
+    def add(parser: argparse.ArgumentParser) -> None:
+        from scheduler_role.owner_cli import add_owner_arguments
+
+        add_owner_arguments(command, parser)
+
+    return add
+
+
+def _image_arguments(parser: argparse.ArgumentParser) -> None:
+    from catalog.build.cli import add_image_arguments
+
+    add_image_arguments(parser, boot=_tiny_os_boot_files)
+
+
+def _tiny_os_boot_files() -> BootFiles:
+    # catalog does not import worker_role, so the tiny OS's kernel and initramfs are handed in.
     from worker_role.tinyos import locate
-    from worker_role.vm.cli import add_vm_parser
 
-    add_vm_parser(commands)
-    add_catalog_parser(commands)
-    add_blob_parser(commands)
-    add_owner_parsers(commands)
-    # catalog must not import worker_role, so the tiny OS's boot files are handed in here.
-    add_image_parser(commands, boot=locate)
-    return parser
+    return locate()
+
+
+_COMMANDS_OF_OTHER_MODULES: tuple[tuple[str, str, AddArguments], ...] = (
+    ("vm", "run commands in capped VMs on this machine", _vm_arguments),
+    ("catalog", "the catalog's os/package/image/task entries", _catalog_arguments),
+    ("blob", "content-addressed blobs: add, fetch, list, remove", _blob_arguments),
+    ("submit", "submit a task file; print its task ID", _owner_arguments("submit")),
+    (
+        "status",
+        "a task's state, or every task this node submitted",
+        _owner_arguments("status"),
+    ),
+    ("logs", "a task's output", _owner_arguments("logs")),
+    ("wait", "wait until a task is over; exit 0 if it succeeded", _owner_arguments("wait")),
+    (
+        "results",
+        "fetch a task's result: stdout, stderr, exit_code, out.tar",
+        _owner_arguments("results"),
+    ),
+    ("cancel", "cancel a task (its VMs are stopped)", _owner_arguments("cancel")),
+    (
+        "run",
+        "run CMD in a VM somewhere on the network; exit with its exit code",
+        _owner_arguments("run"),
+    ),
+    ("image", "build VM images from task files", _image_arguments),
+)
 
 
 def _start_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,44 +188,31 @@ def _start_flags(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_node_start(args: argparse.Namespace) -> int:
     import trio
 
-    from node.config import load_config, resolve_data_dir
+    from node.config import load_config
     from node.daemon import Node, serve_until_signalled
     from node.identity import Identity
 
-    data_dir = resolve_data_dir(args.data)
-    config = load_config(data_dir, _start_flags(args))
+    data = data_dir(args)
+    config = load_config(data, _start_flags(args))
     if not args.verbose:  # -v on the command line outranks the file, like every other flag
         logging.getLogger().setLevel(config.node.log_level.upper())
-    identity = Identity.load_or_create(data_dir)
-    the_node = Node(config, data_dir, identity)
+    identity = Identity.load_or_create(data)
+    the_node = Node(config, data, identity)
 
     def announce(addrs: list[str]) -> None:
         print(f"peer id: {the_node.p2p.peer_id}", flush=True)
         for addr in addrs:
             print(f"listening on {addr}", flush=True)
         print(f"roles: {','.join(the_node.roles)}", flush=True)
-        print(f"rpc: {data_dir / 'rpc.sock'}", flush=True)
+        print(f"rpc: {data / 'rpc.sock'}", flush=True)
 
     trio.run(lambda: serve_until_signalled(the_node, on_started=announce))
     print("stopped", flush=True)
     return 0
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from node.config import resolve_data_dir
-    from node.rpc_client import Client
-
-    return Client(resolve_data_dir(args.data))
-
-
-def _print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    for row in (header, *rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
-
-
 def _cmd_node_info(args: argparse.Namespace) -> int:
-    info = _client(args).call("node.info")
+    info = node_client(args).call("node.info")
     if args.json:
         print(json.dumps(info))
         return 0
@@ -150,20 +227,20 @@ def _cmd_node_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_peers(args: argparse.Namespace) -> int:
-    peers = _client(args).call("peers.list")
+    peers = node_client(args).call("peers.list")
     if args.json:
         print(json.dumps(peers))
         return 0
-    _print_table([(p["peer_id"], " ".join(p["addrs"])) for p in peers], ("PEER ID", "ADDRESSES"))
+    print_table([(p["peer_id"], " ".join(p["addrs"])) for p in peers], ("PEER ID", "ADDRESSES"))
     return 0
 
 
 def _cmd_schedulers(args: argparse.Namespace) -> int:
-    schedulers = _client(args).call("schedulers.list")
+    schedulers = node_client(args).call("schedulers.list")
     if args.json:
         print(json.dumps(schedulers))
         return 0
-    _print_table(
+    print_table(
         [(s["name"], s["peer_id"], " ".join(s["addrs"])) for s in schedulers],
         ("NAME", "PEER ID", "ADDRESSES"),
     )
@@ -172,37 +249,15 @@ def _cmd_schedulers(args: argparse.Namespace) -> int:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from node.doctor import run_doctor
+    from worker_role.vm.doctor import vm_checks
 
-    return run_doctor(args.data, as_json=args.json)
+    return run_doctor(args.data, vm_checks=vm_checks, as_json=args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    if args.verbose < 2:
-        # py-libp2p warns on every stream a peer closes early; our adapter reports what matters.
-        logging.getLogger("libp2p").setLevel(logging.ERROR)
-    handler: Callable[[argparse.Namespace], int] = args.handler
-    try:
-        return handler(args)
-    except ConfigError as e:
-        print(f"vmlend: configuration error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except IdentityError as e:
-        print(f"vmlend: identity error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except RpcError as e:
-        print(f"vmlend: {e.message} ({e.code})", file=sys.stderr)
-        return EXIT_FAILURE
-    except VmlendError as e:
-        print(f"vmlend: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ from typing import Any
 import node
 from node import config_kinds as k
 from node.config_kinds import Role
+from node.data_dir import resolve_data_dir
 from node.errors import ConfigError
 from node.units import GIB, MIB, format_duration
 
@@ -237,22 +238,6 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
 
 # The lists node.toml adds to rather than replaces (see the module docstring).
 _EXTENDED_BY_NODE_TOML = {("network", "bootstrap"), ("catalog", "trusted_publishers")}
-
-
-def resolve_data_dir(flag: str | None, *, env: Mapping[str, str] | None = None) -> Path:
-    """``--data`` > ``$VMLEND_DATA`` > ``$XDG_DATA_HOME/vmlend`` > ``~/.local/share/vmlend``.
-
-    Empty variables count as unset, and a relative ``$XDG_DATA_HOME`` is ignored, as the XDG base
-    directory spec says. The result is absolute, so a later ``chdir`` cannot move it.
-    """
-    env = os.environ if env is None else env
-    for candidate in (flag, env.get("VMLEND_DATA")):
-        if candidate:
-            return Path(candidate).expanduser().absolute()
-    xdg = env.get("XDG_DATA_HOME", "")
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "vmlend"
-    return Path("~/.local/share/vmlend").expanduser().absolute()
 
 
 def default_bootstrap_path(env: Mapping[str, str] | None = None) -> tuple[Path, bool]:

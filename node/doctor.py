@@ -2,19 +2,24 @@
 
 Every check measures rather than assumes: the accelerator is chosen by booting a probe guest (a
 /dev/kvm that opens can still be unusable, as on nested hosts), and libvirt by connecting to it.
-Exit code 0 only when the node can lend.
+Exit code 0 only when the node can lend. The VM backend's checks belong to the worker role, which
+``node`` does not import: :mod:`node.cli` hands them in.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from node.errors import ConfigError, IdentityError, VmlendError
 
 MIN_FREE_DISK = 2 * 1024**3
+
+VmChecks = Callable[[Path], Iterable[tuple[str, bool, str]]]
+"""(name, ok, detail) of each check the VM backend makes with its VM directory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,22 +61,20 @@ def _check_disk(path: Path, label: str) -> Check:
     return Check(f"disk ({label})", ok, f"{free / 1024**3:.1f} GiB free under {probe}")
 
 
-def _check_vm(vm_dir: Path) -> list[Check]:
-    from worker_role.vm.doctor import vm_checks
-
+def _check_vm(vm_dir: Path, vm_checks: VmChecks) -> list[Check]:
     try:
         return [Check(name, ok, detail) for name, ok, detail in vm_checks(vm_dir)]
     except VmlendError as e:
         return [Check("vm backend", False, str(e))]
 
 
-def run_doctor(data_flag: str | None, *, as_json: bool = False) -> int:
+def run_doctor(data_flag: str | None, *, vm_checks: VmChecks, as_json: bool = False) -> int:
     checks, data_dir, vm_dir = _check_config(data_flag)
     if data_dir is not None:
         checks.append(_check_disk(data_dir, "data"))
     if vm_dir is not None:
         checks.append(_check_disk(vm_dir, "vm"))
-        checks.extend(_check_vm(vm_dir))
+        checks.extend(_check_vm(vm_dir, vm_checks))
     can_lend = all(c.ok for c in checks)
     if as_json:
         print(json.dumps({"can_lend": can_lend, "checks": [asdict(c) for c in checks]}))

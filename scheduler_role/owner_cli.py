@@ -2,7 +2,8 @@
 
 All go through the local node's RPC (``task.*``, see :mod:`scheduler_role.owner_node`); the node
 forwards them to the scheduler holding the task. Exit codes: 0 done (or the task's own exit code for
-``run``), 1 the task failed or was cancelled, 2 bad usage.
+``run``), 1 the task failed or was cancelled, 2 bad usage. :mod:`node.cli` names the commands and
+calls :func:`add_owner_arguments` only for the one that runs.
 """
 
 from __future__ import annotations
@@ -10,52 +11,63 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node.cli_common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    AddArguments,
+    add_data_option,
+    add_json_option,
+    command_after_dashes,
+    node_client,
+)
 from node.rpc import Notification
-from node.rpc_client import Client, Result
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+from node.rpc_blocking_client import Client, Result
 
 
-def add_owner_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        parser = subparsers.add_parser(name, help=help)
-        parser.add_argument("--data", metavar="DIR", help="data directory of the local node")
-        return parser
+def add_owner_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of the owner's ``command`` (``submit``, ``status``, ...) to its parser."""
+    add_data_option(parser)
+    _ARGUMENTS[command](parser)
 
-    submit = command("submit", "submit a task file; print its task ID")
+
+def _submit_arguments(submit: argparse.ArgumentParser) -> None:
     submit.add_argument("task", type=Path, metavar="TASK.toml")
     submit.add_argument("--scheduler", metavar="PEER", help="scheduler peer ID (default: first)")
     submit.add_argument("--wait", action="store_true", help="wait until the task is over")
     submit.set_defaults(handler=cmd_submit)
 
-    status = command("status", "a task's state, or every task this node submitted")
+
+def _status_arguments(status: argparse.ArgumentParser) -> None:
     status.add_argument("task_id", nargs="?", metavar="ID")
-    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_json_option(status)
     status.set_defaults(handler=cmd_status)
 
-    logs = command("logs", "a task's output")
+
+def _logs_arguments(logs: argparse.ArgumentParser) -> None:
     logs.add_argument("task_id", metavar="ID")
     logs.add_argument("--follow", "-f", action="store_true", help="until the task is over")
     logs.set_defaults(handler=cmd_logs)
 
-    wait = command("wait", "wait until a task is over; exit 0 if it succeeded")
-    wait.add_argument("task_id", metavar="ID")
-    wait.set_defaults(handler=cmd_wait)
 
-    results = command("results", "fetch a task's result: stdout, stderr, exit_code, out.tar")
+def _task_id_argument(handler: Callable[[argparse.Namespace], int]) -> AddArguments:
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("task_id", metavar="ID")
+        parser.set_defaults(handler=handler)
+
+    return add
+
+
+def _results_arguments(results: argparse.ArgumentParser) -> None:
     results.add_argument("task_id", metavar="ID")
     results.add_argument("-o", "--out", type=Path, required=True, metavar="DIR")
     results.set_defaults(handler=cmd_results)
 
-    cancel = command("cancel", "cancel a task (its VMs are stopped)")
-    cancel.add_argument("task_id", metavar="ID")
-    cancel.set_defaults(handler=cmd_cancel)
 
-    run = command("run", "run CMD in a VM somewhere on the network; exit with its exit code")
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--cpus", type=int, default=1)
     run.add_argument("--memory", default="256MiB", metavar="SIZE")
     run.add_argument("--os", default=None, help="default tiny")
@@ -80,9 +92,8 @@ def add_owner_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _client(args: argparse.Namespace) -> Client:
-    from node.config import resolve_data_dir
-
-    return Client(resolve_data_dir(args.data), timeout=None)
+    # No timeout: a task is waited for, or its logs followed, as long as it runs.
+    return node_client(args, timeout=None)
 
 
 def submit_text(
@@ -117,7 +128,7 @@ def _print_final(status: dict[str, Any]) -> int:
     if status.get("reason"):
         line += f": {status['reason']}"
     print(line)
-    return 0 if status["state"] in ("succeeded", "done") else EXIT_FAILED
+    return 0 if status["state"] in ("succeeded", "done") else EXIT_FAILURE
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -177,7 +188,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     names = ["stdout", "stderr", "exit_code"] + (["out.tar"] if answer.get("archive") else [])
     for name in names:
         print(f"  {out / name}")
-    return 0 if answer.get("exit_code") is not None else EXIT_FAILED
+    return 0 if answer.get("exit_code") is not None else EXIT_FAILURE
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -212,9 +223,7 @@ def run_text(args: argparse.Namespace, argv: list[str]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    argv = command_after_dashes(args.argv)
     if not argv:
         print("vmlend run: no command (give it after --)", file=sys.stderr)
         return EXIT_USAGE
@@ -229,5 +238,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     code = status.get("exit_code")
     if code is None:
         print(f"vmlend run: {task_id} {status['state']}: {status.get('reason')}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_FAILURE
     return int(code)
+
+
+_ARGUMENTS: dict[str, AddArguments] = {
+    "submit": _submit_arguments,
+    "status": _status_arguments,
+    "logs": _logs_arguments,
+    "wait": _task_id_argument(cmd_wait),
+    "results": _results_arguments,
+    "cancel": _task_id_argument(cmd_cancel),
+    "run": _run_arguments,
+}

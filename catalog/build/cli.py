@@ -3,14 +3,8 @@
 Prints the image ID and, for each layer (top first), whether it was reused or built; with
 ``--publish`` also the os, package and image entries it signed into the catalog. When a node is
 running on the data dir it holds the chunk store, so the build runs inside it (``image.build``
-over the local RPC); otherwise it runs here. The lead
-wires :func:`add_image_parser` into ``node/cli.py``, handing it the tiny OS's locator (catalog
-does not import worker_role)::
-
-    from catalog.build.cli import add_image_parser
-    from worker_role.tinyos import locate
-
-    add_image_parser(commands, boot=locate)
+over the local RPC); otherwise it runs here, booting what ``boot`` locates: catalog does not
+import worker_role, so ``node.cli`` hands in the tiny OS's locator.
 
 Exit codes: 0 built, 1 the build failed, 2 the task is wrong (invalid file, unknown OS, a
 package that is not in or does not fit the OS's archive, a missing file).
@@ -35,33 +29,35 @@ from catalog.build.service import BAD_TASK_ERRORS, INVALID_TASK, build_and_publi
 from catalog.chunk_store import ChunkStore
 from catalog.service import open_catalog
 from catalog.taskfile import load
-from node.config import load_config, resolve_data_dir
+from node.cli_common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    add_data_option,
+    add_json_option,
+    data_dir,
+    node_client,
+    run_command,
+)
+from node.config import load_config
 from node.errors import RpcError, VmlendError
 from node.identity import Identity
-from node.rpc_client import Client, NodeNotRunningError
+from node.rpc_blocking_client import NodeNotRunningError
 
 CHUNKS_DIR = "chunks"
 """The chunk store under the data dir, where built blobs go."""
-EXIT_FAILED = 1
-EXIT_BAD_TASK = 2
 
 BootLocator = Callable[[], BootFiles]
 
 
-def add_image_parser(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], *, boot: BootLocator
-) -> None:
-    """Add the ``image`` command group; each command sets ``handler(args) -> int``."""
-    image = subparsers.add_parser("image", help="build VM images from task files")
+def add_image_arguments(image: argparse.ArgumentParser, *, boot: BootLocator) -> None:
+    """Add ``build`` to the ``image`` command's parser; it sets ``handler(args) -> int``."""
     sub = image.add_subparsers(dest="image_command", metavar="SUBCOMMAND", required=True)
     build = sub.add_parser(
         "build",
         help="assemble a task's VM image; print its ID and which layers were reused",
     )
     build.add_argument("task", type=Path, metavar="TASK.toml")
-    build.add_argument(
-        "--data", metavar="DIR", help="data directory (default: $VMLEND_DATA or the XDG data dir)"
-    )
+    add_data_option(build)
     build.add_argument(
         "--cache",
         type=Path,
@@ -72,7 +68,7 @@ def add_image_parser(
     build.add_argument(
         "--publish", action="store_true", help="sign its os/package/image entries into the catalog"
     )
-    build.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_json_option(build)
     build.set_defaults(handler=functools.partial(cmd_image_build, boot=boot))
 
 
@@ -80,19 +76,19 @@ def cmd_image_build(args: argparse.Namespace, *, boot: BootLocator) -> int:
     try:
         task_path = args.task.absolute()
         load(task_path)  # bad task files are refused here, before any node is involved
-        data = resolve_data_dir(args.data)
-        summary = _build_in_node(data, task_path, args.publish, args.cache)
+        summary = _build_in_node(args, task_path)
         if summary is None:
+            data = data_dir(args)
             summary = trio.run(_build_here, task_path, data, args.cache, args.publish, boot)
     except BAD_TASK_ERRORS as e:
         print(f"vmlend image build: {e}", file=sys.stderr)
-        return EXIT_BAD_TASK
+        return EXIT_USAGE
     except RpcError as e:
         print(f"vmlend image build: {e.message}", file=sys.stderr)
-        return EXIT_BAD_TASK if e.code == INVALID_TASK else EXIT_FAILED
+        return EXIT_USAGE if e.code == INVALID_TASK else EXIT_FAILURE
     except VmlendError as e:
         print(f"vmlend image build: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_FAILURE
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -100,15 +96,14 @@ def cmd_image_build(args: argparse.Namespace, *, boot: BootLocator) -> int:
     return 0
 
 
-def _build_in_node(
-    data: Path, task: Path, publish: bool, cache: Path | None
-) -> dict[str, Any] | None:
-    """The summary from the node running on ``data``, or None when no node runs there."""
-    options: dict[str, Any] = {"task": str(task), "publish": publish}
-    if cache is not None:
-        options["cache"] = str(cache.absolute())
+def _build_in_node(args: argparse.Namespace, task: Path) -> dict[str, Any] | None:
+    """The summary from the node running on the data dir, or None when no node runs there."""
+    options: dict[str, Any] = {"task": str(task), "publish": args.publish}
+    if args.cache is not None:
+        options["cache"] = str(args.cache.absolute())
     try:
-        with Client(data, timeout=None) as client:
+        # No timeout: a build takes as long as it takes.
+        with node_client(args, timeout=None) as client:
             result: dict[str, Any] = client.call("image.build", options)
     except NodeNotRunningError:
         return None
@@ -157,7 +152,6 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None, *, boot: BootLocator) -> int:
     parser = argparse.ArgumentParser(prog="vmlend")
-    add_image_parser(parser.add_subparsers(dest="command", required=True), boot=boot)
-    args = parser.parse_args(argv)
-    code: int = args.handler(args)
-    return code
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_image_arguments(commands.add_parser("image"), boot=boot)
+    return run_command(parser.parse_args(argv))

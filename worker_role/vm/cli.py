@@ -1,7 +1,8 @@
 """``vmlend vm run``: run a command in a capped tiny VM on this machine, as a lender's self-check.
 
-:func:`add_vm_parser` adds it to ``vmlend`` (in ``node/cli.py``). The exit code is the guest
-command's, 124 when it hit its time limit, 125 when the VM itself failed or was refused.
+:func:`add_vm_arguments` fills the ``vm`` command's parser (``node.cli`` calls it only when that
+command runs). The exit code is the guest command's, 124 when it hit its time limit, 125 when the
+VM itself failed or was refused.
 """
 
 from __future__ import annotations
@@ -14,19 +15,22 @@ from pathlib import Path
 
 import trio
 
+from catalog.caps import MIB, Caps, NetworkMode
+from node.cli_common import (
+    EXIT_GUEST_TIMEOUT,
+    EXIT_USAGE,
+    EXIT_VM_FAILED,
+    command_after_dashes,
+    run_command,
+)
 from node.units import parse_duration, parse_rate, parse_size
-from worker_role.caps import MIB, Caps, NetworkMode
 from worker_role.errors import GuestTimeoutError, VmError
 from worker_role.vm.backend import Image, OutputChunk, open_backend
 from worker_role.vm.task import TaskSpec
 
-EXIT_TIMEOUT = 124
-EXIT_VM_FAILED = 125
 
-
-def add_vm_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``vm`` command group; each command sets ``handler(args) -> int``."""
-    vm = subparsers.add_parser("vm", help="run commands in capped VMs on this machine")
+def add_vm_arguments(vm: argparse.ArgumentParser) -> None:
+    """Add ``run`` to the ``vm`` command's parser; it sets ``handler(args) -> int``."""
     vm_sub = vm.add_subparsers(dest="vm_command", required=True)
     run = vm_sub.add_parser(
         "run",
@@ -86,12 +90,10 @@ def _mib(text: str) -> int:
 
 
 def cmd_vm_run(args: argparse.Namespace) -> int:
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    argv = command_after_dashes(args.argv)
     if not argv:
         print("vmlend vm run: no command (give it after --)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         env = dict(item.split("=", 1) for item in args.env)
         caps = Caps(
@@ -110,7 +112,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         print(f"vmlend vm run: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return trio.run(vm_run, task, caps, args.vm_dir)
 
 
@@ -125,7 +127,7 @@ async def vm_run(task: TaskSpec, caps: Caps, vm_dir: Path | None = None) -> int:
         return result.exit_code
     except GuestTimeoutError as e:
         print(f"vmlend vm run: {e}", file=sys.stderr)
-        return EXIT_TIMEOUT
+        return EXIT_GUEST_TIMEOUT
     except VmError as e:
         print(f"vmlend vm run: {e}", file=sys.stderr)
         return EXIT_VM_FAILED
@@ -141,10 +143,9 @@ async def _print_output(receive: trio.MemoryReceiveChannel[OutputChunk]) -> None
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker_role.vm.cli")
-    add_vm_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.handler(args)
-    return code
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_vm_arguments(commands.add_parser("vm"))
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

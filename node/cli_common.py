@@ -1,0 +1,110 @@
+"""What every ``vmlend`` command shares: exit codes, common options, the local node's client.
+
+:mod:`node.cli` and the command modules of catalog and the roles take ``--data``, ``--json``, the
+client and the exit codes from here, so that an option reads and behaves the same in every
+command. Nothing heavy is imported at the top: ``vmlend --version`` loads this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from node.data_dir import resolve_data_dir
+from node.errors import ConfigError, IdentityError, RpcError, VmlendError
+
+if TYPE_CHECKING:
+    from node.rpc_blocking_client import Client
+
+EXIT_FAILURE = 1
+"""The work failed: the node refused a call, a task failed or was cancelled, a build failed."""
+EXIT_USAGE = 2
+"""Bad usage or bad configuration: a wrong flag, an invalid task file (argparse exits 2 too)."""
+EXIT_GUEST_TIMEOUT = 124
+"""``vm run``: the guest's command hit its time limit (the code ``timeout(1)`` uses)."""
+EXIT_VM_FAILED = 125
+"""``vm run``: the VM itself failed or was refused."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C: 128 + SIGINT, as shells report a command killed by it."""
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+"""Adds a command's arguments to its (sub)parser; it also sets ``handler(args) -> int``."""
+
+CALL_TIMEOUT = 30.0
+"""Seconds a command waits for the node to answer a question; commands that move data or wait
+for a task pass ``timeout=None``."""
+
+
+def add_data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", metavar="DIR", help="data directory (default: $VMLEND_DATA or the XDG data dir)"
+    )
+
+
+def add_json_option(parser: argparse.ArgumentParser, help: str = "print JSON for scripts") -> None:
+    parser.add_argument("--json", action="store_true", help=help)
+
+
+def add_verbosity_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+
+
+def configure_logging(verbosity: int) -> None:
+    """Warnings and errors; ``-v`` adds info, ``-vv`` debug and libp2p's own chatter."""
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbosity, 2),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if verbosity < 2:
+        # py-libp2p warns on every stream a peer closes early; our adapter reports what matters.
+        logging.getLogger("libp2p").setLevel(logging.ERROR)
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    """The data directory ``--data`` names, else the default (see :mod:`node.data_dir`)."""
+    return resolve_data_dir(args.data)
+
+
+def node_client(args: argparse.Namespace, *, timeout: float | None = CALL_TIMEOUT) -> Client:
+    """A blocking client of the node running on the data directory; it connects on first call."""
+    from node.rpc_blocking_client import Client
+
+    return Client(data_dir(args), timeout=timeout)
+
+
+def command_after_dashes(remainder: Sequence[str]) -> list[str]:
+    """The command of ``vmlend run -- CMD ARGS``: argparse's remainder without its ``--``."""
+    argv = list(remainder)
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    """Left-aligned columns two spaces apart, as wide as their widest cell."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the handler argparse chose (``args.handler``); a vmlend error becomes an exit code."""
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as e:
+        print(f"vmlend: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except IdentityError as e:
+        print(f"vmlend: identity error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RpcError as e:
+        print(f"vmlend: {e.message} ({e.code})", file=sys.stderr)
+        return EXIT_FAILURE
+    except VmlendError as e:
+        print(f"vmlend: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,0 +1,123 @@
+"""The ``vmlend`` command line as a whole: what it loads, and that every command still parses.
+
+Start-up time is pinned by what a command imports, not by a clock: a fresh interpreter runs the
+command, then reports ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node.cli import build_parser, main
+from node.doctor import run_doctor
+
+# Each costs tens of milliseconds or more to import; none is needed to answer these commands.
+HEAVY = (
+    "trio",
+    "libvirt",
+    "libp2p",
+    "cryptography",
+    "node.config",
+    "node.daemon",
+    "node.p2p",
+    "catalog.build",
+    "catalog.chunk_store",
+    "worker_role.vm",
+    "scheduler_role.queue",
+)
+
+RUN_AND_LIST_MODULES = """
+import json, sys
+from node.cli import main
+out, argv = sys.argv[1], sys.argv[2:]
+try:
+    main(argv)
+except SystemExit:
+    pass
+with open(out, "w") as f:
+    json.dump(sorted(sys.modules), f)
+"""
+
+
+def modules_loaded_by(argv: list[str], tmp_path: Path) -> set[str]:
+    out = tmp_path / "modules.json"
+    subprocess.run(
+        [sys.executable, "-c", RUN_AND_LIST_MODULES, str(out), *argv],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return set(json.loads(out.read_text()))
+
+
+def loaded(modules: set[str], package: str) -> set[str]:
+    return {m for m in modules if m == package or m.startswith(package + ".")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "modules_above_node"),
+    [
+        (["--version"], set()),
+        (["peers", "--data", "{data}"], set()),
+        (["status", "--data", "{data}"], {"scheduler_role", "scheduler_role.owner_cli"}),
+    ],
+    ids=["--version", "peers", "status"],
+)
+def test_quick_commands_load_only_what_they_use(
+    argv: list[str], modules_above_node: set[str], tmp_path: Path
+) -> None:
+    data = tmp_path / "no-node-here"  # so status and peers fail fast: no node is running
+    modules = modules_loaded_by([a.format(data=data) for a in argv], tmp_path)
+    assert "node.cli" in modules
+    for heavy in HEAVY:
+        assert not loaded(modules, heavy), f"vmlend {argv[0]} imported {heavy}"
+    packages_above_node = ("catalog", "scheduler_role", "worker_role")
+    assert {m for p in packages_above_node for m in loaded(modules, p)} == modules_above_node
+
+
+def test_status_and_peers_without_a_node_say_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in ("status", "peers"):
+        assert main([command, "--data", str(tmp_path)]) == 1
+        assert "no vmlend node is running" in capsys.readouterr().err
+
+
+def test_every_command_adds_its_arguments_when_chosen(capsys: pytest.CaptureFixture[str]) -> None:
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    names = list(commands.choices)
+    assert {"node", "peers", "vm", "catalog", "blob", "submit", "run", "image"} <= set(names)
+    for name in names:
+        with pytest.raises(SystemExit) as exited:
+            main([name, "--help"])
+        assert exited.value.code == 0
+        assert f"usage: vmlend {name}" in capsys.readouterr().out
+
+
+def test_an_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["lend-me-a-gpu"])
+    assert exited.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_doctor_runs_the_vm_checks_it_is_handed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asked: list[Path] = []
+
+    def vm_checks(vm_dir: Path) -> list[tuple[str, bool, str]]:
+        asked.append(vm_dir)
+        return [("fake vm", False, "not a real backend")]
+
+    assert run_doctor(str(tmp_path), vm_checks=vm_checks, as_json=True) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert len(asked) == 1
+    assert {"name": "fake vm", "ok": False, "detail": "not a real backend"} in report["checks"]
+    assert report["can_lend"] is False
