@@ -186,7 +186,7 @@ async def dht_bench(n: int, lookups: int) -> dict[str, Any]:
                 t = trio.current_time()
                 values = await me._dht.get_all(key)
                 elapsed = trio.current_time() - t
-                if me._best_record(key, values) is None:
+                if me._records.best_record(key, values) is None:
                     dht_misses += 1
                 else:
                     dht_gets.append(elapsed)

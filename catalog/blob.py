@@ -22,7 +22,8 @@ import blake3
 import msgpack
 import trio
 
-from catalog.chunk_store import Buffer, ChunkStore, GcResult, one_error
+from catalog.chunk_files import Buffer
+from catalog.chunk_store import ChunkStore, GcResult, one_error
 from catalog.chunking import (
     DEFAULT_PARAMS,
     ID_SIZE,

@@ -45,7 +45,8 @@ from catalog.blob_access import BlobAccess
 from catalog.blob_rpc import blob_param, get_options, mapped_errors, progress_dict
 from catalog.chunk_store import one_error
 from catalog.chunking import ChunkId
-from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL, ChunkFile, DataServer
+from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL
+from catalog.data_channel_server import ChunkFile, DataServer
 from catalog.errors import (
     CatalogError,
     NoProviderError,

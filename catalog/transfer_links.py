@@ -17,9 +17,10 @@ from typing import Any
 import trio
 
 from catalog.blob import BlobId
-from catalog.chunk_store import Spool
+from catalog.chunk_files import Spool
 from catalog.chunking import ChunkId, HashedChunk, SpooledChunk
-from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL, DataConnection
+from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL
+from catalog.data_channel_client import DataConnection
 from catalog.transfer_messages import (
     PROTOCOL_ID,
     WIRE_LIMITS,

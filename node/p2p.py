@@ -1,4 +1,4 @@
-"""The p2p adapter: the one place vmlend talks to py-libp2p (with ``p2p_stream`` and ``p2p_dht``).
+"""The p2p adapter: the one place vmlend talks to py-libp2p (with the other ``node.p2p_*`` modules).
 
 What it offers (see :class:`P2PNode`): a libp2p host over TCP with Noise as the only security and
 yamux as the only muxer, keyed by the node's :class:`Identity`; typed message streams with
@@ -56,11 +56,9 @@ from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from node import dht_records
-from node.dht_records import InvalidRecordError, Record, RecordNotFoundError
+from node.dht_records import Record
 from node.errors import (
     DeadlineError,
-    LocalProtocolError,
     NetworkError,
     PeerUnreachableError,
     ProtocolError,
@@ -86,6 +84,7 @@ from node.p2p_host import (
     protocol_refused,
     to_multiaddr,
 )
+from node.p2p_records import DhtRecords
 from node.p2p_stream import LIBP2P_IO_ERRORS, MessageStream
 from node.wire import DEFAULT_LIMITS, Message, WireLimits
 
@@ -158,6 +157,14 @@ class P2PNode:
             "streams_refused": 0,
         }
         self.peer_id = str(self._host.get_id())
+        self._records = DhtRecords(
+            self._dht,
+            identity,
+            self.peer_id,
+            liveness=self._liveness,
+            is_connected=self.is_connected,
+            wall_clock=wall_clock,
+        )
         self.set_handler(HEARTBEAT_PROTOCOL, self._on_heartbeat)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -370,9 +377,6 @@ class P2PNode:
             key=lambda info: info.peer_id,
         )
 
-    def _live_ids(self) -> list[ID]:
-        return [parse_peer_id(p) for p in sorted(self._liveness.live)]
-
     def _full_addrs(self, peer_id: str) -> tuple[str, ...]:
         suffix = f"/p2p/{peer_id}"
         addrs = (str(a) for a in self._addrs_of(parse_peer_id(peer_id)))
@@ -466,25 +470,13 @@ class P2PNode:
             return  # keep trying bootstrap peers: they may come back
         self._known.discard(peer_id)
 
-    # ---- DHT records -------------------------------------------------------------------------
+    # ---- DHT records and content providers (see node.p2p_records) ----------------------------
 
     async def put_record(
         self, kind: str, name: str, payload: dict[str, Any], *, ttl: float
     ) -> Record:
-        """Publish ``payload`` as this node's signed record of ``kind`` for ``ttl`` seconds, and
-        announce it in the kind's index. ``name`` must be this node's peer ID: a record's key is
-        ``/vmlend/<kind>/<publisher peer ID>`` so that no one else can write it. Republish before
-        ``ttl`` runs out to keep it alive. Stores locally and at the k closest peers."""
-        if name != self.peer_id:
-            raise LocalProtocolError(
-                f"a node publishes only under its own peer ID ({self.peer_id}), not {name!r}"
-            )
-        key, value = dht_records.make_record(
-            self.identity, kind, payload, ttl=ttl, now=self._wall_clock()
-        )
-        await self._dht.put(key, value)
-        await self._dht.provide(dht_records.index_key(kind))
-        return dht_records.parse_record(key, value, now=self._wall_clock())
+        """Publish this node's signed record of ``kind`` (:meth:`DhtRecords.put_record`)."""
+        return await self._records.put_record(kind, name, payload, ttl=ttl)
 
     async def get_record(
         self,
@@ -493,48 +485,8 @@ class P2PNode:
         *,
         timeout: float,  # noqa: ASYNC109
     ) -> Record:
-        """The newest valid record of ``kind`` published by peer ``owner``.
-
-        The owner always holds its newest record, so when we are connected to it we ask it first
-        (one stream); otherwise, or if it does not answer within a third of ``timeout``, we ask
-        the k closest peers to the key (and the owner) through the DHT.
-        Raises RecordNotFoundError (none, or only invalid copies) or DeadlineError."""
-        key = dht_records.record_key(kind, owner)
-        owner_id = parse_peer_id(owner)
-        if owner == self.peer_id:
-            mine = self._best_record(key, [v for v in [self._dht.get_local(key)] if v])
-            if mine is not None:
-                return mine
-        try:
-            with trio.fail_after(timeout):
-                also_ask: ID | None = owner_id
-                if self.is_connected(owner):
-                    also_ask = None  # asked here already
-                    with trio.move_on_after(timeout / 3):
-                        value = await self._dht.get_from(owner_id, key)
-                        direct = self._best_record(key, [value] if value else [])
-                        if direct is not None:
-                            return direct
-                values = await self._dht.get_all(key, also_ask=also_ask)
-        except trio.TooSlowError as e:
-            raise DeadlineError(f"DHT lookup of {key} took over {timeout:g}s") from e
-        best = self._best_record(key, values)
-        if best is None:
-            raise RecordNotFoundError(f"no valid record under {key}")
-        return best
-
-    def _best_record(self, key: str, values: list[bytes]) -> Record | None:
-        best: Record | None = None
-        now = self._wall_clock()
-        for value in values:
-            try:
-                record = dht_records.parse_record(key, value, now=now)
-            except InvalidRecordError as e:
-                logger.info("invalid DHT record under %s: %s", key, e)
-                continue
-            if best is None or record.issued_at > best.issued_at:
-                best = record
-        return best
+        """The newest valid record of ``kind`` by ``owner`` (:meth:`DhtRecords.get_record`)."""
+        return await self._records.get_record(kind, owner, timeout=timeout)
 
     async def find_records(
         self,
@@ -542,46 +494,16 @@ class P2PNode:
         *,
         timeout: float,  # noqa: ASYNC109
     ) -> list[Record]:
-        """Every valid record of ``kind`` whose publisher announced it in the kind's index
-        (e.g. all schedulers), within ``timeout`` in all. Raises DeadlineError if the index
-        lookup overran; records not fetched by the deadline are left out."""
-        deadline = trio.current_time() + timeout
-        try:
-            with trio.fail_at(deadline):
-                owners = await self._dht.providers(
-                    dht_records.index_key(kind), also_ask=self._live_ids()
-                )
-        except trio.TooSlowError as e:
-            raise DeadlineError(f"DHT index lookup of {kind!r} took over {timeout:g}s") from e
-        records: list[Record] = []
-
-        async def fetch(owner: str) -> None:
-            left = deadline - trio.current_time()
-            try:
-                records.append(await self.get_record(kind, owner, timeout=max(left, 0.0)))
-            except (RecordNotFoundError, DeadlineError) as e:
-                logger.debug("record %s of %s: %s", kind, owner, e)
-
-        async with trio.open_nursery() as nursery:
-            for owner in owners:
-                nursery.start_soon(fetch, owner)
-        return sorted(records, key=lambda r: r.owner)
-
-    # ---- content providers -------------------------------------------------------------------
+        """Every valid record of ``kind`` in its index (:meth:`DhtRecords.find_records`)."""
+        return await self._records.find_records(kind, timeout=timeout)
 
     async def provide(self, key: bytes, *, timeout: float) -> None:  # noqa: ASYNC109
-        """Announce in the DHT that this node holds ``key`` (a multihash; stored at the k closest
-        peers, who keep it up to 48 h). Raises DeadlineError if announcing overran."""
-        try:
-            with trio.fail_after(timeout):
-                await self._dht.provide(key.hex())
-        except trio.TooSlowError as e:
-            raise DeadlineError(f"DHT provide of {key.hex()} took over {timeout:g}s") from e
+        """Announce that this node holds ``key`` (:meth:`DhtRecords.provide`)."""
+        await self._records.provide(key, timeout=timeout)
 
     def withdraw(self, key: bytes) -> None:
-        """Stop announcing ``key``: dropped locally and never republished. Kademlia has no
-        remove, so copies at other peers live until they expire; fetchers confirm with us."""
-        self._dht.withdraw(key.hex())
+        """Stop announcing ``key`` (:meth:`DhtRecords.withdraw`)."""
+        self._records.withdraw(key)
 
     async def find_providers(
         self,
@@ -589,13 +511,5 @@ class P2PNode:
         *,
         timeout: float,  # noqa: ASYNC109
     ) -> list[str]:
-        """Peer IDs (ourselves excluded) that announced ``key``, live ones first (those that
-        answered a heartbeat within ``peer_timeout``). Raises DeadlineError on overrun."""
-        try:
-            with trio.fail_after(timeout):
-                found = await self._dht.providers(key.hex(), also_ask=self._live_ids())
-        except trio.TooSlowError as e:
-            raise DeadlineError(f"DHT provider lookup of {key.hex()} took over {timeout:g}s") from e
-        live = self._liveness.live
-        found.discard(self.peer_id)
-        return sorted(found, key=lambda p: (p not in live, p))
+        """Peers that announced ``key``, live ones first (:meth:`DhtRecords.find_providers`)."""
+        return await self._records.find_providers(key, timeout=timeout)

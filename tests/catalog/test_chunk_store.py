@@ -233,6 +233,7 @@ import os, random, sys
 from pathlib import Path
 from typing import Any
 import trio
+import catalog.chunk_files as chunk_files
 import catalog.chunk_store as cs
 
 def half_then_wait(fd, data):
@@ -245,7 +246,7 @@ def half_then_wait(fd, data):
 async def main():
     async with cs.ChunkStore.open(Path(sys.argv[1])) as store:
         await store.put(b"first" * 1000)
-        cs._write_all = half_then_wait
+        chunk_files._write_all = half_then_wait
         await store.put(random.Random(9).randbytes(200_000))
 
 trio.run(main)

@@ -14,9 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from catalog.chunk_store import Spool
+from catalog.chunk_files import Spool
 from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, SpooledChunk, hash_chunk
-from catalog.data_channel import ChunkFile, DataConnection, DataServer, TokenBook
+from catalog.data_channel import TokenBook
+from catalog.data_channel_client import DataConnection
+from catalog.data_channel_server import ChunkFile, DataServer
 from catalog.errors import MissingChunkError
 from node.errors import RemoteProtocolError, StreamBrokenError
 
