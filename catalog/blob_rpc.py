@@ -8,11 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from catalog.blob import BlobId, parse_blob_id
 from catalog.errors import (
     CatalogError,
+    FetchTimeoutError,
     FileAccessError,
     InvalidIdError,
     NoProviderError,
@@ -62,7 +61,7 @@ def mapped_errors() -> Iterator[None]:
     """Catalog and network failures as RPC errors with stable codes."""
     try:
         yield
-    except trio.TooSlowError as e:
+    except FetchTimeoutError as e:
         raise RpcError("timeout", "blob transfer did not finish in time") from e
     except InvalidIdError as e:
         raise RpcError("invalid_params", str(e)) from e

@@ -42,6 +42,7 @@ import trio
 
 from catalog.blob import BlobId, BlobStore
 from catalog.blob_access import BlobAccess
+from catalog.blob_fetch import ensure_blob
 from catalog.blob_rpc import blob_param, get_options, mapped_errors, progress_dict
 from catalog.chunk_store import one_error
 from catalog.chunking import ChunkId
@@ -285,22 +286,20 @@ class BlobService:
         blob_id: BlobId,
         *,
         sources: Sequence[str] = (),
+        ask_dht: bool | None = None,
         on_event: Callable[[Event], None] = lambda e: None,
         use_channel: bool = True,
     ) -> TransferResult:
-        """Fetch the blob's missing chunks from ``sources`` (multiaddrs) or its DHT providers."""
-        peers: list[str] = []
-        hints: dict[str, list[str]] = {}
-        held: dict[str, Held] = {}
-        for addr in sources:
-            peer = await self.p2p.connect(addr)
-            hints.setdefault(peer, []).append(addr)
-            peers.append(peer)
-        if not sources:
-            held = await self._confirmed_providers(blob_id)
-            peers = list(held)
+        """Fetch the blob's missing chunks from the peers at ``sources`` (multiaddrs) and, if
+        ``ask_dht`` (by default only when there are no sources), from its DHT providers. An
+        address that cannot be reached is left out; NoProviderError if no peer remains.
+        :func:`catalog.blob_fetch.ensure_blob` is the call for "have it here in time"."""
+        if ask_dht is None:
+            ask_dht = not sources
+        hints, held, unreachable = await self._find_peers(blob_id, sources, ask_dht)
+        peers = list(dict.fromkeys([*hints, *held]))
         if not peers:
-            raise NoProviderError(blob_id.hex(), ["<manifest>"], {})
+            raise NoProviderError(blob_id.hex(), ["<manifest>"], unreachable)
         async with one_error(), trio.open_nursery() as nursery:
             links = P2PLinks(
                 self.p2p,
@@ -330,6 +329,41 @@ class BlobService:
                         await trio.to_thread.run_sync(self.access.save)
         self.announce(blob_id)
         return result
+
+    async def _find_peers(
+        self, blob_id: BlobId, sources: Sequence[str], ask_dht: bool
+    ) -> tuple[dict[str, list[str]], dict[str, Held], dict[str, str]]:
+        """The peers to fetch from, all looked for at once: those at ``sources`` that a
+        connection reaches (with the addresses that reached them, in the order given), the
+        DHT's confirmed providers (with what each holds), and why each other address failed."""
+        reached: dict[str, str] = {}
+        unreachable: dict[str, str] = {}
+        held: dict[str, Held] = {}
+
+        async def connect(addr: str) -> None:
+            try:
+                reached[addr] = await self.p2p.connect(addr)
+            except NetworkError as e:
+                log.info("source %s of blob %s: %s", addr, blob_id.hex(), e)
+                unreachable[addr] = str(e)[:120]
+
+        async def ask() -> None:
+            try:
+                held.update(await self._confirmed_providers(blob_id))
+            except NetworkError as e:
+                log.info("providers of blob %s: %s", blob_id.hex(), e)
+                unreachable["<dht>"] = str(e)[:120]
+
+        async with trio.open_nursery() as nursery:
+            for addr in dict.fromkeys(sources):
+                nursery.start_soon(connect, addr)
+            if ask_dht:
+                nursery.start_soon(ask)
+        hints: dict[str, list[str]] = {}
+        for addr in dict.fromkeys(sources):
+            if addr in reached:
+                hints.setdefault(reached[addr], []).append(addr)
+        return hints, held, unreachable
 
     # ---- local RPC -------------------------------------------------------------------------
 
@@ -442,12 +476,19 @@ class BlobService:
             async for method, note in notes_receive:
                 await send(method, [note])
 
-        with mapped_errors(), trio.fail_after(float(options.get("timeout", 3600))):
+        sources = options.get("from", [])
+        with mapped_errors():
             async with one_error(), trio.open_nursery() as nursery:
                 nursery.start_soon(forward)
                 try:
-                    result = await self._get_complete(
-                        blob_id, options.get("from", []), on_event, options.get("channel", True)
+                    result = await ensure_blob(
+                        self,
+                        blob_id,
+                        timeout=float(options.get("timeout", 3600)),
+                        sources=sources,
+                        ask_dht=not sources,  # --from names the only peers to ask
+                        on_event=on_event,
+                        use_channel=options.get("channel", True),
                     )
                 finally:
                     notes_send.close()
@@ -463,24 +504,6 @@ class BlobService:
             "store_seconds": result.store_seconds,
             "out": out,
         }
-
-    async def _get_complete(
-        self,
-        blob_id: BlobId,
-        sources: list[str],
-        on_event: Callable[[Event], None],
-        use_channel: bool,
-    ) -> TransferResult:
-        try:
-            missing = await self.blobs.missing(blob_id)
-        except UnknownBlobError:
-            missing = None
-        if missing == []:
-            size = (await self.blobs.manifest(blob_id)).total_size
-            return TransferResult(blob_id, size, 0, size, 0, 0.0, 0.0, 0.0)
-        return await self.fetch(
-            blob_id, sources=sources, on_event=on_event, use_channel=use_channel
-        )
 
 
 def data_host_for(listen: Sequence[str]) -> str | None:

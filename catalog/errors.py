@@ -8,7 +8,7 @@ They say whose fault a failure is: the data on our disk (:class:`ChunkCorruptErr
 
 from __future__ import annotations
 
-from node.errors import VmlendError
+from node.errors import DeadlineError, VmlendError
 
 
 class CatalogError(VmlendError):
@@ -48,6 +48,16 @@ class UnknownBlobError(CatalogError):
     def __init__(self, blob_id_hex: str) -> None:
         super().__init__(f"no blob {blob_id_hex} in the store")
         self.blob_id_hex = blob_id_hex
+
+
+class BlobTooLargeError(CatalogError):
+    """A blob is larger than the caller allows reading into memory (refused unread)."""
+
+    def __init__(self, blob_id_hex: str, size: int, limit: int) -> None:
+        super().__init__(f"blob {blob_id_hex} is {size} bytes; at most {limit} may be read whole")
+        self.blob_id_hex = blob_id_hex
+        self.size = size
+        self.limit = limit
 
 
 class IncompleteBlobError(CatalogError):
@@ -110,6 +120,16 @@ class NoProviderError(TransferError):
         self.blob_id_hex = blob_id_hex
         self.missing = missing
         self.excluded = excluded
+
+
+class FetchTimeoutError(TransferError, DeadlineError):
+    """A blob was not complete within the caller's budget (its providers were too slow or
+    silent). A network error as well: no fault of ours. What arrived stays for a resume."""
+
+    def __init__(self, blob_id_hex: str, timeout: float) -> None:
+        super().__init__(f"blob {blob_id_hex} was not complete within {timeout:g} s")
+        self.blob_id_hex = blob_id_hex
+        self.timeout = timeout
 
 
 class TransferCancelledError(TransferError):

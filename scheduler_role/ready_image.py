@@ -13,16 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from pathlib import Path
-
-import trio
 
 from catalog.blob import BlobId
+from catalog.blob_fetch import ensure_blob, read_small
 from catalog.blob_service import BlobService
 from catalog.build.assemble import default_caps
-from catalog.build.manifest import ImageManifest
+from catalog.build.manifest import MAX_MANIFEST_SIZE, ImageManifest
 from catalog.entries import Entry
-from catalog.errors import ImageManifestError, UnknownBlobError, UnknownEntryError
+from catalog.errors import ImageManifestError, UnknownEntryError
 from catalog.library import Library
 from catalog.taskfile import TaskFile
 
@@ -45,7 +43,7 @@ async def resolve_image(library: Library, ref: str) -> Entry:
 
 
 async def ready_manifest(
-    library: Library, blobs: BlobService, task: TaskFile, scratch: trio.Path
+    library: Library, blobs: BlobService, task: TaskFile
 ) -> tuple[BlobId, ImageManifest]:
     """The manifest blob a task with ``image = REF`` runs, stored and verified here."""
     entry = await resolve_image(library, task.image)
@@ -54,13 +52,9 @@ async def ready_manifest(
         blob = BlobId(bytes.fromhex(str(entry.blobs["manifest"])))
     except (KeyError, ValueError):
         raise ImageManifestError(f"image entry {entry.id} names no manifest blob") from None
-    if await _missing(blobs, blob):
-        with trio.fail_after(FETCH_TIMEOUT):
-            await blobs.fetch(blob)
-    await scratch.parent.mkdir(parents=True, exist_ok=True)
-    await blobs.blobs.export(blob, Path(scratch))
-    base = ImageManifest.decode(await scratch.read_bytes(), expected_id=image_id)
-    await scratch.unlink()
+    await ensure_blob(blobs, blob, timeout=FETCH_TIMEOUT)
+    data = await read_small(blobs.blobs, blob, max_size=MAX_MANIFEST_SIZE)
+    base = ImageManifest.decode(data, expected_id=image_id)
     env = dict(base.env) | dict(task.env)
     derived = dataclasses.replace(
         base,
@@ -73,10 +67,3 @@ async def ready_manifest(
     if derived == base:
         return blob, base
     return await blobs.blobs.add_bytes(derived.encode()), derived
-
-
-async def _missing(blobs: BlobService, blob: BlobId) -> bool:
-    try:
-        return bool(await blobs.blobs.missing(blob))
-    except UnknownBlobError:
-        return True

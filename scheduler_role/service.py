@@ -26,6 +26,7 @@ from pathlib import Path
 import trio
 
 from catalog.blob import BlobId
+from catalog.blob_fetch import ensure_blob, is_complete
 from catalog.blob_service import BlobService
 from catalog.build.assemble import Assembler
 from catalog.build.cache import BuildCache
@@ -42,7 +43,7 @@ from catalog.dispatch import (
     decode_message,
     to_dict,
 )
-from catalog.errors import CatalogError, UnknownBlobError, UnknownEntryError
+from catalog.errors import CatalogError, UnknownEntryError
 from catalog.library import Library
 from catalog.taskfile import TaskFile, load
 from node import dht_records
@@ -70,11 +71,9 @@ def public_key_of(peer_id: str) -> bytes:
 
 
 async def has_blob(blobs: BlobService, blob_id: BlobId) -> bool:
-    """Whether the blob is complete in this node's store."""
-    try:
-        return not await blobs.blobs.missing(blob_id)
-    except UnknownBlobError:
-        return False
+    """Whether the blob is complete in this node's store (the owner API's name for
+    :func:`catalog.blob_fetch.is_complete`)."""
+    return await is_complete(blobs.blobs, blob_id)
 
 
 @dataclass
@@ -219,8 +218,7 @@ class SchedulerService:
         if task.image:
             if self._library is None:
                 raise UnknownEntryError("this scheduler has no catalog to find images in")
-            scratch = trio.Path(self.task_dir(task_id) / "image.manifest")
-            return await ready_manifest(self._library, self.blobs, task, scratch)
+            return await ready_manifest(self._library, self.blobs, task)
         assembler = Assembler(BuildCache(self._build_cache), self.blobs.blobs, self._boot())
         image = await assembler.assemble(task)
         return BlobId(bytes.fromhex(image.manifest_blob)), image.manifest
@@ -251,15 +249,16 @@ class SchedulerService:
                 del self._workers[worker]
 
     async def _fetch_result(self, worker: str, report: ResultReport) -> None:
-        """Copy the result's blobs from the worker before the result counts."""
+        """Copy the result's blobs here (from the worker, or any peer that has them already)
+        before the result counts; all of them within one FETCH_TIMEOUT."""
         addrs = next((list(p.addrs) for p in self.p2p.peers() if p.peer_id == worker), [])
         blobs = [report.stdout_blob, report.stderr_blob]
         if report.archive_blob is not None:
             blobs.append(report.archive_blob)
-        with trio.fail_after(FETCH_TIMEOUT):
-            for blob in blobs:
-                if not await has_blob(self.blobs, BlobId(blob)):
-                    await self.blobs.fetch(BlobId(blob), sources=addrs[:1])
+        deadline = trio.current_time() + FETCH_TIMEOUT
+        for blob in blobs:
+            left = max(0.0, deadline - trio.current_time())
+            await ensure_blob(self.blobs, BlobId(blob), sources=addrs, timeout=left)
 
     # ---- logs ----------------------------------------------------------------------------
 

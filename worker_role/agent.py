@@ -32,8 +32,9 @@ import blake3
 import trio
 
 from catalog.blob import BlobId
+from catalog.blob_fetch import ensure_blob, read_small
 from catalog.blob_service import BlobService
-from catalog.build.manifest import ImageManifest, materialize
+from catalog.build.manifest import MAX_MANIFEST_SIZE, ImageManifest, materialize
 from catalog.caps import MIB, Caps
 from catalog.dispatch import (
     LOGS_PROTOCOL_ID,
@@ -59,7 +60,7 @@ from catalog.dispatch import (
     signed_result_bytes,
     to_dict,
 )
-from catalog.errors import CatalogError, UnknownBlobError
+from catalog.errors import CatalogError
 from node.config import WorkerConfig
 from node.errors import NetworkError, ProtocolError, StreamBrokenError
 from node.identity import Identity
@@ -413,22 +414,14 @@ class WorkerAgent:
         self._poke()
 
     async def _ensure_blob(self, blob: BlobId, addrs: list[str]) -> None:
-        try:
-            if not await self.blobs.blobs.missing(blob):
-                return
-        except UnknownBlobError:
-            pass
-        with trio.fail_after(FETCH_TIMEOUT):
-            await self.blobs.fetch(blob, sources=addrs[:1])
+        """From the scheduler at ``addrs`` and every other peer that provides the blob."""
+        await ensure_blob(self.blobs, blob, sources=addrs, timeout=FETCH_TIMEOUT)
 
     async def _image(self, grant: LeaseGrant, addrs: list[str]) -> tuple[Image, ImageManifest]:
         manifest_blob = BlobId(grant.image_id)
         await self._ensure_blob(manifest_blob, addrs)
-        path = self._images_dir / f"{grant.image_id.hex()}.manifest"
-        await trio.Path(self._images_dir).mkdir(parents=True, exist_ok=True)
-        if not await trio.Path(path).exists():
-            await self.blobs.blobs.export(manifest_blob, path)
-        manifest = ImageManifest.decode(await trio.Path(path).read_bytes())
+        data = await read_small(self.blobs.blobs, manifest_blob, max_size=MAX_MANIFEST_SIZE)
+        manifest = ImageManifest.decode(data)
         for blob in (manifest.kernel, manifest.initramfs, *(x.blob for x in manifest.layers)):
             await self._ensure_blob(BlobId(bytes.fromhex(blob)), addrs)
         self._images.add(grant.image_id)

@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from catalog.blob import BlobStore, parse_blob_id
+from catalog.blob_fetch import is_complete
 from catalog.build import os_debian
 from catalog.build.cache import BuildCache, BuiltLayer
 from catalog.build.manifest import ImageManifest, LayerRef
@@ -43,7 +44,7 @@ from catalog.build.tools import (
     write_json,
 )
 from catalog.caps import Caps, NetworkMode
-from catalog.errors import BuildError, ImageManifestError, TaskInputError, UnknownBlobError
+from catalog.errors import BuildError, ImageManifestError, TaskInputError
 from catalog.taskfile import TASK_DIR, TaskFile
 
 RECIPE = "image/2"
@@ -220,10 +221,7 @@ class Assembler:
         return (await self.blobs.add_file(path)).hex()
 
     async def _has(self, blob: str) -> bool:
-        try:
-            return not await self.blobs.missing(parse_blob_id(blob))
-        except UnknownBlobError:
-            return False
+        return await is_complete(self.blobs, parse_blob_id(blob))
 
 
 MIN_MEMORY_MIB = 32

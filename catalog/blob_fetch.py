@@ -1,0 +1,102 @@
+"""What the roles do with blobs: make one complete here in time, and read a small one whole.
+
+:func:`ensure_blob` returns at once, without the network, when the blob is complete; otherwise
+it fetches the missing chunks from every provider it can find (the addresses the caller knows
+and the providers the DHT names, together) within the caller's budget, and what arrived stays
+for the next call if the budget runs out. :func:`read_small` reads a blob into memory straight
+from the chunk store after checking its declared size against the caller's limit, so a peer
+that names a huge blob costs a manifest lookup, not a read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from catalog.blob import BlobId, BlobStore
+from catalog.chunking import ChunkId
+from catalog.errors import (
+    BlobTooLargeError,
+    FetchTimeoutError,
+    IncompleteBlobError,
+    ManifestError,
+    UnknownBlobError,
+)
+from catalog.transfer import TransferResult
+from catalog.transfer_plan import Event
+
+if TYPE_CHECKING:
+    from catalog.blob_service import BlobService
+
+__all__ = ["ensure_blob", "is_complete", "read_small"]
+
+
+async def is_complete(blobs: BlobStore, blob_id: BlobId) -> bool:
+    """Whether every chunk of the blob is in the store (False for a blob it does not know)."""
+    try:
+        return not await blobs.missing(blob_id)
+    except UnknownBlobError:
+        return False
+
+
+async def ensure_blob(
+    service: BlobService,
+    blob_id: BlobId,
+    *,
+    timeout: float,  # noqa: ASYNC109 -- its overrun is a FetchTimeoutError naming the blob
+    sources: Sequence[str] = (),
+    ask_dht: bool = True,
+    on_event: Callable[[Event], None] = lambda e: None,
+    use_channel: bool = True,
+) -> TransferResult:
+    """Make the blob complete in ``service``'s store within ``timeout`` seconds.
+
+    Chunks come from the peers at ``sources`` (multiaddrs; one that cannot be reached is
+    passed over) and, unless ``ask_dht`` is false, from the providers the DHT names. Raises
+    :class:`FetchTimeoutError` when the budget runs out, NoProviderError when no peer that
+    holds the blob could be reached, another TransferError when it cannot complete."""
+    blobs = service.blobs
+    if await is_complete(blobs, blob_id):
+        size = (await blobs.manifest(blob_id)).total_size
+        return TransferResult(blob_id, size, 0, size, 0, 0.0, 0.0, 0.0)
+    with trio.move_on_after(timeout):
+        return await service.fetch(
+            blob_id,
+            sources=sources,
+            ask_dht=ask_dht,
+            on_event=on_event,
+            use_channel=use_channel,
+        )
+    raise FetchTimeoutError(blob_id.hex(), timeout)
+
+
+async def read_small(blobs: BlobStore, blob_id: BlobId, *, max_size: int) -> bytes:
+    """The blob's bytes, if it declares at most ``max_size`` of them.
+
+    The size is the one its manifest declares (which the blob ID verifies): a larger blob
+    raises :class:`BlobTooLargeError` before any chunk is read. Every chunk is verified; a
+    corrupt one is quarantined and raises ChunkCorruptError, one of another size than the
+    manifest says raises ManifestError. UnknownBlobError or IncompleteBlobError if the blob
+    is not all here."""
+    manifest = await blobs.manifest(blob_id)
+    if manifest.total_size > max_size:
+        raise BlobTooLargeError(blob_id.hex(), manifest.total_size, max_size)
+    missing = await blobs.missing(blob_id)
+    if missing:
+        raise IncompleteBlobError(blob_id.hex(), len(missing))
+    parts: dict[ChunkId, bytes] = {}
+    for ref in manifest.chunks:
+        if ref.chunk_id not in parts:
+            data = await blobs.chunks.get(ref.chunk_id, verify=True)
+            # The chunk is what its ID names; a manifest may still understate its size (a
+            # chunk already here from another blob is not fetched again), and then the
+            # declared total would not bound what is read.
+            if len(data) != ref.size:
+                raise ManifestError(
+                    f"blob {blob_id.hex()} says chunk {ref.chunk_id.hex()} has {ref.size} "
+                    f"bytes; it has {len(data)}"
+                )
+            parts[ref.chunk_id] = data
+    return b"".join(parts[ref.chunk_id] for ref in manifest.chunks)
