@@ -2,17 +2,22 @@
 
 Pull only: a scheduler asks a peer what it has and fetches what it lacks; the peer never pushes.
 IDs are grouped into 256 buckets by their first byte. A bucket's hash is blake3 of its sorted raw
-IDs, the root is blake3 of the 256 bucket hashes. One pull, as messages on one stream::
+IDs, the root is blake3 of the 256 bucket hashes. One pull, as messages on one stream (the
+messages are in :mod:`catalog.replication_messages`)::
 
-    puller -> {"type": "summary_request", "root": bin32}
-    server <- {"type": "in_sync"}                         # same root: done
-            | {"type": "summary", "buckets": [bin32] * 256}
-    puller -> {"type": "ids_request", "buckets": [int]}    # the buckets whose hashes differ
-    server <- {"type": "ids", "buckets": [[int, [bin32]]]} # a prefix of them that fits a reply
-    ...      (until every differing bucket is listed)
-    puller -> {"type": "entries_request", "ids": [bin32]}  # at most MAX_ENTRIES_PER_REQUEST
-    server <- {"type": "entries", "entries": [bin]}        # Entry.encode() of each it holds
-    ...      (until every missing ID was asked for), then the puller ends the stream.
+    puller -> SummaryRequest(root)
+    server <- InSync()                   # same root: done
+            | Summary(buckets)           # the 256 bucket hashes
+    puller -> IdsRequest(buckets)        # the buckets whose hashes differ
+    server <- Ids(buckets)               # a prefix of them that fits a reply, with their IDs
+    ...      (until every differing bucket is listed, or MAX_WANTED_PER_SESSION IDs are wanted)
+    puller -> EntriesRequest(ids)        # at most MAX_ENTRIES_PER_REQUEST
+    server <- Entries(entries)           # Entry.encode() of each it holds
+    ...      (until every wanted ID was asked for), then the puller ends the stream.
+
+A pull wants at most ``MAX_WANTED_PER_SESSION`` IDs, so a peer that lists millions of IDs costs
+the puller a bounded amount of memory; a larger gap is closed by the next pulls, each of which
+finds what the previous one stored.
 
 Nothing a peer sends is trusted: every entry must be one we asked for (its ID is the hash of its
 body, so a changed body is an entry we did not ask for), must decode canonically and must carry a
@@ -28,27 +33,35 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import Any
 
 import blake3
 
 from catalog.entries import Entry, TrustPolicy, decode_entry, entry_id, split_encoded
 from catalog.errors import EntryRuleError, InvalidEntryError, UntrustedPublisherError
-from node.errors import LocalProtocolError, RemoteProtocolError
-from node.wire import Message
+from catalog.replication_messages import (
+    BUCKETS,
+    ID_SIZE,
+    MAX_ENTRIES_PER_REQUEST,
+    MAX_IDS_PER_BUCKET,
+    MAX_IDS_PER_REPLY,
+    BucketIds,
+    Entries,
+    EntriesRequest,
+    Ids,
+    IdsRequest,
+    InSync,
+    MisbehavingPeerError,
+    Reply,
+    Request,
+    Summary,
+    SummaryRequest,
+)
+from node.errors import LocalProtocolError
 
-PROTOCOL_ID = "/vmlend/catalog-sync/1.0.0"
-BUCKETS = 256
-ID_SIZE = 32
-MAX_IDS_PER_REPLY = 16_384  # 32-byte IDs: ~0.6 MiB per frame
-MAX_ENTRIES_PER_REQUEST = 32  # at most 32 x 64 KiB bodies: ~2 MiB per frame
 MAX_MESSAGES_PER_SESSION = 10_000  # per stream (~320k entries): bounds what one peer costs us
+MAX_WANTED_PER_SESSION = 8192  # IDs one pull may hold as wanted: ~1 MiB of hex strings
 
 _EMPTY_BUCKET = blake3.blake3(b"").digest()
-
-
-class MisbehavingPeerError(RemoteProtocolError):
-    """The peer sent a forged, tampered, unrequested or malformed entry, or broke the protocol."""
 
 
 # ---- the ID index ----------------------------------------------------------------------------
@@ -105,40 +118,6 @@ class IdIndex:
         return sorted(self._buckets[bucket])
 
 
-# ---- message shapes --------------------------------------------------------------------------
-
-
-def _field(msg: Message, key: str, kind: type, what: str) -> Any:
-    value = msg.get(key)
-    if type(value) is not kind:
-        raise MisbehavingPeerError(f"{what}: {key!r} must be a {kind.__name__}")
-    return value
-
-
-def _expect(msg: Message, type_: str, keys: set[str]) -> None:
-    if msg.get("type") != type_ or set(msg) != keys | {"type"}:
-        raise MisbehavingPeerError(
-            f"expected a {type_} with keys {sorted(keys)}, got {msg.get('type')!r} "
-            f"with keys {sorted(map(str, msg))}"
-        )
-
-
-def _raw_ids(value: Any, what: str, limit: int) -> list[bytes]:
-    if type(value) is not list or len(value) > limit:
-        raise MisbehavingPeerError(f"{what}: want a list of at most {limit} IDs")
-    if not all(type(v) is bytes and len(v) == ID_SIZE for v in value):
-        raise MisbehavingPeerError(f"{what}: every ID must be {ID_SIZE} bytes")
-    return list(value)
-
-
-def _bucket_list(value: Any, what: str) -> list[int]:
-    if type(value) is not list or not 0 < len(value) <= BUCKETS:
-        raise MisbehavingPeerError(f"{what}: want 1..{BUCKETS} bucket numbers")
-    if not all(type(b) is int and 0 <= b < BUCKETS for b in value) or len(set(value)) != len(value):
-        raise MisbehavingPeerError(f"{what}: bucket numbers must be distinct ints in [0, 255]")
-    return list(value)
-
-
 # ---- the serving side ------------------------------------------------------------------------
 
 
@@ -149,40 +128,29 @@ class WantEntries:
     ids: list[str]
 
 
-def respond(msg: Message, index: IdIndex) -> Message | WantEntries:
-    """The answer to one request from a puller (raises :class:`MisbehavingPeerError`)."""
-    kind = msg.get("type")
-    if kind == "summary_request":
-        _expect(msg, "summary_request", {"root"})
-        root = _field(msg, "root", bytes, "summary_request")
-        if root == index.root():
-            return {"type": "in_sync"}
-        return {"type": "summary", "buckets": index.bucket_hashes()}
-    if kind == "ids_request":
-        _expect(msg, "ids_request", {"buckets"})
-        served: list[list[Any]] = []
+def respond(request: Request, index: IdIndex) -> Reply | WantEntries:
+    """The answer to one request from a puller."""
+    if isinstance(request, SummaryRequest):
+        if request.root == index.root():
+            return InSync()
+        return Summary(buckets=tuple(index.bucket_hashes()))
+    if isinstance(request, IdsRequest):
+        served: list[BucketIds] = []
         total = 0
-        for bucket in _bucket_list(msg["buckets"], "ids_request"):
-            ids = index.bucket_ids(bucket)
-            # Always serve at least one bucket (truncated if it alone is huge) so a pull
-            # progresses; later buckets wait for the next request.
+        for bucket in request.buckets:
+            # Always serve at least one bucket so a pull progresses; later buckets wait for the
+            # next request.
+            ids = index.bucket_ids(bucket)[:MAX_IDS_PER_BUCKET]
             if served and total + len(ids) > MAX_IDS_PER_REPLY:
                 break
-            ids = ids[:MAX_IDS_PER_REPLY]
-            served.append([bucket, ids])
+            served.append(BucketIds(bucket=bucket, ids=tuple(ids)))
             total += len(ids)
-        return {"type": "ids", "buckets": served}
-    if kind == "entries_request":
-        _expect(msg, "entries_request", {"ids"})
-        raw = _raw_ids(msg["ids"], "entries_request", MAX_ENTRIES_PER_REQUEST)
-        return WantEntries([r.hex() for r in raw])
-    raise MisbehavingPeerError(f"unexpected request {kind!r}")
+        return Ids(buckets=tuple(served))
+    return WantEntries([raw.hex() for raw in request.ids])
 
 
-def entries_reply(encoded: Sequence[bytes]) -> Message:
-    if len(encoded) > MAX_ENTRIES_PER_REQUEST:
-        raise LocalProtocolError(f"{len(encoded)} entries > {MAX_ENTRIES_PER_REQUEST} per reply")
-    return {"type": "entries", "entries": list(encoded)}
+def entries_reply(encoded: Sequence[bytes]) -> Entries:
+    return Entries(entries=tuple(encoded))
 
 
 # ---- the pulling side ------------------------------------------------------------------------
@@ -198,88 +166,82 @@ class _State(Enum):
 
 @dataclass(slots=True)
 class PullSession:
-    """One pull from one peer. ``start()``, then feed each reply to ``receive()`` and send what
-    it returns until it returns None. Afterwards ``admitted`` holds the entries to insert (each
-    decoded, hash-checked, signature-checked and trusted) and ``refused`` maps the IDs of
-    well-signed entries from untrusted publishers to the reason. ``skip``: IDs not to fetch
-    (refused before)."""
+    """One pull from one peer. ``start()``, then feed each decoded reply to ``receive()`` and
+    send what it returns until it returns None. Afterwards ``admitted`` holds the entries to
+    insert (each decoded, hash-checked, signature-checked and trusted) and ``refused`` maps the
+    IDs of well-signed entries from untrusted publishers to the reason. ``skip``: IDs not to
+    fetch (refused before). At most ``max_wanted`` IDs are wanted in one pull."""
 
     local: IdIndex
     policy: TrustPolicy
     skip: Container[str] = frozenset()
+    max_wanted: int = MAX_WANTED_PER_SESSION
     admitted: list[Entry] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     _state: _State = _State.IDLE
     _pending_buckets: list[int] = field(default_factory=list)
     _missing: list[str] = field(default_factory=list)
-    _asked: set[str] = field(default_factory=set)
+    _wanted: set[str] = field(default_factory=set)  # every ID this pull has asked or will ask for
     _in_flight: list[str] = field(default_factory=list)  # IDs of the entries_request out
 
     @property
     def done(self) -> bool:
         return self._state is _State.DONE
 
-    def start(self) -> Message:
+    @property
+    def wanted(self) -> int:
+        """How many IDs this pull has wanted so far (at most ``max_wanted``)."""
+        return len(self._wanted)
+
+    def start(self) -> SummaryRequest:
         if self._state is not _State.IDLE:
             raise LocalProtocolError("a pull session starts once")
         self._state = _State.SUMMARY
-        return {"type": "summary_request", "root": self.local.root()}
+        return SummaryRequest(root=self.local.root())
 
-    def receive(self, msg: Message) -> Message | None:
+    def receive(self, reply: Reply) -> Request | None:
         """The next request to send, or None when the pull is complete."""
-        if self._state is _State.SUMMARY:
-            return self._on_summary(msg)
-        if self._state is _State.IDS:
-            return self._on_ids(msg)
-        if self._state is _State.ENTRIES:
-            return self._on_entries(msg)
-        raise LocalProtocolError(f"receive() in state {self._state.name}")
+        if self._state is _State.SUMMARY and isinstance(reply, InSync):
+            self._finish()
+            return None
+        if self._state is _State.SUMMARY and isinstance(reply, Summary):
+            return self._on_summary(reply)
+        if self._state is _State.IDS and isinstance(reply, Ids):
+            return self._on_ids(reply)
+        if self._state is _State.ENTRIES and isinstance(reply, Entries):
+            return self._on_entries(reply)
+        if self._state in (_State.IDLE, _State.DONE):
+            raise LocalProtocolError(f"receive() in state {self._state.name}")
+        raise MisbehavingPeerError(
+            f"unexpected {reply.TYPE} while waiting for {self._state.name.lower()}"
+        )
 
-    def _on_summary(self, msg: Message) -> Message | None:
-        if msg.get("type") == "in_sync":
-            _expect(msg, "in_sync", set())
-            return self._finish()
-        _expect(msg, "summary", {"buckets"})
-        theirs = msg["buckets"]
-        if type(theirs) is not list or len(theirs) != BUCKETS:
-            raise MisbehavingPeerError(f"summary: want {BUCKETS} bucket hashes")
-        self._pending_buckets = [b for b, h in enumerate(theirs) if h != self.local.bucket_hash(b)]
+    def _on_summary(self, summary: Summary) -> Request | None:
+        self._pending_buckets = [
+            b for b, h in enumerate(summary.buckets) if h != self.local.bucket_hash(b)
+        ]
         return self._next()
 
-    def _on_ids(self, msg: Message) -> Message | None:
-        _expect(msg, "ids", {"buckets"})
-        served = msg["buckets"]
-        if type(served) is not list or not served:
-            raise MisbehavingPeerError("ids: want a non-empty list of [bucket, ids]")
-        listed = 0
-        for item in served:
-            if type(item) is not list or len(item) != 2 or type(item[0]) is not int:
-                raise MisbehavingPeerError("ids: each item must be [bucket, ids]")
-            bucket = item[0]
-            if bucket not in self._pending_buckets:
-                raise MisbehavingPeerError(f"ids: bucket {bucket} was not asked for")
-            self._pending_buckets.remove(bucket)
-            raw_ids = _raw_ids(item[1], "ids", MAX_IDS_PER_REPLY - listed)
-            listed += len(raw_ids)
-            for raw in raw_ids:
-                if raw[0] != bucket:
-                    raise MisbehavingPeerError(f"ids: {raw.hex()} is not in bucket {bucket}")
-                entry_id = raw.hex()
-                if entry_id in self.local or entry_id in self.skip or entry_id in self._asked:
+    def _on_ids(self, ids: Ids) -> Request | None:
+        for listed in ids.buckets:
+            if listed.bucket not in self._pending_buckets:
+                raise MisbehavingPeerError(f"ids: bucket {listed.bucket} was not asked for")
+            self._pending_buckets.remove(listed.bucket)
+            for raw in listed.ids:
+                if len(self._wanted) >= self.max_wanted:
+                    break  # the rest waits for a later pull, once these are stored
+                wanted = raw.hex()
+                if wanted in self.local or wanted in self.skip or wanted in self._wanted:
                     continue
-                self._asked.add(entry_id)
-                self._missing.append(entry_id)
+                self._wanted.add(wanted)
+                self._missing.append(wanted)
         return self._next()
 
-    def _on_entries(self, msg: Message) -> Message | None:
-        _expect(msg, "entries", {"entries"})
-        encoded = msg["entries"]
-        if type(encoded) is not list or len(encoded) > len(self._in_flight):
+    def _on_entries(self, reply: Entries) -> Request | None:
+        if len(reply.entries) > len(self._in_flight):
             raise MisbehavingPeerError("entries: more entries than were asked for")
         seen: set[str] = set()
-        for data in encoded:
-            if type(data) is not bytes:
-                raise MisbehavingPeerError("entries: each entry must be bytes")
+        for data in reply.entries:
             try:
                 body, _ = split_encoded(data)
             except InvalidEntryError as e:
@@ -310,18 +272,19 @@ class PullSession:
             self.admitted.append(entry)
         return self._next()
 
-    def _next(self) -> Message | None:
-        if self._pending_buckets:
+    def _next(self) -> Request | None:
+        if self._pending_buckets and len(self._wanted) < self.max_wanted:
             self._state = _State.IDS
-            return {"type": "ids_request", "buckets": list(self._pending_buckets)}
+            return IdsRequest(buckets=tuple(self._pending_buckets))
+        self._pending_buckets = []
         if self._missing:
             self._state = _State.ENTRIES
             self._in_flight = self._missing[:MAX_ENTRIES_PER_REQUEST]
             del self._missing[:MAX_ENTRIES_PER_REQUEST]
-            return {"type": "entries_request", "ids": [bytes.fromhex(i) for i in self._in_flight]}
-        return self._finish()
+            return EntriesRequest(ids=tuple(bytes.fromhex(i) for i in self._in_flight))
+        self._finish()
+        return None
 
-    def _finish(self) -> Message | None:
+    def _finish(self) -> None:
         self._state = _State.DONE
         self._in_flight = []
-        return None

@@ -16,28 +16,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import trio
 
 from catalog.library import Library
 from catalog.replication import (
     MAX_MESSAGES_PER_SESSION,
-    PROTOCOL_ID,
-    MisbehavingPeerError,
     PullSession,
     WantEntries,
     entries_reply,
     respond,
 )
+from catalog.replication_messages import (
+    PROTOCOL_ID,
+    REPLIES,
+    REQUESTS,
+    WIRE_LIMITS,
+    MisbehavingPeerError,
+    Request,
+    decode_reply,
+    decode_request,
+)
+from catalog.scheduler_record import SchedulerDirectory
 from node.errors import NetworkError, RemoteProtocolError
 from node.p2p import P2PNode, UnsupportedProtocolError
 from node.p2p_stream import MessageStream
-from node.wire import Message
 
 log = logging.getLogger("vmlend.catalog.replication")
 
-SCHEDULER_RECORD_KIND = "scheduler"  # as advertised by node.daemon
 MAX_REMEMBERED_REFUSALS = 100_000
 
 
@@ -69,6 +75,7 @@ class ReplicationService:
         self.max_backoff = max_backoff
         self._limiter = trio.CapacityLimiter(max_concurrent_pulls)
         self._extra_peers = extra_peers
+        self._directory = SchedulerDirectory(p2p)
         self._schedulers: set[str] = set()
         self._banned_until: dict[str, float] = {}
         self._retry_at: dict[str, float] = {}  # not serving the protocol, or failing: back off
@@ -82,7 +89,7 @@ class ReplicationService:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.p2p.set_handler(PROTOCOL_ID, self._serve)
+        self.p2p.set_handler(PROTOCOL_ID, self._serve, limits=WIRE_LIMITS)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._discover_loop)
             task_status.started()
@@ -156,13 +163,11 @@ class ReplicationService:
         while True:
             with trio.move_on_after(self.discover_interval):
                 try:
-                    records = await self.p2p.find_records(
-                        SCHEDULER_RECORD_KIND, timeout=self.discover_interval
-                    )
+                    found = await self._directory.find(timeout=self.discover_interval)
                 except NetworkError as e:
                     log.debug("finding schedulers: %s", e)
                 else:
-                    self._schedulers = {r.owner for r in records} - {self.p2p.peer_id}
+                    self._schedulers = {s.peer_id for s in found} - {self.p2p.peer_id}
             await trio.sleep(self.discover_interval)
 
     # ---- pulling -----------------------------------------------------------------------------
@@ -208,15 +213,15 @@ class ReplicationService:
         self._stats["pulls"] += 1
         session = PullSession(self.library.index, self.library.policy, skip=self._refused)
         stored = 0
-        async with await self.p2p.open_stream(peer_id, PROTOCOL_ID) as stream:
-            request: Message | None = session.start()
+        async with await self.p2p.open_stream(peer_id, PROTOCOL_ID, limits=WIRE_LIMITS) as stream:
+            request: Request | None = session.start()
             while request is not None:
-                await stream.send(request)
+                await stream.send(REQUESTS.encode(request))
                 try:
                     reply = await stream.receive()
                 except trio.EndOfChannel:
                     raise RemoteProtocolError(f"{peer_id} ended the catalog sync early") from None
-                request = session.receive(reply)
+                request = session.receive(decode_reply(reply))
                 stored += await self._store(peer_id, session)
             await stream.send_end()
         return stored
@@ -260,9 +265,9 @@ class ReplicationService:
             count += 1
             if count > MAX_MESSAGES_PER_SESSION:
                 raise MisbehavingPeerError(f"more than {MAX_MESSAGES_PER_SESSION} requests")
-            answer: Any = respond(msg, self.library.index)
+            answer = respond(decode_request(msg), self.library.index)
             if isinstance(answer, WantEntries):
                 encoded = await self.library.get_encoded(answer.ids)
                 self._stats["served"] += len(encoded)
                 answer = entries_reply(encoded)
-            await stream.send(answer)
+            await stream.send(REPLIES.encode(answer))

@@ -11,15 +11,19 @@ from hypothesis import strategies as st
 from catalog import entries as entries_module
 from catalog.entries import Entry, TrustPolicy
 from catalog.errors import InvalidEntryError
-from catalog.replication import (
+from catalog.replication import IdIndex, PullSession, WantEntries, entries_reply, respond
+from catalog.replication_messages import (
     BUCKETS,
     MAX_ENTRIES_PER_REQUEST,
-    IdIndex,
+    REPLIES,
+    REQUESTS,
+    IdsRequest,
     MisbehavingPeerError,
-    PullSession,
-    WantEntries,
-    entries_reply,
-    respond,
+    Reply,
+    Request,
+    SummaryRequest,
+    decode_reply,
+    decode_request,
 )
 from node.wire import FrameDecoder, Message, encode_frame
 from tests.catalog_entries.helpers import OTHER_PUBLISHER, PUBLISHER, package_entry, tampered
@@ -43,15 +47,17 @@ class Side:
         self.entries = {e.id: e for e in entries}
         self.index = IdIndex(self.entries)
 
-    def serve(self, msg: Message) -> Message:
-        answer = respond(wire(msg), self.index)
+    def serve(self, request: Request) -> Reply:
+        answer = respond(decode_request(wire(REQUESTS.encode(request))), self.index)
         if isinstance(answer, WantEntries):
             answer = entries_reply([self.entries[i].encode() for i in answer.ids])
-        return wire(answer)
+        return decode_reply(wire(REPLIES.encode(answer)))
 
-    def pull(self, server: Side, *, skip: set[str] | None = None) -> tuple[PullSession, int]:
-        session = PullSession(self.index, POLICY, skip=skip or set())
-        request: Message | None = session.start()
+    def pull(
+        self, server: Side, *, skip: set[str] | None = None, **options: Any
+    ) -> tuple[PullSession, int]:
+        session = PullSession(self.index, POLICY, skip=skip or set(), **options)
+        request: Request | None = session.start()
         rounds = 0
         while request is not None:
             rounds += 1
@@ -107,11 +113,11 @@ class Forger(Side):
         super().__init__(entries)
         self.forge = forge
 
-    def serve(self, msg: Message) -> Message:
-        answer = respond(wire(msg), self.index)
+    def serve(self, request: Request) -> Reply:
+        answer = respond(decode_request(wire(REQUESTS.encode(request))), self.index)
         if isinstance(answer, WantEntries):
             answer = entries_reply([self.forge(self.entries[i]).encode() for i in answer.ids])
-        return wire(answer)
+        return decode_reply(wire(REPLIES.encode(answer)))
 
 
 @pytest.mark.parametrize(
@@ -140,45 +146,52 @@ def test_a_forged_or_tampered_entry_never_enters_and_the_peer_is_misbehaving(
     [
         {"type": "summary", "buckets": []},
         {"type": "summary", "buckets": [b"x"] * BUCKETS, "extra": 1},
+        {"type": "summary", "buckets": [b"x"] * BUCKETS},
         {"type": "entries", "entries": []},
-        {"type": "ids", "buckets": [[0, [b"\x01" * 32]]]},  # bucket never asked for
+        {"type": "ids", "buckets": [[1, [b"\x01" * 32]]]},  # before the summary
+        {"type": "ids", "buckets": [[0, [b"\x01" * 32]]]},  # an ID outside its bucket
+        {"type": "in_sync", "buckets": []},
+        {"type": "everything_you_want"},
     ],
 )
 def test_malformed_or_out_of_order_replies_are_misbehaviour(reply: Message) -> None:
     session = PullSession(IdIndex(), POLICY)
     session.start()
     with pytest.raises(MisbehavingPeerError):
-        session.receive(reply)
+        session.receive(decode_reply(reply))
 
 
 def test_an_id_listed_under_the_wrong_bucket_is_misbehaviour() -> None:
     session = PullSession(IdIndex(), POLICY)
     session.start()
     other = IdIndex([POOL[0].id])
-    summary = respond({"type": "summary_request", "root": b""}, other)
-    request = session.receive(summary)  # type: ignore[arg-type]
-    assert request is not None
-    assert request["type"] == "ids_request"
-    bucket = request["buckets"][0]
+    summary = respond(SummaryRequest(root=bytes(32)), other)
+    assert not isinstance(summary, WantEntries)
+    request = session.receive(summary)
+    assert isinstance(request, IdsRequest)
+    bucket = request.buckets[0]
     wrong = bytes([(bucket + 1) % 256]) + bytes(31)
     with pytest.raises(MisbehavingPeerError, match="not in bucket"):
-        session.receive({"type": "ids", "buckets": [[bucket, [wrong]]]})
+        session.receive(decode_reply({"type": "ids", "buckets": [[bucket, [wrong]]]}))
 
 
 @pytest.mark.parametrize(
     "request_",
     [
         {"type": "summary_request"},
+        {"type": "summary_request", "root": b"short"},
+        {"type": "ids_request", "buckets": []},
         {"type": "ids_request", "buckets": [300]},
         {"type": "ids_request", "buckets": [1, 1]},
         {"type": "entries_request", "ids": [b"short"]},
         {"type": "entries_request", "ids": [bytes(32)] * (MAX_ENTRIES_PER_REQUEST + 1)},
+        {"type": "entries_request", "ids": []},
         {"type": "gimme_everything"},
     ],
 )
 def test_the_server_refuses_malformed_requests(request_: Message) -> None:
     with pytest.raises(MisbehavingPeerError):
-        respond(request_, IdIndex())
+        respond(decode_request(request_), IdIndex())
 
 
 wire_values = st.recursive(
@@ -218,7 +231,7 @@ def test_any_reply_sequence_is_progress_or_misbehaviour_never_a_crash(
     # Bring a real session part-way (0: waiting for the summary, 1: for ids, 2: for entries).
     session = PullSession(IdIndex(), POLICY)
     server = Side(POOL[:3])
-    request: Message | None = session.start()
+    request: Request | None = session.start()
     for _ in range(warmup):
         assert request is not None
         request = session.receive(server.serve(request))
@@ -226,7 +239,7 @@ def test_any_reply_sequence_is_progress_or_misbehaviour_never_a_crash(
         if session.done:
             break
         try:
-            session.receive(reply)
+            session.receive(decode_reply(reply))
         except MisbehavingPeerError:
             break
     assert all(e.id in {p.id for p in POOL[:3]} for e in session.admitted)
@@ -236,10 +249,10 @@ def test_any_reply_sequence_is_progress_or_misbehaviour_never_a_crash(
 @given(messages)
 def test_any_request_is_answered_or_refused_as_misbehaviour(request_: Message) -> None:
     try:
-        answer = respond(request_, IdIndex(e.id for e in POOL[:10]))
+        answer = respond(decode_request(request_), IdIndex(e.id for e in POOL[:10]))
     except MisbehavingPeerError:
         return
-    assert isinstance(answer, WantEntries) or isinstance(answer.get("type"), str)
+    assert isinstance(answer, WantEntries) or REPLIES.decode(REPLIES.encode(answer)) == answer
 
 
 def test_an_entry_breaking_only_our_kind_rules_is_refused_not_misbehaviour(

@@ -15,10 +15,33 @@ from pathlib import Path
 import pytest
 import trio
 
+from catalog import scheduler_record
 from catalog.entries import Entry, TrustPolicy
 from catalog.library import Library
-from catalog.replication import PROTOCOL_ID, IdIndex, WantEntries, entries_reply, respond
-from catalog.replication_service import SCHEDULER_RECORD_KIND, ReplicationService
+from catalog.replication import (
+    MAX_WANTED_PER_SESSION,
+    IdIndex,
+    WantEntries,
+    entries_reply,
+    respond,
+)
+from catalog.replication_messages import (
+    BUCKETS,
+    MAX_IDS_PER_BUCKET,
+    MAX_IDS_PER_REPLY,
+    PROTOCOL_ID,
+    REPLIES,
+    REQUESTS,
+    WIRE_LIMITS,
+    BucketIds,
+    Entries,
+    Ids,
+    IdsRequest,
+    Summary,
+    SummaryRequest,
+    decode_request,
+)
+from catalog.replication_service import ReplicationService
 from node.identity import Identity
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
@@ -74,8 +97,11 @@ class Scheduler:
                     discover_interval=1.0,
                 )
                 await n.start(service.run)
+                advert = scheduler_record.SchedulerRecord(
+                    name="s", peer_id=p2p.peer_id, addrs=tuple(p2p.addrs)
+                )
                 await p2p.put_record(
-                    SCHEDULER_RECORD_KIND, p2p.peer_id, {"peer_id": p2p.peer_id}, ttl=60
+                    scheduler_record.KIND, p2p.peer_id, advert.to_payload(), ttl=60
                 )
                 self.p2p, self.library, self.service = p2p, lib, service
                 task_status.started()
@@ -161,11 +187,11 @@ def forging_server(
 
     async def serve(stream: MessageStream) -> None:
         async for msg in stream:
-            answer = respond(msg, index)
+            answer = respond(decode_request(msg), index)
             if isinstance(answer, WantEntries):
                 forged = [tampered(entries[i], signature=bytes(64)).encode() for i in answer.ids]
                 answer = entries_reply(forged)
-            await stream.send(answer)
+            await stream.send(REPLIES.encode(answer))
 
     return serve
 
@@ -265,4 +291,67 @@ async def test_a_slow_peer_does_not_hold_up_replication_between_the_others(
         entry = os_entry("while-slow")
         await a.lib.insert(entry)
         await wait_everywhere([b], [entry])
+        n.cancel_scope.cancel()
+
+
+@dataclass
+class ListerPull:
+    """What one pull from the lister asked: requests for IDs, and IDs of entries."""
+
+    ids_requests: int = 0
+    asked: int = 0
+
+
+@dataclass
+class Lister:
+    """A hostile scheduler: says every bucket differs, lists as many made-up IDs as each reply
+    may carry (a million over the 256 buckets) and never sends one entry."""
+
+    pulls: list[ListerPull] = field(default_factory=list)
+    pulled: trio.Event = field(default_factory=trio.Event)
+
+    async def serve(self, stream: MessageStream) -> None:
+        pull = ListerPull()
+        async for msg in stream:
+            request = REQUESTS.decode(msg)
+            if isinstance(request, SummaryRequest):
+                answer: Summary | Ids | Entries = Summary(buckets=(bytes(32),) * BUCKETS)
+            elif isinstance(request, IdsRequest):
+                pull.ids_requests += 1
+                listed = request.buckets[: MAX_IDS_PER_REPLY // MAX_IDS_PER_BUCKET]
+                answer = Ids(buckets=tuple(BucketIds(bucket=b, ids=made_up(b)) for b in listed))
+            else:
+                pull.asked += len(request.ids)
+                answer = Entries(entries=())
+            await stream.send(REPLIES.encode(answer))
+        self.pulls.append(pull)  # the puller ended the stream: a whole pull
+        self.pulled.set()
+
+
+def made_up(bucket: int) -> tuple[bytes, ...]:
+    return tuple(bytes([bucket]) + i.to_bytes(31, "big") for i in range(MAX_IDS_PER_BUCKET))
+
+
+async def test_a_peer_listing_a_million_ids_costs_each_pull_a_bounded_want(
+    tmp_path: Path,
+) -> None:
+    async with schedulers(tmp_path, TRUSTED, TRUSTED) as (a, b), trio.open_nursery() as n:
+        lister = Lister()
+        rogue = P2PNode(Identity.generate(), listen=[LOOPBACK], **FAST)
+        rogue.set_handler(PROTOCOL_ID, lister.serve, limits=WIRE_LIMITS)
+        await n.start(rogue.run)
+        for sched in (a, b):
+            assert sched.p2p is not None
+            await rogue.connect(sched.p2p.addrs[0])
+        with trio.fail_after(REPLICATE_WITHIN):
+            await lister.pulled.wait()
+        # Each whole pull asked for the IDs of one reply and for the entries it wanted, no more.
+        for pull in lister.pulls:
+            assert pull.ids_requests == 1
+            assert pull.asked == MAX_WANTED_PER_SESSION
+        # Honest replication between the two goes on, and listing is not misbehaviour.
+        entry = os_entry("beside-the-lister")
+        await a.lib.insert(entry)
+        await wait_everywhere([b], [entry])
+        assert not any(s.svc.is_banned(rogue.peer_id) for s in (a, b))
         n.cancel_scope.cancel()
