@@ -6,7 +6,6 @@ This is one of the two modules of ``node`` allowed to import the roles (the othe
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,7 +33,9 @@ from node.store import Database
 from scheduler_role.owner_node import OwnerService
 from scheduler_role.service import SchedulerService
 from worker_role import tinyos
-from worker_role.agent import WorkerAgent, tamper_from_env
+from worker_role.agent import WorkerAgent
+from worker_role.lease_blobs import NodeLeaseBlobs
+from worker_role.vm.backend import open_backend
 
 log = logging.getLogger("vmlend.node.daemon")
 
@@ -120,9 +121,10 @@ class Node:
                     await nursery.start(self._advertise_scheduler)
                     await nursery.start(ReplicationService(self.p2p, catalog.library).run)
                 if self.config.has_role("worker"):
+                    lease_blobs = NodeLeaseBlobs(blobs, self.config.worker.vm_dir / "images")
                     self.agent = WorkerAgent(
-                        self.p2p, blobs, self.identity, self.data_dir, self.config.worker,
-                        tamper_result=tamper_from_env(os.environ),
+                        self.p2p, lease_blobs, self.identity, self.data_dir, self.config.worker,
+                        open_backend=open_backend,
                     )  # fmt: skip
                     await nursery.start(self.agent.run)
                 task_status.started(addrs)

@@ -5,36 +5,32 @@ For each scheduler it finds (DHT records, plus ``worker.schedulers`` from the co
 lending policy serves, the agent keeps one ``/vmlend/dispatch/1.0.0`` control stream. One offer
 loop asks for work only while the policy leaves room, one scheduler at a time, picked in proportion
 to ``worker.shares`` (:mod:`worker_role.shares`) among those connected and not resting after a
-``NoWork``. The agent heartbeats every lease it holds, and obeys a pushed
-:class:`Stop` (or a heartbeat ack's stop list) by cancelling the lease's scope, which destroys the
-VM. Images come through the chunk transfer from the scheduler that leased them (only the chunks we
-lack); output streams to the scheduler over ``/vmlend/tasklogs/1.0.0`` while the VM runs; the
-result's stdout, stderr and ``/out`` archive go into our chunk store and the scheduler fetches them
-before it counts the signed report.
+``NoWork``. The agent heartbeats every lease it holds (:func:`heartbeat_interval`), and obeys a
+pushed :class:`Stop` (or a heartbeat ack's stop list) by cancelling the lease's scope, which
+destroys the VM. A lease runs for the ``max_runtime`` its grant states, under the grant's caps.
+Images and results go through :class:`LeaseBlobs`; output streams to the scheduler over
+``/vmlend/tasklogs/1.0.0`` while the VM runs.
 
-Held leases are written to ``<data>/agent_leases.json``. After a crash the VM backend sweeps the
-dead process's domains when it opens, and the agent tells each scheduler which leases it lost.
+The agent is handed what it drives (the p2p node, the blobs, a :class:`BackendFactory`), so its
+tests run it against fakes. Held leases are written to ``<data>/agent_leases.json``. After a crash
+the VM backend sweeps the dead process's domains when it opens, and the agent tells each scheduler
+which leases it lost.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Protocol
 
 import blake3
 import trio
 
-from catalog.blob import BlobId
-from catalog.blob_fetch import ensure_blob, read_small
-from catalog.blob_service import BlobService
-from catalog.build.manifest import MAX_MANIFEST_SIZE, ImageManifest, materialize
 from catalog.caps import MIB, Caps
 from catalog.dispatch import (
     LOGS_PROTOCOL_ID,
@@ -47,52 +43,52 @@ from catalog.dispatch import (
     LeaseKey,
     LogChunk,
     Lost,
-    Message,
     NoWork,
     Offer,
     ResultAck,
     ResultReport,
-    Stop,
     WorkRequest,
-    decode_message,
     lease_from_list,
     lease_to_list,
     signed_result_bytes,
     to_dict,
 )
 from catalog.errors import CatalogError
+from catalog.scheduler_record import SchedulerDirectory
 from node.config import WorkerConfig
-from node.errors import NetworkError, ProtocolError, StreamBrokenError
+from node.dht_records import Record
+from node.errors import NetworkError, ProtocolError
 from node.identity import Identity
-from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
+from node.wire import WireLimits
+from worker_role.control_stream import REQUEST_TIMEOUT, ControlStream, heartbeat_interval
 from worker_role.errors import VmError, WorkerError
+from worker_role.lease_blobs import LeaseBlobs
 from worker_role.policy import LendingPolicy, PolicyError
 from worker_role.shares import Shares
-from worker_role.vm.backend import Image, OutputChunk, VmBackend, VmResult, open_backend
-from worker_role.vm.task import Layer, LayerFormat, TaskSpec
+from worker_role.vm.interface import Backend, BackendFactory, OutputChunk, VmResult
+from worker_role.vm.task import TaskSpec
 
 log = logging.getLogger("vmlend.worker.agent")
 
 SCHEDULER_RECORD_KIND = "scheduler"
 DISCOVERY_INTERVAL = 5.0
-REQUEST_TIMEOUT = 30.0
-FETCH_TIMEOUT = 300.0
 DELIVERY_TIMEOUT = 120.0
 STATE_FILE = "agent_leases.json"
-FAULT_WRONG_RESULT = "VMLEND_FAULT_WRONG_RESULT"
-"""Fault hook for tests: a node started with this set to 1 reports a wrong stdout."""
 
 
-def tamper_from_env(environ: Mapping[str, str]) -> Callable[[VmResult], VmResult] | None:
-    """The result tamperer the fault hooks in ``environ`` ask for, or ``None`` (none set)."""
-    if environ.get(FAULT_WRONG_RESULT) == "1":
-        return _wrong_result
-    return None
+class SchedulerNetwork(Protocol):
+    """What the agent needs of the p2p node (:class:`node.p2p.P2PNode` is one)."""
 
+    async def find_records(self, kind: str, *, timeout: float) -> list[Record]: ...  # noqa: ASYNC109
 
-def _wrong_result(result: VmResult) -> VmResult:
-    return dataclasses.replace(result, stdout=b"a wrong result\n")
+    def is_connected(self, peer_id: str) -> bool: ...
+
+    async def connect(self, addr: str) -> str: ...
+
+    async def open_stream(
+        self, peer_id: str, protocol_id: str, *, limits: WireLimits | None = None
+    ) -> MessageStream: ...
 
 
 def policy_of(config: WorkerConfig) -> LendingPolicy:
@@ -115,91 +111,41 @@ def policy_of(config: WorkerConfig) -> LendingPolicy:
 class _Lease:
     scheduler: str
     caps: Caps
+    lease_timeout: float
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     running: bool = False
-
-
-class _Control:
-    """One control stream to a scheduler: requests take turns; pushed Stops go to ``on_stop``.
-
-    Whoever sees the stream fail calls :meth:`fail`; :meth:`wait_failed` then raises it in the
-    task that serves this scheduler, which tears the stream down.
-    """
-
-    def __init__(self, stream: MessageStream) -> None:
-        self.stream = stream
-        self._lock = trio.Lock()
-        self._send, self._answers = trio.open_memory_channel[Message](1)
-        self._error: BaseException | None = None
-        self._failed = trio.Event()
-
-    @property
-    def broken(self) -> bool:
-        return self._error is not None
-
-    def fail(self, error: BaseException) -> None:
-        if self._error is None:
-            self._error = error
-        self._failed.set()
-
-    async def wait_failed(self) -> NoReturn:
-        await self._failed.wait()
-        assert self._error is not None
-        raise self._error
-
-    async def read(self, on_stop: Any) -> None:
-        async with self._send:
-            async for raw in self.stream:
-                message = decode_message(raw)
-                if isinstance(message, Stop):
-                    on_stop(message.leases, message.reason)
-                else:
-                    await self._send.send(message)
-        self.fail(StreamBrokenError("the scheduler closed the stream"))
-
-    async def request(self, message: Message) -> Message:
-        async with self._lock:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                await self.stream.send(to_dict(message))
-                try:
-                    return await self._answers.receive()
-                except trio.EndOfChannel:
-                    raise StreamBrokenError("the scheduler closed the stream") from None
 
 
 class WorkerAgent:
     def __init__(
         self,
-        p2p: P2PNode,
-        blobs: BlobService,
+        p2p: SchedulerNetwork,
+        blobs: LeaseBlobs,
         identity: Identity,
         data_dir: Path,
         config: WorkerConfig,
         *,
-        boot_allowance_s: float = 60.0,
-        tamper_result: Callable[[VmResult], VmResult] | None = None,
+        open_backend: BackendFactory,
     ) -> None:
-        """``tamper_result`` (a fault hook for tests) rewrites each result before it is reported."""
+        """``open_backend`` opens the VM backend when :meth:`run` starts."""
         self.p2p = p2p
         self.blobs = blobs
         self.identity = identity
         self.config = config
         self.policy = policy_of(config)
         self._state_path = data_dir / STATE_FILE
-        self._images_dir = config.vm_dir / "images"
-        self._boot_allowance_s = boot_allowance_s
-        self._tamper_result = tamper_result
+        self._open_backend = open_backend
         self._leases: dict[LeaseKey, _Lease] = {}
         self._lost: dict[str, list[LeaseKey]] = {}
-        self._controls: dict[str, _Control] = {}
+        self._controls: dict[str, ControlStream] = {}
         self._addrs: dict[str, list[str]] = {}
         self._serving: set[str] = set()
         self._shares = Shares(dict(config.shares))
         self._resting: dict[str, float] = {}  # scheduler -> when it may be asked again (NoWork)
-        self._images: set[bytes] = set()
         self._controls_changed = trio.Event()
-        self._poked = trio.Event()  # room or controls changed: the offer loop looks again
-        self.backend: VmBackend
+        # Leases, room or controls changed: the offer loop and the heartbeats look again.
+        self._poked = trio.Event()
+        self.backend: Backend
         self.problem: str | None = None  # why this node cannot lend, if it cannot
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -209,11 +155,7 @@ class WorkerAgent:
         async with AsyncExitStack() as stack:
             try:
                 self.backend = await stack.enter_async_context(
-                    open_backend(
-                        runtime_dir=self.config.vm_dir,
-                        policy=self.policy,
-                        boot_allowance_s=self._boot_allowance_s,
-                    )
+                    self._open_backend(runtime_dir=self.config.vm_dir, policy=self.policy)
                 )
             except WorkerError as e:
                 self.problem = str(e)
@@ -255,11 +197,12 @@ class WorkerAgent:
     # ---- schedulers ----------------------------------------------------------------------
 
     async def _discover(self, nursery: trio.Nursery) -> None:
+        directory = SchedulerDirectory(self.p2p)
         while True:
             found: dict[str, list[str]] = {s: [] for s in self.config.schedulers}
             try:
-                for record in await self.p2p.find_records(SCHEDULER_RECORD_KIND, timeout=10.0):
-                    found[str(record.payload["peer_id"])] = list(record.payload["addrs"])
+                for advert in await directory.find(timeout=10.0):
+                    found[advert.peer_id] = list(advert.addrs)
             except NetworkError as e:
                 log.info("finding schedulers: %s", e)
             for scheduler, addrs in found.items():
@@ -287,8 +230,8 @@ class WorkerAgent:
             trio.open_nursery() as nursery,
         ):
             stream.deadline = math.inf  # reads wait for pushes; requests have their own deadline
-            control = _Control(stream)
-            nursery.start_soon(control.read, self._stop)
+            control = ControlStream(stream)
+            nursery.start_soon(control.read, functools.partial(self._stop, scheduler))
             if lost := self._lost.get(scheduler):
                 await control.request(Lost(leases=tuple(lost)))
                 del self._lost[scheduler]
@@ -321,11 +264,11 @@ class WorkerAgent:
                 with trio.move_on_at(min(self._resting.values(), default=math.inf)):
                     await poked.wait()
                 continue
-            offer = Offer(room=room, capacity=capacity, images=frozenset(self._images))
+            offer = Offer(room=room, capacity=capacity, images=self.blobs.images)
             await self._offer(scheduler, self._controls[scheduler], offer, nursery)
 
     async def _offer(
-        self, scheduler: str, control: _Control, offer: Offer, nursery: trio.Nursery
+        self, scheduler: str, control: ControlStream, offer: Offer, nursery: trio.Nursery
     ) -> None:
         try:
             answer = await control.request(WorkRequest(offer=offer))
@@ -333,7 +276,8 @@ class WorkerAgent:
             control.fail(e)  # the task serving this scheduler raises it and lets go of it
             return
         if isinstance(answer, LeaseGrant):
-            self._leases[answer.lease] = _Lease(scheduler, answer.caps)
+            self._leases[answer.lease] = _Lease(scheduler, answer.caps, answer.lease_timeout)
+            self._poke()
             await trio.to_thread.run_sync(self._save_state)
             nursery.start_soon(self._run_lease, scheduler, self._addrs[scheduler], answer)
         elif isinstance(answer, NoWork):
@@ -341,20 +285,36 @@ class WorkerAgent:
         else:
             control.fail(ProtocolError(f"{scheduler} answered a work request with {answer.TYPE}"))
 
-    async def _heartbeats(self, scheduler: str, control: _Control) -> None:
+    async def _heartbeats(self, scheduler: str, control: ControlStream) -> None:
+        """Heartbeat the leases held for ``scheduler`` every :func:`heartbeat_interval` of their
+        timeouts, and at once when one of them starts running (the scheduler counts a replica's
+        max runtime from its VM's start, which it learns from a heartbeat)."""
+        last = -math.inf
+        told_running: set[LeaseKey] = set()
         while True:
+            poked = self._poked  # taken before looking, so no change is missed
             mine = {k: v for k, v in self._leases.items() if v.scheduler == scheduler}
-            if mine:
-                running = tuple(k for k, v in mine.items() if v.running)
-                answer = await control.request(Heartbeat(leases=tuple(mine), running=running))
-                if isinstance(answer, HeartbeatAck) and answer.stop:
-                    self._stop(answer.stop, "no longer ours")
-            await trio.sleep(2.0)
+            running = tuple(k for k, v in mine.items() if v.running)
+            interval = heartbeat_interval(v.lease_timeout for v in mine.values())
+            if interval is None:
+                await poked.wait()
+                continue
+            if trio.current_time() < last + interval and told_running.issuperset(running):
+                with trio.move_on_at(last + interval):
+                    await poked.wait()
+                continue
+            last = trio.current_time()
+            answer = await control.request(Heartbeat(leases=tuple(mine), running=running))
+            told_running = set(running)
+            if isinstance(answer, HeartbeatAck) and answer.stop:
+                self._stop(scheduler, answer.stop, "no longer ours")
 
-    def _stop(self, leases: tuple[LeaseKey, ...], reason: str) -> None:
+    def _stop(self, scheduler: str, leases: tuple[LeaseKey, ...], reason: str) -> None:
+        """Stop those of ``leases`` that ``scheduler`` granted: a scheduler's word changes only
+        its own leases."""
         for key in leases:
             lease = self._leases.get(key)
-            if lease is not None:
+            if lease is not None and lease.scheduler == scheduler:
                 log.info("stopping %s: %s", key, reason)
                 lease.scope.cancel()
 
@@ -413,37 +373,20 @@ class WorkerAgent:
         self._controls_changed = trio.Event()
         self._poke()
 
-    async def _ensure_blob(self, blob: BlobId, addrs: list[str]) -> None:
-        """From the scheduler at ``addrs`` and every other peer that provides the blob."""
-        await ensure_blob(self.blobs, blob, sources=addrs, timeout=FETCH_TIMEOUT)
-
-    async def _image(self, grant: LeaseGrant, addrs: list[str]) -> tuple[Image, ImageManifest]:
-        manifest_blob = BlobId(grant.image_id)
-        await self._ensure_blob(manifest_blob, addrs)
-        data = await read_small(self.blobs.blobs, manifest_blob, max_size=MAX_MANIFEST_SIZE)
-        manifest = ImageManifest.decode(data)
-        for blob in (manifest.kernel, manifest.initramfs, *(x.blob for x in manifest.layers)):
-            await self._ensure_blob(BlobId(bytes.fromhex(blob)), addrs)
-        self._images.add(grant.image_id)
-        paths = await materialize(manifest, self.blobs.blobs, self._images_dir)
-        layers = tuple(
-            Layer(p, LayerFormat(ref.format))
-            for p, ref in zip(paths.layers, manifest.layers, strict=True)
-        )
-        boot = Image(kernel=paths.kernel, initrd=paths.initrd, cmdline=paths.cmdline, layers=layers)
-        return boot, manifest
-
     async def _execute(
         self, scheduler: str, addrs: list[str], grant: LeaseGrant, lease: _Lease
     ) -> VmResult:
-        image, m = await self._image(grant, addrs)
-        timeout = max(1, min(m.timeout_s, math.ceil(grant.max_runtime)))
+        image, m = await self.blobs.image(grant, addrs)
+        # The grant is the one word on how long this replica may run: the scheduler stops it
+        # there too. (The manifest's timeout_s is what a local `vmlend vm run` defaults to.)
+        timeout = max(1, math.ceil(grant.max_runtime))
         task = TaskSpec(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=timeout)
         send, receive = trio.open_memory_channel[OutputChunk](256)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward_logs, scheduler, grant.lease, receive)
             async with send, self.backend.start(image, task, grant.caps, output=send) as vm:
                 lease.running = True
+                self._poke()
                 log.info("lease %s runs in %s", grant.lease, vm.name)
                 return await vm.wait()
         raise AssertionError("unreachable")
@@ -466,23 +409,15 @@ class WorkerAgent:
                     pass
 
     async def _report(self, lease: LeaseKey, result: VmResult) -> ResultReport:
-        store = self.blobs.blobs
-        if self._tamper_result is not None:
-            result = self._tamper_result(result)
-        stdout_blob = await store.add_bytes(result.stdout)
-        stderr_blob = await store.add_bytes(result.stderr)
-        archive = await store.add_bytes(result.out_tar) if result.out_tar is not None else None
-        for blob in (stdout_blob, stderr_blob, archive):
-            if blob is not None:
-                self.blobs.announce(blob)
+        publish = self.blobs.publish
         fields: dict[str, Any] = {
             "lease": lease,
             "exit_code": result.exit_code,
             "stdout_digest": blake3.blake3(result.stdout).digest(),
             "stderr_digest": blake3.blake3(result.stderr).digest(),
-            "stdout_blob": bytes(stdout_blob),
-            "stderr_blob": bytes(stderr_blob),
-            "archive_blob": bytes(archive) if archive is not None else None,
+            "stdout_blob": await publish(result.stdout),
+            "stderr_blob": await publish(result.stderr),
+            "archive_blob": await publish(result.out_tar) if result.out_tar is not None else None,
         }
         signature = self.identity.sign(signed_result_bytes(**fields))
         return ResultReport(signature=signature, **fields)

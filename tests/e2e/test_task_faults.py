@@ -1,12 +1,15 @@
 """Faults across real processes and real VMs: a worker killed mid-task, a wrong worker outvoted,
 a scheduler killed and restarted, a deadline passed.
 
-The scheduler runs with a 6 s lease timeout so that a dead worker's lease lapses quickly.
+The scheduler runs with a 6 s lease timeout so that a dead worker's lease lapses quickly. The wrong
+worker is a real node whose VM backend is wrapped by a test-only entry point
+(``wrong_result_node.py``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,13 +17,23 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.localnet import LocalNode
+from node.localnet import LocalNode, vmlend_command
 from tests.e2e.test_tasks import _domains_of, _first_output, _running_domains
-from worker_role.agent import FAULT_WRONG_RESULT
+from tests.e2e.wrong_result_node import BANNER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm]
 
 SCHEDULER_TOML = '[scheduler]\nlease_timeout = "6s"\n'
+WRONG_RESULT_NODE = Path(__file__).with_name("wrong_result_node.py")
+
+
+class WrongResultNode(LocalNode):
+    """A node whose worker reports a wrong stdout for every task it runs."""
+
+    def command(self) -> list[str]:
+        real, program = super().command(), vmlend_command()
+        assert real[: len(program)] == program
+        return [sys.executable, str(WRONG_RESULT_NODE), *real[len(program) :]]
 
 
 def task_text(command: str, *, extra: str = "", limits: str = 'max_runtime = "3m"\n') -> str:
@@ -34,11 +47,11 @@ def task_text(command: str, *, extra: str = "", limits: str = 'max_runtime = "3m
 async def network(
     base: Path,
     roles: Sequence[tuple[str, ...]],
-    monkeypatch: pytest.MonkeyPatch,
     *,
     faulty: Sequence[int] = (),
 ) -> AsyncIterator[list[LocalNode]]:
-    """node0 (an owner) is the bootstrap peer; schedulers get a short lease timeout."""
+    """node0 (an owner) is the bootstrap peer; schedulers get a short lease timeout; the nodes
+    numbered in ``faulty`` report wrong results."""
     async with trio.open_nursery() as nursery:
         nodes: list[LocalNode] = []
         try:
@@ -48,12 +61,11 @@ async def network(
                 if "scheduler" in node_roles:
                     (data / "node.toml").write_text(SCHEDULER_TOML)
                 boot = nodes[0].addrs[:1] if nodes else ()
-                node = LocalNode(f"node{i}", data, node_roles, boot)
+                kind = WrongResultNode if i in faulty else LocalNode
+                node = kind(f"node{i}", data, node_roles, boot)
                 nodes.append(node)
-                with monkeypatch.context() as patch:
-                    if i in faulty:
-                        patch.setenv(FAULT_WRONG_RESULT, "1")
-                    await node.start(nursery)
+                await node.start(nursery)
+                assert (BANNER in node.output) == (i in faulty)
             with trio.fail_after(60):
                 for n in nodes:
                     await n.call("schedulers.wait", {"count": 1, "timeout": 60})
@@ -72,11 +84,9 @@ async def submit(owner: LocalNode, text: str, base: Path) -> str:
     return task_id
 
 
-async def test_worker_killed_mid_task_finishes_elsewhere_and_leaves_no_vm(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_worker_killed_mid_task_finishes_elsewhere_and_leaves_no_vm(tmp_path: Path) -> None:
     roles = [("owner",), ("scheduler",), ("worker",), ("worker",)]
-    async with network(tmp_path, roles, monkeypatch) as nodes:
+    async with network(tmp_path, roles) as nodes:
         owner = nodes[0]
         with trio.fail_after(120):
             task_id = await submit(owner, task_text("echo started; sleep 8; echo done"), tmp_path)
@@ -102,11 +112,9 @@ async def test_worker_killed_mid_task_finishes_elsewhere_and_leaves_no_vm(
             assert await again.stop() == 0
 
 
-async def test_three_replicas_quorum_two_outvote_a_wrong_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_three_replicas_quorum_two_outvote_a_wrong_worker(tmp_path: Path) -> None:
     roles = [("owner",), ("scheduler",), ("worker",), ("worker",), ("worker",)]
-    async with network(tmp_path, roles, monkeypatch, faulty=[4]) as nodes:
+    async with network(tmp_path, roles, faulty=[4]) as nodes:
         owner, wrong = nodes[0], nodes[4].peer_id
         text = task_text("echo right", extra="replicas = 3\nquorum = 2\n")
         with trio.fail_after(240):
@@ -125,10 +133,10 @@ async def test_three_replicas_quorum_two_outvote_a_wrong_worker(
 
 
 async def test_scheduler_killed_and_restarted_keeps_the_task_and_counts_one_result(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     roles = [("owner",), ("worker",), ("scheduler",)]
-    async with network(tmp_path, roles, monkeypatch) as nodes:
+    async with network(tmp_path, roles) as nodes:
         owner, scheduler = nodes[0], nodes[2]
         with trio.fail_after(120):
             task_id = await submit(owner, task_text("echo started; sleep 6; echo done"), tmp_path)
@@ -146,11 +154,9 @@ async def test_scheduler_killed_and_restarted_keeps_the_task_and_counts_one_resu
     assert results["stdout"] == b"started\ndone\n"
 
 
-async def test_deadline_passed_stops_the_task_and_reports_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_deadline_passed_stops_the_task_and_reports_it(tmp_path: Path) -> None:
     roles = [("owner",), ("scheduler",), ("worker",)]
-    async with network(tmp_path, roles, monkeypatch) as nodes:
+    async with network(tmp_path, roles) as nodes:
         owner, worker = nodes[0], nodes[2]
         assert worker.process is not None
         # The guest's own limit (max_runtime) is far off: only the deadline can end it in time. A

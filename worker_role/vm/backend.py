@@ -14,14 +14,13 @@ import logging
 import secrets
 import shutil
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 import trio
 
 from catalog.caps import Caps, NetworkMode
-from worker_role.egress_proxy import EgressProxy, EgressStatistics
+from worker_role.egress_proxy import EgressProxy
 from worker_role.errors import (
     CapUnsupportedError,
     GuestFailedError,
@@ -30,7 +29,6 @@ from worker_role.errors import (
     VmSetupError,
 )
 from worker_role.policy import LendingPolicy
-from worker_role.tinyos import locate
 from worker_role.vm import accel as accel_mod
 from worker_role.vm.cleanup import SweepReport, sweep, this_process
 from worker_role.vm.conn import DEFAULT_URI, Connection, open_connection
@@ -41,6 +39,9 @@ from worker_role.vm.domain_xml import (
     build_domain_xml,
     hard_limit_kib,
 )
+from worker_role.vm.interface import Image as Image
+from worker_role.vm.interface import OutputChunk as OutputChunk
+from worker_role.vm.interface import VmResult as VmResult
 from worker_role.vm.paths import (
     DEFAULT_QEMU_USER,
     QemuUser,
@@ -51,7 +52,6 @@ from worker_role.vm.paths import (
 from worker_role.vm.task import (
     END_MARKER_PREFIX,
     GuestResult,
-    Layer,
     TaskSpec,
     read_result,
     task_archive,
@@ -62,42 +62,6 @@ OUTPUT_TAIL_BYTES = 1 << 20
 CONSOLE_TAIL_LINES = 40
 # After the domain stops, QEMU has closed the sockets; what is left to read is already buffered.
 _DRAIN_SECONDS = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Image:
-    """What a VM boots: kernel, initramfs with our init, and read-only layers (top first)."""
-
-    kernel: Path
-    initrd: Path
-    cmdline: str
-    layers: tuple[Layer, ...] = ()
-
-    @classmethod
-    def tiny(cls, layers: tuple[Layer, ...] = (), *, data: Path | None = None) -> Image:
-        """The built tiny OS (``python -m worker_role.tinyos build``) with ``layers`` on top."""
-        t = locate(data)
-        return cls(kernel=t.kernel, initrd=t.initrd, cmdline=t.cmdline, layers=layers)
-
-
-@dataclass(frozen=True, slots=True)
-class VmResult:
-    exit_code: int
-    """The command's exit code; 124 when the guest's time limit killed it."""
-    timed_out: bool
-    stdout: bytes
-    """The last ``OUTPUT_TAIL_BYTES`` of stdout (all of it is streamed to ``output`` live)."""
-    stderr: bytes
-    out_tar: bytes | None
-    """A tar of the guest's /out, or None when it did not fit on the result disk."""
-    console_tail: tuple[str, ...]
-    elapsed_s: float
-    """From domain creation to the result."""
-    egress: EgressStatistics | None
-
-
-OutputChunk = tuple[str, bytes]
-"""("stdout" | "stderr", bytes), as the guest wrote them."""
 
 
 class RunningVm:
@@ -232,7 +196,8 @@ class RunningVm:
 
 
 class VmBackend:
-    """Creates capped VMs. Get one from :func:`open_backend`."""
+    """Creates capped VMs (a :class:`worker_role.vm.interface.Backend`). Get one from
+    :func:`open_backend`."""
 
     def __init__(
         self,
