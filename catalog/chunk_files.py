@@ -136,10 +136,9 @@ def _commit_temps(written: list[tuple[Path, Path]]) -> None:
     except BaseException:
         _unlink_temps(written)  # leave no temp file behind
         raise
-    # One after another, in this thread. A pool of fsync threads woke ~4000 times per 512 MiB
-    # fetched and each woken thread took the GIL from the transfer's reader thread (strace
-    # here); one after another was as fast or faster (A/B here). On a journaled file system
-    # the first fsync commits every rename of the batch, so the others find nothing to do.
+    # One after another, in this thread: fsync threads in a pool wake thousands of times per
+    # fetch and each takes the GIL from the transfer's reader thread. On a journaled file
+    # system the first fsync commits every rename of the batch, so the others find nothing to do.
     for directory in dirs:
         fsync_dir(directory)
 

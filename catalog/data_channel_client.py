@@ -314,8 +314,8 @@ class DataConnection:
         try:
             splicer.move(self._sock.fileno(), fd, length, trio.from_thread.check_cancelled)
             # No early writeback here (unlike Spool.write): the store's writers fsync each
-            # batch within ~20 ms from their own threads, and submitting I/O from this one
-            # (a virtio doorbell per file on this VM) slowed the transfer by ~4 % (A/B here).
+            # batch within ~20 ms from their own threads, and I/O submitted from this reader
+            # thread (a virtio doorbell per file) costs the transfer ~4 %.
             answer = SpooledChunk(path, length, splice.hash_file(fd, length))
             kept = True
             return answer

@@ -24,12 +24,11 @@ different entry. So changing any field changes the ID *and* breaks the signature
 
 An entry travels and is stored as :meth:`Entry.encode`: the msgpack array ``[body, signature]``.
 
-Per-kind rules live in a registry of validators, ``fn(entry) -> None`` raising
+Per-kind rules are a fixed table of validators, ``fn(entry) -> None`` raising
 :class:`InvalidEntryError` (reported as :class:`EntryRuleError`, which replication treats as a
-refusal, not as the sending peer's fault); :func:`register_kind_validator` adds one (all of a
-kind's validators run, in registration order). The built-in ones only ask for the blobs each
-kind cannot do without: ``os`` needs ``kernel``, ``initrd`` and ``root``; ``package`` needs
-``layer``; ``image`` needs ``manifest``; ``task`` nothing.
+refusal, not as the sending peer's fault). Each kind needs the blobs it cannot do without
+(``os``: ``kernel``, ``initrd`` and ``root``; ``package``: ``layer``; ``image``: ``manifest``;
+``task`` nothing), and the ``meta`` keys the builds write must have their shape when present.
 
 Trust: :class:`TrustPolicy` admits an entry only if its signature verifies and its publisher is
 one of the keys the scheduler trusts (``bootstrap.toml`` + ``node.toml``), and says why not.
@@ -370,22 +369,32 @@ def _requires_blobs(*roles: str) -> KindValidator:
     return check
 
 
-# Filled once at import with the built-in rules; catalog.build adds its own at its import (like
-# codecs.register). Never changed at run time, so it is configuration rather than mutable state.
-_VALIDATORS: dict[str, list[KindValidator]] = {
-    "os": [_requires_blobs("kernel", "initrd", "root")],
-    "package": [_requires_blobs("layer")],
-    "image": [_requires_blobs("manifest")],
-    "task": [],
+# What the builds put in ``meta``: lenient about entries made by other tools (a key that is
+# absent is not checked), strict about the shape of a key that is there.
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_packages(entry: Entry) -> None:
+    packages = entry.meta.get("packages")
+    if packages is not None and not (
+        isinstance(packages, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in packages.items())
+    ):
+        raise InvalidEntryError(
+            f"{entry.kind} {entry.name}: meta.packages must map names to versions"
+        )
+
+
+def _check_image(entry: Entry) -> None:
+    image_id = entry.meta.get("image_id")
+    if image_id is not None and not (isinstance(image_id, str) and _HEX64.fullmatch(image_id)):
+        raise InvalidEntryError(f"image {entry.name}: meta.image_id must be 64 hex digits")
+
+
+# The rules of each kind, fixed: every node applies the same ones, whatever it has imported.
+_VALIDATORS: dict[str, tuple[KindValidator, ...]] = {
+    "os": (_requires_blobs("kernel", "initrd", "root"), _check_packages),
+    "package": (_requires_blobs("layer"), _check_packages),
+    "image": (_requires_blobs("manifest"), _check_image),
+    "task": (),
 }
-
-
-def register_kind_validator(kind: str, validator: KindValidator) -> None:
-    """Add a rule for ``kind``: ``validator(entry)`` raises :class:`InvalidEntryError` to refuse.
-
-    It runs for every entry of that kind made, decoded or replicated from then on. Registering the
-    same function twice is a no-op, so a module may register at import."""
-    if kind not in _VALIDATORS:
-        raise ValueError(f"unknown entry kind {kind!r}")
-    if validator not in _VALIDATORS[kind]:
-        _VALIDATORS[kind].append(validator)

@@ -153,6 +153,12 @@ def loads(text: str, *, source: str = "<task>", base_dir: Path = Path(".")) -> T
     return _Parser(text, source, base_dir).task(raw)
 
 
+def from_table(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> TaskFile:
+    """A task from the same table a task file holds, built by a program (``vmlend run``) rather
+    than written as TOML; the same rules apply, and errors name the key without a line."""
+    return _Parser("", source, base_dir).task(dict(raw))
+
+
 class _Parser:
     def __init__(self, text: str, source: str, base_dir: Path) -> None:
         self.text = text

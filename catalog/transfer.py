@@ -42,9 +42,9 @@ log = logging.getLogger("vmlend.catalog.transfer")
 WRITE_BATCH_BYTES = 16 * 1024 * 1024
 WRITERS = 4
 BATCH_LINGER = 0.02  # seconds a started batch waits for more chunks
-# Requests in flight per provider: ~9 MiB of 2 MiB-average chunks, what 8 chunks were when
-# they averaged 1 MiB. Measured here (512 MiB), 8 of the bigger chunks were no faster from 1
-# provider and 5-10 % slower from 3 (more bytes in flight than the caches and 2 cores take).
+# Requests in flight per provider: ~9 MiB of 2 MiB-average chunks keeps one loopback provider
+# busy; 8 (~18 MiB) were no faster from 1 provider and 5-10 % slower from 3 (bench/transfer,
+# 512 MiB: more bytes in flight than the caches and 2 cores take).
 MAX_IN_FLIGHT = 4
 
 

@@ -126,7 +126,7 @@ def _blob_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _owner_arguments(command: str) -> AddArguments:
     def add(parser: argparse.ArgumentParser) -> None:
-        from scheduler_role.owner_cli import add_owner_arguments
+        from owner_role.cli import add_owner_arguments
 
         add_owner_arguments(command, parser)
 

@@ -166,22 +166,6 @@ class Config:
     def has_role(self, role: Role | str) -> bool:
         return Role(role) in self.node.roles
 
-    @property
-    def identity_path(self) -> Path:
-        return self.data_dir / "identity.key"
-
-    @property
-    def state_db(self) -> Path:
-        return self.data_dir / "state.db"
-
-    @property
-    def rpc_socket(self) -> Path:
-        return self.data_dir / "rpc.sock"
-
-    @property
-    def node_toml(self) -> Path:
-        return self.data_dir / NODE_TOML
-
 
 _SECTIONS: dict[str, type[Any]] = {
     "node": NodeConfig,

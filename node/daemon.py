@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 import node
+from catalog import scheduler_record
 from catalog.blob import BlobStore
 from catalog.blob_access import BlobAccess
 from catalog.blob_service import BlobService, data_host_for
@@ -30,7 +31,7 @@ from node.identity import Identity
 from node.p2p import P2PNode, PeerInfo
 from node.rpc_server import RpcServer
 from node.store import Database
-from scheduler_role.owner_node import OwnerService
+from owner_role.service import OwnerService
 from scheduler_role.service import SchedulerService
 from worker_role import tinyos
 from worker_role.agent import WorkerAgent
@@ -38,9 +39,6 @@ from worker_role.lease_blobs import NodeLeaseBlobs
 from worker_role.vm.backend import open_backend
 
 log = logging.getLogger("vmlend.node.daemon")
-
-SCHEDULER_RECORD_KIND = "scheduler"
-SCHEDULER_RECORD_TTL = 300.0
 
 # Numbered schema migrations of <data>/state.db; never edit a shipped one, append a new one.
 MIGRATIONS: list[str] = [
@@ -67,6 +65,7 @@ class Node:
             dial_timeout=net.dial_timeout,
             stream_deadline=net.stream_deadline,
         )
+        self.schedulers = scheduler_record.SchedulerDirectory(self.p2p)
 
     agent: WorkerAgent | None = None
 
@@ -101,14 +100,18 @@ class Node:
                     rate=self.config.catalog.scrub_rate,
                 )
                 await nursery.start(scrubber.run)
-                owner = OwnerService(self.p2p, blobs, self.data_dir)
                 methods = {**self.rpc_methods(), **catalog.rpc_methods(), **blobs.rpc_methods()}
-                methods.update(owner.rpc_methods())
+                streams = dict(blobs.rpc_streams())
+                if self.config.has_role("owner"):
+                    owner = OwnerService(self.p2p, blobs, self.data_dir)
+                    methods.update(owner.rpc_methods())
+                    streams.update(owner.rpc_streams())
+                else:
+                    methods.update(dict.fromkeys(OwnerService.METHODS, _not_an_owner))
                 images = ImageBuildService(
                     blobs.blobs, catalog.library, self.identity, tinyos.locate
                 )
                 methods.update(images.rpc_methods())
-                streams = {**blobs.rpc_streams(), **owner.rpc_streams()}
                 rpc = RpcServer(self.data_dir / "rpc.sock", methods, streams=streams)
                 await nursery.start(rpc.run)
                 if self.config.has_role("scheduler"):
@@ -135,18 +138,21 @@ class Node:
         """Keep this scheduler's signed record fresh in the DHT (republished well before expiry)."""
         started = False
         while True:
-            payload = {
-                "name": self.config.scheduler.name or self.p2p.peer_id[-8:],
-                "peer_id": self.p2p.peer_id,
-                "addrs": self.p2p.addrs,
-            }
+            advert = scheduler_record.SchedulerRecord(
+                name=self.config.scheduler.name or self.p2p.peer_id[-8:],
+                peer_id=self.p2p.peer_id,
+                addrs=tuple(self.p2p.addrs[: scheduler_record.MAX_ADDRS]),
+            )
             await self.p2p.put_record(
-                SCHEDULER_RECORD_KIND, self.p2p.peer_id, payload, ttl=SCHEDULER_RECORD_TTL
+                scheduler_record.KIND,
+                self.p2p.peer_id,
+                advert.to_payload(),
+                ttl=scheduler_record.TTL,
             )
             if not started:
                 task_status.started()
                 started = True
-            await trio.sleep(SCHEDULER_RECORD_TTL / 3)
+            await trio.sleep(scheduler_record.TTL / 3)
 
     def rpc_methods(self) -> Mapping[str, Callable[[list[Any]], Awaitable[Any]]]:
         return {
@@ -173,8 +179,7 @@ class Node:
         return [{"peer_id": p.peer_id, "addrs": list(p.addrs)} for p in self.p2p.peers()]
 
     async def _rpc_schedulers_list(self, params: list[Any]) -> list[dict[str, Any]]:
-        records = await self.p2p.find_records(SCHEDULER_RECORD_KIND, timeout=10.0)
-        return [dict(r.payload) for r in records]
+        return [s.to_payload() for s in await self.schedulers.find(timeout=10.0)]
 
     async def _rpc_peers_wait(self, params: list[Any]) -> list[dict[str, Any]]:
         """Block until at least ``count`` live peers, or until ``absent`` is no longer live."""
@@ -231,3 +236,11 @@ async def serve_until_signalled(
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _not_an_owner(params: list[Any]) -> Any:
+    raise RpcError(
+        "role_off",
+        'this node does not borrow compute: add "owner" to roles in [node] of node.toml '
+        "(or to --roles)",
+    )

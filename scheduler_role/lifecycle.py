@@ -173,10 +173,6 @@ def replica_step(
     return replace(replica, state=state, worker=holder, reason=reason or replica.reason)
 
 
-def replica_allows(state: ReplicaState, event: ReplicaEvent) -> bool:
-    return event in REPLICA_TABLE[state]
-
-
 def expire(replica: Replica, *, max_attempts: int, reason: str) -> Replica:
     """EXPIRE, then REQUEUE while attempts remain, else GIVE_UP (one step for the caller)."""
     expired = replica_step(replica, ReplicaEvent.EXPIRE, reason=reason)

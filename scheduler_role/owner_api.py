@@ -1,56 +1,73 @@
-"""The scheduler's side of ``/vmlend/tasks/1.0.0``: what an owner's node asks on its owner's behalf.
+"""The scheduler's side of ``/vmlend/tasks/1.0.0`` (:mod:`catalog.owner_protocol`).
 
-One request per stream; the owner is the stream's authenticated peer ID. The files a task file
-names come as one tar archive in the owner's chunk store (``files_blob``), fetched from the
-owner's addresses (``from``) before the task is accepted. Requests and answers::
-
-    {"type": "submit", "task_id", "taskfile": str, "files_blob"?: hex, "from"?: [MULTIADDR]}
-        -> {"type": "submitted", "task_id", "new": bool}
-    {"type": "status", "task_id"}                  -> {"type": "status", ...status_dict}
-    {"type": "wait", "task_id", "timeout": s}      -> {"type": "status", ...} once finished
-    {"type": "results", "task_id"}                 -> {"type": "results", "exit_code", "stdout",
-                                                       "stderr", "archive_blob", "addrs", ...}
-    {"type": "cancel", "task_id"}                  -> {"type": "status", ...}
-    {"type": "logs", "task_id", "follow": bool}    -> {"type": "log", "stream", "data"}...
-                                                      then {"type": "log_end", "state"}
-    any refused request                            -> {"type": "error", "code", "message"}
-
-A submit is refused when the task file is invalid, or when workers have asked for work but none
-could ever hold the task (its caps exceed every worker's capacity) -- with the reason.
+One request per stream; the owner is the stream's authenticated peer ID. A request is decoded
+into its typed message before anything else happens. A submit is accepted only once the task and
+its files are durable here: its files archive is fetched from the owner, unpacked (no
+compression, bounded in members and bytes, nothing outside the task's directory) into a directory
+named by the checked task ID, and the parsed task is written there with fsync. A submit is
+refused when the task is invalid, or when workers have asked for work but none could ever hold
+the task (its caps exceed every worker's capacity) -- with the reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
-import tarfile
+import secrets
 import time
 from pathlib import Path
-from typing import Any
 
-import blake3
 import trio
 
-from catalog.blob import BlobId, parse_blob_id
+from catalog.blob import BlobId
+from catalog.blob_fetch import ensure_blob, read_small
 from catalog.build.assemble import default_caps
-from catalog.dispatch import result_digest
-from catalog.errors import CatalogError, TaskFileError
-from catalog.taskfile import TaskFile, load
+from catalog.errors import BlobTooLargeError, CatalogError, IncompleteBlobError, UnknownBlobError
+from catalog.owner_protocol import (
+    MAX_OUTPUT_INLINE,
+    REPLIES,
+    REQUESTS,
+    CancelRequest,
+    LogData,
+    LogEnd,
+    LogsRequest,
+    Refused,
+    ReplicaView,
+    Reply,
+    ResultsRequest,
+    StatusRequest,
+    Submit,
+    Submitted,
+    TaskResults,
+    TaskStatus,
+    WaitRequest,
+)
+from catalog.task_wire import archive_members
+from catalog.taskfile import TaskFile
 from node.errors import NetworkError, RemoteProtocolError
 from node.p2p_stream import MessageStream
-from scheduler_role.errors import SchedulerError, UnknownTaskError
+from scheduler_role.errors import SchedulerError, TaskConflictError, UnknownTaskError
 from scheduler_role.explain import explain
 from scheduler_role.lifecycle import FINISHED_TASK_STATES
 from scheduler_role.matching import violations
-from scheduler_role.queue import StoredResult, TaskStatus
-from scheduler_role.service import SchedulerService, has_blob
+from scheduler_role.queue import StoredResult
+from scheduler_role.queue import TaskStatus as QueueStatus
+from scheduler_role.service import SchedulerService
 from scheduler_role.task import Limits, TaskSpec
+from scheduler_role.task_store import (
+    FILES_DIR,
+    MAX_ARCHIVE_BYTES,
+    MAX_ARCHIVE_MEMBERS,
+    TaskFilesError,
+    discard,
+    settle,
+    store_task,
+    unpack_files,
+)
 
 log = logging.getLogger("vmlend.scheduler.owners")
 
-TASKS_PROTOCOL = "/vmlend/tasks/1.0.0"
-MAX_FILES = 256
-MAX_OUTPUT_INLINE = 1 << 20
 FILES_TIMEOUT = 120.0
 
 
@@ -87,78 +104,103 @@ class OwnerApi:
     def __init__(self, service: SchedulerService) -> None:
         self.service = service
         self.queue = service.queue
+        self._settling = trio.Lock()
 
     async def serve(self, stream: MessageStream) -> None:
-        request = await stream.receive()
-        kind = request.get("type")
         stream.deadline = 3600.0  # wait and follow may take as long as the task
         try:
-            if kind == "logs":
-                await self._logs(stream, _task_id(request), bool(request.get("follow")))
+            request = REQUESTS.decode(await stream.receive())
+            if isinstance(request, LogsRequest):
+                await self._logs(stream, request)
                 return
-            answer = await self._answer(stream.peer_id, kind, request)
+            answer = await self._answer(stream.peer_id, request)
         except RefusedError as e:
-            answer = {"type": "error", "code": e.code, "message": e.message}
+            answer = Refused(code=e.code, message=e.message[:4096])
         except UnknownTaskError as e:
-            answer = {"type": "error", "code": "unknown_task", "message": str(e)}
-        await stream.send(answer)
+            answer = Refused(code="unknown_task", message=str(e))
+        except TaskFilesError as e:
+            answer = Refused(code="invalid_task", message=str(e)[:4096])
+        except RemoteProtocolError as e:
+            log.info("bad tasks request from %s: %s", stream.peer_id, str(e)[:200])
+            answer = Refused(code="bad_request", message=str(e)[:4096])
+        await stream.send(REPLIES.encode(answer))
 
-    async def _answer(self, owner: str, kind: object, request: dict[str, Any]) -> dict[str, Any]:
-        task_id = _task_id(request)
-        if kind == "submit":
-            return await self._submit(owner, task_id, request)
-        if kind == "status":
-            return await self.status_dict(task_id)
-        if kind == "wait":
-            timeout = float(request.get("timeout", 3600))
-            with trio.move_on_after(timeout):
+    async def _answer(
+        self,
+        owner: str,
+        request: Submit | StatusRequest | WaitRequest | CancelRequest | ResultsRequest,
+    ) -> Reply:
+        if isinstance(request, Submit):
+            return await self._submit(owner, request)
+        task_id = request.task_id
+        if isinstance(request, WaitRequest):
+            with trio.move_on_after(request.timeout):
                 while (await self.queue.status(task_id)).state not in FINISHED_TASK_STATES:
                     await self.service.wait_changed(1.0)
-            return await self.status_dict(task_id)
-        if kind == "cancel":
+        elif isinstance(request, CancelRequest):
             await self.service.push_stops(await self.queue.cancel(task_id))
             self.service.changed()
-            return await self.status_dict(task_id)
-        if kind == "results":
+        elif isinstance(request, ResultsRequest):
             return await self._results(task_id)
-        raise RemoteProtocolError(f"unknown tasks request {kind!r}")
+        return await self.status(task_id)
 
     # ---- submit --------------------------------------------------------------------------
 
-    async def _submit(self, owner: str, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        text, blob = request.get("taskfile"), request.get("files_blob")
-        sources = request.get("from")
-        if not isinstance(text, str):
-            raise RemoteProtocolError("submit needs the task file's text")
+    async def _submit(self, owner: str, request: Submit) -> Submitted:
+        task_id = request.task_id
         where = self.service.task_dir(task_id)
-        archive = None
-        if blob is not None:
-            if not isinstance(blob, str) or not isinstance(sources, list):
-                raise RemoteProtocolError("files_blob needs a blob ID and the owner's addresses")
-            archive = where.parent / f"{task_id}.files.tar"
-            await self._fetch_files(parse_blob_id(blob), [str(a) for a in sources[:1]], archive)
-        await trio.to_thread.run_sync(_write_task, where, text, archive)
-        try:
-            task = load(where / "task.toml")
-        except TaskFileError as e:
-            raise RefusedError("invalid_task", str(e)) from None
+        task = dataclasses.replace(request.task, base_dir=where / FILES_DIR)
+        members = archive_members(task)
+        if members and request.files_blob is None:
+            raise RefusedError("invalid_task", "the task names files but sent no archive of them")
         spec = spec_of(task, task_id, owner, time.time())
         self._check_placeable(spec)
-        new = await self.queue.submit(spec)
+        if await self._known(task_id):  # a repeated submit: idempotent, or a conflict
+            return await self._enqueue(spec)
+        # Staged under a name of our own, so concurrent submits of one ID never share files.
+        staging = where.parent / f".staging-{secrets.token_hex(8)}"
+        try:
+            if request.files_blob is not None:
+                archive = staging.with_suffix(".tar")
+                await self._fetch_files(
+                    BlobId(request.files_blob), list(request.providers), archive
+                )
+                await trio.to_thread.run_sync(unpack_files, archive, staging / FILES_DIR, members)
+            await trio.to_thread.run_sync(store_task, staging, task)
+            async with self._settling:
+                if not await self._known(task_id):
+                    await trio.to_thread.run_sync(settle, staging, where)
+                return await self._enqueue(spec)
+        finally:
+            await trio.to_thread.run_sync(discard, staging)
+
+    async def _known(self, task_id: str) -> bool:
+        try:
+            await self.queue.status(task_id)
+        except UnknownTaskError:
+            return False
+        return True
+
+    async def _enqueue(self, spec: TaskSpec) -> Submitted:
+        try:
+            new = await self.queue.submit(spec)
+        except TaskConflictError as e:
+            raise RefusedError("conflict", str(e)) from None
         if new:
-            self.service.start_assembly(task_id)
+            self.service.start_assembly(spec.task_id)
         self.service.changed()
-        return {"type": "submitted", "task_id": task_id, "new": new}
+        return Submitted(task_id=spec.task_id, new=new)
 
     async def _fetch_files(self, blob: BlobId, sources: list[str], into: Path) -> None:
         blobs = self.service.blobs
         try:
-            with trio.fail_after(FILES_TIMEOUT):
-                if not await has_blob(blobs, blob):
-                    await blobs.fetch(blob, sources=sources)
-                await trio.Path(into.parent).mkdir(parents=True, exist_ok=True)
-                await blobs.blobs.export(blob, into)
-        except (CatalogError, NetworkError, trio.TooSlowError) as e:
+            await ensure_blob(blobs, blob, sources=sources, timeout=FILES_TIMEOUT)
+            size = (await blobs.blobs.manifest(blob)).total_size
+            if size > MAX_ARCHIVE_BYTES + MAX_ARCHIVE_MEMBERS * 1024:
+                raise RefusedError("invalid_task", f"the task's files exceed {size} bytes")
+            await trio.Path(into.parent).mkdir(parents=True, exist_ok=True)
+            await blobs.blobs.export(blob, into)
+        except (CatalogError, NetworkError) as e:
             raise RefusedError("files_unavailable", f"fetching the task's files: {e}") from None
 
     def _check_placeable(self, spec: TaskSpec) -> None:
@@ -179,57 +221,59 @@ class OwnerApi:
 
     # ---- status and results --------------------------------------------------------------
 
-    async def status_dict(self, task_id: str) -> dict[str, Any]:
+    async def status(self, task_id: str) -> TaskStatus:
         status = await self.queue.status(task_id)
         results = await self.queue.results(task_id)
         chosen = _chosen(status, results)
-        return {
-            "type": "status",
-            "task_id": task_id,
-            "state": status.state.value,
-            "verdict": status.verdict.value if status.verdict is not None else None,
-            "reason": status.reason,
-            "finished": status.state in FINISHED_TASK_STATES,
-            "exit_code": chosen.exit_code if chosen is not None else None,
-            "replicas": [
-                {"index": r.index, "state": r.state.value, "worker": r.worker,
-                 "attempts": r.attempts}
+        return TaskStatus(
+            task_id=task_id,
+            state=status.state.value,
+            verdict=status.verdict.value if status.verdict is not None else None,
+            reason=status.reason[:4096],
+            finished=status.state in FINISHED_TASK_STATES,
+            exit_code=chosen.exit_code if chosen is not None else None,
+            replicas=tuple(
+                ReplicaView(index=r.index, state=r.state.value, worker=r.worker,
+                            attempts=r.attempts)
                 for r in status.replicas
-            ],
-            "results": len(results),
-            "reported_by": list(status.reported),
-            "dissenters": list(status.dissenters),
-            "waiting": explain(status, self.queue.offers, self.queue.held_by()),
-        }  # fmt: skip
+            ),
+            results=len(results),
+            reported_by=tuple(status.reported),
+            dissenters=tuple(status.dissenters),
+            waiting=tuple(explain(status, self.queue.offers, self.queue.held_by())),
+        )  # fmt: skip
 
-    async def _results(self, task_id: str) -> dict[str, Any]:
+    async def _results(self, task_id: str) -> TaskResults:
         status = await self.queue.status(task_id)
         chosen = _chosen(status, await self.queue.results(task_id))
-        answer = await self.status_dict(task_id)
-        answer["type"] = "results"
+        view = await self.status(task_id)
         if chosen is None:
-            return answer | {"stdout": b"", "stderr": b"", "archive_blob": None}
-        answer["stdout"] = await self._read_blob(chosen.stdout_blob)
-        answer["stderr"] = await self._read_blob(chosen.stderr_blob)
-        archive = chosen.archive_blob
-        answer["archive_blob"] = archive.hex() if archive is not None else None
-        answer["addrs"] = self.service.p2p.addrs
-        return answer
+            return TaskResults(status=view, stdout=b"", stderr=b"")
+        return TaskResults(
+            status=view,
+            stdout=await self._read_blob(chosen.stdout_blob),
+            stderr=await self._read_blob(chosen.stderr_blob),
+            archive_blob=chosen.archive_blob,
+            providers=tuple(self.service.p2p.addrs[:16]),
+        )
 
     async def _read_blob(self, blob: bytes) -> bytes:
-        blobs = self.service.blobs
-        if not await has_blob(blobs, BlobId(blob)):
+        """A result's output, as its worker stored it (an honest worker keeps at most
+        ``MAX_OUTPUT_INLINE`` of it; a larger blob is not read)."""
+        try:
+            return await read_small(
+                self.service.blobs.blobs, BlobId(blob), max_size=MAX_OUTPUT_INLINE
+            )
+        except (UnknownBlobError, IncompleteBlobError):
             return b""
-        path = self.service.data_dir / "exports" / f"{blob.hex()}.tmp"
-        await trio.Path(path.parent).mkdir(parents=True, exist_ok=True)
-        await blobs.blobs.export(BlobId(blob), path)
-        data = await trio.Path(path).read_bytes()
-        await trio.Path(path).unlink()
-        return data[-MAX_OUTPUT_INLINE:]
+        except BlobTooLargeError as e:
+            log.warning("result output %s not shown: %s", blob.hex()[:16], e)
+            return b""
 
     # ---- logs ----------------------------------------------------------------------------
 
-    async def _logs(self, stream: MessageStream, task_id: str, follow: bool) -> None:
+    async def _logs(self, stream: MessageStream, request: LogsRequest) -> None:
+        task_id = request.task_id
         status = await self.queue.status(task_id)  # UnknownTaskError for a wrong ID
         buffer = self.service.log_buffer(task_id)
         sent = 0
@@ -238,10 +282,10 @@ class OwnerApi:
             if buffer.source != source:  # a new attempt started over
                 source, sent = buffer.source, 0
             for kind, data in buffer.chunks[sent:]:
-                await stream.send({"type": "log", "stream": kind, "data": data})
+                await stream.send(REPLIES.encode(LogData(stream=kind, data=data)))
             sent = len(buffer.chunks)
             status = await self.queue.status(task_id)
-            if not follow or status.state in FINISHED_TASK_STATES:
+            if not request.follow or status.state in FINISHED_TASK_STATES:
                 break
             with trio.move_on_after(1.0):
                 await buffer.changed.wait()
@@ -252,11 +296,11 @@ class OwnerApi:
                 for kind, blob in (("stdout", chosen.stdout_blob), ("stderr", chosen.stderr_blob)):
                     data = await self._read_blob(blob)
                     if data:
-                        await stream.send({"type": "log", "stream": kind, "data": data})
-        await stream.send({"type": "log_end", "state": status.state.value})
+                        await stream.send(REPLIES.encode(LogData(stream=kind, data=data)))
+        await stream.send(REPLIES.encode(LogEnd(state=status.state.value)))
 
 
-def _chosen(status: TaskStatus, results: list[StoredResult]) -> StoredResult | None:
+def _chosen(status: QueueStatus, results: list[StoredResult]) -> StoredResult | None:
     """The result to show: one of the agreed ones, else the latest."""
     for r in results:
         if status.agreed is not None and r.digest == status.agreed:
@@ -264,32 +308,4 @@ def _chosen(status: TaskStatus, results: list[StoredResult]) -> StoredResult | N
     return results[-1] if results else None
 
 
-def _task_id(request: dict[str, Any]) -> str:
-    task_id = request.get("task_id")
-    if not isinstance(task_id, str):
-        raise RemoteProtocolError("request without a task_id")
-    return task_id
-
-
-def _write_task(where: Path, text: str, archive: Path | None) -> None:
-    where.mkdir(parents=True, exist_ok=True)
-    if archive is not None:
-        try:
-            with tarfile.open(archive) as tar:
-                members = tar.getmembers()
-                if len(members) > MAX_FILES:
-                    raise RefusedError("invalid_task", f"more than {MAX_FILES} files")
-                tar.extractall(where, filter="data")  # no absolute paths, links out, devices
-        except (tarfile.TarError, OSError) as e:
-            raise RefusedError("invalid_task", f"the task's files: {e}") from None
-        finally:
-            archive.unlink(missing_ok=True)
-    (where / "task.toml").write_text(text)
-
-
-def stdout_digest(data: bytes) -> bytes:
-    """How workers digest stdout for :func:`result_digest`."""
-    return blake3.blake3(data).digest()
-
-
-__all__ = ["TASKS_PROTOCOL", "OwnerApi", "result_digest", "spec_of", "stdout_digest"]
+__all__ = ["OwnerApi", "spec_of"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import trio
 
 from catalog.blob import BlobId
-from catalog.blob_fetch import ensure_blob, is_complete
+from catalog.blob_fetch import ensure_blob
 from catalog.blob_service import BlobService
 from catalog.build.assemble import Assembler
 from catalog.build.cache import BuildCache
@@ -45,8 +45,11 @@ from catalog.dispatch import (
 )
 from catalog.errors import CatalogError, UnknownEntryError
 from catalog.library import Library
-from catalog.taskfile import TaskFile, load
+from catalog.owner_protocol import PROTOCOL_ID as TASKS_PROTOCOL_ID
+from catalog.owner_protocol import WIRE_LIMITS as TASKS_WIRE_LIMITS
+from catalog.taskfile import TaskFile
 from node import dht_records
+from node.contained import contained
 from node.errors import NetworkError, RemoteProtocolError
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
@@ -54,6 +57,7 @@ from scheduler_role import dispatch
 from scheduler_role.lifecycle import TaskState
 from scheduler_role.queue import Queue, StopNotice
 from scheduler_role.ready_image import ready_manifest
+from scheduler_role.task_store import load_task
 
 log = logging.getLogger("vmlend.scheduler.service")
 
@@ -68,12 +72,6 @@ def public_key_of(peer_id: str) -> bytes:
         return dht_records.public_key_of(peer_id)
     except ValueError as e:
         raise RemoteProtocolError(str(e)) from e
-
-
-async def has_blob(blobs: BlobService, blob_id: BlobId) -> bool:
-    """Whether the blob is complete in this node's store (the owner API's name for
-    :func:`catalog.blob_fetch.is_complete`)."""
-    return await is_complete(blobs.blobs, blob_id)
 
 
 @dataclass
@@ -133,7 +131,7 @@ class SchedulerService:
         self.queue: Queue
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from scheduler_role.owner_api import TASKS_PROTOCOL, OwnerApi
+        from scheduler_role.owner_api import OwnerApi
 
         await trio.Path(self.data_dir / TASKS_DIR).mkdir(parents=True, exist_ok=True)
         async with (
@@ -150,7 +148,7 @@ class SchedulerService:
                     nursery.start_soon(self.assemble, status.spec.task_id)
             self.p2p.set_handler(PROTOCOL_ID, self._serve_dispatch, limits=WIRE_LIMITS)
             self.p2p.set_handler(LOGS_PROTOCOL_ID, self._serve_logs, limits=LOGS_WIRE_LIMITS)
-            self.p2p.set_handler(TASKS_PROTOCOL, OwnerApi(self).serve)
+            self.p2p.set_handler(TASKS_PROTOCOL_ID, OwnerApi(self).serve, limits=TASKS_WIRE_LIMITS)
             log.info("scheduler %s serving", self.p2p.peer_id)
             task_status.started()
 
@@ -184,7 +182,7 @@ class SchedulerService:
     # ---- image assembly ------------------------------------------------------------------
 
     def task_dir(self, task_id: str) -> Path:
-        return self.data_dir / TASKS_DIR / task_id
+        return contained(self.data_dir / TASKS_DIR, task_id)
 
     def start_assembly(self, task_id: str) -> None:
         assert self._nursery is not None
@@ -199,7 +197,7 @@ class SchedulerService:
             elif status.state is not TaskState.ASSEMBLING:
                 return
             try:
-                task = load(self.task_dir(task_id) / "task.toml")
+                task = await trio.to_thread.run_sync(load_task, self.task_dir(task_id))
                 manifest_blob, m = await self._image_of(task_id, task)
             except (CatalogError, OSError, trio.TooSlowError) as e:
                 log.info("assembling %s failed: %s", task_id, e)

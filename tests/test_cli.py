@@ -65,7 +65,7 @@ def loaded(modules: set[str], package: str) -> set[str]:
     [
         (["--version"], set()),
         (["peers", "--data", "{data}"], set()),
-        (["status", "--data", "{data}"], {"scheduler_role", "scheduler_role.owner_cli"}),
+        (["status", "--data", "{data}"], {"owner_role", "owner_role.cli"}),
     ],
     ids=["--version", "peers", "status"],
 )
@@ -77,7 +77,7 @@ def test_quick_commands_load_only_what_they_use(
     assert "node.cli" in modules
     for heavy in HEAVY:
         assert not loaded(modules, heavy), f"vmlend {argv[0]} imported {heavy}"
-    packages_above_node = ("catalog", "scheduler_role", "worker_role")
+    packages_above_node = ("catalog", "scheduler_role", "worker_role", "owner_role")
     assert {m for p in packages_above_node for m in loaded(modules, p)} == modules_above_node
 
 

@@ -83,9 +83,6 @@ def test_defaults_when_no_file_sets_anything(layers: Layers) -> None:
     assert config.worker.max_disk == 2 * GIB
     assert config.worker.vm_dir == Path("/var/lib/vmlend/vm")
     assert config.scheduler.lease_timeout == 30.0
-    assert config.identity_path == layers.data / "identity.key"
-    assert config.state_db == layers.data / "state.db"
-    assert config.rpc_socket == layers.data / "rpc.sock"
 
 
 def test_shipped_bootstrap_toml_is_found_next_to_the_package_and_loads(tmp_path: Path) -> None:

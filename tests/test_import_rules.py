@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("node", "catalog", "scheduler_role", "worker_role")
+PACKAGES = ("node", "catalog", "scheduler_role", "worker_role", "owner_role")
+ROLES = {"scheduler_role", "worker_role", "owner_role"}
 COMPOSERS = {"node/daemon.py", "node/cli.py"}
 FORBIDDEN = {
-    "node": {"catalog", "scheduler_role", "worker_role"},
-    "catalog": {"scheduler_role", "worker_role"},
-    "scheduler_role": {"worker_role"},
-    "worker_role": {"scheduler_role"},
+    "node": {"catalog", *ROLES},
+    "catalog": ROLES,
+    **{role: ROLES - {role} for role in ROLES},
 }
 
 
@@ -71,6 +71,8 @@ def test_composers_may_import_roles_only_in_node() -> None:
         ("scheduler_role/x.py", "from worker_role.caps import Caps"),
         ("worker_role/agent.py", "def f():\n    from scheduler_role import service\n"),
         ("catalog/x.py", "import scheduler_role.queue as q"),
+        ("owner_role/service.py", "from scheduler_role.service import SchedulerService"),
+        ("scheduler_role/x.py", "from owner_role.cli import run_task"),
         ("node/doctor.py", "def f():\n    import worker_role.vm.doctor\n"),
         ("catalog/x.py", "from libp2p.peer.id import ID"),
         ("node/rpc.py", "import multiaddr"),

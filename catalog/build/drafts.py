@@ -5,7 +5,6 @@ Blobs are hex blob IDs in the chunk store; ``meta`` holds only what entries acce
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +12,7 @@ from typing import Any
 from catalog.build.assemble import AssembledImage
 from catalog.build.cache import BuiltLayer
 from catalog.build.os_tiny import OsBuild
-from catalog.entries import Entry, make_entry, register_kind_validator
-from catalog.errors import InvalidEntryError
+from catalog.entries import Entry, make_entry
 from node.identity import Identity
 
 
@@ -75,30 +73,3 @@ def image_draft(image: AssembledImage, task_name: str) -> Draft:
             "layers": [ref.what for ref in m.layers],
         },
     )
-
-
-# Rules for what the builds put in ``meta``; lenient about entries made by other tools (a key
-# that is absent is not checked), strict about the shape of a key that is there.
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def _check_packages(entry: Entry) -> None:
-    packages = entry.meta.get("packages")
-    if packages is not None and not (
-        isinstance(packages, Mapping)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in packages.items())
-    ):
-        raise InvalidEntryError(
-            f"{entry.kind} {entry.name}: meta.packages must map names to versions"
-        )
-
-
-def _check_image(entry: Entry) -> None:
-    image_id = entry.meta.get("image_id")
-    if image_id is not None and not (isinstance(image_id, str) and _HEX64.fullmatch(image_id)):
-        raise InvalidEntryError(f"image {entry.name}: meta.image_id must be 64 hex digits")
-
-
-register_kind_validator("os", _check_packages)
-register_kind_validator("package", _check_packages)
-register_kind_validator("image", _check_image)

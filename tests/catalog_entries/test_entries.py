@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -9,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalog import entries as entries_module
 from catalog.entries import (
     DOMAIN,
     MAX_BODY_SIZE,
@@ -19,7 +21,6 @@ from catalog.entries import (
     decode_body,
     decode_entry,
     make_entry,
-    register_kind_validator,
 )
 from catalog.errors import EntrySignatureError, InvalidEntryError, UntrustedPublisherError
 from tests.catalog_entries.helpers import (
@@ -28,7 +29,6 @@ from tests.catalog_entries.helpers import (
     PUBLISHER,
     blob,
     os_entry,
-    package_entry,
     tampered,
 )
 
@@ -43,10 +43,15 @@ meta_values = st.recursive(
     ),
     max_leaves=12,
 )
-metas = st.dictionaries(st.text(max_size=8), meta_values, max_size=6)
+# Free-form meta; the keys whose shape the kind rules check ("packages", "image_id") are left out.
+metas = st.dictionaries(
+    st.text(max_size=8).filter(lambda k: k not in ("packages", "image_id")), meta_values, max_size=6
+)
 names = st.from_regex(r"[a-z0-9][a-z0-9.+_-]{0,20}", fullmatch=True)
 versions = st.from_regex(r"[A-Za-z0-9.+~:_-]{1,20}", fullmatch=True)
 hex_ids = st.binary(min_size=32, max_size=32).map(bytes.hex)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @st.composite
@@ -189,13 +194,7 @@ def test_bad_fields_are_refused_with_a_reason(change: dict[str, Any], message: s
         tampered(os_entry(), **change)
 
 
-def test_kind_rules_require_each_kinds_blobs_and_can_be_extended(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The registry is process-wide: restore it after this test.
-    monkeypatch.setitem(
-        entries_module._VALIDATORS, "package", [*entries_module._VALIDATORS["package"]]
-    )
+def test_kind_rules_require_each_kinds_blobs_and_meta_shapes() -> None:
     with pytest.raises(InvalidEntryError, match="lacks blob"):
         make_entry(
             PUBLISHER, kind="os", name="x", version="1", blobs={"kernel": blob("k")}, now=NOW
@@ -203,19 +202,34 @@ def test_kind_rules_require_each_kinds_blobs_and_can_be_extended(
     with pytest.raises(InvalidEntryError, match="layer"):
         make_entry(PUBLISHER, kind="package", name="x", version="1", blobs={}, now=NOW)
 
-    def needs_os(entry: Entry) -> None:
-        if not isinstance(entry.meta.get("os"), str):
-            raise InvalidEntryError("a package names the OS it fits")
-
-    register_kind_validator("package", needs_os)
-    register_kind_validator("package", needs_os)  # idempotent
-    package_entry("python3")  # has meta.os
-    with pytest.raises(InvalidEntryError, match="names the OS"):
+    layer = {"layer": blob("l")}
+    with pytest.raises(InvalidEntryError, match=r"meta\.packages"):
         make_entry(
-            PUBLISHER, kind="package", name="x", version="1", blobs={"layer": blob("l")}, now=NOW
-        )
-    with pytest.raises(ValueError, match="unknown entry kind"):
-        register_kind_validator("vm", needs_os)
+            PUBLISHER, kind="package", name="x", version="1", blobs=layer,
+            meta={"packages": ["not", "a", "map"]}, now=NOW,
+        )  # fmt: skip
+    with pytest.raises(InvalidEntryError, match=r"meta\.image_id"):
+        make_entry(
+            PUBLISHER, kind="image", name="x", version="1", blobs={"manifest": blob("m")},
+            meta={"image_id": "xyz"}, now=NOW,
+        )  # fmt: skip
+
+
+def test_kind_rules_hold_without_the_image_builder_imported() -> None:
+    # A node that never imports catalog.build (a worker) must refuse what a scheduler refuses.
+    code = (
+        "import sys; from catalog.entries import make_entry; from node.identity import Identity\n"
+        "from catalog.errors import InvalidEntryError\n"
+        "try:\n"
+        "    make_entry(Identity.generate(), kind='image', name='x', version='1',\n"
+        "               blobs={'manifest': 'a' * 64}, meta={'image_id': 'xyz'}, now=1)\n"
+        "except InvalidEntryError:\n"
+        "    assert 'catalog.build' not in sys.modules; print('refused')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "refused"
 
 
 def test_trust_policy_refuses_an_untrusted_publisher_with_the_reason() -> None:

@@ -18,9 +18,9 @@ from catalog.taskfile import loads
 from node.dht_records import peer_id_of
 from node.errors import RemoteProtocolError
 from node.identity import Identity
+from owner_role.cli import run_task
+from owner_role.service import _tar
 from scheduler_role.owner_api import spec_of
-from scheduler_role.owner_cli import run_text
-from scheduler_role.owner_node import _collect_files, _tar
 from scheduler_role.service import LogBuffer, public_key_of
 from worker_role.agent import policy_of
 
@@ -72,12 +72,12 @@ def test_a_tiny_task_maps_onto_the_least_a_vm_runs_with() -> None:
     assert (caps.memory_mib, caps.disk_mib) == (32, 1)
 
 
-def test_vmlend_run_writes_a_valid_task_file(tmp_path: Path) -> None:
+def test_vmlend_run_builds_its_task_from_the_flags(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("a")
     args = argparse.Namespace(
         os="tiny", package=[], file=["a.txt"], cpus=1, memory="128MiB", timeout="30s", image=None
     )
-    task = loads(run_text(args, ["sh", "-c", 'echo "quoted" \\ $HOME']), base_dir=tmp_path)
+    task = run_task(args, ["sh", "-c", 'echo "quoted" \\ $HOME'], tmp_path)
     assert task.command == ("sh", "-c", 'echo "quoted" \\ $HOME')
     assert (task.files, task.limits.max_runtime, task.resources.memory) == (
         ("a.txt",), 30.0, 128 << 20,
@@ -85,8 +85,13 @@ def test_vmlend_run_writes_a_valid_task_file(tmp_path: Path) -> None:
     ready = argparse.Namespace(
         os=None, package=[], file=[], cpus=1, memory="128MiB", timeout="30s", image="hello@1"
     )
-    task = loads(run_text(ready, ["true"]), base_dir=tmp_path)
+    task = run_task(ready, ["true"], tmp_path)
     assert (task.image, task.os, task.files, task.command) == ("hello@1", "", (), ("true",))
+    bad = argparse.Namespace(**{**vars(args), "memory": "lots"})
+    with pytest.raises(TaskFileError) as info:
+        run_task(bad, ["true"], tmp_path)
+    assert info.value.key == "resources.memory"  # which cmd_run names as --memory
+    assert info.value.line is None  # no file the user never wrote
 
 
 def test_task_files_are_collected_relative_and_never_from_outside(tmp_path: Path) -> None:
@@ -97,15 +102,24 @@ def test_task_files_are_collected_relative_and_never_from_outside(tmp_path: Path
     base = tmp_path / "task"
     task = loads('name="t"\nos="tiny"\ncommand="sh main.sh"\nfiles=["main.sh","data/"]\n',
                  base_dir=base)  # fmt: skip
-    files = _collect_files(task)
-    assert files == {"main.sh": b"echo hi\n", "data/x": b"x"}
-    with tarfile.open(fileobj=io.BytesIO(_tar(files))) as tar:
-        assert sorted(tar.getnames()) == ["data/x", "main.sh"]
-    assert _tar(files) == _tar(dict(reversed(list(files.items()))))  # deterministic
+    archive = _tar(task)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        assert sorted(tar.getnames()) == ["data", "data/x", "main.sh"]
+        assert tar.extractfile("main.sh").read() == b"echo hi\n"  # type: ignore[union-attr]
+        assert tar.getmember("main.sh").mode == 0o644
+    assert _tar(task) == archive  # deterministic
+    (base / "run.sh").write_text("exit 0\n")
+    (base / "run.sh").chmod(0o700)
+    (base / "inner").symlink_to("main.sh")
+    kept = loads('name="t"\nos="tiny"\ncommand="true"\nfiles=["run.sh","inner"]\n', base_dir=base)
+    with tarfile.open(fileobj=io.BytesIO(_tar(kept))) as tar:
+        assert tar.getmember("run.sh").mode == 0o755  # executable bit kept, nothing else
+        assert tar.getmember("inner").issym()
+        assert tar.getmember("inner").linkname == "main.sh"
     (base / "link").symlink_to(tmp_path / "secret")
     sneaky = loads('name="t"\nos="tiny"\ncommand="true"\nfiles=["link"]\n', base_dir=base)
     with pytest.raises(TaskFileError, match="outside"):
-        _collect_files(sneaky)
+        _tar(sneaky)
 
 
 def test_lending_policy_from_the_worker_config() -> None:

@@ -1,6 +1,6 @@
 """The task owner's commands: ``vmlend submit / status / logs / wait / results / cancel / run``.
 
-All go through the local node's RPC (``task.*``, see :mod:`scheduler_role.owner_node`); the node
+All go through the local node's RPC (``task.*``, see :mod:`owner_role.service`); the node
 forwards them to the scheduler holding the task. Exit codes: 0 done (or the task's own exit code for
 ``run``), 1 the task failed or was cancelled, 2 bad usage. :mod:`node.cli` names the commands and
 calls :func:`add_owner_arguments` only for the one that runs.
@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.cli_common import (
     EXIT_FAILURE,
@@ -26,6 +26,9 @@ from node.cli_common import (
 )
 from node.rpc import Notification
 from node.rpc_blocking_client import Client, Result
+
+if TYPE_CHECKING:  # imported where used: ``status`` and ``logs`` must start fast
+    from catalog.taskfile import TaskFile
 
 
 def add_owner_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -197,29 +200,32 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_text(args: argparse.Namespace, argv: list[str]) -> str:
-    """The task file ``vmlend run`` submits (JSON strings are valid TOML basic strings)."""
+# The task-file keys ``vmlend run`` fills, and the flag each comes from (for error messages).
+_RUN_FLAGS = {
+    "os": "--os",
+    "image": "--image",
+    "packages": "--package",
+    "files": "--file",
+    "resources.cpus": "--cpus",
+    "resources.cpu_share": "--cpus",
+    "resources.memory": "--memory",
+    "limits.max_runtime": "--timeout",
+}
+
+
+def run_task(args: argparse.Namespace, argv: list[str], base_dir: Path) -> TaskFile:
+    """The task ``vmlend run`` submits, built from its flags with the task file's own rules;
+    a bad flag raises :class:`TaskFileError` naming the task-file key (see ``_RUN_FLAGS``)."""
+    from catalog.taskfile import from_table
+
+    table: dict[str, Any] = {"name": "run", "command": argv}
     if args.image is not None:
-        source = [f"image = {json.dumps(args.image)}"]
+        table["image"] = args.image
     else:
-        source = [
-            f"os = {json.dumps(args.os or 'tiny')}",
-            f"packages = {json.dumps(list(args.package))}",
-            f"files = {json.dumps(list(args.file))}",
-        ]
-    lines = [
-        'name = "run"',
-        *source,
-        f"command = {json.dumps(argv)}",
-        "[resources]",
-        f"cpus = {int(args.cpus)}",
-        f"cpu_share = {float(args.cpus)}",
-        f"memory = {json.dumps(args.memory)}",
-        "[limits]",
-        f"max_runtime = {json.dumps(args.timeout)}",
-        "max_attempts = 3",
-    ]
-    return "\n".join(lines) + "\n"
+        table |= {"os": args.os or "tiny", "packages": list(args.package), "files": list(args.file)}
+    table["resources"] = {"cpus": args.cpus, "cpu_share": float(args.cpus), "memory": args.memory}
+    table["limits"] = {"max_runtime": args.timeout, "max_attempts": 3}
+    return from_table(table, source="vmlend run", base_dir=base_dir)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -230,8 +236,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.image is not None and (args.os is not None or args.package or args.file):
         print("vmlend run: --image cannot go with --os, --package or --file", file=sys.stderr)
         return EXIT_USAGE
+    from catalog.errors import TaskFileError
+    from catalog.task_wire import task_to_wire
+
+    try:
+        task = run_task(args, argv, Path.cwd())
+    except TaskFileError as e:
+        flag = _RUN_FLAGS.get(e.key or "", "")
+        print(f"vmlend run: {flag or e.key}: {e.reason}", file=sys.stderr)
+        return EXIT_USAGE
     client = _client(args)
-    task_id = submit_text(client, run_text(args, argv), Path.cwd(), args.scheduler)["task_id"]
+    params: dict[str, Any] = {"task": task_to_wire(task), "base_dir": str(task.base_dir)}
+    if args.scheduler:
+        params["scheduler"] = args.scheduler
+    task_id = client.call("task.submit", params)["task_id"]
     print(f"vmlend run: task {task_id}", file=sys.stderr, flush=True)
     follow_logs(client, task_id, follow=True)
     status = client.call("task.wait", {"task_id": task_id})

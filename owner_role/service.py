@@ -1,0 +1,364 @@
+"""The task owner's side on their own node: local RPC ``task.*`` forwarded to a scheduler.
+
+The owner's node picks the scheduler (``scheduler`` option, else the first found in the DHT),
+parses the task file here, once, and sends the typed task over ``/vmlend/tasks/1.0.0``
+(:mod:`catalog.owner_protocol`). The files and local package directories it names go into our
+chunk store as one archive, which the scheduler fetches from us. The node remembers which
+scheduler holds each task (``<data>/owner_tasks.json``), so every later call goes there.
+
+RPC methods (MessagePack-RPC params: one map)::
+
+    task.submit  {"text": TOML, "base_dir": ABS_DIR, "scheduler"?: PEER}   -> {"task_id", ...}
+                 or {"task": TASK (catalog.task_wire), "base_dir", "scheduler"?}
+    task.status  {"task_id"?}            -> status map (or a list of them without task_id)
+    task.wait    {"task_id", "timeout"?} -> status map once finished
+    task.results {"task_id", "out"?: ABS_DIR} -> status map + stdout, stderr (+ out/out.tar)
+    task.cancel  {"task_id"}             -> status map
+    task.logs    {"task_id", "follow"?}  (streaming) notifications "task.log" [stream, data];
+                                          result {"state"}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import secrets
+import tarfile
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from catalog.blob import BlobId
+from catalog.blob_fetch import ensure_blob
+from catalog.blob_service import BlobService
+from catalog.errors import CatalogError, TaskFileError
+from catalog.owner_protocol import (
+    MAX_PROVIDERS,
+    PROTOCOL_ID,
+    REPLIES,
+    REQUESTS,
+    WIRE_LIMITS,
+    CancelRequest,
+    LogData,
+    LogEnd,
+    LogsRequest,
+    Refused,
+    Reply,
+    Request,
+    ResultsRequest,
+    StatusRequest,
+    Submit,
+    Submitted,
+    TaskResults,
+    TaskStatus,
+    WaitRequest,
+)
+from catalog.scheduler_record import SchedulerDirectory
+from catalog.task_wire import archive_members, task_from_wire
+from catalog.taskfile import TaskFile, loads
+from node import rpc_params
+from node.errors import LocalProtocolError, NetworkError, RemoteProtocolError, RpcError
+from node.p2p import P2PNode
+from node.rpc_server import SendNotification
+from node.wire_fields import as_id
+
+log = logging.getLogger("vmlend.owner")
+
+SCHEDULER_RECORD_KIND = "scheduler"
+REQUEST_TIMEOUT = 60.0
+MAX_SHIPPED_BYTES = 256 << 20
+
+Handler = Callable[[list[Any]], Awaitable[Any]]
+StreamHandler = Callable[[list[Any], SendNotification], Awaitable[Any]]
+
+
+class OwnerService:
+    METHODS = (
+        "task.submit",
+        "task.status",
+        "task.wait",
+        "task.results",
+        "task.cancel",
+        "task.logs",
+    )
+
+    def __init__(self, p2p: P2PNode, blobs: BlobService, data_dir: Path) -> None:
+        self.p2p = p2p
+        self.blobs = blobs
+        self._path = data_dir / "owner_tasks.json"
+        self._tasks: dict[str, str] = {}
+        if self._path.exists():
+            self._tasks = dict(json.loads(self._path.read_text()))
+
+    def rpc_methods(self) -> Mapping[str, Handler]:
+        return {
+            "task.submit": self._submit,
+            "task.status": self._status,
+            "task.wait": self._wait,
+            "task.results": self._results,
+            "task.cancel": self._cancel,
+        }
+
+    def rpc_streams(self) -> Mapping[str, StreamHandler]:
+        return {"task.logs": self._logs}
+
+    # ---- scheduler choice ----------------------------------------------------------------
+
+    async def _schedulers(self) -> dict[str, list[str]]:
+        directory = SchedulerDirectory(self.p2p)
+        delay = 0.2
+        with trio.move_on_after(30.0):
+            while True:
+                if found := await directory.find(timeout=10.0):
+                    return {s.peer_id: list(s.addrs) for s in found}
+                await trio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+        raise RpcError("no_scheduler", "no scheduler found in the DHT within 30 s")
+
+    async def _ask(self, scheduler: str, request: Request) -> Reply:
+        try:
+            if not self.p2p.is_connected(scheduler):
+                found = await self._schedulers()
+                for addr in found.get(scheduler, [])[:1]:
+                    await self.p2p.connect(addr)
+            # Not p2p.request: a wait may take far longer than the default stream deadline.
+            limit = REQUEST_TIMEOUT + (request.timeout if isinstance(request, WaitRequest) else 0)
+            with trio.fail_after(limit):
+                async with await self.p2p.open_stream(
+                    scheduler, PROTOCOL_ID, limits=WIRE_LIMITS
+                ) as stream:
+                    stream.deadline = limit
+                    await stream.send(REQUESTS.encode(request))
+                    await stream.send_end()
+                    answer = REPLIES.decode(await stream.receive())
+        except trio.EndOfChannel:
+            raise RpcError("scheduler_unreachable", f"{scheduler} ended without a reply") from None
+        except trio.TooSlowError:
+            raise RpcError("timeout", f"no answer from scheduler {scheduler} in time") from None
+        except NetworkError as e:
+            raise RpcError("scheduler_unreachable", f"scheduler {scheduler}: {e}") from e
+        except RemoteProtocolError as e:
+            raise RpcError("bad_answer", f"scheduler {scheduler}: {e}") from e
+        if isinstance(answer, Refused):
+            raise RpcError(answer.code, answer.message)
+        return answer
+
+    def _scheduler_of(self, task_id: str) -> str:
+        try:
+            return self._tasks[task_id]
+        except KeyError:
+            raise RpcError("unknown_task", f"this node submitted no task {task_id}") from None
+
+    def _remember(self, task_id: str, scheduler: str) -> None:
+        self._tasks[task_id] = scheduler
+        tmp = self._path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._tasks))
+        tmp.replace(self._path)
+
+    # ---- methods -------------------------------------------------------------------------
+
+    async def _submit(self, params: list[Any]) -> dict[str, Any]:
+        args = _args(params, {"text", "task", "base_dir", "scheduler"})
+        task = await trio.to_thread.run_sync(_task_of, args)
+        scheduler = args.get("scheduler")
+        if scheduler is None:
+            found = await self._schedulers()
+            scheduler = sorted(found)[0]
+        if not isinstance(scheduler, str):
+            raise RpcError("invalid_params", "scheduler must be a peer ID")
+        task_id = f"{task.name}-{secrets.token_hex(5)}"
+        files_blob = None
+        if archive_members(task):
+            # The files travel through the chunk store: the scheduler fetches the archive from us.
+            try:
+                archive = await trio.to_thread.run_sync(_tar, task)
+            except TaskFileError as e:
+                raise RpcError("invalid_task", str(e)) from None
+            blob = await self.blobs.blobs.add_bytes(archive)
+            self.blobs.announce(blob)
+            files_blob = bytes(blob)
+        request = Submit(
+            task_id=task_id,
+            task=task,
+            files_blob=files_blob,
+            providers=tuple(self.p2p.addrs[:MAX_PROVIDERS]),
+        )
+        answer = await self._ask(scheduler, request)
+        if not isinstance(answer, Submitted):
+            raise RpcError(
+                "bad_answer", f"scheduler {scheduler} answered a submit with {answer.TYPE}"
+            )
+        self._remember(task_id, scheduler)
+        return {"task_id": task_id, "scheduler": scheduler, "new": answer.new}
+
+    async def _status(self, params: list[Any]) -> Any:
+        args = _args(params, {"task_id"})
+        if "task_id" not in args:
+            out = []
+            for task_id in list(self._tasks):
+                try:
+                    out.append(await self._one(StatusRequest(task_id=task_id)))
+                except RpcError as e:
+                    out.append({"task_id": task_id, "state": "unknown", "reason": e.message})
+            return out
+        return await self._one(StatusRequest(task_id=_task_id(args)))
+
+    async def _one(self, request: Request) -> dict[str, Any]:
+        """The status map of the request's task (the RPC's answer), from its scheduler."""
+        answer = await self._ask(self._scheduler_of(request.task_id), request)
+        if not isinstance(answer, TaskStatus):
+            raise RpcError("bad_answer", f"expected a task status, got {answer.TYPE}")
+        return answer.to_rpc()
+
+    async def _wait(self, params: list[Any]) -> dict[str, Any]:
+        args = _args(params, {"task_id", "timeout"})
+        timeout = rpc_params.timeout_option(args, default=3600, maximum=7 * 24 * 3600)
+        return await self._one(WaitRequest(task_id=_task_id(args), timeout=float(timeout)))
+
+    async def _cancel(self, params: list[Any]) -> dict[str, Any]:
+        args = _args(params, {"task_id"})
+        return await self._one(CancelRequest(task_id=_task_id(args)))
+
+    async def _results(self, params: list[Any]) -> dict[str, Any]:
+        args = _args(params, {"task_id", "out"})
+        task_id = _task_id(args)
+        reply = await self._ask(self._scheduler_of(task_id), ResultsRequest(task_id=task_id))
+        if not isinstance(reply, TaskResults):
+            raise RpcError("bad_answer", f"expected results, got {reply.TYPE}")
+        answer = reply.status.to_rpc() | {"stdout": reply.stdout, "stderr": reply.stderr}
+        out = args.get("out")
+        archive = reply.archive_blob
+        if out is not None:
+            if not isinstance(out, str) or not Path(out).is_absolute():
+                raise RpcError("invalid_params", "out must be an absolute directory")
+            where = trio.Path(out)
+            await where.mkdir(parents=True, exist_ok=True)
+            await (where / "stdout").write_bytes(answer["stdout"])
+            await (where / "stderr").write_bytes(answer["stderr"])
+            await (where / "exit_code").write_text(f"{answer.get('exit_code')}\n")
+            if archive is not None:
+                blob = BlobId(archive)
+                try:
+                    await ensure_blob(
+                        self.blobs, blob, timeout=REQUEST_TIMEOUT, sources=reply.providers
+                    )
+                except (CatalogError, NetworkError) as e:
+                    raise RpcError("fetch_failed", f"fetching the /out archive: {e}") from e
+                await self.blobs.blobs.export(blob, Path(out) / "out.tar")
+        answer["archive"] = archive is not None
+        return answer
+
+    async def _logs(self, params: list[Any], send: SendNotification) -> dict[str, Any]:
+        args = _args(params, {"task_id", "follow"})
+        follow = args.get("follow", False)
+        if not isinstance(follow, bool):
+            raise RpcError("invalid_params", "follow must be true or false")
+        request = LogsRequest(task_id=_task_id(args), follow=follow)
+        scheduler = self._scheduler_of(request.task_id)
+        try:
+            async with await self.p2p.open_stream(
+                scheduler, PROTOCOL_ID, limits=WIRE_LIMITS
+            ) as stream:
+                stream.deadline = 3600.0
+                await stream.send(REQUESTS.encode(request))
+                await stream.send_end()
+                while True:
+                    frame = REPLIES.decode(await stream.receive())
+                    if isinstance(frame, LogData):
+                        await send("task.log", [frame.stream, frame.data])
+                    elif isinstance(frame, Refused):
+                        raise RpcError(frame.code, frame.message)
+                    elif isinstance(frame, LogEnd):
+                        return {"state": frame.state}
+                    else:
+                        raise RemoteProtocolError(f"{frame.TYPE} in a log stream")
+        except (NetworkError, RemoteProtocolError, trio.EndOfChannel) as e:
+            raise RpcError("scheduler_unreachable", f"logs of {request.task_id}: {e}") from e
+
+
+def _args(params: list[Any], allowed: set[str]) -> dict[str, Any]:
+    return rpc_params.options(params, 0, allowed, required=True)
+
+
+def _task_id(args: Mapping[str, Any]) -> str:
+    try:
+        return as_id("task_id", args.get("task_id"))
+    except LocalProtocolError as e:
+        raise RpcError("invalid_params", str(e)) from None
+
+
+def _task_of(args: Mapping[str, Any]) -> TaskFile:
+    """The task the caller gave: TOML text (parsed here) or an already parsed task, its paths
+    relative to ``base_dir``."""
+    base = args.get("base_dir")
+    if not isinstance(base, str) or not Path(base).is_absolute():
+        raise RpcError("invalid_params", "expected an absolute base_dir")
+    text, wire_task = args.get("text"), args.get("task")
+    if (text is None) == (wire_task is None):
+        raise RpcError("invalid_params", "expected the task as text (TOML) or as task, not both")
+    try:
+        if isinstance(text, str):
+            return loads(text, source="task file", base_dir=Path(base))
+        if text is not None:
+            raise RpcError("invalid_params", "text must be a string")
+        task = task_from_wire(wire_task, base_dir=Path(base))
+    except TaskFileError as e:
+        raise RpcError("invalid_task", str(e)) from None
+    except LocalProtocolError as e:
+        raise RpcError("invalid_task", f"task: {e}") from None
+    for rel in archive_members(task):
+        if not (task.base_dir / rel).exists():
+            raise RpcError("invalid_task", f"{rel!r}: no such file or directory in {base}")
+    return task
+
+
+def _tar(task: TaskFile) -> bytes:
+    """A deterministic tar of the task's files and local package directories, by their path
+    relative to the task: sorted, no owners or times, modes 0644 or 0755 (executable bit kept),
+    symbolic links that stay inside the task kept as links."""
+    base = task.base_dir.resolve()
+    entries: dict[str, tarfile.TarInfo] = {}
+    contents: dict[str, bytes] = {}
+    total = 0
+    for member in archive_members(task):
+        root = task.base_dir / member
+        paths = (
+            [root, *sorted(root.rglob("*"))] if root.is_dir() and not root.is_symlink() else [root]
+        )
+        for path in paths:
+            rel = str(path.relative_to(task.base_dir))
+            info = tarfile.TarInfo(rel)
+            if path.is_symlink():
+                target = os.readlink(path)
+                if not (path.parent / target).resolve().is_relative_to(base):
+                    raise TaskFileError(f"links outside {base}", source=str(path), key="files")
+                info.type, info.linkname = tarfile.SYMTYPE, target
+            elif path.is_dir():
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            elif path.is_file():
+                if not path.resolve().is_relative_to(base):
+                    raise TaskFileError(f"outside {base}", source=str(path), key="files")
+                data = path.read_bytes()
+                total += len(data)
+                if total > MAX_SHIPPED_BYTES:
+                    raise TaskFileError(
+                        f"the task's files exceed {MAX_SHIPPED_BYTES >> 20} MiB",
+                        source="files",
+                        key="files",
+                    )
+                info.size = len(data)
+                info.mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
+                contents[rel] = data
+            else:
+                raise TaskFileError("not a file, directory or link", source=str(path), key="files")
+            entries[rel] = info
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(entries):
+            body = contents.get(name)
+            tar.addfile(entries[name], io.BytesIO(body) if body is not None else None)
+    return out.getvalue()
