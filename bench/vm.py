@@ -28,7 +28,7 @@ import trio
 
 from catalog.caps import Caps
 from worker_role.tinyos import locate
-from worker_role.vm import Image, TaskSpec, VmBackend, open_backend
+from worker_role.vm import GuestCommand, Image, VmBackend, open_backend
 from worker_role.vm.backend import OutputChunk
 from worker_role.vm.domain_xml import Accel
 from worker_role.vm.task import parse_result, task_archive
@@ -40,7 +40,7 @@ IDLE = ("sh", "-c", "echo ready; sleep 3600")
 async def backend_boot(backend: VmBackend, runs: int) -> tuple[list[float], list[float]]:
     """(seconds until the result is in hand, seconds until the VM is also torn down)."""
     to_result, to_gone = [], []
-    task = TaskSpec(argv=("true",), timeout_s=60)
+    task = GuestCommand(argv=("true",), timeout_s=60)
     for _ in range(runs):
         t0 = trio.current_time()
         async with backend.start(Image.tiny(), task, Caps(memory_mib=GUEST_MIB)) as vm:
@@ -55,7 +55,7 @@ async def backend_boot(backend: VmBackend, runs: int) -> tuple[list[float], list
 def plain_qemu_boot(runs: int, accel: Accel, work: Path) -> list[float]:
     tiny = locate()
     task = work / "task.img"
-    task.write_bytes(task_archive(TaskSpec(argv=("true",), timeout_s=60), [], network=False))
+    task.write_bytes(task_archive(GuestCommand(argv=("true",), timeout_s=60), [], network=False))
     times = []
     for _ in range(runs):
         scratch, result = work / "scratch.img", work / "result.img"
@@ -126,7 +126,7 @@ async def wait_ready(receive: trio.MemoryReceiveChannel[OutputChunk]) -> None:
 
 async def idle_memory(backend: VmBackend) -> dict[str, Any]:
     send, receive = trio.open_memory_channel[OutputChunk](16)
-    task = TaskSpec(argv=IDLE, timeout_s=3600)
+    task = GuestCommand(argv=IDLE, timeout_s=3600)
     async with backend.start(Image.tiny(), task, Caps(memory_mib=GUEST_MIB), output=send) as vm:
         with trio.fail_after(120):
             await wait_ready(receive)
@@ -160,7 +160,7 @@ async def concurrent(backend: VmBackend, max_vms: int, idle: dict[str, Any]) -> 
 
         async def one() -> None:
             send, receive = trio.open_memory_channel[OutputChunk](16)
-            task = TaskSpec(argv=IDLE, timeout_s=3600)
+            task = GuestCommand(argv=IDLE, timeout_s=3600)
             async with backend.start(
                 Image.tiny(), task, Caps(memory_mib=GUEST_MIB), output=send
             ) as vm:

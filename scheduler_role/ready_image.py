@@ -18,10 +18,10 @@ from catalog.blob import BlobId
 from catalog.blob_fetch import ensure_blob, read_small
 from catalog.blob_service import BlobService
 from catalog.build.assemble import default_caps
-from catalog.build.manifest import MAX_MANIFEST_SIZE, ImageManifest
 from catalog.entries import Entry
 from catalog.errors import ImageManifestError, UnknownEntryError
 from catalog.library import Library
+from catalog.manifest import MAX_MANIFEST_SIZE, ImageManifest
 from catalog.taskfile import TaskFile
 
 __all__ = ["ready_manifest", "resolve_image"]

@@ -30,7 +30,6 @@ from catalog.blob_fetch import ensure_blob
 from catalog.blob_service import BlobService
 from catalog.build.assemble import Assembler
 from catalog.build.cache import BuildCache
-from catalog.build.manifest import ImageManifest
 from catalog.build.os_tiny import BootFiles
 from catalog.dispatch import (
     LOGS_PROTOCOL_ID,
@@ -45,6 +44,7 @@ from catalog.dispatch import (
 )
 from catalog.errors import CatalogError, UnknownEntryError
 from catalog.library import Library
+from catalog.manifest import ImageManifest
 from catalog.owner_protocol import PROTOCOL_ID as TASKS_PROTOCOL_ID
 from catalog.owner_protocol import WIRE_LIMITS as TASKS_WIRE_LIMITS
 from catalog.taskfile import TaskFile

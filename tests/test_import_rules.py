@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +98,21 @@ def test_the_checker_catches_each_kind_of_violation(path: str, source: str) -> N
 )
 def test_the_checker_allows_what_design_allows(path: str, source: str) -> None:
     assert violations(path, source) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "never"),
+    [
+        ("worker_role.agent", ("scheduler_role", "owner_role", "catalog.build")),
+        ("scheduler_role.service", ("worker_role", "owner_role")),
+        ("owner_role.service", ("worker_role", "scheduler_role", "catalog.build")),
+    ],
+)
+def test_a_role_loads_none_of_the_others(module: str, never: tuple[str, ...]) -> None:
+    # Imports through the contract modules can still drag a role in indirectly; this catches it.
+    code = f"import sys, {module}; print('\\n'.join(sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    loaded = [m for m in out.stdout.split() if m.startswith(never)]
+    assert loaded == [], f"importing {module} loads {loaded}"

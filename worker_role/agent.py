@@ -67,7 +67,7 @@ from worker_role.lease_blobs import LeaseBlobs
 from worker_role.policy import LendingPolicy, PolicyError
 from worker_role.shares import Shares
 from worker_role.vm.interface import Backend, BackendFactory, OutputChunk, VmResult
-from worker_role.vm.task import TaskSpec
+from worker_role.vm.task import GuestCommand
 
 log = logging.getLogger("vmlend.worker.agent")
 
@@ -380,7 +380,7 @@ class WorkerAgent:
         # The grant is the one word on how long this replica may run: the scheduler stops it
         # there too. (The manifest's timeout_s is what a local `vmlend vm run` defaults to.)
         timeout = max(1, math.ceil(grant.max_runtime))
-        task = TaskSpec(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=timeout)
+        task = GuestCommand(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=timeout)
         send, receive = trio.open_memory_channel[OutputChunk](256)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward_logs, scheduler, grant.lease, receive)

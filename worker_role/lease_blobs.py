@@ -13,8 +13,8 @@ from typing import Protocol
 from catalog.blob import BlobId
 from catalog.blob_fetch import ensure_blob, read_small
 from catalog.blob_service import BlobService
-from catalog.build.manifest import MAX_MANIFEST_SIZE, ImageManifest, materialize
 from catalog.dispatch import LeaseGrant
+from catalog.manifest import MAX_MANIFEST_SIZE, ImageManifest, materialize
 from worker_role.vm.interface import Image
 from worker_role.vm.task import Layer, LayerFormat
 

@@ -1,7 +1,7 @@
 """Image assembly (DESIGN.md step 4): OS + package layers + task layer -> an image manifest.
 
 :meth:`Assembler.assemble` builds (or finds in the cache) each part, adds every file to the chunk
-store as a blob, and returns the :class:`~catalog.build.manifest.ImageManifest`, whose ID is the
+store as a blob, and returns the :class:`~catalog.manifest.ImageManifest`, whose ID is the
 hash of its canonical bytes. The same task file gives the same ID wherever it is built: every
 part is a reproducible function of its inputs, and nothing about the building machine (paths,
 times, owners of the task's files) enters a layer or the manifest.
@@ -32,7 +32,6 @@ from catalog.blob import BlobStore, parse_blob_id
 from catalog.blob_fetch import is_complete
 from catalog.build import os_debian
 from catalog.build.cache import BuildCache, BuiltLayer
-from catalog.build.manifest import ImageManifest, LayerRef
 from catalog.build.os_tiny import BootFiles, OsBuild, build_tiny
 from catalog.build.packages import build_debian_packages, build_directory
 from catalog.build.tools import (
@@ -45,6 +44,7 @@ from catalog.build.tools import (
 )
 from catalog.caps import Caps, NetworkMode
 from catalog.errors import BuildError, ImageManifestError, TaskInputError
+from catalog.manifest import ImageManifest, LayerRef
 from catalog.taskfile import TASK_DIR, TaskFile
 
 RECIPE = "image/2"

@@ -23,7 +23,6 @@ from catalog.build import (
     package_draft,
 )
 from catalog.build.cli import main as cli_main
-from catalog.build.manifest import LayerRef
 from catalog.build.packages import merge_usr
 from catalog.caps import Caps
 from catalog.chunk_store import ChunkStore
@@ -36,6 +35,7 @@ from catalog.errors import (
     TaskInputError,
     UnknownOsError,
 )
+from catalog.manifest import LayerRef
 from catalog.taskfile import load, loads
 from node.identity import Identity
 from tests.catalog_build.conftest import write_task

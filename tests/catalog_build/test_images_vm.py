@@ -33,7 +33,7 @@ from catalog.taskfile import load, loads
 from node.identity import Identity
 from tests.catalog_build.conftest import write_task
 from worker_role.errors import GuestFailedError
-from worker_role.vm import Image, Layer, TaskSpec, VmResult, open_backend
+from worker_role.vm import GuestCommand, Image, Layer, VmResult, open_backend
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BOOT_ALLOWANCE_S = 90.0
@@ -48,7 +48,7 @@ async def boot_image(image: AssembledImage, blobs: BlobStore, into: Path) -> VmR
         cmdline=paths.cmdline,
         layers=tuple(Layer(p) for p in paths.layers),
     )
-    task = TaskSpec(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=m.timeout_s)
+    task = GuestCommand(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=m.timeout_s)
     async with open_backend(boot_allowance_s=BOOT_ALLOWANCE_S) as backend:
         try:
             return await backend.run(vm_image, task, m.caps)

@@ -3,8 +3,8 @@ change to how caps are represented in code must never change a manifest's bytes 
 
 from __future__ import annotations
 
-from catalog.build.manifest import ImageManifest, LayerRef
 from catalog.caps import Caps, NetworkMode
+from catalog.manifest import ImageManifest, LayerRef
 
 # IDs computed by the code before caps had one type (the manifest's own DefaultCaps then).
 GOLDEN = {

@@ -20,7 +20,7 @@ from catalog.caps import Caps
 from node.cli import main
 from worker_role.vm.backend import open_backend
 from worker_role.vm.interface import Backend, Image, OutputChunk, StartedVm, VmResult
-from worker_role.vm.task import TaskSpec
+from worker_role.vm.task import GuestCommand
 
 WRONG_STDOUT = b"a wrong result\n"
 BANNER = "fault: every result this worker reports has a wrong stdout"
@@ -46,7 +46,7 @@ class _WrongBackend:
     async def start(
         self,
         image: Image,
-        task: TaskSpec,
+        task: GuestCommand,
         caps: Caps,
         *,
         output: trio.MemorySendChannel[OutputChunk] | None = None,

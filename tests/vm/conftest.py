@@ -20,11 +20,11 @@ import trio
 
 from catalog.caps import Caps
 from worker_role.vm import (
+    GuestCommand,
     Image,
     Layer,
     LayerFormat,
     RunningVm,
-    TaskSpec,
     VmBackend,
     VmResult,
     open_backend,
@@ -52,7 +52,7 @@ class VmFactory:
     @contextlib.asynccontextmanager
     async def start(
         self,
-        task: TaskSpec,
+        task: GuestCommand,
         caps: Caps | None = None,
         *,
         layers: tuple[Layer, ...] = (),
@@ -70,7 +70,7 @@ class VmFactory:
                     text = f"(no console log: {e})"
                 self._node.vmlend_consoles.append((vm.name, text))
 
-    async def run(self, task: TaskSpec, caps: Caps | None = None, **kw: Any) -> VmResult:
+    async def run(self, task: GuestCommand, caps: Caps | None = None, **kw: Any) -> VmResult:
         async with self.start(task, caps, **kw) as vm:
             return await vm.wait()
 

@@ -17,7 +17,7 @@ import trio
 from catalog.caps import Caps, NetworkMode
 from worker_role.errors import CapUnsupportedError, VmSetupError
 from worker_role.policy import LendingPolicy, PolicyViolation
-from worker_role.vm import Image, TaskSpec
+from worker_role.vm import GuestCommand, Image
 from worker_role.vm.accel import AccelChoice
 from worker_role.vm.backend import VmBackend
 from worker_role.vm.cleanup import sweep, this_process
@@ -165,7 +165,7 @@ async def test_policy_refuses_before_any_vm_starts(tmp_path: Path) -> None:
         policy=policy,
     )
     image = Image(kernel=Path("/nonexistent"), initrd=Path("/nonexistent"), cmdline="")
-    task = TaskSpec(argv=("true",))
+    task = GuestCommand(argv=("true",))
     with pytest.raises(PolicyViolation, match="memory"):
         async with backend.start(image, task, Caps(memory_mib=1024)):
             pass

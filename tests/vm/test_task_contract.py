@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from worker_role.vm.task import (
     RESULT_TAR_OFFSET,
+    GuestCommand,
     Layer,
     LayerFormat,
-    TaskSpec,
     parse_result,
     read_result,
     run_script,
@@ -29,12 +29,12 @@ ARG = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="
 @given(argv=st.lists(ARG, min_size=1, max_size=4), value=ARG)
 def test_script_passes_argv_and_env_exactly(argv: list[str], value: str) -> None:
     # The generated script, run by a real sh, hands the command its argv and env byte for byte.
-    spec = TaskSpec(argv=("printf", "%s\\0", *argv, value), env={"V": value}, cwd="/")
+    spec = GuestCommand(argv=("printf", "%s\\0", *argv, value), env={"V": value}, cwd="/")
     script = run_script(spec)
     out = subprocess.run(["sh", "-c", script], capture_output=True, check=True).stdout
     assert out.split(b"\0")[:-1] == [a.encode() for a in (*argv, value)]
     env_out = subprocess.run(
-        ["sh", "-c", run_script(TaskSpec(argv=("env",), env={"V": value}))],
+        ["sh", "-c", run_script(GuestCommand(argv=("env",), env={"V": value}))],
         capture_output=True,
         check=True,
     ).stdout
@@ -42,7 +42,7 @@ def test_script_passes_argv_and_env_exactly(argv: list[str], value: str) -> None
 
 
 def test_script_runs_in_cwd_with_a_clean_environment() -> None:
-    script = run_script(TaskSpec(argv=("sh", "-c", "pwd; echo ${LEAK-unset}"), cwd="/tmp"))
+    script = run_script(GuestCommand(argv=("sh", "-c", "pwd; echo ${LEAK-unset}"), cwd="/tmp"))
     out = subprocess.run(
         ["sh", "-c", script], capture_output=True, check=True, env={"LEAK": "yes", "PATH": "/bin"}
     ).stdout
@@ -50,7 +50,7 @@ def test_script_runs_in_cwd_with_a_clean_environment() -> None:
 
 
 def test_task_archive_is_deterministic_and_carries_config() -> None:
-    spec = TaskSpec(argv=("true",), timeout_s=42)
+    spec = GuestCommand(argv=("true",), timeout_s=42)
     layers = [Layer(Path("/x")), Layer(Path("/y"), LayerFormat.EROFS)]
     a = task_archive(spec, layers, network=True)
     assert a == task_archive(spec, layers, network=True)
@@ -76,7 +76,7 @@ def test_task_archive_is_deterministic_and_carries_config() -> None:
 )
 def test_bad_task_specs_are_refused(spec: dict[str, object], error: str) -> None:
     with pytest.raises(ValueError, match=error):
-        TaskSpec(**spec)  # type: ignore[arg-type]
+        GuestCommand(**spec)  # type: ignore[arg-type]
 
 
 def _disk(header: bytes, tar: bytes = b"") -> bytes:

@@ -13,7 +13,7 @@ import trio
 
 from catalog.caps import MIB, Caps, NetworkMode
 from tests.vm.conftest import VmFactory
-from worker_role.vm import TaskSpec
+from worker_role.vm import GuestCommand
 from worker_role.vm.backend import OutputChunk
 from worker_role.vm.domain_xml import hard_limit_kib
 
@@ -63,7 +63,7 @@ async def test_cpu_share_caps_the_whole_vm(vms: VmFactory) -> None:
     # VM take a whole CPU; global_quota holds QEMU (vCPUs, emulator and I/O threads) to 0.5.
     burn = "while :; do :; done"
     script = f"({burn}) & ({burn}) & echo burning; wait"
-    task = TaskSpec(argv=("sh", "-c", script), timeout_s=120)
+    task = GuestCommand(argv=("sh", "-c", script), timeout_s=120)
     async with vms.start(task, Caps(vcpus=2, cpu_share=0.5), output=send) as vm:
         with trio.fail_after(90):
             await _wait_for_line(receive, b"burning")
@@ -87,7 +87,7 @@ async def test_memory_cap_ooms_the_guest_not_the_host(vms: VmFactory) -> None:
         "head -c 400000000 /dev/zero | sort > /dev/null; echo sort=$?; "
         "dmesg | grep -q 'Out of memory' && echo oom-in-guest"
     )
-    async with vms.start(TaskSpec(argv=("sh", "-c", script), timeout_s=120), caps) as vm:
+    async with vms.start(GuestCommand(argv=("sh", "-c", script), timeout_s=120), caps) as vm:
         params = await vms.backend.conn.call(
             "memory params", lambda: vms.backend.conn.raw.lookupByName(vm.name).memoryParameters(0)
         )
@@ -113,7 +113,7 @@ async def test_disk_rate_and_iops_caps(vms: VmFactory) -> None:
     )
     send, receive = trio.open_memory_channel[OutputChunk](64)
     caps = Caps(disk_mib=256, disk_bps=rate, disk_iops=iops)
-    task = TaskSpec(argv=("sh", "-c", script), timeout_s=120)
+    task = GuestCommand(argv=("sh", "-c", script), timeout_s=120)
     async with vms.start(task, caps, output=send) as vm:
 
         def stats() -> tuple[int, int]:
@@ -177,7 +177,7 @@ async def test_proxy_network_allows_only_listed_destinations_at_capped_rate(
         """
         caps = Caps(network=NetworkMode.PROXY, net_allow=(f"127.0.0.1:{port}",), net_bps=rate)
         t0, i0 = trio.current_time(), _idle_cpus()
-        result = await vms.run(TaskSpec(argv=("sh", "-c", script), timeout_s=120), caps)
+        result = await vms.run(GuestCommand(argv=("sh", "-c", script), timeout_s=120), caps)
         idle = (_idle_cpus() - i0) / (trio.current_time() - t0)
         nursery.cancel_scope.cancel()
     out = result.stdout.decode()

@@ -20,11 +20,11 @@ HOLDER = textwrap.dedent(
     """
     import trio
     from catalog.caps import Caps
-    from worker_role.vm import Image, TaskSpec, open_backend
+    from worker_role.vm import Image, GuestCommand, open_backend
 
     async def main():
         async with open_backend() as backend:
-            task = TaskSpec(argv=("sleep", "600"), timeout_s=600)
+            task = GuestCommand(argv=("sleep", "600"), timeout_s=600)
             async with backend.start(Image.tiny(), task, Caps(memory_mib=64)) as vm:
                 print(vm.name, vm.qemu_pid(), flush=True)
                 await trio.sleep_forever()

@@ -13,7 +13,7 @@ import trio
 from catalog.caps import Caps
 from tests.vm.conftest import VmFactory, collect
 from worker_role.errors import GuestFailedError, GuestTimeoutError
-from worker_role.vm import Layer, TaskSpec
+from worker_role.vm import GuestCommand, Layer
 from worker_role.vm.backend import OUTPUT_TAIL_BYTES, OutputChunk
 
 pytestmark = pytest.mark.vm
@@ -35,7 +35,7 @@ async def test_run_streams_output_and_returns_code_files_layers(
 ) -> None:
     send, receive = trio.open_memory_channel[OutputChunk](16)
     streamed = {"stdout": bytearray(), "stderr": bytearray()}
-    task = TaskSpec(
+    task = GuestCommand(
         argv=("sh", "-c", SCRIPT), env={"GREETING": "hi there"}, cwd="/work", timeout_s=60
     )
     async with trio.open_nursery() as nursery:
@@ -63,7 +63,7 @@ async def test_run_streams_output_and_returns_code_files_layers(
 
 
 async def test_time_limit_kills_the_command_and_keeps_out(vms: VmFactory) -> None:
-    task = TaskSpec(
+    task = GuestCommand(
         argv=("sh", "-c", "echo partial > /out/p; echo started; sleep 600 & sleep 600"),
         timeout_s=3,
     )
@@ -76,7 +76,7 @@ async def test_time_limit_kills_the_command_and_keeps_out(vms: VmFactory) -> Non
 
 
 async def test_kernel_panic_is_a_failure_with_console_lines(vms: VmFactory) -> None:
-    task = TaskSpec(argv=("sh", "-c", "echo c > /proc/sysrq-trigger"), timeout_s=30)
+    task = GuestCommand(argv=("sh", "-c", "echo c > /proc/sysrq-trigger"), timeout_s=30)
     with pytest.raises(GuestFailedError) as info:
         await vms.run(task)
     assert not isinstance(info.value, GuestTimeoutError)
@@ -88,7 +88,7 @@ async def test_hung_guest_hits_the_host_deadline(vms: VmFactory) -> None:
     # Killing the guest init's watchdog makes the guest ignore its own time limit: only the host's
     # deadline (time limit + boot allowance) can end it.
     vms.backend.boot_allowance_s = 20
-    task = TaskSpec(argv=("sh", "-c", "killall -9 sleep; echo hung; sleep 600"), timeout_s=2)
+    task = GuestCommand(argv=("sh", "-c", "killall -9 sleep; echo hung; sleep 600"), timeout_s=2)
     start = trio.current_time()
     with pytest.raises(GuestTimeoutError) as info:
         await vms.run(task)
@@ -122,7 +122,7 @@ async def test_cli_streams_output_and_exits_124_on_timeout() -> None:
 async def test_large_output_arrives_whole_and_in_order(vms: VmFactory) -> None:
     send, receive = trio.open_memory_channel[OutputChunk](16)
     streamed = {"stdout": bytearray(), "stderr": bytearray()}
-    task = TaskSpec(argv=("sh", "-c", "seq 1 200000; seq 1 1000 >&2"), timeout_s=120)
+    task = GuestCommand(argv=("sh", "-c", "seq 1 200000; seq 1 1000 >&2"), timeout_s=120)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(collect, receive, streamed)
         async with send:

@@ -15,13 +15,13 @@ from pathlib import Path
 import blake3
 import trio
 
-from catalog.build.manifest import ImageManifest
 from catalog.caps import Caps
 from catalog.dispatch import LeaseGrant
+from catalog.manifest import ImageManifest
 from worker_role.errors import VmError, WorkerError
 from worker_role.policy import LendingPolicy
 from worker_role.vm.interface import Image, OutputChunk, VmResult
-from worker_role.vm.task import TaskSpec
+from worker_role.vm.task import GuestCommand
 
 IMAGE = Image(kernel=Path("/fake/vmlinuz"), initrd=Path("/fake/initrd"), cmdline="console=ttyS0")
 
@@ -61,7 +61,7 @@ class Changes:
 
 
 class FakeVm:
-    def __init__(self, name: str, image: Image, task: TaskSpec, caps: Caps) -> None:
+    def __init__(self, name: str, image: Image, task: GuestCommand, caps: Caps) -> None:
         self.name = name
         self.image = image
         self.task = task
@@ -120,7 +120,7 @@ class FakeBackend:
     async def start(
         self,
         image: Image,
-        task: TaskSpec,
+        task: GuestCommand,
         caps: Caps,
         *,
         output: trio.MemorySendChannel[OutputChunk] | None = None,

@@ -10,18 +10,18 @@ from worker_role.errors import GuestFailedError, GuestTimeoutError
 from worker_role.vm.accel import AccelChoice, probe_accelerator
 from worker_role.vm.backend import Image, RunningVm, VmBackend, VmResult, open_backend
 from worker_role.vm.domain_xml import Accel
-from worker_role.vm.task import Layer, LayerFormat, TaskSpec
+from worker_role.vm.task import GuestCommand, Layer, LayerFormat
 
 __all__ = [
     "Accel",
     "AccelChoice",
+    "GuestCommand",
     "GuestFailedError",
     "GuestTimeoutError",
     "Image",
     "Layer",
     "LayerFormat",
     "RunningVm",
-    "TaskSpec",
     "VmBackend",
     "VmResult",
     "open_backend",

@@ -96,9 +96,9 @@ async def _boot(backend: VmBackend, image: Any, accel: Accel) -> tuple[float, di
 
     Returns (boot-to-result seconds, unsupported caps).
     """
-    from worker_role.vm.task import TaskSpec
+    from worker_role.vm.task import GuestCommand
 
-    task = TaskSpec(argv=("echo", "vmlend-probe"), timeout_s=10)
+    task = GuestCommand(argv=("echo", "vmlend-probe"), timeout_s=10)
     async with backend.start(image, task, _PROBE_CAPS, accel=accel, enforce=False) as vm:
         unsupported = await _check_live_caps(backend, vm.name, accel)
         result = await vm.wait()

@@ -51,8 +51,8 @@ from worker_role.vm.paths import (
 )
 from worker_role.vm.task import (
     END_MARKER_PREFIX,
+    GuestCommand,
     GuestResult,
-    TaskSpec,
     read_result,
     task_archive,
 )
@@ -68,7 +68,7 @@ class RunningVm:
     """A started VM, valid inside ``VmBackend.start()``."""
 
     def __init__(
-        self, backend: VmBackend, name: str, vm_dir: Path, task: TaskSpec, started: float
+        self, backend: VmBackend, name: str, vm_dir: Path, task: GuestCommand, started: float
     ) -> None:
         self.name = name
         self.dir = vm_dir
@@ -241,7 +241,7 @@ class VmBackend:
     async def run(
         self,
         image: Image,
-        task: TaskSpec,
+        task: GuestCommand,
         caps: Caps,
         *,
         output: trio.MemorySendChannel[OutputChunk] | None = None,
@@ -253,7 +253,7 @@ class VmBackend:
     async def start(
         self,
         image: Image,
-        task: TaskSpec,
+        task: GuestCommand,
         caps: Caps,
         *,
         output: trio.MemorySendChannel[OutputChunk] | None = None,
@@ -292,7 +292,7 @@ class VmBackend:
         self,
         name: str,
         image: Image,
-        task: TaskSpec,
+        task: GuestCommand,
         caps: Caps,
         output: trio.MemorySendChannel[OutputChunk] | None,
         accel: Accel | None,
@@ -362,7 +362,7 @@ class VmBackend:
         vm._readers_done.set()
 
     async def _prepare_disks(
-        self, vm_dir: Path, image: Image, task: TaskSpec, caps: Caps, end_token: bytes
+        self, vm_dir: Path, image: Image, task: GuestCommand, caps: Caps, end_token: bytes
     ) -> None:
         archive = task_archive(
             task, image.layers, network=caps.network is NetworkMode.PROXY, end_token=end_token

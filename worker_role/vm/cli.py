@@ -26,7 +26,7 @@ from node.cli_common import (
 from node.units import parse_duration, parse_rate, parse_size
 from worker_role.errors import GuestTimeoutError, VmError
 from worker_role.vm.backend import Image, OutputChunk, open_backend
-from worker_role.vm.task import TaskSpec
+from worker_role.vm.task import GuestCommand
 
 
 def add_vm_arguments(vm: argparse.ArgumentParser) -> None:
@@ -107,7 +107,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
             net_bps=args.net_bps,
             net_allow=tuple(args.allow),
         )
-        task = TaskSpec(
+        task = GuestCommand(
             argv=tuple(argv), env=env, cwd=args.cwd, timeout_s=max(1, math.ceil(args.timeout))
         )
     except ValueError as e:
@@ -116,7 +116,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     return trio.run(vm_run, task, caps, args.vm_dir)
 
 
-async def vm_run(task: TaskSpec, caps: Caps, vm_dir: Path | None = None) -> int:
+async def vm_run(task: GuestCommand, caps: Caps, vm_dir: Path | None = None) -> int:
     """Run ``task`` under ``caps``, streaming its output to our stdout/stderr; the exit code."""
     send, receive = trio.open_memory_channel[OutputChunk](64)
     try:

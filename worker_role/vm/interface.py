@@ -18,7 +18,7 @@ from catalog.caps import Caps
 from worker_role.egress_proxy import EgressStatistics
 from worker_role.policy import LendingPolicy
 from worker_role.tinyos import locate
-from worker_role.vm.task import Layer, TaskSpec
+from worker_role.vm.task import GuestCommand, Layer
 
 __all__ = ["Backend", "BackendFactory", "Image", "OutputChunk", "StartedVm", "VmResult"]
 
@@ -75,7 +75,7 @@ class Backend(Protocol):
     def start(
         self,
         image: Image,
-        task: TaskSpec,
+        task: GuestCommand,
         caps: Caps,
         *,
         output: trio.MemorySendChannel[OutputChunk] | None = None,

@@ -47,9 +47,10 @@ class Layer:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TaskSpec:
-    """What to run in the guest. ``timeout_s`` is enforced by the guest (exit 124) and, with a
-    boot allowance on top, by the host, which destroys a guest that overruns."""
+class GuestCommand:
+    """What the guest runs: command line, environment, directory and time limit. ``timeout_s``
+    is enforced by the guest (exit 124) and, with a boot allowance on top, by the host, which
+    destroys a guest that overruns."""
 
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
@@ -68,7 +69,7 @@ class TaskSpec:
             raise ValueError(f"cwd must be absolute, got {self.cwd!r}")
 
 
-def run_script(spec: TaskSpec, *, extra_env: Mapping[str, str] = {}) -> str:
+def run_script(spec: GuestCommand, *, extra_env: Mapping[str, str] = {}) -> str:
     """The shell script the guest runs in the task's root: cwd, a clean environment, the command."""
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
     env.update(extra_env)
@@ -80,7 +81,7 @@ def run_script(spec: TaskSpec, *, extra_env: Mapping[str, str] = {}) -> str:
 
 
 def task_archive(
-    spec: TaskSpec, layers: Sequence[Layer], *, network: bool, end_token: bytes = b""
+    spec: GuestCommand, layers: Sequence[Layer], *, network: bool, end_token: bytes = b""
 ) -> bytes:
     """The task disk: a tar the guest unpacks. Deterministic (fixed mtimes, owners, order).
 
