@@ -7,7 +7,6 @@ the key may already have leaked, and the owner should know.
 
 from __future__ import annotations
 
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from node.durable import write_atomically
 from node.errors import IdentityError
 
 KEY_FILE = "identity.key"
@@ -50,9 +50,10 @@ class Identity:
     @classmethod
     def load_or_create(cls, data_dir: Path) -> Identity:
         path = data_dir / KEY_FILE
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_private_dir(data_dir)
         if path.exists():
             return cls.load(path)
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         identity = cls.generate()
         identity.save(path)
         return identity
@@ -88,21 +89,25 @@ class Identity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        tmp = path.with_name(path.name + ".tmp")
-        # Created 0600 from the start: there is never a moment when the key is readable by others.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        # Without this a power cut right after first start can lose the key (a new peer ID).
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # Created 0600 under a fresh name (never a planted link) and synced with its directory:
+        # never readable by others, and a power cut right after first start keeps the peer ID.
+        write_atomically(path, pem, mode=0o600)
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse a data directory others may write to (they could replace the key or state files)
+    or that is not a directory, with what to do about it."""
+    try:
+        st = path.lstat()
+    except OSError as e:
+        raise IdentityError(f"cannot use data directory {path}: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise IdentityError(f"data directory {path} is not a directory (a link or a file)")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise IdentityError(
+            f"data directory {path} has mode {stat.S_IMODE(st.st_mode):04o}: others may write "
+            f"to it; make it private with 'chmod 700 {path}'"
+        )
 
 
 def verify(public_bytes: bytes, data: bytes, signature: bytes) -> bool:

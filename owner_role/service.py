@@ -61,6 +61,7 @@ from catalog.scheduler_record import SchedulerDirectory
 from catalog.task_wire import archive_members, task_from_wire
 from catalog.taskfile import TaskFile, loads
 from node import rpc_params
+from node.durable import read_state, write_atomically
 from node.errors import LocalProtocolError, NetworkError, RemoteProtocolError, RpcError
 from node.p2p import P2PNode
 from node.rpc_server import SendNotification
@@ -90,9 +91,7 @@ class OwnerService:
         self.p2p = p2p
         self.blobs = blobs
         self._path = data_dir / "owner_tasks.json"
-        self._tasks: dict[str, str] = {}
-        if self._path.exists():
-            self._tasks = dict(json.loads(self._path.read_text()))
+        self._tasks: dict[str, str] = read_state(self._path, _task_map) or {}
 
     def rpc_methods(self) -> Mapping[str, Handler]:
         return {
@@ -153,11 +152,14 @@ class OwnerService:
         except KeyError:
             raise RpcError("unknown_task", f"this node submitted no task {task_id}") from None
 
-    def _remember(self, task_id: str, scheduler: str) -> None:
-        self._tasks[task_id] = scheduler
-        tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._tasks))
-        tmp.replace(self._path)
+    async def _remember(self, task_id: str, scheduler: str | None) -> None:
+        """Note (or, with ``None``, drop) which scheduler holds the task, durably."""
+        if scheduler is None:
+            self._tasks.pop(task_id, None)
+        else:
+            self._tasks[task_id] = scheduler
+        data = json.dumps(self._tasks).encode()
+        await trio.to_thread.run_sync(write_atomically, self._path, data)
 
     # ---- methods -------------------------------------------------------------------------
 
@@ -187,12 +189,19 @@ class OwnerService:
             files_blob=files_blob,
             providers=tuple(self.p2p.addrs[:MAX_PROVIDERS]),
         )
-        answer = await self._ask(scheduler, request)
+        # Remembered before it is sent: a task the scheduler may have accepted is never lost
+        # track of, whatever happens to the answer; a definite refusal forgets it again.
+        await self._remember(task_id, scheduler)
+        try:
+            answer = await self._ask(scheduler, request)
+        except RpcError as e:
+            if e.code not in _OUTCOME_UNKNOWN:
+                await self._remember(task_id, None)
+            raise
         if not isinstance(answer, Submitted):
             raise RpcError(
                 "bad_answer", f"scheduler {scheduler} answered a submit with {answer.TYPE}"
             )
-        self._remember(task_id, scheduler)
         return {"task_id": task_id, "scheduler": scheduler, "new": answer.new}
 
     async def _status(self, params: list[Any]) -> Any:
@@ -278,6 +287,19 @@ class OwnerService:
                         raise RemoteProtocolError(f"{frame.TYPE} in a log stream")
         except (NetworkError, RemoteProtocolError, trio.EndOfChannel) as e:
             raise RpcError("scheduler_unreachable", f"logs of {request.task_id}: {e}") from e
+
+
+# Errors after which the scheduler may or may not hold the task.
+_OUTCOME_UNKNOWN = frozenset({"scheduler_unreachable", "timeout", "bad_answer"})
+
+
+def _task_map(data: bytes) -> dict[str, str]:
+    raw = json.loads(data)
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        raise ValueError("not a map of task IDs to scheduler peer IDs")
+    return raw
 
 
 def _args(params: list[Any], allowed: set[str]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from scheduler_role.end_conditions import Outcome
 from scheduler_role.errors import InvalidTaskError, TaskConflictError
 from scheduler_role.group_commit import GroupCommit
 from scheduler_role.lifecycle import (
+    FINISHED_TASK_STATES,
     HOLDING,
     Replica,
     ReplicaEvent,
@@ -48,7 +49,6 @@ from scheduler_role.lifecycle import (
     TaskEvent,
     TaskState,
     replica_step,
-    task_allows,
     task_step,
 )
 from scheduler_role.queue_ops import StopNotice
@@ -56,6 +56,12 @@ from scheduler_role.queue_ops import StopNotice
 __all__ = ["Clock", "Queue", "SeenOffer", "StopNotice", "StoredResult", "TaskStatus", "TrioClock"]
 from catalog.dispatch import LeaseKey
 from scheduler_role.task import TaskSpec
+
+# Events that race with a task's end (an owner's cancel, a deadline, an assembly running in the
+# background): arriving after the verdict, they are moot rather than invalid.
+_MOOT_ONCE_FINISHED = frozenset(
+    {TaskEvent.CANCEL, TaskEvent.ASSEMBLE, TaskEvent.IMAGE_READY, TaskEvent.ASSEMBLY_FAILED}
+)
 
 
 class Clock(Protocol):
@@ -215,6 +221,7 @@ class Queue:
         return await self._commits.write(op)
 
     async def begin_assembly(self, task_id: str) -> None:
+        """Mark the task assembling (a task that ended meanwhile stays as it is)."""
         await self._task_event(task_id, TaskEvent.ASSEMBLE)
 
     async def image_ready(self, task_id: str, image_id: bytes) -> None:
@@ -239,8 +246,8 @@ class Queue:
 
         def op(conn: sqlite3.Connection) -> list[StopNotice]:
             seq, _, state, _, _ = ops.load_task(conn, task_id)
-            if event is TaskEvent.CANCEL and not task_allows(state, event):
-                return []
+            if event in _MOOT_ONCE_FINISHED and state in FINISHED_TASK_STATES:
+                return []  # a cancel or an assembly that ends after its task did changes nothing
             new = task_step(state, event)
             if image_id is not None:
                 if len(image_id) != 32:

@@ -143,3 +143,21 @@ def test_verify_true_for_a_good_signature_false_otherwise() -> None:
     assert not verify(alice.public_bytes, b"result: exit 0", tampered)
     assert not verify(alice.public_bytes, b"result: exit 0", signature[:-1])
     assert not verify(b"\x00" * 31, b"result: exit 0", signature)  # not a public key at all
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_data_dir_others_may_write_is_refused_with_the_fix(tmp_path: Path, mode: int) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(mode)
+    with pytest.raises(IdentityError, match=f"chmod 700 {data}"):
+        Identity.load_or_create(data)
+    assert not (data / "identity.key").exists()
+
+
+def test_a_data_dir_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "data").symlink_to(real)
+    with pytest.raises(IdentityError, match="not a directory"):
+        Identity.load_or_create(tmp_path / "data")

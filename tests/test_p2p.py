@@ -78,6 +78,7 @@ async def test_request_and_a_multi_message_stream_with_an_explicit_end() -> None
             await stream.receive()
 
 
+@pytest.mark.internal_errors_expected
 async def test_a_raising_handler_resets_its_stream_and_the_host_keeps_serving() -> None:
     async def broken(stream: MessageStream) -> None:
         await stream.receive()

@@ -25,11 +25,9 @@ async def _submit_to(owner: LocalNode, scheduler: LocalNode, command: str, base:
     return await owner.call("task.submit", params)
 
 
-async def test_a_killed_scheduler_does_not_stop_the_other_or_its_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_killed_scheduler_does_not_stop_the_other_or_its_worker(tmp_path: Path) -> None:
     roles = [("owner",), ("scheduler",), ("scheduler",), ("worker",)]
-    async with network(tmp_path, roles, monkeypatch) as nodes:
+    async with network(tmp_path, roles) as nodes:
         owner, a, b, worker = nodes
         with trio.fail_after(60):
             for n in (owner, worker):

@@ -28,11 +28,9 @@ max_runtime = "2m"
 """
 
 
-async def test_a_published_image_runs_by_name_and_by_id(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_published_image_runs_by_name_and_by_id(tmp_path: Path) -> None:
     roles = [("owner",), ("scheduler",), ("worker",)]
-    async with network(tmp_path, roles, monkeypatch) as nodes:
+    async with network(tmp_path, roles) as nodes:
         owner, scheduler = nodes[0], nodes[1]
         build = [*vmlend_command(), "image", "build", str(EXAMPLES / "hello.toml")]
         build += ["--data", str(scheduler.data_dir), "--publish", "--json"]
@@ -61,11 +59,9 @@ async def test_a_published_image_runs_by_name_and_by_id(
         assert b"by-id" in done.stdout
 
 
-async def test_an_unknown_image_fails_the_task_with_the_reason(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_an_unknown_image_fails_the_task_with_the_reason(tmp_path: Path) -> None:
     roles = [("owner",), ("scheduler",)]
-    async with network(tmp_path, roles, monkeypatch) as nodes:
+    async with network(tmp_path, roles) as nodes:
         owner = nodes[0]
         text = BY_NAME.replace('image = "hello"', 'image = "nowhere"')
         with trio.fail_after(60):

@@ -300,3 +300,28 @@ async def test_no_lease_past_the_deadline_even_before_a_tick(
     assert isinstance(await queue.lease("w1", offer()), NoWork)
     await queue.tick()
     assert (await queue.status("a")).reason == "deadline passed"
+
+
+@pytest.mark.parametrize("end", ["cancel", "deadline"])
+@pytest.mark.parametrize("outcome", ["image_ready", "assembly_failed", "begin_assembly"])
+async def test_an_assembly_that_ends_after_its_task_did_changes_nothing(
+    queue: Queue, autojump_clock: trio.testing.MockClock, end: str, outcome: str
+) -> None:
+    # Assembly runs in the background; an owner's cancel or a deadline may end the task first.
+    await queue.submit(spec("t", image_id=None, deadline=VirtualClock().wall() + 10))
+    await queue.begin_assembly("t")
+    if end == "cancel":
+        await queue.cancel("t")
+    else:
+        await trio.sleep(11)
+        await queue.tick()
+    before = await queue.status("t")
+    assert before.state in (TaskState.CANCELLED, TaskState.FAILED)
+    if outcome == "image_ready":
+        await queue.image_ready("t", image(1))
+    elif outcome == "assembly_failed":
+        await queue.assembly_failed("t", "too late")
+    else:
+        await queue.begin_assembly("t")
+    after = await queue.status("t")
+    assert (after.state, after.reason) == (before.state, before.reason)

@@ -1,0 +1,35 @@
+"""Containing bugs: work a node starts for a peer must never end the node when it fails.
+
+A service runs what it starts on a peer's behalf through :func:`run_contained`: an error the code
+expects is handled where it happens; anything else is a bug (or a peer that drove the code
+somewhere unforeseen), and it costs only that piece of work. It is logged with its traceback
+under :data:`INTERNAL_ERROR`, and the test suite fails any test during which such a line was
+logged, so containing a bug never hides it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+INTERNAL_ERROR = "internal error"
+
+
+def log_internal_error(log: logging.Logger, what: str, *args: object) -> None:
+    """Log the exception being handled as a bug, with its traceback (call in an ``except``)."""
+    log.exception(f"{INTERNAL_ERROR} in {what}", *args)
+
+
+async def run_contained(
+    log: logging.Logger, what: str, fn: Callable[[], Awaitable[object]]
+) -> bool:
+    """Run ``fn``; a bug in it is logged (see the module docstring) instead of raised.
+
+    Returns whether it finished without one. Cancellation and KeyboardInterrupt pass through:
+    they are not Exceptions."""
+    try:
+        await fn()
+    except Exception:
+        log_internal_error(log, what)
+        return False
+    return True
