@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ class DataServer:
         port: int = 0,
         token_timeout: float = 10.0,
         max_connections: int = 64,
+        max_unauthorised: int = 16,
+        max_unauthorised_per_ip: int = 4,
+        idle_timeout: float = 60.0,
     ) -> None:
         self.tokens = TokenBook()
         self._read_chunk = read_chunk
@@ -77,7 +81,14 @@ class DataServer:
         self._host = host
         self._port = port
         self._token_timeout = token_timeout
+        self._idle_timeout = idle_timeout
+        # A connection holds a slot of the served pool only once its token is good; until then
+        # it waits in a small pool of its own, of which one address can take only a few, so
+        # strangers who never show a token cannot keep the fetchers who hold one out.
         self._slots = trio.CapacityLimiter(max_connections)
+        self._unauthorised = trio.CapacityLimiter(max_unauthorised)
+        self._unauthorised_per_ip = max_unauthorised_per_ip
+        self._unauthorised_by_ip: dict[str, int] = {}
         self.port = 0
         self.refused = 0  # connections turned away (no valid token, or too many)
         self.served = 0  # connections that showed a valid token
@@ -94,12 +105,18 @@ class DataServer:
         stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, SOCKET_BUFFER)
         async with stream:
             try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                self.refused += 1
-                return
-            try:
-                await self._serve_authorised(stream)
+                grant = await self._authorise(stream)
+                if grant is None:
+                    return
+                try:
+                    self._slots.acquire_nowait()
+                except trio.WouldBlock:
+                    self.refused += 1
+                    return
+                try:
+                    await self._serve_authorised(stream, grant)
+                finally:
+                    self._slots.release()
             except* (
                 StreamBrokenError,
                 trio.BrokenResourceError,
@@ -107,21 +124,41 @@ class DataServer:
                 OSError,  # the socket, or the disk under a chunk being read
             ) as group:
                 log.debug("data channel connection ended: %s", group.exceptions[0])
-            finally:
-                self._slots.release()
 
-    async def _serve_authorised(self, stream: trio.SocketStream) -> None:
-        with trio.move_on_after(self._token_timeout):
-            token = await _receive_token(stream)
+    async def _authorise(self, stream: trio.SocketStream) -> Grant | None:
+        """The grant of the token the connection shows within ``token_timeout``, or None."""
+        ip = str(stream.socket.getpeername()[0])
+        if self._unauthorised_by_ip.get(ip, 0) >= self._unauthorised_per_ip:
+            self.refused += 1
+            return None
+        try:
+            self._unauthorised.acquire_nowait()
+        except trio.WouldBlock:
+            self.refused += 1
+            return None
+        self._unauthorised_by_ip[ip] = self._unauthorised_by_ip.get(ip, 0) + 1
+        try:
+            with trio.move_on_after(self._token_timeout):
+                token = await _receive_token(stream)
+        finally:
+            self._unauthorised.release()
+            if (left := self._unauthorised_by_ip[ip] - 1) > 0:
+                self._unauthorised_by_ip[ip] = left
+            else:
+                del self._unauthorised_by_ip[ip]
         grant = None if token is None else self.tokens.redeem(token, trio.current_time())
         if grant is None:
             self.refused += 1
-            log.info("data channel: connection without a valid token refused")
-            return
+            log.info("data channel: connection from %s without a valid token refused", ip)
+        return grant
+
+    async def _serve_authorised(self, stream: trio.SocketStream, grant: Grant) -> None:
         self.served += 1
         sock = blocking_socket(stream)
         try:
-            served = _ServedConnection(sock, grant, self._read_chunk, self._open_chunk)
+            served = _ServedConnection(
+                sock, grant, self._read_chunk, self._open_chunk, idle_timeout=self._idle_timeout
+            )
             await trio.to_thread.run_sync(served.run, limiter=trio.CapacityLimiter(1))
         finally:
             sock.close()  # only now: the thread has returned
@@ -152,8 +189,11 @@ class _ServedConnection:
         grant: Grant,
         read_chunk: ReadChunk,
         open_chunk: OpenChunk | None,
+        *,
+        idle_timeout: float,
     ) -> None:
         self._sock = sock
+        self._idle_timeout = idle_timeout
         self._grant = grant
         self._read_chunk = read_chunk
         # With a key, every answer is read and encrypted here: no sendfile.
@@ -222,21 +262,42 @@ class _ServedConnection:
 
     def _send_all(self, data: bytes, flags: int = 0) -> None:
         view = memoryview(data)
+        idle = _IdleClock(self._idle_timeout)
         while view:
             try:
                 view = view[self._sock.send(view, flags) :]
+                idle.reset()
             except BlockingIOError:  # SO_SNDTIMEO: the peer is not reading for now
                 trio.from_thread.check_cancelled()
+                idle.check("reading what it asked for")
 
     def _receive_some(self) -> bytes:
         """What has arrived (at least one byte), or b"" when the peer is done or gone."""
+        idle = _IdleClock(self._idle_timeout)
         while True:
             try:
                 return self._sock.recv(RECV_SIZE)
             except BlockingIOError:  # SO_RCVTIMEO: nothing for a while
                 trio.from_thread.check_cancelled()
+                idle.check("asking")
             except (ConnectionResetError, ConnectionAbortedError):
                 return b""
+
+
+class _IdleClock:
+    """How long a connection's thread has waited on its peer; past ``timeout``, the connection
+    is ended (its slot is freed for others). Monotonic time: this runs in a worker thread."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self.reset()
+
+    def reset(self) -> None:
+        self._since = time.monotonic()
+
+    def check(self, doing: str) -> None:
+        if time.monotonic() - self._since > self._timeout:
+            raise StreamBrokenError(f"the peer stopped {doing} for {self._timeout:g}s")
 
 
 __all__ = ["ChunkFile", "DataServer"]

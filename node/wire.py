@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 import msgpack
@@ -34,24 +35,30 @@ class WireLimits:
 DEFAULT_LIMITS = WireLimits()
 
 
+_CONTAINERS = frozenset({dict, list, tuple})
+_IS_CONTAINER = _CONTAINERS.__contains__
+
+
 def too_deep(obj: object, max_depth: int) -> bool:
     """True if ``obj`` nests maps/arrays deeper than ``max_depth`` levels.
 
-    Iterative, so a hostile nesting cannot blow the Python stack either. Shared with the local
-    RPC decoder, which reports the same condition with its own error type.
+    Level by level, never recursing, so a hostile nesting cannot blow the Python stack; and the
+    scalars of each level are skipped in C (``map``/``compress``), so the check costs a fraction
+    of what decoding the frame did rather than many times it. Keys are not searched: both
+    decoders use ``strict_map_key``, so they are strings or bytes. Shared with the local RPC
+    decoder, which reports the same condition with its own error type.
     """
-    stack: list[tuple[object, int]] = [(obj, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: list[object] = [*item.keys(), *item.values()]
-        elif isinstance(item, list | tuple):
-            children = list(item)
-        else:
-            continue
+    level = [obj] if type(obj) in _CONTAINERS else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > max_depth:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        below: list[object] = []
+        for item in level:
+            values: Any = item.values() if type(item) is dict else item
+            below.extend(compress(values, map(_IS_CONTAINER, map(type, values))))
+        level = below
     return False
 
 

@@ -460,3 +460,49 @@ async def test_answers_held_for_a_batch_are_delivered_when_the_peer_goes_quiet(
             third.cancel()
         nursery.cancel_scope.cancel()
     assert results == [CHUNK, CHUNK]
+
+
+async def _silent_socket(port: int, source: str) -> trio.SocketStream:
+    """A connection from ``source`` (any 127/8 address is this host) that never says a word."""
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def test_strangers_without_a_token_cannot_keep_a_fetcher_out() -> None:
+    async with trio.open_nursery() as nursery:
+        srv = DataServer(
+            read_chunk, open_chunk=open_chunk, host="127.0.0.1", token_timeout=30.0,
+            max_connections=2, max_unauthorised=8, max_unauthorised_per_ip=3,
+        )  # fmt: skip
+        await nursery.start(srv.run)
+        # One address opens far more silent connections than it may hold unauthorised...
+        silent = [await _silent_socket(srv.port, "127.0.0.9") for _ in range(20)]
+        await trio.testing.wait_all_tasks_blocked()
+        # ...and a fetcher with a token, from elsewhere, is still served, twice over: the
+        # served pool (2) was never taken by connections that showed no token.
+        for _ in range(3):
+            conn = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
+            assert await conn.get(CHUNK_ID) == bytearray(CHUNK)
+            await conn.aclose()
+        assert srv.refused >= 17  # all but the 3 the address may hold
+        for stream in silent:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_authorised_connection_that_goes_quiet_is_closed() -> None:
+    async with trio.open_nursery() as nursery:
+        srv = DataServer(
+            read_chunk, open_chunk=open_chunk, host="127.0.0.1", max_connections=1,
+            idle_timeout=0.5,
+        )  # fmt: skip
+        await nursery.start(srv.run)
+        quiet = await trio.open_tcp_stream("127.0.0.1", srv.port)
+        await quiet.send_all(srv.tokens.issue("me", trio.current_time()))
+        with trio.fail_after(10):  # closed once idle, so its one slot is free again
+            assert await quiet.receive_some(10) == b""
+        conn = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
+        assert await conn.get(CHUNK_ID) == bytearray(CHUNK)
+        nursery.cancel_scope.cancel()
