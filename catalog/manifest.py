@@ -118,8 +118,18 @@ class ImageManifest:
             raise ImageManifestError(f"manifest bytes do not hash to image {expected_id}")
         try:
             raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
+            if not isinstance(raw, dict):
+                raise TypeError(f"a manifest is a map, not a {type(raw).__name__}")
             manifest = cls.from_dict(raw)
-        except (ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError) as e:
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,  # a nested value of the wrong kind (a list where a map belongs)
+            msgpack.ExtraData,
+            msgpack.FormatError,
+            msgpack.StackError,
+        ) as e:
             raise ImageManifestError(f"malformed image manifest: {e!r}") from e
         if manifest.encode() != data:
             raise ImageManifestError("image manifest is not in canonical form")

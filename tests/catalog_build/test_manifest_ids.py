@@ -3,7 +3,15 @@ change to how caps are represented in code must never change a manifest's bytes 
 
 from __future__ import annotations
 
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from catalog.caps import Caps, NetworkMode
+from catalog.errors import ImageManifestError
 from catalog.manifest import ImageManifest, LayerRef
 
 # IDs computed by the code before caps had one type (the manifest's own DefaultCaps then).
@@ -63,3 +71,35 @@ def test_a_manifest_round_trips_with_its_caps() -> None:
     for manifest in _manifests().values():
         data = manifest.encode()
         assert ImageManifest.decode(data, expected_id=manifest.id) == manifest
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.text(max_size=8)
+        | st.binary(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+        max_leaves=20,
+    )
+)
+def test_any_bytes_decode_to_a_manifest_or_the_manifest_error(value: object) -> None:
+    # A scheduler names the image; whatever its manifest blob holds, the worker gets a typed
+    # refusal, never another exception that would end the lease's task or the process.
+    data = msgpack.packb(value, use_bin_type=True)
+    with contextlib.suppress(ImageManifestError):
+        ImageManifest.decode(data)
+
+
+def test_manifests_of_the_wrong_shape_are_refused() -> None:
+    good = _manifests()["full"].to_dict()
+    for bad in (
+        [1, 2],
+        "x",
+        {**good, "caps": []},
+        {**good, "layers": {"a": 1}},
+        {**good, "v": 1, "env": 3},
+    ):
+        with pytest.raises(ImageManifestError):
+            ImageManifest.decode(msgpack.packb(bad, use_bin_type=True))
