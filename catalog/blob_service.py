@@ -56,6 +56,7 @@ from catalog.errors import (
 from catalog.transfer import Held, TransferResult, fetch_blob
 from catalog.transfer_links import CONTROL_TIMEOUT, P2PLinks, connections_per_provider, ip_of
 from catalog.transfer_messages import (
+    MESSAGES,
     PROTOCOL_ID,
     WIRE_LIMITS,
     ChunkRequest,
@@ -65,9 +66,7 @@ from catalog.transfer_messages import (
     HaveResponse,
     ManifestRequest,
     Message,
-    decode_message,
     respond,
-    to_dict,
 )
 from catalog.transfer_plan import Event, PeerDropped, PeerMisbehaved, Progress
 from node.errors import NetworkError, RemoteProtocolError, RpcError
@@ -132,10 +131,10 @@ class BlobService:
 
     async def _serve_control(self, stream: MessageStream) -> None:
         async for raw in stream:
-            request = decode_message(raw)  # RemoteProtocolError resets only this stream
+            request = MESSAGES.decode(raw)  # RemoteProtocolError resets only this stream
             if not isinstance(request, HaveRequest | ManifestRequest | ChunkRequest):
                 raise RemoteProtocolError(f"{stream.peer_id} sent a {request.TYPE} as a request")
-            await stream.send(to_dict(await self._answer(stream.peer_id, request)))
+            await stream.send(MESSAGES.encode(await self._answer(stream.peer_id, request)))
 
     async def _answer(
         self, peer: str, request: HaveRequest | ManifestRequest | ChunkRequest
@@ -236,11 +235,11 @@ class BlobService:
                     raw = await self.p2p.request(
                         peer,
                         PROTOCOL_ID,
-                        to_dict(request),
+                        MESSAGES.encode(request),
                         timeout=CONTROL_TIMEOUT,
                         limits=WIRE_LIMITS,
                     )
-                    reply = decode_message(raw)
+                    reply = MESSAGES.decode(raw)
                 except (NetworkError, RemoteProtocolError) as e:
                     log.debug("provider %s of %s: %s", peer, blob_id.hex(), e)
                     return

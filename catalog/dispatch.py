@@ -1,20 +1,23 @@
 """The dispatch protocol between a scheduler and its workers: the contract of the two roles.
 
-A worker keeps one control stream to each scheduler it serves (``/vmlend/dispatch/1.0.0``) and
-speaks first:
+A worker keeps one control stream to each scheduler it serves (``/vmlend/dispatch/2.0.0``) and
+speaks first. Every request carries a ``request_id`` and its answer the same one, so the worker
+matches answers to requests by ID (several may be out at once) and tells them from pushed stops::
 
     worker -> scheduler   WorkRequest(offer)          answered by LeaseGrant or NoWork
     worker -> scheduler   Heartbeat(leases)           answered by HeartbeatAck(stop)
     worker -> scheduler   ResultReport(lease, ...)    answered by ResultAck
     worker -> scheduler   Lost(leases)                (after a crash; answered by HeartbeatAck)
-    scheduler -> worker   Stop(leases, reason)        (pushed when a task ends; also in the acks)
+    scheduler -> worker   Stop(leases, reason)        (pushed when a task ends, with no ID;
+                                                       also in the heartbeat acks)
 
-and streams a running lease's output on ``/vmlend/tasklogs/1.0.0`` as :class:`LogChunk` frames.
-Messages travel as msgpack maps in :mod:`node.wire` frames (use :data:`WIRE_LIMITS`). The worker's
-identity is the stream's authenticated peer ID, never a field. Building a message with a bad field
-raises :class:`LocalProtocolError` (our bug); :func:`decode_message` turns anything a peer sent that
-is malformed, unknown, has extra or missing keys, or breaks a limit into
-:class:`RemoteProtocolError`.
+and streams a running lease's output on ``/vmlend/tasklogs/1.0.0`` as :class:`LogChunk` frames
+(:data:`LOGS`). Messages travel as msgpack maps in :mod:`node.wire` frames (use
+:data:`WIRE_LIMITS`); the ``request_id`` is a key of the map beside its ``type``. The worker's
+identity is the stream's authenticated peer ID, never a field. Building a message with a bad
+field raises :class:`LocalProtocolError` (our bug); :func:`decode_request` and
+:func:`decode_reply` turn anything a peer sent that is malformed, unknown, sent the wrong way,
+has extra or missing keys, or breaks a limit into :class:`RemoteProtocolError`.
 
 A lease is named by :class:`LeaseKey`: the attempt number makes a lease that lapsed and a later
 lease of the same replica different names, so a late word from the first holder can never be taken
@@ -23,6 +26,7 @@ for the second.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,24 +40,16 @@ from catalog.caps import Caps
 from node.errors import LocalProtocolError, RemoteProtocolError
 from node.identity import verify
 from node.wire import WireLimits
-from node.wire_fields import (
-    MAX_TEXT,
-    as_bytes,
-    as_id,
-    as_int,
-    as_map,
-    as_seconds,
-    as_text,
-    as_tuple,
-    check_keys,
-)
+from node.wire_fields import MAX_TEXT, as_bytes, as_id, as_int, as_seconds, as_text
+from node.wire_message import MessageSet, enum_of, record, tuple_of, wire
 
-PROTOCOL_ID = "/vmlend/dispatch/1.0.0"
+PROTOCOL_ID = "/vmlend/dispatch/2.0.0"
 LOGS_PROTOCOL_ID = "/vmlend/tasklogs/1.0.0"
 MAX_LEASES = 256  # per message: far above any worker's concurrent VMs
 MAX_IMAGES = 1024  # image IDs an offer may list as already held
 MAX_REPLICAS = 16
 MAX_ATTEMPT = 2**31 - 1
+MAX_REQUEST_ID = 2**31 - 1
 MAX_LOG_CHUNK = 64 * 1024
 SIGNATURE_SIZE = 64  # Ed25519
 ID_SIZE = 32
@@ -104,6 +100,35 @@ def check_lease(lease: object) -> None:
     lease_from_list(lease_to_list(lease))
 
 
+def _check_leases(name: str, leases: object) -> None:
+    if type(leases) is not tuple or len(leases) > MAX_LEASES:
+        raise LocalProtocolError(f"{name} must be a tuple of <= {MAX_LEASES} leases")
+    for lease in leases:
+        check_lease(lease)
+
+
+def _leases_to_lists(leases: tuple[LeaseKey, ...]) -> list[list[Any]]:
+    return [lease_to_list(lease) for lease in leases]
+
+
+def _seconds(name: str) -> dict[str, Any]:
+    return wire(decode=functools.partial(as_seconds, name))
+
+
+def _image(value: object) -> bytes:
+    return as_bytes("image ID", value, ID_SIZE)
+
+
+def _images(raw: object) -> frozenset[bytes]:
+    return frozenset(tuple_of(_image, limit=MAX_IMAGES)(raw))
+
+
+# A lease travels as [task, replica, attempt]; caps as Caps.to_wire gives them.
+_LEASE = wire(decode=lease_from_list, encode=lease_to_list)
+_LEASES = wire(decode=tuple_of(lease_from_list, limit=MAX_LEASES), encode=_leases_to_lists)
+_CAPS = wire(decode=Caps.from_wire, encode=Caps.to_wire)
+
+
 _NO_ARCHIVE = bytes(DIGEST_SIZE)
 _DIGEST_CONTEXT = b"vmlend result digest v1\0"
 
@@ -123,9 +148,9 @@ class Offer:
     """What a worker can take: ``room`` now (its policy's ``remaining(running)``), ``capacity``
     when idle (``remaining([])``; used to explain waiting tasks), and the image IDs it holds."""
 
-    room: Caps
-    capacity: Caps
-    images: frozenset[bytes] = field(default_factory=frozenset)
+    room: Caps = field(metadata=_CAPS)
+    capacity: Caps = field(metadata=_CAPS)
+    images: frozenset[bytes] = field(default_factory=frozenset, metadata=wire(decode=_images))
 
     def __post_init__(self) -> None:
         if not isinstance(self.room, Caps) or not isinstance(self.capacity, Caps):
@@ -134,113 +159,21 @@ class Offer:
         if len(images) > MAX_IMAGES:
             raise LocalProtocolError(f"an offer lists at most {MAX_IMAGES} images")
         for image in images:
-            as_bytes("image ID", image, ID_SIZE)
+            _image(image)
         object.__setattr__(self, "images", images)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "room": self.room.to_wire(),
-            "capacity": self.capacity.to_wire(),
-            "images": sorted(self.images),
-        }
 
-    @classmethod
-    def from_dict(cls, raw: object) -> Offer:
-        value = as_map("offer", raw)
-        check_keys("offer", value, {"room", "capacity", "images"}, frozenset())
-        images = as_tuple(
-            "images", value["images"], MAX_IMAGES, lambda v: as_bytes("image", v, ID_SIZE)
-        )
-        return cls(
-            room=Caps.from_wire(value["room"]),
-            capacity=Caps.from_wire(value["capacity"]),
-            images=frozenset(images),
-        )
-
-
-# --- messages -----------------------------------------------------------------------------------
+# --- worker -> scheduler ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkRequest:
     TYPE: ClassVar[str] = "work_request"
-    offer: Offer
+    offer: Offer = field(metadata=wire(decode=record(Offer)))
 
     def __post_init__(self) -> None:
         if not isinstance(self.offer, Offer):
             raise LocalProtocolError("offer must be an Offer")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"offer": self.offer.to_dict()}
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> WorkRequest:
-        check_keys(cls.TYPE, raw, {"offer"}, frozenset())
-        return cls(offer=Offer.from_dict(raw["offer"]))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LeaseGrant:
-    """Run ``image_id`` under ``caps``; heartbeat within ``lease_timeout`` s; stop after
-    ``max_runtime`` s."""
-
-    TYPE: ClassVar[str] = "lease_grant"
-    lease: LeaseKey
-    image_id: bytes
-    caps: Caps
-    lease_timeout: float
-    max_runtime: float
-
-    def __post_init__(self) -> None:
-        check_lease(self.lease)
-        as_bytes("image_id", self.image_id, ID_SIZE)
-        if not isinstance(self.caps, Caps):
-            raise LocalProtocolError("caps must be Caps")
-        as_seconds("lease_timeout", self.lease_timeout)
-        as_seconds("max_runtime", self.max_runtime)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "lease": lease_to_list(self.lease),
-            "image_id": self.image_id,
-            "caps": self.caps.to_wire(),
-            "lease_timeout": self.lease_timeout,
-            "max_runtime": self.max_runtime,
-        }
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> LeaseGrant:
-        check_keys(
-            cls.TYPE, raw, {"lease", "image_id", "caps", "lease_timeout", "max_runtime"}, _NONE
-        )
-        return cls(
-            lease=lease_from_list(raw["lease"]),
-            image_id=raw["image_id"],
-            caps=Caps.from_wire(raw["caps"]),
-            lease_timeout=as_seconds("lease_timeout", raw["lease_timeout"]),
-            max_runtime=as_seconds("max_runtime", raw["max_runtime"]),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NoWork:
-    """Nothing for this offer now; ask again after ``retry_after`` seconds."""
-
-    TYPE: ClassVar[str] = "no_work"
-    retry_after: float
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        as_seconds("retry_after", self.retry_after)
-        as_text("reason", self.reason)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"retry_after": self.retry_after, "reason": self.reason}
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> NoWork:
-        check_keys(cls.TYPE, raw, {"retry_after", "reason"}, _NONE)
-        return cls(retry_after=as_seconds("retry_after", raw["retry_after"]), reason=raw["reason"])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,84 +181,14 @@ class Heartbeat:
     """The leases the worker holds; those in ``running`` have a VM running (the rest prepare)."""
 
     TYPE: ClassVar[str] = "heartbeat"
-    leases: tuple[LeaseKey, ...]
-    running: tuple[LeaseKey, ...] = ()
+    leases: tuple[LeaseKey, ...] = field(metadata=_LEASES)
+    running: tuple[LeaseKey, ...] = field(default=(), metadata=_LEASES)
 
     def __post_init__(self) -> None:
-        for name in ("leases", "running"):
-            value = getattr(self, name)
-            if type(value) is not tuple or len(value) > MAX_LEASES:
-                raise LocalProtocolError(f"{name} must be a tuple of <= {MAX_LEASES} leases")
-            for lease in value:
-                check_lease(lease)
+        _check_leases("leases", self.leases)
+        _check_leases("running", self.running)
         if not set(self.running) <= set(self.leases):
             raise LocalProtocolError("every running lease must be among the leases")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "leases": [lease_to_list(x) for x in self.leases],
-            "running": [lease_to_list(x) for x in self.running],
-        }
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Heartbeat:
-        check_keys(cls.TYPE, raw, {"leases", "running"}, _NONE)
-        return cls(
-            leases=as_tuple("leases", raw["leases"], MAX_LEASES, lease_from_list),
-            running=as_tuple("running", raw["running"], MAX_LEASES, lease_from_list),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _LeaseList:
-    leases: tuple[LeaseKey, ...]
-
-    def __post_init__(self) -> None:
-        if type(self.leases) is not tuple or len(self.leases) > MAX_LEASES:
-            raise LocalProtocolError(f"leases must be a tuple of <= {MAX_LEASES} leases")
-        for lease in self.leases:
-            check_lease(lease)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HeartbeatAck:
-    """Stop the leases in ``stop`` (the task is over, or the lease is no longer yours)."""
-
-    TYPE: ClassVar[str] = "heartbeat_ack"
-    stop: tuple[LeaseKey, ...] = ()
-
-    def __post_init__(self) -> None:
-        _LeaseList(leases=self.stop)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stop": [lease_to_list(x) for x in self.stop]}
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> HeartbeatAck:
-        check_keys(cls.TYPE, raw, {"stop"}, _NONE)
-        return cls(stop=as_tuple("stop", raw["stop"], MAX_LEASES, lease_from_list))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Stop:
-    """Pushed by the scheduler: stop these leases now and destroy their VMs."""
-
-    TYPE: ClassVar[str] = "stop"
-    leases: tuple[LeaseKey, ...]
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        _LeaseList(leases=self.leases)
-        as_text("reason", self.reason)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"leases": [lease_to_list(x) for x in self.leases], "reason": self.reason}
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Stop:
-        check_keys(cls.TYPE, raw, {"leases", "reason"}, _NONE)
-        leases = as_tuple("leases", raw["leases"], MAX_LEASES, lease_from_list)
-        return cls(leases=leases, reason=raw["reason"])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -333,18 +196,10 @@ class Lost:
     """The worker crashed and lost these leases (their VMs are gone); re-queue them now."""
 
     TYPE: ClassVar[str] = "lost"
-    leases: tuple[LeaseKey, ...]
+    leases: tuple[LeaseKey, ...] = field(metadata=_LEASES)
 
     def __post_init__(self) -> None:
-        _LeaseList(leases=self.leases)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"leases": [lease_to_list(x) for x in self.leases]}
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Lost:
-        check_keys(cls.TYPE, raw, {"leases"}, _NONE)
-        return cls(leases=as_tuple("leases", raw["leases"], MAX_LEASES, lease_from_list))
+        _check_leases("leases", self.leases)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -354,13 +209,13 @@ class ResultReport:
     signature over :meth:`signed_bytes`."""
 
     TYPE: ClassVar[str] = "result"
-    lease: LeaseKey
+    lease: LeaseKey = field(metadata=_LEASE)
     exit_code: int
     stdout_digest: bytes
     stderr_digest: bytes
     stdout_blob: bytes
     stderr_blob: bytes
-    archive_blob: bytes | None
+    archive_blob: bytes | None = field(default=None, metadata=wire(optional=True))
     signature: bytes
 
     def __post_init__(self) -> None:
@@ -383,30 +238,6 @@ class ResultReport:
             self.lease, self.exit_code, self.stdout_digest, self.stderr_digest,
             self.stdout_blob, self.stderr_blob, self.archive_blob,
         )  # fmt: skip
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "lease": lease_to_list(self.lease),
-            "exit_code": self.exit_code,
-            "stdout_digest": self.stdout_digest,
-            "stderr_digest": self.stderr_digest,
-            "stdout_blob": self.stdout_blob,
-            "stderr_blob": self.stderr_blob,
-            "signature": self.signature,
-        }
-        if self.archive_blob is not None:
-            out["archive_blob"] = self.archive_blob
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> ResultReport:
-        required = {"lease", "exit_code", "stdout_digest", "stderr_digest", "stdout_blob"}
-        required |= {"stderr_blob", "signature"}
-        check_keys(cls.TYPE, raw, required, frozenset({"archive_blob"}))
-        values = {k: raw[k] for k in required - {"lease"}}
-        return cls(
-            lease=lease_from_list(raw["lease"]), archive_blob=raw.get("archive_blob"), **values
-        )
 
 
 def signed_result_bytes(
@@ -432,6 +263,54 @@ def signed_result_bytes(
     return packed
 
 
+# --- scheduler -> worker ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseGrant:
+    """Run ``image_id`` under ``caps``; heartbeat within ``lease_timeout`` s; stop after
+    ``max_runtime`` s."""
+
+    TYPE: ClassVar[str] = "lease_grant"
+    lease: LeaseKey = field(metadata=_LEASE)
+    image_id: bytes
+    caps: Caps = field(metadata=_CAPS)
+    lease_timeout: float = field(metadata=_seconds("lease_timeout"))
+    max_runtime: float = field(metadata=_seconds("max_runtime"))
+
+    def __post_init__(self) -> None:
+        check_lease(self.lease)
+        as_bytes("image_id", self.image_id, ID_SIZE)
+        if not isinstance(self.caps, Caps):
+            raise LocalProtocolError("caps must be Caps")
+        as_seconds("lease_timeout", self.lease_timeout)
+        as_seconds("max_runtime", self.max_runtime)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoWork:
+    """Nothing for this offer now; ask again after ``retry_after`` seconds."""
+
+    TYPE: ClassVar[str] = "no_work"
+    retry_after: float = field(metadata=_seconds("retry_after"))
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        as_seconds("retry_after", self.retry_after)
+        as_text("reason", self.reason)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartbeatAck:
+    """Stop the leases in ``stop`` (the task is over, or the lease is no longer yours)."""
+
+    TYPE: ClassVar[str] = "heartbeat_ack"
+    stop: tuple[LeaseKey, ...] = field(default=(), metadata=_LEASES)
+
+    def __post_init__(self) -> None:
+        _check_leases("stop", self.stop)
+
+
 class ResultStatus(StrEnum):
     RECORDED = "recorded"  # counted now
     DUPLICATE = "duplicate"  # this worker's result for this replica was already counted
@@ -443,25 +322,104 @@ class ResultAck:
     """The worker may forget its copy of the report once it has this (any status)."""
 
     TYPE: ClassVar[str] = "result_ack"
-    lease: LeaseKey
-    status: ResultStatus
+    lease: LeaseKey = field(metadata=_LEASE)
+    status: ResultStatus = field(metadata=wire(decode=enum_of(ResultStatus)))
 
     def __post_init__(self) -> None:
         check_lease(self.lease)
         if not isinstance(self.status, ResultStatus):
             raise LocalProtocolError(f"status must be a ResultStatus, got {self.status!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"lease": lease_to_list(self.lease), "status": self.status.value}
 
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> ResultAck:
-        check_keys(cls.TYPE, raw, {"lease", "status"}, _NONE)
-        try:
-            status = ResultStatus(raw["status"])
-        except ValueError:
-            raise LocalProtocolError(f"unknown result status {raw['status']!r}") from None
-        return cls(lease=lease_from_list(raw["lease"]), status=status)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stop:
+    """Pushed by the scheduler: stop these leases now and destroy their VMs."""
+
+    TYPE: ClassVar[str] = "stop"
+    leases: tuple[LeaseKey, ...] = field(metadata=_LEASES)
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_leases("leases", self.leases)
+        as_text("reason", self.reason)
+
+
+Request = WorkRequest | Heartbeat | ResultReport | Lost
+Answer = LeaseGrant | NoWork | HeartbeatAck | ResultAck
+Message = Request | Answer | Stop
+
+REQUESTS: MessageSet[Request] = MessageSet(PROTOCOL_ID, WorkRequest, Heartbeat, ResultReport, Lost)
+# What a scheduler sends: the answers, and the Stops it pushes.
+REPLIES: MessageSet[Answer | Stop] = MessageSet(
+    PROTOCOL_ID, LeaseGrant, NoWork, HeartbeatAck, ResultAck, Stop
+)
+
+# The ID numbers an exchange on one stream, not what is said in it, so it travels beside the
+# message rather than in it: the queue builds and reads the messages without knowing of streams.
+REQUEST_ID_KEY = "request_id"
+
+
+def _request_id(value: object) -> int:
+    return as_int(REQUEST_ID_KEY, value, 0, MAX_REQUEST_ID)
+
+
+def encode_request(request_id: int, request: Request) -> dict[str, Any]:
+    """The frame map of ``request``, numbered ``request_id`` (its answer carries the same)."""
+    return {**REQUESTS.encode(request), REQUEST_ID_KEY: _request_id(request_id)}
+
+
+def encode_answer(request_id: int, answer: Answer) -> dict[str, Any]:
+    """The frame map of ``answer`` to the request numbered ``request_id``."""
+    if isinstance(answer, Stop):
+        raise LocalProtocolError("a Stop answers no request: send it with encode_stop")
+    return {**REPLIES.encode(answer), REQUEST_ID_KEY: _request_id(request_id)}
+
+
+def encode_stop(stop: Stop) -> dict[str, Any]:
+    """The frame map of a pushed :class:`Stop` (it answers no request, so it has no ID)."""
+    return REPLIES.encode(stop)
+
+
+def _split_id(raw: Mapping[str, Any]) -> tuple[int | None, Mapping[str, Any]]:
+    if not isinstance(raw, dict) or REQUEST_ID_KEY not in raw:
+        return None, raw
+    try:
+        request_id = _request_id(raw[REQUEST_ID_KEY])
+    except LocalProtocolError as e:
+        raise RemoteProtocolError(f"{PROTOCOL_ID}: {e}") from None
+    return request_id, {k: v for k, v in raw.items() if k != REQUEST_ID_KEY}
+
+
+def decode_request(raw: Mapping[str, Any]) -> tuple[int, Request]:
+    """A worker's request and its ID; :class:`RemoteProtocolError` if it is not one."""
+    request_id, body = _split_id(raw)
+    request = REQUESTS.decode(body)
+    if request_id is None:
+        raise RemoteProtocolError(f"{PROTOCOL_ID} {request.TYPE}: no {REQUEST_ID_KEY}")
+    return request_id, request
+
+
+def decode_reply(raw: Mapping[str, Any]) -> tuple[int, Answer] | Stop:
+    """What a scheduler sent: an answer with the ID of the request it answers, or a pushed
+    :class:`Stop` (with no ID); :class:`RemoteProtocolError` if it is neither."""
+    request_id, body = _split_id(raw)
+    reply = REPLIES.decode(body)
+    if isinstance(reply, Stop):
+        if request_id is not None:
+            raise RemoteProtocolError(f"{PROTOCOL_ID} stop: a pushed stop has no {REQUEST_ID_KEY}")
+        return reply
+    if request_id is None:
+        raise RemoteProtocolError(f"{PROTOCOL_ID} {reply.TYPE}: no {REQUEST_ID_KEY}")
+    return request_id, reply
+
+
+def verify_report(report: ResultReport, public_bytes: bytes) -> bool:
+    """Whether ``report`` is signed by the worker with this Ed25519 public key (the glue gets the
+    key from the stream's authenticated peer ID)."""
+    return verify(public_bytes, report.signed_bytes(), report.signature)
+
+
+# --- the task-log stream ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -469,7 +427,7 @@ class LogChunk:
     """Output of a running lease, on the task-log stream (worker -> scheduler, unanswered)."""
 
     TYPE: ClassVar[str] = "log"
-    lease: LeaseKey
+    lease: LeaseKey = field(metadata=_LEASE)
     stream: str
     data: bytes
 
@@ -480,77 +438,5 @@ class LogChunk:
         if type(self.data) is not bytes or len(self.data) > MAX_LOG_CHUNK:
             raise LocalProtocolError(f"data must be <= {MAX_LOG_CHUNK} bytes")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"lease": lease_to_list(self.lease), "stream": self.stream, "data": self.data}
 
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> LogChunk:
-        check_keys(cls.TYPE, raw, {"lease", "stream", "data"}, _NONE)
-        return cls(lease=lease_from_list(raw["lease"]), stream=raw["stream"], data=raw["data"])
-
-
-_NONE: frozenset[str] = frozenset()
-
-Message = (
-    WorkRequest
-    | LeaseGrant
-    | NoWork
-    | Heartbeat
-    | HeartbeatAck
-    | Stop
-    | Lost
-    | ResultReport
-    | ResultAck
-)
-
-_TYPES: dict[str, Any] = {
-    cls.TYPE: cls
-    for cls in (
-        WorkRequest,
-        LeaseGrant,
-        NoWork,
-        Heartbeat,
-        HeartbeatAck,
-        Stop,
-        Lost,
-        ResultReport,
-        ResultAck,
-    )
-}
-
-
-def to_dict(message: Message | LogChunk) -> dict[str, Any]:
-    """The msgpack-ready map for ``message``, with its ``type``."""
-    return {"type": message.TYPE, **message.to_dict()}
-
-
-def decode_message(raw: Mapping[str, Any]) -> Message:
-    """Validate a decoded frame map into a message; :class:`RemoteProtocolError` if it is bad."""
-    kind = raw.get("type")
-    cls = _TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise RemoteProtocolError(f"unknown dispatch message type {kind!r}")
-    body = {k: v for k, v in raw.items() if k != "type"}
-    try:
-        message: Message = cls.from_dict(body)
-    except LocalProtocolError as e:
-        raise RemoteProtocolError(f"{kind}: {e}") from None
-    except TypeError as e:  # e.g. a non-hashable where a set member was needed
-        raise RemoteProtocolError(f"{kind}: malformed: {e}") from None
-    return message
-
-
-def verify_report(report: ResultReport, public_bytes: bytes) -> bool:
-    """Whether ``report`` is signed by the worker with this Ed25519 public key (the glue gets the
-    key from the stream's authenticated peer ID)."""
-    return verify(public_bytes, report.signed_bytes(), report.signature)
-
-
-def decode_log_chunk(raw: Mapping[str, Any]) -> LogChunk:
-    """Validate a frame of the task-log stream; :class:`RemoteProtocolError` if it is bad."""
-    if raw.get("type") != LogChunk.TYPE:
-        raise RemoteProtocolError(f"expected a log frame, got {raw.get('type')!r}")
-    try:
-        return LogChunk.from_dict({k: v for k, v in raw.items() if k != "type"})
-    except LocalProtocolError as e:
-        raise RemoteProtocolError(f"log: {e}") from None
+LOGS: MessageSet[LogChunk] = MessageSet(LOGS_PROTOCOL_ID, LogChunk)

@@ -22,6 +22,7 @@ from catalog.chunking import ChunkId, HashedChunk, SpooledChunk
 from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL
 from catalog.data_channel_client import DataConnection
 from catalog.transfer_messages import (
+    MESSAGES,
     PROTOCOL_ID,
     WIRE_LIMITS,
     ChunkRequest,
@@ -32,8 +33,6 @@ from catalog.transfer_messages import (
     HaveResponse,
     ManifestRequest,
     ManifestResponse,
-    decode_message,
-    to_dict,
 )
 from node.errors import NetworkError, RemoteProtocolError, StreamBrokenError
 from node.p2p import P2PNode
@@ -120,9 +119,9 @@ class P2PLinks:
 
     async def _ask(self, peer: str, request: HaveRequest | ManifestRequest | ChunkRequest) -> Any:
         raw = await self._p2p.request(
-            peer, PROTOCOL_ID, to_dict(request), timeout=CONTROL_TIMEOUT, limits=WIRE_LIMITS
+            peer, PROTOCOL_ID, MESSAGES.encode(request), timeout=CONTROL_TIMEOUT, limits=WIRE_LIMITS
         )
-        reply = decode_message(raw)
+        reply = MESSAGES.decode(raw)
         if getattr(reply, "request_id", None) != request.request_id:
             raise RemoteProtocolError(f"{peer} answered another request")
         return reply

@@ -7,22 +7,24 @@ stream. Manifests and chunks verify themselves by hash, so nothing here is trust
 the checks below are about shape and size.
 
 Constructing a message with a bad field raises :class:`LocalProtocolError` (our bug);
-:func:`decode_message` turns anything a peer sent that is malformed, unknown, has extra or missing
-keys, or breaks a limit into :class:`RemoteProtocolError`.
+:data:`MESSAGES` encodes them (``MESSAGES.encode``: the optional ``bitmap`` or ``positions`` left
+out when unset) and turns anything a peer sent that is malformed, unknown, has extra or missing
+keys, or breaks a limit into :class:`RemoteProtocolError` (``MESSAGES.decode``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from catalog.blob import MAX_BLOB_CHUNKS, MAX_MANIFEST_SIZE, BlobId, BlobStore
 from catalog.chunking import ID_SIZE, MAX_CHUNK_SIZE, ChunkId
 from catalog.errors import ChunkCorruptError, MissingChunkError, UnknownBlobError
-from node.errors import LocalProtocolError, RemoteProtocolError
+from node.errors import LocalProtocolError
 from node.wire import WireLimits
+from node.wire_message import MessageSet, enum_of, wire
 
 PROTOCOL_ID = "/vmlend/chunks/1.0.0"
 MAX_REQUEST_ID = 2**63 - 1
@@ -63,6 +65,13 @@ def _check_id(name: str, value: object) -> None:
     _check_bytes(name, value, ID_SIZE, ID_SIZE)
 
 
+def _positions(raw: object) -> tuple[object, ...]:
+    """A have-list as sent; HaveResponse checks each position against ``chunk_count``."""
+    if type(raw) is not list or len(raw) > MAX_POSITIONS:
+        raise LocalProtocolError(f"positions must be a list of <= {MAX_POSITIONS}")
+    return tuple(raw)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HaveRequest:
     """Which chunks of ``blob_id`` do you hold?"""
@@ -88,8 +97,10 @@ class HaveResponse:
     request_id: int
     blob_id: bytes
     chunk_count: int
-    bitmap: bytes | None = None
-    positions: tuple[int, ...] | None = None
+    bitmap: bytes | None = field(default=None, metadata=wire(optional=True))
+    positions: tuple[int, ...] | None = field(
+        default=None, metadata=wire(decode=_positions, encode=list, optional=True)
+    )
 
     def __post_init__(self) -> None:
         _check_int("request_id", self.request_id, 0, MAX_REQUEST_ID)
@@ -204,7 +215,7 @@ class CancelRequest:
 class ErrorResponse:
     TYPE: ClassVar[str] = "error"
     request_id: int
-    code: ErrorCode
+    code: ErrorCode = field(metadata=wire(decode=enum_of(ErrorCode)))
     message: str = ""
 
     def __post_init__(self) -> None:
@@ -225,64 +236,17 @@ Message = (
     | CancelRequest
     | ErrorResponse
 )
-
-_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        HaveRequest,
-        HaveResponse,
-        ManifestRequest,
-        ManifestResponse,
-        ChunkRequest,
-        ChunkResponse,
-        CancelRequest,
-        ErrorResponse,
-    )
-}
-_OPTIONAL = {"bitmap", "positions"}
-
-
-def to_dict(message: Message) -> dict[str, Any]:
-    """The msgpack-ready map for ``message`` (``None`` optionals left out, tuples as lists)."""
-    out: dict[str, Any] = {"type": message.TYPE}
-    for f in fields(message):
-        value = getattr(message, f.name)
-        name = f.name
-        if value is None:
-            continue
-        out[name] = list(value) if isinstance(value, tuple) else value
-    if isinstance(message, ErrorResponse):
-        out["code"] = message.code.value
-    return out
-
-
-def decode_message(raw: Mapping[str, Any]) -> Message:
-    """Validate a decoded frame map into a message; :class:`RemoteProtocolError` if it is bad."""
-    kind = raw.get("type")
-    cls = _TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise RemoteProtocolError(f"unknown chunk-protocol message type {kind!r}")
-    known = {f.name for f in fields(cls)}
-    given = set(raw) - {"type"}
-    required = known - _OPTIONAL
-    if not required <= given or not given <= known:
-        raise RemoteProtocolError(
-            f"{kind}: missing {sorted(required - given)}, unexpected {sorted(given - known)}"
-        )
-    values = {name: raw[name] for name in given}
-    try:
-        if "positions" in values:
-            if not isinstance(values["positions"], list):
-                raise LocalProtocolError("positions must be a list")
-            values["positions"] = tuple(values["positions"])
-        if cls is ErrorResponse:
-            try:
-                values["code"] = ErrorCode(values["code"])
-            except ValueError:
-                raise LocalProtocolError(f"unknown error code {values['code']!r}") from None
-        return cls(**values)
-    except LocalProtocolError as e:
-        raise RemoteProtocolError(f"{kind}: {e}") from None
+MESSAGES: MessageSet[Message] = MessageSet(
+    PROTOCOL_ID,
+    HaveRequest,
+    HaveResponse,
+    ManifestRequest,
+    ManifestResponse,
+    ChunkRequest,
+    ChunkResponse,
+    CancelRequest,
+    ErrorResponse,
+)
 
 
 Request = HaveRequest | ManifestRequest | ChunkRequest

@@ -1,11 +1,35 @@
 """Which peers are alive, from application-level heartbeats, sans-IO.
 
-A peer is live while its last answered (or received) heartbeat is at most ``peer_timeout`` old.
-Time is passed in (``trio.current_time()`` in the node). :meth:`Liveness.sweep` recomputes the
-live set and says whether it changed, so the node can wake whoever waits on membership.
+A watcher keeps one ``/vmlend/heartbeat/1.0.0`` stream to each peer it knows and sends a
+:class:`Ping` every interval; the peer answers each with a :class:`Pong` (:data:`PINGS` and
+:data:`PONGS` encode and decode them). A peer is live while its last answered (or received)
+heartbeat is at most ``peer_timeout`` old. Time is passed in (``trio.current_time()`` in the
+node). :meth:`Liveness.sweep` recomputes the live set and says whether it changed, so the node can
+wake whoever waits on membership.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from node.wire_message import MessageSet
+
+PROTOCOL_ID = "/vmlend/heartbeat/1.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    TYPE: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TYPE: ClassVar[str] = "pong"
+
+
+PINGS: MessageSet[Ping] = MessageSet(PROTOCOL_ID, Ping)  # watcher -> peer
+PONGS: MessageSet[Pong] = MessageSet(PROTOCOL_ID, Pong)  # peer -> watcher
 
 
 class Liveness:

@@ -65,11 +65,11 @@ from node.errors import (
     RemoteProtocolError,
     StreamBrokenError,
 )
-from node.heartbeat import Liveness
+from node.heartbeat import PINGS, PONGS, Liveness, Ping, Pong
+from node.heartbeat import PROTOCOL_ID as HEARTBEAT_PROTOCOL
 from node.identity import Identity
 from node.p2p_dht import Dht, make_dht
 from node.p2p_host import (
-    HEARTBEAT_PROTOCOL,
     PEERSTORE_ERRORS,
     DialTimeoutError,
     Handler,
@@ -405,10 +405,9 @@ class P2PNode:
         self._known.add(stream.peer_id)
         try:
             async for msg in stream:
-                if msg["type"] != "ping":
-                    raise RemoteProtocolError(f"heartbeat: unexpected {msg['type']!r}")
+                PINGS.decode(msg)
                 self._seen(stream.peer_id)
-                await stream.send({"type": "pong"})
+                await stream.send(PONGS.encode(Pong()))
         except NetworkError as e:  # the watcher died or froze: routine, not a peer fault
             logger.debug("heartbeat stream from %s ended: %s", stream.peer_id, e)
 
@@ -447,10 +446,8 @@ class P2PNode:
         async with stream:
             stream.deadline = self._ping_timeout
             while True:
-                await stream.send({"type": "ping"})
-                reply = await stream.receive()
-                if reply["type"] != "pong":
-                    raise RemoteProtocolError(f"heartbeat: unexpected {reply['type']!r}")
+                await stream.send(PINGS.encode(Ping()))
+                PONGS.decode(await stream.receive())
                 self._seen(peer_id)
                 await trio.sleep(self._heartbeat_interval)
 

@@ -37,7 +37,6 @@ from node.identity import Identity
 from node.p2p_stream import LIBP2P_IO_ERRORS, MessageStream
 
 PROTOCOL_ID_RE = re.compile(r"/vmlend/[a-z0-9][a-z0-9-]*/\d+\.\d+\.\d+")
-HEARTBEAT_PROTOCOL = "/vmlend/heartbeat/1.0.0"
 
 Handler = Callable[[MessageStream], Awaitable[None]]
 PEERSTORE_ERRORS: tuple[type[BaseException], ...] = (*LIBP2P_IO_ERRORS, KeyError)

@@ -1,9 +1,9 @@
-"""The scheduler's side of ``/vmlend/dispatch/1.0.0``: one decoded message in, the answer out.
+"""The scheduler's side of ``/vmlend/dispatch/2.0.0``: one decoded request in, the answer out.
 
-The p2p glue reads a frame, decodes it with :func:`messages.decode_message`, calls
-:func:`handle` with the stream's authenticated peer ID, writes the answer back, and pushes a
-:class:`messages.Stop` to every worker named in the returned notices. Nothing here does I/O beyond
-the queue's own database.
+The p2p glue reads a frame, decodes it with :func:`catalog.dispatch.decode_request`, calls
+:func:`handle` with the stream's authenticated peer ID, writes the answer back under the
+request's ID, and pushes a :class:`catalog.dispatch.Stop` to every worker named in the returned
+notices. Nothing here does I/O beyond the queue's own database.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import assert_never
 
 from catalog.dispatch import (
+    Answer,
     Heartbeat,
     HeartbeatAck,
-    LeaseGrant,
     Lost,
-    Message,
-    NoWork,
-    ResultAck,
+    Request,
     ResultReport,
     Stop,
     WorkRequest,
@@ -30,8 +29,6 @@ from scheduler_role.queue import Queue, StopNotice
 
 log = logging.getLogger("vmlend.scheduler.dispatch")
 
-Answer = LeaseGrant | NoWork | HeartbeatAck | ResultAck
-
 
 def check_report(worker: str, report: ResultReport, public_key: bytes) -> None:
     """RemoteProtocolError unless ``report`` is signed by ``worker``'s key ``public_key``."""
@@ -41,14 +38,14 @@ def check_report(worker: str, report: ResultReport, public_key: bytes) -> None:
 
 
 async def handle(
-    queue: Queue, worker: str, message: Message, *, public_key: bytes, verified: bool = False
+    queue: Queue, worker: str, message: Request, *, public_key: bytes, verified: bool = False
 ) -> tuple[Answer, list[StopNotice]]:
     """Serve one request from ``worker`` (whose Ed25519 key is ``public_key``).
 
     Returns the answer for this stream and the stop notices for any worker (the task this changed
-    may be running elsewhere). :class:`RemoteProtocolError` for a message a worker must not send
-    (a scheduler's message, a result with a bad signature): drop the stream. ``verified`` says the
-    caller has already checked a result's signature (:func:`check_report`), so it is not again.
+    may be running elsewhere). :class:`RemoteProtocolError` for a result with a bad signature:
+    drop the stream. ``verified`` says the caller has already checked a result's signature
+    (:func:`check_report`), so it is not again.
     """
     if isinstance(message, WorkRequest):
         return await queue.lease(worker, message.offer), []
@@ -61,7 +58,7 @@ async def handle(
     if isinstance(message, Lost):
         stops = await queue.lost(worker, message.leases)
         return HeartbeatAck(stop=()), stops
-    raise RemoteProtocolError(f"a worker does not send {message.TYPE!r}")
+    assert_never(message)
 
 
 def stop_messages(notices: Iterable[StopNotice]) -> dict[str, list[Stop]]:

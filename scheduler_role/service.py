@@ -1,16 +1,16 @@
-"""The scheduler role on the network: the queue behind ``/vmlend/dispatch/1.0.0`` and the owners'
+"""The scheduler role on the network: the queue behind ``/vmlend/dispatch/2.0.0`` and the owners'
 ``/vmlend/tasks/1.0.0`` (:mod:`scheduler_role.owner_api`), plus ``/vmlend/tasklogs/1.0.0``.
 
-Thin trio glue around the sans-IO parts: each dispatch frame is decoded with
-:func:`messages.decode_message` and answered by :func:`dispatch.handle`; stop notices (from a
-result, a cancel, an expired lease or a tick) are pushed as :class:`messages.Stop` on the worker's
-own control stream (the worker also learns them from its next heartbeat ack). Before a result is
-counted its blobs (stdout, stderr, the ``/out`` archive) are fetched from the worker's chunk store
-into ours, so results stay here until the owner has them, whatever happens to the worker.
+Thin trio glue around the sans-IO parts: each dispatch request is decoded with
+:func:`catalog.dispatch.decode_request` and answered by :func:`dispatch.handle` under the
+request's ID; stop notices (from a result, a cancel, an expired lease or a tick) are pushed as
+:class:`catalog.dispatch.Stop` on the worker's own control stream (the worker also learns them
+from its next heartbeat ack). Before a result is counted its blobs (stdout, stderr, the ``/out``
+archive) are fetched from the worker's chunk store into ours, so results stay here until the
+owner has them, whatever happens to the worker.
 
-Log frames (``/vmlend/tasklogs/1.0.0``, worker -> scheduler)::
-
-    {"type": "log", "lease": [task_id, replica, attempt], "stream": "stdout"|"stderr", "data": bin}
+Log frames (``/vmlend/tasklogs/1.0.0``, worker -> scheduler) are
+:class:`catalog.dispatch.LogChunk`.
 
 Logs are kept in memory for owners following them (:class:`LogBuffer`); after a restart the
 result's stdout/stderr stand in for them.
@@ -32,15 +32,16 @@ from catalog.build.assemble import Assembler
 from catalog.build.cache import BuildCache
 from catalog.build.os_tiny import BootFiles
 from catalog.dispatch import (
+    LOGS,
     LOGS_PROTOCOL_ID,
     LOGS_WIRE_LIMITS,
     PROTOCOL_ID,
     WIRE_LIMITS,
     LeaseKey,
     ResultReport,
-    decode_log_chunk,
-    decode_message,
-    to_dict,
+    decode_request,
+    encode_answer,
+    encode_stop,
 )
 from catalog.errors import CatalogError, UnknownEntryError
 from catalog.library import Library
@@ -175,7 +176,7 @@ class SchedulerService:
                 continue  # it learns from its next heartbeat's ack
             for message in messages:
                 try:
-                    await stream.send(to_dict(message))
+                    await stream.send(encode_stop(message))
                 except NetworkError as e:
                     log.info("stop to %s not delivered (%s); heartbeats tell it", worker, e)
 
@@ -231,7 +232,7 @@ class SchedulerService:
         self._workers[worker] = stream
         try:
             async for raw in stream:
-                message = decode_message(raw)
+                request_id, message = decode_request(raw)
                 if isinstance(message, ResultReport):
                     # Signed by this worker before its blobs are fetched; not checked again.
                     dispatch.check_report(worker, message, key)
@@ -239,7 +240,7 @@ class SchedulerService:
                 answer, stops = await dispatch.handle(
                     self.queue, worker, message, public_key=key, verified=True
                 )
-                await stream.send(to_dict(answer))
+                await stream.send(encode_answer(request_id, answer))
                 await self.push_stops(stops)
                 self.changed()
         finally:
@@ -263,7 +264,7 @@ class SchedulerService:
     async def _serve_logs(self, stream: MessageStream) -> None:
         stream.deadline = 3600.0  # a quiet task may print nothing for long
         async for raw in stream:
-            chunk = decode_log_chunk(raw)
+            chunk = LOGS.decode(raw)
             self.logs.setdefault(chunk.lease.task_id, LogBuffer()).add(
                 chunk.lease, chunk.stream, chunk.data
             )

@@ -1,12 +1,17 @@
-"""The live-peer set, sans-IO: a peer stays live for peer_timeout after its last heartbeat."""
+"""The live-peer set, sans-IO: a peer stays live for peer_timeout after its last heartbeat; the
+heartbeat's two messages are typed."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.heartbeat import Liveness
+from node.errors import RemoteProtocolError
+from node.heartbeat import PINGS, PONGS, Liveness, Ping, Pong
+from node.wire_message import MessageSet
 
 
 def test_a_peer_is_live_until_peer_timeout_after_its_last_heartbeat() -> None:
@@ -45,3 +50,28 @@ def test_the_live_set_is_exactly_the_recently_seen(
     for peer, t in beats:
         last[peer] = t
     assert live.live == {p for p, t in last.items() if now - t <= 5.0}
+
+
+def test_a_ping_and_a_pong_are_bare_typed_maps_each_one_way() -> None:
+    assert PINGS.encode(Ping()) == {"type": "ping"}
+    assert PONGS.encode(Pong()) == {"type": "pong"}
+    assert PINGS.decode({"type": "ping"}) == Ping()
+    assert PONGS.decode({"type": "pong"}) == Pong()
+
+
+@pytest.mark.parametrize(
+    ("expected", "raw"),
+    [
+        (PINGS, {"type": "pong"}),
+        (PINGS, {"type": "ping", "n": 1}),
+        (PINGS, {}),
+        (PINGS, {"type": b"ping"}),
+        (PONGS, {"type": "ping"}),
+        (PONGS, {"type": "pong", "n": 1}),
+    ],
+)
+def test_anything_but_the_bare_message_expected_is_refused(
+    expected: MessageSet[Any], raw: dict[str, object]
+) -> None:
+    with pytest.raises(RemoteProtocolError):
+        expected.decode(raw)

@@ -2,7 +2,7 @@
 capped VMs, reports signed results.
 
 For each scheduler it finds (DHT records, plus ``worker.schedulers`` from the config) and its
-lending policy serves, the agent keeps one ``/vmlend/dispatch/1.0.0`` control stream. One offer
+lending policy serves, the agent keeps one ``/vmlend/dispatch/2.0.0`` control stream. One offer
 loop asks for work only while the policy leaves room, one scheduler at a time, picked in proportion
 to ``worker.shares`` (:mod:`worker_role.shares`) among those connected and not resting after a
 ``NoWork``. The agent heartbeats every lease it holds (:func:`heartbeat_interval`), and obeys a
@@ -33,6 +33,7 @@ import trio
 
 from catalog.caps import MIB, Caps
 from catalog.dispatch import (
+    LOGS,
     LOGS_PROTOCOL_ID,
     LOGS_WIRE_LIMITS,
     PROTOCOL_ID,
@@ -51,7 +52,6 @@ from catalog.dispatch import (
     lease_from_list,
     lease_to_list,
     signed_result_bytes,
-    to_dict,
 )
 from catalog.errors import CatalogError
 from catalog.scheduler_record import SchedulerDirectory
@@ -402,7 +402,7 @@ class WorkerAgent:
                 ) as stream:
                     async for kind, data in receive:
                         chunk = LogChunk(lease=lease, stream=kind, data=data)
-                        await stream.send(to_dict(chunk))
+                        await stream.send(LOGS.encode(chunk))
             except (NetworkError, ProtocolError) as e:
                 log.info("log stream of %s: %s", lease, e)
                 async for _ in receive:

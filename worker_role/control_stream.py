@@ -1,8 +1,8 @@
-"""The worker's end of one ``/vmlend/dispatch/1.0.0`` control stream, and how often it heartbeats.
+"""The worker's end of one ``/vmlend/dispatch/2.0.0`` control stream, and how often it heartbeats.
 
-The worker speaks first and its requests take turns: each is answered before the next is sent.
-The scheduler may also push a :class:`Stop` at any time; those go to a callback instead of
-answering a request.
+The worker speaks first. Each request is numbered and the scheduler's answer carries the same
+number, so answers are matched to requests by ID and several requests may be out at once. The
+scheduler may also push a :class:`Stop` at any time; those go to a callback instead.
 """
 
 from __future__ import annotations
@@ -12,12 +12,23 @@ from typing import NoReturn
 
 import trio
 
-from catalog.dispatch import LeaseKey, Message, Stop, decode_message, to_dict
-from node.errors import StreamBrokenError
+from catalog.dispatch import (
+    MAX_REQUEST_ID,
+    Answer,
+    LeaseKey,
+    Request,
+    Stop,
+    decode_reply,
+    encode_request,
+)
+from node.errors import RemoteProtocolError, StreamBrokenError
 from node.p2p_stream import MessageStream
 
 REQUEST_TIMEOUT = 30.0
 HEARTBEAT_FLOOR = 1.0
+# Requests given up on (timed out or cancelled) whose answers may still come, and are dropped.
+# A scheduler that leaves more than this unanswered is not serving us: the stream is failed.
+MAX_ABANDONED = 64
 
 OnStop = Callable[[tuple[LeaseKey, ...], str], None]
 
@@ -39,16 +50,20 @@ def heartbeat_interval(lease_timeouts: Iterable[float]) -> float | None:
 
 
 class ControlStream:
-    """One control stream to a scheduler: requests take turns; pushed Stops go to ``on_stop``.
+    """One control stream to a scheduler: answers matched to requests by ID; pushed Stops go to
+    ``on_stop``.
 
     Whoever sees the stream fail calls :meth:`fail`; :meth:`wait_failed` then raises it in the
-    task that serves this scheduler, which tears the stream down.
+    task that serves this scheduler, which tears the stream down. :meth:`read` raises
+    :class:`RemoteProtocolError` for an answer to no request of ours.
     """
 
     def __init__(self, stream: MessageStream) -> None:
         self.stream = stream
-        self._lock = trio.Lock()
-        self._send, self._answers = trio.open_memory_channel[Message](1)
+        self._next_id = 0
+        self._pending: dict[int, trio.MemorySendChannel[Answer]] = {}
+        self._abandoned: set[int] = set()
+        self._reading_done = False
         self._error: BaseException | None = None
         self._failed = trio.Event()
 
@@ -67,20 +82,59 @@ class ControlStream:
         raise self._error
 
     async def read(self, on_stop: OnStop) -> None:
-        async with self._send:
+        try:
             async for raw in self.stream:
-                message = decode_message(raw)
-                if isinstance(message, Stop):
-                    on_stop(message.leases, message.reason)
+                reply = decode_reply(raw)
+                if isinstance(reply, Stop):
+                    on_stop(reply.leases, reply.reason)
                 else:
-                    await self._send.send(message)
+                    self._answered(*reply)
+        finally:
+            self._reading_done = True
+            for waiting in self._pending.values():
+                waiting.close()  # its request raises StreamBrokenError
         self.fail(StreamBrokenError("the scheduler closed the stream"))
 
-    async def request(self, message: Message) -> Message:
-        async with self._lock:
+    def _answered(self, request_id: int, answer: Answer) -> None:
+        waiting = self._pending.pop(request_id, None)
+        if waiting is not None:
+            waiting.send_nowait(answer)  # room for one, and only this answer is sent on it
+        elif request_id in self._abandoned:
+            self._abandoned.discard(request_id)
+        else:
+            raise RemoteProtocolError(
+                f"{self.stream.peer_id} answered request {request_id}, which is not waiting"
+            )
+
+    def _new_id(self) -> int:
+        while True:
+            request_id = self._next_id
+            self._next_id = 0 if request_id == MAX_REQUEST_ID else request_id + 1
+            if request_id not in self._pending and request_id not in self._abandoned:
+                return request_id
+
+    async def request(self, message: Request) -> Answer:
+        """Send ``message`` and wait for its answer (at most ``REQUEST_TIMEOUT``)."""
+        if self._reading_done:
+            raise StreamBrokenError("the scheduler closed the stream")
+        request_id = self._new_id()
+        send, receive = trio.open_memory_channel[Answer](1)
+        self._pending[request_id] = send
+        try:
             with trio.fail_after(REQUEST_TIMEOUT):
-                await self.stream.send(to_dict(message))
-                try:
-                    return await self._answers.receive()
-                except trio.EndOfChannel:
-                    raise StreamBrokenError("the scheduler closed the stream") from None
+                await self.stream.send(encode_request(request_id, message))
+                return await receive.receive()
+        except trio.EndOfChannel:
+            raise StreamBrokenError("the scheduler closed the stream") from None
+        finally:
+            if self._pending.pop(request_id, None) is not None and not self._reading_done:
+                self._give_up(request_id)
+
+    def _give_up(self, request_id: int) -> None:
+        self._abandoned.add(request_id)
+        if len(self._abandoned) > MAX_ABANDONED:
+            self.fail(
+                RemoteProtocolError(
+                    f"{self.stream.peer_id} left {len(self._abandoned)} requests unanswered"
+                )
+            )

@@ -17,6 +17,7 @@ from catalog.blob import BlobId, BlobStore, Manifest
 from catalog.chunk_store import ChunkStore, GcResult
 from catalog.chunking import ChunkId
 from catalog.transfer_messages import (
+    MESSAGES,
     WIRE_LIMITS,
     ChunkRequest,
     ChunkResponse,
@@ -28,9 +29,7 @@ from catalog.transfer_messages import (
     ManifestResponse,
     Message,
     Request,
-    decode_message,
     respond,
-    to_dict,
 )
 from catalog.transfer_plan import CancelFetch, FetchChunk, State, TransferPlan, Verdict
 from node.wire import FrameDecoder, encode_frame
@@ -42,16 +41,16 @@ _ids = itertools.count()
 async def call(provider: BlobStore, request: Request) -> Message:
     """One request/response round trip through frames, both ways."""
     decoder = FrameDecoder(WIRE_LIMITS)
-    decoder.feed(encode_frame(to_dict(request), WIRE_LIMITS))
+    decoder.feed(encode_frame(MESSAGES.encode(request), WIRE_LIMITS))
     raw = decoder.next_message()
     assert raw is not None
-    received = decode_message(raw)
+    received = MESSAGES.decode(raw)
     assert isinstance(received, HaveRequest | ManifestRequest | ChunkRequest)
     answer = await respond(provider, received)
-    decoder.feed(encode_frame(to_dict(answer), WIRE_LIMITS))
+    decoder.feed(encode_frame(MESSAGES.encode(answer), WIRE_LIMITS))
     raw = decoder.next_message()
     assert raw is not None
-    return decode_message(raw)
+    return MESSAGES.decode(raw)
 
 
 async def fetch(

@@ -3,13 +3,16 @@
 :class:`FakeNetwork` is the agent's :class:`SchedulerNetwork`. A stream it opens is a real
 :class:`MessageStream` over an in-memory byte pipe, so what crosses it is real frames under the
 protocol's wire limits; a :class:`FakeScheduler` serves the other end with the typed dispatch
-messages, answering each request at once, and records what it received and when (virtual time).
+messages, answering each request at once (or after a delay, out of order, or under another
+request's ID, when a test asks), and records what it received and when (virtual time).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -18,8 +21,10 @@ import trio.testing
 
 from catalog.caps import Caps
 from catalog.dispatch import (
+    LOGS,
     LOGS_PROTOCOL_ID,
     PROTOCOL_ID,
+    Answer,
     Heartbeat,
     HeartbeatAck,
     LeaseGrant,
@@ -28,14 +33,15 @@ from catalog.dispatch import (
     Lost,
     Message,
     NoWork,
+    Request,
     ResultAck,
     ResultReport,
     ResultStatus,
     Stop,
     WorkRequest,
-    decode_log_chunk,
-    decode_message,
-    to_dict,
+    decode_request,
+    encode_answer,
+    encode_stop,
     verify_report,
 )
 from node.dht_records import Record
@@ -110,7 +116,11 @@ class Received:
 
 class FakeScheduler:
     """Grants ``work`` in order, then answers ``NoWork(retry_after)``; acks every result that
-    the worker's key verifies; asks in each heartbeat ack to stop the leases in ``stop_on_ack``."""
+    the worker's key verifies; asks in each heartbeat ack to stop the leases in ``stop_on_ack``.
+
+    A request of a type in ``answer_delay`` is answered that many seconds later while the
+    requests after it are answered at once; each answer goes under ``renumber(request_id)``.
+    """
 
     def __init__(self, peer_id: str, worker_key: bytes, *, retry_after: float = 10.0) -> None:
         self.peer_id = peer_id
@@ -121,6 +131,8 @@ class FakeScheduler:
         self.logs: list[LogChunk] = []
         self.results: dict[LeaseKey, ResultReport] = {}
         self.streams: list[MessageStream] = []
+        self.answer_delay: dict[type[Request], float] = {}
+        self.renumber: Callable[[int], int] = lambda request_id: request_id
         self.changes = Changes()
         self._worker_key = worker_key
 
@@ -131,7 +143,7 @@ class FakeScheduler:
         return [r.at for r in self.received if isinstance(r.message, kind)]
 
     async def push_stop(self, leases: tuple[LeaseKey, ...], reason: str = "task over") -> None:
-        await self.streams[-1].send(to_dict(Stop(leases=leases, reason=reason)))
+        await self.streams[-1].send(encode_stop(Stop(leases=leases, reason=reason)))
 
     async def serve(self, stream: MessageStream) -> None:
         if stream.protocol_id == LOGS_PROTOCOL_ID:
@@ -139,27 +151,41 @@ class FakeScheduler:
             return
         self.streams.append(stream)
         self.changes.changed()
-        async with stream:
+        async with stream, trio.open_nursery() as nursery:
             try:
                 async for raw in stream:
-                    message = decode_message(raw)
+                    request_id, message = decode_request(raw)
                     self.received.append(Received(trio.current_time(), message))
                     answer = self._answer(message)
                     self.changes.changed()
-                    await stream.send(to_dict(answer))
+                    delay = self.answer_delay.get(type(message))
+                    if delay is None:
+                        await self._send_answer(stream, request_id, answer)
+                    else:
+                        nursery.start_soon(self._answer_later, stream, delay, request_id, answer)
             except NetworkError:
                 pass  # the worker went away (stopped or restarted)
+
+    async def _send_answer(self, stream: MessageStream, request_id: int, answer: Answer) -> None:
+        await stream.send(encode_answer(self.renumber(request_id), answer))
+
+    async def _answer_later(
+        self, stream: MessageStream, delay: float, request_id: int, answer: Answer
+    ) -> None:
+        await trio.sleep(delay)
+        with contextlib.suppress(NetworkError, trio.ClosedResourceError):  # the worker went away
+            await self._send_answer(stream, request_id, answer)
 
     async def _serve_logs(self, stream: MessageStream) -> None:
         async with stream:
             try:
                 async for raw in stream:
-                    self.logs.append(decode_log_chunk(raw))
+                    self.logs.append(LOGS.decode(raw))
                     self.changes.changed()
             except NetworkError:
                 pass  # the lease was stopped or its VM failed: the worker reset the stream
 
-    def _answer(self, message: Message) -> Message:
+    def _answer(self, message: Request) -> Answer:
         if isinstance(message, WorkRequest):
             if self.work:
                 return self.work.pop(0)
@@ -170,9 +196,8 @@ class FakeScheduler:
             assert verify_report(message, self._worker_key), "a result the worker did not sign"
             self.results[message.lease] = message
             return ResultAck(lease=message.lease, status=ResultStatus.RECORDED)
-        if isinstance(message, Lost):
-            return HeartbeatAck(stop=())
-        raise AssertionError(f"a worker does not send {message.TYPE}")
+        assert isinstance(message, Lost), f"a worker does not send {message.TYPE}"
+        return HeartbeatAck(stop=())
 
 
 class FakeNetwork:

@@ -345,3 +345,53 @@ async def test_heartbeats_follow_the_shortest_lease_timeout_held_for_that_schedu
     assert a.of_type(Heartbeat)[-1].leases == (lease(1), lease(4))
     assert gaps(a.times_of(Heartbeat)[-4:]) == [HEARTBEAT_FLOOR] * 3
     assert gaps(b.times_of(Heartbeat)[-4:]) == [3.0, 3.0, 3.0]
+
+
+# ---- answers matched by request ID --------------------------------------------------------------
+
+
+async def test_answers_are_matched_to_requests_by_id_not_by_order(
+    lab: Lab, autojump_clock: MockClock
+) -> None:
+    a = lab.scheduler("sched-a")
+    a.work.append(grant(lease(1), lease_timeout=3.0))
+    await lab.start(**TWO_VMS)
+    first = await lab.running_vm(0)
+    await until(a.changes, lambda: len(a.of_type(WorkRequest)) == 2)  # answered NoWork
+    a.answer_delay[WorkRequest] = 5.0
+    a.work.append(grant(lease(2)))
+    await until(a.changes, lambda: len(a.of_type(WorkRequest)) == 3)
+    asked = trio.current_time()
+
+    # While the work request waits for its answer, heartbeats go out and their acks come back
+    # first: the one that asks to stop lease 1 is taken for the heartbeat, not the work request.
+    a.stop_on_ack.add(lease(1))
+    await until(lab.backend.changes, lambda: first.destroyed)
+    assert trio.current_time() - asked <= 1.0
+    second = await lab.running_vm(1)
+    assert trio.current_time() - asked == 5.0
+    assert [g.lease for g in lab.blobs.grants] == [lease(1), lease(2)]
+    assert not second.destroyed
+    assert len(a.streams) == 1
+
+
+async def test_an_answer_to_no_request_of_ours_fails_the_stream(
+    lab: Lab, autojump_clock: MockClock
+) -> None:
+    a = lab.scheduler("sched-a")
+    a.work += [grant(lease(1)), grant(lease(2))]
+    misnumbered: list[int] = []
+
+    def renumber(request_id: int) -> int:
+        if misnumbered:
+            return request_id
+        misnumbered.append(request_id)
+        return request_id + 1  # the first answer names a request the agent never sent
+
+    a.renumber = renumber
+    await lab.start()
+    await lab.running_vm(0)
+    # The grant of lease 1 came under an unknown ID: the agent dropped that stream without
+    # taking it, dialled again, and took lease 2 on the new stream.
+    assert len(a.streams) == 2
+    assert [g.lease for g in lab.blobs.grants] == [lease(2)]
