@@ -86,6 +86,7 @@ from node.p2p_host import (
 )
 from node.p2p_records import DhtRecords
 from node.p2p_stream import LIBP2P_IO_ERRORS, MessageStream
+from node.supervise import log_internal_error
 from node.wire import DEFAULT_LIMITS, Message, WireLimits
 
 __all__ = [
@@ -361,9 +362,7 @@ class P2PNode:
             # The one catch-all: a bug in a handler, or a peer that drove it somewhere unforeseen.
             # It must not take the host down; it is logged loudly and only this stream is reset.
             self._stats["handler_errors"] += 1
-            logger.exception(
-                "misbehaving peer or handler bug: %s stream from %s raised", protocol_id, peer_id
-            )
+            log_internal_error(logger, "the %s handler, for a stream from %s", protocol_id, peer_id)
             await stream.reset()
             return
         await stream.aclose()

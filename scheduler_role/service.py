@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -54,6 +55,7 @@ from node.contained import contained
 from node.errors import NetworkError, RemoteProtocolError
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
+from node.supervise import run_contained
 from scheduler_role import dispatch
 from scheduler_role.lifecycle import TaskState
 from scheduler_role.queue import Queue, StopNotice
@@ -187,7 +189,14 @@ class SchedulerService:
 
     def start_assembly(self, task_id: str) -> None:
         assert self._nursery is not None
-        self._nursery.start_soon(self.assemble, task_id)
+        self._nursery.start_soon(self._assemble_contained, task_id)
+
+    async def _assemble_contained(self, task_id: str) -> None:
+        """An assembly runs in the service's nursery: a bug in it fails that task, not the node."""
+        if not await run_contained(log, f"assembling {task_id}", partial(self.assemble, task_id)):
+            failed = partial(self.queue.assembly_failed, task_id, "internal error in assembly")
+            await run_contained(log, f"failing {task_id}", failed)
+            self.changed()
 
     async def assemble(self, task_id: str) -> None:
         """Build the task's image from its stored task file; the queue learns either way."""

@@ -17,7 +17,6 @@ from catalog.build import (
     Assembler,
     BootFiles,
     BuildCache,
-    ImageManifest,
     image_draft,
     os_draft,
     package_draft,
@@ -35,7 +34,7 @@ from catalog.errors import (
     TaskInputError,
     UnknownOsError,
 )
-from catalog.manifest import LayerRef
+from catalog.manifest import ImageManifest, LayerRef
 from catalog.taskfile import load, loads
 from node.identity import Identity
 from tests.catalog_build.conftest import write_task

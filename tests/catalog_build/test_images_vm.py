@@ -21,7 +21,6 @@ from catalog.build import (
     Assembler,
     BootFiles,
     BuildCache,
-    materialize,
     os_draft,
     package_draft,
 )
@@ -29,6 +28,7 @@ from catalog.build.os_debian import build_debian, installed_packages
 from catalog.build.packages import build_debian_packages
 from catalog.chunk_store import ChunkStore
 from catalog.errors import PackageError
+from catalog.manifest import materialize
 from catalog.taskfile import load, loads
 from node.identity import Identity
 from tests.catalog_build.conftest import write_task
