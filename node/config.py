@@ -28,6 +28,8 @@ commented sample file)::
     peer_timeout = "6s"              # silence after which a peer counts as gone (> heartbeat)
     dial_timeout = "5s"              # deadline for one connection attempt
     stream_deadline = "30s"          # deadline for one request/response on a stream
+    max_inbound_streams = 256        # streams of one protocol that peers may have open here
+    max_inbound_streams_per_peer = 16  # ... of which one peer may hold at most this many
 
     [catalog]
     trusted_publishers = []          # Ed25519 public keys, 64 hex digits each; EXTENDS
@@ -112,6 +114,8 @@ class NetworkConfig:
     peer_timeout: float = 6.0
     dial_timeout: float = 5.0
     stream_deadline: float = 30.0
+    max_inbound_streams: int = 256
+    max_inbound_streams_per_peer: int = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,6 +196,8 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         "peer_timeout": k.duration(),
         "dial_timeout": k.duration(),
         "stream_deadline": k.duration(),
+        "max_inbound_streams": k.integer(1, 65536),
+        "max_inbound_streams_per_peer": k.integer(1, 65536),
     },
     "catalog": {
         "trusted_publishers": k.list_of(k.PUBLIC_KEY, "Ed25519 public keys as 64 hex digits"),

@@ -64,6 +64,8 @@ class Node:
             peer_timeout=net.peer_timeout,
             dial_timeout=net.dial_timeout,
             stream_deadline=net.stream_deadline,
+            max_inbound_streams=net.max_inbound_streams,
+            max_inbound_streams_per_peer=net.max_inbound_streams_per_peer,
         )
         self.schedulers = scheduler_record.SchedulerDirectory(self.p2p)
 

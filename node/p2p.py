@@ -128,6 +128,7 @@ class P2PNode:
         discovery_interval: float = 10.0,
         limits: WireLimits = DEFAULT_LIMITS,
         max_inbound_streams: int = 256,
+        max_inbound_streams_per_peer: int = 16,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0 < heartbeat_interval < peer_timeout:
@@ -142,6 +143,7 @@ class P2PNode:
         self._discovery_interval = discovery_interval
         self._limits = limits
         self._max_inbound_streams = max_inbound_streams
+        self._max_inbound_streams_per_peer = max_inbound_streams_per_peer
         self._wall_clock = wall_clock
         self._host = build_host(identity, self._listen)
         self._dht = Dht(make_dht(self._host, wall_clock), query_timeout=stream_deadline)
@@ -319,26 +321,39 @@ class P2PNode:
         """Serve ``protocol_id``: ``handler`` gets each inbound stream, whose frames are held
         to ``limits`` (the node's by default); when it returns the stream is closed with an end
         frame; if it raises, only that stream is reset. At most ``max_inbound_streams`` run at
-        once per protocol; streams beyond that are reset."""
+        once per protocol, and at most ``max_inbound_streams_per_peer`` of them for one peer (so
+        one peer cannot take every slot and make the node look dead to the others); streams
+        beyond either are reset."""
         check_protocol_id(protocol_id)
         slots = trio.CapacityLimiter(self._max_inbound_streams)
+        per_peer: dict[str, int] = {}
 
         async def serve(raw: Any) -> None:
+            peer = str(raw.muxed_conn.peer_id)
+            if per_peer.get(peer, 0) >= self._max_inbound_streams_per_peer:
+                await self._refuse(raw, protocol_id, f"{peer} already has that many open")
+                return
             try:
                 slots.acquire_nowait()
             except trio.WouldBlock:
-                self._stats["streams_refused"] += 1
-                logger.info(
-                    "%s: %d streams already open; refusing one", protocol_id, slots.total_tokens
-                )
-                await MessageStream(raw, peer_id="?", protocol_id=protocol_id, deadline=1.0).reset()
+                await self._refuse(raw, protocol_id, "all slots are taken")
                 return
+            per_peer[peer] = per_peer.get(peer, 0) + 1
             try:
                 await self._serve(protocol_id, handler, raw, limits or self._limits)
             finally:
                 slots.release()
+                if (left := per_peer[peer] - 1) > 0:
+                    per_peer[peer] = left
+                else:
+                    del per_peer[peer]
 
         self._host.set_stream_handler(TProtocol(protocol_id), serve)
+
+    async def _refuse(self, raw: Any, protocol_id: str, why: str) -> None:
+        self._stats["streams_refused"] += 1
+        logger.info("%s: refusing a stream: %s", protocol_id, why)
+        await MessageStream(raw, peer_id="?", protocol_id=protocol_id, deadline=1.0).reset()
 
     async def _serve(
         self, protocol_id: str, handler: Handler, raw: Any, limits: WireLimits

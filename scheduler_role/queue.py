@@ -464,6 +464,11 @@ class Queue:
 
     # --- introspection ---------------------------------------------------------------------------
 
+    def holder(self, lease: LeaseKey) -> str | None:
+        """The worker holding ``lease`` now (None: nobody; lapsed, re-leased or never granted)."""
+        held = self._held.get(lease)
+        return None if held is None else held.worker
+
     def held_by(self) -> dict[str, int]:
         """Leases held per worker right now (for :mod:`explain`)."""
         return dict(self._held_count)

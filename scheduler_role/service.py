@@ -64,6 +64,7 @@ from scheduler_role.task_store import load_task
 
 log = logging.getLogger("vmlend.scheduler.service")
 
+MAX_LOG_TASKS = 64  # live logs kept at once: with MAX_LOG_BYTES each, 64 MiB at most
 MAX_LOG_BYTES = 1 << 20  # kept per task for followers; the result holds the tail anyway
 FETCH_TIMEOUT = 60.0
 TASKS_DIR = "tasks"
@@ -272,11 +273,24 @@ class SchedulerService:
 
     async def _serve_logs(self, stream: MessageStream) -> None:
         stream.deadline = 3600.0  # a quiet task may print nothing for long
+        refused = 0
         async for raw in stream:
             chunk = LOGS.decode(raw)
-            self.logs.setdefault(chunk.lease.task_id, LogBuffer()).add(
-                chunk.lease, chunk.stream, chunk.data
-            )
+            # Only the worker holding that very lease speaks for its output: a stranger's
+            # frames (or a forged later attempt) never reach the owner's log.
+            if self.queue.holder(chunk.lease) != stream.peer_id:
+                refused += 1
+                if refused == 1:
+                    log.info("log frames from %s for %s, a lease it does not hold: dropped",
+                             stream.peer_id, chunk.lease)  # fmt: skip
+                continue
+            self.log_buffer(chunk.lease.task_id).add(chunk.lease, chunk.stream, chunk.data)
 
     def log_buffer(self, task_id: str) -> LogBuffer:
-        return self.logs.setdefault(task_id, LogBuffer())
+        """The task's live log; at most ``MAX_LOG_TASKS`` are kept, the least recently used
+        dropped first (a finished task's result stands in for its log)."""
+        buffer = self.logs.pop(task_id, None) or LogBuffer()
+        self.logs[task_id] = buffer  # most recently used last
+        while len(self.logs) > MAX_LOG_TASKS:
+            del self.logs[next(iter(self.logs))]
+        return buffer

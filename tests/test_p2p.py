@@ -267,3 +267,30 @@ def test_bad_addresses_are_local_errors() -> None:
             P2PNode(Identity.generate(), listen=[LOOPBACK], bootstrap=[bad])
     with pytest.raises(LocalProtocolError):
         P2PNode(Identity.generate(), listen=["nonsense"])
+
+
+async def test_one_peer_cannot_take_every_slot_of_a_protocol() -> None:
+    async def mute(stream: MessageStream) -> None:
+        await trio.sleep_forever()
+
+    options = {"max_inbound_streams": 8, "max_inbound_streams_per_peer": 2}
+    async with running_nodes(3, bootstrap_first=False, **options) as (greedy, honest, b):
+        b.set_handler("/vmlend/mute/1.0.0", mute)
+        await greedy.connect(b.addrs[0])
+        await honest.connect(b.addrs[0])
+        held = [await greedy.open_stream(b.peer_id, "/vmlend/mute/1.0.0") for _ in range(2)]
+        for stream in held:
+            await stream.send({"type": "hold"})
+
+        async def open_and_wait(node: P2PNode) -> None:
+            stream = await node.open_stream(b.peer_id, "/vmlend/mute/1.0.0")
+            await stream.send({"type": "hold"})
+            with trio.move_on_after(1):  # the muted handler never answers: only a reset ends it
+                await stream.receive()
+
+        with trio.fail_after(5), pytest.raises(StreamBrokenError):
+            await open_and_wait(greedy)  # its third: over its own share
+        await open_and_wait(honest)  # another peer still gets one
+        assert b.statistics()["streams_refused"] == 1
+        for stream in held:
+            await stream.reset()

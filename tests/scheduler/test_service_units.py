@@ -21,7 +21,7 @@ from node.identity import Identity
 from owner_role.cli import run_task
 from owner_role.service import _tar
 from scheduler_role.owner_api import spec_of
-from scheduler_role.service import LogBuffer, public_key_of
+from scheduler_role.service import MAX_LOG_TASKS, LogBuffer, SchedulerService, public_key_of
 from worker_role.agent import policy_of
 
 
@@ -133,3 +133,15 @@ def test_lending_policy_from_the_worker_config() -> None:
     room = policy.remaining([Caps(memory_mib=128)])
     assert room is not None
     assert room.memory_mib == 384
+
+
+def test_live_logs_are_kept_for_a_bounded_number_of_tasks() -> None:
+    service = SchedulerService.__new__(SchedulerService)  # only its log buffers are used here
+    service.logs = {}
+    for n in range(MAX_LOG_TASKS + 10):
+        service.log_buffer(f"t{n}").add(LeaseKey(f"t{n}", 0, 1), "stdout", b"x")
+    service.log_buffer("t10")  # read recently: kept
+    service.log_buffer(f"t{MAX_LOG_TASKS + 10}")
+    assert len(service.logs) == MAX_LOG_TASKS
+    assert "t10" in service.logs
+    assert "t11" not in service.logs  # the least recently used went first
