@@ -133,6 +133,7 @@ class OwnerApi:
         if isinstance(request, Submit):
             return await self._submit(owner, request)
         task_id = request.task_id
+        await self._check_owner(task_id, owner)
         if isinstance(request, WaitRequest):
             with trio.move_on_after(request.timeout):
                 while (await self.queue.status(task_id)).state not in FINISHED_TASK_STATES:
@@ -143,6 +144,15 @@ class OwnerApi:
         elif isinstance(request, ResultsRequest):
             return await self._results(task_id)
         return await self.status(task_id)
+
+    async def _check_owner(self, task_id: str, peer: str) -> QueueStatus:
+        """The task's status, if ``peer`` submitted it. Anyone else is told there is no such
+        task: a worker learns task IDs from its grants, and must not read, follow or cancel
+        what it runs, nor learn which IDs exist."""
+        status = await self.queue.status(task_id)  # UnknownTaskError for a wrong ID
+        if status.spec.owner != peer:
+            raise UnknownTaskError(task_id)
+        return status
 
     # ---- submit --------------------------------------------------------------------------
 
@@ -274,7 +284,7 @@ class OwnerApi:
 
     async def _logs(self, stream: MessageStream, request: LogsRequest) -> None:
         task_id = request.task_id
-        status = await self.queue.status(task_id)  # UnknownTaskError for a wrong ID
+        status = await self._check_owner(task_id, stream.peer_id)
         buffer = self.service.log_buffer(task_id)
         sent = 0
         source = buffer.source

@@ -48,15 +48,24 @@ async def _node(stack: AsyncExitStack, nursery: trio.Nursery, home: Path) -> Nod
 
 
 @pytest.fixture
-async def scheduler_and_peer(tmp_path: Path) -> AsyncIterator[tuple[Scheduler, Node]]:
-    """A scheduler and a peer connected to it (the peer plays the hostile owner)."""
+async def scheduler_and_peers(tmp_path: Path) -> AsyncIterator[tuple[Scheduler, Node, Node]]:
+    """A scheduler and two peers connected to it (an owner and a stranger, or two strangers)."""
     async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
         base = await _node(stack, nursery, tmp_path / "scheduler")
         service = SchedulerService(
             base.p2p, base.blobs, base.home, boot=_no_boot_files, lease_timeout=5.0
         )
         await nursery.start(service.run)
-        peer = await _node(stack, nursery, tmp_path / "peer")
-        await peer.p2p.connect(base.p2p.addrs[0])
-        yield Scheduler(base.p2p, base.blobs, base.home, service), peer
+        peers = [await _node(stack, nursery, tmp_path / f"peer{n}") for n in (1, 2)]
+        for peer in peers:
+            await peer.p2p.connect(base.p2p.addrs[0])
+        yield Scheduler(base.p2p, base.blobs, base.home, service), *peers
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def scheduler_and_peer(
+    scheduler_and_peers: tuple[Scheduler, Node, Node],
+) -> tuple[Scheduler, Node]:
+    """A scheduler and a peer connected to it (the peer plays the hostile owner)."""
+    return scheduler_and_peers[0], scheduler_and_peers[1]

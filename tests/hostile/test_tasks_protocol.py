@@ -167,3 +167,26 @@ def test_the_owners_messages_round_trip() -> None:
     decoded = REQUESTS.decode(REQUESTS.encode(message))
     assert isinstance(decoded, Submit)
     assert decoded.task.command == message.task.command
+
+
+@pytest.mark.parametrize(
+    "request_type",
+    [
+        {"type": "status"},
+        {"type": "wait", "timeout": 0.0},
+        {"type": "cancel"},
+        {"type": "results"},
+        {"type": "logs", "follow": False},
+    ],
+)
+async def test_only_the_owner_may_see_or_cancel_its_task(
+    scheduler_and_peers: tuple[Scheduler, Node, Node], request_type: dict[str, Any]
+) -> None:
+    scheduler, owner, stranger = scheduler_and_peers
+    answer = await ask(owner, scheduler, submit("mine-1", task_map()))
+    assert isinstance(answer, Submitted)
+    frame = {**request_type, "task_id": "mine-1"}
+    assert_refused(await ask(stranger, scheduler, frame), "unknown_task")  # as if it did not exist
+    status = await scheduler.service.queue.status("mine-1")
+    assert status.state.value != "cancelled"
+    assert not isinstance(await ask(owner, scheduler, frame), Refused)  # its owner may
