@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import blake3
 import trio
 
 from catalog.blob import BlobId
-from catalog.blob_fetch import ensure_blob
+from catalog.blob_fetch import ensure_blob, read_small
 from catalog.blob_service import BlobService
 from catalog.build.assemble import Assembler
 from catalog.build.cache import BuildCache
@@ -44,15 +45,16 @@ from catalog.dispatch import (
     encode_answer,
     encode_stop,
 )
-from catalog.errors import CatalogError, UnknownEntryError
+from catalog.errors import BlobTooLargeError, CatalogError, UnknownEntryError
 from catalog.library import Library
 from catalog.manifest import ImageManifest
+from catalog.owner_protocol import MAX_OUTPUT_INLINE
 from catalog.owner_protocol import PROTOCOL_ID as TASKS_PROTOCOL_ID
 from catalog.owner_protocol import WIRE_LIMITS as TASKS_WIRE_LIMITS
 from catalog.taskfile import TaskFile
 from node import dht_records
 from node.contained import contained
-from node.errors import NetworkError, RemoteProtocolError
+from node.errors import NetworkError, RemoteProtocolError, StreamBrokenError
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
 from node.supervise import run_contained
@@ -246,7 +248,10 @@ class SchedulerService:
                 if isinstance(message, ResultReport):
                     # Signed by this worker before its blobs are fetched; not checked again.
                     dispatch.check_report(worker, message, key)
-                    await self._fetch_result(worker, message)
+                    # Nothing is fetched for a lease this worker does not hold: the queue
+                    # answers such a report STALE without it.
+                    if self.queue.holder(message.lease) == worker:
+                        await self._fetch_result(worker, message)
                 answer, stops = await dispatch.handle(
                     self.queue, worker, message, public_key=key, verified=True
                 )
@@ -265,9 +270,22 @@ class SchedulerService:
         if report.archive_blob is not None:
             blobs.append(report.archive_blob)
         deadline = trio.current_time() + FETCH_TIMEOUT
-        for blob in blobs:
-            left = max(0.0, deadline - trio.current_time())
-            await ensure_blob(self.blobs, BlobId(blob), sources=addrs, timeout=left)
+        try:
+            for blob in blobs:
+                left = max(0.0, deadline - trio.current_time())
+                await ensure_blob(self.blobs, BlobId(blob), sources=addrs, timeout=left)
+            for name, blob, digest in (
+                ("stdout", report.stdout_blob, report.stdout_digest),
+                ("stderr", report.stderr_blob, report.stderr_digest),
+            ):
+                data = await read_small(self.blobs.blobs, BlobId(blob), max_size=MAX_OUTPUT_INLINE)
+                if blake3.blake3(data).digest() != digest:
+                    # The digests are what agreement compares; the owner gets these bytes.
+                    raise RemoteProtocolError(f"{report.lease}: its {name} is not what it signed")
+        except BlobTooLargeError as e:
+            raise RemoteProtocolError(f"{report.lease}: {e}") from None
+        except CatalogError as e:  # not here yet: the worker delivers the report again
+            raise StreamBrokenError(f"result blobs of {report.lease}: {e}") from None
 
     # ---- logs ----------------------------------------------------------------------------
 
