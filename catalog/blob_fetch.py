@@ -50,8 +50,10 @@ async def ensure_blob(
     ask_dht: bool = True,
     on_event: Callable[[Event], None] = lambda e: None,
     use_channel: bool = True,
+    max_size: int | None = None,
 ) -> TransferResult:
-    """Make the blob complete in ``service``'s store within ``timeout`` seconds.
+    """Make the blob complete in ``service``'s store within ``timeout`` seconds; one that
+    declares more than ``max_size`` bytes raises BlobTooLargeError before a chunk is fetched.
 
     Chunks come from the peers at ``sources`` (multiaddrs; one that cannot be reached is
     passed over) and, unless ``ask_dht`` is false, from the providers the DHT names. Raises
@@ -60,6 +62,8 @@ async def ensure_blob(
     blobs = service.blobs
     if await is_complete(blobs, blob_id):
         size = (await blobs.manifest(blob_id)).total_size
+        if max_size is not None and size > max_size:
+            raise BlobTooLargeError(blob_id.hex(), size, max_size)
         return TransferResult(blob_id, size, 0, size, 0, 0.0, 0.0, 0.0)
     with trio.move_on_after(timeout):
         return await service.fetch(
@@ -68,6 +72,7 @@ async def ensure_blob(
             ask_dht=ask_dht,
             on_event=on_event,
             use_channel=use_channel,
+            max_size=max_size,
         )
     raise FetchTimeoutError(blob_id.hex(), timeout)
 

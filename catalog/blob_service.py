@@ -288,13 +288,25 @@ class BlobService:
         ask_dht: bool | None = None,
         on_event: Callable[[Event], None] = lambda e: None,
         use_channel: bool = True,
+        max_size: int | None = None,
     ) -> TransferResult:
         """Fetch the blob's missing chunks from the peers at ``sources`` (multiaddrs) and, if
         ``ask_dht`` (by default only when there are no sources), from its DHT providers. An
-        address that cannot be reached is left out; NoProviderError if no peer remains.
+        address that cannot be reached is left out; NoProviderError if no peer remains; a blob
+        declaring more than ``max_size`` bytes, BlobTooLargeError before any chunk is fetched.
         :func:`catalog.blob_fetch.ensure_blob` is the call for "have it here in time"."""
         if ask_dht is None:
             ask_dht = not sources
+        # A provider may say a blob new to us is private (then we keep it so); it cannot make
+        # one we already know private, which would stop us announcing and serving it.
+        known = await self._knows(blob_id)
+
+        def on_private() -> None:
+            if known:
+                log.warning("a provider says %s is private; it is known here: unchanged", blob_id)
+            else:
+                self.access.make_private(blob_id)
+
         hints, held, unreachable = await self._find_peers(blob_id, sources, ask_dht)
         peers = list(dict.fromkeys([*hints, *held]))
         if not peers:
@@ -305,7 +317,7 @@ class BlobService:
                 nursery,
                 blob_id,
                 use_channel=use_channel,
-                on_private=lambda: self.access.make_private(blob_id),
+                on_private=on_private,
                 spool=self.blobs.chunks.spool,
                 connections=connections_per_provider(len(set(peers))),
                 addr_hints=hints,
@@ -319,6 +331,7 @@ class BlobService:
                     request_timeout=self.request_timeout,
                     on_event=on_event,
                     held=held,
+                    max_size=max_size,
                 )
             finally:
                 await links.aclose()
@@ -328,6 +341,13 @@ class BlobService:
                         await trio.to_thread.run_sync(self.access.save)
         self.announce(blob_id)
         return result
+
+    async def _knows(self, blob_id: BlobId) -> bool:
+        try:
+            await self.blobs.manifest(blob_id)
+        except UnknownBlobError:
+            return False
+        return True
 
     async def _find_peers(
         self, blob_id: BlobId, sources: Sequence[str], ask_dht: bool

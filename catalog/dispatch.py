@@ -54,6 +54,8 @@ MAX_LOG_CHUNK = 64 * 1024
 SIGNATURE_SIZE = 64  # Ed25519
 ID_SIZE = 32
 DIGEST_SIZE = 32
+MAX_RESULT_OUTPUT = 1 << 20  # what a worker keeps of a result's stdout, and of its stderr
+MAX_RESULT_ARCHIVE = 64 << 20  # a result's /out archive: the size of the guest's result disk
 
 WIRE_LIMITS = WireLimits(
     max_frame_size=256 * 1024,

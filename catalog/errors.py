@@ -54,7 +54,7 @@ class BlobTooLargeError(CatalogError):
     """A blob is larger than the caller allows reading into memory (refused unread)."""
 
     def __init__(self, blob_id_hex: str, size: int, limit: int) -> None:
-        super().__init__(f"blob {blob_id_hex} is {size} bytes; at most {limit} may be read whole")
+        super().__init__(f"blob {blob_id_hex} is {size} bytes; at most {limit} are allowed here")
         self.blob_id_hex = blob_id_hex
         self.size = size
         self.limit = limit

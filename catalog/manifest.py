@@ -32,6 +32,7 @@ from catalog.errors import ImageManifestError
 
 VERSION = 1
 MAX_MANIFEST_SIZE = 256 * 1024
+MAX_IMAGE_SIZE = 16 << 30  # kernel, initramfs and layers together: what a worker fetches at most
 MAX_LAYERS = 16  # the guest init's disks: one per layer, plus task, scratch and result
 _HEX = re.compile(r"[0-9a-f]{64}")
 _FORMATS = ("squashfs", "erofs")

@@ -26,7 +26,7 @@ import trio
 from catalog.blob import BlobId, BlobStore, Manifest
 from catalog.chunk_store import one_error
 from catalog.chunking import ChunkId, HashedChunk, SpooledChunk
-from catalog.errors import ManifestError, NoProviderError
+from catalog.errors import BlobTooLargeError, ManifestError, NoProviderError
 from catalog.transfer_plan import (
     CancelFetch,
     Event,
@@ -121,13 +121,18 @@ async def fetch_blob(
     on_event: Callable[[Event], None] = lambda e: None,
     manifest: Manifest | None = None,
     held: Mapping[str, Held] | None = None,
+    max_size: int | None = None,
 ) -> TransferResult:
     """Fetch what is missing of ``blob_id`` from ``peers``; raise a TransferError if it cannot
     complete (NoProviderError names the peers dropped and why). ``held``: what some peers have
-    just said they hold (they are not asked again if it fits the manifest)."""
+    just said they hold (they are not asked again if it fits the manifest). A blob whose
+    manifest declares more than ``max_size`` bytes raises BlobTooLargeError before any chunk
+    is asked for."""
     started = trio.current_time()
     if manifest is None:
         manifest = await get_manifest(links, blob_id, peers, request_timeout=request_timeout)
+    if max_size is not None and manifest.total_size > max_size:
+        raise BlobTooLargeError(blob_id.hex(), manifest.total_size, max_size)
     present = await blobs.begin_fetch(manifest)
     plan = TransferPlan(
         manifest, present=present, now=trio.current_time(), max_in_flight=max_in_flight

@@ -35,6 +35,7 @@ import trio
 from catalog.blob import BlobId
 from catalog.blob_fetch import ensure_blob
 from catalog.blob_service import BlobService
+from catalog.dispatch import MAX_RESULT_ARCHIVE
 from catalog.errors import CatalogError, TaskFileError
 from catalog.owner_protocol import (
     MAX_PROVIDERS,
@@ -253,8 +254,9 @@ class OwnerService:
                 blob = BlobId(archive)
                 try:
                     await ensure_blob(
-                        self.blobs, blob, timeout=REQUEST_TIMEOUT, sources=reply.providers
-                    )
+                        self.blobs, blob, timeout=REQUEST_TIMEOUT, sources=reply.providers,
+                        max_size=MAX_RESULT_ARCHIVE,
+                    )  # fmt: skip
                 except (CatalogError, NetworkError) as e:
                     raise RpcError("fetch_failed", f"fetching the /out archive: {e}") from e
                 await self.blobs.blobs.export(blob, Path(out) / "out.tar")

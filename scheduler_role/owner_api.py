@@ -204,12 +204,13 @@ class OwnerApi:
     async def _fetch_files(self, blob: BlobId, sources: list[str], into: Path) -> None:
         blobs = self.service.blobs
         try:
-            await ensure_blob(blobs, blob, sources=sources, timeout=FILES_TIMEOUT)
-            size = (await blobs.blobs.manifest(blob)).total_size
-            if size > MAX_ARCHIVE_BYTES + MAX_ARCHIVE_MEMBERS * 1024:
-                raise RefusedError("invalid_task", f"the task's files exceed {size} bytes")
+            # Its tar headers come on top of the files' own bytes: one block per member.
+            limit = MAX_ARCHIVE_BYTES + MAX_ARCHIVE_MEMBERS * 1024
+            await ensure_blob(blobs, blob, sources=sources, timeout=FILES_TIMEOUT, max_size=limit)
             await trio.Path(into.parent).mkdir(parents=True, exist_ok=True)
             await blobs.blobs.export(blob, into)
+        except BlobTooLargeError as e:
+            raise RefusedError("invalid_task", f"the task's files: {e}") from None
         except (CatalogError, NetworkError) as e:
             raise RefusedError("files_unavailable", f"fetching the task's files: {e}") from None
 

@@ -37,6 +37,8 @@ from catalog.dispatch import (
     LOGS,
     LOGS_PROTOCOL_ID,
     LOGS_WIRE_LIMITS,
+    MAX_RESULT_ARCHIVE,
+    MAX_RESULT_OUTPUT,
     PROTOCOL_ID,
     WIRE_LIMITS,
     LeaseKey,
@@ -48,7 +50,6 @@ from catalog.dispatch import (
 from catalog.errors import BlobTooLargeError, CatalogError, UnknownEntryError
 from catalog.library import Library
 from catalog.manifest import ImageManifest
-from catalog.owner_protocol import MAX_OUTPUT_INLINE
 from catalog.owner_protocol import PROTOCOL_ID as TASKS_PROTOCOL_ID
 from catalog.owner_protocol import WIRE_LIMITS as TASKS_WIRE_LIMITS
 from catalog.taskfile import TaskFile
@@ -266,19 +267,22 @@ class SchedulerService:
         """Copy the result's blobs here (from the worker, or any peer that has them already)
         before the result counts; all of them within one FETCH_TIMEOUT."""
         addrs = next((list(p.addrs) for p in self.p2p.peers() if p.peer_id == worker), [])
-        blobs = [report.stdout_blob, report.stderr_blob]
+        # Each part no larger than an honest worker makes it: nothing more is fetched.
+        blobs = [(report.stdout_blob, MAX_RESULT_OUTPUT), (report.stderr_blob, MAX_RESULT_OUTPUT)]
         if report.archive_blob is not None:
-            blobs.append(report.archive_blob)
+            blobs.append((report.archive_blob, MAX_RESULT_ARCHIVE))
         deadline = trio.current_time() + FETCH_TIMEOUT
         try:
-            for blob in blobs:
+            for blob, limit in blobs:
                 left = max(0.0, deadline - trio.current_time())
-                await ensure_blob(self.blobs, BlobId(blob), sources=addrs, timeout=left)
+                await ensure_blob(
+                    self.blobs, BlobId(blob), sources=addrs, timeout=left, max_size=limit
+                )
             for name, blob, digest in (
                 ("stdout", report.stdout_blob, report.stdout_digest),
                 ("stderr", report.stderr_blob, report.stderr_digest),
             ):
-                data = await read_small(self.blobs.blobs, BlobId(blob), max_size=MAX_OUTPUT_INLINE)
+                data = await read_small(self.blobs.blobs, BlobId(blob), max_size=MAX_RESULT_OUTPUT)
                 if blake3.blake3(data).digest() != digest:
                     # The digests are what agreement compares; the owner gets these bytes.
                     raise RemoteProtocolError(f"{report.lease}: its {name} is not what it signed")

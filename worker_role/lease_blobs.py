@@ -14,7 +14,7 @@ from catalog.blob import BlobId
 from catalog.blob_fetch import ensure_blob, read_small
 from catalog.blob_service import BlobService
 from catalog.dispatch import LeaseGrant
-from catalog.manifest import MAX_MANIFEST_SIZE, ImageManifest, materialize
+from catalog.manifest import MAX_IMAGE_SIZE, MAX_MANIFEST_SIZE, ImageManifest, materialize
 from worker_role.vm.interface import Image
 from worker_role.vm.task import Layer, LayerFormat
 
@@ -54,17 +54,24 @@ class NodeLeaseBlobs:
         self.blobs.announce(blob)
         return bytes(blob)
 
-    async def _ensure_blob(self, blob: BlobId, addrs: list[str]) -> None:
-        """From the scheduler at ``addrs`` and every other peer that provides the blob."""
-        await ensure_blob(self.blobs, blob, sources=addrs, timeout=FETCH_TIMEOUT)
+    async def _ensure_blob(self, blob: BlobId, addrs: list[str], max_size: int) -> int:
+        """From the scheduler at ``addrs`` and every other peer that provides the blob; its
+        size, which may not exceed ``max_size`` (checked before anything is fetched)."""
+        fetched = await ensure_blob(
+            self.blobs, blob, sources=addrs, timeout=FETCH_TIMEOUT, max_size=max_size
+        )
+        return fetched.bytes_total
 
     async def image(self, grant: LeaseGrant, addrs: list[str]) -> tuple[Image, ImageManifest]:
         manifest_blob = BlobId(grant.image_id)
-        await self._ensure_blob(manifest_blob, addrs)
+        await self._ensure_blob(manifest_blob, addrs, MAX_MANIFEST_SIZE)
         data = await read_small(self.blobs.blobs, manifest_blob, max_size=MAX_MANIFEST_SIZE)
         manifest = ImageManifest.decode(data)
+        # A scheduler names the image: all of it together stays within MAX_IMAGE_SIZE, so a
+        # manifest repeating one huge blob (or naming many) cannot fill this machine's disk.
+        left = MAX_IMAGE_SIZE
         for blob in (manifest.kernel, manifest.initramfs, *(x.blob for x in manifest.layers)):
-            await self._ensure_blob(BlobId(bytes.fromhex(blob)), addrs)
+            left -= await self._ensure_blob(BlobId(bytes.fromhex(blob)), addrs, left)
         self._images.add(grant.image_id)
         paths = await materialize(manifest, self.blobs.blobs, self._images_dir)
         layers = tuple(

@@ -233,3 +233,21 @@ async def test_a_fetch_out_of_budget_resumes_on_the_next_call(spawn: Spawn, tmp_
     result = await ensure_blob(me.service, blob_id, sources=[slow.addr], timeout=30)
     assert result.bytes_total == len(data)
     assert await read_small(me.blobs, blob_id, max_size=len(data)) == data
+
+
+async def test_a_blob_declaring_more_than_allowed_is_refused_before_any_chunk(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    # A manifest may repeat one chunk as often as it likes: its declared size is what counts.
+    provider = await spawn()
+    me = await spawn()
+    chunk = random_bytes(64 * 1024, 11)
+    await provider.blobs.add_bytes(chunk)  # one chunk, stored
+    huge = Manifest(chunks=tuple(ChunkRef(hash_chunk(chunk), len(chunk)) for _ in range(5000)))
+    await provider.blobs.begin_fetch(huge)  # the provider now holds a ~320 MiB blob
+    with pytest.raises(BlobTooLargeError):
+        await ensure_blob(
+            me.service, huge.blob_id, sources=[provider.addr], timeout=30, max_size=MIB
+        )
+    with pytest.raises(UnknownBlobError):  # nothing of it was recorded, let alone fetched
+        await me.blobs.missing(huge.blob_id)

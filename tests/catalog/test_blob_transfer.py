@@ -349,3 +349,18 @@ async def test_private_blob_is_served_only_to_granted_peers(spawn: Spawn, tmp_pa
         assert await links.chunk(owner.peer_id, chunk_id) is None
         links_me = P2PLinks(me.service.p2p, nursery, blob_id, use_channel=False)
         assert await links_me.chunk(owner.peer_id, chunk_id) is not None
+
+
+async def test_a_provider_cannot_make_a_blob_we_know_private(spawn: Spawn, tmp_path: Path) -> None:
+    # We know the blob as public (its manifest is here, a chunk short); a provider that
+    # answers with a keyed ticket, as for a private blob, must not flip how we treat it.
+    provider = await spawn()
+    me = await spawn()
+    data = random_bytes(MIB, 17)
+    (tmp_path / "blob").write_bytes(data)
+    blob_id = await provider.service.add(tmp_path / "blob", private=True)
+    await provider.service.grant(blob_id, me.peer_id)
+    await me.blobs.begin_fetch(await provider.blobs.manifest(blob_id))  # known here, public
+    result = await me.service.fetch(blob_id, sources=[provider.addr])  # a keyed ticket
+    assert result.bytes_fetched == len(data)
+    assert not me.service.access.is_private(blob_id)
