@@ -21,6 +21,7 @@ from catalog.chunking import ChunkId, hash_chunk
 from catalog.errors import CatalogError, ChunkCorruptError, MissingChunkError, StoreLockedError
 from catalog.file_pool import FilePool
 from catalog.writeback import start_writeback
+from node.durable import sync_directory
 
 Buffer = bytes | bytearray | memoryview
 
@@ -140,7 +141,7 @@ def _commit_temps(written: list[tuple[Path, Path]]) -> None:
     # fetch and each takes the GIL from the transfer's reader thread. On a journaled file
     # system the first fsync commits every rename of the batch, so the others find nothing to do.
     for directory in dirs:
-        fsync_dir(directory)
+        sync_directory(directory)
 
 
 def unlink_paths(paths: list[Path]) -> None:
@@ -182,14 +183,6 @@ def _rename_all(written: list[tuple[Path, Path]]) -> list[Path]:
             os.rename(tmp, final)
         dirs[final.parent] = None
     return list(dirs)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def clear_dir(directory: Path) -> None:

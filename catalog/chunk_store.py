@@ -45,7 +45,6 @@ from catalog.chunk_files import (
     adopt_batch,
     chunk_path,
     clear_dir,
-    fsync_dir,
     lock_root,
     move_aside,
     read_chunk,
@@ -66,6 +65,7 @@ from catalog.chunk_index import (
 from catalog.chunking import MAX_CHUNK_SIZE, ChunkId, SpooledChunk, hash_chunk
 from catalog.errors import ChunkCorruptError, MissingChunkError, StoreIOError
 from catalog.file_pool import FilePool
+from node.durable import sync_directory
 from node.store import Database
 
 log = logging.getLogger("vmlend.catalog.chunks")
@@ -427,7 +427,7 @@ class ChunkStore:
                 path.unlink(missing_ok=True)
         for directory in {self.path_of(c).parent for c in doomed} | {self._free.directory}:
             if directory.exists():
-                fsync_dir(directory)
+                sync_directory(directory)
 
     async def _recover(self) -> None:
         """Finish what a crash interrupted: temp files, half-reserved and half-deleted chunks."""

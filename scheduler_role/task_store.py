@@ -19,6 +19,7 @@ import msgpack
 from catalog.errors import CatalogError
 from catalog.task_wire import task_from_wire, task_to_wire
 from catalog.taskfile import TaskFile
+from node.durable import sync_directory
 from node.errors import LocalProtocolError
 from scheduler_role.errors import SchedulerError
 
@@ -85,7 +86,7 @@ def settle(staging: Path, where: Path) -> None:
     """Move a fully written task directory into place (atomically), replacing a leftover."""
     discard(where)
     staging.rename(where)
-    _fsync_dir(where.parent)
+    sync_directory(where.parent)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -96,15 +97,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(directory))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_directory(Path(directory))
 
 
 def discard(path: Path) -> None:
