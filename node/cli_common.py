@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from node.data_dir import resolve_data_dir
 from node.errors import ConfigError, IdentityError, RpcError, VmlendError
+from node.log_hygiene import LogHygiene
 
 if TYPE_CHECKING:
     from node.rpc_blocking_client import Client
@@ -59,6 +60,8 @@ def configure_logging(verbosity: int) -> None:
         level=logging.WARNING - 10 * min(verbosity, 2),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(LogHygiene())  # what peers put in log lines is cut and rate-limited
     if verbosity < 2:
         # py-libp2p warns on every stream a peer closes early; our adapter reports what matters.
         logging.getLogger("libp2p").setLevel(logging.ERROR)

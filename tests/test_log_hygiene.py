@@ -1,0 +1,39 @@
+"""Peers cannot flood a node's log: long lines are cut, repeated warnings held back."""
+
+from __future__ import annotations
+
+import logging
+
+from node.log_hygiene import LogHygiene
+
+
+def record(
+    msg: str, *args: object, level: int = logging.WARNING, name: str = "libp2p.x"
+) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args or None, None)
+
+
+def test_a_huge_peer_value_is_cut_to_a_size_and_a_hash() -> None:
+    hygiene = LogHygiene(max_chars=100)
+    r = record("invalid record %s", "ab" * 1_000_000, level=logging.INFO)
+    assert hygiene.filter(r)
+    line = r.getMessage()
+    assert len(line) < 200
+    assert "2000015 chars, sha256 " in line
+
+
+def test_the_same_warning_is_said_once_per_interval_with_a_count() -> None:
+    now = [0.0]
+    hygiene = LogHygiene(interval=60.0, clock=lambda: now[0])
+    said = [hygiene.filter(record("peer %s does not speak %s", f"p{n}", "hb")) for n in range(50)]
+    assert said == [True] + [False] * 49
+    now[0] = 61.0
+    again = record("peer %s does not speak %s", "p99", "hb")
+    assert hygiene.filter(again)
+    assert "(and 49 more like it" in again.getMessage()
+    assert hygiene.filter(record("another warning"))  # other templates are not held back
+
+
+def test_info_lines_are_never_held_back() -> None:
+    hygiene = LogHygiene(interval=60.0, clock=lambda: 0.0)
+    assert all(hygiene.filter(record("x %s", n, level=logging.INFO)) for n in range(10))
