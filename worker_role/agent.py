@@ -57,7 +57,8 @@ from catalog.errors import CatalogError
 from catalog.scheduler_record import SchedulerDirectory
 from node.config import WorkerConfig
 from node.dht_records import Record
-from node.errors import NetworkError, ProtocolError
+from node.durable import read_state, write_atomically
+from node.errors import LocalProtocolError, NetworkError, ProtocolError
 from node.identity import Identity
 from node.p2p_stream import MessageStream
 from node.wire import WireLimits
@@ -116,6 +117,16 @@ class _Lease:
     running: bool = False
 
 
+def _held_leases(data: bytes) -> dict[str, list[LeaseKey]]:
+    raw = json.loads(data)
+    if not isinstance(raw, dict):
+        raise ValueError("not a map of schedulers to leases")
+    try:
+        return {str(s): [lease_from_list(x) for x in keys] for s, keys in raw.items()}
+    except LocalProtocolError as e:
+        raise ValueError(str(e)) from None
+
+
 class WorkerAgent:
     def __init__(
         self,
@@ -170,11 +181,9 @@ class WorkerAgent:
     # ---- state ---------------------------------------------------------------------------
 
     def _load_state(self) -> dict[str, list[LeaseKey]]:
-        try:
-            raw = json.loads(self._state_path.read_text())
-        except FileNotFoundError:
-            return {}
-        return {s: [lease_from_list(x) for x in keys] for s, keys in raw.items()}
+        # A torn or damaged file is set aside: the node starts, and those leases lapse at
+        # their schedulers as every lease of a silent worker does.
+        return read_state(self._state_path, _held_leases) or {}
 
     def _save_state(self) -> None:
         held: dict[str, list[Any]] = {}
@@ -182,9 +191,7 @@ class WorkerAgent:
             held.setdefault(lease.scheduler, []).append(lease_to_list(key))
         for scheduler, keys in self._lost.items():
             held.setdefault(scheduler, []).extend(lease_to_list(k) for k in keys)
-        tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(held))
-        tmp.replace(self._state_path)
+        write_atomically(self._state_path, json.dumps(held).encode())
 
     def _room_changed(self) -> None:
         self._resting.clear()  # with new room, every scheduler may have work for us again

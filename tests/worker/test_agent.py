@@ -298,6 +298,20 @@ async def test_leases_held_at_a_crash_are_reported_lost_on_the_next_start(
     assert json.loads(await state.read_text()) == {}  # told once, not again
 
 
+@pytest.mark.parametrize("torn", ['{"sched-a": [["t1", 0, ', "[1, 2]", '{"sched-a": 7}'])
+async def test_a_torn_lease_file_is_set_aside_and_the_agent_lends_on(
+    lab: Lab, autojump_clock: MockClock, torn: str
+) -> None:
+    a = lab.scheduler("sched-a")
+    a.work.append(grant(lease(1)))
+    await trio.Path(lab.data_dir / STATE_FILE).write_text(torn)  # a crash mid-write, say
+    await lab.start()
+    await lab.running_vm()  # it started, and serves
+    assert [p.name.split("-")[0] for p in lab.data_dir.glob(f"{STATE_FILE}.corrupt-*")] == [
+        f"{STATE_FILE}.corrupt"
+    ]
+
+
 async def test_a_machine_that_cannot_run_vms_keeps_running_without_lending(
     lab: Lab, autojump_clock: MockClock
 ) -> None:
