@@ -213,9 +213,10 @@ def _env(raw: object) -> dict[str, str]:
 
 
 def _number(label: str, value: object) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
+    # A peer's True is not the number one.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise LocalProtocolError(f"{label} must be a finite number")
-    return float(value)  # type: ignore[arg-type]
+    return float(value)
 
 
 def _text(label: str, value: object, limit: int) -> str:

@@ -56,12 +56,11 @@ def add_verbosity_option(parser: argparse.ArgumentParser) -> None:
 
 def configure_logging(verbosity: int) -> None:
     """Warnings and errors; ``-v`` adds info, ``-vv`` debug and libp2p's own chatter."""
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(verbosity, 2),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(LogHygiene())  # what peers put in log lines is cut and rate-limited
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.addFilter(LogHygiene())  # what peers put in log lines is cut and rate-limited
+    # A no-op where logging is set up already (a host program, a test runner): ours only.
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbosity, 2), handlers=[handler])
     if verbosity < 2:
         # py-libp2p warns on every stream a peer closes early; our adapter reports what matters.
         logging.getLogger("libp2p").setLevel(logging.ERROR)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 from node.log_hygiene import LogHygiene
 
@@ -37,3 +40,18 @@ def test_the_same_warning_is_said_once_per_interval_with_a_count() -> None:
 def test_info_lines_are_never_held_back() -> None:
     hygiene = LogHygiene(interval=60.0, clock=lambda: 0.0)
     assert all(hygiene.filter(record("x %s", n, level=logging.INFO)) for n in range(10))
+
+
+def test_the_command_lines_logging_is_hygienic() -> None:
+    code = (
+        "import logging; from node.cli_common import configure_logging; configure_logging(0)\n"
+        "for _ in range(5): logging.getLogger('libp2p.x').error('peer sent %s', 'ab' * 100000)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1  # the same error, said once
+    assert len(lines[0]) < 600
+    assert "200010 chars, sha256 " in lines[0]
