@@ -23,7 +23,7 @@ import msgpack
 import trio
 
 from catalog.chunk_files import Buffer
-from catalog.chunk_store import ChunkStore, GcResult, one_error
+from catalog.chunk_store import ChunkStore, GcResult
 from catalog.chunking import (
     DEFAULT_PARAMS,
     ID_SIZE,
@@ -44,6 +44,7 @@ from catalog.errors import (
     QuotaExceededError,
     UnknownBlobError,
 )
+from node.supervise import one_error
 
 log = logging.getLogger("vmlend.catalog.blob")
 

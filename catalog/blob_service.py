@@ -44,7 +44,6 @@ from catalog.blob import BlobId, BlobStore
 from catalog.blob_access import BlobAccess
 from catalog.blob_fetch import ensure_blob
 from catalog.blob_rpc import blob_param, get_options, mapped_errors, progress_dict
-from catalog.chunk_store import one_error
 from catalog.chunking import ChunkId
 from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL
 from catalog.data_channel_server import ChunkFile, DataServer
@@ -73,6 +72,7 @@ from node.errors import NetworkError, RemoteProtocolError, RpcError
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
 from node.rpc_server import SendNotification
+from node.supervise import one_error
 
 log = logging.getLogger("vmlend.catalog.blobs")
 

@@ -492,14 +492,3 @@ class ChunkStore:
                 async with self._cond:
                     self._gc_running = False
                     self._cond.notify_all()
-
-
-@asynccontextmanager
-async def one_error() -> AsyncIterator[None]:
-    """Let a nursery's only error out as itself, so callers can catch QuotaExceededError & co."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise

@@ -24,7 +24,6 @@ from typing import Protocol
 import trio
 
 from catalog.blob import BlobId, BlobStore, Manifest
-from catalog.chunk_store import one_error
 from catalog.chunking import ChunkId, HashedChunk, SpooledChunk
 from catalog.errors import BlobTooLargeError, ManifestError, NoProviderError
 from catalog.transfer_plan import (
@@ -36,6 +35,7 @@ from catalog.transfer_plan import (
     Verdict,
 )
 from node.errors import DeadlineError, NetworkError, RemoteProtocolError
+from node.supervise import one_error
 
 log = logging.getLogger("vmlend.catalog.transfer")
 

@@ -10,7 +10,8 @@ logged, so containing a bug never hides it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 INTERNAL_ERROR = "internal error"
 
@@ -33,3 +34,15 @@ async def run_contained(
         log_internal_error(log, what)
         return False
     return True
+
+
+@asynccontextmanager
+async def one_error() -> AsyncIterator[None]:
+    """Let a nursery's only error out as itself (trio groups even one), so callers can catch
+    ``QuotaExceededError``, ``GuestTimeoutError`` & co. by their type."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -26,6 +26,7 @@ from node.cli_common import (
 )
 from node.rpc import Notification
 from node.rpc_blocking_client import Client, Result
+from node.terminal import RAW_HELP, OutputWriter
 
 if TYPE_CHECKING:  # imported where used: ``status`` and ``logs`` must start fast
     from catalog.taskfile import TaskFile
@@ -53,6 +54,7 @@ def _status_arguments(status: argparse.ArgumentParser) -> None:
 def _logs_arguments(logs: argparse.ArgumentParser) -> None:
     logs.add_argument("task_id", metavar="ID")
     logs.add_argument("--follow", "-f", action="store_true", help="until the task is over")
+    logs.add_argument("--raw", action="store_true", help=RAW_HELP)
     logs.set_defaults(handler=cmd_logs)
 
 
@@ -71,6 +73,7 @@ def _results_arguments(results: argparse.ArgumentParser) -> None:
 
 
 def _run_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--raw", action="store_true", help=RAW_HELP)
     run.add_argument("--cpus", type=int, default=1)
     run.add_argument("--memory", default="256MiB", metavar="SIZE")
     run.add_argument("--os", default=None, help="default tiny")
@@ -161,22 +164,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def follow_logs(client: Client, task_id: str, *, follow: bool) -> str:
-    """Copy the task's output to ours; the task's state at the end."""
+def follow_logs(client: Client, task_id: str, *, follow: bool, raw: bool = False) -> str:
+    """Copy the task's output to ours (made safe for a terminal unless ``raw``); the task's
+    state at the end."""
     state = ""
+    output = OutputWriter(raw=raw)
     for item in client.stream("task.logs", {"task_id": task_id, "follow": follow}):
         if isinstance(item, Notification) and item.method == "task.log":
             kind, data = item.params
-            out = sys.stdout.buffer if kind == "stdout" else sys.stderr.buffer
-            out.write(data)
-            out.flush()
+            output.write(str(kind), bytes(data))
         elif isinstance(item, Result):
             state = str(item.value.get("state"))
     return state
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    follow_logs(_client(args), args.task_id, follow=args.follow)
+    follow_logs(_client(args), args.task_id, follow=args.follow, raw=args.raw)
     return 0
 
 
@@ -251,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         params["scheduler"] = args.scheduler
     task_id = client.call("task.submit", params)["task_id"]
     print(f"vmlend run: task {task_id}", file=sys.stderr, flush=True)
-    follow_logs(client, task_id, follow=True)
+    follow_logs(client, task_id, follow=True, raw=args.raw)
     status = client.call("task.wait", {"task_id": task_id})
     code = status.get("exit_code")
     if code is None:

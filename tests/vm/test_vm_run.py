@@ -4,6 +4,8 @@ time limit, and guest failures that end as errors with console lines, never as h
 from __future__ import annotations
 
 import io
+import os
+import pty
 import sys
 import tarfile
 
@@ -132,3 +134,43 @@ async def test_large_output_arrives_whole_and_in_order(vms: VmFactory) -> None:
     assert bytes(streamed["stdout"]) == expected  # nothing lost at power-off, no marker leaked
     assert result.stdout == expected[-OUTPUT_TAIL_BYTES:]
     assert bytes(streamed["stderr"]) == "".join(f"{i}\n" for i in range(1, 1001)).encode()
+
+
+async def test_cli_a_guest_kernel_panic_exits_125_with_one_line_and_no_traceback() -> None:
+    cmd = [sys.executable, "-m", "worker_role.vm.cli", "vm", "run", "--memory", "128MiB"]
+    cmd += ["--timeout", "30s", "--", "sh", "-c", "echo c > /proc/sysrq-trigger"]
+    with trio.fail_after(120):
+        proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    assert proc.returncode == 125
+    assert b"Traceback" not in proc.stderr
+    assert proc.stderr.startswith(b"vmlend vm run: ")
+
+
+async def test_cli_on_a_terminal_shows_a_guests_escape_sequences_as_text() -> None:
+    # The guest tries to clear the screen and retitle the window; a terminal must see text.
+    script = r"printf 'a\033[2J\033]0;owned\007b\n'"
+    cmd = [sys.executable, "-m", "worker_role.vm.cli", "vm", "run", "--memory", "128MiB"]
+    cmd += ["--timeout", "30s", "--", "sh", "-c", script]
+    main, child = pty.openpty()
+    try:
+        with trio.fail_after(120):
+            proc = await trio.run_process(cmd, stdout=child, capture_stderr=True, check=False)
+        os.close(child)
+        child = -1
+        shown = b""
+        while chunk := _read_some(main):
+            shown += chunk
+    finally:
+        os.close(main)
+        if child != -1:
+            os.close(child)
+    assert proc.returncode == 0
+    assert b"\x1b" not in shown
+    assert b"a^[[2J^[]0;owned^Gb" in shown
+
+
+def _read_some(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the terminal's other end is closed and drained
+        return b""

@@ -11,6 +11,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -23,6 +24,8 @@ from node.cli_common import (
     command_after_dashes,
     run_command,
 )
+from node.supervise import one_error
+from node.terminal import RAW_HELP, OutputWriter
 from node.units import parse_duration, parse_rate, parse_size
 from worker_role.errors import GuestTimeoutError, VmError
 from worker_role.vm.backend import Image, OutputChunk, open_backend
@@ -37,6 +40,7 @@ def add_vm_arguments(vm: argparse.ArgumentParser) -> None:
         help="run CMD in a capped tiny VM; exit with its exit code (124 on timeout)",
         description="Everything after -- is the command, run in the guest's busybox root.",
     )
+    run.add_argument("--raw", action="store_true", help=RAW_HELP)
     run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
     run.add_argument(
         "--cpu-share",
@@ -113,15 +117,24 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"vmlend vm run: {e}", file=sys.stderr)
         return EXIT_USAGE
-    return trio.run(vm_run, task, caps, args.vm_dir)
+    return trio.run(partial(vm_run, task, caps, args.vm_dir, raw=args.raw))
 
 
-async def vm_run(task: GuestCommand, caps: Caps, vm_dir: Path | None = None) -> int:
-    """Run ``task`` under ``caps``, streaming its output to our stdout/stderr; the exit code."""
+async def vm_run(
+    task: GuestCommand, caps: Caps, vm_dir: Path | None = None, *, raw: bool = False
+) -> int:
+    """Run ``task`` under ``caps``, streaming its output to our stdout/stderr (made safe for a
+    terminal unless ``raw``); the exit code: the guest's, 124 on its timeout, 125 when the VM
+    failed (a kernel panic, say) or was refused."""
     send, receive = trio.open_memory_channel[OutputChunk](64)
     try:
-        async with open_backend(runtime_dir=vm_dir) as backend, trio.open_nursery() as nursery:
-            nursery.start_soon(_print_output, receive)
+        # one_error: the nursery groups even a lone error, which would escape the excepts below.
+        async with (
+            one_error(),
+            open_backend(runtime_dir=vm_dir) as backend,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_print_output, receive, OutputWriter(raw=raw))
             async with send:
                 result = await backend.run(Image.tiny(), task, caps, output=send)
         return result.exit_code
@@ -133,12 +146,12 @@ async def vm_run(task: GuestCommand, caps: Caps, vm_dir: Path | None = None) -> 
         return EXIT_VM_FAILED
 
 
-async def _print_output(receive: trio.MemoryReceiveChannel[OutputChunk]) -> None:
+async def _print_output(
+    receive: trio.MemoryReceiveChannel[OutputChunk], output: OutputWriter
+) -> None:
     async with receive:
         async for stream, data in receive:
-            out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-            out.write(data)
-            out.flush()
+            output.write(stream, data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
