@@ -62,6 +62,12 @@ OUTPUT_TAIL_BYTES = 1 << 20
 CONSOLE_TAIL_LINES = 40
 # After the domain stops, QEMU has closed the sockets; what is left to read is already buffered.
 _DRAIN_SECONDS = 5.0
+# What the guest's init prints on the console as it starts the task (worker_role/guest/init.sh).
+TASK_STARTED = b"vmlend-init: starting task"
+TASK_START_POLL_S = 0.25
+# Past the time limit, counted from the task's start: for the guest to write its result.
+TASK_GRACE_S = 10.0
+_CONSOLE_READ = 64 * 1024
 
 
 class RunningVm:
@@ -98,6 +104,18 @@ class RunningVm:
             return []
         return [line.rstrip("\r") for line in text.splitlines()[-lines:]]
 
+    async def _count_from_the_task_start(self, limit: trio.CancelScope) -> None:
+        seen = b""
+        offset = 0
+        while TASK_STARTED not in seen:
+            await trio.sleep(TASK_START_POLL_S)
+            more = await trio.to_thread.run_sync(_read_from, self.console_log, offset)
+            offset += len(more)
+            seen = seen[-len(TASK_STARTED) :] + more  # the marker may straddle two reads
+        started = trio.current_time()
+        limit.deadline = min(limit.deadline, started + self.task.timeout_s + TASK_GRACE_S)
+        self.deadline = limit.deadline
+
     def qemu_pid(self) -> int:
         """The QEMU process's pid (libvirt's pid file), for measuring what the VM costs the host."""
         path = Path("/run/libvirt/qemu") / f"{self.name}.pid"
@@ -107,17 +125,23 @@ class RunningVm:
             raise VmError(f"no QEMU pid for {self.name} in {path}: {e}") from e
 
     async def wait(self) -> VmResult:
-        """Wait for the guest to finish (up to its deadline) and read its result."""
-        with trio.move_on_at(self.deadline):
+        """Wait for the guest to finish (up to its deadline) and read its result.
+
+        Until the guest says on its console that the task started, the deadline allows for the
+        boot; from then on the host counts the time limit itself (plus a little grace for the
+        result), so a task that kills the guest's own watchdog gains nothing."""
+        with trio.move_on_at(self.deadline) as limit:
             async with trio.open_nursery() as nursery:
                 for event in (self.stopped, self.guest_done):
                     nursery.start_soon(_cancel_when_set, event, nursery.cancel_scope)
+                nursery.start_soon(self._count_from_the_task_start, limit)
         if not (self.stopped.is_set() or self.guest_done.is_set()):
             tail = await trio.to_thread.run_sync(self.console_tail)
             await self.destroy()
             raise GuestTimeoutError(
                 f"guest {self.name} gave no result within {self.deadline - self.started_at:.0f} s "
-                f"(time limit {self.task.timeout_s} s + boot allowance)",
+                f"(time limit {self.task.timeout_s} s, counted from the task's start once the "
+                "guest started it, from the boot with an allowance before)",
                 console_tail=tail,
             )
         if not self.guest_done.is_set():
@@ -444,6 +468,16 @@ def _marker_prefix_at_end(data: bytearray, marker: bytes) -> int:
             return len(data) - start
         start = data.find(marker[:1], start + 1)
     return 0
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    """At most ``_CONSOLE_READ`` bytes of ``path`` from ``offset`` (none yet if it is missing)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read(_CONSOLE_READ)
+    except FileNotFoundError:
+        return b""
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
