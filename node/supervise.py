@@ -44,5 +44,6 @@ async def one_error() -> AsyncIterator[None]:
         yield
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+            lone = group.exceptions[0]
+            raise lone from lone.__cause__  # keep its own cause, drop the group as context
         raise

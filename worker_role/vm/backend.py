@@ -20,6 +20,7 @@ import libvirt
 import trio
 
 from catalog.caps import Caps, NetworkMode
+from node.supervise import one_error
 from worker_role.egress_proxy import EgressProxy
 from worker_role.errors import (
     CapUnsupportedError,
@@ -327,7 +328,7 @@ class VmBackend:
             make_vm_dir, self.runtime, name, self.qemu_user, owner
         )
         try:
-            async with _open_nursery_unwrapped() as nursery:
+            async with one_error(), trio.open_nursery() as nursery:
                 vm = RunningVm(self, name, vm_dir, task, trio.current_time())
                 proxy_port = None
                 if caps.network is NetworkMode.PROXY:
@@ -483,23 +484,6 @@ def _read_from(path: Path, offset: int) -> bytes:
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-@contextlib.asynccontextmanager
-async def _open_nursery_unwrapped() -> AsyncIterator[trio.Nursery]:
-    """A nursery that lets a lone error through as itself, not wrapped in an ExceptionGroup.
-
-    The VM's nursery only runs its output pumps; an error from the caller's block (a
-    GuestFailedError from ``wait``) must reach the caller as that error.
-    """
-    try:
-        async with trio.open_nursery() as nursery:
-            yield nursery
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            lone = group.exceptions[0]
-            raise lone from lone.__cause__  # keep its own cause, drop the group as context
-        raise
 
 
 @contextlib.asynccontextmanager
