@@ -8,21 +8,21 @@ never refused on arrival for a reason the scheduler could have seen. Pure logic,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
 from node.allow_rules import AllowList, AllowRule, InvalidAllowRule
 from node.errors import LocalProtocolError
+from node.limits import LIMITS, Amounts, Limit, Unit, limit_named
 from node.wire_fields import MAX_TEXT, as_int, as_map, as_seconds, as_text, as_tuple, check_keys
 
 MIB = 1024 * 1024
 MAX_NET_ALLOW = 64
-# cpu_share is a float; sums of floats drift by an ulp, which must not turn "exactly the limit" into
-# a refusal, nor let remaining() offer a share that violations() then refuses.
+# A share (cpu_share) is a float; sums of floats drift by an ulp, which must not turn "exactly the
+# limit" into a refusal, nor let remaining() offer a share that violations() then refuses.
 _SHARE_EPSILON = 1e-9
-MIN_MEMORY_MIB = 32
 
 
 class NetworkMode(StrEnum):
@@ -34,7 +34,7 @@ class NetworkMode(StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Caps:
-    """Limits for one VM.
+    """Limits for one VM; each limit is a row of :data:`node.limits.LIMITS`, checked from there.
 
     ``cpu_share`` is the fraction of one host CPU the whole VM may use (0 < share <= vcpus),
     enforced on the whole QEMU process, not just the vCPU threads. ``disk_bps``/``disk_iops`` of 0
@@ -52,19 +52,31 @@ class Caps:
     net_allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.vcpus < 1:
-            raise ValueError(f"vcpus must be >= 1, got {self.vcpus}")
-        if not 0 < self.cpu_share <= self.vcpus:
-            raise ValueError(f"cpu_share must be in (0, vcpus={self.vcpus}], got {self.cpu_share}")
-        if self.memory_mib < MIN_MEMORY_MIB:
-            raise ValueError(f"memory_mib must be >= {MIN_MEMORY_MIB}, got {self.memory_mib}")
-        if self.disk_mib < 1:
-            raise ValueError(f"disk_mib must be >= 1, got {self.disk_mib}")
-        for name in ("disk_bps", "disk_iops", "net_bps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for limit in LIMITS:
+            value = getattr(self, limit.name)
+            bound = None if limit.at_most is None else getattr(self, limit.at_most)
+            if not _admits(limit, value, bound):
+                raise ValueError(f"{limit.name} must be {_range(limit, bound)}, got {value}")
         object.__setattr__(self, "network", NetworkMode(self.network))
         object.__setattr__(self, "net_allow", tuple(self.net_allow))
+
+    @classmethod
+    def of(
+        cls,
+        amounts: Mapping[str, float],
+        *,
+        network: NetworkMode = NetworkMode.NONE,
+        net_allow: Sequence[str] = (),
+    ) -> Caps:
+        """Caps from amounts by limit name; a limit not named keeps its default."""
+        typed: dict[str, Any] = {name: limit_named(name).typed(v) for name, v in amounts.items()}
+        return cls(**typed, network=network, net_allow=tuple(net_allow))
+
+    def amount(self, name: str) -> float:
+        """The amount of the limit ``name``, for code that reads every limit alike."""
+        limit_named(name)  # KeyError for a field that is no limit (network, net_allow)
+        value: float = getattr(self, name)
+        return value
 
     def to_wire(self) -> dict[str, Any]:
         out = {f: getattr(self, f) for f in _CAPS_KEYS}
@@ -77,16 +89,11 @@ class Caps:
         """Caps as a peer sent them; anything else raises :class:`LocalProtocolError`."""
         value = as_map("caps", raw)
         check_keys("caps", value, _CAPS_KEYS, frozenset())
+        amounts = {limit.name: _wire_amount(limit, value[limit.name]) for limit in LIMITS}
         try:
-            return cls(
-                vcpus=as_int("vcpus", value["vcpus"], 1, 1024),
-                cpu_share=as_seconds("cpu_share", value["cpu_share"]),  # positive and finite
-                memory_mib=as_int("memory_mib", value["memory_mib"], MIN_MEMORY_MIB, 2**40),
-                disk_mib=as_int("disk_mib", value["disk_mib"], 1, 2**40),
-                disk_bps=as_int("disk_bps", value["disk_bps"], 0, 2**62),
-                disk_iops=as_int("disk_iops", value["disk_iops"], 0, 2**62),
+            return cls.of(
+                amounts,
                 network=NetworkMode(as_text("network", value["network"])),
-                net_bps=as_int("net_bps", value["net_bps"], 0, 2**62),
                 net_allow=as_tuple("net_allow", value["net_allow"], MAX_NET_ALLOW, _allow_entry),
             )
         except ValueError as e:  # Caps' own checks, and an unknown network mode
@@ -94,6 +101,25 @@ class Caps:
 
 
 _CAPS_KEYS = {f.name for f in fields(Caps)}
+_LIMIT_NAMES = frozenset(limit.name for limit in LIMITS)
+
+
+def _admits(limit: Limit, value: float, bound: float | None) -> bool:
+    low_ok = value > 0 if limit.unit is Unit.SHARE else value >= limit.least
+    return low_ok and (bound is None or value <= bound)
+
+
+def _range(limit: Limit, bound: float | None) -> str:
+    if bound is None:
+        return "> 0" if limit.unit is Unit.SHARE else f">= {limit.least}"
+    low = "(0" if limit.unit is Unit.SHARE else f"[{limit.least}"
+    return f"in {low}, {limit.at_most}={bound}]"
+
+
+def _wire_amount(limit: Limit, raw: object) -> float:
+    if limit.unit is Unit.SHARE:
+        return as_seconds(limit.name, raw)  # positive and finite
+    return as_int(limit.name, raw, limit.least, limit.most)
 
 
 def _allow_entry(value: object) -> str:
@@ -118,22 +144,28 @@ class Violation:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Allowance:
-    """Ceilings on the *sum* of the caps of every VM running plus the one asked for.
+    """Ceilings on the caps of every VM running plus the one asked for, by limit name: on their
+    sum for an additive limit (:data:`node.limits.LIMITS`), on each VM's otherwise.
 
-    Rates (``disk_bps``, ``disk_iops``, ``net_bps``) of ``None`` mean no limit; when set, a request
-    must carry its own finite rate (0, "unlimited", is refused). ``net_allow`` of ``None`` lets a
-    request name any destination; otherwise each one it names must fall within one of its rules.
+    A limit without a ceiling is not limited. Where 0 means unlimited (rates), a request under a
+    ceiling must carry its own finite amount (0, "unlimited", is refused). ``net_allow`` of
+    ``None`` lets a request name any destination; otherwise each one it names must fall within
+    one of its rules.
     """
 
-    vcpus: int
-    cpu_share: float
-    memory_mib: int
-    disk_mib: int
-    disk_bps: int | None = None
-    disk_iops: int | None = None
-    net_bps: int | None = None
+    ceilings: Mapping[str, float]
     network: bool = False
     net_allow: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name, ceiling in self.ceilings.items():
+            if name not in _LIMIT_NAMES:
+                raise ValueError(f"no limit is named {name!r}")
+            if not ceiling >= 0:  # also refuses NaN
+                raise ValueError(f"the ceiling on {name} must be >= 0, got {ceiling}")
+        object.__setattr__(self, "ceilings", Amounts(self.ceilings))
+        if self.net_allow is not None:
+            object.__setattr__(self, "net_allow", tuple(self.net_allow))
 
     @classmethod
     def room(cls, room: Caps) -> Allowance:
@@ -141,14 +173,14 @@ class Allowance:
 
         An offer's ``net_allow`` of ``("*",)`` stands for a lender with no allow-list."""
         network = room.network is NetworkMode.PROXY
+        ceilings = {}
+        for limit in LIMITS:
+            amount = room.amount(limit.name)
+            unlimited = limit.unit.zero_is_unlimited and amount == 0
+            if not unlimited and (network or not limit.per_network):
+                ceilings[limit.name] = amount
         return cls(
-            vcpus=room.vcpus,
-            cpu_share=room.cpu_share,
-            memory_mib=room.memory_mib,
-            disk_mib=room.disk_mib,
-            disk_bps=room.disk_bps or None,
-            disk_iops=room.disk_iops or None,
-            net_bps=(room.net_bps or None) if network else None,
+            ceilings=ceilings,
             network=network,
             net_allow=None if "*" in room.net_allow else room.net_allow,
         )
@@ -156,19 +188,22 @@ class Allowance:
     def violations(self, request: Caps, running: Sequence[Caps] = ()) -> list[Violation]:
         """Every ceiling ``request`` would exceed next to ``running`` (empty: it fits)."""
         found: list[Violation] = []
-        used = _Totals.of(running)
-        for limit, label, unit in _ADDITIVE:
-            allowed = getattr(self, limit)
-            if allowed is None or (limit == "net_bps" and request.network is NetworkMode.NONE):
+        used = _used(running)
+        for limit in LIMITS:
+            allowed = self.ceilings.get(limit.name)
+            if allowed is None or (limit.per_network and request.network is NetworkMode.NONE):
                 continue
-            asked, in_use = getattr(request, limit), getattr(used, limit)
-            if limit in _RATES and asked == 0:
+            asked, in_use = request.amount(limit.name), used[limit.name]
+            label, unit = limit.label, limit.unit.value
+            if limit.unit.zero_is_unlimited and asked == 0:
                 message = f"{label} unlimited exceeds the lender's limit of {_num(allowed)}{unit}"
-            elif in_use + asked > allowed + (_SHARE_EPSILON if limit == "cpu_share" else 0):
+            elif in_use + asked > allowed + (_SHARE_EPSILON if limit.unit is Unit.SHARE else 0):
                 message = _exceeds(label, asked, in_use, allowed, unit)
             else:
                 continue
-            found.append(Violation(limit, message, asked=asked, in_use=in_use, allowed=allowed))
+            found.append(
+                Violation(limit.name, message, asked=asked, in_use=in_use, allowed=allowed)
+            )
         if request.network is NetworkMode.PROXY and not self.network:
             found.append(Violation("network", "network access is not allowed by the lender"))
         elif request.network is NetworkMode.PROXY and self.net_allow is not None:
@@ -186,76 +221,54 @@ class Allowance:
     def remaining(self, running: Sequence[Caps] = ()) -> Caps | None:
         """The largest single VM still allowed next to ``running``, or ``None`` if none is.
 
-        Rates left when a limit is set are finite; with no limit they are 0 (unlimited), as in Caps.
-        The network is offered only when allowed and, with a rate limit, only if some rate is left.
+        A limit without a ceiling is offered at the most a VM may state, or at 0 (unlimited)
+        where 0 means that; under a ceiling, a rate left is finite. The network is offered only
+        when allowed and, under a ceiling on its rate, only if some rate is left.
         """
-        used = _Totals.of(running)
-        vcpus = self.vcpus - used.vcpus
-        cpu_share = min(self.cpu_share - used.cpu_share, float(vcpus))
-        memory_mib = self.memory_mib - used.memory_mib
-        disk_mib = self.disk_mib - used.disk_mib
-        disk_bps = 0 if self.disk_bps is None else self.disk_bps - used.disk_bps
-        disk_iops = 0 if self.disk_iops is None else self.disk_iops - used.disk_iops
-        if (
-            vcpus < 1
-            or cpu_share <= _SHARE_EPSILON
-            or memory_mib < MIN_MEMORY_MIB
-            or disk_mib < 1
-            or (self.disk_bps is not None and disk_bps <= 0)
-            or (self.disk_iops is not None and disk_iops <= 0)
-        ):
-            return None
-        net_bps = 0 if self.net_bps is None else self.net_bps - used.net_bps
-        network = self.network and (self.net_bps is None or net_bps > 0)
-        return Caps(
-            vcpus=vcpus,
-            cpu_share=cpu_share,
-            memory_mib=memory_mib,
-            disk_mib=disk_mib,
-            disk_bps=disk_bps,
-            disk_iops=disk_iops,
+        used = _used(running)
+        left: dict[str, float] = {}
+        network = self.network
+        for limit in LIMITS:
+            ceiling = self.ceilings.get(limit.name)
+            if ceiling is None:
+                amount: float = 0 if limit.unit.zero_is_unlimited else limit.most
+            else:
+                amount = ceiling - used[limit.name] if limit.additive else ceiling
+            if limit.at_most is not None:
+                amount = min(amount, left[limit.at_most])
+            if ceiling is None or _room_for_one(limit, amount):
+                left[limit.name] = amount
+            elif limit.per_network:
+                network, left[limit.name] = False, 0
+            else:
+                return None
+        if not network:
+            left.update({limit.name: 0 for limit in LIMITS if limit.per_network})
+        return Caps.of(
+            left,
             network=NetworkMode.PROXY if network else NetworkMode.NONE,
-            net_bps=net_bps if network else 0,
             net_allow=(("*",) if self.net_allow is None else self.net_allow) if network else (),
         )
 
 
-# (field, label, unit) of the limits that add up over the VMs running, in the order reported.
-_ADDITIVE = (
-    ("vcpus", "vCPUs", ""),
-    ("cpu_share", "CPU share", " host CPUs"),
-    ("memory_mib", "memory", " MiB"),
-    ("disk_mib", "disk", " MiB"),
-    ("disk_bps", "disk rate", " B/s"),
-    ("disk_iops", "disk operations", " IOPS"),
-    ("net_bps", "network rate", " B/s"),
-)
-_RATES = frozenset({"disk_bps", "disk_iops", "net_bps"})
+def _room_for_one(limit: Limit, left: float) -> bool:
+    """Whether ``left`` under a ceiling still admits a VM (a rate must be finite: at least 1)."""
+    if limit.unit is Unit.SHARE:
+        return left > _SHARE_EPSILON
+    return left >= max(limit.least, 1 if limit.unit.zero_is_unlimited else 0)
 
 
-@dataclass(frozen=True, slots=True)
-class _Totals:
-    vcpus: int
-    cpu_share: float
-    memory_mib: int
-    disk_mib: int
-    disk_bps: int
-    disk_iops: int
-    net_bps: int
-
-    @classmethod
-    def of(cls, running: Iterable[Caps]) -> _Totals:
-        vms = list(running)
-        return cls(
-            vcpus=sum(c.vcpus for c in vms),
-            cpu_share=sum(c.cpu_share for c in vms),
-            memory_mib=sum(c.memory_mib for c in vms),
-            disk_mib=sum(c.disk_mib for c in vms),
-            disk_bps=sum(c.disk_bps for c in vms),
-            disk_iops=sum(c.disk_iops for c in vms),
-            # A VM without network uses none of the network budget, whatever net_bps says.
-            net_bps=sum(c.net_bps for c in vms if c.network is NetworkMode.PROXY),
+def _used(running: Iterable[Caps]) -> dict[str, float]:
+    """What the VMs running use of each limit; a VM without network uses none of its budget."""
+    vms = list(running)
+    return {
+        limit.name: sum(
+            c.amount(limit.name)
+            for c in vms
+            if limit.additive and (c.network is NetworkMode.PROXY or not limit.per_network)
         )
+        for limit in LIMITS
+    }
 
 
 def _outside(entries: Sequence[str], allowed: AllowList) -> list[str]:

@@ -9,6 +9,8 @@ Canonical bytes: a msgpack map with sorted keys, no floats (``cpu_share`` in tho
               "network": "none" | "proxy", "net_allow": [str]},
      "command": [str, ...], "env": [[name, value], ...] (sorted), "cwd": str, "timeout_s": int}
 
+The caps are the limits a task file sets (:data:`node.limits.LIMITS`); one added to those five
+appears only when it is not its default, so adding it leaves every existing image ID alone.
 The image ID is ``blake3(bytes)`` in hex. Layer order is the VM backend's (``Image.layers``:
 top first), so the task layer comes first and the OS root last. A worker turns a manifest into
 a bootable image by exporting each blob from its chunk store (:func:`materialize`).
@@ -29,6 +31,7 @@ import trio
 from catalog.blob import BlobStore, parse_blob_id
 from catalog.caps import Caps, NetworkMode
 from catalog.errors import ImageManifestError
+from node.limits import LIMITS, Limit, Unit
 
 VERSION = 1
 MAX_MANIFEST_SIZE = 256 * 1024
@@ -70,9 +73,11 @@ class ImageManifest:
             raise ImageManifestError("layer format must be squashfs or erofs")
         if not self.command or not self.cwd.startswith("/") or self.timeout_s < 1:
             raise ImageManifestError("a manifest needs a command, an absolute cwd, a timeout")
-        c = self.caps
-        if c.disk_iops or c.net_bps or round(c.cpu_share * 1000) != c.cpu_share * 1000:
-            raise ImageManifestError("manifest caps hold no rates but disk_bps, shares in 1/1000")
+        c, default = self.caps, Caps()
+        if any(c.amount(x.name) != default.amount(x.name) for x in LIMITS if x not in _RECORDED):
+            raise ImageManifestError("manifest caps hold only what a task file sets")
+        if any(round(c.amount(x.name) * 1000) != c.amount(x.name) * 1000 for x in _SHARES):
+            raise ImageManifestError("manifest caps hold shares in whole thousandths")
         if list(self.env) != sorted(dict(self.env).items()):
             raise ImageManifestError("env must be sorted by name, each name once")
 
@@ -86,15 +91,7 @@ class ImageManifest:
             "initramfs": self.initramfs,
             "cmdline": self.cmdline,
             "layers": [{"blob": x.blob, "format": x.format, "what": x.what} for x in self.layers],
-            "caps": {
-                "vcpus": c.vcpus,
-                "cpu_share_milli": round(c.cpu_share * 1000),
-                "memory_mib": c.memory_mib,
-                "disk_mib": c.disk_mib,
-                "disk_bps": c.disk_bps,
-                "network": c.network.value,
-                "net_allow": list(c.net_allow),
-            },
+            "caps": _caps_to_dict(c),
             "command": list(self.command),
             "env": [list(kv) for kv in self.env],
             "cwd": self.cwd,
@@ -151,20 +148,46 @@ class ImageManifest:
                 LayerRef(blob=_str(x["blob"]), what=_str(x["what"]), format=_str(x["format"]))
                 for x in raw["layers"]
             ),
-            caps=Caps(
-                vcpus=_int(caps["vcpus"]),
-                cpu_share=_int(caps["cpu_share_milli"]) / 1000,
-                memory_mib=_int(caps["memory_mib"]),
-                disk_mib=_int(caps["disk_mib"]),
-                disk_bps=_int(caps["disk_bps"]),
-                network=NetworkMode(_str(caps["network"])),
-                net_allow=tuple(_str(a) for a in caps["net_allow"]),
-            ),
+            caps=_caps_from_dict(caps),
             command=tuple(_str(a) for a in raw["command"]),
             env=tuple((_str(k), _str(v)) for k, v in raw["env"]),
             cwd=_str(raw["cwd"]),
             timeout_s=_int(raw["timeout_s"]),
         )
+
+
+# The caps a manifest records: those a task file sets; the first five always (see the docstring).
+_RECORDED = tuple(limit for limit in LIMITS if limit.task_key is not None)
+_ALWAYS = frozenset({"vcpus", "cpu_share", "memory_mib", "disk_mib", "disk_bps"})
+_SHARES = tuple(limit for limit in _RECORDED if limit.unit is Unit.SHARE)
+
+
+def _caps_key(limit: Limit) -> str:
+    return f"{limit.name}_milli" if limit.unit is Unit.SHARE else limit.name  # no floats
+
+
+def _caps_to_dict(caps: Caps) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    default = Caps()
+    for limit in _RECORDED:
+        amount = caps.amount(limit.name)
+        if limit.name in _ALWAYS or amount != default.amount(limit.name):
+            out[_caps_key(limit)] = round(amount * 1000) if limit.unit is Unit.SHARE else amount
+    return {**out, "network": caps.network.value, "net_allow": list(caps.net_allow)}
+
+
+def _caps_from_dict(raw: Mapping[str, Any]) -> Caps:
+    amounts: dict[str, float] = {}
+    for limit in _RECORDED:
+        key = _caps_key(limit)
+        if key in raw or limit.name in _ALWAYS:
+            amount = _int(raw[key])
+            amounts[limit.name] = amount / 1000 if limit.unit is Unit.SHARE else amount
+    return Caps.of(
+        amounts,
+        network=NetworkMode(_str(raw["network"])),
+        net_allow=tuple(_str(a) for a in raw["net_allow"]),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
@@ -20,14 +20,15 @@ from catalog.taskfile import (
     DEBIAN_PACKAGE_RE,
     ENV_NAME_RE,
     IMAGE_REF_RE,
-    MIB,
     NAME_RE,
+    TASK_LIMITS,
     Limits,
     Resources,
     TaskFile,
     is_local_package,
 )
 from node.errors import LocalProtocolError
+from node.limits import Limit, Unit, limit_named
 from node.wire_fields import as_int, as_map, check_keys
 
 MAX_ARGS = 1024
@@ -44,7 +45,9 @@ _KEYS = {
     "name", "os", "image", "command", "packages", "env", "files", "cwd", "resources", "limits",
     "replicas", "quorum",
 }  # fmt: skip
-_RESOURCE_KEYS = {"cpus", "cpu_share", "memory", "disk", "disk_rate", "network", "allow"}
+_RESOURCE_KEYS = {*TASK_LIMITS, "network", "allow"}
+# The most a task may state of a limit written in bytes (a size, a rate).
+MAX_BYTES = 2**50
 _LIMIT_KEYS = {"max_runtime", "deadline", "deadline_at", "max_attempts"}
 
 
@@ -61,15 +64,7 @@ def task_to_wire(task: TaskFile) -> dict[str, Any]:
         "env": dict(task.env),
         "files": list(task.files),
         "cwd": task.cwd,
-        "resources": {
-            "cpus": r.cpus,
-            "cpu_share": r.cpu_share,
-            "memory": r.memory,
-            "disk": r.disk,
-            "disk_rate": r.disk_rate,
-            "network": r.network,
-            "allow": list(r.allow),
-        },
+        "resources": {**r.amounts, "network": r.network, "allow": list(r.allow)},
         "limits": {
             "max_runtime": lim.max_runtime,
             "deadline": deadline if isinstance(deadline, float | int) else None,
@@ -128,25 +123,36 @@ def task_from_wire(raw: object, *, base_dir: Path) -> TaskFile:
 def _resources(raw: object) -> Resources:
     value = as_map("resources", raw)
     check_keys("resources", value, _RESOURCE_KEYS, frozenset())
-    cpus = as_int("cpus", value["cpus"], 1, 1024)
-    share = _number("cpu_share", value["cpu_share"])
-    if not 0 < share <= cpus:
-        raise LocalProtocolError(f"cpu_share must be in (0, cpus={cpus}]")
+    amounts: dict[str, float] = {}
+    for key, limit in TASK_LIMITS.items():
+        amounts[key] = _amount(key, limit, value[key], amounts)
     network = value["network"]
     if network not in ("none", "proxy"):
         raise LocalProtocolError("network must be none or proxy")
     allow = _list("allow", value["allow"], MAX_ALLOW, lambda a: _text("allow", a, 300))
     if allow and network != "proxy":
         raise LocalProtocolError('allow needs network = "proxy"')
-    return Resources(
-        cpus=cpus,
-        cpu_share=share,
-        memory=as_int("memory", value["memory"], 32 * MIB, 2**50),
-        disk=as_int("disk", value["disk"], MIB, 2**50),
-        disk_rate=as_int("disk_rate", value["disk_rate"], 0, 2**50),
-        network=network,
-        allow=allow,
-    )
+    return Resources(amounts=amounts, network=network, allow=allow)
+
+
+def _amount(key: str, limit: Limit, raw: object, before: Mapping[str, float]) -> float:
+    """The amount of ``limit`` as written, ``before`` holding the amounts of the limits before it
+    in the table of limits (so the one it may not exceed)."""
+    bound_key = None if limit.at_most is None else limit_named(limit.at_most).task_key
+    high = None if bound_key is None else before[bound_key]
+    if limit.unit is Unit.SHARE:
+        share = _number(key, raw)
+        if not 0 < share <= (limit.most if high is None else high):
+            where = limit.most if high is None else f"{bound_key}={high}"
+            raise LocalProtocolError(f"{key} must be in (0, {where}]")
+        return share
+    if limit.unit in (Unit.SIZE, Unit.RATE):
+        amount = as_int(key, raw, int(limit.to_written(limit.least)), MAX_BYTES)
+    else:
+        amount = as_int(key, raw, limit.least, limit.most)
+    if high is not None and amount > high:
+        raise LocalProtocolError(f"{key} must be at most {bound_key} ({high})")
+    return amount
 
 
 def _limits(raw: object) -> Limits:

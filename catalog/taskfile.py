@@ -52,8 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from catalog.caps import Caps
 from catalog.errors import TaskFileError
-from node.units import parse_duration, parse_rate, parse_size
+from node.limits import LIMITS, Amounts, Limit, Unit, limit_named
+from node.units import format_size, parse_duration, parse_rate, parse_size
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -79,20 +81,46 @@ _TOP_KEYS = {
 }
 _NOT_WITH_IMAGE = ("os", "packages", "files")
 IMAGE_REF_RE = re.compile(r"[0-9a-f]{64}|[a-z0-9][a-z0-9._-]{0,63}(@[A-Za-z0-9._+-]{1,64})?")
-_RESOURCE_KEYS = {"cpus", "cpu_share", "memory", "disk", "disk_rate", "network", "allow"}
+# The limits a task file sets, by their [resources] keys, in the order of the table of limits.
+TASK_LIMITS = {limit.task_key: limit for limit in LIMITS if limit.task_key is not None}
+_RESOURCE_KEYS = {*TASK_LIMITS, "network", "allow"}
 _LIMIT_KEYS = {"max_runtime", "deadline", "max_attempts"}
 _NETWORKS = ("none", "proxy")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Resources:
-    cpus: int = 1
-    cpu_share: float = 1.0
-    memory: int = 256 * MIB
-    disk: int = 256 * MIB
-    disk_rate: int = 0
+    """``[resources]``: the amount of each limit in :data:`TASK_LIMITS` by its task-file key, as
+    written (sizes in bytes, rates in bytes/s; a key not given keeps its default), and the
+    network."""
+
+    amounts: Mapping[str, float] = field(default_factory=dict)
     network: str = "none"
     allow: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        amounts = dict(self.amounts)
+        for key, limit in TASK_LIMITS.items():
+            if key not in amounts:
+                amounts[key] = _default_amount(limit, amounts)
+        if amounts.keys() != TASK_LIMITS.keys():
+            raise ValueError(f"no limit has the key {', '.join(amounts.keys() - TASK_LIMITS)}")
+        object.__setattr__(self, "amounts", Amounts(amounts))
+
+
+def _default_amount(limit: Limit, before: Mapping[str, float]) -> float:
+    """What a task that does not name ``limit`` asks, ``before`` holding the amounts of the limits
+    before it: the amount of the limit it may not exceed (a CPU share: the vCPUs), or else the
+    caps' default."""
+    bound_key = _bound_key(limit)
+    if bound_key is not None:
+        return limit.typed(before[bound_key])
+    return limit.to_written(Caps().amount(limit.name))
+
+
+def _bound_key(limit: Limit) -> str | None:
+    """The task-file key of the limit ``limit`` may not exceed, if a task file sets that one."""
+    return None if limit.at_most is None else limit_named(limit.at_most).task_key
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -306,33 +334,50 @@ class _Parser:
     def resources(self, table: Mapping[str, Any]) -> Resources:
         at = ("resources",)
         self.check_keys(table, _RESOURCE_KEYS, at)
-        cpus = self.positive(table, (*at, "cpus"), 1)
-        share = table.get("cpu_share", float(cpus))
-        if isinstance(share, bool) or not isinstance(share, int | float):
-            raise self.fail((*at, "cpu_share"), f"must be a number, not {share!r}")
-        if not 0 < share <= cpus:
-            raise self.fail((*at, "cpu_share"), f"must be in (0, cpus={cpus}], not {share}")
+        amounts: dict[str, float] = {}
+        for key, limit in TASK_LIMITS.items():
+            amounts[key] = self.amount(table, (*at, key), limit, amounts)
         network = self.typed(table, (*at, "network"), str, "none")
         if network not in _NETWORKS:
             raise self.fail((*at, "network"), f"must be one of {', '.join(_NETWORKS)}")
         allow = self.strings(table, (*at, "allow"))
         if allow and network != "proxy":
             raise self.fail((*at, "allow"), 'needs network = "proxy"')
-        memory = self.unit(table, (*at, "memory"), parse_size, 256 * MIB)
-        if memory < 32 * MIB:
-            raise self.fail((*at, "memory"), "must be at least 32MiB")
-        disk = self.unit(table, (*at, "disk"), parse_size, 256 * MIB)
-        if disk < MIB:
-            raise self.fail((*at, "disk"), "must be at least 1MiB")
-        return Resources(
-            cpus=cpus,
-            cpu_share=float(share),
-            memory=memory,
-            disk=disk,
-            disk_rate=self.unit(table, (*at, "disk_rate"), parse_rate, 0),
-            network=network,
-            allow=tuple(allow),
-        )
+        return Resources(amounts=amounts, network=network, allow=tuple(allow))
+
+    def amount(
+        self,
+        table: Mapping[str, Any],
+        key: tuple[str, ...],
+        limit: Limit,
+        before: Mapping[str, float],
+    ) -> float:
+        """The amount of ``limit`` the table asks for, as written; ``before`` holds the amounts
+        of the limits before it in the table of limits (so the one it may not exceed)."""
+        default = _default_amount(limit, before)
+        bound_key = _bound_key(limit)
+        bound = None if bound_key is None else before[bound_key]
+        if limit.unit is Unit.SHARE:
+            share = table.get(key[-1], default)
+            if isinstance(share, bool) or not isinstance(share, int | float):
+                raise self.fail(key, f"must be a number, not {share!r}")
+            if not 0 < share <= (limit.most if bound is None else bound):
+                where = limit.most if bound is None else f"{bound_key}={bound}"
+                raise self.fail(key, f"must be in (0, {where}], not {share}")
+            return float(share)
+        if limit.unit in (Unit.SIZE, Unit.RATE):
+            parse = parse_size if limit.unit is Unit.SIZE else parse_rate
+            value: int = self.unit(table, key, parse, default)
+            least = int(limit.to_written(limit.least))
+            if value < least:
+                raise self.fail(key, f"must be at least {format_size(least)}")
+        else:
+            value = self.typed(table, key, int, int(default))
+            if value < limit.least:
+                raise self.fail(key, f"must be >= {limit.least}, not {value}")
+        if bound is not None and value > bound:
+            raise self.fail(key, f"must be at most {bound_key} ({bound}), not {value}")
+        return value
 
     def unit(self, table: Mapping[str, Any], key: tuple[str, ...], parse: Any, default: Any) -> Any:
         value = table.get(key[-1])

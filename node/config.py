@@ -77,6 +77,7 @@ from node import config_kinds as k
 from node.config_kinds import Role
 from node.data_dir import resolve_data_dir
 from node.errors import ConfigError
+from node.limits import LIMITS, Amounts, Limit, Unit, limit_named
 from node.units import GIB, MIB, format_duration
 
 __all__ = [
@@ -132,21 +133,28 @@ class CatalogConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerConfig:
-    """The lending policy: nothing a task asks may exceed it. Sizes in bytes, rates in bytes/s."""
+    """The lending policy: nothing a task asks may exceed it.
 
-    max_vcpus: int = 1
-    max_cpu_share: float = 1.0
-    max_memory: int = 1 * GIB
-    max_disk: int = 2 * GIB
+    ``limits`` holds the key of each row of :data:`node.limits.LIMITS` (``max_memory``, ...) as
+    written, sizes in bytes and rates in bytes/s; a key not given keeps its default.
+    """
+
+    limits: Mapping[str, float] = field(default_factory=dict)
     max_concurrent_vms: int = 1
     network_allowed: bool = False
     net_allow: tuple[str, ...] = ()
-    max_net_rate: int = 0
-    max_disk_rate: int = 0
-    max_disk_iops: int = 0
     schedulers: tuple[str, ...] = ()
     shares: tuple[tuple[str, int], ...] = ()
     vm_dir: Path = Path("/var/lib/vmlend/vm")
+
+    def __post_init__(self) -> None:
+        unknown = set(self.limits) - _LIMIT_DEFAULTS.keys()
+        if unknown:
+            raise ValueError(f"no limit has the key {', '.join(sorted(unknown))}")
+        object.__setattr__(self, "limits", Amounts({**_LIMIT_DEFAULTS, **self.limits}))
+
+
+_LIMIT_DEFAULTS = {limit.config_key: limit.config_default for limit in LIMITS}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,6 +187,23 @@ _SECTIONS: dict[str, type[Any]] = {
     "scheduler": SchedulerConfig,
 }
 
+
+def _limit_kind(limit: Limit) -> k.Kind:
+    """How a lender writes the ceiling on ``limit``: at least what one VM needs, except where 0
+    means unlimited."""
+    match limit.unit:
+        case Unit.COUNT:
+            return k.integer(limit.least, limit.most)
+        case Unit.SHARE:
+            return k.number(above=0.0, maximum=float(limit.most))
+        case Unit.SIZE:
+            return k.size(minimum=limit.least * MIB)
+        case Unit.RATE:
+            return k.rate()
+        case Unit.IOPS:
+            return k.integer(limit.least)
+
+
 # One entry per key; the dataclasses above hold the defaults, this table how to read each key.
 _SCHEMA: dict[str, dict[str, k.Kind]] = {
     "node": {
@@ -206,16 +231,10 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         "scrub_rate": k.rate(),
     },
     "worker": {
-        "max_vcpus": k.integer(1, 1024),
-        "max_cpu_share": k.number(above=0.0, maximum=1024.0),
-        "max_memory": k.size(minimum=32 * 1024 * 1024),
-        "max_disk": k.size(minimum=1024 * 1024),
+        **{limit.config_key: _limit_kind(limit) for limit in LIMITS},
         "max_concurrent_vms": k.integer(0, 4096),
         "network_allowed": k.boolean(),
         "net_allow": k.list_of(k.NET_ALLOW, 'destinations like "example.com:443"'),
-        "max_net_rate": k.rate(),
-        "max_disk_rate": k.rate(),
-        "max_disk_iops": k.integer(0),
         "schedulers": k.list_of(k.PEER_ID, 'peer IDs like "12D3KooW..."'),
         "shares": k.peer_weights(),
         "vm_dir": k.absolute_path(),
@@ -279,6 +298,8 @@ def load_config(
         values[section][key] = _parse(section, key, value, FLAGS)
         origin[section, key] = FLAGS
 
+    worker = values["worker"]
+    worker["limits"] = {key: worker.pop(key) for key in _LIMIT_DEFAULTS if key in worker}
     config = Config(
         data_dir=data_dir,
         sources=tuple(sources),
@@ -354,15 +375,18 @@ def _check_together(config: Config, origin: Mapping[tuple[str, str], str]) -> No
         return ConfigError(messages[key], source=origin.get(key, DEFAULTS), key=".".join(key))
 
     worker, network = config.worker, config.network
-    if worker.max_cpu_share > worker.max_vcpus:
-        raise fail(
-            {
-                ("worker", "max_cpu_share"): f"expected at most worker.max_vcpus "
-                f"({worker.max_vcpus}), got {worker.max_cpu_share}",
-                ("worker", "max_vcpus"): f"expected at least worker.max_cpu_share "
-                f"({worker.max_cpu_share}), got {worker.max_vcpus}",
-            }
-        )
+    for limit in LIMITS:
+        if limit.at_most is None:
+            continue
+        key, bound_key = limit.config_key, limit_named(limit.at_most).config_key
+        value, bound = worker.limits[key], worker.limits[bound_key]
+        if value > bound:
+            raise fail(
+                {
+                    ("worker", key): f"expected at most worker.{bound_key} ({bound}), got {value}",
+                    ("worker", bound_key): f"expected at least worker.{key} ({value}), got {bound}",
+                }
+            )
     if network.peer_timeout <= network.heartbeat_interval:
         raise fail(
             {

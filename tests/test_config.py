@@ -79,8 +79,8 @@ def test_defaults_when_no_file_sets_anything(layers: Layers) -> None:
     assert config.network.heartbeat_interval == 2.0
     assert config.network.peer_timeout == 6.0
     assert config.catalog.chunk_quota == 20 * GIB
-    assert config.worker.max_memory == GIB
-    assert config.worker.max_disk == 2 * GIB
+    assert config.worker.limits["max_memory"] == GIB
+    assert config.worker.limits["max_disk"] == 2 * GIB
     assert config.worker.vm_dir == Path("/var/lib/vmlend/vm")
     assert config.scheduler.lease_timeout == 30.0
 
@@ -171,11 +171,11 @@ def test_flags_given_as_command_line_words(layers: Layers) -> None:
     assert config.node.roles == (Role.WORKER, Role.SCHEDULER)
     assert config.has_role("scheduler")
     assert not config.has_role(Role.OWNER)
-    assert config.worker.max_vcpus == 4
-    assert config.worker.max_cpu_share == 2.5
+    assert config.worker.limits["max_vcpus"] == 4
+    assert config.worker.limits["max_cpu_share"] == 2.5
     assert config.worker.network_allowed is True
-    assert config.worker.max_memory == 2 * GIB
-    assert config.worker.max_net_rate == MIB
+    assert config.worker.limits["max_memory"] == 2 * GIB
+    assert config.worker.limits["max_net_rate"] == MIB
     assert config.network.listen == ("/ip4/127.0.0.1/tcp/4001", "/ip4/127.0.0.1/tcp/4002")
 
 
@@ -225,10 +225,12 @@ def test_every_key_from_a_file(layers: Layers) -> None:
     assert c.catalog.trusted_publishers == (KEY_C,)
     assert c.catalog.chunk_quota == 100 * 10**9
     w = c.worker
-    assert (w.max_vcpus, w.max_cpu_share, w.max_memory, w.max_disk) == (8, 4.0, 16 * GIB, 10 * GIB)
+    assert dict(w.limits) == {
+        "max_vcpus": 8, "max_cpu_share": 4.0, "max_memory": 16 * GIB, "max_disk": 10 * GIB,
+        "max_net_rate": 10**7, "max_disk_rate": 50 * MIB, "max_disk_iops": 500,
+    }  # fmt: skip
     assert (w.max_concurrent_vms, w.network_allowed) == (0, True)
     assert w.net_allow == ("deb.debian.org:443", "*.pypi.org", "10.0.0.5:8080", "[2001:db8::1]:80")
-    assert (w.max_net_rate, w.max_disk_rate, w.max_disk_iops) == (10**7, 50 * MIB, 500)
     assert w.schedulers == (PEER_A,)
     assert dict(w.shares) == {PEER_A: 1, PEER_B: 3}
     assert w.vm_dir == Path("/srv/vmlend/vm")
@@ -382,7 +384,7 @@ def test_unreadable_node_toml_names_the_file(layers: Layers) -> None:
 
 def test_cpu_share_above_vcpus_blames_the_latest_layer(layers: Layers) -> None:
     layers.node_toml.write_text("[worker]\nmax_vcpus = 4\nmax_cpu_share = 3.5\n")
-    assert layers.load().worker.max_cpu_share == 3.5
+    assert layers.load().worker.limits["max_cpu_share"] == 3.5
     assert layers.error({"worker.max_vcpus": 2}) == (
         "command line: worker.max_vcpus: expected at least worker.max_cpu_share (3.5), got 2"
     )
@@ -415,7 +417,7 @@ def test_config_is_frozen_all_the_way_down(layers: Layers) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.data_dir = Path("/elsewhere")  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.worker.max_vcpus = 64  # type: ignore[misc]
+        config.worker.max_concurrent_vms = 64  # type: ignore[misc]
     # Lists come out as tuples, so nothing inside can be changed in place either.
     assert isinstance(config.network.listen, tuple)
     assert isinstance(config.node.roles, tuple)
@@ -546,7 +548,7 @@ def test_multiaddr_shapes(addr: str, listen_ok: bool, dial_ok: bool) -> None:
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=50)
 @given(st.integers(min_value=32 * MIB, max_value=2**50))
 def test_any_size_written_by_format_size_reads_back(layers: Layers, n: int) -> None:
-    assert layers.load({"worker.max_memory": format_size(n)}).worker.max_memory == n
+    assert layers.load({"worker.max_memory": format_size(n)}).worker.limits["max_memory"] == n
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=50)

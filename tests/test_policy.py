@@ -27,18 +27,23 @@ def caps(draw: st.DrawFn) -> Caps:
     )
 
 
-policies = st.builds(
-    LendingPolicy,
-    max_vcpus=st.integers(0, 16),
-    max_cpu_share=st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 4.0]),
-    max_memory_mib=st.integers(0, 8192),
-    max_disk_mib=st.integers(0, 16384),
-    max_concurrent_vms=st.integers(0, 4),
-    network_allowed=st.booleans(),
-    max_disk_bps=st.none() | st.integers(0, 20_000),
-    max_disk_iops=st.none() | st.integers(0, 20_000),
-    max_net_bps=st.none() | st.integers(0, 20_000),
-)
+@st.composite
+def policies(draw: st.DrawFn) -> LendingPolicy:
+    ceilings = {
+        "vcpus": draw(st.integers(0, 16)),
+        "cpu_share": draw(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 4.0])),
+        "memory_mib": draw(st.integers(0, 8192)),
+        "disk_mib": draw(st.integers(0, 16384)),
+    }
+    for rate in ("disk_bps", "disk_iops", "net_bps"):  # left out: no limit
+        ceiling = draw(st.none() | st.integers(0, 20_000))
+        if ceiling is not None:
+            ceilings[rate] = ceiling
+    return LendingPolicy(
+        ceilings=ceilings,
+        max_concurrent_vms=draw(st.integers(0, 4)),
+        network_allowed=draw(st.booleans()),
+    )
 
 
 def reference_fits(policy: LendingPolicy, request: Caps, running: list[Caps]) -> bool:
@@ -47,25 +52,25 @@ def reference_fits(policy: LendingPolicy, request: Caps, running: list[Caps]) ->
     with_net = [c for c in everything if c.network is NetworkMode.PROXY]
     ok = (
         len(everything) <= policy.max_concurrent_vms
-        and sum(c.vcpus for c in everything) <= policy.max_vcpus
-        and sum(c.cpu_share for c in everything) <= policy.max_cpu_share + 1e-9
-        and sum(c.memory_mib for c in everything) <= policy.max_memory_mib
-        and sum(c.disk_mib for c in everything) <= policy.max_disk_mib
+        and sum(c.vcpus for c in everything) <= policy.ceilings["vcpus"]
+        and sum(c.cpu_share for c in everything) <= policy.ceilings["cpu_share"] + 1e-9
+        and sum(c.memory_mib for c in everything) <= policy.ceilings["memory_mib"]
+        and sum(c.disk_mib for c in everything) <= policy.ceilings["disk_mib"]
         and (request.network is NetworkMode.NONE or policy.network_allowed)
     )
-    if policy.max_disk_bps is not None:
+    if "disk_bps" in policy.ceilings:
         ok = ok and request.disk_bps > 0
-        ok = ok and sum(c.disk_bps for c in everything) <= policy.max_disk_bps
-    if policy.max_disk_iops is not None:
+        ok = ok and sum(c.disk_bps for c in everything) <= policy.ceilings["disk_bps"]
+    if "disk_iops" in policy.ceilings:
         ok = ok and request.disk_iops > 0
-        ok = ok and sum(c.disk_iops for c in everything) <= policy.max_disk_iops
-    if policy.max_net_bps is not None and request.network is NetworkMode.PROXY:
+        ok = ok and sum(c.disk_iops for c in everything) <= policy.ceilings["disk_iops"]
+    if "net_bps" in policy.ceilings and request.network is NetworkMode.PROXY:
         ok = ok and request.net_bps > 0
-        ok = ok and sum(c.net_bps for c in with_net) <= policy.max_net_bps
+        ok = ok and sum(c.net_bps for c in with_net) <= policy.ceilings["net_bps"]
     return ok
 
 
-@given(policies, caps(), st.lists(caps(), max_size=3))
+@given(policies(), caps(), st.lists(caps(), max_size=3))
 def test_check_passes_iff_every_limit_holds(
     policy: LendingPolicy, request: Caps, running: list[Caps]
 ) -> None:
@@ -80,7 +85,7 @@ def test_check_passes_iff_every_limit_holds(
         assert str(info.value) == "; ".join(v.message for v in info.value.violations)
 
 
-@given(policies, st.lists(caps(), max_size=12))
+@given(policies(), st.lists(caps(), max_size=12))
 def test_admitting_one_by_one_never_exceeds_the_totals(
     policy: LendingPolicy, requests: list[Caps]
 ) -> None:
@@ -89,22 +94,22 @@ def test_admitting_one_by_one_never_exceeds_the_totals(
         if policy.fits(request, admitted):
             admitted.append(request)
     assert len(admitted) <= policy.max_concurrent_vms
-    assert sum(c.vcpus for c in admitted) <= policy.max_vcpus
-    assert sum(c.cpu_share for c in admitted) <= policy.max_cpu_share + 1e-9
-    assert sum(c.memory_mib for c in admitted) <= policy.max_memory_mib
-    assert sum(c.disk_mib for c in admitted) <= policy.max_disk_mib
-    if policy.max_disk_bps is not None:
-        assert sum(c.disk_bps for c in admitted) <= policy.max_disk_bps
-    if policy.max_disk_iops is not None:
-        assert sum(c.disk_iops for c in admitted) <= policy.max_disk_iops
-    if policy.max_net_bps is not None:
+    assert sum(c.vcpus for c in admitted) <= policy.ceilings["vcpus"]
+    assert sum(c.cpu_share for c in admitted) <= policy.ceilings["cpu_share"] + 1e-9
+    assert sum(c.memory_mib for c in admitted) <= policy.ceilings["memory_mib"]
+    assert sum(c.disk_mib for c in admitted) <= policy.ceilings["disk_mib"]
+    if "disk_bps" in policy.ceilings:
+        assert sum(c.disk_bps for c in admitted) <= policy.ceilings["disk_bps"]
+    if "disk_iops" in policy.ceilings:
+        assert sum(c.disk_iops for c in admitted) <= policy.ceilings["disk_iops"]
+    if "net_bps" in policy.ceilings:
         net = sum(c.net_bps for c in admitted if c.network is NetworkMode.PROXY)
-        assert net <= policy.max_net_bps
+        assert net <= policy.ceilings["net_bps"]
     if not policy.network_allowed:
         assert all(c.network is NetworkMode.NONE for c in admitted)
 
 
-@given(policies, st.lists(caps(), max_size=3), caps())
+@given(policies(), st.lists(caps(), max_size=3), caps())
 def test_remaining_fits_and_bounds_whatever_fits(
     policy: LendingPolicy, running: list[Caps], request: Caps
 ) -> None:
@@ -119,18 +124,18 @@ def test_remaining_fits_and_bounds_whatever_fits(
         assert request.cpu_share <= left.cpu_share + 1e-9
         assert request.memory_mib <= left.memory_mib
         assert request.disk_mib <= left.disk_mib
-        if policy.max_disk_bps is not None:
+        if "disk_bps" in policy.ceilings:
             assert request.disk_bps <= left.disk_bps
-        if policy.max_disk_iops is not None:
+        if "disk_iops" in policy.ceilings:
             assert request.disk_iops <= left.disk_iops
         if request.network is NetworkMode.PROXY:
             assert left.network is NetworkMode.PROXY
-            if policy.max_net_bps is not None:
+            if "net_bps" in policy.ceilings:
                 assert request.net_bps <= left.net_bps
 
 
 def test_message_names_the_limit_asked_and_allowed() -> None:
-    policy = LendingPolicy(max_memory_mib=256, max_vcpus=4, max_cpu_share=4.0)
+    policy = LendingPolicy(ceilings={"memory_mib": 256, "vcpus": 4, "cpu_share": 4.0})
     with pytest.raises(PolicyViolation) as info:
         policy.check(Caps(memory_mib=512), [])
     assert str(info.value) == "memory 512 MiB exceeds the lender's limit of 256 MiB"
@@ -139,7 +144,7 @@ def test_message_names_the_limit_asked_and_allowed() -> None:
 
 def test_message_names_every_limit_exceeded() -> None:
     policy = LendingPolicy(
-        max_vcpus=2, max_cpu_share=1.0, max_memory_mib=1024, max_concurrent_vms=2
+        ceilings={"vcpus": 2, "cpu_share": 1.0, "memory_mib": 1024}, max_concurrent_vms=2
     )
     running = [Caps(vcpus=1, cpu_share=0.5, memory_mib=768)]
     request = Caps(vcpus=2, cpu_share=1.0, memory_mib=512, network=NetworkMode.PROXY)
@@ -161,7 +166,8 @@ def test_message_names_every_limit_exceeded() -> None:
 
 def test_unlimited_rate_is_refused_when_the_lender_caps_it() -> None:
     policy = LendingPolicy(
-        network_allowed=True, max_net_bps=1_000_000, max_disk_bps=10_000_000, max_disk_iops=500
+        ceilings={"net_bps": 1_000_000, "disk_bps": 10_000_000, "disk_iops": 500},
+        network_allowed=True,
     )
     with pytest.raises(PolicyViolation) as info:
         policy.check(Caps(network=NetworkMode.PROXY), [])
@@ -180,7 +186,7 @@ def test_unlimited_rate_is_refused_when_the_lender_caps_it() -> None:
 
 def test_concurrent_vms_and_schedulers() -> None:
     policy = LendingPolicy(
-        max_vcpus=8, max_cpu_share=8.0, max_concurrent_vms=1, schedulers=frozenset({"A"})
+        ceilings={"vcpus": 8, "cpu_share": 8.0}, max_concurrent_vms=1, schedulers=frozenset({"A"})
     )
     assert policy.serves("A")
     assert not policy.serves("B")
@@ -193,13 +199,15 @@ def test_concurrent_vms_and_schedulers() -> None:
 
 def test_remaining_example() -> None:
     policy = LendingPolicy(
-        max_vcpus=4,
-        max_cpu_share=1.5,
-        max_memory_mib=2048,
-        max_disk_mib=4096,
+        ceilings={
+            "vcpus": 4,
+            "cpu_share": 1.5,
+            "memory_mib": 2048,
+            "disk_mib": 4096,
+            "net_bps": 1000,
+        },
         max_concurrent_vms=3,
         network_allowed=True,
-        max_net_bps=1000,
     )
     running = [
         Caps(vcpus=2, cpu_share=1.0, memory_mib=1024, network=NetworkMode.PROXY, net_bps=400)
@@ -221,12 +229,16 @@ def test_remaining_example() -> None:
 
 
 def test_validation() -> None:
-    with pytest.raises(ValueError, match="max_memory_mib"):
-        LendingPolicy(max_memory_mib=-1)
-    with pytest.raises(ValueError, match="max_cpu_share"):
-        LendingPolicy(max_cpu_share=float("nan"))
-    with pytest.raises(ValueError, match="max_disk_iops"):
-        LendingPolicy(max_disk_iops=-1)
+    with pytest.raises(ValueError, match="memory_mib must be >= 0"):
+        LendingPolicy(ceilings={"memory_mib": -1})
+    with pytest.raises(ValueError, match="cpu_share"):
+        LendingPolicy(ceilings={"cpu_share": float("nan")})
+    with pytest.raises(ValueError, match="disk_iops"):
+        LendingPolicy(ceilings={"disk_iops": -1})
+    with pytest.raises(ValueError, match="max_concurrent_vms"):
+        LendingPolicy(max_concurrent_vms=-1)
+    with pytest.raises(ValueError, match="no limit is named 'pids'"):
+        LendingPolicy(ceilings={"pids": 1})  # no such limit
     # Whatever collection config hands over, the policy stays hashable.
     assert hash(LendingPolicy(schedulers={"A"})) == hash(LendingPolicy(schedulers=frozenset("A")))  # type: ignore[arg-type]
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import blake3
 import trio
 
-from catalog.caps import MIB, Caps
+from catalog.caps import Caps
 from catalog.dispatch import (
     LOGS,
     LOGS_PROTOCOL_ID,
@@ -92,22 +92,6 @@ class SchedulerNetwork(Protocol):
     ) -> MessageStream: ...
 
 
-def policy_of(config: WorkerConfig) -> LendingPolicy:
-    return LendingPolicy(
-        max_vcpus=config.max_vcpus,
-        max_cpu_share=config.max_cpu_share,
-        max_memory_mib=config.max_memory // MIB,
-        max_disk_mib=config.max_disk // MIB,
-        max_concurrent_vms=config.max_concurrent_vms,
-        network_allowed=config.network_allowed,
-        max_disk_bps=config.max_disk_rate or None,
-        max_disk_iops=config.max_disk_iops or None,
-        max_net_bps=config.max_net_rate or None,
-        schedulers=frozenset(config.schedulers),
-        net_allow=config.net_allow or None,
-    )
-
-
 @dataclass
 class _Lease:
     scheduler: str
@@ -143,7 +127,7 @@ class WorkerAgent:
         self.blobs = blobs
         self.identity = identity
         self.config = config
-        self.policy = policy_of(config)
+        self.policy = LendingPolicy.of(config)
         self._state_path = data_dir / STATE_FILE
         self._open_backend = open_backend
         self._leases: dict[LeaseKey, _Lease] = {}

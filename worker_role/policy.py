@@ -1,21 +1,23 @@
 """The lending policy: what a lender allows all the VMs it runs for others to use, together.
 
-Pure logic, no I/O. The additive limits (vCPUs, CPU share, memory, disk, disk and network rates)
-bound the *sum* over every VM running plus the one asked for, because that is what a lender gives
-away: a per-VM limit would let ``max_concurrent_vms`` VMs take that many times more. With a single
-VM the two readings agree. A request is refused whole, before any VM starts, naming every limit it
+Pure logic, no I/O. The additive limits (:data:`node.limits.LIMITS` marks them) bound the *sum*
+over every VM running plus the one asked for, because that is what a lender gives away: a per-VM
+limit would let ``max_concurrent_vms`` VMs take that many times more. With a single VM the two
+readings agree. A request is refused whole, before any VM starts, naming every limit it
 exceeds. The comparison itself is :class:`catalog.caps.Allowance`, the one the scheduler's
 matching uses too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from catalog.caps import Allowance, Caps, Violation
 from node.allow_rules import AllowList
+from node.config import WorkerConfig
 from node.errors import VmlendError
+from node.limits import LIMITS, Amounts, limit_named
 
 
 class PolicyError(VmlendError):
@@ -36,58 +38,48 @@ class PolicyViolation(PolicyError):
 class LendingPolicy:
     """What a lender allows, in the units of :class:`Caps`.
 
-    ``max_cpu_share`` is host CPUs' worth (the unit of ``Caps.cpu_share``) all lent VMs together may
-    use: 1.0 on a 2-core host lends half the machine.
-    ``max_disk_bps``/``max_net_bps`` (bytes/s) and ``max_disk_iops`` (operations/s) of ``None`` mean
-    no limit; when set, a request must carry its own finite rate (0, "unlimited", is refused).
-    ``schedulers`` holds the peer IDs of the schedulers served; empty means any. ``net_allow`` is
-    the lender's egress allow-list (entries as in :mod:`node.allow_rules`): every
-    destination a task asks for in ``Caps.net_allow`` must fall within one of them; ``None`` lets a
-    task name any destination (the proxy still never lets a guest reach internal addresses it was
-    not given by address).
+    ``ceilings`` bound all lent VMs together, by limit name (:data:`node.limits.LIMITS`); a limit
+    not named has none, and the default is what ``node.toml``'s defaults state. ``cpu_share`` is
+    host CPUs' worth: 1.0 on a 2-core host lends half the machine. ``schedulers`` holds the peer
+    IDs of the schedulers served; empty means any. ``net_allow`` is the lender's egress
+    allow-list (entries as in :mod:`node.allow_rules`): every destination a task asks for in
+    ``Caps.net_allow`` must fall within one of them; ``None`` lets a task name any destination
+    (the proxy still never lets a guest reach internal addresses it was not given by address).
     """
 
-    max_vcpus: int = 1
-    max_cpu_share: float = 1.0
-    max_memory_mib: int = 1024
-    max_disk_mib: int = 4096
+    ceilings: Mapping[str, float] = field(default_factory=lambda: _DEFAULT_CEILINGS)
     max_concurrent_vms: int = 1
     network_allowed: bool = False
-    max_disk_bps: int | None = None
-    max_disk_iops: int | None = None
-    max_net_bps: int | None = None
     schedulers: frozenset[str] = field(default_factory=frozenset)
     net_allow: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_vcpus", "max_memory_mib", "max_disk_mib", "max_concurrent_vms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.max_cpu_share >= 0:  # also rejects NaN
-            raise ValueError(f"max_cpu_share must be >= 0, got {self.max_cpu_share}")
-        for name in ("max_disk_bps", "max_disk_iops", "max_net_bps"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        if self.max_concurrent_vms < 0:
+            raise ValueError(f"max_concurrent_vms must be >= 0, got {self.max_concurrent_vms}")
         # A list or set from config would make the frozen policy unhashable or mutable.
         object.__setattr__(self, "schedulers", frozenset(self.schedulers))
+        # The allowance refuses a ceiling below 0 or on a name that is no limit.
+        object.__setattr__(self, "ceilings", Allowance(ceilings=self.ceilings).ceilings)
         if self.net_allow is not None:
             object.__setattr__(self, "net_allow", tuple(self.net_allow))
             AllowList(self.net_allow)  # raises InvalidAllowRule (a ValueError) on a bad entry
+
+    @classmethod
+    def of(cls, config: WorkerConfig) -> LendingPolicy:
+        """The policy ``node.toml``'s ``[worker]`` section states."""
+        return cls(
+            ceilings=_ceilings({limit.name: config.limits[limit.config_key] for limit in LIMITS}),
+            max_concurrent_vms=config.max_concurrent_vms,
+            network_allowed=config.network_allowed,
+            schedulers=frozenset(config.schedulers),
+            net_allow=config.net_allow or None,
+        )
 
     @property
     def allowance(self) -> Allowance:
         """The ceilings on the sum of every lent VM's caps."""
         return Allowance(
-            vcpus=self.max_vcpus,
-            cpu_share=self.max_cpu_share,
-            memory_mib=self.max_memory_mib,
-            disk_mib=self.max_disk_mib,
-            disk_bps=self.max_disk_bps,
-            disk_iops=self.max_disk_iops,
-            net_bps=self.max_net_bps,
-            network=self.network_allowed,
-            net_allow=self.net_allow,
+            ceilings=self.ceilings, network=self.network_allowed, net_allow=self.net_allow
         )
 
     def serves(self, scheduler: str) -> bool:
@@ -134,3 +126,12 @@ class LendingPolicy:
         if len(running) >= self.max_concurrent_vms:
             return None
         return self.allowance.remaining(running)
+
+
+def _ceilings(written: Mapping[str, float]) -> Amounts:
+    """The ceilings a lender's written limits (by limit name) state, in the units of Caps."""
+    ceilings = {name: limit_named(name).ceiling(amount) for name, amount in written.items()}
+    return Amounts({name: c for name, c in ceilings.items() if c is not None})
+
+
+_DEFAULT_CEILINGS: Amounts = _ceilings({limit.name: limit.config_default for limit in LIMITS})

@@ -45,11 +45,10 @@ from catalog.build.tools import (
 from catalog.caps import Caps, NetworkMode
 from catalog.errors import BuildError, ImageManifestError, TaskInputError
 from catalog.manifest import ImageManifest, LayerRef
-from catalog.taskfile import TASK_DIR, TaskFile
+from catalog.taskfile import TASK_DIR, TASK_LIMITS, TaskFile
 
 RECIPE = "image/2"
 TASK_RECIPE = "task-layer/1"
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,21 +223,14 @@ class Assembler:
         return await is_complete(self.blobs, parse_blob_id(blob))
 
 
-MIN_MEMORY_MIB = 32
-MIN_DISK_MIB = 1
-
-
 def default_caps(task: TaskFile) -> Caps:
     """The task file's resources as caps, rounded up to whole MiB, the share to thousandths, and
-    clamped to the least a VM can run with -- the one mapping: the scheduler places a task by
-    these and its manifest records them, so the two always agree."""
+    clamped to the least a VM can run with (:meth:`node.limits.Limit.from_written`) -- the one
+    mapping: the scheduler places a task by these and its manifest records them, so the two
+    always agree."""
     r = task.resources
-    return Caps(
-        vcpus=r.cpus,
-        cpu_share=round(r.cpu_share * 1000) / 1000,
-        memory_mib=max(MIN_MEMORY_MIB, math.ceil(r.memory / MIB)),
-        disk_mib=max(MIN_DISK_MIB, math.ceil(r.disk / MIB)),
-        disk_bps=r.disk_rate,
+    return Caps.of(
+        {limit.name: limit.from_written(r.amounts[key]) for key, limit in TASK_LIMITS.items()},
         network=NetworkMode(r.network),
         net_allow=r.allow,
     )

@@ -18,7 +18,7 @@ def test_examples_load() -> None:
     hello = load(EXAMPLES / "hello.toml")
     assert hello.os == "tiny"
     assert hello.command == ("/bin/sh", "-c", "echo hello from $(uname -m)")
-    assert hello.resources.memory == 128 * 1024 * 1024
+    assert hello.resources.amounts["memory"] == 128 * 1024 * 1024
     assert hello.limits.max_runtime == 30
     assert hello.cwd == "/"
     py = load(EXAMPLES / "python.toml")
@@ -63,8 +63,10 @@ max_attempts = 5
     assert t.local_packages == (tmp_path / "./vendor",)
     assert list(t.env) == ["A", "B"]
     r = t.resources
-    assert (r.cpus, r.cpu_share, r.memory, r.disk) == (2, 0.5, 1 << 30, 2 << 30)
-    assert (r.disk_rate, r.network, r.allow) == (10 << 20, "proxy", ("pypi.org:443",))
+    assert dict(r.amounts) == {
+        "cpus": 2, "cpu_share": 0.5, "memory": 1 << 30, "disk": 2 << 30, "disk_rate": 10 << 20,
+    }  # fmt: skip
+    assert (r.network, r.allow) == ("proxy", ("pypi.org:443",))
     assert t.limits.deadline == dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
     assert (t.limits.max_runtime, t.limits.max_attempts, t.replicas, t.quorum) == (300, 5, 3, 2)
 

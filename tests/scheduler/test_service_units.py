@@ -22,7 +22,7 @@ from owner_role.cli import run_task
 from owner_role.service import _tar
 from scheduler_role.owner_api import spec_of
 from scheduler_role.service import MAX_LOG_TASKS, LogBuffer, SchedulerService, public_key_of
-from worker_role.agent import policy_of
+from worker_role.policy import LendingPolicy
 
 
 def test_public_key_of_a_peer_id_round_trips() -> None:
@@ -66,7 +66,11 @@ def test_a_tiny_task_maps_onto_the_least_a_vm_runs_with() -> None:
     # The loader refuses such a file; a TaskFile built otherwise must still map to valid caps.
     loaded = loads('name = "x"\nos = "tiny"\ncommand = "true"\n')
     task = dataclasses.replace(
-        loaded, resources=dataclasses.replace(loaded.resources, memory=16 * MIB, disk=100 * 1024)
+        loaded,
+        resources=dataclasses.replace(
+            loaded.resources,
+            amounts={**loaded.resources.amounts, "memory": 16 * MIB, "disk": 100 * 1024},
+        ),
     )
     caps = default_caps(task)
     assert (caps.memory_mib, caps.disk_mib) == (32, 1)
@@ -79,7 +83,7 @@ def test_vmlend_run_builds_its_task_from_the_flags(tmp_path: Path) -> None:
     )
     task = run_task(args, ["sh", "-c", 'echo "quoted" \\ $HOME'], tmp_path)
     assert task.command == ("sh", "-c", 'echo "quoted" \\ $HOME')
-    assert (task.files, task.limits.max_runtime, task.resources.memory) == (
+    assert (task.files, task.limits.max_runtime, task.resources.amounts["memory"]) == (
         ("a.txt",), 30.0, 128 << 20,
     )  # fmt: skip
     ready = argparse.Namespace(
@@ -126,10 +130,11 @@ def test_lending_policy_from_the_worker_config() -> None:
     from node.config import WorkerConfig
 
     config = WorkerConfig(
-        max_vcpus=2, max_cpu_share=2.0, max_memory=512 << 20, max_concurrent_vms=2
+        limits={"max_vcpus": 2, "max_cpu_share": 2.0, "max_memory": 512 << 20},
+        max_concurrent_vms=2,
     )
-    policy = policy_of(config)
-    assert (policy.max_memory_mib, policy.max_concurrent_vms) == (512, 2)
+    policy = LendingPolicy.of(config)
+    assert (policy.ceilings["memory_mib"], policy.max_concurrent_vms) == (512, 2)
     room = policy.remaining([Caps(memory_mib=128)])
     assert room is not None
     assert room.memory_mib == 384

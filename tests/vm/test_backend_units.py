@@ -154,7 +154,7 @@ class Untouchable:
 
 
 async def test_policy_refuses_before_any_vm_starts(tmp_path: Path) -> None:
-    policy = LendingPolicy(max_vcpus=2, max_memory_mib=512, max_concurrent_vms=1)
+    policy = LendingPolicy(ceilings={"vcpus": 2, "memory_mib": 512}, max_concurrent_vms=1)
     backend = VmBackend(
         Untouchable(),  # type: ignore[arg-type]
         runtime=tmp_path,

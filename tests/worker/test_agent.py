@@ -24,6 +24,7 @@ from catalog.caps import Caps
 from catalog.dispatch import Heartbeat, Lost, WorkRequest, verify_report
 from node.config import WorkerConfig
 from node.identity import Identity
+from node.limits import LIMITS
 from node.units import GIB
 from tests.worker.fake_backend import (
     IMAGE,
@@ -40,6 +41,7 @@ from worker_role.control_stream import HEARTBEAT_FLOOR, heartbeat_interval
 from worker_role.errors import GuestFailedError, VmSetupError
 
 T = TypeVar("T")
+LIMIT_KEYS = {limit.config_key for limit in LIMITS}
 TWO_VMS = {"max_concurrent_vms": 2, "max_vcpus": 2, "max_cpu_share": 2.0}
 PATIENCE = 24 * 3600.0  # virtual seconds a wait may take before the test fails instead of hanging
 
@@ -65,10 +67,14 @@ class Lab:
         scheduler = FakeScheduler(peer_id, self.identity.public_bytes, retry_after=retry_after)
         return self.network.add(scheduler)
 
-    async def start(self, **limits: Any) -> WorkerAgent:
-        """Start an agent serving every scheduler added so far, with these lending limits."""
+    async def start(self, **worker: Any) -> WorkerAgent:
+        """Start an agent serving every scheduler added so far, with these ``[worker]`` keys."""
+        limits = {key: worker.pop(key) for key in LIMIT_KEYS & worker.keys()}
         config = WorkerConfig(
-            schedulers=tuple(self.network.schedulers), vm_dir=self.data_dir / "vm", **limits
+            limits=limits,
+            schedulers=tuple(self.network.schedulers),
+            vm_dir=self.data_dir / "vm",
+            **worker,
         )
         agent = WorkerAgent(
             self.network, self.blobs, self.identity, self.data_dir, config,
