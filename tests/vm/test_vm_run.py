@@ -174,3 +174,16 @@ def _read_some(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:  # EIO: the terminal's other end is closed and drained
         return b""
+
+
+async def test_an_out_larger_than_the_result_disk_is_reported_not_dropped(vms: VmFactory) -> None:
+    vms.backend.out_mib = 1  # a 1 MiB result disk, for a 2 MiB /out
+    task = GuestCommand(
+        argv=("sh", "-c", "dd if=/dev/zero of=/out/big bs=1024 count=2048 2>/dev/null; echo ok"),
+        timeout_s=30,
+    )
+    result = await vms.run(task)
+    assert (result.exit_code, result.out_tar) == (0, None)
+    assert result.stderr.endswith(
+        b"vmlend: /out did not fit on the 1 MiB result disk and was not kept\n"
+    )

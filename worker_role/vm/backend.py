@@ -155,11 +155,20 @@ class RunningVm:
         return self._result(result, tail)
 
     def _result(self, r: GuestResult, tail: list[str]) -> VmResult:
+        stderr = bytes(self._tails["stderr"])
+        if r.out_tar is None:
+            # The guest could not write /out whole: say so where the owner looks, never drop it
+            # silently (the note keeps stderr within what a worker may report).
+            note = (
+                f"\nvmlend: /out did not fit on the {self._backend.out_mib} MiB result disk "
+                "and was not kept\n"
+            ).encode()
+            stderr = stderr[max(0, len(stderr) + len(note) - OUTPUT_TAIL_BYTES) :] + note
         return VmResult(
             exit_code=r.exit_code,
             timed_out=r.timed_out,
             stdout=bytes(self._tails["stdout"]),
-            stderr=bytes(self._tails["stderr"]),
+            stderr=stderr,
             out_tar=r.out_tar,
             console_tail=tuple(tail),
             elapsed_s=trio.current_time() - self.started_at,

@@ -137,6 +137,8 @@ async def vm_run(
             nursery.start_soon(_print_output, receive, OutputWriter(raw=raw))
             async with send:
                 result = await backend.run(Image.tiny(), task, caps, output=send)
+        if result.out_tar is None:
+            print("vmlend vm run: /out did not fit on the result disk; not kept", file=sys.stderr)
         return result.exit_code
     except GuestTimeoutError as e:
         print(f"vmlend vm run: {e}", file=sys.stderr)
