@@ -16,7 +16,7 @@ from typing import Any
 from node.allow_rules import AllowList, AllowRule, InvalidAllowRule
 from node.errors import LocalProtocolError
 from node.limits import LIMITS, Amounts, Limit, Unit, limit_named
-from node.wire_fields import MAX_TEXT, as_int, as_map, as_seconds, as_text, as_tuple, check_keys
+from node.wire_fields import as_int, as_map, as_seconds, as_text, as_tuple, check_keys
 
 MIB = 1024 * 1024
 MAX_NET_ALLOW = 64
@@ -123,9 +123,7 @@ def _wire_amount(limit: Limit, raw: object) -> float:
 
 
 def _allow_entry(value: object) -> str:
-    if type(value) is not str or len(value) > MAX_TEXT:
-        raise LocalProtocolError(f"a net_allow entry must be a str of <= {MAX_TEXT} characters")
-    return value
+    return as_text("a net_allow entry", value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,9 +52,7 @@ def _blob(value: object) -> bytes:
 
 
 def _addr(value: object) -> str:
-    if type(value) is not str or len(value) > MAX_ADDR:
-        raise LocalProtocolError(f"an address must be a str of <= {MAX_ADDR} characters")
-    return value
+    return as_text("an address", value, MAX_ADDR)
 
 
 def _line(value: object) -> str:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
 from catalog.taskfile import (
     DEBIAN_PACKAGE_RE,
@@ -29,7 +29,7 @@ from catalog.taskfile import (
 )
 from node.errors import LocalProtocolError
 from node.limits import Limit, Unit, limit_named
-from node.wire_fields import as_int, as_map, check_keys
+from node.wire_fields import as_int, as_map, as_text, as_tuple, check_keys
 
 MAX_ARGS = 1024
 MAX_ARG = 64 * 1024
@@ -39,7 +39,6 @@ MAX_PATH = 1024
 MAX_ALLOW = 64
 MAX_RUNTIME = 30 * 24 * 3600.0
 
-T = TypeVar("T")
 
 _KEYS = {
     "name", "os", "image", "command", "packages", "env", "files", "cwd", "resources", "limits",
@@ -81,21 +80,23 @@ def task_from_wire(raw: object, *, base_dir: Path) -> TaskFile:
     value = as_map("task", raw)
     check_keys("task", value, _KEYS, frozenset())
     name = _match("name", value["name"], NAME_RE)
-    image = _text("image", value["image"], 200)
-    os_name = _text("os", value["os"], 64)
+    image = as_text("image", value["image"], 200)
+    os_name = as_text("os", value["os"], 64)
     if image:
         _match("image", image, IMAGE_REF_RE)
         if os_name or value["packages"] or value["files"]:
             raise LocalProtocolError("a task with a ready image names no os, packages or files")
     else:
         _match("os", os_name, NAME_RE)
-    command = _list("command", value["command"], MAX_ARGS, lambda a: _text("argument", a, MAX_ARG))
+    command = as_tuple(
+        "command", value["command"], MAX_ARGS, lambda a: as_text("argument", a, MAX_ARG)
+    )
     if not command:
         raise LocalProtocolError("command must not be empty")
-    packages = _list("packages", value["packages"], MAX_PATHS, _package)
-    files = _list("files", value["files"], MAX_PATHS, lambda f: _relative("files", f))
+    packages = as_tuple("packages", value["packages"], MAX_PATHS, _package)
+    files = as_tuple("files", value["files"], MAX_PATHS, lambda f: _relative("files", f))
     env = _env(value["env"])
-    cwd = _text("cwd", value["cwd"], MAX_PATH)
+    cwd = as_text("cwd", value["cwd"], MAX_PATH)
     if (cwd and not cwd.startswith("/")) or (not cwd and not image):
         raise LocalProtocolError("cwd must be an absolute path")
     replicas = as_int("replicas", value["replicas"], 1, 16)
@@ -129,7 +130,7 @@ def _resources(raw: object) -> Resources:
     network = value["network"]
     if network not in ("none", "proxy"):
         raise LocalProtocolError("network must be none or proxy")
-    allow = _list("allow", value["allow"], MAX_ALLOW, lambda a: _text("allow", a, 300))
+    allow = as_tuple("allow", value["allow"], MAX_ALLOW, lambda a: as_text("allow", a, 300))
     if allow and network != "proxy":
         raise LocalProtocolError('allow needs network = "proxy"')
     return Resources(amounts=amounts, network=network, allow=allow)
@@ -182,7 +183,7 @@ def _limits(raw: object) -> Limits:
 
 
 def _package(value: object) -> str:
-    text = _text("package", value, MAX_PATH)
+    text = as_text("package", value, MAX_PATH)
     if is_local_package(text):
         rel = _relative("packages", text)
         return rel if is_local_package(rel) else f"./{rel}"
@@ -199,7 +200,7 @@ def _portable(spec: str) -> str:
 
 def _relative(label: str, value: object) -> str:
     """A path inside the task directory: relative, no ``..``, not the directory itself."""
-    text = _text(label, value, MAX_PATH)
+    text = as_text(label, value, MAX_PATH)
     rel = PurePosixPath(text)
     if not text or rel.is_absolute() or ".." in rel.parts or str(rel) == "." or "\0" in text:
         raise LocalProtocolError(f"{label}: {text!r} must be a relative path inside the task")
@@ -214,7 +215,7 @@ def _env(raw: object) -> dict[str, str]:
     for k, v in value.items():
         if not isinstance(k, str) or not ENV_NAME_RE.fullmatch(k) or len(k) > 256:
             raise LocalProtocolError(f"{k!r} is not an environment variable name")
-        out[k] = _text(f"env {k}", v, MAX_ARG)
+        out[k] = as_text(f"env {k}", v, MAX_ARG)
     return dict(sorted(out.items()))
 
 
@@ -225,23 +226,15 @@ def _number(label: str, value: object) -> float:
     return float(value)
 
 
-def _text(label: str, value: object, limit: int) -> str:
-    if type(value) is not str or len(value) > limit:
-        raise LocalProtocolError(f"{label} must be a string of at most {limit} characters")
-    return value
+def _argument(value: object) -> str:
+    return as_text("argument", value, MAX_ARG)
 
 
 def _match(label: str, value: object, pattern: Any) -> str:
-    text = _text(label, value, 200)
+    text = as_text(label, value, 200)
     if not pattern.fullmatch(text):
         raise LocalProtocolError(f"{label}: {text!r} does not match {pattern.pattern}")
     return text
-
-
-def _list(label: str, value: object, limit: int, item: Callable[[object], T]) -> tuple[T, ...]:
-    if not isinstance(value, list | tuple) or len(value) > limit:
-        raise LocalProtocolError(f"{label} must be a list of at most {limit} items")
-    return tuple(item(v) for v in value)
 
 
 def archive_members(task: TaskFile) -> list[str]:

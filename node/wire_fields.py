@@ -42,9 +42,9 @@ def as_bytes(name: str, value: object, size: int) -> bytes:
     return value
 
 
-def as_text(name: str, value: object) -> str:
-    if type(value) is not str or len(value) > MAX_TEXT:
-        raise LocalProtocolError(f"{name} must be a str of <= {MAX_TEXT} characters")
+def as_text(name: str, value: object, limit: int = MAX_TEXT) -> str:
+    if type(value) is not str or len(value) > limit:
+        raise LocalProtocolError(f"{name} must be a str of <= {limit} characters")
     return value
 
 
