@@ -3,8 +3,9 @@
 Later layers win: built-in defaults < ``bootstrap.toml`` < ``<data>/node.toml`` < command-line
 flags. ``bootstrap.toml`` is the file shipped with vmlend (``$VMLEND_BOOTSTRAP`` names another);
 ``node.toml`` is the owner's. A key given in a later layer replaces the earlier value, except two
-lists that ``node.toml`` *extends*: ``network.bootstrap`` and ``catalog.trusted_publishers`` (the
-shipped peers and publishers stay and the owner can add more). Flags replace even those, so
+lists that ``node.toml`` *extends*: ``network.bootstrap``, ``network.trusted_schedulers`` and
+``catalog.trusted_publishers`` (the shipped peers, schedulers and publishers stay and the owner can
+add more). Flags replace even those, so
 ``--bootstrap ADDR`` means exactly that peer (to drop the shipped lists from a file, point
 ``$VMLEND_BOOTSTRAP`` at another file). An unknown section or key, a wrong type or a bad value is a
 :class:`~node.errors.ConfigError` naming the file, the dotted key and what was expected, e.g.
@@ -30,6 +31,7 @@ commented sample file)::
     stream_deadline = "30s"          # deadline for one request/response on a stream
     max_inbound_streams = 256        # streams of one protocol that peers may have open here
     max_inbound_streams_per_peer = 16  # ... of which one peer may hold at most this many
+    trusted_schedulers = []          # peer IDs of schedulers to prefer for tasks and work; EXTENDS
 
     [catalog]
     trusted_publishers = []          # Ed25519 public keys, 64 hex digits each; EXTENDS
@@ -117,6 +119,7 @@ class NetworkConfig:
     stream_deadline: float = 30.0
     max_inbound_streams: int = 256
     max_inbound_streams_per_peer: int = 16
+    trusted_schedulers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,6 +226,7 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         "stream_deadline": k.duration(),
         "max_inbound_streams": k.integer(1, 65536),
         "max_inbound_streams_per_peer": k.integer(1, 65536),
+        "trusted_schedulers": k.list_of(k.PEER_ID, 'peer IDs like "12D3KooW..."'),
     },
     "catalog": {
         "trusted_publishers": k.list_of(k.PUBLIC_KEY, "Ed25519 public keys as 64 hex digits"),
@@ -246,7 +250,11 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
 }
 
 # The lists node.toml adds to rather than replaces (see the module docstring).
-_EXTENDED_BY_NODE_TOML = {("network", "bootstrap"), ("catalog", "trusted_publishers")}
+_EXTENDED_BY_NODE_TOML = {
+    ("network", "bootstrap"),
+    ("network", "trusted_schedulers"),
+    ("catalog", "trusted_publishers"),
+}
 
 
 def default_bootstrap_path(env: Mapping[str, str] | None = None) -> tuple[Path, bool]:
