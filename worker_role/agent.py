@@ -58,7 +58,7 @@ from catalog.scheduler_record import SchedulerDirectory
 from node.config import WorkerConfig
 from node.dht_records import Record
 from node.durable import read_state, write_atomically
-from node.errors import LocalProtocolError, NetworkError, ProtocolError
+from node.errors import LocalProtocolError, NetworkError, ProtocolError, RemoteProtocolError
 from node.identity import Identity
 from node.p2p_stream import MessageStream
 from node.wire import WireLimits
@@ -94,7 +94,6 @@ class SchedulerNetwork(Protocol):
 
 @dataclass
 class _Lease:
-    scheduler: str
     caps: Caps
     lease_timeout: float
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -130,7 +129,9 @@ class WorkerAgent:
         self.policy = LendingPolicy.of(config)
         self._state_path = data_dir / STATE_FILE
         self._open_backend = open_backend
-        self._leases: dict[LeaseKey, _Lease] = {}
+        # By scheduler and key: a key is the scheduler's word, and another scheduler may name
+        # the same one (by chance or to take over this lease's heartbeats, stop and result).
+        self._leases: dict[tuple[str, LeaseKey], _Lease] = {}
         self._lost: dict[str, list[LeaseKey]] = {}
         self._controls: dict[str, ControlStream] = {}
         self._addrs: dict[str, list[str]] = {}
@@ -171,8 +172,8 @@ class WorkerAgent:
 
     def _save_state(self) -> None:
         held: dict[str, list[Any]] = {}
-        for key, lease in self._leases.items():
-            held.setdefault(lease.scheduler, []).append(lease_to_list(key))
+        for scheduler, key in self._leases:
+            held.setdefault(scheduler, []).append(lease_to_list(key))
         for scheduler, keys in self._lost.items():
             held.setdefault(scheduler, []).extend(lease_to_list(k) for k in keys)
         write_atomically(self._state_path, json.dumps(held).encode())
@@ -267,7 +268,14 @@ class WorkerAgent:
             control.fail(e)  # the task serving this scheduler raises it and lets go of it
             return
         if isinstance(answer, LeaseGrant):
-            self._leases[answer.lease] = _Lease(scheduler, answer.caps, answer.lease_timeout)
+            held = (scheduler, answer.lease)
+            if held in self._leases:
+                # Two runs of one lease would share its heartbeats, stop and result: the repeat
+                # breaks the protocol, and the stream it came on goes (the lease held runs on).
+                log.warning("scheduler %s granted %s again while it runs here", *held)
+                control.fail(RemoteProtocolError(f"{scheduler} granted {answer.lease} twice"))
+                return
+            self._leases[held] = _Lease(answer.caps, answer.lease_timeout)
             self._poke()
             await trio.to_thread.run_sync(self._save_state)
             nursery.start_soon(self._run_lease, scheduler, self._addrs[scheduler], answer)
@@ -284,7 +292,7 @@ class WorkerAgent:
         told_running: set[LeaseKey] = set()
         while True:
             poked = self._poked  # taken before looking, so no change is missed
-            mine = {k: v for k, v in self._leases.items() if v.scheduler == scheduler}
+            mine = {k: v for (s, k), v in self._leases.items() if s == scheduler}
             running = tuple(k for k, v in mine.items() if v.running)
             interval = heartbeat_interval(v.lease_timeout for v in mine.values())
             if interval is None:
@@ -304,15 +312,15 @@ class WorkerAgent:
         """Stop those of ``leases`` that ``scheduler`` granted: a scheduler's word changes only
         its own leases."""
         for key in leases:
-            lease = self._leases.get(key)
-            if lease is not None and lease.scheduler == scheduler:
+            lease = self._leases.get((scheduler, key))
+            if lease is not None:
                 log.info("stopping %s: %s", key, reason)
                 lease.scope.cancel()
 
     # ---- one lease -----------------------------------------------------------------------
 
     async def _run_lease(self, scheduler: str, addrs: list[str], grant: LeaseGrant) -> None:
-        lease = self._leases[grant.lease]
+        lease = self._leases[scheduler, grant.lease]
         try:
             with lease.scope:
                 result = await self._execute(scheduler, addrs, grant, lease)
@@ -336,7 +344,7 @@ class WorkerAgent:
                     except (NetworkError, ProtocolError) as e2:
                         log.info("telling %s about lost %s: %s", scheduler, grant.lease, e2)
         finally:
-            del self._leases[grant.lease]
+            del self._leases[scheduler, grant.lease]
             await trio.to_thread.run_sync(self._save_state)
             self._room_changed()
 

@@ -61,7 +61,7 @@ class _Pipe:
         self._stream = stream
 
     async def read(self, n: int | None = None) -> bytes:
-        return await self._stream.receive_some(n)
+        return bytes(await self._stream.receive_some(n))
 
     async def write(self, data: bytes) -> None:
         await self._stream.send_all(data)
