@@ -18,6 +18,9 @@ The py-libp2p 0.8.1 traps, and what this module does about each:
   (explicit end frames, per-operation deadlines);
 * a dial to a silent address blocks for the kernel's ~2 minutes, and failed dials are retried
   with backoff: every dial runs under ``dial_timeout`` and the swarm has no retries;
+* a peer whose dial failed once is refused for 60 s, and a connection to a vanished peer lives
+  until the kernel gives up: see ``p2p_keepalive`` (our own short backoff, cleared when the peer
+  reaches us; TCP keepalive and user timeout; a dead peer's connections are closed);
 * a namespace without a validator accepts anything: see ``p2p_dht`` (strict validation).
 
 API (errors from :mod:`node.errors` unless noted)::
@@ -79,11 +82,13 @@ from node.p2p_host import (
     check_protocol_id,
     connect_delay,
     disable_connect_delay,
+    negative_dial_cache_disabled,
     parse_peer_id,
     peer_addr,
     protocol_refused,
     to_multiaddr,
 )
+from node.p2p_keepalive import DialBackoff, KeepaliveTimes, tune_connection
 from node.p2p_records import DhtRecords
 from node.p2p_stream import LIBP2P_IO_ERRORS, MessageStream
 from node.supervise import log_internal_error
@@ -153,6 +158,11 @@ class P2PNode:
         self._known: set[str] = set()
         self._dead: set[str] = set()
         self._dht.skip = lambda peer: str(peer) in self._dead
+        self._backoff = DialBackoff()
+        self._keepalive = KeepaliveTimes.for_liveness(
+            heartbeat_interval=heartbeat_interval, peer_timeout=peer_timeout
+        )
+        self._host.get_network().register_notifee(_ConnectionEvents(self))
         self._stats = {
             "handler_errors": 0,
             "peer_errors": 0,
@@ -183,6 +193,8 @@ class P2PNode:
         """Listen, join the DHT, keep heartbeats going; ``started`` with :attr:`addrs`."""
         if connect_delay() != 0:
             raise RuntimeError("py-libp2p's connect delay came back; disable_connect_delay()")
+        if not negative_dial_cache_disabled(self._host):
+            raise RuntimeError("py-libp2p's negative dial cache came back; see p2p_keepalive")
         async with (
             self._host.run(self._listen),
             background_trio_service(self._dht.kad),
@@ -235,8 +247,15 @@ class P2PNode:
     async def _connect(self, peer: ID) -> None:
         if self._host.get_network().connections.get(peer):
             return
+        wait = self._backoff.wait(str(peer), trio.current_time())
+        if wait > self._dial_timeout:
+            raise PeerUnreachableError(f"{peer} failed to answer dials; next try in {wait:.1f}s")
         try:
             with trio.fail_after(self._dial_timeout):
+                if wait > 0:
+                    await trio.sleep(wait)
+                    if self._host.get_network().connections.get(peer):
+                        return  # it reached us meanwhile
                 addrs = self._addrs_of(peer)
                 if not addrs:
                     found = await self._dht.kad.find_peer(peer)
@@ -245,9 +264,15 @@ class P2PNode:
                     raise PeerUnreachableError(f"no known address for {peer}")
                 await self._host.connect(Libp2pPeerInfo(peer, addrs))
         except trio.TooSlowError as e:
+            self._backoff.failed(str(peer), trio.current_time())
             raise DialTimeoutError(f"no connection to {peer} within {self._dial_timeout:g}s") from e
         except LIBP2P_IO_ERRORS as e:
+            self._backoff.failed(str(peer), trio.current_time())
             raise PeerUnreachableError(f"cannot connect to {peer}: {e}") from e
+        except PeerUnreachableError:
+            self._backoff.failed(str(peer), trio.current_time())
+            raise
+        self._backoff.reached(str(peer))
         self._host.get_peerstore().add_addrs(peer, addrs, 0)
 
     def _addrs_of(self, peer: ID) -> list[Multiaddr]:
@@ -449,7 +474,7 @@ class P2PNode:
                 except (NetworkError, ProtocolError, trio.EndOfChannel, trio.TooSlowError) as e:
                     self._stats["pings_failed"] += 1
                     logger.debug("heartbeat to %s failed: %s", peer_id, e)
-                    self._forget_if_dead(peer_id)
+                    await self._forget_if_dead(peer_id)
                 await trio.sleep(self._heartbeat_interval)
         finally:
             watching.discard(peer_id)
@@ -467,16 +492,28 @@ class P2PNode:
 
     def _seen(self, peer_id: str) -> None:
         self._dead.discard(peer_id)
+        self._backoff.reached(peer_id)
         self._mark(self._liveness.seen(peer_id, trio.current_time()))
 
-    def _forget_if_dead(self, peer_id: str) -> None:
-        """After ``peer_timeout`` without a heartbeat: stop watching the peer, drop it from the
-        routing table, and keep DHT queries away from it until it shows up again."""
+    async def _forget_if_dead(self, peer_id: str) -> None:
+        """After ``peer_timeout`` without a heartbeat: close its connections (a stream opened on
+        a connection to a vanished peer would wait on it until the kernel gives up), stop
+        watching it, drop it from the routing table, and keep DHT queries away from it until it
+        shows up again."""
         last = self._liveness.last_seen(peer_id)
         if last is not None and trio.current_time() - last <= self._liveness.peer_timeout:
             return
         self._dead.add(peer_id)
-        self._dht.drop_peer(parse_peer_id(peer_id))
+        peer = parse_peer_id(peer_id)
+        self._dht.drop_peer(peer)
+        if self._host.get_network().connections.get(peer):
+            logger.info(
+                "peer %s silent for %gs: closing its connections",
+                peer_id,
+                self._liveness.peer_timeout,
+            )
+            with trio.move_on_after(self._dial_timeout):
+                await self._host.get_network().close_peer(peer)
         if any(str(b.peer_id) == peer_id for b in self._bootstrap):
             return  # keep trying bootstrap peers: they may come back
         self._known.discard(peer_id)
@@ -524,3 +561,30 @@ class P2PNode:
     ) -> list[str]:
         """Peers that announced ``key``, live ones first (:meth:`DhtRecords.find_providers`)."""
         return await self._records.find_providers(key, timeout=timeout)
+
+
+class _ConnectionEvents:
+    """The swarm's connection notifications (py-libp2p's ``INotifee``): every new connection,
+    dialled or accepted, gets keepalive, and clears the peer's dial backoff."""
+
+    def __init__(self, node: P2PNode) -> None:
+        self._node = node
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        tune_connection(conn, self._node._keepalive)
+        self._node._backoff.reached(str(conn.muxed_conn.peer_id))
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass

@@ -66,6 +66,17 @@ def connect_delay() -> float:
     return delay
 
 
+def disable_negative_dial_cache(host: BasicHost) -> None:
+    """Stop the swarm refusing for 60 s to dial a peer whose dial failed once (it checks that
+    even before reusing a live connection); :class:`node.p2p_keepalive.DialBackoff` replaces it."""
+    host.get_network()._negative_peer_cache = swarm_module._NegativePeerCache(ttl=0.0)  # type: ignore[attr-defined]
+
+
+def negative_dial_cache_disabled(host: BasicHost) -> bool:
+    cache = getattr(host.get_network(), "_negative_peer_cache", None)
+    return cache is None or getattr(cache, "_ttl", None) == 0.0
+
+
 def check_protocol_id(protocol_id: str) -> str:
     if not PROTOCOL_ID_RE.fullmatch(protocol_id):
         raise LocalProtocolError(
@@ -128,4 +139,6 @@ def build_host(identity: Identity, listen: Sequence[Multiaddr]) -> BasicHost:
         retry_config=RetryConfig(max_retries=0),
         connection_config=ConnectionConfig(),
     )
-    return BasicHost(network=swarm)
+    host = BasicHost(network=swarm)
+    disable_negative_dial_cache(host)
+    return host

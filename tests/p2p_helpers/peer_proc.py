@@ -11,7 +11,9 @@ waits for. Protocols served:
   (prints "EVENT one-sent").
 
 With ``--publish KIND`` it publishes its own record of KIND once it has a live peer ("EVENT
-published"). ``VMLEND_TEST_TIMINGS`` (JSON) overrides the fast test timings.
+published"). ``VMLEND_TEST_TIMINGS`` (JSON) overrides the fast test timings; ``VMLEND_TEST_KEY``
+(a key file, created if missing) and ``VMLEND_TEST_LISTEN`` (a multiaddr) let a test restart "the
+same" peer.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import trio
 
+from node.errors import IdentityError
 from node.identity import Identity
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
@@ -65,9 +69,15 @@ async def main(args: list[str]) -> None:
     if args[:1] == ["--publish"]:
         publish, args = args[1], args[2:]
     bootstrap = args
-    node = P2PNode(
-        Identity.generate(), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=bootstrap, **TIMINGS
-    )
+    key = os.environ.get("VMLEND_TEST_KEY")
+    identity = Identity.generate()
+    if key:
+        try:
+            identity = Identity.load(Path(key))
+        except IdentityError:
+            identity.save(Path(key))
+    listen = os.environ.get("VMLEND_TEST_LISTEN", "/ip4/127.0.0.1/tcp/0")
+    node = P2PNode(identity, listen=[listen], bootstrap=bootstrap, **TIMINGS)
     node.set_handler("/vmlend/test-echo/1.0.0", echo)
     node.set_handler("/vmlend/test-half/1.0.0", half)
     node.set_handler("/vmlend/test-one/1.0.0", one)

@@ -53,8 +53,14 @@ async def peer_process(
     publish: str | None = None,
     timings: dict[str, float] | None = None,
     start_timeout: float = 20.0,
+    key: Path | None = None,
+    listen: str | None = None,
 ) -> AsyncIterator[PeerProcess]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VMLEND_TEST_TIMINGS": json.dumps(timings or {})}
+    if key is not None:
+        env["VMLEND_TEST_KEY"] = str(key)
+    if listen is not None:
+        env["VMLEND_TEST_LISTEN"] = listen
     args = ["--publish", publish] if publish else []
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "tests.p2p_helpers.peer_proc", *args, *bootstrap],
