@@ -71,7 +71,9 @@ def check_keys(
 ) -> None:
     given = set(raw)
     if not required <= given or not given <= required | optional:
+        # A peer's keys may be bytes beside str (msgpack's strict_map_key allows both): named
+        # as text, so they sort, and cut, so a long one does not fill the error.
+        unexpected = sorted(str(k)[:64] for k in given - required - optional)
         raise LocalProtocolError(
-            f"{kind}: missing {sorted(required - given)}, "
-            f"unexpected {sorted(given - required - optional)}"
+            f"{kind}: missing {sorted(required - given)}, unexpected {unexpected[:16]}"
         )
