@@ -62,8 +62,10 @@ def configure_logging(verbosity: int) -> None:
     # A no-op where logging is set up already (a host program, a test runner): ours only.
     logging.basicConfig(level=logging.WARNING - 10 * min(verbosity, 2), handlers=[handler])
     if verbosity < 2:
-        # py-libp2p warns on every stream a peer closes early; our adapter reports what matters.
-        logging.getLogger("libp2p").setLevel(logging.ERROR)
+        # py-libp2p warns on every DHT stream a peer closes early and logs a multi-line error for
+        # every protocol a peer does not speak; the p2p adapter raises an error of its own for
+        # each, reported where it matters, so libp2p's own lines are debug output.
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 
 def data_dir(args: argparse.Namespace) -> Path:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from node.log_hygiene import LogHygiene
 
 
@@ -45,7 +47,7 @@ def test_info_lines_are_never_held_back() -> None:
 def test_the_command_lines_logging_is_hygienic() -> None:
     code = (
         "import logging; from node.cli_common import configure_logging; configure_logging(0)\n"
-        "for _ in range(5): logging.getLogger('libp2p.x').error('peer sent %s', 'ab' * 100000)\n"
+        "for _ in range(5): logging.getLogger('vmlend.x').error('peer sent %s', 'ab' * 100000)\n"
     )
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
@@ -55,3 +57,22 @@ def test_the_command_lines_logging_is_hygienic() -> None:
     assert len(lines) == 1  # the same error, said once
     assert len(lines[0]) < 600
     assert "200010 chars, sha256 " in lines[0]
+
+
+@pytest.mark.parametrize(("verbosity", "shown"), [(0, False), (1, False), (2, True)])
+def test_py_libp2ps_own_errors_are_shown_only_at_debug(verbosity: int, shown: bool) -> None:
+    """py-libp2p logs a multi-line ERROR for every stream a peer refuses (a worker that does not
+    serve a scheduler's protocol) and a WARNING for every DHT stream a peer closes early; the p2p
+    adapter turns each into an error of its own, reported where it matters."""
+    code = (
+        "import logging; from node.cli_common import configure_logging\n"
+        f"configure_logging({verbosity})\n"
+        "logging.getLogger('libp2p.host.basic_host').error('Failed to open stream\\n  Error: x')\n"
+        "logging.getLogger('libp2p.kad_dht').warning('Failed to read DHT message from stream')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert ("Failed to open stream" in out.stderr) is shown
+    assert ("Failed to read DHT message" in out.stderr) is shown
