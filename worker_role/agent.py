@@ -58,7 +58,13 @@ from catalog.scheduler_record import SchedulerDirectory
 from node.config import WorkerConfig
 from node.dht_records import Record
 from node.durable import read_state, write_atomically
-from node.errors import LocalProtocolError, NetworkError, ProtocolError, RemoteProtocolError
+from node.errors import (
+    LocalProtocolError,
+    NetworkError,
+    ProtocolError,
+    RemoteProtocolError,
+    StoreError,
+)
 from node.identity import Identity
 from node.p2p_stream import MessageStream
 from node.wire import WireLimits
@@ -178,6 +184,14 @@ class WorkerAgent:
             held.setdefault(scheduler, []).extend(lease_to_list(k) for k in keys)
         write_atomically(self._state_path, json.dumps(held).encode())
 
+    async def _save_state_quietly(self) -> None:
+        """Save the lease file where failing to is no lease's fault (a lease that ended, leases
+        reported lost): a full disk is said, and the next save writes it all."""
+        try:
+            await trio.to_thread.run_sync(self._save_state)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self._state_path, e.strerror or e)
+
     def _room_changed(self) -> None:
         self._resting.clear()  # with new room, every scheduler may have work for us again
         self._poke()
@@ -227,7 +241,7 @@ class WorkerAgent:
             if lost := self._lost.get(scheduler):
                 await control.request(Lost(leases=tuple(lost)))
                 del self._lost[scheduler]
-                await trio.to_thread.run_sync(self._save_state)
+                await self._save_state_quietly()
             self._controls[scheduler] = control
             self._addrs[scheduler] = addrs
             self._control_changed()
@@ -277,7 +291,6 @@ class WorkerAgent:
                 return
             self._leases[held] = _Lease(answer.caps, answer.lease_timeout)
             self._poke()
-            await trio.to_thread.run_sync(self._save_state)
             nursery.start_soon(self._run_lease, scheduler, self._addrs[scheduler], answer)
         elif isinstance(answer, NoWork):
             self._resting[scheduler] = trio.current_time() + answer.retry_after
@@ -323,6 +336,8 @@ class WorkerAgent:
         lease = self._leases[scheduler, grant.lease]
         try:
             with lease.scope:
+                # Held only once remembered: after a crash its scheduler must hear it was lost.
+                await trio.to_thread.run_sync(self._save_state)
                 result = await self._execute(scheduler, addrs, grant, lease)
                 report = await self._report(grant.lease, result)
                 await self._deliver(scheduler, report)
@@ -333,6 +348,8 @@ class WorkerAgent:
             NetworkError,
             ProtocolError,
             ValueError,
+            OSError,  # the disk's fault (a full one, say): it costs this lease
+            StoreError,  # and so is a database that cannot be written
             trio.TooSlowError,
         ) as e:
             log.warning("lease %s failed: %s", grant.lease, _first(e))
@@ -345,7 +362,7 @@ class WorkerAgent:
                         log.info("telling %s about lost %s: %s", scheduler, grant.lease, e2)
         finally:
             del self._leases[scheduler, grant.lease]
-            await trio.to_thread.run_sync(self._save_state)
+            await self._save_state_quietly()
             self._room_changed()
 
     async def _deliver(self, scheduler: str, report: ResultReport) -> None:
