@@ -56,6 +56,13 @@ ID_SIZE = 32
 DIGEST_SIZE = 32
 MAX_RESULT_OUTPUT = 1 << 20  # what a worker keeps of a result's stdout, and of its stderr
 MAX_RESULT_ARCHIVE = 64 << 20  # a result's /out archive: the size of the guest's result disk
+# Live output a worker streams per lease (the result keeps the last MAX_RESULT_OUTPUT anyway), and
+# how fast: past either, it drops output and says so in the stream. The scheduler takes at most
+# MAX_LIVE_LOG + LIVE_LOG_NOTE_ROOM per lease (the room is for those notes) and drops the rest.
+MAX_LIVE_LOG = 8 << 20
+LIVE_LOG_RATE = 1 << 20  # bytes/s, averaged
+LIVE_LOG_BURST = 2 << 20
+LIVE_LOG_NOTE_ROOM = 4096
 
 WIRE_LIMITS = WireLimits(
     max_frame_size=256 * 1024,

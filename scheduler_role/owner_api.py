@@ -50,6 +50,7 @@ from node.p2p_stream import MessageStream
 from scheduler_role.errors import SchedulerError, TaskConflictError, UnknownTaskError
 from scheduler_role.explain import explain
 from scheduler_role.lifecycle import FINISHED_TASK_STATES
+from scheduler_role.live_logs import LogCursor
 from scheduler_role.matching import violations
 from scheduler_role.queue import StoredResult
 from scheduler_role.queue import TaskStatus as QueueStatus
@@ -287,20 +288,17 @@ class OwnerApi:
         task_id = request.task_id
         status = await self._check_owner(task_id, stream.peer_id)
         buffer = self.service.log_buffer(task_id)
-        sent = 0
-        source = buffer.source
+        cursor = LogCursor(buffer.source)
         while True:
-            if buffer.source != source:  # a new attempt started over
-                source, sent = buffer.source, 0
-            for kind, data in buffer.chunks[sent:]:
+            pieces, cursor = buffer.read(cursor)  # a new attempt starts over
+            for kind, data in pieces:
                 await stream.send(REPLIES.encode(LogData(stream=kind, data=data)))
-            sent = len(buffer.chunks)
             status = await self.queue.status(task_id)
             if not request.follow or status.state in FINISHED_TASK_STATES:
                 break
             with trio.move_on_after(1.0):
                 await buffer.changed.wait()
-        if sent == 0 and status.state in FINISHED_TASK_STATES:
+        if not cursor.read_any and status.state in FINISHED_TASK_STATES:
             # Nothing live (e.g. we restarted): the agreed result's output stands in.
             chosen = _chosen(status, await self.queue.results(task_id))
             if chosen is not None:

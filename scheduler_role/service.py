@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +40,6 @@ from catalog.dispatch import (
     MAX_RESULT_OUTPUT,
     PROTOCOL_ID,
     WIRE_LIMITS,
-    LeaseKey,
     ResultReport,
     decode_request,
     encode_answer,
@@ -61,6 +59,7 @@ from node.p2p_stream import MessageStream
 from node.supervise import run_contained
 from scheduler_role import dispatch
 from scheduler_role.lifecycle import TaskState
+from scheduler_role.live_logs import LogBuffer
 from scheduler_role.queue import Queue, StopNotice
 from scheduler_role.ready_image import ready_manifest
 from scheduler_role.task_store import load_task
@@ -68,7 +67,6 @@ from scheduler_role.task_store import load_task
 log = logging.getLogger("vmlend.scheduler.service")
 
 MAX_LOG_TASKS = 64  # live logs kept at once: with MAX_LOG_BYTES each, 64 MiB at most
-MAX_LOG_BYTES = 1 << 20  # kept per task for followers; the result holds the tail anyway
 FETCH_TIMEOUT = 60.0
 TASKS_DIR = "tasks"
 
@@ -79,34 +77,6 @@ def public_key_of(peer_id: str) -> bytes:
         return dht_records.public_key_of(peer_id)
     except ValueError as e:
         raise RemoteProtocolError(str(e)) from e
-
-
-@dataclass
-class LogBuffer:
-    """The live output of one task's current replica run, for followers."""
-
-    source: LeaseKey | None = None
-    chunks: list[tuple[str, bytes]] = field(default_factory=list)
-    size: int = 0
-    changed: trio.Event = field(default_factory=trio.Event)
-
-    def add(self, lease: LeaseKey, stream: str, data: bytes) -> None:
-        if self.source is None or (
-            lease.replica == self.source.replica and lease.attempt > self.source.attempt
-        ):
-            if self.source is not None:
-                self.chunks.clear()
-                self.size = 0
-            self.source = lease
-        if lease != self.source or self.size >= MAX_LOG_BYTES:
-            return
-        self.chunks.append((stream, data))
-        self.size += len(data)
-        self.pulse()
-
-    def pulse(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
 
 
 class SchedulerService:
@@ -295,7 +265,7 @@ class SchedulerService:
 
     async def _serve_logs(self, stream: MessageStream) -> None:
         stream.deadline = 3600.0  # a quiet task may print nothing for long
-        refused = 0
+        refused = cut = 0
         async for raw in stream:
             chunk = LOGS.decode(raw)
             # Only the worker holding that very lease speaks for its output: a stranger's
@@ -306,7 +276,14 @@ class SchedulerService:
                     log.info("log frames from %s for %s, a lease it does not hold: dropped",
                              stream.peer_id, chunk.lease)  # fmt: skip
                 continue
-            self.log_buffer(chunk.lease.task_id).add(chunk.lease, chunk.stream, chunk.data)
+            buffer = self.log_buffer(chunk.lease.task_id)
+            dropped = buffer.dropped
+            buffer.add(chunk.lease, chunk.stream, chunk.data)
+            if buffer.dropped > dropped:
+                cut += 1
+                if cut == 1:
+                    log.info("log frames from %s for %s past its live-log budget: dropped",
+                             stream.peer_id, chunk.lease)  # fmt: skip
 
     def log_buffer(self, task_id: str) -> LogBuffer:
         """The task's live log; at most ``MAX_LOG_TASKS`` are kept, the least recently used

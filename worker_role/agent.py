@@ -71,6 +71,7 @@ from node.wire import WireLimits
 from worker_role.control_stream import REQUEST_TIMEOUT, ControlStream, heartbeat_interval
 from worker_role.errors import VmError, WorkerError
 from worker_role.lease_blobs import LeaseBlobs
+from worker_role.live_log import LiveLog
 from worker_role.policy import LendingPolicy, PolicyError
 from worker_role.shares import Shares
 from worker_role.vm.interface import Backend, BackendFactory, OutputChunk, VmResult
@@ -410,14 +411,20 @@ class WorkerAgent:
     async def _forward_logs(
         self, scheduler: str, lease: LeaseKey, receive: trio.MemoryReceiveChannel[OutputChunk]
     ) -> None:
-        """Stream output to the scheduler; if it cannot take it, drain (the result has it)."""
+        """Stream output to the scheduler within the live budget and rate (:class:`LiveLog`);
+        if it cannot take it, drain (the result has it)."""
+        live = LiveLog(now=trio.current_time())
         async with receive:
             try:
                 async with await self.p2p.open_stream(
                     scheduler, LOGS_PROTOCOL_ID, limits=LOGS_WIRE_LIMITS
                 ) as stream:
                     async for kind, data in receive:
-                        chunk = LogChunk(lease=lease, stream=kind, data=data)
+                        for part, bytes_ in live.admit(kind, data, trio.current_time()):
+                            chunk = LogChunk(lease=lease, stream=part, data=bytes_)
+                            await stream.send(LOGS.encode(chunk))
+                    for part, bytes_ in live.close():  # how much was dropped, if any
+                        chunk = LogChunk(lease=lease, stream=part, data=bytes_)
                         await stream.send(LOGS.encode(chunk))
             except (NetworkError, ProtocolError) as e:
                 log.info("log stream of %s: %s", lease, e)

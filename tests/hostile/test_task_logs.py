@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import trio
 
 from catalog.dispatch import (
     LOGS,
     LOGS_PROTOCOL_ID,
     LOGS_WIRE_LIMITS,
+    MAX_LOG_CHUNK,
     PROTOCOL_ID,
     WIRE_LIMITS,
     LeaseGrant,
@@ -17,6 +20,10 @@ from catalog.dispatch import (
     decode_reply,
     encode_request,
 )
+from catalog.owner_protocol import PROTOCOL_ID as TASKS_PROTOCOL_ID
+from catalog.owner_protocol import REPLIES, REQUESTS, LogData, LogEnd, LogsRequest
+from catalog.owner_protocol import WIRE_LIMITS as TASKS_WIRE_LIMITS
+from scheduler_role.live_logs import CUT_NOTE, MAX_LEASE_LOG, MAX_LOG_BYTES, LogCursor
 from tests.hostile.conftest import Node, Scheduler
 from tests.scheduler.conftest import offer, spec
 
@@ -63,5 +70,48 @@ async def test_log_frames_count_only_from_the_holder_of_the_lease(
     )
     with trio.fail_after(10):  # frames arrive in order: the honest one last
         await changed.wait()
-    assert scheduler.service.log_buffer("t").chunks == [("stdout", b"honest\n")]
+    pieces, _ = scheduler.service.log_buffer("t").read(LogCursor())
+    assert pieces == [("stdout", b"honest\n")]
     assert "someone-else" not in scheduler.service.logs
+
+
+async def _owner_reads_logs(owner: Node, scheduler: Scheduler, task_id: str) -> bytes:
+    async with await owner.p2p.open_stream(
+        scheduler.p2p.peer_id, TASKS_PROTOCOL_ID, limits=TASKS_WIRE_LIMITS
+    ) as stream:
+        await stream.send(REQUESTS.encode(LogsRequest(task_id=task_id, follow=False)))
+        text = b""
+        while not isinstance(frame := REPLIES.decode(await stream.receive()), LogEnd):
+            assert isinstance(frame, LogData), frame
+            text += frame.data
+        return text
+
+
+async def test_a_worker_streaming_past_the_live_budget_is_cut_counted_and_noted(
+    scheduler_and_peers: tuple[Scheduler, Node, Node],
+) -> None:
+    """A worker that holds a lease floods its log stream: the scheduler takes at most the
+    lease's budget, keeps at most its window, counts the rest, and the owner reads a note."""
+    scheduler, worker, owner = scheduler_and_peers
+    for task in ("t", "t2"):
+        await scheduler.service.queue.submit(replace(spec(task), owner=owner.p2p.peer_id))
+    flooded = (await lease_one(worker, scheduler)).lease
+    other = (await lease_one(worker, scheduler)).lease
+    assert flooded.task_id != other.task_id
+    frames = 2 * MAX_LEASE_LOG // MAX_LOG_CHUNK
+    flood = LogChunk(lease=flooded, stream="stdout", data=b"f" * MAX_LOG_CHUNK)
+    done = LogChunk(lease=other, stream="stdout", data=b"after the flood\n")
+    buffer = scheduler.service.log_buffer(flooded.task_id)
+    changed = scheduler.service.log_buffer(other.task_id).changed
+    await send_logs(worker, scheduler, [flood] * frames + [done])
+    with trio.fail_after(60):  # frames arrive in order: the other task's last
+        await changed.wait()
+    assert buffer.accepted <= MAX_LEASE_LOG
+    assert buffer.accepted + buffer.dropped == frames * MAX_LOG_CHUNK
+    assert buffer.size <= MAX_LOG_BYTES
+    pieces, _ = buffer.read(LogCursor(flooded))
+    assert b"".join(d for s, d in pieces if s == "stderr").count(CUT_NOTE) == 1
+    with trio.fail_after(60):
+        shown = await _owner_reads_logs(owner, scheduler, flooded.task_id)
+    assert CUT_NOTE in shown
+    assert len(shown) <= MAX_LOG_BYTES + 4096

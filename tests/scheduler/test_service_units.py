@@ -21,7 +21,7 @@ from node.identity import Identity
 from owner_role.cli import run_task
 from owner_role.service import _tar
 from scheduler_role.owner_api import spec_of
-from scheduler_role.service import MAX_LOG_TASKS, LogBuffer, SchedulerService, public_key_of
+from scheduler_role.service import MAX_LOG_TASKS, SchedulerService, public_key_of
 from worker_role.policy import LendingPolicy
 
 
@@ -34,20 +34,6 @@ def test_public_key_of_a_peer_id_round_trips() -> None:
 def test_public_key_of_refuses_what_holds_no_ed25519_key(bad: str) -> None:
     with pytest.raises(RemoteProtocolError):
         public_key_of(bad)
-
-
-def test_log_buffer_follows_the_newest_attempt_of_one_replica() -> None:
-    buffer = LogBuffer()
-    first, other, retry = LeaseKey("t", 0, 1), LeaseKey("t", 1, 1), LeaseKey("t", 0, 2)
-    buffer.add(first, "stdout", b"a")
-    buffer.add(other, "stdout", b"ignored: another replica")
-    assert buffer.chunks == [("stdout", b"a")]
-    changed = buffer.changed
-    buffer.add(retry, "stderr", b"b")
-    assert changed.is_set()
-    assert (buffer.source, buffer.chunks) == (retry, [("stderr", b"b")])
-    buffer.add(first, "stdout", b"late word from the lapsed attempt")
-    assert buffer.chunks == [("stderr", b"b")]
 
 
 def test_task_file_maps_onto_caps_and_spec() -> None:
