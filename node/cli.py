@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import node
@@ -30,9 +31,13 @@ from node.cli_common import (
     print_table,
     run_command,
 )
+from node.data_dir import create_data_dir, data_dir_lock
+from node.errors import VmlendError
+from node.supervise import lone_error
 
 if TYPE_CHECKING:
     from catalog.build.os_tiny import BootFiles
+    from node.config import Config
 
     _SubParsersAction = argparse._SubParsersAction[argparse.ArgumentParser]
 else:  # generic only to type checkers
@@ -186,16 +191,25 @@ def _start_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_node_start(args: argparse.Namespace) -> int:
-    import trio
-
     from node.config import load_config
-    from node.daemon import Node, serve_until_signalled
-    from node.identity import Identity
+    from node.p2p_host import check_listen_free, to_multiaddr
 
     data = data_dir(args)
     config = load_config(data, _start_flags(args))
     if not args.verbose:  # -v on the command line outranks the file, like every other flag
         logging.getLogger().setLevel(config.node.log_level.upper())
+    create_data_dir(data)
+    with data_dir_lock(data):
+        check_listen_free([to_multiaddr(addr) for addr in config.network.listen])
+        return _start_node(config, data)
+
+
+def _start_node(config: Config, data: Path) -> int:
+    import trio
+
+    from node.daemon import Node, serve_until_signalled
+    from node.identity import Identity
+
     identity = Identity.load_or_create(data)
     the_node = Node(config, data, identity)
 
@@ -206,7 +220,13 @@ def _cmd_node_start(args: argparse.Namespace) -> int:
         print(f"roles: {','.join(the_node.roles)}", flush=True)
         print(f"rpc: {data / 'rpc.sock'}", flush=True)
 
-    trio.run(lambda: serve_until_signalled(the_node, on_started=announce))
+    try:
+        trio.run(lambda: serve_until_signalled(the_node, on_started=announce))
+    except BaseExceptionGroup as group:
+        lone = lone_error(group)
+        if not isinstance(lone, VmlendError):
+            raise
+        raise lone from lone.__cause__  # one line through run_command, not trio's group
     print("stopped", flush=True)
     return 0
 

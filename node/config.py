@@ -320,7 +320,7 @@ def load_config(
 def _read_toml(path: Path, *, must_exist: bool) -> dict[str, Any] | None:
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no such file (the data dir is checked later)
         if must_exist:
             raise ConfigError("file not found", source=str(path)) from None
         log.debug("no %s; skipping that layer", path)

@@ -79,6 +79,7 @@ from node.p2p_host import (
     PeerInfo,
     UnsupportedProtocolError,
     build_host,
+    check_listen_free,
     check_protocol_id,
     connect_delay,
     disable_connect_delay,
@@ -195,6 +196,7 @@ class P2PNode:
             raise RuntimeError("py-libp2p's connect delay came back; disable_connect_delay()")
         if not negative_dial_cache_disabled(self._host):
             raise RuntimeError("py-libp2p's negative dial cache came back; see p2p_keepalive")
+        check_listen_free(self._listen)
         async with (
             self._host.run(self._listen),
             background_trio_service(self._dht.kad),

@@ -5,7 +5,9 @@ Only the ``node.p2p*`` modules import libp2p. See :mod:`node.p2p` for the traps 
 
 from __future__ import annotations
 
+import errno
 import re
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,10 +28,12 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
+from multiaddr.exceptions import ProtocolLookupError
 
 from node.errors import (
     DeadlineError,
     LocalProtocolError,
+    NetworkError,
     PeerUnreachableError,
     RemoteProtocolError,
 )
@@ -44,6 +48,10 @@ PEERSTORE_ERRORS: tuple[type[BaseException], ...] = (*LIBP2P_IO_ERRORS, KeyError
 
 class UnsupportedProtocolError(RemoteProtocolError):
     """The peer does not speak the protocol we asked for."""
+
+
+class ListenAddressInUseError(NetworkError):
+    """Another socket (often another vmlend node) already listens on a listen address."""
 
 
 class DialTimeoutError(PeerUnreachableError, DeadlineError):
@@ -122,6 +130,36 @@ def protocol_refused(error: BaseException) -> bool:
 def key_pair_of(identity: Identity) -> KeyPair:
     private = Libp2pEd25519.from_bytes(identity.private_bytes)
     return KeyPair(private, private.get_public_key())
+
+
+def check_listen_free(listen: Sequence[Multiaddr]) -> None:
+    """Refuse a fixed TCP port some socket already listens on.
+
+    py-libp2p listens with SO_REUSEPORT (for hole punching), so a second node given the same
+    port would start without error and the kernel would split incoming connections between
+    the two. A probe bound without SO_REUSEPORT fails on a port that anyone listens on."""
+    for addr in listen:
+        names = [protocol.name for protocol in addr.protocols()]
+        ip = "ip6" if "ip6" in names else "ip4"
+        try:
+            port = int(addr.value_for_protocol("tcp"))
+            host = str(addr.value_for_protocol(ip))
+        except (ValueError, TypeError, ProtocolLookupError):
+            continue  # not an IP/TCP address: nothing to probe
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ip == "ip6" else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ListenAddressInUseError(
+                        f"port {port} on {host} is already in use (another vmlend node?); "
+                        "stop it, or choose another port with --listen"
+                    ) from None
+                raise ListenAddressInUseError(f"cannot listen on {addr}: {e.strerror}") from None
 
 
 def build_host(identity: Identity, listen: Sequence[Multiaddr]) -> BasicHost:

@@ -44,13 +44,20 @@ class Result:
 
 
 def socket_path(target: str | os.PathLike[str]) -> Path:
-    """``<target>/rpc.sock`` when ``target`` is a directory, else ``target`` itself."""
+    """``target`` itself when it is a socket (or named ``*.sock``), else the socket in the data
+    directory ``target``, ``<target>/rpc.sock``, whether that directory exists or not."""
     path = Path(target)
-    return path / SOCKET_NAME if path.is_dir() else path
+    if path.suffix == ".sock" or path.is_socket():
+        return path
+    return path / SOCKET_NAME
 
 
 def _not_running(path: Path, why: str) -> NodeNotRunningError:
-    return NodeNotRunningError(f"no vmlend node is running with data dir {path.parent} ({why})")
+    data = path.parent
+    return NodeNotRunningError(
+        f"no vmlend node is running with data dir {data} ({why}); "
+        f"start one with 'vmlend node start --data {data}'"
+    )
 
 
 def connect_error(path: Path, e: OSError) -> Exception:

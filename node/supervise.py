@@ -47,3 +47,17 @@ async def one_error() -> AsyncIterator[None]:
             lone = group.exceptions[0]
             raise lone from lone.__cause__  # keep its own cause, drop the group as context
         raise
+
+
+def lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception at the leaves of ``group`` (nested groups flattened), or None if there
+    are several: a process that ends on one error reports that error, not trio's group."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        else:
+            leaves.append(error)
+    return leaves[0] if len(leaves) == 1 else None
