@@ -7,7 +7,8 @@ prefix (the spec has none)::
     response      [1, msgid, error, result]
     notification  [2, method, params]
 
-``msgid`` is a uint32, ``method`` a str, ``params`` an array. ``error`` is nil or, from our server,
+``msgid`` is a uint32, ``method`` a str (a UTF-8 bin is accepted too: some clients, such as
+those written for Neovim, send one), ``params`` an array. ``error`` is nil or, from our server,
 a map ``{"code": <stable name>, "message": <text>}``.
 
 Two small conventions on top of the spec, both expressed in standard messages:
@@ -113,6 +114,11 @@ class BadMsgidError(RejectedMessageError):
     """The msgid is not a uint32, or is already in flight (answers would be ambiguous)."""
 
 
+class UnusableNotificationError(RejectedMessageError):
+    """A notification we cannot use (a method that is no text, params that are no array); it
+    asks for no answer, so it is ignored and the connection kept."""
+
+
 class UnknownKindError(RejectedMessageError):
     """The first element is not a kind this side accepts."""
 
@@ -125,6 +131,18 @@ class BusyError(RejectedMessageError):
 
 def error_object(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
+
+
+def _method_name(value: object) -> str | None:
+    """A method given as str, or as bin holding UTF-8 (liberal in what we accept)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
 
 
 def _is_msgid(value: object) -> bool:
@@ -252,9 +270,13 @@ class ServerConnection(_Connection):
             if len(obj) != 3:
                 raise BadShapeError(f"notification has {len(obj)} elements, not 3")
             _, method, params = obj
-            if not isinstance(method, str):
-                raise BadTypeError("notification method is not a str")
-            return Notification(method, self._params(params, None))
+            name = _method_name(method)
+            if name is None or not isinstance(params, list):
+                raise UnusableNotificationError(
+                    f"notification with a {type(method).__name__} method and "
+                    f"{type(params).__name__} params"
+                )
+            return Notification(name, params)
         raise UnknownKindError(f"message kind {kind!r} is not a request or a notification")
 
     def _request(self, obj: list[Any]) -> Request:
@@ -267,8 +289,9 @@ class ServerConnection(_Connection):
         if msgid in self._in_flight:
             # Answering it would be read as the answer to the first request with this msgid.
             raise BadMsgidError(f"msgid {msgid} is already in flight")
-        if not isinstance(method, str):
-            raise BadTypeError("request method is not a str", msgid=msgid)
+        name = _method_name(method)
+        if name is None:
+            raise BadTypeError("request method is not UTF-8 text", msgid=msgid)
         params = self._params(params, msgid)
         if len(self._in_flight) >= self.limits.max_in_flight:
             raise BusyError(
@@ -277,7 +300,7 @@ class ServerConnection(_Connection):
                 msgid=msgid,
             )
         self._in_flight.add(msgid)
-        return Request(msgid, method, params)
+        return Request(msgid, name, params)
 
     def send_response(self, msgid: int, error: object, result: object) -> bytes:
         """Answer a request returned by :meth:`next_event`; ``error`` is None on success."""

@@ -222,6 +222,7 @@ class _Connection:
         self.stream = stream
         self.proto = rpc.ServerConnection(server.limits)
         self.scopes: dict[int, trio.CancelScope] = {}
+        self.ignored: set[str] = set()  # what was ignored on this connection, said once each
         # Handlers hand their bytes to one writer task: a handler cancelled mid-send (by
         # rpc.cancel) then never leaves half a message on the wire; a channel send is atomic.
         self.outbox, self.outbox_receive = trio.open_memory_channel[bytes](0)
@@ -247,6 +248,9 @@ class _Connection:
         while True:
             try:
                 event = self.proto.next_event()
+            except rpc.UnusableNotificationError as e:
+                self._ignore("an unusable notification", str(e))
+                continue
             except rpc.RejectedMessageError as e:
                 if e.msgid is None:
                     log.warning("local RPC: closing a connection: %s", e)
@@ -271,7 +275,14 @@ class _Connection:
             elif event.method == rpc.CANCEL_METHOD:
                 self._cancel(event.params)
             else:
-                log.debug("local RPC: ignoring notification %r", event.method)
+                self._ignore(f"notification {event.method[:80]!r}", "not one this node knows")
+
+    def _ignore(self, what: str, why: str) -> None:
+        """Said once per connection and kind: a client may send such things all the time."""
+        if what in self.ignored or len(self.ignored) >= 64:
+            return
+        self.ignored.add(what)
+        log.info("local RPC: ignoring %s (%s)", what, why)
 
     def _cancel(self, params: list[Any]) -> None:
         msgid = params[0] if params else None

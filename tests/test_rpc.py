@@ -153,12 +153,12 @@ def test_msgids_wrap_and_skip_those_in_use() -> None:
         ([0, True, "m", []], rpc.BadMsgidError, None),
         ([0, 1.0, "m", []], rpc.BadMsgidError, None),
         ([0, 7, 5, []], rpc.BadTypeError, 7),
-        ([0, 7, b"m", []], rpc.BadTypeError, 7),
+        ([0, 7, b"\xff", []], rpc.BadTypeError, 7),  # a bin method must be UTF-8
         ([0, 7, "m", {"k": 1}], rpc.BadTypeError, 7),
         ([0, 7, "m", None], rpc.BadTypeError, 7),
         ([2, "m"], rpc.BadShapeError, None),
-        ([2, 5, []], rpc.BadTypeError, None),
-        ([2, "m", "p"], rpc.BadTypeError, None),
+        ([2, 5, []], rpc.UnusableNotificationError, None),
+        ([2, "m", "p"], rpc.UnusableNotificationError, None),
         ([1, 7, None, 1], rpc.UnknownKindError, None),
         ([3, 7, "m", []], rpc.UnknownKindError, None),
         ([True, 7, "m", []], rpc.UnknownKindError, None),
@@ -367,3 +367,12 @@ def test_local_mistakes_are_local_protocol_errors() -> None:
     assert server.send_response(msgid, None, "ok")
     with pytest.raises(LocalProtocolError):
         client.send_request("m", [object()])
+
+
+def test_a_method_in_a_utf8_bin_is_accepted_like_a_str() -> None:
+    """Neovim-convention clients (pynvim's generic msgpack-rpc session) send methods as bin."""
+    server = rpc.ServerConnection()
+    server.receive_data(msgpack.packb([0, 1, b"node.info", []], use_bin_type=True))
+    server.receive_data(msgpack.packb([2, b"nvim_subscribe", ["x"]], use_bin_type=True))
+    assert server.next_event() == rpc.Request(1, "node.info", [])
+    assert server.next_event() == rpc.Notification("nvim_subscribe", ["x"])

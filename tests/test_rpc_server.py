@@ -414,3 +414,25 @@ async def test_other_users_are_refused_by_peer_credentials() -> None:
         notification = msgpack.unpackb(out)
         assert notification[:2] == [2, rpc.CLOSING_METHOD]
         assert notification[2][0]["code"] == "permission_denied"
+
+
+async def test_a_neovim_style_client_is_served_and_its_notifications_ignored_once(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generic msgpack-rpc client (pynvim's session) sends a notification with a bin method
+    before its first request; the node closed the connection, so the request never came."""
+    junk = [
+        [2, b"nvim_subscribe", ["x"]],  # unknown, method as bin
+        [2, b"nvim_subscribe", ["x"]],  # again: said once
+        [2, "m", {"not": "an array"}],  # unusable: ignored, the connection kept
+        [2, b"\xff\xfe", []],  # not UTF-8: unusable
+    ]
+    data = b"".join(msgpack.packb(m, use_bin_type=True) for m in junk)
+    data += msgpack.packb([0, 9, b"add", [4, 5]], use_bin_type=True)
+    with caplog.at_level(logging.INFO, logger="vmlend.node.rpc"):
+        async with serving(sock_path):
+            answer = await raw_exchange(sock_path, data)
+    assert answer == [[rpc.RESPONSE, 9, None, 9]]
+    ignored = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len([m for m in ignored if "nvim_subscribe" in m]) == 1
+    assert len(ignored) == 2  # the unknown one once, the unusable kind once
