@@ -264,6 +264,7 @@ def test_message_exactly_at_the_limit_passes_among_many() -> None:
     server.receive_data(small + _pack(big))
     events = []
     while (event := server.next_event()) is not None:
+        assert isinstance(event, rpc.Request)
         events.append(event)
         server.send_response(event.msgid, None, None)
     assert len(events) == 1999
