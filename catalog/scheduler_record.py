@@ -9,7 +9,9 @@ Workers, owners, other schedulers and ``vmlend schedulers`` all read these recor
 :class:`SchedulerDirectory`. Anyone can publish a correctly signed record of this kind with any
 payload, so a reader decodes each one: a payload that is not a scheduler record, that names
 another peer than its signer, or whose addresses are not the signer's is skipped and reported
-once, never raised into the reader.
+once, never raised into the reader. Which of the schedulers found a node uses when none is named
+is :mod:`catalog.scheduler_choice`'s rule (never the order of their peer IDs, which anyone can
+grind a key for).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class SchedulerRecord:
                 raise LocalProtocolError(f"address {addr[:64]!r} is not a multiaddr of {suffix}")
 
     def to_payload(self) -> dict[str, Any]:
-        """The record's payload (also what the ``schedulers.list`` RPC answers with)."""
+        """The record's payload (``schedulers.list`` answers with it, plus ``trusted`` and
+        ``default``: :mod:`catalog.scheduler_choice`)."""
         return encode_record(self)
 
 

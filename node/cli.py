@@ -102,7 +102,7 @@ def _add_node_commands(commands: _CommandsAddedOnUse) -> None:
 
     for name, help, handler in (
         ("peers", "peers this node is connected to", _cmd_peers),
-        ("schedulers", "schedulers found in the DHT", _cmd_schedulers),
+        ("schedulers", "schedulers in the DHT: trusted ones, the default", _cmd_schedulers),
         ("doctor", "check whether this machine can lend compute", _cmd_doctor),
     ):
         command = commands.add_parser(name, help=help)
@@ -260,9 +260,20 @@ def _cmd_schedulers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(schedulers))
         return 0
+    # TRUSTED: listed in network.trusted_schedulers; DEFAULT: where a task submitted without
+    # --scheduler goes (catalog.scheduler_choice), if it can be reached.
     print_table(
-        [(s["name"], s["peer_id"], " ".join(s["addrs"])) for s in schedulers],
-        ("NAME", "PEER ID", "ADDRESSES"),
+        [
+            (
+                s["name"],
+                s["peer_id"],
+                "yes" if s.get("trusted") else "no",
+                "yes" if s.get("default") else "",
+                " ".join(s["addrs"]),
+            )
+            for s in schedulers
+        ],
+        ("NAME", "PEER ID", "TRUSTED", "DEFAULT", "ADDRESSES"),
     )
     return 0
 

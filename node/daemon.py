@@ -22,6 +22,7 @@ from catalog.blob_service import BlobService, data_host_for
 from catalog.build.service import ImageBuildService
 from catalog.chunk_store import ChunkStore
 from catalog.replication_service import ReplicationService
+from catalog.scheduler_choice import SchedulerChoice, choice_key
 from catalog.scrubber import Scrubber
 from catalog.service import open_catalog
 from node import rpc_params
@@ -68,8 +69,12 @@ class Node:
             max_inbound_streams_per_peer=net.max_inbound_streams_per_peer,
         )
         self.schedulers = scheduler_record.SchedulerDirectory(self.p2p)
+        self.choice = SchedulerChoice(
+            choice_key(identity.private_bytes), frozenset(net.trusted_schedulers)
+        )
 
     agent: WorkerAgent | None = None
+    owner: OwnerService | None = None
 
     @property
     def roles(self) -> list[str]:
@@ -105,7 +110,8 @@ class Node:
                 methods = {**self.rpc_methods(), **catalog.rpc_methods(), **blobs.rpc_methods()}
                 streams = dict(blobs.rpc_streams())
                 if self.config.has_role("owner"):
-                    owner = OwnerService(self.p2p, blobs, self.data_dir)
+                    owner = OwnerService(self.p2p, blobs, self.data_dir, choice=self.choice)
+                    self.owner = owner
                     methods.update(owner.rpc_methods())
                     streams.update(owner.rpc_streams())
                 else:
@@ -131,6 +137,7 @@ class Node:
                         self.p2p, lease_blobs, self.identity, self.data_dir, self.config.worker,
                         open_backend=open_backend,
                     )  # fmt: skip
+                    self.agent.trusted_schedulers = self.choice.trusted
                     await nursery.start(self.agent.run)
                 task_status.started(addrs)
 
@@ -181,7 +188,20 @@ class Node:
         return [{"peer_id": p.peer_id, "addrs": list(p.addrs)} for p in self.p2p.peers()]
 
     async def _rpc_schedulers_list(self, params: list[Any]) -> list[dict[str, Any]]:
-        return [s.to_payload() for s in await self.schedulers.find(timeout=10.0)]
+        """Each scheduler record found, with ``trusted`` (listed in network.trusted_schedulers)
+        and ``default`` (the one a submission without a scheduler would go to, reachable or
+        not: :mod:`catalog.scheduler_choice`), trusted ones first, then in this node's order."""
+        found = {s.peer_id: s for s in await self.schedulers.find(timeout=10.0)}
+        known = self.owner.known_schedulers() if self.owner is not None else set()
+        ranked = self.choice.rank(found, known=known)
+        return [
+            {
+                **found[peer].to_payload(),
+                "trusted": self.choice.is_trusted(peer),
+                "default": i == 0,
+            }
+            for i, peer in enumerate(ranked)
+        ]
 
     async def _rpc_peers_wait(self, params: list[Any]) -> list[dict[str, Any]]:
         """Block until at least ``count`` live peers, or until ``absent`` is no longer live."""

@@ -38,9 +38,15 @@ def add_owner_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     _ARGUMENTS[command](parser)
 
 
+SCHEDULER_HELP = (
+    "scheduler peer ID (default: a trusted one, else this node's own choice among those found;"
+    " 'vmlend schedulers' shows which)"
+)
+
+
 def _submit_arguments(submit: argparse.ArgumentParser) -> None:
     submit.add_argument("task", type=Path, metavar="TASK.toml")
-    submit.add_argument("--scheduler", metavar="PEER", help="scheduler peer ID (default: first)")
+    submit.add_argument("--scheduler", metavar="PEER", help=SCHEDULER_HELP)
     submit.add_argument("--wait", action="store_true", help="wait until the task is over")
     submit.set_defaults(handler=cmd_submit)
 
@@ -92,7 +98,7 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
         help="relative to the current directory; lands under /task",
     )
     run.add_argument("--timeout", default="10m", help="max runtime, e.g. 30s")
-    run.add_argument("--scheduler", metavar="PEER")
+    run.add_argument("--scheduler", metavar="PEER", help=SCHEDULER_HELP)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     run.set_defaults(handler=cmd_run)
 

@@ -1,10 +1,13 @@
 """The task owner's side on their own node: local RPC ``task.*`` forwarded to a scheduler.
 
-The owner's node picks the scheduler (``scheduler`` option, else the first found in the DHT),
-parses the task file here, once, and sends the typed task over ``/vmlend/tasks/1.0.0``
-(:mod:`catalog.owner_protocol`). The files and local package directories it names go into our
-chunk store as one archive, which the scheduler fetches from us. The node remembers which
-scheduler holds each task (``<data>/owner_tasks.json``), so every later call goes there.
+The owner's node picks the scheduler (``scheduler`` option, else the default among those found
+in the DHT by the rule of :mod:`catalog.scheduler_choice`: trusted first, then those it already
+has tasks with, then its own secret ranking; the first of them it can reach; submitting to an
+untrusted one is logged once). It parses the task file here, once, and sends the typed task over
+``/vmlend/tasks/1.0.0`` (:mod:`catalog.owner_protocol`). The files and local package
+directories it names go into our chunk store as one archive, which the scheduler fetches from us.
+The node remembers which scheduler holds each task (``<data>/owner_tasks.json``), so every later
+call goes there.
 
 RPC methods (MessagePack-RPC params: one map)::
 
@@ -26,7 +29,7 @@ import logging
 import os
 import secrets
 import tarfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +61,8 @@ from catalog.owner_protocol import (
     TaskStatus,
     WaitRequest,
 )
-from catalog.scheduler_record import SchedulerDirectory
+from catalog.scheduler_choice import SchedulerChoice, choice_key
+from catalog.scheduler_record import SchedulerDirectory, cut
 from catalog.task_wire import archive_members, task_from_wire
 from catalog.taskfile import TaskFile, loads
 from node import rpc_params
@@ -72,6 +76,10 @@ log = logging.getLogger("vmlend.owner")
 
 SCHEDULER_RECORD_KIND = "scheduler"
 REQUEST_TIMEOUT = 60.0
+FIND_TIMEOUT = 30.0  # to find any scheduler at all
+TRUSTED_WAIT = 10.0  # ... and, with trusted schedulers set but none found yet, to find one of them
+MAX_TRIED = 4  # schedulers tried in turn when the default one cannot be reached
+MAX_WARNED = 1024  # untrusted schedulers warned about, remembered to warn once
 MAX_SHIPPED_BYTES = 256 << 20
 
 Handler = Callable[[list[Any]], Awaitable[Any]]
@@ -88,9 +96,19 @@ class OwnerService:
         "task.logs",
     )
 
-    def __init__(self, p2p: P2PNode, blobs: BlobService, data_dir: Path) -> None:
+    def __init__(
+        self,
+        p2p: P2PNode,
+        blobs: BlobService,
+        data_dir: Path,
+        *,
+        choice: SchedulerChoice | None = None,
+    ) -> None:
+        """``choice``: the node's scheduler rule (default: its own key, trusting none)."""
         self.p2p = p2p
         self.blobs = blobs
+        self.choice = choice or SchedulerChoice(choice_key(p2p.identity.private_bytes))
+        self._warned: set[str] = set()
         self._path = data_dir / "owner_tasks.json"
         self._tasks: dict[str, str] = read_state(self._path, _task_map) or {}
 
@@ -108,16 +126,69 @@ class OwnerService:
 
     # ---- scheduler choice ----------------------------------------------------------------
 
-    async def _schedulers(self) -> dict[str, list[str]]:
+    def known_schedulers(self) -> set[str]:
+        """The schedulers this node has tasks with (rule 2 of :mod:`catalog.scheduler_choice`)."""
+        return set(self._tasks.values())
+
+    def default_scheduler(self, found: Iterable[str]) -> str | None:
+        """Which of ``found`` a submission without a scheduler goes to, if it is reachable."""
+        return self.choice.choose(found, known=self.known_schedulers())
+
+    async def _schedulers(self, *, trusted_wait: float = 0.0) -> dict[str, list[str]]:
+        """The schedulers in the DHT, by peer ID. With trusted ones set, the search goes on for
+        up to ``trusted_wait`` seconds until one of them is among them (records arrive in any
+        order, and a stranger's must not win the default choice just by being found first)."""
         directory = SchedulerDirectory(self.p2p)
         delay = 0.2
-        with trio.move_on_after(30.0):
+        trusted_by = trio.current_time() + trusted_wait
+        found: dict[str, list[str]] = {}
+        with trio.move_on_after(FIND_TIMEOUT):
             while True:
-                if found := await directory.find(timeout=10.0):
-                    return {s.peer_id: list(s.addrs) for s in found}
+                found = {s.peer_id: list(s.addrs) for s in await directory.find(timeout=10.0)}
+                settled = not self.choice.trusted or trio.current_time() >= trusted_by
+                if found and (settled or any(map(self.choice.is_trusted, found))):
+                    return found
                 await trio.sleep(delay)
                 delay = min(2 * delay, 2.0)
-        raise RpcError("no_scheduler", "no scheduler found in the DHT within 30 s")
+        if found:
+            return found
+        raise RpcError("no_scheduler", f"no scheduler found in the DHT within {FIND_TIMEOUT:g} s")
+
+    async def _default_scheduler(self) -> str:
+        """The first scheduler in this node's order (the module docstring) that it can reach,
+        trying at most :data:`MAX_TRIED`; the submission has not been sent to any yet."""
+        found = await self._schedulers(trusted_wait=TRUSTED_WAIT)
+        ranked = self.choice.rank(found, known=self.known_schedulers())
+        problems = []
+        for scheduler in ranked[:MAX_TRIED]:
+            if self.p2p.is_connected(scheduler):
+                return scheduler
+            if not found[scheduler]:
+                problems.append(f"{scheduler}: its record has no address")
+            for addr in found[scheduler][:1]:
+                try:
+                    await self.p2p.connect(addr)
+                except NetworkError as e:
+                    log.info("default scheduler %s unreachable: %s", scheduler, e)
+                    problems.append(f"{scheduler}: {e}")
+                else:
+                    return scheduler
+        raise RpcError(
+            "scheduler_unreachable",
+            f"none of the schedulers tried could be reached: {cut('; '.join(problems))}",
+        )
+
+    def _note_untrusted(self, scheduler: str) -> None:
+        if self.choice.is_trusted(scheduler) or scheduler in self._warned:
+            return
+        if len(self._warned) >= MAX_WARNED:
+            self._warned.clear()
+        self._warned.add(scheduler)
+        log.warning(
+            "submitting to scheduler %s, which is not in network.trusted_schedulers: it will "
+            "see this node's tasks and files (vmlend schedulers lists them)",
+            scheduler,
+        )
 
     async def _ask(self, scheduler: str, request: Request) -> Reply:
         try:
@@ -169,10 +240,10 @@ class OwnerService:
         task = await trio.to_thread.run_sync(_task_of, args)
         scheduler = args.get("scheduler")
         if scheduler is None:
-            found = await self._schedulers()
-            scheduler = sorted(found)[0]
+            scheduler = await self._default_scheduler()
         if not isinstance(scheduler, str):
             raise RpcError("invalid_params", "scheduler must be a peer ID")
+        self._note_untrusted(scheduler)
         task_id = f"{task.name}-{secrets.token_hex(5)}"
         files_blob = None
         if archive_members(task):

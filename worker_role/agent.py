@@ -54,6 +54,7 @@ from catalog.dispatch import (
     signed_result_bytes,
 )
 from catalog.errors import CatalogError
+from catalog.scheduler_choice import SchedulerChoice, choice_key
 from catalog.scheduler_record import SchedulerDirectory
 from node.config import WorkerConfig
 from node.dht_records import Record
@@ -203,8 +204,13 @@ class WorkerAgent:
 
     # ---- schedulers ----------------------------------------------------------------------
 
+    # network.trusted_schedulers (the daemon sets it): asked for work first; while one of them
+    # is served, no untrusted scheduler is taken on (catalog.scheduler_choice).
+    trusted_schedulers: frozenset[str] = frozenset()
+
     async def _discover(self, nursery: trio.Nursery) -> None:
         directory = SchedulerDirectory(self.p2p)
+        choice = SchedulerChoice(choice_key(self.identity.private_bytes), self.trusted_schedulers)
         while True:
             found: dict[str, list[str]] = {s: [] for s in self.config.schedulers}
             try:
@@ -212,10 +218,22 @@ class WorkerAgent:
                     found[advert.peer_id] = list(advert.addrs)
             except NetworkError as e:
                 log.info("finding schedulers: %s", e)
-            for scheduler, addrs in found.items():
-                if scheduler not in self._serving and self.policy.serves(scheduler):
+            trusted, untrusted = choice.split(s for s in found if self.policy.serves(s))
+            for scheduler in trusted:
+                if scheduler not in self._serving:
                     self._serving.add(scheduler)
-                    nursery.start_soon(self._serve_guarded, scheduler, addrs)
+                    nursery.start_soon(self._serve_guarded, scheduler, found[scheduler])
+            # Until a trusted one is served or all of them failed (bounded: one may hang).
+            with trio.move_on_after(2 * DISCOVERY_INTERVAL):
+                while not any(s in self._controls for s in trusted) and any(
+                    s in self._serving for s in trusted
+                ):
+                    await self._controls_changed.wait()
+            if not any(s in self._controls for s in choice.trusted):
+                for scheduler in untrusted:
+                    if scheduler not in self._serving:
+                        self._serving.add(scheduler)
+                        nursery.start_soon(self._serve_guarded, scheduler, found[scheduler])
             await trio.sleep(DISCOVERY_INTERVAL)
 
     async def _serve_guarded(self, scheduler: str, addrs: list[str]) -> None:
