@@ -59,6 +59,9 @@ class Record:
     payload: dict[str, Any]
     issued_at: float
     expires_at: float
+    # True for a record this node holds from an earlier lookup, listed because the latest one
+    # could not reach its publisher or the index in time (still signed and unexpired).
+    stale: bool = False
 
     @property
     def key(self) -> str:

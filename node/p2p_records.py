@@ -3,11 +3,13 @@
 A record is published under ``/vmlend/<kind>/<publisher peer ID>`` and announced in its kind's
 index, so that anyone can list the publishers of a kind and no one can write another's record
 (see :mod:`node.dht_records`). A content key is announced as provided by this node. Lookups ask
-the network every time (see :mod:`node.p2p_dht`) and bound their time with deadlines.
+the network every time (see :mod:`node.p2p_dht`) and bound their time with deadlines; a listing
+that cannot reach part of the network in time answers with what it knew, marked stale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +26,10 @@ from node.p2p_dht import Dht
 from node.p2p_host import parse_peer_id
 
 logger = logging.getLogger("vmlend.node.p2p")
+
+# Records remembered per kind for listings that cannot reach everyone (publishers choose how
+# many exist: bounded, the soonest to expire forgotten first).
+MAX_REMEMBERED = 1024
 
 
 class DhtRecords:
@@ -48,6 +54,7 @@ class DhtRecords:
         self._liveness = liveness
         self._is_connected = is_connected
         self._wall_clock = wall_clock
+        self._remembered: dict[str, dict[str, Record]] = {}  # kind -> owner -> newest seen
 
     async def put_record(
         self, kind: str, name: str, payload: dict[str, Any], *, ttl: float
@@ -126,29 +133,62 @@ class DhtRecords:
         timeout: float,  # noqa: ASYNC109
     ) -> list[Record]:
         """Every valid record of ``kind`` whose publisher announced it in the kind's index
-        (e.g. all schedulers), within ``timeout`` in all. Raises DeadlineError if the index
-        lookup overran; records not fetched by the deadline are left out."""
+        (e.g. all schedulers), within ``timeout`` in all.
+
+        Part of the network may be unreachable (a partition, a frozen peer): a publisher whose
+        record could not be fetched in time, or every publisher when the index itself could not
+        be read, is listed with the record this node last saw of it, if that is still unexpired,
+        marked ``stale``. Raises DeadlineError only if the index lookup overran and this node
+        knows no record of ``kind`` at all."""
         deadline = trio.current_time() + timeout
-        try:
-            with trio.fail_at(deadline):
-                owners = await self._dht.providers(
+        owners: set[str] | None = None
+        with trio.move_on_at(deadline):
+            owners = {
+                str(owner)
+                for owner in await self._dht.providers(
                     dht_records.index_key(kind), also_ask=self._live_ids()
                 )
-        except trio.TooSlowError as e:
-            raise DeadlineError(f"DHT index lookup of {kind!r} took over {timeout:g}s") from e
-        records: list[Record] = []
+            }
+        fresh: dict[str, Record] = {}
 
         async def fetch(owner: str) -> None:
             left = deadline - trio.current_time()
             try:
-                records.append(await self.get_record(kind, owner, timeout=max(left, 0.0)))
+                fresh[owner] = await self.get_record(kind, owner, timeout=max(left, 0.0))
             except (RecordNotFoundError, DeadlineError) as e:
                 logger.debug("record %s of %s: %s", kind, owner, e)
 
         async with trio.open_nursery() as nursery:
-            for owner in owners:
+            for owner in owners or ():
                 nursery.start_soon(fetch, owner)
-        return sorted(records, key=lambda r: r.owner)
+        for record in fresh.values():
+            self._remember(record)
+        known = self._known(kind)
+        if owners is None and not known:
+            raise DeadlineError(f"DHT index lookup of {kind!r} took over {timeout:g}s")
+        if owners is None:
+            logger.info(
+                "listing %s: the index did not answer in time; listing what was known", kind
+            )
+        missed = (owners if owners is not None else set(known)) - set(fresh)
+        stale = [dataclasses.replace(known[o], stale=True) for o in missed if o in known]
+        return sorted([*fresh.values(), *stale], key=lambda r: r.owner)
+
+    def _remember(self, record: Record) -> None:
+        kept = self._remembered.setdefault(record.kind, {})
+        old = kept.get(record.owner)
+        if old is None or record.issued_at >= old.issued_at:
+            kept[record.owner] = dataclasses.replace(record, stale=False)
+        if len(kept) > MAX_REMEMBERED:
+            del kept[min(kept, key=lambda owner: kept[owner].expires_at)]
+
+    def _known(self, kind: str) -> dict[str, Record]:
+        """Remembered records of ``kind`` that have not expired (expired ones forgotten)."""
+        kept = self._remembered.get(kind, {})
+        now = self._wall_clock()
+        for owner in [o for o, r in kept.items() if r.expires_at <= now]:
+            del kept[owner]
+        return dict(kept)
 
     async def provide(self, key: bytes, *, timeout: float) -> None:  # noqa: ASYNC109
         """Announce in the DHT that this node holds ``key`` (a multihash; stored at the k closest
