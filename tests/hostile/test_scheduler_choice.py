@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from catalog.chunk_store import ChunkStore
 from node.cli import main
 from node.config import load_config
 from node.daemon import Node
-from node.dht_records import peer_id_of
+from node.dht_records import Record, peer_id_of
 from node.identity import Identity
 from node.p2p import P2PNode
 from node.rpc_client import AsyncClient
@@ -71,6 +71,8 @@ async def start_scheduler(
     identity: Identity,
     bootstrap: list[str],
     name: str,
+    *,
+    advertised: bool = True,
 ) -> RealScheduler:
     store = await stack.enter_async_context(ChunkStore.open(home / "chunks"))
     p2p = P2PNode(identity, listen=[LOOPBACK], bootstrap=bootstrap, **P2P_OPTIONS)
@@ -79,11 +81,16 @@ async def start_scheduler(
     await nursery.start(blobs.run)
     service = SchedulerService(p2p, blobs, home, boot=_no_boot_files, lease_timeout=5.0)
     await nursery.start(service.run)
+    if advertised:
+        await advertise(p2p, name)
+    return RealScheduler(p2p, service)
+
+
+async def advertise(p2p: P2PNode, name: str) -> None:
     advert = scheduler_record.SchedulerRecord(
         name=name, peer_id=p2p.peer_id, addrs=tuple(p2p.addrs)
     )
     await p2p.put_record(scheduler_record.KIND, p2p.peer_id, advert.to_payload(), ttl=600)
-    return RealScheduler(p2p, service)
 
 
 @dataclass
@@ -94,14 +101,15 @@ class Network:
     home: Path
 
 
-@pytest.fixture
-async def network(tmp_path: Path) -> AsyncIterator[Network]:
+@asynccontextmanager
+async def two_schedulers(tmp_path: Path, *, honest_advertised: bool) -> AsyncIterator[Network]:
     async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
         honest_key = Identity.generate()
         ground_key = ground_identity(peer_id_of(honest_key.public_bytes))
         honest = await start_scheduler(
-            stack, nursery, tmp_path / "honest", honest_key, [], "honest"
-        )
+            stack, nursery, tmp_path / "honest", honest_key, [], "honest",
+            advertised=honest_advertised,
+        )  # fmt: skip
         ground = await start_scheduler(
             stack, nursery, tmp_path / "ground", ground_key, honest.p2p.addrs[:1], "ground"
         )
@@ -109,8 +117,14 @@ async def network(tmp_path: Path) -> AsyncIterator[Network]:
         nursery.cancel_scope.cancel()
 
 
-async def start_owner(network: Network, name: str, trusted: list[str]) -> Node:
-    """A whole owner node trusting ``trusted``, once it sees both schedulers' records."""
+@pytest.fixture
+async def network(tmp_path: Path) -> AsyncIterator[Network]:
+    async with two_schedulers(tmp_path, honest_advertised=True) as network:
+        yield network
+
+
+async def start_owner(network: Network, name: str, trusted: list[str], *, seen: int = 2) -> Node:
+    """A whole owner node trusting ``trusted``, once it sees ``seen`` schedulers' records."""
     data_dir = network.home / name
     await trio.Path(data_dir).mkdir()
     flags = {
@@ -121,8 +135,8 @@ async def start_owner(network: Network, name: str, trusted: list[str]) -> Node:
     }
     node = Node(load_config(data_dir, flags, env={}), data_dir, Identity.generate())
     await network.nursery.start(node.run)
-    found = await call(node, "schedulers.wait", {"count": 2, "timeout": 60})
-    assert {s["peer_id"] for s in found} == {network.honest.peer_id, network.ground.peer_id}
+    found = await call(node, "schedulers.wait", {"count": seen, "timeout": 60})
+    assert {s["peer_id"] for s in found} <= {network.honest.peer_id, network.ground.peer_id}
     return node
 
 
@@ -191,3 +205,31 @@ async def test_an_owner_trusting_none_submits_by_its_own_rule_and_says_so_once(
     assert len(warned) == 1
     assert warned[0].args == (expected,)
     assert "not in network.trusted_schedulers" in warned[0].getMessage()
+
+
+async def test_an_owner_waits_for_its_trusted_scheduler_rather_than_take_the_first_found(
+    tmp_path: Path,
+) -> None:
+    # The ground key's record is in the DHT first; the trusted one's appears only once the
+    # submission is under way.
+    async with two_schedulers(tmp_path, honest_advertised=False) as network:
+        owner = await start_owner(network, "owner", [network.honest.peer_id], seen=1)
+        looked = trio.Event()
+        find_records = owner.p2p.find_records
+
+        async def spy(kind: str, *, timeout: float) -> list[Record]:  # noqa: ASYNC109
+            records = await find_records(kind, timeout=timeout)
+            looked.set()
+            return records
+
+        owner.p2p.find_records = spy  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            answers: list[dict[str, Any]] = []
+
+            async def submit_one() -> None:
+                answers.append(await submit(owner, network.home))
+
+            nursery.start_soon(submit_one)
+            await looked.wait()  # the owner looked, and found only the ground key
+            await advertise(network.honest.p2p, "honest")
+        assert answers[0]["scheduler"] == network.honest.peer_id
