@@ -103,11 +103,16 @@ class SchedulerDirectory:
     def __init__(self, network: RecordFinder) -> None:
         self._network = network
         self._reported: set[tuple[str, float]] = set()
+        # Of the last lookup: schedulers listed from an earlier one, because their record or
+        # the index could not be reached in time (see node.p2p_records).
+        self.stale: frozenset[str] = frozenset()
 
     async def find(self, *, timeout: float) -> list[SchedulerRecord]:  # noqa: ASYNC109
         """Every scheduler advertised by a valid record, by peer ID; raises what
         ``find_records`` raises (:class:`node.errors.NetworkError`)."""
-        return self.decode_all(await self._network.find_records(KIND, timeout=timeout))
+        records = await self._network.find_records(KIND, timeout=timeout)
+        self.stale = frozenset(r.owner for r in records if r.stale)
+        return self.decode_all(records)
 
     def decode_all(self, records: Iterable[Record]) -> list[SchedulerRecord]:
         found: list[SchedulerRecord] = []

@@ -261,7 +261,8 @@ def _cmd_schedulers(args: argparse.Namespace) -> int:
         print(json.dumps(schedulers))
         return 0
     # TRUSTED: listed in network.trusted_schedulers; DEFAULT: where a task submitted without
-    # --scheduler goes (catalog.scheduler_choice), if it can be reached.
+    # --scheduler goes (catalog.scheduler_choice), if it can be reached; SEEN: "stale" when
+    # this lookup could not reach it and an earlier one's record is shown.
     print_table(
         [
             (
@@ -269,11 +270,12 @@ def _cmd_schedulers(args: argparse.Namespace) -> int:
                 s["peer_id"],
                 "yes" if s.get("trusted") else "no",
                 "yes" if s.get("default") else "",
+                "stale" if s.get("stale") else "now",
                 " ".join(s["addrs"]),
             )
             for s in schedulers
         ],
-        ("NAME", "PEER ID", "TRUSTED", "DEFAULT", "ADDRESSES"),
+        ("NAME", "PEER ID", "TRUSTED", "DEFAULT", "SEEN", "ADDRESSES"),
     )
     return 0
 

@@ -188,9 +188,10 @@ class Node:
         return [{"peer_id": p.peer_id, "addrs": list(p.addrs)} for p in self.p2p.peers()]
 
     async def _rpc_schedulers_list(self, params: list[Any]) -> list[dict[str, Any]]:
-        """Each scheduler record found, with ``trusted`` (listed in network.trusted_schedulers)
-        and ``default`` (the one a submission without a scheduler would go to, reachable or
-        not: :mod:`catalog.scheduler_choice`), trusted ones first, then in this node's order."""
+        """Each scheduler record found, with ``trusted`` (listed in network.trusted_schedulers),
+        ``default`` (the one a submission without a scheduler would go to, reachable or not:
+        :mod:`catalog.scheduler_choice`) and ``stale`` (known from an earlier lookup only),
+        trusted ones first, then in this node's order."""
         found = {s.peer_id: s for s in await self.schedulers.find(timeout=10.0)}
         known = self.owner.known_schedulers() if self.owner is not None else set()
         ranked = self.choice.rank(found, known=known)
@@ -199,6 +200,8 @@ class Node:
                 **found[peer].to_payload(),
                 "trusted": self.choice.is_trusted(peer),
                 "default": i == 0,
+                # Listed from an earlier lookup: this one could not reach it in time.
+                "stale": peer in self.schedulers.stale,
             }
             for i, peer in enumerate(ranked)
         ]

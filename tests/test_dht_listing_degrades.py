@@ -3,6 +3,7 @@ within the timeout from what is known, marked stale, instead of an error for eve
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -117,3 +118,28 @@ async def test_what_is_remembered_is_bounded(autojump_clock: Any) -> None:
     assert len(await records.find_records(KIND, timeout=60)) == MAX_REMEMBERED + 50
     network.index_hangs = True
     assert len(await records.find_records(KIND, timeout=10)) == MAX_REMEMBERED
+
+
+async def test_the_scheduler_directory_says_which_schedulers_are_stale() -> None:
+    from catalog import scheduler_record
+    from catalog.scheduler_record import SchedulerDirectory, SchedulerRecord
+
+    def record(identity: Identity, *, stale: bool) -> dht_records.Record:
+        peer = dht_records.peer_id_of(identity.public_bytes)
+        payload = SchedulerRecord(name="s", peer_id=peer, addrs=()).to_payload()
+        key, value = dht_records.make_record(
+            identity, scheduler_record.KIND, payload, ttl=60, now=NOW
+        )
+        parsed = dht_records.parse_record(key, value, now=NOW)
+        return dataclasses.replace(parsed, stale=stale)
+
+    fresh, old = Identity.generate(), Identity.generate()
+    records = [record(fresh, stale=False), record(old, stale=True)]
+
+    class Finder:
+        async def find_records(self, kind: str, *, timeout: float) -> list[dht_records.Record]:  # noqa: ASYNC109
+            return records
+
+    directory = SchedulerDirectory(Finder())
+    assert len(await directory.find(timeout=1)) == 2
+    assert directory.stale == {dht_records.peer_id_of(old.public_bytes)}

@@ -184,11 +184,12 @@ async def test_vmlend_schedulers_marks_the_trusted_one_and_the_default(
 
     assert await trio.to_thread.run_sync(main, argv) == 0
     header, *rows = capsys.readouterr().out.splitlines()
-    assert header.split() == ["NAME", "PEER", "ID", "TRUSTED", "DEFAULT", "ADDRESSES"]
+    assert header.split() == ["NAME", "PEER", "ID", "TRUSTED", "DEFAULT", "SEEN", "ADDRESSES"]
     cells = {row.split()[1]: row.split() for row in rows}
     assert cells[network.honest.peer_id][:4] == ["honest", network.honest.peer_id, "yes", "yes"]
     assert cells[network.ground.peer_id][:3] == ["ground", network.ground.peer_id, "no"]
-    assert cells[network.ground.peer_id][3] != "yes"
+    assert cells[network.ground.peer_id][3] == "now"  # no DEFAULT cell, then SEEN
+    assert cells[network.honest.peer_id][4] == "now"
 
 
 async def test_an_owner_trusting_none_submits_by_its_own_rule_and_says_so_once(
