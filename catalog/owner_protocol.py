@@ -223,8 +223,9 @@ class TaskStatus:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskResults:
-    """The agreed result (else the latest): output inline (its last ``MAX_OUTPUT_INLINE``
-    bytes), the ``/out`` archive as a blob to fetch from ``providers``."""
+    """The agreed result (without an agreement: no output, no archive): output inline (its last
+    ``MAX_OUTPUT_INLINE`` bytes, exactly the bytes whose digests the quorum agreed on), the
+    ``/out`` archive as a blob to fetch from ``providers`` (its ID verifies its bytes)."""
 
     TYPE: ClassVar[str] = "results"
     status: TaskStatus = field(metadata=wire(decode=record(TaskStatus)))

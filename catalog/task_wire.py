@@ -20,7 +20,9 @@ from catalog.taskfile import (
     DEBIAN_PACKAGE_RE,
     ENV_NAME_RE,
     IMAGE_REF_RE,
+    MAX_PLACEMENT_WORKERS,
     NAME_RE,
+    PEER_ID_RE,
     TASK_LIMITS,
     Limits,
     Resources,
@@ -44,6 +46,7 @@ _KEYS = {
     "name", "os", "image", "command", "packages", "env", "files", "cwd", "resources", "limits",
     "replicas", "quorum",
 }  # fmt: skip
+_OPTIONAL_KEYS = frozenset({"workers"})  # owners before [placement] did not send it
 _RESOURCE_KEYS = {*TASK_LIMITS, "network", "allow"}
 # The most a task may state of a limit written in bytes (a size, a rate).
 MAX_BYTES = 2**50
@@ -72,13 +75,14 @@ def task_to_wire(task: TaskFile) -> dict[str, Any]:
         },
         "replicas": task.replicas,
         "quorum": task.quorum,
+        "workers": list(task.workers),
     }
 
 
 def task_from_wire(raw: object, *, base_dir: Path) -> TaskFile:
     """The task a peer sent, with its relative paths taken against ``base_dir`` (ours)."""
     value = as_map("task", raw)
-    check_keys("task", value, _KEYS, frozenset())
+    check_keys("task", value, _KEYS, _OPTIONAL_KEYS)
     name = _match("name", value["name"], NAME_RE)
     image = as_text("image", value["image"], 200)
     os_name = as_text("os", value["os"], 64)
@@ -100,6 +104,7 @@ def task_from_wire(raw: object, *, base_dir: Path) -> TaskFile:
     if (cwd and not cwd.startswith("/")) or (not cwd and not image):
         raise LocalProtocolError("cwd must be an absolute path")
     replicas = as_int("replicas", value["replicas"], 1, 16)
+    workers = as_tuple("workers", value.get("workers", []), MAX_PLACEMENT_WORKERS, _peer_id)
     quorum = as_int("quorum", value["quorum"], 1, replicas)
     for label, items in (("packages", packages), ("files", files)):
         if len(set(items)) != len(items):
@@ -118,7 +123,15 @@ def task_from_wire(raw: object, *, base_dir: Path) -> TaskFile:
         quorum=quorum,
         base_dir=base_dir,
         image=image,
+        workers=tuple(sorted(set(workers))),
     )
+
+
+def _peer_id(raw: object) -> str:
+    text = as_text("worker", raw, 64)
+    if not PEER_ID_RE.fullmatch(text):
+        raise LocalProtocolError(f"workers: {text[:80]!r} is not a peer ID")
+    return text
 
 
 def _resources(raw: object) -> Resources:

@@ -37,6 +37,11 @@ are refused)::
     deadline     = "1h"                  # after submission; or an offset datetime (RFC 3339)
     max_attempts = 3
 
+    [placement]
+    workers = ["12D3KooW..."]            # only these workers (peer IDs) may run the task; the
+                                         # owner vouches for them, so one of them may decide a
+                                         # quorum alone; default: any worker
+
 An invalid file raises :class:`catalog.errors.TaskFileError` naming the file, the line and the key
 at fault. tomllib reports lines only for syntax errors, so for everything else the line is found
 by scanning the text for the key (:func:`find_key_line`).
@@ -78,6 +83,7 @@ _TOP_KEYS = {
     "replicas",
     "quorum",
     "image",
+    "placement",
 }
 _NOT_WITH_IMAGE = ("os", "packages", "files")
 IMAGE_REF_RE = re.compile(r"[0-9a-f]{64}|[a-z0-9][a-z0-9._-]{0,63}(@[A-Za-z0-9._+-]{1,64})?")
@@ -85,6 +91,11 @@ IMAGE_REF_RE = re.compile(r"[0-9a-f]{64}|[a-z0-9][a-z0-9._-]{0,63}(@[A-Za-z0-9._
 TASK_LIMITS = {limit.task_key: limit for limit in LIMITS if limit.task_key is not None}
 _RESOURCE_KEYS = {*TASK_LIMITS, "network", "allow"}
 _LIMIT_KEYS = {"max_runtime", "deadline", "max_attempts"}
+_PLACEMENT_KEYS = {"workers"}
+MAX_PLACEMENT_WORKERS = 64
+# A libp2p peer ID as vmlend writes them (Ed25519 identity multihash, or a legacy sha256 one).
+_B58 = "[1-9A-HJ-NP-Za-km-z]"
+PEER_ID_RE = re.compile(f"(?:12D3KooW{_B58}{{44}}|Qm{_B58}{{44}})")
 _NETWORKS = ("none", "proxy")
 
 
@@ -148,6 +159,8 @@ class TaskFile:
     """The directory ``files`` and local package directories are relative to."""
     image: str = ""
     """A ready image (ID or catalog image entry name[@version]); then ``os`` is empty."""
+    workers: tuple[str, ...] = ()
+    """``[placement] workers``: the only peers that may run it (sorted; empty: any)."""
 
     @property
     def debian_packages(self) -> tuple[str, ...]:
@@ -261,7 +274,21 @@ class _Parser:
             quorum=quorum,
             base_dir=self.base_dir,
             image=image,
+            workers=self.placement(self.typed(raw, ("placement",), dict, {})),
         )
+
+    def placement(self, table: Mapping[str, Any]) -> tuple[str, ...]:
+        self.check_keys(table, _PLACEMENT_KEYS, ("placement",))
+        key = ("placement", "workers")
+        workers: list[Any] = self.typed(table, key, list, [])
+        if len(workers) > MAX_PLACEMENT_WORKERS:
+            raise self.fail(key, f"at most {MAX_PLACEMENT_WORKERS} workers")
+        for worker in workers:
+            if not isinstance(worker, str) or not PEER_ID_RE.fullmatch(worker):
+                raise self.fail(key, f"{str(worker)[:80]!r} is not a peer ID like 12D3KooW...")
+        if "workers" in table and not workers:
+            raise self.fail(key, "an empty list would let no worker run the task; leave it out")
+        return tuple(sorted(set(workers)))
 
     def image(self, raw: Mapping[str, Any]) -> str:
         if "image" not in raw:

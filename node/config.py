@@ -36,6 +36,8 @@ commented sample file)::
     [catalog]
     trusted_publishers = []          # Ed25519 public keys, 64 hex digits each; EXTENDS
     chunk_quota = "20GiB"            # disk the chunk store may fill
+    peer_quota = "4GiB"              # what one peer may make this node store (task files,
+                                     # results); past it, its requests are refused
     scrub_interval = "1d"            # how often every stored chunk is re-read and checked
                                      # (chunks are served unread: this notices rot); "0" = never
     scrub_rate = "16MiB/s"           # disk bytes/s a scrub may read; "0" = unlimited
@@ -60,6 +62,14 @@ commented sample file)::
     [scheduler]
     name = ""                        # the name this scheduler advertises
     lease_timeout = "30s"            # a lease with no heartbeat for this long expires
+    min_quorum = 1                   # every task needs at least this many agreeing workers
+    distinct_networks = true         # replicas of a task go to workers on different networks
+                                     # (as this scheduler sees their connections); false only
+                                     # for a lab where all workers share one address
+    ipv4_prefix = 24                 # workers in one IPv4 /24 are one network
+    ipv6_prefix = 48                 # workers in one IPv6 /48 are one network
+    trust_after = 10                 # agreements in a row before a worker's result may decide
+                                     # a task alone; 0 trusts every worker (a lab only)
 
 EXTENDS marks the two lists ``node.toml`` adds to instead of replacing.
 """
@@ -126,6 +136,7 @@ class NetworkConfig:
 class CatalogConfig:
     trusted_publishers: tuple[str, ...] = ()  # lowercase hex
     chunk_quota: int = 20 * GIB
+    peer_quota: int = 4 * GIB
     scrub_interval: float = 86400.0
     scrub_rate: int = 16 * MIB
 
@@ -164,6 +175,11 @@ _LIMIT_DEFAULTS = {limit.config_key: limit.config_default for limit in LIMITS}
 class SchedulerConfig:
     name: str = ""
     lease_timeout: float = 30.0
+    min_quorum: int = 1
+    distinct_networks: bool = True
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 48
+    trust_after: int = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,6 +247,7 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
     "catalog": {
         "trusted_publishers": k.list_of(k.PUBLIC_KEY, "Ed25519 public keys as 64 hex digits"),
         "chunk_quota": k.size(),
+        "peer_quota": k.size(),
         "scrub_interval": k.duration(zero_means="never"),
         "scrub_rate": k.rate(),
     },
@@ -246,6 +263,11 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
     "scheduler": {
         "name": k.text(),
         "lease_timeout": k.duration(),
+        "min_quorum": k.integer(1, 16),
+        "distinct_networks": k.boolean(),
+        "ipv4_prefix": k.integer(0, 32),
+        "ipv6_prefix": k.integer(0, 128),
+        "trust_after": k.integer(0, 1000),
     },
 }
 

@@ -93,6 +93,21 @@ class MessageStream:
     def __repr__(self) -> str:
         return f"<MessageStream {self.protocol_id} peer={self.peer_id}>"
 
+    def remote_address(self) -> tuple[str, int] | None:
+        """The (ip, port) this stream's connection comes from, as this end observes it (not what
+        the peer claims); None when the transport does not say. A relayed connection's is the
+        relay's."""
+        get = getattr(self._raw, "get_remote_address", None)
+        if get is None:
+            return None
+        try:
+            address = get()
+        except LIBP2P_IO_ERRORS:
+            return None
+        if not (isinstance(address, tuple) and len(address) >= 2 and isinstance(address[0], str)):
+            return None
+        return address[0], int(address[1])
+
     @contextmanager
     def _deadline(self, what: str) -> Iterator[None]:
         if math.isinf(self.deadline):

@@ -38,9 +38,16 @@ def check_report(worker: str, report: ResultReport, public_key: bytes) -> None:
 
 
 async def handle(
-    queue: Queue, worker: str, message: Request, *, public_key: bytes, verified: bool = False
+    queue: Queue,
+    worker: str,
+    message: Request,
+    *,
+    public_key: bytes,
+    verified: bool = False,
+    network: str | None = None,
 ) -> tuple[Answer, list[StopNotice]]:
-    """Serve one request from ``worker`` (whose Ed25519 key is ``public_key``).
+    """Serve one request from ``worker`` (whose Ed25519 key is ``public_key``, seen on
+    ``network``: :meth:`trust.Policy.network_of` of its connection's address).
 
     Returns the answer for this stream and the stop notices for any worker (the task this changed
     may be running elsewhere). :class:`RemoteProtocolError` for a result with a bad signature:
@@ -48,7 +55,7 @@ async def handle(
     (:func:`check_report`), so it is not again.
     """
     if isinstance(message, WorkRequest):
-        return await queue.lease(worker, message.offer), []
+        return await queue.lease(worker, message.offer, network=network), []
     if isinstance(message, Heartbeat):
         return await queue.heartbeat(worker, message), []
     if isinstance(message, ResultReport):

@@ -6,23 +6,33 @@ reaches the same verdict from the same rows. Rules, in order:
 
 1. A finished task (succeeded, failed, cancelled, done) keeps its verdict; every replica still
    pending is stopped.
-2. Results agree when their :func:`result_digest` (exit code, stdout hash, output archive ID) is
-   equal; each worker counts once. The first digest that ``quorum`` workers agree on wins, in the
-   order results arrived; every worker that reported something else is a dissenter.
+2. Results agree when their :func:`agreement_digest` (exit code, stdout and stderr hashes, the
+   output archive's ID) is equal; each worker and each network counts once. A digest wins once
+   ``quorum`` networks agree on it and one of them is a trusted worker or at least two networks
+   agree (a worker that has not earned trust never decides alone: :mod:`scheduler_role.trust`);
+   the first such digest wins, in the order results arrived; every worker that reported something
+   else is a dissenter.
 3. A deadline that has passed fails the task.
 4. A replica that has run ``max_runtime`` (as the queue counts it: from its VM's start, less one
    lease timeout of grace) is failed (``time_out``): the same command would run as long on
    another worker, so it is not retried.
 5. If even every pending replica agreeing with the largest group could not make a quorum, the task
    fails and says why (disagreement, or replicas that used up their attempts / timed out).
+6. If a quorum is within reach but only by results that need confirming from another network,
+   the judge asks for the replicas missing (``add``), up to :func:`trust.replica_cap`; past that
+   the task fails and says so.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+import blake3
+
+from catalog.dispatch import ResultReport
 from scheduler_role.lifecycle import (
     FINISHED_TASK_STATES,
     HOLDING,
@@ -32,6 +42,19 @@ from scheduler_role.lifecycle import (
     TaskState,
 )
 from scheduler_role.task import TaskSpec
+from scheduler_role.trust import replica_cap
+
+_AGREEMENT_CONTEXT = b"vmlend agreement v2\x00"
+_NO_ARCHIVE = bytes(32)
+
+
+def agreement_digest(report: ResultReport) -> bytes:
+    """What two results must share to agree: everything the owner receives (exit code, stdout,
+    stderr, the ``/out`` archive). Each part is a digest the worker signed, checked against the
+    bytes when the scheduler fetched them (the archive's blob ID verifies its bytes itself)."""
+    packed = struct.pack(">q", report.exit_code) + report.stdout_digest + report.stderr_digest
+    packed += report.archive_blob or _NO_ARCHIVE
+    return blake3.blake3(_AGREEMENT_CONTEXT + packed).digest()
 
 
 class Outcome(StrEnum):
@@ -48,6 +71,12 @@ class ResultView:
     replica: int
     worker: str
     digest: bytes
+    network: str = ""  # where the worker was seen from; "" counts it as its own network
+    trusted: bool = True  # whether its result may decide the task alone
+
+    @property
+    def where(self) -> str:
+        return self.network or f"peer:{self.worker}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +90,7 @@ class Judgement:
     dissenters: tuple[str, ...] = ()
     time_out: tuple[int, ...] = ()
     stop: tuple[int, ...] = ()
+    add: int = 0  # replicas to add: results that need confirming from another network
 
     @property
     def over(self) -> bool:
@@ -120,41 +150,81 @@ def judge(
         if r.state in HOLDING and held_for.get(r.index, 0.0) >= spec.limits.max_runtime
     )
     still = [i for i in pending if i not in time_out]
-    best = _largest_group(results)
+    counted = _counted(results)
+    best = _largest_group(counted)
     if best + len(still) >= spec.quorum:
-        return Judgement(Outcome.RUNNING, time_out=time_out)
-    why = _why_unreachable(spec, replicas, results, best, time_out)
+        missing = _confirmations_missing(counted, spec.quorum) - len(still)
+        if missing <= 0:
+            return Judgement(Outcome.RUNNING, time_out=time_out)
+        room = replica_cap(spec) - len(replicas)
+        if missing <= room:
+            return Judgement(Outcome.RUNNING, time_out=time_out, add=missing)
+        why = (
+            "a result from a worker not yet trusted needs an agreeing one from another network,"
+            f" and the task may not grow past {replica_cap(spec)} replicas"
+        )
+        return Judgement(
+            Outcome.FAILED, why, dissenters=dissenters, time_out=time_out, stop=tuple(still)
+        )
+    why = _why_unreachable(spec, replicas, counted, best, time_out)
     return Judgement(
         Outcome.FAILED, why, dissenters=dissenters, time_out=time_out, stop=tuple(still)
     )
+
+
+def _counted(results: Sequence[ResultView]) -> list[ResultView]:
+    """The results that vote, by arrival: one per worker and one per network."""
+    workers: set[str] = set()
+    networks: set[str] = set()
+    out: list[ResultView] = []
+    for result in results:
+        if result.worker in workers or result.where in networks:
+            continue  # a worker (or a network) counts once, whatever it sent for another replica
+        workers.add(result.worker)
+        networks.add(result.where)
+        out.append(result)
+    return out
+
+
+def _decides(group: Sequence[ResultView], quorum: int) -> bool:
+    return len(group) >= quorum and (len(group) >= 2 or any(r.trusted for r in group))
 
 
 def _agreement(
     results: Sequence[ResultView], quorum: int
 ) -> tuple[bytes | None, tuple[str, ...], tuple[str, ...]]:
     """(agreed digest, its workers, the workers who reported anything else), by arrival order."""
-    seen: set[str] = set()
-    groups: dict[bytes, list[str]] = {}
+    groups: dict[bytes, list[ResultView]] = {}
     agreed: bytes | None = None
-    for result in results:
-        if result.worker in seen:
-            continue  # a worker counts once, whatever it sent for another replica
-        seen.add(result.worker)
+    for result in _counted(results):
         group = groups.setdefault(result.digest, [])
-        group.append(result.worker)
-        if agreed is None and len(group) >= quorum:
+        group.append(result)
+        if agreed is None and _decides(group, quorum):
             agreed = result.digest
     if agreed is None:
         return None, (), ()
-    dissenters = tuple(sorted(w for d, ws in groups.items() if d != agreed for w in ws))
-    return agreed, tuple(groups[agreed]), dissenters
+    dissenters = tuple(sorted(r.worker for d, rs in groups.items() if d != agreed for r in rs))
+    return agreed, tuple(r.worker for r in groups[agreed]), dissenters
 
 
-def _largest_group(results: Sequence[ResultView]) -> int:
-    workers: dict[bytes, set[str]] = {}
-    for result in results:
-        workers.setdefault(result.digest, set()).add(result.worker)
-    return max((len(ws) for ws in workers.values()), default=0)
+def _largest_group(counted: Sequence[ResultView]) -> int:
+    sizes: dict[bytes, int] = {}
+    for result in counted:
+        sizes[result.digest] = sizes.get(result.digest, 0) + 1
+    return max(sizes.values(), default=0)
+
+
+def _confirmations_missing(counted: Sequence[ResultView], quorum: int) -> int:
+    """The fewest more results any digest needs to decide (a new one from a trusted worker
+    needs ``quorum``; one that only untrusted workers back needs at least two networks)."""
+    groups: dict[bytes, list[ResultView]] = {}
+    for result in counted:
+        groups.setdefault(result.digest, []).append(result)
+    needs = [quorum]
+    for group in groups.values():
+        required = quorum if any(r.trusted for r in group) else max(quorum, 2)
+        needs.append(required - len(group))
+    return min(needs)
 
 
 def _why_unreachable(

@@ -18,10 +18,11 @@ import secrets
 import time
 from pathlib import Path
 
+import blake3
 import trio
 
 from catalog.blob import BlobId
-from catalog.blob_fetch import ensure_blob, read_small
+from catalog.blob_fetch import discard_blob, fetch_for_peer, read_small
 from catalog.build.assemble import default_caps
 from catalog.errors import BlobTooLargeError, CatalogError, IncompleteBlobError, UnknownBlobError
 from catalog.owner_protocol import (
@@ -43,6 +44,7 @@ from catalog.owner_protocol import (
     TaskStatus,
     WaitRequest,
 )
+from catalog.peer_quota import PeerQuotaError
 from catalog.task_wire import archive_members
 from catalog.taskfile import TaskFile
 from node.errors import NetworkError, RemoteProtocolError
@@ -89,6 +91,7 @@ def spec_of(task: TaskFile, task_id: str, owner: str, now: float) -> TaskSpec:
         ),
         replicas=task.replicas,
         quorum=task.quorum,
+        workers=frozenset(task.workers),
     )
 
 
@@ -174,7 +177,7 @@ class OwnerApi:
             if request.files_blob is not None:
                 archive = staging.with_suffix(".tar")
                 await self._fetch_files(
-                    BlobId(request.files_blob), list(request.providers), archive
+                    owner, BlobId(request.files_blob), list(request.providers), archive
                 )
                 await trio.to_thread.run_sync(unpack_files, archive, staging / FILES_DIR, members)
             await trio.to_thread.run_sync(store_task, staging, task)
@@ -202,14 +205,25 @@ class OwnerApi:
         self.service.changed()
         return Submitted(task_id=spec.task_id, new=new)
 
-    async def _fetch_files(self, blob: BlobId, sources: list[str], into: Path) -> None:
+    async def _fetch_files(self, owner: str, blob: BlobId, sources: list[str], into: Path) -> None:
+        """The task's files archive, fetched within the owner's quota and exported to ``into``;
+        the blob is not kept (the task uses its directory), so a refused submit leaves none."""
         blobs = self.service.blobs
         try:
             # Its tar headers come on top of the files' own bytes: one block per member.
             limit = MAX_ARCHIVE_BYTES + MAX_ARCHIVE_MEMBERS * 1024
-            await ensure_blob(blobs, blob, sources=sources, timeout=FILES_TIMEOUT, max_size=limit)
-            await trio.Path(into.parent).mkdir(parents=True, exist_ok=True)
-            await blobs.blobs.export(blob, into)
+            await fetch_for_peer(
+                blobs, owner, blob, sources=sources, timeout=FILES_TIMEOUT, max_size=limit
+            )
+            try:
+                await trio.Path(into.parent).mkdir(parents=True, exist_ok=True)
+                await blobs.blobs.export(blob, into)
+            finally:
+                with trio.CancelScope(shield=True):
+                    if await blobs.peer_quota.release(owner, blob):
+                        await discard_blob(blobs, blob)
+        except PeerQuotaError as e:
+            raise RefusedError(e.code, str(e)) from None
         except BlobTooLargeError as e:
             raise RefusedError("invalid_task", f"the task's files: {e}") from None
         except (CatalogError, NetworkError) as e:
@@ -261,10 +275,19 @@ class OwnerApi:
         view = await self.status(task_id)
         if chosen is None:
             return TaskResults(status=view, stdout=b"", stderr=b"")
+        stdout = await self._read_blob(chosen.stdout_blob)
+        stderr = await self._read_blob(chosen.stderr_blob)
+        for name, data, digest in (
+            ("stdout", stdout, chosen.stdout_digest),
+            ("stderr", stderr, chosen.stderr_digest),
+        ):
+            # Exactly the bytes the quorum agreed on, or a refusal: never something else.
+            if blake3.blake3(data).digest() != digest:
+                raise RefusedError("results_unavailable", f"the agreed {name} is not here")
         return TaskResults(
             status=view,
-            stdout=await self._read_blob(chosen.stdout_blob),
-            stderr=await self._read_blob(chosen.stderr_blob),
+            stdout=stdout,
+            stderr=stderr,
             archive_blob=chosen.archive_blob,
             providers=tuple(self.service.p2p.addrs[:16]),
         )
@@ -290,14 +313,16 @@ class OwnerApi:
         buffer = self.service.log_buffer(task_id)
         cursor = LogCursor(buffer.source)
         while True:
+            changed = buffer.changed  # a frame taken while we send wakes the next wait
+            # The status first: what the worker sent before its result is then in the buffer.
+            status = await self.queue.status(task_id)
             pieces, cursor = buffer.read(cursor)  # a new attempt starts over
             for kind, data in pieces:
                 await stream.send(REPLIES.encode(LogData(stream=kind, data=data)))
-            status = await self.queue.status(task_id)
             if not request.follow or status.state in FINISHED_TASK_STATES:
                 break
             with trio.move_on_after(1.0):
-                await buffer.changed.wait()
+                await changed.wait()
         if not cursor.read_any and status.state in FINISHED_TASK_STATES:
             # Nothing live (e.g. we restarted): the agreed result's output stands in.
             chosen = _chosen(status, await self.queue.results(task_id))
@@ -310,11 +335,11 @@ class OwnerApi:
 
 
 def _chosen(status: QueueStatus, results: list[StoredResult]) -> StoredResult | None:
-    """The result to show: one of the agreed ones, else the latest."""
-    for r in results:
-        if status.agreed is not None and r.digest == status.agreed:
-            return r
-    return results[-1] if results else None
+    """The result to show: the first agreed one. Without an agreement there is none: a result
+    nobody confirmed (perhaps a forged one) is never handed to the owner as the answer."""
+    if status.agreed is None:
+        return None
+    return next((r for r in results if r.digest == status.agreed), None)
 
 
 __all__ = ["OwnerApi", "spec_of"]

@@ -52,6 +52,8 @@ from scheduler_role.lifecycle import (
     task_step,
 )
 from scheduler_role.queue_ops import StopNotice
+from scheduler_role.trust import Conduct, Policy, WorkerRecord
+from scheduler_role.worker_records import all_records, load_record, seen_at
 
 __all__ = ["Clock", "Queue", "SeenOffer", "StopNotice", "StoredResult", "TaskStatus", "TrioClock"]
 from catalog.dispatch import LeaseKey
@@ -132,8 +134,10 @@ class Queue:
         lease_timeout: float,
         retry_after: float,
         max_leases_per_worker: int,
+        policy: Policy,
     ) -> None:
         self._db = db
+        self.policy = policy
         self._commits = GroupCommit(db)
         self._clock = clock
         self.lease_timeout = lease_timeout
@@ -154,8 +158,11 @@ class Queue:
         lease_timeout: float = 30.0,
         retry_after: float = 5.0,
         max_leases_per_worker: int = 64,
+        policy: Policy | None = None,
     ) -> AsyncIterator[Queue]:
-        """Open (creating) the queue in ``path`` (``<data>/scheduler.db``)."""
+        """Open (creating) the queue in ``path`` (``<data>/scheduler.db``), placing and judging
+        by ``policy`` (the default: distinct networks and earned trust, see
+        :mod:`scheduler_role.trust`)."""
         async with Database.open(path, schema.MIGRATIONS) as db, trio.open_nursery() as nursery:
             queue = cls(
                 db,
@@ -163,6 +170,7 @@ class Queue:
                 lease_timeout=lease_timeout,
                 retry_after=retry_after,
                 max_leases_per_worker=max_leases_per_worker,
+                policy=policy or Policy(),
             )
             await queue._restore()
             await nursery.start(queue._commits.run)
@@ -189,8 +197,10 @@ class Queue:
     async def submit(self, spec: TaskSpec) -> bool:
         """Accept ``spec``; True if new, False if this exact task was already accepted.
 
-        :class:`TaskConflictError` if the ID is taken by a different task.
+        :class:`TaskConflictError` if the ID is taken by a different task. The scheduler's
+        ``min_quorum`` raises the task's quorum (and replicas) first.
         """
+        spec = self.policy.apply(spec)
         wall = self._clock.wall()
 
         def op(conn: sqlite3.Connection) -> bool:
@@ -314,12 +324,18 @@ class Queue:
 
     # --- worker side -----------------------------------------------------------------------------
 
-    async def lease(self, worker: str, offer: Offer) -> LeaseGrant | NoWork:
+    async def lease(
+        self, worker: str, offer: Offer, *, network: str | None = None
+    ) -> LeaseGrant | NoWork:
         """Lease one queued replica that fits ``offer`` to ``worker``, preferring held images.
 
-        A worker never gets two replicas of one task, nor a replica of a task it has reported
-        for: each replica must be an independent witness for the quorum.
+        ``network``: where the scheduler saw ``worker`` connect from
+        (:meth:`trust.Policy.network_of`; None: the worker is a network of its own). Neither a
+        worker nor its network ever gets two replicas of one task, nor a replica of a task it has
+        reported for: each replica must be an independent witness for the quorum. A worker that
+        has not earned trust holds at most ``policy.untrusted_max_leases`` leases.
         """
+        where = network if network is not None else f"peer:{worker}"
         now = self._clock.monotonic()
         self.offers[worker] = SeenOffer(offer, now)
         wall = self._clock.wall()
@@ -328,14 +344,22 @@ class Queue:
             # The offer is the worker's word; this bounds what one worker can hoard by lying.
             return NoWork(retry_after=self.retry_after, reason=f"already holds {held} leases")
 
-        def op(conn: sqlite3.Connection) -> LeaseGrant | None:
-            found = ops.find_candidate(conn, worker, offer, wall)
+        def op(conn: sqlite3.Connection) -> LeaseGrant | NoWork | None:
+            limit = self.policy.max_leases(load_record(conn, worker), self.max_leases_per_worker)
+            if held >= limit:
+                reason = f"holds {held} leases, as many as a worker not yet trusted may"
+                return NoWork(retry_after=self.retry_after, reason=reason)
+            found = ops.find_candidate(conn, worker, where, offer, wall)
             if found is None:
                 return None
             seq, idx, spec = found
             replicas = schema.load_replicas(conn, seq)
             leased = replica_step(replicas[idx], ReplicaEvent.LEASE, worker=worker)
             schema.save_replica(conn, seq, leased, wall)
+            conn.execute(
+                "UPDATE replicas SET network = ? WHERE task_seq = ? AND idx = ?", (where, seq, idx)
+            )
+            seen_at(conn, worker, where, wall)
             assert spec.image_id is not None  # only active tasks are candidates
             return LeaseGrant(
                 lease=LeaseKey(spec.task_id, idx, leased.attempts),
@@ -345,12 +369,14 @@ class Queue:
                 max_runtime=spec.limits.max_runtime,
             )
 
-        def after(grant: LeaseGrant | None) -> None:
-            if grant is not None:
+        def after(grant: LeaseGrant | NoWork | None) -> None:
+            if isinstance(grant, LeaseGrant):
                 deadline = now + self.lease_timeout
                 self._hold(grant.lease, _Held(worker, deadline, now, grant.max_runtime))
 
         grant = await self._commits.write(op, after)
+        if isinstance(grant, NoWork):
+            return grant
         if grant is None:
             return NoWork(retry_after=self.retry_after, reason="no queued task fits this offer")
         return grant
@@ -386,7 +412,7 @@ class Queue:
         held_for = self._held_for()
 
         def op(conn: sqlite3.Connection) -> tuple[ResultStatus, list[StopNotice]]:
-            return ops.record_result(conn, worker, report, wall, held_for)
+            return ops.record_result(conn, worker, report, wall, held_for, self.policy)
 
         def after(outcome: tuple[ResultStatus, list[StopNotice]]) -> None:
             if outcome[0] is ResultStatus.RECORDED:
@@ -399,7 +425,7 @@ class Queue:
     async def lost(self, worker: str, leases: Iterable[LeaseKey]) -> list[StopNotice]:
         """The worker lost these leases (crashed): expire them now instead of at their deadline."""
         mine = [k for k in leases if (h := self._held.get(k)) is not None and h.worker == worker]
-        return await self._expire(mine, "worker lost the lease")
+        return await self._expire(mine, (Conduct.LOST, "worker lost the lease"))
 
     async def serve_ticks(
         self,
@@ -438,10 +464,15 @@ class Queue:
             (wall,),
         )
         overdue = {r[0] for r in rows} | long_runs
-        return await self._expire(due, "no heartbeat before the lease expired", overdue)
+        return await self._expire(
+            due, (Conduct.EXPIRED, "no heartbeat before the lease expired"), overdue
+        )
 
     async def _expire(
-        self, leases: list[LeaseKey], reason: str, also_judge: Iterable[str] = ()
+        self,
+        leases: list[LeaseKey],
+        conduct: tuple[Conduct, str],
+        also_judge: Iterable[str] = (),
     ) -> list[StopNotice]:
         # A lease may have been reported or stopped while the caller awaited: skip those.
         workers = {k: h.worker for k in leases if (h := self._held.get(k)) is not None}
@@ -453,7 +484,7 @@ class Queue:
         held_for = self._held_for()
 
         def op(conn: sqlite3.Connection) -> list[StopNotice]:
-            return ops.expire_leases(conn, tasks, workers, reason, wall, held_for)
+            return ops.expire_leases(conn, tasks, workers, conduct, wall, held_for, self.policy)
 
         def after(stops: list[StopNotice]) -> None:
             for key in leases:
@@ -468,6 +499,13 @@ class Queue:
         """The worker holding ``lease`` now (None: nobody; lapsed, re-leased or never granted)."""
         held = self._held.get(lease)
         return None if held is None else held.worker
+
+    async def workers(self) -> dict[str, tuple[WorkerRecord, str | None]]:
+        """Every worker's record here, and the network it last leased from."""
+        return await self._db.transaction(all_records)
+
+    async def record_of(self, worker: str) -> WorkerRecord:
+        return await self._db.transaction(lambda conn: load_record(conn, worker))
 
     def held_by(self) -> dict[str, int]:
         """Leases held per worker right now (for :mod:`explain`)."""

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from catalog.caps import NetworkMode
 from catalog.dispatch import LeaseKey, Offer, ResultReport, ResultStatus
 from scheduler_role import schema
-from scheduler_role.end_conditions import Judgement, Outcome, ResultView, judge
+from scheduler_role.end_conditions import (
+    Judgement,
+    Outcome,
+    ResultView,
+    agreement_digest,
+    judge,
+)
 from scheduler_role.errors import UnknownTaskError
 from scheduler_role.lifecycle import (
     HOLDING,
@@ -29,6 +35,8 @@ from scheduler_role.lifecycle import (
 )
 from scheduler_role.matching import offer_fits
 from scheduler_role.task import TaskSpec
+from scheduler_role.trust import Conduct, Policy
+from scheduler_role.worker_records import load_record, note
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +75,12 @@ def mark_running(conn: sqlite3.Connection, leases: list[LeaseKey], wall: float) 
 
 
 def find_candidate(
-    conn: sqlite3.Connection, worker: str, offer: Offer, wall: float
+    conn: sqlite3.Connection, worker: str, network: str, offer: Offer, wall: float
 ) -> tuple[int, int, TaskSpec] | None:
     """The first queued replica (held images first, then submission order) that fits ``offer``,
-    of a task ``worker`` has no replica or result of, whose deadline has not passed."""
+    of a task that neither ``worker`` nor another worker on its ``network`` holds or reported
+    for, that its network is not barred from, that allows ``worker``, whose deadline has not
+    passed."""
     room = offer.room
     # Driven by the open tasks (a partial index, in submission order), so a lease costs the same
     # with ten thousand tasks already leased as with none.
@@ -78,11 +88,15 @@ def find_candidate(
         "t.state = 'active' AND t.open = 1 AND r.state = 'queued' AND t.vcpus <= ?"
         " AND t.memory_mib <= ? AND t.disk_mib <= ? AND t.network <= ?"
         " AND (t.deadline IS NULL OR t.deadline > ?)"
-        " AND NOT EXISTS (SELECT 1 FROM replicas o WHERE o.task_seq = r.task_seq AND o.worker = ?)"
-        " AND NOT EXISTS (SELECT 1 FROM results s WHERE s.task_seq = r.task_seq AND s.worker = ?)"
+        " AND NOT EXISTS (SELECT 1 FROM replicas o WHERE o.task_seq = r.task_seq"
+        "  AND (o.worker = ? OR o.network = ?))"
+        " AND NOT EXISTS (SELECT 1 FROM results s WHERE s.task_seq = r.task_seq"
+        "  AND (s.worker = ? OR COALESCE(s.network, 'peer:' || s.worker) = ?))"
+        " AND NOT EXISTS (SELECT 1 FROM strikes k WHERE k.task_seq = r.task_seq AND k.network = ?)"
     )
     network_ok = int(room.network is NetworkMode.PROXY)
-    params = (room.vcpus, room.memory_mib, room.disk_mib, network_ok, wall, worker, worker)
+    params = (room.vcpus, room.memory_mib, room.disk_mib, network_ok, wall,
+              worker, network, worker, network, network)  # fmt: skip
     images = sorted(i.hex() for i in offer.images)
     queries: list[tuple[str, tuple[object, ...]]] = []
     if images:
@@ -99,6 +113,8 @@ def find_candidate(
         try:
             for row in cursor:
                 spec = schema.spec_from_row(row)
+                if spec.workers and worker not in spec.workers:
+                    continue
                 if offer_fits(offer, spec.caps):
                     return row[0], row[-1], spec
         finally:
@@ -121,9 +137,11 @@ def judge_and_apply(
     verdict = Outcome(row[11]) if row[11] is not None else Outcome.FAILED
     replicas = schema.load_replicas(conn, seq)
     results = [
-        ResultView(idx, worker, digest)
-        for idx, worker, digest in conn.execute(
-            "SELECT idx, worker, digest FROM results WHERE task_seq = ? ORDER BY arrival", (seq,)
+        ResultView(idx, worker, digest, network or "", bool(trusted))
+        for idx, worker, digest, network, trusted in conn.execute(
+            "SELECT idx, worker, digest, network, trusted FROM results WHERE task_seq = ?"
+            " ORDER BY arrival",
+            (seq,),
         )
     ]
     mine = {idx: t for (task_id, idx), t in held_for.items() if task_id == spec.task_id}
@@ -144,6 +162,12 @@ def _apply(
     wall: float,
 ) -> list[StopNotice]:
     stops: list[StopNotice] = []
+    if judgement.add:
+        conn.executemany(
+            "INSERT INTO replicas (task_seq, idx, state) VALUES (?, ?, ?)",
+            [(seq, len(replicas) + i, ReplicaState.QUEUED.value) for i in range(judgement.add)],
+        )
+        conn.execute("UPDATE tasks SET open = 1 WHERE seq = ?", (seq,))
     for idx in judgement.time_out:
         replica = replicas[idx]
         lease = LeaseKey(spec.task_id, idx, replica.attempts)
@@ -162,6 +186,12 @@ def _apply(
             stops.append(StopNotice(replica.worker, lease, f"task over: {why}"))
         schema.save_replica(conn, seq, replica_step(replica, ReplicaEvent.STOP), None)
     if state in LIVE_TASK_STATES:
+        if judgement.outcome is Outcome.SUCCEEDED:
+            # Only a decided task says who was right: each worker's record learns it once.
+            for worker in judgement.agreeing:
+                note(conn, worker, Conduct.AGREED, wall)
+            for worker in judgement.dissenters:
+                note(conn, worker, Conduct.DISAGREED, wall)
         event = TaskEvent.SUCCEED if judgement.outcome is Outcome.SUCCEEDED else TaskEvent.FAIL
         conn.execute(
             "UPDATE tasks SET state = ?, verdict = ?, reason = ?, agreed = ?, finished_at = ?"
@@ -178,11 +208,14 @@ def record_result(
     report: ResultReport,
     wall: float,
     held_for: dict[tuple[str, int], float],
+    policy: Policy,
 ) -> tuple[ResultStatus, list[StopNotice]]:
-    """Store ``report`` if ``worker`` holds its lease now, then judge (once per replica, worker)."""
+    """Store ``report`` if ``worker`` holds its lease now, then judge (once per replica, worker).
+
+    The result keeps the network its lease was taken from and whether ``worker`` was trusted
+    (by its record, or by the task's own allow-list) when it reported."""
     lease = report.lease
-    row = conn.execute("SELECT seq FROM tasks WHERE task_id = ?", (lease.task_id,))
-    found = row.fetchone()
+    found = conn.execute("SELECT seq FROM tasks WHERE task_id = ?", (lease.task_id,)).fetchone()
     if found is None:
         return ResultStatus.STALE, []
     seq = found[0]
@@ -198,36 +231,61 @@ def record_result(
     replica = replicas[lease.replica]
     if not holds(replica, worker, lease.attempt):
         return ResultStatus.STALE, []
+    network = replica_network(conn, seq, lease.replica)
+    spec = schema.spec_from_row(
+        conn.execute(f"SELECT {schema.TASK_COLUMNS} FROM tasks WHERE seq = ?", (seq,)).fetchone()
+    )
+    trusted = worker in spec.workers or policy.trusted(load_record(conn, worker))
     schema.save_replica(conn, seq, replica_step(replica, ReplicaEvent.REPORT), None)
     conn.execute(
         "INSERT INTO results (task_seq, idx, worker, attempt, exit_code, stdout_digest,"
         " stderr_digest, stdout_blob, stderr_blob, archive_blob, signature, digest,"
-        " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " received_at, network, trusted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (seq, lease.replica, worker, lease.attempt, report.exit_code,
          report.stdout_digest, report.stderr_digest, report.stdout_blob,
-         report.stderr_blob, report.archive_blob, report.signature, report.digest, wall),
+         report.stderr_blob, report.archive_blob, report.signature, agreement_digest(report),
+         wall, network, int(trusted)),
     )  # fmt: skip
     return ResultStatus.RECORDED, judge_and_apply(conn, seq, wall, held_for)
+
+
+def replica_network(conn: sqlite3.Connection, seq: int, idx: int) -> str | None:
+    row = conn.execute(
+        "SELECT network FROM replicas WHERE task_seq = ? AND idx = ?", (seq, idx)
+    ).fetchone()
+    return None if row is None else row[0]
 
 
 def expire_leases(
     conn: sqlite3.Connection,
     tasks: set[str],
     workers: dict[LeaseKey, str],
-    reason: str,
+    conduct: tuple[Conduct, str],
     wall: float,
     held_for: dict[tuple[str, int], float],
+    policy: Policy,
 ) -> list[StopNotice]:
     """Expire each lease in ``workers`` still held by that worker (re-queue or give up), then
-    judge every task in ``tasks``."""
+    judge every task in ``tasks``. ``conduct`` is what the worker did (lost or let expire) and
+    why; it goes on the worker's record, and the network of an untrusted worker is barred from
+    that task (so identities on one network cannot take turns until its attempts run out)."""
     leases = list(workers)
+    what, reason = conduct
     stops: list[StopNotice] = []
     for task_id in sorted(tasks):
         seq, spec, _, _, _ = load_task(conn, task_id)
         replicas = schema.load_replicas(conn, seq)
         for key in (k for k in leases if k.task_id == task_id):
             replica = replicas[key.replica]
-            if holds(replica, workers[key], key.attempt):
+            worker = workers[key]
+            if holds(replica, worker, key.attempt):
+                network = replica_network(conn, seq, key.replica)
+                if network is not None and not policy.trusted(load_record(conn, worker)):
+                    conn.execute(
+                        "INSERT OR IGNORE INTO strikes (task_seq, network) VALUES (?, ?)",
+                        (seq, network),
+                    )
+                note(conn, worker, what, wall)
                 after = expire(replica, max_attempts=spec.limits.max_attempts, reason=reason)
                 schema.save_replica(conn, seq, after, None)
         stops += judge_and_apply(conn, seq, wall, held_for)

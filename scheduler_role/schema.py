@@ -79,11 +79,36 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX results_by_worker ON results (task_seq, worker);
     """,
+    # Placement and trust (scheduler_role.trust): the network each lease and result came from,
+    # whether the result's worker was trusted when it reported, a task's allow-list of workers,
+    # the networks barred from a task, and every worker's record.
+    """
+    ALTER TABLE replicas ADD COLUMN network TEXT;
+    ALTER TABLE results ADD COLUMN network TEXT;
+    ALTER TABLE results ADD COLUMN trusted INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tasks ADD COLUMN workers TEXT NOT NULL DEFAULT '[]';
+    CREATE INDEX replicas_by_network ON replicas (network) WHERE network IS NOT NULL;
+    CREATE TABLE strikes (
+        task_seq INTEGER NOT NULL REFERENCES tasks (seq),
+        network TEXT NOT NULL,
+        PRIMARY KEY (task_seq, network)
+    ) WITHOUT ROWID;
+    CREATE TABLE workers (
+        peer_id TEXT PRIMARY KEY,
+        agreed INTEGER NOT NULL DEFAULT 0,
+        disagreed INTEGER NOT NULL DEFAULT 0,
+        lost INTEGER NOT NULL DEFAULT 0,
+        expired INTEGER NOT NULL DEFAULT 0,
+        streak INTEGER NOT NULL DEFAULT 0,
+        network TEXT,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 TASK_COLUMNS = (
     "seq, task_id, owner, image_id, caps, max_runtime, deadline, max_attempts, replicas, quorum,"
-    " state, verdict, reason, agreed"
+    " state, verdict, reason, agreed, workers"
 )
 
 
@@ -103,6 +128,7 @@ def spec_values(spec: TaskSpec) -> dict[str, Any]:
         "max_attempts": spec.limits.max_attempts,
         "replicas": spec.replicas,
         "quorum": spec.quorum,
+        "workers": json.dumps(sorted(spec.workers)),
     }
 
 
@@ -123,6 +149,7 @@ def spec_from_row(row: sqlite3.Row | tuple[Any, ...]) -> TaskSpec:
         limits=Limits(max_runtime=max_runtime, deadline=deadline, max_attempts=attempts),
         replicas=replicas,
         quorum=quorum,
+        workers=frozenset(json.loads(row[14])),
     )
 
 
@@ -137,10 +164,10 @@ def load_replicas(conn: sqlite3.Connection, seq: int) -> list[Replica]:
 
 def save_replica(conn: sqlite3.Connection, seq: int, replica: Replica, since: float | None) -> None:
     conn.execute(
-        "UPDATE replicas SET state = ?, worker = ?, attempts = ?, reason = ?, since = ?"
-        " WHERE task_seq = ? AND idx = ?",
-        (replica.state.value, replica.worker, replica.attempts, replica.reason, since, seq,
-         replica.index),
+        "UPDATE replicas SET state = ?, worker = ?, attempts = ?, reason = ?, since = ?,"
+        " network = CASE WHEN worker IS ? THEN network END WHERE task_seq = ? AND idx = ?",
+        (replica.state.value, replica.worker, replica.attempts, replica.reason, since,
+         replica.worker, seq, replica.index),
     )  # fmt: skip
     conn.execute(
         "UPDATE tasks SET open = EXISTS (SELECT 1 FROM replicas WHERE task_seq = ? AND state = ?)"

@@ -27,7 +27,7 @@ import blake3
 import trio
 
 from catalog.blob import BlobId
-from catalog.blob_fetch import ensure_blob, read_small
+from catalog.blob_fetch import discard_blob, fetch_for_peer, read_small
 from catalog.blob_service import BlobService
 from catalog.build.assemble import Assembler
 from catalog.build.cache import BuildCache
@@ -40,7 +40,9 @@ from catalog.dispatch import (
     MAX_RESULT_OUTPUT,
     PROTOCOL_ID,
     WIRE_LIMITS,
+    ResultAck,
     ResultReport,
+    ResultStatus,
     decode_request,
     encode_answer,
     encode_stop,
@@ -50,6 +52,7 @@ from catalog.library import Library
 from catalog.manifest import ImageManifest
 from catalog.owner_protocol import PROTOCOL_ID as TASKS_PROTOCOL_ID
 from catalog.owner_protocol import WIRE_LIMITS as TASKS_WIRE_LIMITS
+from catalog.peer_quota import PeerQuotaError
 from catalog.taskfile import TaskFile
 from node import dht_records
 from node.contained import contained
@@ -63,12 +66,20 @@ from scheduler_role.live_logs import LogBuffer
 from scheduler_role.queue import Queue, StopNotice
 from scheduler_role.ready_image import ready_manifest
 from scheduler_role.task_store import load_task
+from scheduler_role.trust import Policy
 
 log = logging.getLogger("vmlend.scheduler.service")
 
 MAX_LOG_TASKS = 64  # live logs kept at once: with MAX_LOG_BYTES each, 64 MiB at most
 FETCH_TIMEOUT = 60.0
 TASKS_DIR = "tasks"
+
+
+def _result_blobs(report: ResultReport) -> list[BlobId]:
+    blobs = [report.stdout_blob, report.stderr_blob]
+    if report.archive_blob is not None:
+        blobs.append(report.archive_blob)
+    return [BlobId(blob) for blob in dict.fromkeys(blobs)]
 
 
 def public_key_of(peer_id: str) -> bytes:
@@ -92,8 +103,10 @@ class SchedulerService:
         lease_timeout: float = 30.0,
         build_cache: Path | None = None,
         library: Library | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.p2p = p2p
+        self._policy = policy or Policy()
         self.blobs = blobs
         self.data_dir = data_dir
         self._boot = boot
@@ -113,7 +126,10 @@ class SchedulerService:
         await trio.Path(self.data_dir / TASKS_DIR).mkdir(parents=True, exist_ok=True)
         async with (
             Queue.open(
-                self.data_dir / "scheduler.db", lease_timeout=self._lease_timeout, retry_after=1.0
+                self.data_dir / "scheduler.db",
+                lease_timeout=self._lease_timeout,
+                retry_after=1.0,
+                policy=self._policy,
             ) as queue,
             trio.open_nursery() as nursery,
         ):
@@ -210,6 +226,8 @@ class SchedulerService:
     async def _serve_dispatch(self, stream: MessageStream) -> None:
         worker = stream.peer_id
         key = public_key_of(worker)
+        # Where the connection comes from as we see it: what placement counts, not a peer ID.
+        network = self._policy.network_of(worker, stream.remote_address())
         # The worker speaks at least every lease_timeout / 3 (heartbeats) or retry_after.
         stream.deadline = max(60.0, 4 * self._lease_timeout)
         self._workers[worker] = stream
@@ -224,8 +242,10 @@ class SchedulerService:
                     if self.queue.holder(message.lease) == worker:
                         await self._fetch_result(worker, message)
                 answer, stops = await dispatch.handle(
-                    self.queue, worker, message, public_key=key, verified=True
+                    self.queue, worker, message, public_key=key, verified=True, network=network
                 )
+                if isinstance(message, ResultReport):
+                    await self._settle_result(worker, message, answer)
                 await stream.send(encode_answer(request_id, answer))
                 await self.push_stops(stops)
                 self.changed()
@@ -245,9 +265,12 @@ class SchedulerService:
         try:
             for blob, limit in blobs:
                 left = max(0.0, deadline - trio.current_time())
-                await ensure_blob(
-                    self.blobs, BlobId(blob), sources=addrs, timeout=left, max_size=limit
-                )
+                # Charged to the worker until the result counts (then to the task's owner) or
+                # is refused (then removed): see _settle_result.
+                await fetch_for_peer(
+                    self.blobs, worker, BlobId(blob), sources=addrs, timeout=left,
+                    max_size=limit, task=report.lease.task_id, keep_partial=True,
+                )  # fmt: skip
             for name, blob, digest in (
                 ("stdout", report.stdout_blob, report.stdout_digest),
                 ("stderr", report.stderr_blob, report.stderr_digest),
@@ -256,10 +279,29 @@ class SchedulerService:
                 if blake3.blake3(data).digest() != digest:
                     # The digests are what agreement compares; the owner gets these bytes.
                     raise RemoteProtocolError(f"{report.lease}: its {name} is not what it signed")
-        except BlobTooLargeError as e:
+        except (BlobTooLargeError, PeerQuotaError, RemoteProtocolError) as e:
+            with trio.CancelScope(shield=True):
+                await self._release_result(worker, report)
+            if isinstance(e, RemoteProtocolError):
+                raise
             raise RemoteProtocolError(f"{report.lease}: {e}") from None
         except CatalogError as e:  # not here yet: the worker delivers the report again
             raise StreamBrokenError(f"result blobs of {report.lease}: {e}") from None
+
+    async def _settle_result(self, worker: str, report: ResultReport, answer: object) -> None:
+        """A counted result's blobs are charged to the task's owner from now on; those of a
+        result that does not count are released, and removed if its word brought them."""
+        if isinstance(answer, ResultAck) and answer.status is ResultStatus.RECORDED:
+            owner = (await self.queue.status(report.lease.task_id)).spec.owner
+            for blob in _result_blobs(report):
+                await self.blobs.peer_quota.transfer(blob, worker, owner, task=report.lease.task_id)
+        else:
+            await self._release_result(worker, report)
+
+    async def _release_result(self, worker: str, report: ResultReport) -> None:
+        for blob in _result_blobs(report):
+            if await self.blobs.peer_quota.release(worker, blob):
+                await discard_blob(self.blobs, blob)
 
     # ---- logs ----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from scheduler_role.errors import InvalidTaskError
 
 MAX_ATTEMPTS = 100
 IMAGE_ID_SIZE = 32
+MAX_ALLOWED_WORKERS = 64
 
 
 def check_id(kind: str, value: object) -> str:
@@ -55,6 +56,8 @@ class TaskSpec:
 
     ``image_id`` is ``None`` while the scheduler still has to assemble the image. Each of the
     ``replicas`` runs on a different worker; the task succeeds once ``quorum`` of them agree.
+    ``workers``: the only peers that may run it (empty: any); the owner vouches for them, so
+    their results count as trusted.
     """
 
     task_id: str
@@ -64,6 +67,7 @@ class TaskSpec:
     limits: Limits = field(default_factory=Limits)
     replicas: int = 1
     quorum: int = 1
+    workers: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         check_id("task_id", self.task_id)
@@ -78,3 +82,7 @@ class TaskSpec:
             raise InvalidTaskError(
                 f"quorum must be in [1, replicas={self.replicas}], got {self.quorum}"
             )
+        if not isinstance(self.workers, frozenset) or len(self.workers) > MAX_ALLOWED_WORKERS:
+            raise InvalidTaskError(f"workers must be a set of at most {MAX_ALLOWED_WORKERS}")
+        for worker in self.workers:
+            check_id("a worker", worker)

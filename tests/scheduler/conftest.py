@@ -11,6 +11,7 @@ from catalog.caps import Caps, NetworkMode
 from catalog.dispatch import LeaseKey, Offer, ResultReport
 from scheduler_role.queue import Queue
 from scheduler_role.task import Limits, TaskSpec
+from scheduler_role.trust import LAB
 
 BASE_WALL = 1_800_000_000.0
 
@@ -94,5 +95,5 @@ def report(lease: LeaseKey, *, stdout: str = "ok", exit_code: int = 0) -> Result
 
 @pytest.fixture
 async def queue(tmp_path: Path) -> AsyncIterator[Queue]:
-    async with Queue.open(tmp_path / "scheduler.db", clock=VirtualClock()) as q:
+    async with Queue.open(tmp_path / "scheduler.db", clock=VirtualClock(), policy=LAB) as q:
         yield q

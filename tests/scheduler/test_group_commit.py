@@ -15,6 +15,7 @@ from node.errors import StoreError
 from node.identity import Identity
 from scheduler_role.errors import UnknownTaskError
 from scheduler_role.queue import Queue
+from scheduler_role.trust import LAB
 from tests.scheduler.conftest import VirtualClock, offer, report, spec
 
 
@@ -58,7 +59,7 @@ async def test_a_lease_granted_to_a_cancelled_caller_expires(
 
 
 async def test_closed_queue_refuses_writes(tmp_path: Path) -> None:
-    async with Queue.open(tmp_path / "s.db", clock=VirtualClock()) as q:
+    async with Queue.open(tmp_path / "s.db", clock=VirtualClock(), policy=LAB) as q:
         pass
     with pytest.raises(StoreError, match="closed"):
         await q.submit(spec("a"))
@@ -66,7 +67,7 @@ async def test_closed_queue_refuses_writes(tmp_path: Path) -> None:
 
 async def test_running_heartbeat_is_persisted(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
-    async with Queue.open(path, clock=VirtualClock()) as q:
+    async with Queue.open(path, clock=VirtualClock(), policy=LAB) as q:
         await q.submit(spec("a"))
         got = await q.lease("w1", offer())
         assert isinstance(got, LeaseGrant)

@@ -14,6 +14,7 @@ from scheduler_role.end_conditions import Outcome
 from scheduler_role.errors import InvalidTransition, TaskConflictError, UnknownTaskError
 from scheduler_role.lifecycle import ReplicaState, TaskState
 from scheduler_role.queue import Queue, StopNotice
+from scheduler_role.trust import LAB
 from tests.scheduler.conftest import VirtualClock, image, offer, report, spec
 
 
@@ -202,12 +203,12 @@ async def test_restart_keeps_tasks_leases_and_results(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     path = tmp_path / "scheduler.db"
-    async with Queue.open(path, clock=VirtualClock()) as q:
+    async with Queue.open(path, clock=VirtualClock(), policy=LAB) as q:
         await q.submit(spec("a", replicas=2, quorum=2))
         await q.submit(spec("b"))
         g1, g2 = await grant(q, "w1"), await grant(q, "w2")
         await q.report("w1", report(g1.lease))
-    async with Queue.open(path, clock=VirtualClock()) as q:
+    async with Queue.open(path, clock=VirtualClock(), policy=LAB) as q:
         assert not await q.submit(spec("a", replicas=2, quorum=2))
         # The held lease survived and gets a fresh timeout to be heartbeated again.
         assert (await q.heartbeat("w2", Heartbeat(leases=(g2.lease,)))).stop == ()
@@ -215,7 +216,7 @@ async def test_restart_keeps_tasks_leases_and_results(
         await q.report("w2", report(g2.lease))
         assert (await q.status("a")).state is TaskState.SUCCEEDED
         assert (await grant(q, "w3")).lease.task_id == "b"
-    async with Queue.open(path, clock=VirtualClock()) as q:
+    async with Queue.open(path, clock=VirtualClock(), policy=LAB) as q:
         assert len(await q.results("a")) == 2
         assert (await q.status("b")).replicas[0].state is ReplicaState.LEASED
         # w3 never heartbeats after the restart: its lease lapses like any other.
@@ -253,7 +254,7 @@ async def test_serve_ticks_pushes_stop_notices(
 
 
 async def test_concurrent_leasing_never_double_leases(tmp_path: Path) -> None:
-    async with Queue.open(tmp_path / "scheduler.db", clock=VirtualClock()) as q:
+    async with Queue.open(tmp_path / "scheduler.db", clock=VirtualClock(), policy=LAB) as q:
         for n in range(40):
             await q.submit(spec(f"t{n}", replicas=3, quorum=2))
         granted: list[tuple[str, LeaseKey]] = []
@@ -282,7 +283,9 @@ async def test_submit_refuses_a_different_task_under_a_used_id(queue: Queue) -> 
 
 
 async def test_a_worker_cannot_hoard_leases(tmp_path: Path) -> None:
-    async with Queue.open(tmp_path / "s.db", clock=VirtualClock(), max_leases_per_worker=2) as q:
+    async with Queue.open(
+        tmp_path / "s.db", clock=VirtualClock(), policy=LAB, max_leases_per_worker=2
+    ) as q:
         for n in range(3):
             await q.submit(spec(f"t{n}"))
         await grant(q, "w1")

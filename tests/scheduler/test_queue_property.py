@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from catalog.dispatch import Heartbeat, LeaseGrant, LeaseKey, ResultStatus
 from scheduler_role.lifecycle import FINISHED_TASK_STATES, TaskState
 from scheduler_role.queue import Queue
+from scheduler_role.trust import LAB
 from tests.scheduler.conftest import VirtualClock, offer, report, spec
 
 WORKERS = ["w0", "w1", "w2", "w3"]
@@ -50,7 +51,7 @@ async def run_ops(path: Path, ops: list[tuple[object, ...]]) -> None:
     finished: dict[str, tuple[object, ...]] = {}
     async with AsyncExitStack() as stack:
         q = await stack.enter_async_context(
-            Queue.open(path, clock=VirtualClock(), lease_timeout=30)
+            Queue.open(path, clock=VirtualClock(), policy=LAB, lease_timeout=30)
         )
         for n, shape in enumerate([(1, 1), (3, 2), (2, 2)]):
             await q.submit(spec(f"t{n}", replicas=shape[0], quorum=shape[1], max_attempts=2))
@@ -86,7 +87,7 @@ async def run_ops(path: Path, ops: list[tuple[object, ...]]) -> None:
             elif kind == "restart":
                 await stack.aclose()
                 q = await stack.enter_async_context(
-                    Queue.open(path, clock=VirtualClock(), lease_timeout=30)
+                    Queue.open(path, clock=VirtualClock(), policy=LAB, lease_timeout=30)
                 )
             await check(q, path, held, finished)
 
