@@ -5,7 +5,10 @@ it fetches the missing chunks from every provider it can find (the addresses the
 and the providers the DHT names, together) within the caller's budget, and what arrived stays
 for the next call if the budget runs out. :func:`read_small` reads a blob into memory straight
 from the chunk store after checking its declared size against the caller's limit, so a peer
-that names a huge blob costs a manifest lookup, not a read.
+that names a huge blob costs a manifest lookup, not a read. :func:`fetch_for_peer` is
+:func:`ensure_blob` on a peer's word: within that peer's quota (:mod:`catalog.peer_quota`), and
+what it brought is removed again if the fetch fails; :func:`discard_blob` removes such a blob once
+nothing holds it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from catalog.transfer_plan import Event
 if TYPE_CHECKING:
     from catalog.blob_service import BlobService
 
-__all__ = ["ensure_blob", "is_complete", "read_small"]
+__all__ = ["discard_blob", "ensure_blob", "fetch_for_peer", "is_complete", "read_small"]
 
 
 async def is_complete(blobs: BlobStore, blob_id: BlobId) -> bool:
@@ -105,3 +108,72 @@ async def read_small(blobs: BlobStore, blob_id: BlobId, *, max_size: int) -> byt
                 )
             parts[ref.chunk_id] = data
     return b"".join(parts[ref.chunk_id] for ref in manifest.chunks)
+
+
+async def fetch_for_peer(
+    service: BlobService,
+    peer: str,
+    blob_id: BlobId,
+    *,
+    max_size: int,
+    timeout: float,  # noqa: ASYNC109 -- as ensure_blob's
+    sources: Sequence[str] = (),
+    ask_dht: bool = True,
+    task: str | None = None,
+    keep_partial: bool = False,
+) -> int:
+    """:func:`ensure_blob` on ``peer``'s word, charged to ``peer``; the blob's size.
+
+    ``max_size`` is reserved from the peer's quota while the fetch runs (PeerQuotaError, and
+    nothing fetched, if it does not fit); then the blob is charged to the peer, with ``task``
+    if given, until released. A fetch that fails removes what it brought here, except one that
+    ran out of time when ``keep_partial``: what arrived stays, charged to the peer at
+    ``max_size``, for the peer's next try."""
+    quota = service.peer_quota
+    async with quota.reserve(peer, max_size):
+        created = not await _knows(service.blobs, blob_id)
+        quota.fetching[blob_id] += 1
+        failed = True
+        try:
+            result = await ensure_blob(
+                service, blob_id, timeout=timeout, sources=sources, ask_dht=ask_dht,
+                max_size=max_size,
+            )  # fmt: skip
+            await quota.charge(peer, blob_id, result.bytes_total, created=created, task=task)
+            failed = False
+        except FetchTimeoutError:
+            if keep_partial:
+                with trio.CancelScope(shield=True):
+                    await quota.charge(peer, blob_id, max_size, created=created, task=task)
+                failed = False
+            raise
+        finally:
+            quota.fetching[blob_id] -= 1
+            if quota.fetching[blob_id] <= 0:
+                del quota.fetching[blob_id]
+            if failed and created:
+                with trio.CancelScope(shield=True):
+                    await discard_blob(service, blob_id)
+    return result.bytes_total
+
+
+async def discard_blob(service: BlobService, blob_id: BlobId) -> bool:
+    """Remove a blob a peer's word brought here, and collect its chunks, unless a fetch still
+    runs for it or a charge holds it; whether it was removed."""
+    quota = service.peer_quota
+    if quota.fetching[blob_id] > 0 or await quota.charged(blob_id):
+        return False
+    try:
+        await service.rm(blob_id)
+    except UnknownBlobError:
+        return False
+    await service.blobs.gc()
+    return True
+
+
+async def _knows(blobs: BlobStore, blob_id: BlobId) -> bool:
+    try:
+        await blobs.manifest(blob_id)
+    except UnknownBlobError:
+        return False
+    return True

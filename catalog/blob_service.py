@@ -52,6 +52,7 @@ from catalog.errors import (
     NoProviderError,
     UnknownBlobError,
 )
+from catalog.peer_quota import DEFAULT_PEER_QUOTA, PeerQuota
 from catalog.transfer import Held, TransferResult, fetch_blob
 from catalog.transfer_links import CONTROL_TIMEOUT, P2PLinks, connections_per_provider, ip_of
 from catalog.transfer_messages import (
@@ -99,9 +100,13 @@ class BlobService:
         request_timeout: float = 10.0,
         access: BlobAccess | None = None,
         max_data_connections: int = 64,
+        peer_quota: int = DEFAULT_PEER_QUOTA,
     ) -> None:
         self.p2p = p2p
         self.blobs = blobs
+        self._peer_quota = peer_quota
+        self.peer_quota: PeerQuota
+        """What peers made this node store (:mod:`catalog.peer_quota`); open once running."""
         self.access = access if access is not None else BlobAccess()
         self.data = (
             DataServer(
@@ -119,7 +124,11 @@ class BlobService:
         self._announce_send, self._announce_receive = trio.open_memory_channel[BlobId](1000)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
+        ledger = self.blobs.chunks.root / "peer_quota.db"
+        async with (
+            PeerQuota.open(ledger, quota=self._peer_quota) as self.peer_quota,
+            trio.open_nursery() as nursery,
+        ):
             if self.data is not None:
                 await nursery.start(self.data.run)
             self.p2p.set_handler(PROTOCOL_ID, self._serve_control, limits=WIRE_LIMITS)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from worker_role.errors import CapUnsupportedError, VmSetupError
 from worker_role.policy import LendingPolicy, PolicyViolation
 from worker_role.vm import GuestCommand, Image
 from worker_role.vm.accel import AccelChoice
-from worker_role.vm.backend import VmBackend
+from worker_role.vm.backend import RunningVm, VmBackend
 from worker_role.vm.cleanup import sweep, this_process
 from worker_role.vm.domain_xml import Accel, Owner
 from worker_role.vm.paths import QemuUser, check_reachable, make_vm_dir
@@ -171,3 +172,21 @@ async def test_policy_refuses_before_any_vm_starts(tmp_path: Path) -> None:
             pass
     assert list(await trio.Path(tmp_path).iterdir()) == []
     assert backend.running() == {}
+
+
+def test_the_console_tail_reads_only_the_end_of_a_huge_console_log(tmp_path: Path) -> None:
+    """The guest writes the console file as fast as it likes; a failure report reads its end."""
+    with (tmp_path / "console.log").open("wb") as f:
+        f.truncate(256 << 20)  # sparse: 256 MiB of NULs before the last lines
+        f.seek(0, 2)
+        f.write(b"\nvmlend-init: the last words\r\n")
+    vm = RunningVm.__new__(RunningVm)  # only its directory is used here
+    vm.dir = tmp_path
+    tracemalloc.start()
+    try:
+        tail = vm.console_tail()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tail[-1] == "vmlend-init: the last words"
+    assert peak < 4 << 20

@@ -69,6 +69,7 @@ TASK_START_POLL_S = 0.25
 # Past the time limit, counted from the task's start: for the guest to write its result.
 TASK_GRACE_S = 10.0
 _CONSOLE_READ = 64 * 1024
+_CONSOLE_TAIL_BYTES = 64 * 1024
 
 
 class RunningVm:
@@ -99,8 +100,12 @@ class RunningVm:
         return self.dir / "console.log"
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> list[str]:
+        """The console's last ``lines`` lines, read from its last ``_CONSOLE_TAIL_BYTES`` only:
+        the guest writes the console file, as much as it likes."""
         try:
-            text = self.console_log.read_text(errors="replace")
+            with self.console_log.open("rb") as f:
+                f.seek(max(0, f.seek(0, 2) - _CONSOLE_TAIL_BYTES))
+                text = f.read(_CONSOLE_TAIL_BYTES).decode(errors="replace")
         except OSError:
             return []
         return [line.rstrip("\r") for line in text.splitlines()[-lines:]]
