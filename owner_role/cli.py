@@ -99,6 +99,9 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--timeout", default="10m", help="max runtime, e.g. 30s")
     run.add_argument("--scheduler", metavar="PEER", help=SCHEDULER_HELP)
+    run.add_argument(
+        "--detach", "-d", action="store_true", help="print the task ID and return at once"
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     run.set_defaults(handler=cmd_run)
 
@@ -130,17 +133,48 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(task_id, flush=True)
     if not args.wait:
         return 0
-    return _print_final(client.call("task.wait", {"task_id": task_id}))
+    from owner_role.cli_watch import cancel_on_interrupt
+
+    # Waiting, this command owns the task: Ctrl-C cancels it (see owner_role.cli_watch).
+    return cancel_on_interrupt(
+        args, task_id, "submit", lambda: _print_final(wait_until_over(client, task_id))
+    )
+
+
+def wait_until_over(client: Client, task_id: str) -> dict[str, Any]:
+    """The task's status once it is over (however long that takes)."""
+    while True:
+        status: dict[str, Any] = client.call(
+            "task.wait", {"task_id": task_id, "timeout": WAIT_SLICE}
+        )
+        if status.get("finished"):
+            return status
+
+
+WAIT_SLICE = 3600.0
+"""Seconds of one ``task.wait`` call; waiting longer takes several."""
 
 
 def _print_final(status: dict[str, Any]) -> int:
-    line = f"{status['task_id']}: {status['state']}"
-    if status.get("exit_code") is not None:
-        line += f" (exit code {status['exit_code']})"
-    if status.get("reason"):
-        line += f": {status['reason']}"
-    print(line)
+    print(f"{status['task_id']}: {outcome(status)}")
     return 0 if status["state"] in ("succeeded", "done") else EXIT_FAILURE
+
+
+def outcome(status: dict[str, Any]) -> str:
+    """How a task ended (or where it is), in words: never "exit code None"."""
+    state = str(status.get("state"))
+    code = status.get("exit_code")
+    reason = str(status.get("reason") or "")
+    if code is not None:
+        return f"{state} (exit code {code})"
+    if state == "cancelled":
+        return "cancelled"
+    if state == "failed":
+        if "max runtime" in reason:
+            return f"timed out: {reason}"
+        ran = any(r.get("attempts") for r in status.get("replicas", []))
+        return f"failed: {reason}" if ran else f"never ran: {reason or 'no worker took it'}"
+    return f"{state}: {reason}" if reason else state
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -259,14 +293,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.scheduler:
         params["scheduler"] = args.scheduler
     task_id = client.call("task.submit", params)["task_id"]
+    if args.detach:
+        print(task_id, flush=True)
+        return 0
     print(f"vmlend run: task {task_id}", file=sys.stderr, flush=True)
-    follow_logs(client, task_id, follow=True, raw=args.raw)
-    status = client.call("task.wait", {"task_id": task_id})
-    code = status.get("exit_code")
-    if code is None:
-        print(f"vmlend run: {task_id} {status['state']}: {status.get('reason')}", file=sys.stderr)
-        return EXIT_FAILURE
-    return int(code)
+    from owner_role.cli_watch import cancel_on_interrupt
+
+    def watch() -> int:
+        follow_logs(client, task_id, follow=True, raw=args.raw)
+        status = wait_until_over(client, task_id)
+        code = status.get("exit_code")
+        if code is None:
+            print(f"vmlend run: {task_id} {outcome(status)}", file=sys.stderr)
+            return EXIT_FAILURE
+        return int(code)
+
+    return cancel_on_interrupt(args, task_id, "run", watch)
 
 
 _ARGUMENTS: dict[str, AddArguments] = {
