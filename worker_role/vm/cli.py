@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -22,6 +23,7 @@ from node.cli_common import (
     EXIT_USAGE,
     EXIT_VM_FAILED,
     command_after_dashes,
+    human_size,
     run_command,
 )
 from node.supervise import one_error
@@ -117,7 +119,31 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"vmlend vm run: {e}", file=sys.stderr)
         return EXIT_USAGE
+    host = host_memory_mib()
+    if caps.memory_mib > host:
+        # QEMU would fail only after a long error report; say it before starting it.
+        print(
+            f"vmlend vm run: --memory {human_size(caps.memory_mib * MIB)} is more than this "
+            f"machine's {human_size(host * MIB)} of RAM; ask for less",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     return trio.run(partial(vm_run, task, caps, args.vm_dir, raw=args.raw))
+
+
+def host_memory_mib() -> int:
+    """This machine's RAM in MiB (no guest can be given more)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB
+
+
+def vm_error_line(e: VmError) -> str:
+    """The error as one line; a QEMU start failure as QEMU's own reason (libvirt wraps it in
+    its monitor message and a timestamp)."""
+    text = " ".join(str(e).split())
+    _, qemu, reason = text.rpartition("qemu-system-")
+    if qemu and ": " in reason:
+        return f"the VM did not start: QEMU: {reason.split(': ', 1)[1]}"
+    return text
 
 
 async def vm_run(
@@ -144,7 +170,7 @@ async def vm_run(
         print(f"vmlend vm run: {e}", file=sys.stderr)
         return EXIT_GUEST_TIMEOUT
     except VmError as e:
-        print(f"vmlend vm run: {e}", file=sys.stderr)
+        print(f"vmlend vm run: {vm_error_line(e)}", file=sys.stderr)
         return EXIT_VM_FAILED
 
 
