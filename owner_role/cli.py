@@ -204,23 +204,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def follow_logs(client: Client, task_id: str, *, follow: bool, raw: bool = False) -> str:
+def follow_logs(
+    client: Client,
+    task_id: str,
+    *,
+    follow: bool,
+    raw: bool = False,
+    on_output: Callable[[], None] | None = None,
+) -> tuple[str, int]:
     """Copy the task's output to ours (made safe for a terminal unless ``raw``); the task's
-    state at the end."""
+    state at the end and how many bytes of output there were. ``on_output`` is called before
+    the first of them is written."""
     state = ""
+    written = 0
     output = OutputWriter(raw=raw)
     for item in client.stream("task.logs", {"task_id": task_id, "follow": follow}):
         if isinstance(item, Notification) and item.method == "task.log":
             kind, data = item.params
+            if not written and on_output is not None:
+                on_output()
+            written += len(data)
             output.write(str(kind), bytes(data))
         elif isinstance(item, Result):
             state = str(item.value.get("state"))
-    return state
+    return state, written
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    follow_logs(_client(args), args.task_id, follow=args.follow, raw=args.raw)
-    return 0
+    client = _client(args)
+    state, written = follow_logs(client, args.task_id, follow=args.follow, raw=args.raw)
+    if written or state not in _ENDED_BADLY:
+        return 0
+    # Nothing to show, and there never will be: say why rather than print nothing.
+    status = client.call("task.status", {"task_id": args.task_id})
+    print(f"vmlend logs: {args.task_id} {outcome(status)}; it left no output", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+_ENDED_BADLY = frozenset({"failed", "cancelled"})
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -230,8 +251,10 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     answer = _client(args).call("task.results", {"task_id": args.task_id, "out": str(out)})
-    print(f"{args.task_id}: {answer['state']}, exit code {answer.get('exit_code')}")
-    names = ["stdout", "stderr", "exit_code"] + (["out.tar"] if answer.get("archive") else [])
+    print(f"{args.task_id}: {outcome(answer)}")
+    names = ["stdout", "stderr"]
+    names += ["exit_code"] if answer.get("exit_code") is not None else []
+    names += ["out.tar"] if answer.get("archive") else []
     for name in names:
         print(f"  {out / name}")
     return 0 if answer.get("exit_code") is not None else EXIT_FAILURE

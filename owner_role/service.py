@@ -320,7 +320,11 @@ class OwnerService:
             await where.mkdir(parents=True, exist_ok=True)
             await (where / "stdout").write_bytes(answer["stdout"])
             await (where / "stderr").write_bytes(answer["stderr"])
-            await (where / "exit_code").write_text(f"{answer.get('exit_code')}\n")
+            exit_file = where / "exit_code"
+            if answer.get("exit_code") is not None:
+                await exit_file.write_text(f"{answer['exit_code']}\n")
+            else:  # no file saying "None"; nor an earlier result's code left behind
+                await exit_file.unlink(missing_ok=True)
             if archive is not None:
                 blob = BlobId(archive)
                 try:
