@@ -62,7 +62,7 @@ from node.p2p_stream import MessageStream
 from node.supervise import run_contained
 from scheduler_role import dispatch
 from scheduler_role.lifecycle import TaskState
-from scheduler_role.live_logs import LogBuffer
+from scheduler_role.live_logs import MAX_LEASE_LOG, LogBuffer
 from scheduler_role.queue import Queue, StopNotice
 from scheduler_role.ready_image import ready_manifest
 from scheduler_role.task_store import load_task
@@ -326,6 +326,9 @@ class SchedulerService:
                 if cut == 1:
                     log.info("log frames from %s for %s past its live-log budget: dropped",
                              stream.peer_id, chunk.lease)  # fmt: skip
+                if buffer.dropped > MAX_LEASE_LOG:
+                    # An honest worker stops at its budget: this one is only costing us reads.
+                    raise RemoteProtocolError(f"{chunk.lease}: twice its live-log budget sent")
 
     def log_buffer(self, task_id: str) -> LogBuffer:
         """The task's live log; at most ``MAX_LOG_TASKS`` are kept, the least recently used

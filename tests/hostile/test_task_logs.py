@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import trio
@@ -23,6 +24,7 @@ from catalog.dispatch import (
 from catalog.owner_protocol import PROTOCOL_ID as TASKS_PROTOCOL_ID
 from catalog.owner_protocol import REPLIES, REQUESTS, LogData, LogEnd, LogsRequest
 from catalog.owner_protocol import WIRE_LIMITS as TASKS_WIRE_LIMITS
+from node.errors import NetworkError
 from scheduler_role.live_logs import CUT_NOTE, MAX_LEASE_LOG, MAX_LOG_BYTES, LogCursor
 from tests.hostile.conftest import Node, Scheduler
 from tests.scheduler.conftest import offer, spec
@@ -115,3 +117,28 @@ async def test_a_worker_streaming_past_the_live_budget_is_cut_counted_and_noted(
         shown = await _owner_reads_logs(owner, scheduler, flooded.task_id)
     assert CUT_NOTE in shown
     assert len(shown) <= MAX_LOG_BYTES + 4096
+
+
+async def test_a_worker_that_goes_on_past_the_cut_has_its_log_stream_closed(
+    scheduler_and_peer: tuple[Scheduler, Node],
+) -> None:
+    scheduler, worker = scheduler_and_peer
+    for task in ("t", "t2"):
+        await scheduler.service.queue.submit(spec(task))
+    lease = (await lease_one(worker, scheduler)).lease
+    other = (await lease_one(worker, scheduler)).lease
+    flood = LogChunk(lease=lease, stream="stdout", data=b"f" * MAX_LOG_CHUNK)
+    # Sent whole in a few seconds if the scheduler reads on; once it stops reading, the sender
+    # is left waiting (py-libp2p's yamux does not fail a write blocked on a reset stream).
+    completed = False
+    with trio.move_on_after(30), contextlib.suppress(NetworkError):
+        await send_logs(worker, scheduler, [flood] * (4 * MAX_LEASE_LOG // MAX_LOG_CHUNK))
+        completed = True
+    assert not completed
+    buffer = scheduler.service.log_buffer(lease.task_id)
+    assert buffer.dropped <= MAX_LEASE_LOG + MAX_LOG_CHUNK  # read no further than that
+    # Its next stream is heard again (a stream, not the worker, was cut off).
+    changed = scheduler.service.log_buffer(other.task_id).changed
+    await send_logs(worker, scheduler, [LogChunk(lease=other, stream="stdout", data=b"ok\n")])
+    with trio.fail_after(20):
+        await changed.wait()
