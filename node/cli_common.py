@@ -25,8 +25,10 @@ EXIT_FAILURE = 1
 """The work failed: the node refused a call, a task failed or was cancelled, a build failed."""
 EXIT_USAGE = 2
 """Bad usage or bad configuration: a wrong flag, an invalid task file (argparse exits 2 too)."""
-EXIT_GUEST_TIMEOUT = 124
-"""``vm run``: the guest's command hit its time limit (the code ``timeout(1)`` uses)."""
+EXIT_TIMEOUT = 124
+"""A time limit passed: ``wait --timeout``, or ``vm run``'s guest command hit its limit (the code
+``timeout(1)`` uses)."""
+EXIT_GUEST_TIMEOUT = EXIT_TIMEOUT
 EXIT_VM_FAILED = 125
 """``vm run``: the VM itself failed or was refused."""
 EXIT_INTERRUPTED = 130
@@ -48,6 +50,23 @@ def add_data_option(parser: argparse.ArgumentParser) -> None:
 
 def add_json_option(parser: argparse.ArgumentParser, help: str = "print JSON for scripts") -> None:
     parser.add_argument("--json", action="store_true", help=help)
+
+
+def add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress line on a terminal")
+
+
+def duration_argument(text: str) -> float:
+    """An argparse ``type`` for durations (``30s``, ``5m``): a mistake is one usage line."""
+    from node.units import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
+    return seconds
 
 
 def add_verbosity_option(parser: argparse.ArgumentParser) -> None:

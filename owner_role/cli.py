@@ -11,17 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from node.cli_common import (
     EXIT_FAILURE,
+    EXIT_TIMEOUT,
     EXIT_USAGE,
     AddArguments,
     add_data_option,
     add_json_option,
+    add_quiet_option,
     command_after_dashes,
+    duration_argument,
     node_client,
 )
 from node.rpc import Notification
@@ -47,7 +51,10 @@ SCHEDULER_HELP = (
 def _submit_arguments(submit: argparse.ArgumentParser) -> None:
     submit.add_argument("task", type=Path, metavar="TASK.toml")
     submit.add_argument("--scheduler", metavar="PEER", help=SCHEDULER_HELP)
-    submit.add_argument("--wait", action="store_true", help="wait until the task is over")
+    submit.add_argument(
+        "--wait", action="store_true", help="wait until the task is over (Ctrl-C cancels it)"
+    )
+    add_quiet_option(submit)
     submit.set_defaults(handler=cmd_submit)
 
 
@@ -61,7 +68,20 @@ def _logs_arguments(logs: argparse.ArgumentParser) -> None:
     logs.add_argument("task_id", metavar="ID")
     logs.add_argument("--follow", "-f", action="store_true", help="until the task is over")
     logs.add_argument("--raw", action="store_true", help=RAW_HELP)
+    add_quiet_option(logs)
     logs.set_defaults(handler=cmd_logs)
+
+
+def _wait_arguments(wait: argparse.ArgumentParser) -> None:
+    wait.add_argument("task_id", metavar="ID")
+    wait.add_argument(
+        "--timeout",
+        type=duration_argument,
+        metavar="DURATION",
+        help="give up after this long (e.g. 30s, 5m), exit 124; the task goes on",
+    )
+    add_quiet_option(wait)
+    wait.set_defaults(handler=cmd_wait)
 
 
 def _task_id_argument(handler: Callable[[argparse.Namespace], int]) -> AddArguments:
@@ -102,6 +122,7 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--detach", "-d", action="store_true", help="print the task ID and return at once"
     )
+    add_quiet_option(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     run.set_defaults(handler=cmd_run)
 
@@ -133,21 +154,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(task_id, flush=True)
     if not args.wait:
         return 0
-    from owner_role.cli_watch import cancel_on_interrupt
+    from owner_role.cli_watch import Progress, cancel_on_interrupt
+
+    def watch() -> int:
+        with Progress(args, task_id):
+            status = wait_until_over(client, task_id)
+        return _print_final(status)
 
     # Waiting, this command owns the task: Ctrl-C cancels it (see owner_role.cli_watch).
-    return cancel_on_interrupt(
-        args, task_id, "submit", lambda: _print_final(wait_until_over(client, task_id))
-    )
+    return cancel_on_interrupt(args, task_id, "submit", watch)
 
 
-def wait_until_over(client: Client, task_id: str) -> dict[str, Any]:
-    """The task's status once it is over (however long that takes)."""
+def wait_until_over(client: Client, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+    """The task's status once it is over, or (not finished) once ``timeout`` seconds passed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        left = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
         status: dict[str, Any] = client.call(
-            "task.wait", {"task_id": task_id, "timeout": WAIT_SLICE}
+            "task.wait", {"task_id": task_id, "timeout": max(left, 0.001)}
         )
-        if status.get("finished"):
+        if status.get("finished") or (deadline is not None and time.monotonic() >= deadline):
             return status
 
 
@@ -232,7 +258,15 @@ def follow_logs(
 
 def cmd_logs(args: argparse.Namespace) -> int:
     client = _client(args)
-    state, written = follow_logs(client, args.task_id, follow=args.follow, raw=args.raw)
+    if args.follow:
+        from owner_role.cli_watch import Progress
+
+        with Progress(args, args.task_id) as progress:
+            state, written = follow_logs(
+                client, args.task_id, follow=True, raw=args.raw, on_output=progress.output_started
+            )
+    else:
+        state, written = follow_logs(client, args.task_id, follow=False, raw=args.raw)
     if written or state not in _ENDED_BADLY:
         return 0
     # Nothing to show, and there never will be: say why rather than print nothing.
@@ -245,7 +279,20 @@ _ENDED_BADLY = frozenset({"failed", "cancelled"})
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    return _print_final(_client(args).call("task.wait", {"task_id": args.task_id}))
+    from owner_role.cli_watch import Progress
+
+    with Progress(args, args.task_id):
+        status = wait_until_over(_client(args), args.task_id, args.timeout)
+    if not status.get("finished"):
+        from node.units import format_duration
+
+        print(
+            f"vmlend wait: {args.task_id} is still {outcome(status)} after "
+            f"{format_duration(args.timeout)}; it goes on ('vmlend cancel' stops it)",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
+    return _print_final(status)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -320,10 +367,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(task_id, flush=True)
         return 0
     print(f"vmlend run: task {task_id}", file=sys.stderr, flush=True)
-    from owner_role.cli_watch import cancel_on_interrupt
+    from owner_role.cli_watch import Progress, cancel_on_interrupt
 
     def watch() -> int:
-        follow_logs(client, task_id, follow=True, raw=args.raw)
+        with Progress(args, task_id) as progress:
+            follow_logs(
+                client, task_id, follow=True, raw=args.raw, on_output=progress.output_started
+            )
         status = wait_until_over(client, task_id)
         code = status.get("exit_code")
         if code is None:
@@ -338,7 +388,7 @@ _ARGUMENTS: dict[str, AddArguments] = {
     "submit": _submit_arguments,
     "status": _status_arguments,
     "logs": _logs_arguments,
-    "wait": _task_id_argument(cmd_wait),
+    "wait": _wait_arguments,
     "results": _results_arguments,
     "cancel": _task_id_argument(cmd_cancel),
     "run": _run_arguments,

@@ -148,6 +148,6 @@ def waiting_line(status: dict[str, Any]) -> str:
 
 def _width(stream: TextIO) -> int:
     try:
-        return max(20, os.get_terminal_size(stream.fileno()).columns)
+        return max(20, os.get_terminal_size(stream.fileno()).columns or 80)
     except (OSError, ValueError):
         return 80
