@@ -18,6 +18,8 @@ from typing import Any
 import msgpack
 
 Tree = Any
+MAX_ITEMS = 120_000  # the most items a generated list has: past every decoder's count limit
+MAX_NODES = 2 * MAX_ITEMS  # the most nodes a generated tree has
 Slot = tuple[Any, Any]  # (container, key or index) naming one node of a tree
 
 # Lengths around the limits the decoders enforce (text, IDs, addresses, frames).
@@ -52,7 +54,8 @@ class Mutator:
             lambda b: r.randbytes(len(b)), lambda b: b + r.randbytes(r.choice(_LENGTHS[:12])),
         )  # fmt: skip
         self._list_changes: tuple[Callable[[list[Any]], Tree], ...] = (
-            lambda v: v * r.choice((2, 3, 100)), self._filled, lambda v: v[:-1], lambda v: [],
+            lambda v: _repeat(v, r.choice((2, 3, 100))), self._filled, lambda v: v[:-1],
+            lambda v: [],
             lambda v: [*v, self.hostile()], lambda v: [v], lambda v: dict(enumerate(v)),
             lambda v: {str(i): x for i, x in enumerate(v)}, lambda v: v[::-1],
         )  # fmt: skip
@@ -65,8 +68,8 @@ class Mutator:
         """Now and then a list repeated up to the largest count any decoder allows (100,000 blob
         chunks): the cost of refusing the biggest input a limit lets through."""
         if self.rng.random() < 0.02:
-            return items * (120_000 // len(items) + 1)
-        return items * 1000
+            return _repeat(items, MAX_ITEMS // len(items) + 1)
+        return _repeat(items, 1000)
 
     # ---- hostile values ------------------------------------------------------------------------
 
@@ -117,7 +120,10 @@ class Mutator:
     def mutate(self, tree: Tree, types: tuple[str, ...] = ()) -> Tree:
         tree = copy(tree)
         for _ in range(self.rng.choice((1, 1, 1, 2, 2, 3))):
-            tree = self._one(tree, types)
+            changed = self._one(copy(tree), types)
+            if _size_over(changed, MAX_NODES):
+                break  # repeats of repeats: keep the tree as it was
+            tree = changed
         return tree
 
     def _one(self, tree: Tree, types: tuple[str, ...]) -> Tree:
@@ -256,6 +262,27 @@ def _slots(tree: Tree) -> list[Slot]:
         if len(slots) > 4096:  # a mutated list may be long: enough choice without walking it all
             break
     return slots
+
+
+def _size_over(tree: Tree, limit: int) -> bool:
+    """Whether ``tree`` has more than ``limit`` nodes (counting shared ones each time)."""
+    count, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def _repeat(items: list[Any], times: int) -> list[Any]:
+    """``items`` repeated, but never past ``MAX_ITEMS`` in all: mutations compound, and an
+    unbounded product of them took the fuzzer to 23 GB."""
+    return items * max(1, min(times, MAX_ITEMS // max(1, len(items))))
 
 
 def _clamp(value: int) -> int:
