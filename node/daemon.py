@@ -75,6 +75,7 @@ class Node:
 
     agent: WorkerAgent | None = None
     owner: OwnerService | None = None
+    blobs: BlobService | None = None
 
     @property
     def roles(self) -> list[str]:
@@ -99,8 +100,10 @@ class Node:
                     BlobStore(chunks),
                     data_host=data_host_for(self.config.network.listen),
                     access=BlobAccess(self.data_dir / "blob_access.json"),
+                    peer_quota=self.config.catalog.peer_quota,
                 )
                 await nursery.start(blobs.run)
+                self.blobs = blobs
                 scrubber = Scrubber(
                     chunks,
                     interval=self.config.catalog.scrub_interval,

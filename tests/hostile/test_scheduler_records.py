@@ -60,10 +60,15 @@ async def advertise(p2p: P2PNode, name: str) -> dict[str, Any]:
 
 
 async def start_daemon(
-    nursery: trio.Nursery, data_dir: Path, bootstrap: list[str], roles: list[str]
+    nursery: trio.Nursery,
+    data_dir: Path,
+    bootstrap: list[str],
+    roles: list[str],
+    *,
+    exist_ok: bool = False,
 ) -> Node:
     """A whole node as ``vmlend node start`` composes it, in this process."""
-    await trio.Path(data_dir).mkdir()
+    await trio.Path(data_dir).mkdir(exist_ok=exist_ok)
     flags = {"node.roles": roles, "network.listen": [LOOPBACK], "network.bootstrap": bootstrap}
     config = load_config(data_dir, flags, env={})
     node = Node(config, data_dir, Identity.generate())
