@@ -1,5 +1,6 @@
 """Throughput through the egress proxy (uncapped) vs direct TCP to the same loopback server, in the
-same run; plus one capped transfer to show the cap holds. Prints JSON.
+same run; plus one capped transfer to show the cap holds, and the cost of opening a connection
+(through the proxy it is judged, the host's own addresses read again, each time). Prints JSON.
 
     .venv/bin/python bench/egress_proxy.py [--mib 64] [--runs 5]
 """
@@ -11,11 +12,12 @@ import json
 import os
 import statistics
 import sys
+import time
 from functools import partial
 
 import trio
 
-from worker_role.egress_proxy import EgressProxy
+from worker_role.egress_proxy import EgressProxy, host_addresses
 
 MIB = 1024 * 1024
 BLOCK = b"\0" * (256 * 1024)
@@ -58,6 +60,24 @@ async def timed(port: int, connect_to: int | None, size: int) -> float:
     return elapsed
 
 
+async def setup_ms(port: int, connect_to: int | None, count: int) -> float:
+    """Median milliseconds to open a connection and read the tiny server's one byte."""
+    times = []
+    for _ in range(count):
+        start = trio.current_time()
+        if await fetch(port, connect_to) != 1:
+            raise RuntimeError("the tiny server sent other than one byte")
+        times.append(trio.current_time() - start)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+def host_addresses_us(count: int = 1000) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        host_addresses()
+    return round((time.perf_counter() - start) / count * 1e6, 1)
+
+
 async def bench(size: int, runs: int, capped_size: int, cap: int) -> dict[str, object]:
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
@@ -68,10 +88,15 @@ async def bench(size: int, runs: int, capped_size: int, cap: int) -> dict[str, o
             partial(trio.serve_tcp, partial(bulk_server, capped_size), 0, host="127.0.0.1")
         )
         capped_server = capped_listeners[0].socket.getsockname()[1]
-        allow = [f"127.0.0.1:{server}", f"127.0.0.1:{capped_server}"]
-        uncapped = EgressProxy(allow, 0)
+        tiny_listeners = await nursery.start(
+            partial(trio.serve_tcp, partial(bulk_server, 1), 0, host="127.0.0.1")
+        )
+        tiny_server = tiny_listeners[0].socket.getsockname()[1]
+        allow = [f"127.0.0.1:{port}" for port in (server, capped_server, tiny_server)]
+        # Loopback is internal: the lender must name these addresses, as it does here.
+        uncapped = EgressProxy(allow, 0, lender=allow)
         proxy_port = await nursery.start(uncapped.run)
-        capped = EgressProxy(allow, cap)
+        capped = EgressProxy(allow, cap, lender=allow)
         capped_port = await nursery.start(capped.run)
 
         direct, proxied = [], []
@@ -79,6 +104,8 @@ async def bench(size: int, runs: int, capped_size: int, cap: int) -> dict[str, o
             direct.append(await timed(server, None, size))
             proxied.append(await timed(proxy_port, server, size))
         capped_time = await timed(capped_port, capped_server, capped_size)
+        direct_setup = await setup_ms(tiny_server, None, 50)
+        proxied_setup = await setup_ms(proxy_port, tiny_server, 50)
         nursery.cancel_scope.cancel()
 
     direct_mbps = size / statistics.median(direct) / 1e6
@@ -91,6 +118,8 @@ async def bench(size: int, runs: int, capped_size: int, cap: int) -> dict[str, o
         "direct_tcp_MBps_median": round(direct_mbps, 1),
         "proxy_uncapped_MBps_median": round(proxied_mbps, 1),
         "proxy_vs_direct": round(proxied_mbps / direct_mbps, 3),
+        "connection_ms_median": {"direct": direct_setup, "proxied": proxied_setup},
+        "host_addresses_us": host_addresses_us(),
         "capped": {
             "cap_Bps": cap,
             "bytes": capped_size,

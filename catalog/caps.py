@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
-from node.allow_rules import AllowList, AllowRule, InvalidAllowRule
+from node.allow_rules import AllowList, AllowRule, InvalidAllowRule, is_internal
 from node.errors import LocalProtocolError
 from node.limits import LIMITS, Amounts, Limit, Unit, limit_named
 from node.wire_fields import as_int, as_map, as_seconds, as_text, as_tuple, check_keys
@@ -146,14 +146,15 @@ class Allowance:
     sum for an additive limit (:data:`node.limits.LIMITS`), on each VM's otherwise.
 
     A limit without a ceiling is not limited. Where 0 means unlimited (rates), a request under a
-    ceiling must carry its own finite amount (0, "unlimited", is refused). ``net_allow`` of
-    ``None`` lets a request name any destination; otherwise each one it names must fall within
-    one of its rules.
+    ceiling must carry its own finite amount (0, "unlimited", is refused). ``net_allow`` is
+    the lender's egress allow-list: each destination a request names must fall within one of its
+    rules (:meth:`node.allow_rules.AllowRule.covers`; ``*`` covers no internal address), so an
+    empty one admits no destination at all. The egress proxy applies both lists again.
     """
 
     ceilings: Mapping[str, float]
     network: bool = False
-    net_allow: tuple[str, ...] | None = None
+    net_allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, ceiling in self.ceilings.items():
@@ -162,14 +163,12 @@ class Allowance:
             if not ceiling >= 0:  # also refuses NaN
                 raise ValueError(f"the ceiling on {name} must be >= 0, got {ceiling}")
         object.__setattr__(self, "ceilings", Amounts(self.ceilings))
-        if self.net_allow is not None:
-            object.__setattr__(self, "net_allow", tuple(self.net_allow))
+        object.__setattr__(self, "net_allow", tuple(self.net_allow))
 
     @classmethod
     def room(cls, room: Caps) -> Allowance:
-        """Exactly what one VM of at most ``room`` may use (a rate of 0 in ``room``: no limit).
-
-        An offer's ``net_allow`` of ``("*",)`` stands for a lender with no allow-list."""
+        """Exactly what one VM of at most ``room`` may use (a rate of 0 in ``room``: no limit);
+        ``room.net_allow`` is the lender's allow-list as offered."""
         network = room.network is NetworkMode.PROXY
         ceilings = {}
         for limit in LIMITS:
@@ -180,7 +179,7 @@ class Allowance:
         return cls(
             ceilings=ceilings,
             network=network,
-            net_allow=None if "*" in room.net_allow else room.net_allow,
+            net_allow=room.net_allow,
         )
 
     def violations(self, request: Caps, running: Sequence[Caps] = ()) -> list[Violation]:
@@ -204,7 +203,7 @@ class Allowance:
             )
         if request.network is NetworkMode.PROXY and not self.network:
             found.append(Violation("network", "network access is not allowed by the lender"))
-        elif request.network is NetworkMode.PROXY and self.net_allow is not None:
+        elif request.network is NetworkMode.PROXY:
             outside = _outside(request.net_allow, AllowList(self.net_allow))
             if outside:
                 found.append(
@@ -245,7 +244,7 @@ class Allowance:
         return Caps.of(
             left,
             network=NetworkMode.PROXY if network else NetworkMode.NONE,
-            net_allow=(("*",) if self.net_allow is None else self.net_allow) if network else (),
+            net_allow=self.net_allow if network else (),
         )
 
 
@@ -279,7 +278,11 @@ def _outside(entries: Sequence[str], allowed: AllowList) -> list[str]:
             outside.append(repr(entry))
             continue
         if not allowed.covers(rule):
-            outside.append(str(rule))
+            ip = rule.ip
+            internal = ip is not None and is_internal(ip)
+            outside.append(
+                f"{rule} (internal: only an exact rule allows it)" if internal else str(rule)
+            )
     return outside
 
 

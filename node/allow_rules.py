@@ -6,17 +6,24 @@ the grammar lives here, below every role.
 Entries: ``example.org:443`` (that name, that port), ``*.debian.org:80`` (any name *under*
 debian.org, at any depth, but not debian.org itself), ``10.0.0.5:8080`` / ``[::1]:80`` (that
 address), ``host`` (any port), ``*`` or ``*:443`` (any name). Names compare case-insensitively and
-without a trailing dot. A name is checked as asked; then every address it resolves to is checked
-too, and an internal address (loopback, link-local, private, ...) is refused unless the allow-list
-names that address itself: otherwise a guest could reach the worker's own services, or the lender's
-LAN, through a DNS record pointing at them.
+without a trailing dot.
+
+What a guest may reach (:class:`EgressRules`) is the intersection of the lender's list and the
+task's: a destination must be allowed by both, by name as asked. Then every address it resolves to
+is checked, after DNS and just before connecting, and an internal address (loopback, link-local
+including the cloud metadata address 169.254.169.254, private, shared, ULA, unspecified, multicast,
+an IPv6 form carrying one of these, or any address of the worker's host itself) is refused unless
+the *lender* names it explicitly: by that address, or by the exact name the guest asked for. ``*``
+and ``*.domain`` never reach one: otherwise a guest could reach the worker's own services, the
+lender's LAN or the cloud's metadata service, directly or through a DNS record pointing at them.
+An empty list allows nothing.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from node.errors import VmlendError
@@ -68,9 +75,44 @@ def normalize_host(host: str) -> str:
     return name
 
 
+# Ranges Python's is_global (3.11) calls global that no guest may reach by a wildcard: site-local
+# (deprecated, still routed on some LANs) and local-use NAT64 (RFC 8215), which maps into whatever
+# the local translator chooses.
+_INTERNAL_V6 = (ipaddress.IPv6Network("fec0::/10"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_V4_COMPATIBLE = bytes(12)
+_V4_TRANSLATED = bytes(8) + b"\xff\xff\x00\x00"
+_NAT64 = bytes.fromhex("0064ff9b") + bytes(8)
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries in a form a host or a translator may deliver to it
+    (mapped, compatible, translated, NAT64 64:ff9b::/96, 6to4, Teredo), else None."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return None
+    packed = ip.packed
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if packed[:12] in (_V4_COMPATIBLE, _V4_TRANSLATED, _NAT64):
+        return ipaddress.IPv4Address(packed[12:])
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    return ip.teredo[1] if ip.teredo is not None else None
+
+
 def is_internal(ip: IPAddress) -> bool:
-    """Whether ``ip`` is anything but public unicast (loopback, link-local, private, ...)."""
-    return not ip.is_global or ip.is_multicast
+    """Whether ``ip`` is anything but public unicast (loopback, link-local, private, ...), or an
+    IPv6 address carrying an internal IPv4 one."""
+    if not ip.is_global or ip.is_multicast:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and any(ip in net for net in _INTERNAL_V6):
+        return True
+    inner = embedded_ipv4(ip)
+    return inner is not None and is_internal(inner)
+
+
+def is_own(ip: IPAddress, own: Collection[IPAddress]) -> bool:
+    """Whether ``ip`` is one of ``own`` (the host's addresses), directly or carried in IPv6."""
+    return ip in own or embedded_ipv4(ip) in own
 
 
 def split_host_port(text: str, *, default_port: int | None) -> tuple[str, int | None]:
@@ -119,6 +161,11 @@ class AllowRule:
     def ip(self) -> IPAddress | None:
         return parse_ip(self.host)
 
+    @property
+    def explicit(self) -> bool:
+        """Whether the rule names one host (an address or an exact name), not a wildcard."""
+        return self.host != "*" and not self.host.startswith("*.")
+
     def matches(self, host: str, port: int) -> bool:
         """Whether the normalized ``host`` at ``port`` is allowed by this rule (by name)."""
         if self.port is not None and self.port != port:
@@ -130,11 +177,16 @@ class AllowRule:
         return host == self.host
 
     def covers(self, other: AllowRule) -> bool:
-        """Whether everything ``other`` allows, this rule allows too."""
+        """Whether everything ``other`` allows, this rule allows too.
+
+        ``*`` does not cover an internal address: it never reaches one (see the module's doc)."""
         if self.port is not None and self.port != other.port:
             return False
-        if self.host in ("*", other.host):
+        if self.host == other.host:
             return True
+        if self.host == "*":
+            ip = other.ip
+            return ip is None or not is_internal(ip)
         if not self.host.startswith("*.") or other.host == "*" or other.ip is not None:
             return False
         # "*.x" covers names under x and wildcards "*.x" / "*.y.x": all end with ".x".
@@ -166,6 +218,14 @@ class AllowList:
         """Whether a rule names this very address (not a name or a wildcard) for ``port``."""
         return any(rule.ip == ip and rule.port in (None, port) for rule in self.rules)
 
+    def names_host(self, host: str, port: int) -> bool:
+        """Whether a rule names ``host`` exactly (an address or a name, not a wildcard)."""
+        try:
+            name = normalize_host(host)
+        except ValueError:
+            return False
+        return any(r.explicit and r.host == name and r.port in (None, port) for r in self.rules)
+
     def covers(self, rule: AllowRule) -> bool:
         """Whether some rule here allows everything ``rule`` allows."""
         return any(mine.covers(rule) for mine in self.rules)
@@ -175,21 +235,54 @@ class AllowList:
         if not self.permits(host, port):
             raise DestinationRefused(f"{host}:{port} is not in the allow-list")
 
-    def check_addresses(self, host: str, port: int, addresses: Sequence[str]) -> list[IPAddress]:
-        """The addresses ``host`` resolved to, once all are judged safe to connect to.
 
-        Refused if any is internal and not named by the allow-list: with one bad address among
-        good ones a later re-resolution or a fallback could still land on it.
+class EgressRules:
+    """Where one VM's guest may go: what both the lender's and the task's lists allow, and an
+    internal address or one of the host's own only where the lender names it explicitly."""
+
+    def __init__(self, *, lender: Iterable[str], task: Iterable[str]) -> None:
+        self.lender = AllowList(lender)
+        self.task = AllowList(task)
+
+    def __repr__(self) -> str:
+        return f"EgressRules(lender={self.lender!r}, task={self.task!r})"
+
+    def check(self, host: str, port: int) -> None:
+        """Raise :class:`DestinationRefused` unless both lists allow the destination as asked."""
+        if not self.task.permits(host, port):
+            raise DestinationRefused(f"{host}:{port} is not in the task's allow-list")
+        if not self.lender.permits(host, port):
+            raise DestinationRefused(f"{host}:{port} is not in the lender's allow-list")
+
+    def check_addresses(
+        self,
+        host: str,
+        port: int,
+        addresses: Sequence[str],
+        *,
+        own: Collection[IPAddress] = frozenset(),
+    ) -> list[IPAddress]:
+        """The addresses ``host`` resolved to, once all are judged safe to connect to; ``own``
+        holds the addresses of the host the proxy runs on.
+
+        Refused if any is internal or the host's own and the lender names neither it nor ``host``
+        exactly: with one bad address among good ones a fallback could still land on it.
         """
         ips: list[IPAddress] = []
         for text in addresses:
             ip = parse_ip(text)
             if ip is None:
                 raise DestinationRefused(f"{host} resolved to {text!r}, not an address")
-            if is_internal(ip) and not self.names_address(ip, port):
-                raise DestinationRefused(
-                    f"{host} resolves to internal address {ip}, which the allow-list does not name"
-                )
+            if is_internal(ip):
+                what = "an internal address"
+            elif is_own(ip, own):
+                what = "this host's own address"
+            else:
+                ips.append(ip)
+                continue
+            if not (self.lender.names_address(ip, port) or self.lender.names_host(host, port)):
+                said = f"{ip} is" if str(ip) == host else f"{host} resolves to {ip},"
+                raise DestinationRefused(f"{said} {what} the lender's allow-list does not name")
             ips.append(ip)
         if not ips:
             raise DestinationRefused(f"{host} resolved to no address")

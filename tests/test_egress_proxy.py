@@ -61,9 +61,16 @@ async def start_server(nursery: trio.Nursery, mode: str, size: int = 0) -> Upstr
 
 
 async def start_proxy(
-    nursery: trio.Nursery, allow: Sequence[str], rate_bps: int = 0, **options: object
+    nursery: trio.Nursery,
+    allow: Sequence[str],
+    rate_bps: int = 0,
+    *,
+    lender: Sequence[str] | None = None,
+    **options: object,
 ) -> tuple[EgressProxy, int]:
-    proxy = EgressProxy(allow, rate_bps, **options)  # type: ignore[arg-type]
+    """A proxy for a task asking ``allow`` from a lender allowing ``lender`` (default: the same)."""
+    lender = allow if lender is None else lender
+    proxy = EgressProxy(allow, rate_bps, lender=lender, **options)  # type: ignore[arg-type]
     port: int = await nursery.start(proxy.run)
     return proxy, port
 
@@ -137,7 +144,7 @@ async def test_refused_destination_gets_403_and_reaches_nothing(nursery: trio.Nu
     proxy, port = await start_proxy(nursery, [f"127.0.0.1:{echo.port + 1}", "example.org:443"])
     head, body = await ask(port, f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\n\r\n".encode())
     assert head.startswith(b"HTTP/1.1 403 Forbidden")
-    assert body == f"127.0.0.1:{echo.port} is not in the allow-list\n".encode()
+    assert body == f"127.0.0.1:{echo.port} is not in the task's allow-list\n".encode()
     head, _ = await ask(port, f"GET http://localhost:{echo.port}/ HTTP/1.1\r\n\r\n".encode())
     assert head.startswith(b"HTTP/1.1 403")
     assert echo.received == []
@@ -147,11 +154,16 @@ async def test_refused_destination_gets_403_and_reaches_nothing(nursery: trio.Nu
 async def test_name_resolving_to_loopback_is_refused(nursery: trio.Nursery) -> None:
     echo = await start_server(nursery, "echo")
     # Allowed by name, but the name points at the worker itself.
-    _, port = await start_proxy(nursery, [f"localhost:{echo.port}"])
+    _, port = await start_proxy(nursery, [f"localhost:{echo.port}"], lender=["*"])
     head, body = await ask(port, f"CONNECT localhost:{echo.port} HTTP/1.1\r\n\r\n".encode())
     assert head.startswith(b"HTTP/1.1 403")
-    assert b"resolves to internal address" in body
+    assert b"localhost resolves to 127.0.0.1, an internal address" in body
     assert echo.received == []
+    # A lender that names the host exactly has said it may resolve inside.
+    http = await start_server(nursery, "http")
+    _, named = await start_proxy(nursery, [f"localhost:{http.port}"])
+    head, body = await ask(named, f"GET http://localhost:{http.port}/ HTTP/1.1\r\n\r\n".encode())
+    assert (head[:12], body) == (b"HTTP/1.1 200", b"hello")
 
 
 async def test_name_resolving_to_a_named_address_is_allowed(nursery: trio.Nursery) -> None:
@@ -162,8 +174,9 @@ async def test_name_resolving_to_a_named_address_is_allowed(nursery: trio.Nurser
         lookups.append((host, port))
         return ["127.0.0.1"]
 
-    allow = [f"svc.test:{echo.port}", "other.test", f"127.0.0.1:{echo.port}"]
-    _, port = await start_proxy(nursery, allow, resolver=resolver)
+    allow = [f"svc.test:{echo.port}", "other.test"]
+    lender = ["*", f"127.0.0.1:{echo.port}"]
+    _, port = await start_proxy(nursery, allow, lender=lender, resolver=resolver)
     head, _ = await ask(port, f"CONNECT other.test:{echo.port + 1} HTTP/1.1\r\n\r\n".encode())
     assert head.startswith(b"HTTP/1.1 403")  # the address is named only for echo's port
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:

@@ -12,7 +12,9 @@ from node.allow_rules import (
     AllowList,
     AllowRule,
     DestinationRefused,
+    EgressRules,
     InvalidAllowRule,
+    embedded_ipv4,
     is_internal,
     normalize_host,
 )
@@ -95,7 +97,17 @@ def test_covers_examples() -> None:
     assert not AllowRule.parse("*.a.org").covers(AllowRule.parse("a.org"))
     assert not AllowRule.parse("*.a.org:443").covers(AllowRule.parse("b.a.org"))
     assert not AllowRule.parse("a.org").covers(AllowRule.parse("*"))
-    assert AllowList(["*"]).covers(AllowRule.parse("10.0.0.5:80"))
+    assert AllowList(["*"]).covers(AllowRule.parse("93.184.215.14:80"))
+    assert AllowList(["10.0.0.5"]).covers(AllowRule.parse("10.0.0.5:80"))
+
+
+@pytest.mark.parametrize(
+    "entry", ["169.254.169.254:80", "127.0.0.1:22", "[::1]:22", "10.0.0.5", "[::ffff:10.0.0.5]:80"]
+)
+def test_star_covers_no_internal_address(entry: str) -> None:
+    # The finding: a lender's "*" let a task name 169.254.169.254:80 or 127.0.0.1:22.
+    assert not AllowList(["*", "*:80", "*.org"]).covers(AllowRule.parse(entry))
+    assert AllowList([entry]).covers(AllowRule.parse(entry))
 
 
 def test_address_rules() -> None:
@@ -121,30 +133,129 @@ def test_empty_allow_list_allows_nothing() -> None:
         AllowList([]).check("example.org", 443)
 
 
-@pytest.mark.parametrize(
-    "address",
-    ["127.0.0.1", "127.8.9.10", "::1", "169.254.169.254", "fe80::1", "10.1.2.3", "192.168.0.1",
-     "0.0.0.0", "::", "100.64.0.1", "224.0.0.1", "fc00::1", "::ffff:127.0.0.1"],
-)  # fmt: skip
-def test_internal_addresses_need_naming(address: str) -> None:
-    allow = AllowList(["*.example.org:443", "example.org:443"])
-    with pytest.raises(DestinationRefused, match="internal address"):
-        allow.check_addresses("evil.example.org", 443, [address])
-    with pytest.raises(DestinationRefused, match="internal address"):
-        # One bad address among good ones is enough to refuse.
-        allow.check_addresses("evil.example.org", 443, ["93.184.215.14", address])
+def test_empty_lender_list_allows_nothing() -> None:
+    # The finding: an empty lender list (with network_allowed) meant "anywhere".
+    rules = EgressRules(lender=[], task=["*", "example.org:443"])
+    with pytest.raises(DestinationRefused, match="not in the lender's allow-list"):
+        rules.check("example.org", 443)
+
+
+def test_a_destination_needs_both_lists() -> None:
+    rules = EgressRules(lender=["*.debian.org:80", "pypi.org:443"], task=["*", "pypi.org"])
+    rules.check("deb.debian.org", 80)
+    rules.check("pypi.org", 443)
+    with pytest.raises(DestinationRefused, match="not in the lender's allow-list"):
+        rules.check("example.org", 80)  # the task's "*" does not widen the lender's list
+    with pytest.raises(DestinationRefused, match="not in the lender's allow-list"):
+        rules.check("pypi.org", 80)
+    narrow = EgressRules(lender=["*"], task=["a.org:443"])
+    with pytest.raises(DestinationRefused, match="not in the task's allow-list"):
+        narrow.check("b.org", 443)  # the lender's "*" does not widen the task's list
+
+
+INTERNAL = [
+    "127.0.0.1", "127.8.9.10", "::1", "169.254.169.254", "fe80::1", "10.1.2.3", "192.168.0.1",
+    "172.16.0.1", "0.0.0.0", "::", "100.64.0.1", "224.0.0.1", "255.255.255.255", "fc00::1",
+    "fd00::2", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::7f00:1",
+    "::ffff:0:7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "fec0::1", "64:ff9b:1::5",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("address", INTERNAL)
+def test_internal_addresses_need_the_lenders_explicit_word(address: str) -> None:
     named = normalize_host(address)
     shown = f"[{named}]" if ":" in named else named
-    AllowList(["example.org:443", f"{shown}:443"]).check_addresses("example.org", 443, [address])
+    rules = EgressRules(lender=["*", "*.example.org:443"], task=["*", f"{shown}:443"])
+    with pytest.raises(DestinationRefused, match="internal address"):
+        rules.check_addresses("evil.example.org", 443, [address])
+    with pytest.raises(DestinationRefused, match="internal address"):
+        # One bad address among good ones is enough to refuse.
+        rules.check_addresses("evil.example.org", 443, ["93.184.215.14", address])
+    with pytest.raises(DestinationRefused, match="internal address"):
+        # The task naming it is not enough: only the lender may open its inside.
+        rules.check_addresses(named, 443, [address])
+    explicit = EgressRules(lender=[f"{shown}:443"], task=["*"])
+    assert explicit.check_addresses("example.org", 443, [address]) == [ipaddress.ip_address(named)]
+    with pytest.raises(DestinationRefused, match="internal address"):
+        explicit.check_addresses("example.org", 444, [address])  # named for another port
+
+
+def test_a_name_the_lender_lists_exactly_may_resolve_inside() -> None:
+    rules = EgressRules(lender=["intranet.lan:80", "*.lan:80", "*"], task=["*"])
+    assert rules.check_addresses("intranet.lan", 80, ["10.0.0.5"])
+    for host in ("other.lan", "evil.org"):  # a wildcard, or another name resolving there
+        with pytest.raises(DestinationRefused, match=f"{host} resolves to 10.0.0.5"):
+            rules.check_addresses(host, 80, ["10.0.0.5"])
+
+
+def test_the_hosts_own_addresses_are_inside() -> None:
+    own = frozenset({ipaddress.ip_address("1.2.3.4"), ipaddress.ip_address("2001:4860::8")})
+    rules = EgressRules(lender=["*"], task=["*"])
+    for host, addresses in [
+        ("1.2.3.4", ["1.2.3.4"]),
+        ("2001:4860::8", ["2001:4860::8"]),
+        ("mine.example.org", ["93.184.215.14", "1.2.3.4"]),
+        ("mapped.example.org", ["::ffff:1.2.3.4"]),
+    ]:
+        with pytest.raises(DestinationRefused, match="this host's own address"):
+            rules.check_addresses(host, 80, addresses, own=own)
+    assert rules.check_addresses("5.6.7.8", 80, ["5.6.7.8"], own=own)
+    named = EgressRules(lender=["1.2.3.4:80"], task=["*"])
+    assert named.check_addresses("1.2.3.4", 80, ["1.2.3.4"], own=own)
 
 
 @given(st.ip_addresses())
-def test_is_internal_is_not_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
-    assert is_internal(ip) is (not ip.is_global or ip.is_multicast)
+def test_is_internal_covers_every_non_global_address(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> None:
+    if not ip.is_global or ip.is_multicast:
+        assert is_internal(ip)
+    inner = embedded_ipv4(ip)
+    if inner is not None and is_internal(inner):
+        assert is_internal(ip)
+
+
+rule_texts = st.sampled_from(
+    ["*", "*:80", "*.a.org", "a.org", "a.org:80", "b.a.org", "10.0.0.5", "10.0.0.5:80", "1.2.3.4"]
+)
+address_texts = st.sampled_from(["10.0.0.5", "1.2.3.4", "5.6.7.8", "127.0.0.1", "::ffff:10.0.0.5"])
+
+
+@given(
+    st.lists(rule_texts, max_size=4),
+    st.lists(rule_texts, max_size=4),
+    st.sampled_from(["a.org", "b.a.org", "c.org", "10.0.0.5", "1.2.3.4", "5.6.7.8"]),
+    st.sampled_from([80, 443]),
+    st.lists(address_texts, min_size=1, max_size=3),
+    st.booleans(),
+)
+def test_what_passes_is_within_both_lists_and_inside_only_by_the_lenders_word(
+    lender: list[str],
+    task: list[str],
+    host: str,
+    port: int,
+    addresses: list[str],
+    own_is_public: bool,
+) -> None:
+    own = frozenset({ipaddress.ip_address("1.2.3.4")} if own_is_public else ())
+    rules = EgressRules(lender=lender, task=task)
+    if host[0].isdigit():
+        addresses = [host]  # an address asked for is the one connected to
+    try:
+        rules.check(host, port)
+        ips = rules.check_addresses(host, port, addresses, own=own)
+    except DestinationRefused:
+        return
+    assert AllowList(lender).permits(host, port)
+    assert AllowList(task).permits(host, port)
+    for ip in ips:
+        if is_internal(ip) or ip in own:
+            assert rules.lender.names_address(ip, port) or rules.lender.names_host(host, port)
 
 
 def test_public_addresses_pass() -> None:
-    ips = AllowList(["example.org:443"]).check_addresses("example.org", 443, ["93.184.215.14"])
+    rules = EgressRules(lender=["example.org:443"], task=["example.org:443"])
+    ips = rules.check_addresses("example.org", 443, ["93.184.215.14"])
     assert ips == [ipaddress.ip_address("93.184.215.14")]
 
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from catalog.caps import Caps, NetworkMode
+from catalog.caps import Allowance, Caps, NetworkMode
+from node.config import WorkerConfig
 from node.errors import VmlendError
 from worker_role.policy import LendingPolicy, PolicyViolation
 
@@ -219,7 +220,7 @@ def test_remaining_example() -> None:
         disk_mib=4096 - 256,
         network=NetworkMode.PROXY,
         net_bps=600,
-        net_allow=("*",),
+        net_allow=(),  # the lender lists no destination: none is offered
     )
     # Network budget spent: more VMs may run, but only without network.
     spent = [*running, Caps(cpu_share=0.25, network=NetworkMode.PROXY, net_bps=600)]
@@ -257,8 +258,9 @@ def test_task_destinations_must_be_within_the_lenders_allow_list() -> None:
     with pytest.raises(PolicyViolation) as info:
         policy.check(asking("debian.org:80", "pypi.org", "10.0.0.5:22", "bad entry"), [])
     assert str(info.value) == (
-        "network destinations debian.org:80, pypi.org, 10.0.0.5:22, 'bad entry' are outside "
-        "the lender's allow-list (*.debian.org:80, pypi.org:443, 10.0.0.5:8080)"
+        "network destinations debian.org:80, pypi.org, 10.0.0.5:22 (internal: only an exact rule "
+        "allows it), 'bad entry' are outside the lender's allow-list (*.debian.org:80, "
+        "pypi.org:443, 10.0.0.5:8080)"
     )
     left = policy.remaining([])
     assert left is not None
@@ -266,3 +268,48 @@ def test_task_destinations_must_be_within_the_lenders_allow_list() -> None:
     assert policy.fits(left, [])
     with pytest.raises(ValueError, match="bad allow-list entry"):
         LendingPolicy(net_allow=("exa mple.org",))
+
+
+def _asking(*entries: str) -> Caps:
+    return Caps(network=NetworkMode.PROXY, net_allow=entries)
+
+
+def test_an_empty_lender_list_admits_no_destination() -> None:
+    # The finding: network_allowed with an empty net_allow let a task name any destination.
+    policy = LendingPolicy.of(WorkerConfig(network_allowed=True))
+    assert policy.net_allow == ()
+    with pytest.raises(PolicyViolation, match=r"example.org:443 are outside .*\(empty\)"):
+        policy.check(_asking("example.org:443"), [])
+    with pytest.raises(PolicyViolation, match=r"\* are outside"):
+        policy.check(_asking("*"), [])
+    policy.check(_asking(), [])  # network with nowhere to go: harmless
+    left = policy.remaining([])
+    assert left is not None
+    assert left.net_allow == ()
+
+
+@pytest.mark.parametrize(
+    "entry", ["169.254.169.254:80", "127.0.0.1:22", "[::1]:22", "192.168.1.1", "[fd00::2]:80"]
+)
+def test_a_star_lender_refuses_a_task_naming_an_internal_address(entry: str) -> None:
+    # The finding: the lender's "*" covered 169.254.169.254:80 and 127.0.0.1:22.
+    policy = LendingPolicy(network_allowed=True, net_allow=("*",))
+    with pytest.raises(PolicyViolation, match=r"internal: only an exact rule allows it"):
+        policy.check(_asking("example.org:443", entry), [])
+    policy.check(_asking("example.org:443", "*", "93.184.215.14:443"), [])
+    LendingPolicy(network_allowed=True, net_allow=("*", entry)).check(_asking(entry), [])
+
+
+def test_the_scheduler_refuses_what_the_offer_cannot_reach() -> None:
+    # Matching uses the offer's room (the lender's list as offered), so a task asking wider than
+    # the lender is refused at lease time, not found out inside the VM.
+    lender = LendingPolicy(network_allowed=True, net_allow=("*", "127.0.0.1:8080"))
+    room = lender.remaining([])
+    assert room is not None
+    allowance = Allowance.room(room)
+    assert not allowance.violations(_asking("127.0.0.1:8080", "example.org:443"))
+    (violation,) = allowance.violations(_asking("169.254.169.254:80"))
+    assert violation.limit == "net_allow"
+    empty = LendingPolicy(network_allowed=True).remaining([])
+    assert empty is not None
+    assert Allowance.room(empty).violations(_asking("example.org:443"))

@@ -31,3 +31,9 @@ class UpstreamTimeout(DeadlineError):
     """The allowed destination did not accept the connection before the proxy's deadline."""
 
     status = 504
+
+
+class HostAddressesUnknown(EgressError):
+    """The host's own addresses could not be listed, so no destination can be judged safe."""
+
+    status = 503

@@ -1,9 +1,12 @@
 """The guest's only way out: an HTTP proxy on loopback applying one VM's allow-list and rate cap.
 
 The guest's user-mode NIC (``restrict=on``) forwards one guest address to this proxy, which accepts
-``CONNECT host:port`` tunnels and absolute-URI plain HTTP requests. The protocol and the rules are
-sans-IO (:mod:`worker_role.egress_http`, :mod:`node.allow_rules`,
-:mod:`worker_role.token_bucket`); this module is the trio glue, the limits and the counters.
+``CONNECT host:port`` tunnels and absolute-URI plain HTTP requests. A destination must be allowed
+by both the lender's list and the task's (:class:`node.allow_rules.EgressRules`); the addresses it
+resolves to are judged after DNS, against the host's own addresses as they are at that moment, and
+the proxy connects to exactly those addresses. The protocol and the rules are sans-IO
+(:mod:`worker_role.egress_http`, :mod:`node.allow_rules`, :mod:`worker_role.token_bucket`); this
+module is the trio glue, the limits and the counters.
 """
 
 from __future__ import annotations
@@ -16,10 +19,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import psutil
 import trio
 
-from node.allow_rules import AllowList, DestinationRefused, IPAddress, parse_ip
-from worker_role.egress_errors import BadProxyRequest, UpstreamTimeout, UpstreamUnreachable
+from node.allow_rules import DestinationRefused, EgressRules, IPAddress, parse_ip
+from worker_role.egress_errors import (
+    BadProxyRequest,
+    HostAddressesUnknown,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from worker_role.egress_http import ConnectRequest, ProxyRequest, find_head_end, parse_request_head
 from worker_role.egress_http import response as http_response
 from worker_role.token_bucket import TokenBucket
@@ -34,7 +43,11 @@ _UNCAPPED_CHUNK = 256 * 1024
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 256 * 1024
 
+# Distinct refused destinations logged per proxy; a guest probing more is counted, not logged.
+MAX_LOGGED_REFUSALS = 64
+
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+HostAddresses = Callable[[], frozenset[IPAddress]]
 
 
 class PortStatus(Protocol):
@@ -63,9 +76,23 @@ async def resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+def host_addresses() -> frozenset[IPAddress]:
+    """Every address of every interface of this host, now (read again at each check: DHCP, a VPN
+    or a new interface can add one at any time). OSError if they cannot be listed."""
+    found: set[IPAddress] = set()
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                ip = parse_ip(str(entry.address))
+                if ip is not None:
+                    found.add(ip)
+    return frozenset(found)
+
+
 class EgressProxy:
     """One VM's egress proxy. ``rate_bps`` is bytes/s for all its connections and both directions
-    together (0 = unlimited); ``allow`` entries are as in :mod:`node.allow_rules`."""
+    together (0 = unlimited); ``allow`` is the task's list and ``lender`` the lender's, entries as
+    in :mod:`node.allow_rules` (where one is run for oneself, both are the same list)."""
 
     def __init__(
         self,
@@ -74,15 +101,17 @@ class EgressProxy:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        lender: Sequence[str],
         max_head_bytes: int = 16 * 1024,
         max_connections: int = 64,
         connect_timeout: float = 10.0,
         head_timeout: float = 30.0,
         resolver: Resolver = resolve,
+        own_addresses: HostAddresses = host_addresses,
     ) -> None:
         if rate_bps < 0:
             raise ValueError(f"rate_bps must be >= 0, got {rate_bps}")
-        self.allow = AllowList(allow)
+        self.rules = EgressRules(lender=lender, task=allow)
         self.rate_bps = rate_bps
         self.host = host
         self.port = port
@@ -91,6 +120,9 @@ class EgressProxy:
         self.connect_timeout = connect_timeout
         self.head_timeout = head_timeout
         self._resolver = resolver
+        self._own_addresses = own_addresses
+        self._own: frozenset[IPAddress] = frozenset()
+        self._logged: set[tuple[str, int]] = set()
         # Capped, reads are no larger than a tenth of a second's worth, so a slow cap stays smooth.
         self._chunk = min(READ_CHUNK, max(1024, rate_bps // 10)) if rate_bps else _UNCAPPED_CHUNK
         self._bucket: TokenBucket | None = None
@@ -110,6 +142,7 @@ class EgressProxy:
 
     async def run(self, *, task_status: PortStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``task_status.started(port)`` once the port is listening."""
+        self._own = self._own_addresses()  # an OSError here is the proxy's own failure to start
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         self.port = listeners[0].socket.getsockname()[1]
         if self.rate_bps:
@@ -119,7 +152,7 @@ class EgressProxy:
             "egress proxy on %s:%d allowing %r at %d B/s",
             self.host,
             self.port,
-            self.allow,
+            self.rules,
             self.rate_bps,
         )
         task_status.started(self.port)
@@ -155,14 +188,16 @@ class EgressProxy:
                 return
             request, early = got
             upstream = await self._open_upstream(request)
-        except (BadProxyRequest, DestinationRefused, UpstreamUnreachable, UpstreamTimeout) as exc:
-            if isinstance(exc, DestinationRefused):
-                self._refused += 1
-            elif isinstance(exc, BadProxyRequest):
+        except DestinationRefused as exc:
+            await self._refuse(client, exc.status, str(exc))  # counted and logged where raised
+            return
+        except (BadProxyRequest, HostAddressesUnknown, UpstreamUnreachable, UpstreamTimeout) as exc:
+            if isinstance(exc, BadProxyRequest):
                 self._rejected += 1
             else:
                 self._failed += 1
-            log.info("egress %d: %s", exc.status, exc)
+            # Per attempt, so only at debug: a guest decides how often this happens.
+            log.debug("egress %d: %s", exc.status, exc)
             await self._refuse(client, exc.status, str(exc))
             return
         async with upstream:
@@ -191,18 +226,29 @@ class EgressProxy:
             return None
         return parse_request_head(bytes(buffer[:end])), bytes(buffer[end:])
 
+    def _note_refusal(self, host: str, port: int, exc: DestinationRefused) -> None:
+        """Count a refusal; log it the first time this destination is refused, up to a bound."""
+        self._refused += 1
+        key = (host, port)
+        if key in self._logged:
+            return
+        if len(self._logged) < MAX_LOGGED_REFUSALS:
+            self._logged.add(key)
+            log.info("egress refused: %s (further refusals of %s:%d not logged)", exc, host, port)
+        elif len(self._logged) == MAX_LOGGED_REFUSALS:
+            self._logged.add(key)  # one past the bound: this line is written once
+            log.info(
+                "egress refused more than %d destinations; further ones are counted only",
+                MAX_LOGGED_REFUSALS,
+            )
+
     async def _open_upstream(self, request: ProxyRequest) -> trio.SocketStream:
         host, port = request.host, request.port
-        self.allow.check(host, port)
-        literal = parse_ip(host)
-        if literal is not None:
-            ips: list[IPAddress] = self.allow.check_addresses(host, port, [str(literal)])
-        else:
-            try:
-                addresses = await self._resolver(host, port)
-            except OSError as exc:  # socket.gaierror and friends
-                raise UpstreamUnreachable(f"cannot resolve {host}: {exc}") from None
-            ips = self.allow.check_addresses(host, port, addresses)
+        try:
+            ips = await self._judge(host, port)
+        except DestinationRefused as exc:
+            self._note_refusal(host, port, exc)
+            raise
         with trio.move_on_after(self.connect_timeout):
             errors: list[str] = []
             for ip in ips:
@@ -214,6 +260,24 @@ class EgressProxy:
                     errors.append(f"{ip}: {exc.strerror or exc}")
             raise UpstreamUnreachable(f"cannot connect to {host}:{port} ({'; '.join(errors)})")
         raise UpstreamTimeout(f"{host}:{port} did not accept within {self.connect_timeout} s")
+
+    async def _judge(self, host: str, port: int) -> list[IPAddress]:
+        """The addresses to connect to for ``host:port``; DestinationRefused if any is refused."""
+        self.rules.check(host, port)
+        literal = parse_ip(host)
+        if literal is not None:
+            addresses: Sequence[str] = [str(literal)]
+        else:
+            try:
+                addresses = await self._resolver(host, port)
+            except OSError as exc:  # socket.gaierror and friends
+                raise UpstreamUnreachable(f"cannot resolve {host}: {exc}") from None
+        # After DNS, right before connecting: judged against the host's addresses as they are now.
+        try:
+            self._own = self._own_addresses()
+        except OSError as exc:
+            raise HostAddressesUnknown(f"cannot list this host's addresses: {exc}") from None
+        return self.rules.check_addresses(host, port, addresses, own=self._own)
 
     async def _relay(self, client: trio.SocketStream, upstream: trio.SocketStream) -> None:
         async def up() -> None:

@@ -43,15 +43,17 @@ class LendingPolicy:
     host CPUs' worth: 1.0 on a 2-core host lends half the machine. ``schedulers`` holds the peer
     IDs of the schedulers served; empty means any. ``net_allow`` is the lender's egress
     allow-list (entries as in :mod:`node.allow_rules`): every destination a task asks for in
-    ``Caps.net_allow`` must fall within one of them; ``None`` lets a task name any destination
-    (the proxy still never lets a guest reach internal addresses it was not given by address).
+    ``Caps.net_allow`` must fall within one of them, and the egress proxy lets a guest reach only
+    what both lists allow. Empty allows nothing, whatever ``network_allowed`` says; ``*`` allows
+    any public destination, and an internal one (loopback, the LAN, 169.254.169.254, this host's
+    own addresses) only where the list names that address or name exactly.
     """
 
     ceilings: Mapping[str, float] = field(default_factory=lambda: _DEFAULT_CEILINGS)
     max_concurrent_vms: int = 1
     network_allowed: bool = False
     schedulers: frozenset[str] = field(default_factory=frozenset)
-    net_allow: tuple[str, ...] | None = None
+    net_allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_concurrent_vms < 0:
@@ -60,9 +62,8 @@ class LendingPolicy:
         object.__setattr__(self, "schedulers", frozenset(self.schedulers))
         # The allowance refuses a ceiling below 0 or on a name that is no limit.
         object.__setattr__(self, "ceilings", Allowance(ceilings=self.ceilings).ceilings)
-        if self.net_allow is not None:
-            object.__setattr__(self, "net_allow", tuple(self.net_allow))
-            AllowList(self.net_allow)  # raises InvalidAllowRule (a ValueError) on a bad entry
+        object.__setattr__(self, "net_allow", tuple(self.net_allow))
+        AllowList(self.net_allow)  # raises InvalidAllowRule (a ValueError) on a bad entry
 
     @classmethod
     def of(cls, config: WorkerConfig) -> LendingPolicy:
@@ -72,7 +73,7 @@ class LendingPolicy:
             max_concurrent_vms=config.max_concurrent_vms,
             network_allowed=config.network_allowed,
             schedulers=frozenset(config.schedulers),
-            net_allow=config.net_allow or None,
+            net_allow=config.net_allow,
         )
 
     @property

@@ -346,7 +346,9 @@ class VmBackend:
                 vm = RunningVm(self, name, vm_dir, task, trio.current_time())
                 proxy_port = None
                 if caps.network is NetworkMode.PROXY:
-                    vm.proxy = EgressProxy(caps.net_allow, caps.net_bps)
+                    # Without a policy, whoever runs the backend is the lender (vmlend vm run).
+                    lender = caps.net_allow if self.policy is None else self.policy.net_allow
+                    vm.proxy = EgressProxy(caps.net_allow, caps.net_bps, lender=lender)
                     proxy_port = await nursery.start(vm.proxy.run)
                 await self._prepare_disks(vm_dir, image, task, caps, vm.end_token)
                 plan = DomainPlan(

@@ -70,7 +70,8 @@ def add_vm_arguments(vm: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="HOST:PORT",
-        help="destination the proxy lets through (repeatable)",
+        help="destination the proxy lets through (repeatable); '*' is any public one, while an "
+        "internal one (127.0.0.1, the LAN, this host's addresses) must be named exactly",
     )
     run.add_argument("--net-bps", type=parse_rate, default=0, help="proxy rate cap")
     run.add_argument(
