@@ -50,7 +50,9 @@ commented sample file)::
     max_disk = "2GiB"                # scratch disk in all; at least 1MiB
     max_concurrent_vms = 1           # VMs at once; 0 lends nothing
     network_allowed = false          # may a VM reach the network at all (via the egress proxy)
-    net_allow = []                   # where it may go: "host[:port]", "*.domain", "[v6]:port"
+    net_allow = []                   # where it may go ([] = nowhere): "host[:port]", "*.domain",
+                                     # "[v6]:port"; "*" = any public place; 127.0.0.1, the LAN,
+                                     # 169.254.169.254, this host's addresses: only if named exactly
     max_net_rate = "0"               # egress in all, e.g. "1MiB/s"; "0" = unlimited
     max_disk_rate = "0"              # disk bytes/s in all; "0" = unlimited
     max_disk_iops = 0                # disk operations/s in all; 0 = unlimited
