@@ -13,13 +13,13 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
-from node.allow_rules import AllowList, AllowRule, InvalidAllowRule, is_internal
+from node.allow_rules import MAX_RULES, AllowList, AllowRule, InvalidAllowRule, is_internal
 from node.errors import LocalProtocolError
 from node.limits import LIMITS, Amounts, Limit, Unit, limit_named
 from node.wire_fields import as_int, as_map, as_seconds, as_text, as_tuple, check_keys
 
 MIB = 1024 * 1024
-MAX_NET_ALLOW = 64
+MAX_NET_ALLOW = MAX_RULES
 # A share (cpu_share) is a float; sums of floats drift by an ulp, which must not turn "exactly the
 # limit" into a refusal, nor let remaining() offer a share that violations() then refuses.
 _SHARE_EPSILON = 1e-9

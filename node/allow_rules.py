@@ -41,6 +41,10 @@ class DestinationRefused(VmlendError):
     status = 403  # what the egress proxy answers with
 
 
+# Rules in one allow-list: the lender's list travels in every offer's Caps, and each rule is
+# checked for every connection a guest opens.
+MAX_RULES = 64
+
 _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
 _NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _MAX_NAME = 253

@@ -88,6 +88,7 @@ from typing import Any
 
 import node
 from node import config_kinds as k
+from node.allow_rules import MAX_RULES
 from node.config_kinds import Role
 from node.data_dir import resolve_data_dir
 from node.errors import ConfigError
@@ -257,7 +258,7 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         **{limit.config_key: _limit_kind(limit) for limit in LIMITS},
         "max_concurrent_vms": k.integer(0, 4096),
         "network_allowed": k.boolean(),
-        "net_allow": k.list_of(k.NET_ALLOW, 'destinations like "example.com:443"'),
+        "net_allow": k.list_of(k.NET_ALLOW, 'destinations like "example.com:443"', most=MAX_RULES),
         "schedulers": k.list_of(k.PEER_ID, 'peer IDs like "12D3KooW..."'),
         "shares": k.peer_weights(),
         "vm_dir": k.absolute_path(),

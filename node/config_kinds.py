@@ -214,13 +214,18 @@ def absolute_path() -> Kind:
     return Kind(expected, parse)
 
 
-def list_of(item: Kind, item_expected: str) -> Kind:
-    """A TOML array of ``item``; duplicates dropped (first kept), order kept."""
+def list_of(item: Kind, item_expected: str, *, most: int | None = None) -> Kind:
+    """A TOML array of ``item``; duplicates dropped (first kept), order kept; at most ``most``
+    items when given (a list that travels to peers is bounded on the wire too)."""
     expected = f"a list of {item_expected}"
+    if most is not None:
+        expected = f"a list of at most {most} {item_expected}"
 
     def parse(value: object) -> tuple[Any, ...]:
         if not isinstance(value, list | tuple):
             raise _fail(expected, value)
+        if most is not None and len(value) > most:
+            raise _fail(expected, f"{len(value)} items")
         result: list[Any] = []
         for index, raw in enumerate(value):
             try:

@@ -600,3 +600,14 @@ def test_a_scrub_interval_of_zero_means_never_but_other_durations_must_be_positi
     assert "scrub_interval" in layers.error()
     layers.node_toml.write_text('[network]\ndial_timeout = "0"\n')
     assert "above zero" in layers.error()
+
+
+def test_a_lenders_allow_list_longer_than_an_offer_can_carry_is_refused(tmp_path: Path) -> None:
+    # Offers carry the lender's list in Caps, whose wire form takes at most MAX_RULES entries:
+    # a longer list started fine and produced offers no scheduler could parse.
+    from node.allow_rules import MAX_RULES
+
+    rules = ", ".join(f'"h{i}.org:443"' for i in range(MAX_RULES + 1))
+    (tmp_path / "node.toml").write_text(f"[worker]\nnet_allow = [{rules}]\n")
+    with pytest.raises(ConfigError, match=rf"worker\.net_allow.*at most {MAX_RULES}"):
+        load_config(tmp_path, env={})
