@@ -83,6 +83,8 @@ log = logging.getLogger("vmlend.worker.agent")
 SCHEDULER_RECORD_KIND = "scheduler"
 DISCOVERY_INTERVAL = 5.0
 DELIVERY_TIMEOUT = 120.0
+# The least a NoWork's retry_after rests a scheduler: a tiny one must not make us ask in a loop.
+RETRY_FLOOR = 1.0
 STATE_FILE = "agent_leases.json"
 
 
@@ -312,7 +314,8 @@ class WorkerAgent:
             self._poke()
             nursery.start_soon(self._run_lease, scheduler, self._addrs[scheduler], answer)
         elif isinstance(answer, NoWork):
-            self._resting[scheduler] = trio.current_time() + answer.retry_after
+            rest = max(RETRY_FLOOR, answer.retry_after)
+            self._resting[scheduler] = trio.current_time() + rest
         else:
             control.fail(ProtocolError(f"{scheduler} answered a work request with {answer.TYPE}"))
 

@@ -1,7 +1,8 @@
 """A hostile scheduler's grants against a real worker agent (fakes for the network and the VMs,
 in virtual time): the same lease key granted twice by one scheduler, the same key granted by two
-schedulers at once, and grants whose fields are absurd. Each costs at most that lease (or the
-stream it came on); the agent keeps running, leaks no VM, and serves honest work after."""
+schedulers at once, grants whose fields are absurd, and a NoWork asking to be asked again at once.
+Each costs at most that lease (or the stream it came on); the agent keeps running, leaks no VM,
+and serves honest work after."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from catalog.dispatch import Answer, Heartbeat, Lost, WorkRequest, encode_answer
+from catalog.dispatch import Answer, Heartbeat, Lost, Request, WorkRequest, encode_answer
 from node.p2p_stream import MessageStream
 from tests.worker.fake_backend import FakeLeaseBlobs, manifest, vm_result
 from tests.worker.fake_scheduler import FakeScheduler, grant, lease
-from tests.worker.test_agent import TWO_VMS, Lab, _inline, until
+from tests.worker.test_agent import TWO_VMS, Lab, _inline, gaps, until
+from worker_role.agent import RETRY_FLOOR
 
 
 @pytest.fixture
@@ -134,3 +136,25 @@ async def test_grants_with_absurd_fields_are_refused_and_the_agent_lends_on(
     await until(a.changes, lambda: lease(1) in a.results)
     # Each absurd grant failed the stream it came on; the agent dialled again each time.
     assert len(a.streams) == len(ABSURD) + 1
+
+
+class Impatient(FakeScheduler):
+    """Answers NoWork with a retry_after of a microsecond, ``rounds`` times, then stops answering
+    work requests (so that virtual time can pass)."""
+
+    rounds = 50
+
+    def _answer(self, message: Request) -> Answer:
+        if isinstance(message, WorkRequest) and len(self.of_type(WorkRequest)) >= self.rounds:
+            self.answer_delay[WorkRequest] = 10**6
+        return super()._answer(message)
+
+
+async def test_a_scheduler_asking_to_be_asked_again_at_once_is_asked_at_most_once_a_second(
+    lab: Lab, autojump_clock: MockClock
+) -> None:
+    a = Impatient("sched-a", lab.identity.public_bytes, retry_after=1e-6)
+    lab.network.add(a)
+    await lab.start()
+    await until(a.changes, lambda: len(a.of_type(WorkRequest)) >= 10)
+    assert min(gaps(a.times_of(WorkRequest))) >= RETRY_FLOOR
