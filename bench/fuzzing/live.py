@@ -339,7 +339,9 @@ class LiveFuzz:
     def _collect_internal_errors(self) -> None:
         output = self.node.output
         for i, line in enumerate(output[self._errors_seen :], start=self._errors_seen):
-            if "internal error" not in line and "Traceback" not in line:
+            # One event per internal error (its traceback follows it), and any other traceback.
+            after_error = i > 0 and "internal error" in output[i - 1]
+            if "internal error" not in line and ("Traceback" not in line or after_error):
                 continue
             protocol = next((p for p in self.stats if p in line), None)
             self.findings.append({
