@@ -137,6 +137,7 @@ class DataServer:
             self.refused += 1
             return None
         self._unauthorised_by_ip[ip] = self._unauthorised_by_ip.get(ip, 0) + 1
+        token: bytes | None = None  # still None if the timeout passes first
         try:
             with trio.move_on_after(self._token_timeout):
                 token = await _receive_token(stream)
