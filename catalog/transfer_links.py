@@ -148,9 +148,15 @@ class P2PLinks:
         while (conn := await self._connection(peer)) is not None:
             try:
                 return await conn.get_hashed(chunk_id)
-            except StreamBrokenError:
+            except StreamBrokenError as e:
                 if not self._forget(peer, conn):
-                    raise  # it was the last one: the provider is gone
+                    # The last one broke. Strangers can fill a provider's small pool of
+                    # connections still showing no token, and it then refuses ours: chunks go
+                    # on libp2p streams from now on (if the provider is gone, they fail too).
+                    log.info("data channel to %s lost (%s); fetching on libp2p", peer, e)
+                    await conn.aclose()
+                    self._conns[peer] = []
+                    break
                 # Another connection to it still works (this one may have been refused as
                 # one too many, say): ask there.
         reply = await self._ask(peer, ChunkRequest(request_id=next(self._ids), chunk_id=chunk_id))
@@ -174,8 +180,8 @@ class P2PLinks:
         return conns[-1]
 
     def _forget(self, peer: str, conn: DataConnection) -> bool:
-        """Take a broken connection out of ``peer``'s turns if another remains (the last one
-        stays, and keeps failing, as a lone connection always did); whether it is out."""
+        """Take a broken connection out of ``peer``'s turns if another remains (the last one is
+        the caller's to replace); whether it is out."""
         conns = self._conns.get(peer, [])
         if conn in conns and len(conns) > 1:
             conns.remove(conn)

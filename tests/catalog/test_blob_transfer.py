@@ -364,3 +364,34 @@ async def test_a_provider_cannot_make_a_blob_we_know_private(spawn: Spawn, tmp_p
     result = await me.service.fetch(blob_id, sources=[provider.addr])  # a keyed ticket
     assert result.bytes_fetched == len(data)
     assert not me.service.access.is_private(blob_id)
+
+
+async def test_strangers_holding_every_tokenless_slot_do_not_stop_a_fetch(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """Sixteen silent connections from four addresses take the provider's whole pool of
+    connections that have shown no token yet, so it refuses ours: the fetch moves to libp2p
+    streams instead of dropping the provider (it failed before)."""
+    source = await spawn()
+    me = await spawn()
+    data = random_bytes(2 * MIB, 23)
+    blob_id = await add([source], data, tmp_path)
+    server = source.service.data
+    assert server is not None
+    squatters: list[trio.SocketStream] = []
+    for i in range(16):
+        sock = trio.socket.socket()
+        await sock.bind((f"127.0.0.{2 + i // 4}", 0))
+        await sock.connect(("127.0.0.1", server.port))
+        squatters.append(trio.SocketStream(sock))
+    with trio.fail_after(5):
+        while server.refused == 0 and len(server._unauthorised_by_ip) < 4:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    try:
+        result = await me.service.fetch(blob_id, sources=[source.addr])
+    finally:
+        for stream in squatters:
+            await stream.aclose()
+    assert result.bytes_fetched == len(data)
+    assert await exported(me, blob_id, tmp_path) == data
+    assert server.refused >= 1  # ours was refused on the data channel
