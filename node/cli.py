@@ -64,7 +64,23 @@ class _CommandsAddedOnUse(_SubParsersAction):
     ) -> None:
         if isinstance(values, list) and values and values[0] in self._pending:
             self._pending.pop(values[0])(self.choices[values[0]])
+        if isinstance(values, list) and values and values[0] in self.choices:
+            _verbose_anywhere(self.choices[values[0]])
         super().__call__(parser, namespace, values, option_string)
+
+
+def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``-v`` after the (sub)command too (``vmlend status -v``), as users type it; it adds
+    to the count given before the command (see :func:`main`)."""
+    if "-v" not in parser._option_string_actions:
+        parser.add_argument(
+            "-v", "--verbose", action="count", dest="verbose_after", default=argparse.SUPPRESS,
+            help="more log output (also before the command)",
+        )  # fmt: skip
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _verbose_anywhere(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +305,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose += vars(args).pop("verbose_after", 0)
     configure_logging(args.verbose)
     return run_command(args)
 

@@ -8,8 +8,10 @@ command. Nothing heavy is imported at the top: ``vmlend --version`` loads this m
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,7 +78,7 @@ def add_verbosity_option(parser: argparse.ArgumentParser) -> None:
 def configure_logging(verbosity: int) -> None:
     """Warnings and errors; ``-v`` adds info, ``-vv`` debug and libp2p's own chatter."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(_rfc3339_formatter())
     handler.addFilter(LogHygiene())  # what peers put in log lines is cut and rate-limited
     # A no-op where logging is set up already (a host program, a test runner): ours only.
     logging.basicConfig(level=logging.WARNING - 10 * min(verbosity, 2), handlers=[handler])
@@ -85,6 +87,20 @@ def configure_logging(verbosity: int) -> None:
         # every protocol a peer does not speak; the p2p adapter raises an error of its own for
         # each, reported where it matters, so libp2p's own lines are debug output.
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+def _rfc3339_formatter() -> logging.Formatter:
+    """Log lines stamped like every time vmlend shows: RFC 3339 in UTC, ``...T05:24:27.113Z``."""
+    formatter = logging.Formatter(
+        "%(asctime)s.%(msecs)03dZ %(name)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+    )
+    formatter.converter = time.gmtime
+    return formatter
+
+
+def rfc3339(timestamp: float) -> str:
+    """A wall-clock time as vmlend shows times to people and scripts: ``2026-12-07T05:24:27Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def data_dir(args: argparse.Namespace) -> Path:
@@ -129,16 +145,21 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except ConfigError as e:
-        print(f"vmlend: configuration error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(args, "configuration_error", f"configuration error: {e}", EXIT_USAGE)
     except IdentityError as e:
-        print(f"vmlend: identity error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(args, "identity_error", f"identity error: {e}", EXIT_USAGE)
     except RpcError as e:
-        print(f"vmlend: {e.message} ({e.code})", file=sys.stderr)
-        return EXIT_FAILURE
+        # The code is for scripts (--json); a person reads the message.
+        return _failed(args, e.code, e.message, EXIT_FAILURE)
     except VmlendError as e:
-        print(f"vmlend: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _failed(args, "error", str(e), EXIT_FAILURE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _failed(args: argparse.Namespace, code: str, message: str, exit_code: int) -> int:
+    """One line on stderr; with ``--json`` also ``{"error": {"code", "message"}}`` on stdout."""
+    print(f"vmlend: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": message}}))
+    return exit_code

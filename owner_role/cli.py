@@ -55,6 +55,7 @@ def _submit_arguments(submit: argparse.ArgumentParser) -> None:
         "--wait", action="store_true", help="wait until the task is over (Ctrl-C cancels it)"
     )
     add_quiet_option(submit)
+    add_json_option(submit, help="print the task ID (with --wait, the final status) as JSON")
     submit.set_defaults(handler=cmd_submit)
 
 
@@ -69,6 +70,7 @@ def _logs_arguments(logs: argparse.ArgumentParser) -> None:
     logs.add_argument("--follow", "-f", action="store_true", help="until the task is over")
     logs.add_argument("--raw", action="store_true", help=RAW_HELP)
     add_quiet_option(logs)
+    add_json_option(logs, help="the output so far as one JSON object (not with -f)")
     logs.set_defaults(handler=cmd_logs)
 
 
@@ -81,20 +83,22 @@ def _wait_arguments(wait: argparse.ArgumentParser) -> None:
         help="give up after this long (e.g. 30s, 5m), exit 124; the task goes on",
     )
     add_quiet_option(wait)
+    add_json_option(wait, help="print the final status as JSON")
     wait.set_defaults(handler=cmd_wait)
 
 
-def _task_id_argument(handler: Callable[[argparse.Namespace], int]) -> AddArguments:
-    def add(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("task_id", metavar="ID")
-        parser.set_defaults(handler=handler)
-
-    return add
+def _cancel_arguments(cancel: argparse.ArgumentParser) -> None:
+    cancel.add_argument("task_id", metavar="ID")
+    add_json_option(cancel, help="print the task's status as JSON")
+    cancel.set_defaults(handler=cmd_cancel)
 
 
 def _results_arguments(results: argparse.ArgumentParser) -> None:
     results.add_argument("task_id", metavar="ID")
-    results.add_argument("-o", "--out", type=Path, required=True, metavar="DIR")
+    results.add_argument(
+        "-o", "--out", type=Path, metavar="DIR", help="where to write them (default: ./ID)"
+    )
+    add_json_option(results, help="print the status and the files written as JSON")
     results.set_defaults(handler=cmd_results)
 
 
@@ -123,6 +127,11 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
         "--detach", "-d", action="store_true", help="print the task ID and return at once"
     )
     add_quiet_option(run)
+    add_json_option(
+        run,
+        help="no live output: at the end, the final status with stdout and stderr as JSON "
+        "(with --detach, the task ID)",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     run.set_defaults(handler=cmd_run)
 
@@ -150,16 +159,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"vmlend submit: {e}", file=sys.stderr)
         return EXIT_USAGE
     client = _client(args)
-    task_id = submit_text(client, text, path.parent, args.scheduler)["task_id"]
-    print(task_id, flush=True)
+    answer = submit_text(client, text, path.parent, args.scheduler)
+    task_id = answer["task_id"]
+    if not args.json:
+        print(task_id, flush=True)
     if not args.wait:
+        if args.json:
+            print_json(answer)
         return 0
     from owner_role.cli_watch import Progress, cancel_on_interrupt
 
     def watch() -> int:
         with Progress(args, task_id):
             status = wait_until_over(client, task_id)
-        return _print_final(status)
+        return _print_final(status, as_json=args.json)
 
     # Waiting, this command owns the task: Ctrl-C cancels it (see owner_role.cli_watch).
     return cancel_on_interrupt(args, task_id, "submit", watch)
@@ -181,9 +194,23 @@ WAIT_SLICE = 3600.0
 """Seconds of one ``task.wait`` call; waiting longer takes several."""
 
 
-def _print_final(status: dict[str, Any]) -> int:
-    print(f"{status['task_id']}: {outcome(status)}")
+def _print_final(status: dict[str, Any], *, as_json: bool = False) -> int:
+    if as_json:
+        print_json(status)
+    else:
+        print(f"{status['task_id']}: {outcome(status)}")
     return 0 if status["state"] in ("succeeded", "done") else EXIT_FAILURE
+
+
+def print_json(value: Any) -> None:
+    """One JSON document on stdout; bytes (a task's output) as UTF-8 text."""
+    print(json.dumps(value, default=_json_default), flush=True)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def outcome(status: dict[str, Any]) -> str:
@@ -208,7 +235,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     params = {"task_id": args.task_id} if args.task_id else {}
     found = client.call("task.status", params)
     if args.json:
-        print(json.dumps(found, default=str))
+        print_json(found)
         return 0
     for status in found if isinstance(found, list) else [found]:
         line = f"{status['task_id']}  {status['state']}"
@@ -258,6 +285,11 @@ def follow_logs(
 
 def cmd_logs(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.json:
+        if args.follow:
+            print("vmlend logs: --json does not go with --follow", file=sys.stderr)
+            return EXIT_USAGE
+        return _logs_json(client, args.task_id)
     if args.follow:
         from owner_role.cli_watch import Progress
 
@@ -278,6 +310,21 @@ def cmd_logs(args: argparse.Namespace) -> int:
 _ENDED_BADLY = frozenset({"failed", "cancelled"})
 
 
+def _logs_json(client: Client, task_id: str) -> int:
+    output = {"stdout": b"", "stderr": b""}
+    state = ""
+    for item in client.stream("task.logs", {"task_id": task_id, "follow": False}):
+        if isinstance(item, Notification) and item.method == "task.log":
+            kind, data = item.params
+            name = "stdout" if kind == "stdout" else "stderr"
+            output[name] += bytes(data)
+        elif isinstance(item, Result):
+            state = str(item.value.get("state"))
+    print_json({"task_id": task_id, "state": state} | output)
+    ended_badly = state in _ENDED_BADLY and not any(output.values())
+    return EXIT_FAILURE if ended_badly else 0
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     from owner_role.cli_watch import Progress
 
@@ -286,30 +333,40 @@ def cmd_wait(args: argparse.Namespace) -> int:
     if not status.get("finished"):
         from node.units import format_duration
 
+        if args.json:
+            print_json(status)
         print(
             f"vmlend wait: {args.task_id} is still {outcome(status)} after "
             f"{format_duration(args.timeout)}; it goes on ('vmlend cancel' stops it)",
             file=sys.stderr,
         )
         return EXIT_TIMEOUT
-    return _print_final(status)
+    return _print_final(status, as_json=args.json)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    out = args.out.resolve()
+    out = (args.out or Path(args.task_id)).resolve()
     answer = _client(args).call("task.results", {"task_id": args.task_id, "out": str(out)})
-    print(f"{args.task_id}: {outcome(answer)}")
     names = ["stdout", "stderr"]
     names += ["exit_code"] if answer.get("exit_code") is not None else []
     names += ["out.tar"] if answer.get("archive") else []
-    for name in names:
-        print(f"  {out / name}")
+    if args.json:
+        answer.pop("stdout", None)
+        answer.pop("stderr", None)
+        print_json(answer | {"out": str(out), "files": [str(out / n) for n in names]})
+    else:
+        print(f"{args.task_id}: {outcome(answer)}")
+        for name in names:
+            print(f"  {out / name}")
     return 0 if answer.get("exit_code") is not None else EXIT_FAILURE
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     status = _client(args).call("task.cancel", {"task_id": args.task_id})
-    print(f"{args.task_id}: {status['state']}")
+    if args.json:
+        print_json(status)
+    else:
+        print(f"{args.task_id}: {outcome(status)}")
     return 0
 
 
@@ -362,19 +419,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"task": task_to_wire(task), "base_dir": str(task.base_dir)}
     if args.scheduler:
         params["scheduler"] = args.scheduler
-    task_id = client.call("task.submit", params)["task_id"]
+    answer = client.call("task.submit", params)
+    task_id = answer["task_id"]
     if args.detach:
-        print(task_id, flush=True)
+        if args.json:
+            print_json(answer)
+        else:
+            print(task_id, flush=True)
         return 0
     print(f"vmlend run: task {task_id}", file=sys.stderr, flush=True)
     from owner_role.cli_watch import Progress, cancel_on_interrupt
 
     def watch() -> int:
         with Progress(args, task_id) as progress:
-            follow_logs(
-                client, task_id, follow=True, raw=args.raw, on_output=progress.output_started
-            )
+            if args.json:  # the output comes in the final JSON document, not live
+                wait_until_over(client, task_id)
+            else:
+                follow_logs(
+                    client, task_id, follow=True, raw=args.raw, on_output=progress.output_started
+                )
         status = wait_until_over(client, task_id)
+        if args.json:
+            found = client.call("task.results", {"task_id": task_id})
+            print_json(status | {"stdout": found["stdout"], "stderr": found["stderr"]})
         code = status.get("exit_code")
         if code is None:
             print(f"vmlend run: {task_id} {outcome(status)}", file=sys.stderr)
@@ -390,6 +457,6 @@ _ARGUMENTS: dict[str, AddArguments] = {
     "logs": _logs_arguments,
     "wait": _wait_arguments,
     "results": _results_arguments,
-    "cancel": _task_id_argument(cmd_cancel),
+    "cancel": _cancel_arguments,
     "run": _run_arguments,
 }

@@ -1,0 +1,103 @@
+"""The owner's command line as scripts and people use it, through the real ``vmlend`` binary
+(issue 18, item 9): ``--json`` on submit, logs, wait, results and cancel; RPC error codes only in
+JSON; ``results`` without ``-o``; ``-v`` after the command. No worker runs: no VM is needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from node.localnet import local_network, vmlend_command
+from tests.e2e.test_cli_results import QUEUED, ROLES, vmlend
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_json_everywhere_and_results_without_o(tmp_path: Path) -> None:
+    async with local_network(tmp_path, 2, roles=ROLES) as (_, owner):
+        (tmp_path / "task.toml").write_text(QUEUED)
+        with trio.fail_after(60):
+            await owner.call("schedulers.wait", {"count": 1, "timeout": 60})
+        code, out, err = await vmlend(owner, "submit", "--json", str(tmp_path / "task.toml"))
+        assert code == 0, err
+        submitted = json.loads(out)
+        task_id = submitted["task_id"]
+        assert submitted["scheduler"]
+
+        code, out, err = await vmlend(owner, "cancel", "--json", task_id)
+        assert code == 0, err
+        assert json.loads(out)["state"] == "cancelled"
+
+        code, out, err = await vmlend(owner, "wait", "--json", task_id)
+        assert code == 1, err
+        waited = json.loads(out)
+        assert (waited["task_id"], waited["state"], waited["exit_code"]) == (
+            task_id,
+            "cancelled",
+            None,
+        )
+
+        code, out, err = await vmlend(owner, "logs", "--json", task_id)
+        assert code == 1, err  # cancelled before any output
+        assert json.loads(out) | {"state": ""} == {
+            "task_id": task_id, "state": "", "stdout": "", "stderr": "",
+        }  # fmt: skip
+        code, _, err = await vmlend(owner, "logs", "--json", "-f", task_id)
+        assert (code, err) == (2, "vmlend logs: --json does not go with --follow\n")
+
+        # results without -o: a directory named after the task, in the current one.
+        here = tmp_path / "here"
+        here.mkdir()
+        code, out, err = await vmlend(owner, "results", "--json", task_id, cwd=here)
+        assert code == 1, err
+        found = json.loads(out)
+        assert found["out"] == str(here / task_id)
+        assert found["files"] == [str(here / task_id / "stdout"), str(here / task_id / "stderr")]
+        assert (here / task_id / "stdout").read_bytes() == b""
+        code, out, err = await vmlend(owner, "results", task_id, cwd=here)
+        assert out.splitlines() == [
+            f"{task_id}: cancelled",
+            f"  {here / task_id / 'stdout'}",
+            f"  {here / task_id / 'stderr'}",
+        ]
+
+        # run --json (and --detach --json): one JSON document, here of a task that never ran.
+        code, out, err = await vmlend(
+            owner, "run", "--json", "--image", "no-such-image@1", "--", "true"
+        )
+        assert code == 1, err
+        final = json.loads(out)
+        assert (final["state"], final["exit_code"], final["stdout"]) == ("failed", None, "")
+        code, out, err = await vmlend(owner, "run", "-d", "--json", "--", "true")
+        assert code == 0, err
+        assert json.loads(out)["task_id"].startswith("run-")
+
+        # A refusal: the message for people, the code only in JSON.
+        code, out, err = await vmlend(owner, "status", "no-such-task")
+        assert (code, out) == (1, "")
+        assert err == "vmlend: this node submitted no task no-such-task\n"
+        code, out, err = await vmlend(owner, "cancel", "--json", "no-such-task")
+        assert code == 1
+        assert json.loads(out) == {
+            "error": {
+                "code": "unknown_task",
+                "message": "this node submitted no task no-such-task",
+            }
+        }
+
+
+async def test_verbose_after_the_command_is_accepted(tmp_path: Path) -> None:
+    missing = tmp_path / "none"
+    for argv in (["status", "-v"], ["node", "info", "-v"], ["-v", "peers", "-vv"]):
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [*vmlend_command(), *argv, "--data", str(missing)],
+                capture_stderr=True,
+                check=False,
+            )
+        err = done.stderr.decode()
+        assert done.returncode == 1, err  # the node is missing: not a usage error (2)
+        assert f"no vmlend node is running with data dir {missing}" in err

@@ -1,0 +1,40 @@
+"""What the command line shows people (issue 18, item 9): one timestamp format, RFC 3339 in UTC,
+in log lines too; sizes in IEC units with few digits."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from node.cli_common import _rfc3339_formatter, human_size, rfc3339
+
+
+def test_log_lines_are_stamped_in_rfc3339_utc() -> None:
+    record = logging.LogRecord("vmlend.x", logging.WARNING, __file__, 1, "hello %s", ("you",), None)
+    record.created = 1_796_620_000.25  # 2026-12-07T...
+    record.msecs = 250.0
+    line = _rfc3339_formatter().format(record)
+    assert line == f"{rfc3339(record.created)[:-1]}.250Z vmlend.x WARNING hello you"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z .*", line)
+
+
+def test_rfc3339_is_utc() -> None:
+    assert rfc3339(0) == "1970-01-01T00:00:00Z"
+    assert rfc3339(1_796_620_000) == "2026-12-07T05:06:40Z"
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.5 KiB"),
+        (256 << 20, "256 MiB"),
+        (24105 << 20, "23.5 GiB"),
+        (99 * 10**12, "90 TiB"),  # "99TB": the "94413758 MiB" of the issue
+    ],
+)
+def test_sizes_for_people(size: int, shown: str) -> None:
+    assert human_size(size) == shown
