@@ -2,8 +2,11 @@
 
 All go through the local node's RPC (``task.*``, see :mod:`owner_role.service`); the node
 forwards them to the scheduler holding the task. Exit codes: 0 done (or the task's own exit code for
-``run``), 1 the task failed or was cancelled, 2 bad usage. :mod:`node.cli` names the commands and
-calls :func:`add_owner_arguments` only for the one that runs.
+``run``), 1 the task failed or was cancelled or the node refused, 2 bad usage, 124 ``wait
+--timeout`` passed, 130 interrupted (Ctrl-C; on ``run`` and ``submit --wait`` it cancels the
+task, see :mod:`owner_role.cli_watch`). ``--json`` prints one JSON document on stdout, and a
+refusal as ``{"error": {"code", "message"}}``. :mod:`node.cli` names the commands and calls
+:func:`add_owner_arguments` only for the one that runs.
 """
 
 from __future__ import annotations

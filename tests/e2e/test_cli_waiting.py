@@ -131,8 +131,13 @@ async def test_a_queued_task_says_what_it_waits_for_on_a_terminal_only(tmp_path:
         assert done.returncode == 2
         assert "argument --timeout: not a duration: 'soon'" in done.stderr.decode()
 
-        # logs -f says it too; so does run, whose Ctrl-C then cancels its queued task.
-        for args in (("logs", "-f", task_id), ("run", "--memory", "128MiB", "--", "true")):
+        # logs -f says it too; so do run and submit --wait, whose Ctrl-C then cancels their
+        # queued task (logs -f only stops watching).
+        for args in (
+            ("logs", "-f", task_id),
+            ("run", "--memory", "128MiB", "--", "true"),
+            ("submit", "--wait", str(tmp_path / "task.toml")),
+        ):
             watched = OnPty(owner, *args)
             async with trio.open_nursery() as nursery:
                 process = await watched.run(nursery)
@@ -142,6 +147,10 @@ async def test_a_queued_task_says_what_it_waits_for_on_a_terminal_only(tmp_path:
                 with trio.fail_after(60):
                     code = await process.wait()
             assert code == 130
-            if args[0] == "run":
-                assert f"{CLEAR}vmlend run: cancelling run-" in watched.err, watched.err
+            if args[0] == "logs":
+                assert watched.err.endswith(CLEAR), watched.err
+            else:
+                command, name = args[0], "run" if args[0] == "run" else "queued"
+                said = f"{CLEAR}vmlend {command}: cancelling {name}-"
+                assert said in watched.err, watched.err
                 assert watched.err.endswith(" cancelled\r\n"), watched.err
