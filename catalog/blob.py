@@ -111,7 +111,16 @@ class Manifest:
         if expected is not None and blake3.blake3(data).digest() != expected:
             raise ManifestError(f"manifest bytes do not hash to blob {expected.hex()}")
         try:
-            obj = msgpack.unpackb(data, raw=False, max_ext_len=0, strict_map_key=True)
+            # Bounded at decode time: a 4 MiB manifest of a million tiny entries would
+            # otherwise cost over a second of CPU to build before being refused.
+            obj = msgpack.unpackb(
+                data,
+                raw=False,
+                max_ext_len=0,
+                strict_map_key=True,
+                max_array_len=MAX_BLOB_CHUNKS,
+                max_map_len=0,
+            )
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as e:
             raise ManifestError(f"malformed manifest: {e}") from e
         if not (isinstance(obj, list) and len(obj) == 3 and obj[0] == MANIFEST_VERSION):

@@ -178,7 +178,10 @@ class BlobService:
         """A one-time data-channel token for the asking peer, scoped to one blob's chunks; for
         a private blob it carries the key its chunks will be encrypted with (this stream is
         Noise-encrypted, so only that peer learns it)."""
-        raw = await stream.receive()
+        try:
+            raw = await stream.receive()
+        except trio.EndOfChannel:
+            raise RemoteProtocolError(f"{stream.peer_id}: ended without a ticket request") from None
         blob = raw.get("blob_id")
         if raw.get("type") != "ticket_request" or not isinstance(blob, bytes) or len(blob) != 32:
             raise RemoteProtocolError(f"{stream.peer_id}: expected a ticket request")

@@ -395,6 +395,12 @@ class P2PNode:
         )
         try:
             await handler(stream)
+        except trio.EndOfChannel:
+            # The peer ended the stream where the handler expected a message: its mistake.
+            self._stats["peer_errors"] += 1
+            logger.info("%s stream from %s ended early", protocol_id, peer_id)
+            await stream.reset()
+            return
         except (NetworkError, ProtocolError) as e:
             self._stats["peer_errors"] += 1
             logger.info("%s stream from %s failed: %s", protocol_id, peer_id, e)

@@ -6,9 +6,17 @@ escaped the server's handler nursery and ended the whole node; the repertoire e2
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import trio
 
+from catalog.blob import BlobStore
+from catalog.blob_service import BlobService, data_host_for
+from catalog.chunk_store import ChunkStore
+from catalog.data_channel import TICKET_PROTOCOL
 from catalog.data_channel_server import DataServer
+from node.identity import Identity
+from node.p2p import P2PNode
 from tests.catalog.test_data_channel import CHUNK, CHUNK_ID, connect, open_chunk, read_chunk
 
 
@@ -28,4 +36,27 @@ async def test_a_connection_silent_past_the_token_timeout_is_refused_and_the_ser
         conn = await connect(nursery, srv, srv.tokens.issue("me", trio.current_time()))
         assert await conn.get(CHUNK_ID) == bytearray(CHUNK)
         await conn.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_ticket_stream_ended_without_a_request_is_the_peers_error(tmp_path: Path) -> None:
+    """Found by bench/fuzz.py: the end frame alone made the ticket handler raise EndOfChannel,
+    logged as an internal error (a bug) rather than as the peer's mistake."""
+    async with (
+        ChunkStore.open(tmp_path / "chunks") as store,
+        trio.open_nursery() as nursery,
+    ):
+        server = P2PNode(Identity.generate(), listen=["/ip4/127.0.0.1/tcp/0"])
+        await nursery.start(server.run)
+        blobs = BlobService(server, BlobStore(store), data_host=data_host_for(server.addrs))
+        await nursery.start(blobs.run)
+        peer = P2PNode(Identity.generate(), listen=["/ip4/127.0.0.1/tcp/0"])
+        await nursery.start(peer.run)
+        await peer.connect(server.addrs[0])
+        stream = await peer.open_stream(server.peer_id, TICKET_PROTOCOL)
+        await stream.send_end()
+        with trio.fail_after(10):
+            while server.statistics()["peer_errors"] == 0:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert server.statistics()["handler_errors"] == 0
         nursery.cancel_scope.cancel()
