@@ -34,6 +34,7 @@ from node.rpc_server import RpcServer
 from node.store import Database
 from owner_role.service import OwnerService
 from scheduler_role.service import SchedulerService
+from scheduler_role.trust import Policy
 from worker_role import tinyos
 from worker_role.agent import WorkerAgent
 from worker_role.lease_blobs import NodeLeaseBlobs
@@ -130,6 +131,7 @@ class Node:
                         self.p2p, blobs, self.data_dir, boot=tinyos.locate,
                         lease_timeout=self.config.scheduler.lease_timeout,
                         library=catalog.library,
+                        policy=Policy.from_config(self.config.scheduler),
                     )  # fmt: skip
                     await nursery.start(scheduler.run)
                     await nursery.start(self._advertise_scheduler)

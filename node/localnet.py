@@ -1,7 +1,11 @@
 """Run real ``vmlend node start`` processes on loopback: used by ``make demo`` and the e2e tests.
 
 Each :class:`LocalNode` is a separate OS process of the real binary with its own data directory,
-so what this drives is exactly what a user runs.
+so what this drives is exactly what a user runs, with one difference, said out loud: every node
+here shares 127.0.0.1, so a scheduler could never place two replicas on two networks nor have a
+new worker's result confirmed from another one (``scheduler_role.trust``). Local nodes read a
+"lab" first layer (``$VMLEND_BOOTSTRAP``, :data:`LAB_BOOTSTRAP`) that turns those two rules off;
+their own ``node.toml`` still layers on top, and a test can pass ``lab=False``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ from node.errors import VmlendError
 from node.rpc_client import AsyncClient
 
 START_TIMEOUT = 60.0
+
+LAB_BOOTSTRAP = """\
+# vmlend's local network (node/localnet.py): every node shares 127.0.0.1, so the scheduler's
+# Sybil rules (replicas on distinct networks, earned trust) are off here, and only here.
+[scheduler]
+distinct_networks = false
+trust_after = 0
+"""
 
 
 def vmlend_command() -> list[str]:
@@ -46,6 +58,7 @@ class LocalNode:
     addrs: list[str] = field(default_factory=list)
     output: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+    lab: bool = True  # read LAB_BOOTSTRAP first (see the module docstring)
 
     @property
     def rpc_path(self) -> Path:
@@ -63,6 +76,8 @@ class LocalNode:
         self.output.clear()
         self.addrs = []
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
+        if self.lab and "VMLEND_BOOTSTRAP" not in self.env:
+            env["VMLEND_BOOTSTRAP"] = str(await _lab_bootstrap(self.data_dir.parent))
         self.process = await trio.lowlevel.open_process(
             self.command(), stdout=-1, stderr=-1, env=env
         )
@@ -131,6 +146,13 @@ class LocalNode:
         self.process.kill()
         await self.process.wait()
         raise LocalNodeError(f"node {self.name} did not exit within {grace} s of {sig.name}")
+
+
+async def _lab_bootstrap(directory: Path) -> Path:
+    path = trio.Path(directory) / "lab-bootstrap.toml"
+    await path.parent.mkdir(parents=True, exist_ok=True)
+    await path.write_text(LAB_BOOTSTRAP)
+    return Path(path)
 
 
 @asynccontextmanager

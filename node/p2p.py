@@ -89,7 +89,7 @@ from node.p2p_host import (
     protocol_refused,
     to_multiaddr,
 )
-from node.p2p_keepalive import DialBackoff, KeepaliveTimes, tune_connection
+from node.p2p_keepalive import ConnectionEvents, DialBackoff, KeepaliveTimes, tune_connection
 from node.p2p_records import DhtRecords
 from node.p2p_stream import LIBP2P_IO_ERRORS, MessageStream
 from node.supervise import log_internal_error
@@ -159,11 +159,12 @@ class P2PNode:
         self._known: set[str] = set()
         self._dead: set[str] = set()
         self._dht.skip = lambda peer: str(peer) in self._dead
+        self._heard: set[str] = set()  # peers that answered a heartbeat since last declared dead
         self._backoff = DialBackoff()
         self._keepalive = KeepaliveTimes.for_liveness(
             heartbeat_interval=heartbeat_interval, peer_timeout=peer_timeout
         )
-        self._host.get_network().register_notifee(_ConnectionEvents(self))
+        self._host.get_network().register_notifee(ConnectionEvents(self._on_connected))
         self._stats = {
             "handler_errors": 0,
             "peer_errors": 0,
@@ -244,10 +245,15 @@ class P2PNode:
         return str(info.peer_id)
 
     def is_connected(self, peer_id: str) -> bool:
-        return bool(self._host.get_network().connections.get(parse_peer_id(peer_id)))
+        return self._has_connection(parse_peer_id(peer_id))
+
+    def _has_connection(self, peer: ID) -> bool:
+        # The swarm keeps a closed connection's object for a while; it carries no stream.
+        conns = self._host.get_network().connections.get(peer) or []
+        return any(not getattr(conn, "is_closed", False) for conn in conns)
 
     async def _connect(self, peer: ID) -> None:
-        if self._host.get_network().connections.get(peer):
+        if self._has_connection(peer):
             return
         wait = self._backoff.wait(str(peer), trio.current_time())
         if wait > self._dial_timeout:
@@ -256,7 +262,7 @@ class P2PNode:
             with trio.fail_after(self._dial_timeout):
                 if wait > 0:
                     await trio.sleep(wait)
-                    if self._host.get_network().connections.get(peer):
+                    if self._has_connection(peer):
                         return  # it reached us meanwhile
                 addrs = self._addrs_of(peer)
                 if not addrs:
@@ -264,7 +270,13 @@ class P2PNode:
                     addrs = list(found.addrs) if found is not None else []
                 if not addrs:
                     raise PeerUnreachableError(f"no known address for {peer}")
-                await self._host.connect(Libp2pPeerInfo(peer, addrs))
+                if self._host.get_network().connections.get(peer):
+                    # Only closed ones are left, and host.connect would take them for a
+                    # connection and return: dial (the swarm skips closed ones there).
+                    self._host.get_peerstore().add_addrs(peer, addrs, 0)
+                    await self._host.get_network().dial_peer(peer)
+                else:
+                    await self._host.connect(Libp2pPeerInfo(peer, addrs))
         except trio.TooSlowError as e:
             self._backoff.failed(str(peer), trio.current_time())
             raise DialTimeoutError(f"no connection to {peer} within {self._dial_timeout:g}s") from e
@@ -276,6 +288,11 @@ class P2PNode:
             raise
         self._backoff.reached(str(peer))
         self._host.get_peerstore().add_addrs(peer, addrs, 0)
+
+    def _on_connected(self, conn: Any) -> None:
+        """Every new connection, dialled or accepted: keepalive on, the peer's backoff cleared."""
+        tune_connection(conn, self._keepalive)
+        self._backoff.reached(str(conn.muxed_conn.peer_id))
 
     def _addrs_of(self, peer: ID) -> list[Multiaddr]:
         try:
@@ -475,6 +492,7 @@ class P2PNode:
     async def _watch(self, peer_id: str, watching: set[str]) -> None:
         """Ping ``peer_id`` every interval on one long-lived stream (reopened after a failure)
         until it has been dead for ``peer_timeout``."""
+        since = trio.current_time()
         try:
             while peer_id in self._known:
                 try:
@@ -482,7 +500,7 @@ class P2PNode:
                 except (NetworkError, ProtocolError, trio.EndOfChannel, trio.TooSlowError) as e:
                     self._stats["pings_failed"] += 1
                     logger.debug("heartbeat to %s failed: %s", peer_id, e)
-                    await self._forget_if_dead(peer_id)
+                    await self._forget_if_dead(peer_id, watched_since=since)
                 await trio.sleep(self._heartbeat_interval)
         finally:
             watching.discard(peer_id)
@@ -499,22 +517,27 @@ class P2PNode:
                 await trio.sleep(self._heartbeat_interval)
 
     def _seen(self, peer_id: str) -> None:
+        self._heard.add(peer_id)
         self._dead.discard(peer_id)
         self._backoff.reached(peer_id)
         self._mark(self._liveness.seen(peer_id, trio.current_time()))
 
-    async def _forget_if_dead(self, peer_id: str) -> None:
-        """After ``peer_timeout`` without a heartbeat: close its connections (a stream opened on
-        a connection to a vanished peer would wait on it until the kernel gives up), stop
-        watching it, drop it from the routing table, and keep DHT queries away from it until it
-        shows up again."""
-        last = self._liveness.last_seen(peer_id)
-        if last is not None and trio.current_time() - last <= self._liveness.peer_timeout:
+    async def _forget_if_dead(self, peer_id: str, *, watched_since: float) -> None:
+        """After ``peer_timeout`` without a heartbeat (counted from when watching began, for a
+        peer never heard yet): stop watching it, drop it from the routing table, and keep DHT
+        queries away from it until it shows up again. A peer that was alive and fell silent also
+        has its connections closed: a stream opened on a connection to a vanished peer would
+        wait on it until the kernel gives up (one that never answered may just not speak our
+        heartbeat)."""
+        last = self._liveness.last_seen(peer_id)  # None once swept, or if never heard
+        since = last if last is not None else watched_since
+        if trio.current_time() - since <= self._liveness.peer_timeout:
             return
         self._dead.add(peer_id)
         peer = parse_peer_id(peer_id)
         self._dht.drop_peer(peer)
-        if self._host.get_network().connections.get(peer):
+        heard, self._heard = peer_id in self._heard, self._heard - {peer_id}
+        if heard and self._has_connection(peer):
             logger.info(
                 "peer %s silent for %gs: closing its connections",
                 peer_id,
@@ -569,30 +592,3 @@ class P2PNode:
     ) -> list[str]:
         """Peers that announced ``key``, live ones first (:meth:`DhtRecords.find_providers`)."""
         return await self._records.find_providers(key, timeout=timeout)
-
-
-class _ConnectionEvents:
-    """The swarm's connection notifications (py-libp2p's ``INotifee``): every new connection,
-    dialled or accepted, gets keepalive, and clears the peer's dial backoff."""
-
-    def __init__(self, node: P2PNode) -> None:
-        self._node = node
-
-    async def connected(self, network: Any, conn: Any) -> None:
-        tune_connection(conn, self._node._keepalive)
-        self._node._backoff.reached(str(conn.muxed_conn.peer_id))
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        pass
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        pass

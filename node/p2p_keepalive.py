@@ -157,3 +157,29 @@ class DialBackoff:
 
     def __len__(self) -> int:
         return len(self._state)
+
+
+class ConnectionEvents:
+    """py-libp2p's ``INotifee`` for the swarm: ``on_connected(conn)`` for every new connection;
+    the other notifications are not needed."""
+
+    def __init__(self, on_connected: Callable[[Any], None]) -> None:
+        self._on_connected = on_connected
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self._on_connected(conn)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass

@@ -13,9 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.errors import PeerUnreachableError
+from node.identity import Identity
 from node.p2p import P2PNode
+from node.p2p_host import build_host, peer_addr, to_multiaddr
 from node.p2p_keepalive import DialBackoff, KeepaliveTimes, socket_of
-from tests.p2p_helpers import FAST, running_nodes
+from tests.p2p_helpers import FAST, LOOPBACK, running_nodes
 from tests.p2p_helpers.subprocess_peer import peer_process
 
 ECHO = "/vmlend/test-echo/1.0.0"
@@ -147,3 +149,20 @@ async def test_a_frozen_peers_connections_are_closed_once_it_is_declared_dead() 
             "type": "n",
             "n": 3,
         }
+
+
+async def test_a_peer_that_does_not_speak_our_heartbeat_keeps_its_connection() -> None:
+    """Only a peer that answered heartbeats and fell silent has its connections closed; a plain
+    libp2p peer (a DHT user, say) is never heard, and closing it after one failed ping cut
+    connections other code was about to use."""
+    async with running_nodes(1) as (node,):
+        listen = to_multiaddr(LOOPBACK)
+        plain = build_host(Identity.generate(), [listen])
+        async with plain.run([listen]):
+            await plain.connect(peer_addr(node.addrs[0]))
+            plain_id = str(plain.get_id())
+            await _until(lambda: node.is_connected(plain_id), 5)
+            # Long enough for several failed pings and for the peer to count as dead.
+            await trio.sleep(FAST["peer_timeout"] + 5 * FAST["heartbeat_interval"])
+            assert node.is_connected(plain_id)
+            assert node.statistics()["pings_failed"] >= 1
