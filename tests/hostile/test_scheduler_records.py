@@ -111,7 +111,7 @@ async def test_the_schedulers_rpc_lists_only_real_schedulers_and_reports_each_ro
     _, node, rogues, honest = owner_node
     for _ in range(3):
         assert await call(node, "schedulers.list") == [
-            {**honest, "trusted": False, "default": True}
+            {**honest, "trusted": False, "default": True, "stale": False}
         ]
     reported = [r for r in caplog.records if r.name == LOGGER]
     assert sorted(r.args[0] for r in reported) == sorted(r.peer_id for r in rogues)  # type: ignore[index]
