@@ -13,6 +13,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+from node.errors import VmlendError
+
 INTERNAL_ERROR = "internal error"
 
 
@@ -38,26 +40,40 @@ async def run_contained(
 
 @asynccontextmanager
 async def one_error() -> AsyncIterator[None]:
-    """Let a nursery's only error out as itself (trio groups even one), so callers can catch
-    ``QuotaExceededError``, ``GuestTimeoutError`` & co. by their type."""
+    """Let a nursery's error out as itself (trio groups even one), so callers can catch
+    ``QuotaExceededError``, ``GuestTimeoutError`` & co. by their type.
+
+    When several children failed at once (two providers unreachable together, say) and each
+    failure is one of ours, the first is raised with a note naming the others: a caller that
+    catches ``NetworkError`` must not see a group it cannot catch (it would end up logged as a
+    bug). A group holding anything else (a bug, a cancellation) is left as it is."""
     try:
         yield
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            lone = group.exceptions[0]
-            raise lone from lone.__cause__  # keep its own cause, drop the group as context
+        leaves = _leaves(group)
+        if len(leaves) == 1 or all(isinstance(e, VmlendError) for e in leaves):
+            first = leaves[0]
+            if len(leaves) > 1:
+                others = "; ".join(f"{type(e).__name__}: {e}"[:200] for e in leaves[1:4])
+                first.add_note(f"and {len(leaves) - 1} more at the same time: {others}")
+            raise first from first.__cause__  # keep its own cause, drop the group as context
         raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        else:
+            leaves.append(error)
+    return leaves
 
 
 def lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The one exception at the leaves of ``group`` (nested groups flattened), or None if there
     are several: a process that ends on one error reports that error, not trio's group."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        error = pending.pop()
-        if isinstance(error, BaseExceptionGroup):
-            pending.extend(error.exceptions)
-        else:
-            leaves.append(error)
+    leaves = _leaves(group)
     return leaves[0] if len(leaves) == 1 else None
