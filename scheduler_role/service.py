@@ -19,6 +19,7 @@ result's stdout/stderr stand in for them.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -56,7 +57,7 @@ from catalog.peer_quota import PeerQuotaError
 from catalog.taskfile import TaskFile
 from node import dht_records
 from node.contained import contained
-from node.errors import NetworkError, RemoteProtocolError, StreamBrokenError
+from node.errors import NetworkError, RemoteProtocolError, StoreError, StreamBrokenError
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
 from node.supervise import run_contained
@@ -182,8 +183,19 @@ class SchedulerService:
         self._nursery.start_soon(self._assemble_contained, task_id)
 
     async def _assemble_contained(self, task_id: str) -> None:
-        """An assembly runs in the service's nursery: a bug in it fails that task, not the node."""
-        if not await run_contained(log, f"assembling {task_id}", partial(self.assemble, task_id)):
+        """An assembly runs in the service's nursery: a bug in it fails that task, not the node.
+        One cut short because the scheduler is stopping is no bug: the queue it would write to
+        is closing, and the assembly starts again when the scheduler does."""
+
+        async def assemble_unless_stopping() -> None:
+            try:
+                await self.assemble(task_id)
+            except StoreError:
+                if trio.current_effective_deadline() != -math.inf:
+                    raise
+                log.info("assembling %s: stopped with the scheduler", task_id)
+
+        if not await run_contained(log, f"assembling {task_id}", assemble_unless_stopping):
             failed = partial(self.queue.assembly_failed, task_id, "internal error in assembly")
             await run_contained(log, f"failing {task_id}", failed)
             self.changed()
