@@ -31,6 +31,8 @@ commented sample file)::
     stream_deadline = "30s"          # deadline for one request/response on a stream
     max_inbound_streams = 256        # streams of one protocol that peers may have open here
     max_inbound_streams_per_peer = 16  # ... of which one peer may hold at most this many
+    max_connections = 300            # connections with peers in all, both ways
+    max_connections_per_peer = 3     # ... and with any one peer
     trusted_schedulers = []          # peer IDs of schedulers to prefer for tasks and work; EXTENDS
 
     [catalog]
@@ -132,6 +134,8 @@ class NetworkConfig:
     stream_deadline: float = 30.0
     max_inbound_streams: int = 256
     max_inbound_streams_per_peer: int = 16
+    max_connections: int = 300
+    max_connections_per_peer: int = 3
     trusted_schedulers: tuple[str, ...] = ()
 
 
@@ -245,6 +249,8 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         "stream_deadline": k.duration(),
         "max_inbound_streams": k.integer(1, 65536),
         "max_inbound_streams_per_peer": k.integer(1, 65536),
+        "max_connections": k.integer(2, 65536),
+        "max_connections_per_peer": k.integer(1, 64),
         "trusted_schedulers": k.list_of(k.PEER_ID, 'peer IDs like "12D3KooW..."'),
     },
     "catalog": {

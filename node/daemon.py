@@ -68,6 +68,8 @@ class Node:
             stream_deadline=net.stream_deadline,
             max_inbound_streams=net.max_inbound_streams,
             max_inbound_streams_per_peer=net.max_inbound_streams_per_peer,
+            max_connections=net.max_connections,
+            max_connections_per_peer=net.max_connections_per_peer,
         )
         self.schedulers = scheduler_record.SchedulerDirectory(self.p2p)
         self.choice = SchedulerChoice(

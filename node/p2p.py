@@ -82,6 +82,7 @@ from node.p2p_host import (
     check_listen_free,
     check_protocol_id,
     connect_delay,
+    connection_config,
     disable_connect_delay,
     negative_dial_cache_disabled,
     parse_peer_id,
@@ -135,6 +136,8 @@ class P2PNode:
         limits: WireLimits = DEFAULT_LIMITS,
         max_inbound_streams: int = 256,
         max_inbound_streams_per_peer: int = 16,
+        max_connections: int = 300,
+        max_connections_per_peer: int = 3,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0 < heartbeat_interval < peer_timeout:
@@ -151,7 +154,8 @@ class P2PNode:
         self._max_inbound_streams = max_inbound_streams
         self._max_inbound_streams_per_peer = max_inbound_streams_per_peer
         self._wall_clock = wall_clock
-        self._host = build_host(identity, self._listen)
+        connections = connection_config(max_connections, max_connections_per_peer)
+        self._host = build_host(identity, self._listen, connections=connections)
         self._dht = Dht(make_dht(self._host, wall_clock), query_timeout=stream_deadline)
         self._liveness = Liveness(peer_timeout=peer_timeout)
         self._ping_timeout = peer_timeout

@@ -162,7 +162,31 @@ def check_listen_free(listen: Sequence[Multiaddr]) -> None:
                 raise ListenAddressInUseError(f"cannot listen on {addr}: {e.strerror}") from None
 
 
-def build_host(identity: Identity, listen: Sequence[Multiaddr]) -> BasicHost:
+def connection_config(max_connections: int, max_connections_per_peer: int) -> ConnectionConfig:
+    """py-libp2p's connection limits from ours: at most ``max_connections`` connections in all
+    (the swarm prunes the newest past it) and ``max_connections_per_peer`` to any one peer; its
+    watermarks scaled down to fit when the ceiling is below them. A connection still showing no
+    identity is cut after py-libp2p's upgrade timeout (10 s)."""
+    high = min(max_connections, DEFAULT_CONNECTIONS.high_watermark)
+    low = min(DEFAULT_CONNECTIONS.low_watermark, high // 2)
+    return ConnectionConfig(
+        max_connections=max_connections,
+        max_connections_per_peer=max_connections_per_peer,
+        high_watermark=high,
+        low_watermark=low,
+        min_connections=min(DEFAULT_CONNECTIONS.min_connections, low),
+    )
+
+
+DEFAULT_CONNECTIONS = ConnectionConfig()
+
+
+def build_host(
+    identity: Identity,
+    listen: Sequence[Multiaddr],
+    *,
+    connections: ConnectionConfig = DEFAULT_CONNECTIONS,
+) -> BasicHost:
     key_pair = key_pair_of(identity)
     security = {
         TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(
@@ -175,7 +199,7 @@ def build_host(identity: Identity, listen: Sequence[Multiaddr]) -> BasicHost:
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         listen_addrs=list(listen),
         retry_config=RetryConfig(max_retries=0),
-        connection_config=ConnectionConfig(),
+        connection_config=connections,
     )
     host = BasicHost(network=swarm)
     disable_negative_dial_cache(host)

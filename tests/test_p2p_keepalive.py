@@ -166,3 +166,11 @@ async def test_a_peer_that_does_not_speak_our_heartbeat_keeps_its_connection() -
             await trio.sleep(FAST["peer_timeout"] + 5 * FAST["heartbeat_interval"])
             assert node.is_connected(plain_id)
             assert node.statistics()["pings_failed"] >= 1
+
+
+async def test_the_connection_ceilings_are_the_nodes_own() -> None:
+    """[network] max_connections / max_connections_per_peer reach py-libp2p's swarm."""
+    async with running_nodes(1, max_connections=7, max_connections_per_peer=2) as (node,):
+        config = node._host.get_network().connection_config
+        assert (config.max_connections, config.max_connections_per_peer) == (7, 2)
+        assert config.high_watermark <= 7
