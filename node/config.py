@@ -74,6 +74,9 @@ commented sample file)::
     ipv6_prefix = 48                 # workers in one IPv6 /48 are one network
     trust_after = 10                 # agreements in a row before a worker's result may decide
                                      # a task alone; 0 trusts every worker (a lab only)
+    keep_finished = "7d"             # a finished task, its files and results are kept this long
+                                     # after it ends for its owner, then forgotten (and the
+                                     # owner's quota freed)
 
 EXTENDS marks the two lists ``node.toml`` adds to instead of replacing.
 """
@@ -187,6 +190,7 @@ class SchedulerConfig:
     ipv4_prefix: int = 24
     ipv6_prefix: int = 48
     trust_after: int = 10
+    keep_finished: float = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -277,6 +281,7 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         "ipv4_prefix": k.integer(0, 32),
         "ipv6_prefix": k.integer(0, 128),
         "trust_after": k.integer(0, 1000),
+        "keep_finished": k.duration(),
     },
 }
 

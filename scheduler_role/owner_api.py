@@ -49,6 +49,7 @@ from catalog.task_wire import archive_members
 from catalog.taskfile import TaskFile
 from node.errors import NetworkError, RemoteProtocolError
 from node.p2p_stream import MessageStream
+from node.units import format_duration, format_size
 from scheduler_role.errors import SchedulerError, TaskConflictError, UnknownTaskError
 from scheduler_role.explain import explain
 from scheduler_role.lifecycle import FINISHED_TASK_STATES
@@ -121,7 +122,9 @@ class OwnerApi:
         except RefusedError as e:
             answer = Refused(code=e.code, message=e.message[:4096])
         except UnknownTaskError as e:
-            answer = Refused(code="unknown_task", message=str(e))
+            kept = format_duration(self.service.keep_finished)
+            message = f"{e} (a finished task is kept {kept} after it ends, then forgotten)"
+            answer = Refused(code="unknown_task", message=message)
         except TaskFilesError as e:
             answer = Refused(code="invalid_task", message=str(e)[:4096])
         except RemoteProtocolError as e:
@@ -171,6 +174,7 @@ class OwnerApi:
         self._check_placeable(spec)
         if await self._known(task_id):  # a repeated submit: idempotent, or a conflict
             return await self._enqueue(spec)
+        await self._check_room(owner)
         # Staged under a name of our own, so concurrent submits of one ID never share files.
         staging = where.parent / f".staging-{secrets.token_hex(8)}"
         try:
@@ -187,6 +191,19 @@ class OwnerApi:
                 return await self._enqueue(spec)
         finally:
             await trio.to_thread.run_sync(discard, staging)
+
+    async def _check_room(self, owner: str) -> None:
+        """Refuse an owner whose quota is full, even for a task without files: its results
+        would be charged to that owner too."""
+        try:
+            await self.service.blobs.peer_quota.check(owner, 1)
+        except PeerQuotaError as e:
+            raise RefusedError(
+                e.code,
+                f"quota exceeded: your tasks' files and results take {format_size(e.used)} here, "
+                f"your quota is {format_size(e.quota)}; they are freed as your finished tasks "
+                f"are forgotten, {format_duration(self.service.keep_finished)} after they end",
+            ) from None
 
     async def _known(self, task_id: str) -> bool:
         try:

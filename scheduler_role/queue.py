@@ -38,7 +38,7 @@ from node.store import Database
 from scheduler_role import queue_ops as ops
 from scheduler_role import schema
 from scheduler_role.end_conditions import Outcome
-from scheduler_role.errors import InvalidTaskError, TaskConflictError
+from scheduler_role.errors import InvalidTaskError, TaskConflictError, UnknownTaskError
 from scheduler_role.group_commit import GroupCommit
 from scheduler_role.lifecycle import (
     FINISHED_TASK_STATES,
@@ -63,6 +63,12 @@ from scheduler_role.task import TaskSpec
 # background): arriving after the verdict, they are moot rather than invalid.
 _MOOT_ONCE_FINISHED = frozenset(
     {TaskEvent.CANCEL, TaskEvent.ASSEMBLE, TaskEvent.IMAGE_READY, TaskEvent.ASSEMBLY_FAILED}
+)
+
+# The scheduler's own background events for a task the retention sweep already forgot (one
+# cancelled while its image was being assembled): moot too.
+_MOOT_ONCE_FORGOTTEN = frozenset(
+    {TaskEvent.ASSEMBLE, TaskEvent.IMAGE_READY, TaskEvent.ASSEMBLY_FAILED}
 )
 
 
@@ -121,6 +127,17 @@ class _Held:
 class SeenOffer:
     offer: Offer
     at: float  # monotonic
+
+
+def _tables_with(conn: sqlite3.Connection, column: str) -> list[str]:
+    """The tables of this database that have ``column`` (every table about one task has
+    ``task_seq``): forgetting a task reaches tables added by later migrations too."""
+    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return [
+        name
+        for name in names
+        if any(col[1] == column for col in conn.execute(f"PRAGMA table_info({name})"))
+    ]
 
 
 class Queue:
@@ -255,7 +272,12 @@ class Queue:
         held_for = self._held_for()
 
         def op(conn: sqlite3.Connection) -> list[StopNotice]:
-            seq, _, state, _, _ = ops.load_task(conn, task_id)
+            try:
+                seq, _, state, _, _ = ops.load_task(conn, task_id)
+            except UnknownTaskError:
+                if event in _MOOT_ONCE_FORGOTTEN:
+                    return []
+                raise
             if event in _MOOT_ONCE_FINISHED and state in FINISHED_TASK_STATES:
                 return []  # a cancel or an assembly that ends after its task did changes nothing
             new = task_step(state, event)
@@ -492,6 +514,65 @@ class Queue:
             self._forget(stops)
 
         return await self._commits.write(op, after)
+
+    # --- retention (scheduler_role.retention) -----------------------------------------------------
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    async def finished_before(self, wall: float, *, limit: int) -> list[str]:
+        """Up to ``limit`` finished tasks that ended at or before ``wall`` (Unix seconds),
+        the longest finished first."""
+        states = tuple(s.value for s in FINISHED_TASK_STATES)
+        rows = await self._db.fetchall(
+            f"SELECT task_id FROM tasks WHERE state IN ({', '.join('?' * len(states))})"
+            " AND COALESCE(finished_at, submitted_at) <= ?"
+            " ORDER BY COALESCE(finished_at, submitted_at), seq LIMIT ?",
+            (*states, wall, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def result_blob_users(
+        self, blobs: Iterable[bytes], *, besides: str
+    ) -> dict[bytes, tuple[str, str]]:
+        """For each of ``blobs`` a result of another task than ``besides`` still names: that
+        task's ID and owner (one identical output is one blob, shared by every task with it)."""
+        wanted = list(dict.fromkeys(bytes(b) for b in blobs))
+        if not wanted:
+            return {}
+        marks = ", ".join("?" * len(wanted))
+        rows = await self._db.fetchall(
+            "SELECT r.stdout_blob, r.stderr_blob, r.archive_blob, t.task_id, t.owner"
+            " FROM results r JOIN tasks t ON t.seq = r.task_seq WHERE t.task_id != ?"
+            f" AND (r.stdout_blob IN ({marks}) OR r.stderr_blob IN ({marks})"
+            f" OR r.archive_blob IN ({marks}))",
+            (besides, *wanted, *wanted, *wanted),
+        )
+        users: dict[bytes, tuple[str, str]] = {}
+        for *named, task_id, owner in rows:
+            for blob in named:
+                if blob is not None and bytes(blob) in wanted:
+                    users.setdefault(bytes(blob), (task_id, owner))
+        return users
+
+    async def forget(self, task_id: str) -> None:
+        """Mark the finished task collected, then delete it and every row about it (its
+        replicas, results, strikes...): from now on it is unknown here. UnknownTaskError if it
+        is not here, InvalidTransition if it has not finished."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            seq, _, state, _, _ = ops.load_task(conn, task_id)
+            task_step(state, TaskEvent.COLLECT)  # only a finished task may be forgotten
+            for table in _tables_with(conn, "task_seq"):
+                conn.execute(f"DELETE FROM {table} WHERE task_seq = ?", (seq,))
+            conn.execute("DELETE FROM tasks WHERE seq = ?", (seq,))
+
+        def after(_: None) -> None:
+            for lease in [k for k in self._held if k.task_id == task_id]:
+                self._release(lease)
+
+        await self._commits.write(op, after)
 
     # --- introspection ---------------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ from scheduler_role.lifecycle import TaskState
 from scheduler_role.live_logs import MAX_LEASE_LOG, LogBuffer
 from scheduler_role.queue import Queue, StopNotice
 from scheduler_role.ready_image import ready_manifest
+from scheduler_role.retention import DEFAULT_KEEP_FINISHED, Retention
 from scheduler_role.task_store import load_task
 from scheduler_role.trust import Policy
 
@@ -105,6 +106,7 @@ class SchedulerService:
         build_cache: Path | None = None,
         library: Library | None = None,
         policy: Policy | None = None,
+        keep_finished: float = DEFAULT_KEEP_FINISHED,
     ) -> None:
         self.p2p = p2p
         self._policy = policy or Policy()
@@ -114,12 +116,14 @@ class SchedulerService:
         self._lease_timeout = lease_timeout
         self._build_cache = build_cache
         self._library = library
+        self.keep_finished = keep_finished
         self._workers: dict[str, MessageStream] = {}
         self.logs: dict[str, LogBuffer] = {}
         self._changed = trio.Event()
         self._assembly_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.queue: Queue
+        self.retention: Retention
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from scheduler_role.owner_api import OwnerApi
@@ -137,6 +141,11 @@ class SchedulerService:
             self.queue = queue
             self._nursery = nursery
             await nursery.start(queue.serve_ticks, self._after_tick)
+            self.retention = Retention(
+                queue, self.blobs, self.data_dir / TASKS_DIR, keep_finished=self.keep_finished,
+                on_forgotten=self._forgotten,
+            )  # fmt: skip
+            await nursery.start(self.retention.serve)
             for status in await queue.waiting():
                 if status.state in (TaskState.SUBMITTED, TaskState.ASSEMBLING):
                     nursery.start_soon(self.assemble, status.spec.task_id)
@@ -157,6 +166,10 @@ class SchedulerService:
         """Until the next change, or ``timeout`` s (tick-driven changes do not always signal)."""
         with trio.move_on_after(timeout):
             await self._changed.wait()
+
+    def _forgotten(self, task_id: str) -> None:
+        self.logs.pop(task_id, None)
+        self.changed()
 
     async def _after_tick(self, stops: list[StopNotice]) -> None:
         await self.push_stops(stops)
