@@ -10,7 +10,14 @@ machines, because a task with three replicas is "queued" and "running" at once:
   collected it.
 * the **replica** machine (:data:`REPLICA_TABLE`), one per replica: queued -> leased -> running ->
   reported, or expired -> queued again (another attempt) / failed (attempts used up), or failed on
-  max runtime, or stopped when the task ended without needing it.
+  max runtime, or stopped when the task ended without needing it. A queued replica may also go
+  straight to reported: the result of its last lease, which lapsed while the worker finished it,
+  arriving before anyone else leased it again (nothing is run twice for a late word).
+
+A lease that ends before its VM started (the worker could not fetch, boot or reach libvirt) is the
+worker's failure, not the task's: :func:`expire` counts it in ``start_failures``, which spends the
+task's ``max_attempts`` no more, and is bounded on its own (``START_FAILURE_FACTOR`` times the
+attempts) so a task cannot bounce between sick workers forever.
 
 Every (state, event) pair not in a table raises :class:`InvalidTransition`: nothing is implied. A
 replica is held by a worker exactly in :data:`HOLDING`; :func:`replica_step` keeps the holder,
@@ -111,6 +118,7 @@ class ReplicaEvent(StrEnum):
 REPLICA_TABLE: dict[ReplicaState, dict[ReplicaEvent, ReplicaState]] = {
     ReplicaState.QUEUED: {
         ReplicaEvent.LEASE: ReplicaState.LEASED,
+        ReplicaEvent.REPORT: ReplicaState.REPORTED,  # its lapsed last lease's result, late
         ReplicaEvent.STOP: ReplicaState.STOPPED,
     },
     ReplicaState.LEASED: {
@@ -148,6 +156,8 @@ class Replica:
     """One replica's place in its machine. ``worker`` is set exactly when ``state`` is holding.
 
     ``attempts`` counts leases granted so far; the current lease (if any) is attempt ``attempts``.
+    ``start_failures`` counts those of them that ended before their VM started: they do not spend
+    the task's ``max_attempts`` (:func:`spent`).
     """
 
     index: int
@@ -155,6 +165,16 @@ class Replica:
     worker: str | None = None
     attempts: int = 0
     reason: str = ""
+    start_failures: int = 0
+
+
+START_FAILURE_FACTOR = 2
+"""A replica may fail to start this many times its task's ``max_attempts`` before it gives up."""
+
+
+def spent(replica: Replica) -> int:
+    """The attempts of ``replica`` that count against ``max_attempts``: leases whose VM started."""
+    return replica.attempts - replica.start_failures
 
 
 def replica_step(
@@ -173,11 +193,19 @@ def replica_step(
     return replace(replica, state=state, worker=holder, reason=reason or replica.reason)
 
 
-def expire(replica: Replica, *, max_attempts: int, reason: str) -> Replica:
-    """EXPIRE, then REQUEUE while attempts remain, else GIVE_UP (one step for the caller)."""
+def expire(replica: Replica, *, max_attempts: int, reason: str, started: bool = True) -> Replica:
+    """EXPIRE, then REQUEUE while attempts remain, else GIVE_UP (one step for the caller).
+
+    ``started=False``: the lease ended before its VM started; it spends a start failure (at most
+    ``START_FAILURE_FACTOR * max_attempts``) instead of one of the task's attempts."""
     expired = replica_step(replica, ReplicaEvent.EXPIRE, reason=reason)
-    if expired.attempts < max_attempts:
+    if not started:
+        expired = replace(expired, start_failures=expired.start_failures + 1)
+    if expired.start_failures >= START_FAILURE_FACTOR * max_attempts:
+        why = f"{reason}; gave up after {expired.start_failures} leases failed to start"
+        return replica_step(expired, ReplicaEvent.GIVE_UP, reason=why)
+    if spent(expired) < max_attempts:
         return replica_step(expired, ReplicaEvent.REQUEUE, reason=reason)
     return replica_step(
-        expired, ReplicaEvent.GIVE_UP, reason=f"{reason}; gave up after {expired.attempts} attempts"
+        expired, ReplicaEvent.GIVE_UP, reason=f"{reason}; gave up after {spent(expired)} attempts"
     )

@@ -53,7 +53,7 @@ from scheduler_role.lifecycle import (
 )
 from scheduler_role.queue_ops import StopNotice
 from scheduler_role.trust import Conduct, Policy, WorkerRecord
-from scheduler_role.worker_records import all_records, load_record, seen_at
+from scheduler_role.worker_records import all_records, load_record, seen_at, sidelined
 
 __all__ = ["Clock", "Queue", "SeenOffer", "StopNotice", "StoredResult", "TaskStatus", "TrioClock"]
 from catalog.dispatch import LeaseKey
@@ -64,7 +64,6 @@ from scheduler_role.task import TaskSpec
 _MOOT_ONCE_FINISHED = frozenset(
     {TaskEvent.CANCEL, TaskEvent.ASSEMBLE, TaskEvent.IMAGE_READY, TaskEvent.ASSEMBLY_FAILED}
 )
-
 # The scheduler's own background events for a task the retention sweep already forgot (one
 # cancelled while its image was being assembled): moot too.
 _MOOT_ONCE_FORGOTTEN = frozenset(
@@ -366,12 +365,19 @@ class Queue:
             # The offer is the worker's word; this bounds what one worker can hoard by lying.
             return NoWork(retry_after=self.retry_after, reason=f"already holds {held} leases")
 
+        # A task a worker failed to start goes to another, unless nobody else is asking.
+        others = any(w != worker for w in self.offers)
+
         def op(conn: sqlite3.Connection) -> LeaseGrant | NoWork | None:
+            if (resting := sidelined(conn, worker, wall)) is not None:
+                failures, left = resting
+                reason = f"sidelined for {left:.0f} s: {failures} leases in a row failed to start"
+                return NoWork(retry_after=max(self.retry_after, left), reason=reason)
             limit = self.policy.max_leases(load_record(conn, worker), self.max_leases_per_worker)
             if held >= limit:
                 reason = f"holds {held} leases, as many as a worker not yet trusted may"
                 return NoWork(retry_after=self.retry_after, reason=reason)
-            found = ops.find_candidate(conn, worker, where, offer, wall)
+            found = ops.find_candidate(conn, worker, where, offer, wall, avoid_failed=others)
             if found is None:
                 return None
             seq, idx, spec = found
@@ -382,6 +388,7 @@ class Queue:
                 "UPDATE replicas SET network = ? WHERE task_seq = ? AND idx = ?", (where, seq, idx)
             )
             seen_at(conn, worker, where, wall)
+            ops.note_lease(conn, seq, idx, leased.attempts, worker, where)
             assert spec.image_id is not None  # only active tasks are candidates
             return LeaseGrant(
                 lease=LeaseKey(spec.task_id, idx, leased.attempts),
@@ -421,7 +428,7 @@ class Queue:
                 started.append(lease)
         if started:
             wall = self._clock.wall()
-            await self._commits.write(lambda conn: ops.mark_running(conn, started, wall))
+            await self._commits.write(lambda conn: ops.mark_running(conn, started, wall, worker))
         return HeartbeatAck(stop=tuple(stop))
 
     async def report(self, worker: str, report: ResultReport) -> tuple[ResultAck, list[StopNotice]]:
@@ -575,6 +582,13 @@ class Queue:
         await self._commits.write(op, after)
 
     # --- introspection ---------------------------------------------------------------------------
+
+    async def may_report(self, worker: str, lease: LeaseKey) -> bool:
+        """Whether a result from ``worker`` for ``lease`` would be counted: it holds the lease,
+        or held it and the lease lapsed while the task is live (the caller fetches its blobs)."""
+        if self.holder(lease) == worker:
+            return True
+        return await self._db.transaction(lambda conn: ops.may_report(conn, worker, lease))
 
     def holder(self, lease: LeaseKey) -> str | None:
         """The worker holding ``lease`` now (None: nobody; lapsed, re-leased or never granted)."""

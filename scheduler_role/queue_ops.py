@@ -36,7 +36,12 @@ from scheduler_role.lifecycle import (
 from scheduler_role.matching import offer_fits
 from scheduler_role.task import TaskSpec
 from scheduler_role.trust import Conduct, Policy
-from scheduler_role.worker_records import load_record, note
+from scheduler_role.worker_records import (
+    load_record,
+    note,
+    start_failed,
+    start_succeeded,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +69,12 @@ def load_task(
     return row[0], schema.spec_from_row(row), TaskState(row[10]), verdict, row[12]
 
 
-def mark_running(conn: sqlite3.Connection, leases: list[LeaseKey], wall: float) -> None:
+def mark_running(
+    conn: sqlite3.Connection, leases: list[LeaseKey], wall: float, worker: str | None = None
+) -> None:
+    """``worker``'s VMs for ``leases`` started: a sick run of its, if any, is over."""
+    if worker is not None and leases:
+        start_succeeded(conn, worker)
     for lease in leases:
         conn.execute(
             "UPDATE replicas SET state = ?, since = ? WHERE state = ? AND attempts = ?"
@@ -74,13 +84,39 @@ def mark_running(conn: sqlite3.Connection, leases: list[LeaseKey], wall: float) 
         )  # fmt: skip
 
 
+def note_lease(
+    conn: sqlite3.Connection, seq: int, idx: int, attempt: int, worker: str, network: str
+) -> None:
+    """Remember who holds attempt ``attempt`` of replica ``idx``: its result may still count
+    after the lease lapsed (:func:`record_result`)."""
+    conn.execute(
+        "INSERT OR REPLACE INTO lease_history (task_seq, idx, attempt, worker, network, outcome)"
+        " VALUES (?, ?, ?, ?, ?, NULL)",
+        (seq, idx, attempt, worker, network),
+    )
+
+
+def _lease_ended(conn: sqlite3.Connection, seq: int, key: LeaseKey, outcome: str) -> None:
+    conn.execute(
+        "UPDATE lease_history SET outcome = ? WHERE task_seq = ? AND idx = ? AND attempt = ?",
+        (outcome, seq, key.replica, key.attempt),
+    )
+
+
 def find_candidate(
-    conn: sqlite3.Connection, worker: str, network: str, offer: Offer, wall: float
+    conn: sqlite3.Connection,
+    worker: str,
+    network: str,
+    offer: Offer,
+    wall: float,
+    *,
+    avoid_failed: bool = True,
 ) -> tuple[int, int, TaskSpec] | None:
     """The first queued replica (held images first, then submission order) that fits ``offer``,
     of a task that neither ``worker`` nor another worker on its ``network`` holds or reported
     for, that its network is not barred from, that allows ``worker``, whose deadline has not
-    passed."""
+    passed; with ``avoid_failed``, of a task no lease of ``worker``'s failed to start (its retry
+    goes to another worker: pass False when no other worker is asking)."""
     room = offer.room
     # Driven by the open tasks (a partial index, in submission order), so a lease costs the same
     # with ten thousand tasks already leased as with none.
@@ -95,8 +131,14 @@ def find_candidate(
         " AND NOT EXISTS (SELECT 1 FROM strikes k WHERE k.task_seq = r.task_seq AND k.network = ?)"
     )
     network_ok = int(room.network is NetworkMode.PROXY)
-    params = (room.vcpus, room.memory_mib, room.disk_mib, network_ok, wall,
-              worker, network, worker, network, network)  # fmt: skip
+    params: tuple[object, ...] = (room.vcpus, room.memory_mib, room.disk_mib, network_ok, wall,
+                                  worker, network, worker, network, network)  # fmt: skip
+    if avoid_failed:
+        prefilter += (
+            " AND NOT EXISTS (SELECT 1 FROM lease_history h WHERE h.task_seq = r.task_seq"
+            "  AND h.worker = ? AND h.outcome = 'start_failed')"
+        )
+        params = (*params, worker)
     images = sorted(i.hex() for i in offer.images)
     queries: list[tuple[str, tuple[object, ...]]] = []
     if images:
@@ -210,10 +252,14 @@ def record_result(
     held_for: dict[tuple[str, int], float],
     policy: Policy,
 ) -> tuple[ResultStatus, list[StopNotice]]:
-    """Store ``report`` if ``worker`` holds its lease now, then judge (once per replica, worker).
+    """Store ``report`` if ``worker`` holds its lease now, or held it and it lapsed while the
+    task is still live (:func:`late_lease`), then judge (once per replica, worker).
 
-    The result keeps the network its lease was taken from and whether ``worker`` was trusted
-    (by its record, or by the task's own allow-list) when it reported."""
+    A lapsed lease's result whose replica nobody leased since reports that replica; one that
+    comes after the replica was leased again is kept as a *late* result: either counts towards
+    the quorum like any other (one vote per worker and network, :mod:`end_conditions`). The
+    result keeps the network its lease was taken from and whether ``worker`` was trusted (by its
+    record, or by the task's own allow-list) when it reported."""
     lease = report.lease
     found = conn.execute("SELECT seq FROM tasks WHERE task_id = ?", (lease.task_id,)).fetchone()
     if found is None:
@@ -229,24 +275,64 @@ def record_result(
     if lease.replica >= len(replicas):
         return ResultStatus.STALE, []
     replica = replicas[lease.replica]
-    if not holds(replica, worker, lease.attempt):
-        return ResultStatus.STALE, []
-    network = replica_network(conn, seq, lease.replica)
+    late = False
+    if holds(replica, worker, lease.attempt):
+        network = replica_network(conn, seq, lease.replica)
+    else:
+        lapsed = late_lease(conn, seq, worker, lease)
+        if lapsed is None:
+            return ResultStatus.STALE, []
+        network = lapsed
+        # Nobody leased it since: this is the replica's result. Else it counts beside it.
+        late = not (replica.state is ReplicaState.QUEUED and replica.attempts == lease.attempt)
     spec = schema.spec_from_row(
         conn.execute(f"SELECT {schema.TASK_COLUMNS} FROM tasks WHERE seq = ?", (seq,)).fetchone()
     )
     trusted = worker in spec.workers or policy.trusted(load_record(conn, worker))
-    schema.save_replica(conn, seq, replica_step(replica, ReplicaEvent.REPORT), None)
+    if not late:
+        schema.save_replica(conn, seq, replica_step(replica, ReplicaEvent.REPORT), None)
+    _lease_ended(conn, seq, lease, "reported")
+    start_succeeded(conn, worker)
     conn.execute(
         "INSERT INTO results (task_seq, idx, worker, attempt, exit_code, stdout_digest,"
         " stderr_digest, stdout_blob, stderr_blob, archive_blob, signature, digest,"
-        " received_at, network, trusted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " received_at, network, trusted, late)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (seq, lease.replica, worker, lease.attempt, report.exit_code,
          report.stdout_digest, report.stderr_digest, report.stdout_blob,
          report.stderr_blob, report.archive_blob, report.signature, agreement_digest(report),
-         wall, network, int(trusted)),
+         wall, network, int(trusted), int(late)),
     )  # fmt: skip
     return ResultStatus.RECORDED, judge_and_apply(conn, seq, wall, held_for)
+
+
+def late_lease(conn: sqlite3.Connection, seq: int, worker: str, lease: LeaseKey) -> str | None:
+    """The network ``worker`` held ``lease`` from, if it held it and the lease lapsed (expired,
+    or said lost) while task ``seq`` is still live, and it neither holds another replica of the
+    task nor reported for one (a worker is one witness per task); None otherwise. A lease that
+    failed to start has no result, and nobody else's lease is ``worker``'s to report."""
+    row = conn.execute(
+        "SELECT h.network FROM lease_history h JOIN tasks t ON t.seq = h.task_seq"
+        " WHERE h.task_seq = ? AND h.idx = ? AND h.attempt = ? AND h.worker = ?"
+        " AND h.outcome IN ('expired', 'lost') AND t.state = ?"
+        " AND NOT EXISTS (SELECT 1 FROM replicas o WHERE o.task_seq = h.task_seq"
+        "  AND o.worker = h.worker)"
+        " AND NOT EXISTS (SELECT 1 FROM results s WHERE s.task_seq = h.task_seq"
+        "  AND s.worker = h.worker)",
+        (seq, lease.replica, lease.attempt, worker, TaskState.ACTIVE.value),
+    ).fetchone()
+    if row is None:
+        return None
+    network: str | None = row[0]
+    return network if network is not None else f"peer:{worker}"
+
+
+def may_report(conn: sqlite3.Connection, worker: str, lease: LeaseKey) -> bool:
+    """Whether a result from ``worker`` for ``lease`` would be counted (fetch its blobs then)."""
+    found = conn.execute("SELECT seq FROM tasks WHERE task_id = ?", (lease.task_id,)).fetchone()
+    if found is None:
+        return False
+    return late_lease(conn, found[0], worker, lease) is not None
 
 
 def replica_network(conn: sqlite3.Connection, seq: int, idx: int) -> str | None:
@@ -268,7 +354,11 @@ def expire_leases(
     """Expire each lease in ``workers`` still held by that worker (re-queue or give up), then
     judge every task in ``tasks``. ``conduct`` is what the worker did (lost or let expire) and
     why; it goes on the worker's record, and the network of an untrusted worker is barred from
-    that task (so identities on one network cannot take turns until its attempts run out)."""
+    that task (so identities on one network cannot take turns until its attempts run out).
+
+    A lease whose VM had not started spends a start failure, not one of the task's attempts;
+    one the worker itself gave up before its VM started also sidelines that worker
+    (:func:`worker_records.start_failed`), so the retry goes to another."""
     leases = list(workers)
     what, reason = conduct
     stops: list[StopNotice] = []
@@ -286,7 +376,16 @@ def expire_leases(
                         (seq, network),
                     )
                 note(conn, worker, what, wall)
-                after = expire(replica, max_attempts=spec.limits.max_attempts, reason=reason)
+                started = replica.state is ReplicaState.RUNNING
+                why = reason
+                outcome = "lost" if what is Conduct.LOST else "expired"
+                if not started and what is Conduct.LOST:
+                    start_failed(conn, worker, wall)
+                    why, outcome = "the worker could not start it", "start_failed"
+                after = expire(
+                    replica, max_attempts=spec.limits.max_attempts, reason=why, started=started
+                )
                 schema.save_replica(conn, seq, after, None)
+                _lease_ended(conn, seq, key, outcome)
         stops += judge_and_apply(conn, seq, wall, held_for)
     return stops

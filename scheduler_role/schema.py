@@ -104,6 +104,27 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # Faults that heal (issue 15): leases that ended before their VM started (spending no task
+    # attempt), each worker's run of such failures and the time it is sidelined until, every
+    # lease granted (who held which attempt: a lapsed lease's result may still count), and
+    # whether a result came after its lease had lapsed.
+    """
+    ALTER TABLE replicas ADD COLUMN start_failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE workers ADD COLUMN start_failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE workers ADD COLUMN sidelined_until REAL;
+    ALTER TABLE results ADD COLUMN late INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE lease_history (
+        task_seq INTEGER NOT NULL REFERENCES tasks (seq),
+        idx INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        network TEXT,
+        outcome TEXT,  -- NULL while held; expired, lost, start_failed, reported
+        PRIMARY KEY (task_seq, idx, attempt)
+    ) WITHOUT ROWID;
+    CREATE INDEX lease_history_start_failed ON lease_history (task_seq, worker)
+        WHERE outcome = 'start_failed';
+    """,
 ]
 
 TASK_COLUMNS = (
@@ -155,19 +176,21 @@ def spec_from_row(row: sqlite3.Row | tuple[Any, ...]) -> TaskSpec:
 
 def load_replicas(conn: sqlite3.Connection, seq: int) -> list[Replica]:
     rows = conn.execute(
-        "SELECT idx, state, worker, attempts, reason FROM replicas WHERE task_seq = ? ORDER BY idx",
+        "SELECT idx, state, worker, attempts, reason, start_failures FROM replicas"
+        " WHERE task_seq = ? ORDER BY idx",
         (seq,),
     ).fetchall()
-    return [Replica(idx, ReplicaState(state), worker, attempts, reason) for idx, state, worker,
-            attempts, reason in rows]  # fmt: skip
+    return [Replica(idx, ReplicaState(state), worker, attempts, reason, failures) for idx, state,
+            worker, attempts, reason, failures in rows]  # fmt: skip
 
 
 def save_replica(conn: sqlite3.Connection, seq: int, replica: Replica, since: float | None) -> None:
     conn.execute(
         "UPDATE replicas SET state = ?, worker = ?, attempts = ?, reason = ?, since = ?,"
-        " network = CASE WHEN worker IS ? THEN network END WHERE task_seq = ? AND idx = ?",
+        " start_failures = ?, network = CASE WHEN worker IS ? THEN network END"
+        " WHERE task_seq = ? AND idx = ?",
         (replica.state.value, replica.worker, replica.attempts, replica.reason, since,
-         replica.worker, seq, replica.index),
+         replica.start_failures, replica.worker, seq, replica.index),
     )  # fmt: skip
     conn.execute(
         "UPDATE tasks SET open = EXISTS (SELECT 1 FROM replicas WHERE task_seq = ? AND state = ?)"

@@ -262,9 +262,9 @@ class SchedulerService:
                 if isinstance(message, ResultReport):
                     # Signed by this worker before its blobs are fetched; not checked again.
                     dispatch.check_report(worker, message, key)
-                    # Nothing is fetched for a lease this worker does not hold: the queue
-                    # answers such a report STALE without it.
-                    if self.queue.holder(message.lease) == worker:
+                    # Nothing is fetched for a lease this worker does not hold, or held and
+                    # let lapse while its task is live: the queue answers it STALE without.
+                    if await self.queue.may_report(worker, message.lease):
                         await self._fetch_result(worker, message)
                 answer, stops = await dispatch.handle(
                     self.queue, worker, message, public_key=key, verified=True, network=network

@@ -18,6 +18,11 @@ cost an attacker more than a key, and this module is built on them (BOINC's rule
   untrusted worker let a lease of a task lapse is not given that task again, so identities on one
   network cannot take turns at a replica until its attempts are used up.
 
+A worker whose leases fail before their VM starts (it cannot fetch, boot, or reach libvirt) is
+sick, not dishonest: it is **sidelined**, given no lease for :func:`sideline_for` seconds (5, 10,
+20, ... up to ``SIDELINE_MAX``) after each such failure in a row, and forgiven at its next VM that
+starts. While it rests, the task's retry goes to another worker.
+
 ``LAB`` turns both off, for a laboratory where every worker shares one address (loopback tests,
 ``make demo``): every peer is its own network and every worker is trusted.
 """
@@ -131,6 +136,17 @@ class Policy:
 
 LAB = Policy(distinct_networks=False, trust_after=0)
 """Every peer its own network, every worker trusted: only where all workers share one address."""
+
+
+SIDELINE_BASE = 5.0
+SIDELINE_MAX = 160.0
+
+
+def sideline_for(failures: int) -> float:
+    """Seconds a worker gets no lease after ``failures`` (>= 1) leases in a row failed to start."""
+    if failures < 1:
+        return 0.0
+    return min(SIDELINE_MAX, SIDELINE_BASE * 2.0 ** min(failures - 1, 32))
 
 
 def replica_cap(spec: TaskSpec) -> int:

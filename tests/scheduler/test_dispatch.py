@@ -135,7 +135,9 @@ async def test_lost_leases_go_back_and_stops_are_grouped(queue: Queue) -> None:
     g1, g2 = await w1.pull(), await w2.pull()
     assert g1 is not None
     assert g2 is not None
-    # w1 crashed; with one attempt per replica the quorum is gone, so w2 must stop too.
+    # w1's VM ran, then w1 crashed; with one attempt per replica the quorum is gone, so w2
+    # must stop too. (A lease lost before its VM ran spends no attempt: test_start_failures.)
+    await w1.ask(Heartbeat(leases=(g1.lease,), running=(g1.lease,)))
     _, stops = await w1.ask(Lost(leases=(g1.lease,)))
     assert (await queue.status("job")).state is TaskState.FAILED
     to_push = stop_messages(stops)

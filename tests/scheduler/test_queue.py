@@ -103,7 +103,8 @@ async def test_expiry_requeues_then_fails_at_max_attempts(
     await queue.submit(spec("a", max_attempts=2))
     first = await grant(queue, "w1")
     await trio.sleep(queue.lease_timeout / 2)
-    assert (await queue.heartbeat("w1", Heartbeat(leases=(first.lease,)))).stop == ()
+    beat = Heartbeat(leases=(first.lease,), running=(first.lease,))  # its VM started
+    assert (await queue.heartbeat("w1", beat)).stop == ()
     await trio.sleep(queue.lease_timeout / 2 + 1)
     assert await queue.tick() == []  # the heartbeat extended it
     await trio.sleep(queue.lease_timeout)
@@ -111,9 +112,9 @@ async def test_expiry_requeues_then_fails_at_max_attempts(
     # Re-queued: another worker gets attempt 2; the first worker's lease is now stale.
     second = await grant(queue, "w2")
     assert second.lease == LeaseKey("a", 0, 2)
-    assert (await queue.heartbeat("w1", Heartbeat(leases=(first.lease,)))).stop == (first.lease,)
-    ack, _ = await queue.report("w1", report(first.lease))
-    assert ack.status is ResultStatus.STALE
+    assert (await queue.heartbeat("w1", beat)).stop == (first.lease,)
+    beat = Heartbeat(leases=(second.lease,), running=(second.lease,))
+    assert (await queue.heartbeat("w2", beat)).stop == ()
     await trio.sleep(queue.lease_timeout + 1)
     await queue.tick()
     status = await queue.status("a")
