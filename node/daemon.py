@@ -79,6 +79,7 @@ class Node:
     agent: WorkerAgent | None = None
     owner: OwnerService | None = None
     blobs: BlobService | None = None
+    scheduler: SchedulerService | None = None
 
     @property
     def roles(self) -> list[str]:
@@ -134,8 +135,10 @@ class Node:
                         lease_timeout=self.config.scheduler.lease_timeout,
                         library=catalog.library,
                         policy=Policy.from_config(self.config.scheduler),
+                        keep_finished=self.config.scheduler.keep_finished,
                     )  # fmt: skip
                     await nursery.start(scheduler.run)
+                    self.scheduler = scheduler
                     await nursery.start(self._advertise_scheduler)
                     await nursery.start(ReplicationService(self.p2p, catalog.library).run)
                 if self.config.has_role("worker"):

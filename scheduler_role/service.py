@@ -62,6 +62,7 @@ from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
 from node.supervise import run_contained
 from scheduler_role import dispatch
+from scheduler_role.errors import UnknownTaskError
 from scheduler_role.lifecycle import TaskState
 from scheduler_role.live_logs import MAX_LEASE_LOG, LogBuffer
 from scheduler_role.queue import Queue, StopNotice
@@ -216,7 +217,10 @@ class SchedulerService:
     async def assemble(self, task_id: str) -> None:
         """Build the task's image from its stored task file; the queue learns either way."""
         async with self._assembly_lock:
-            status = await self.queue.status(task_id)
+            try:
+                status = await self.queue.status(task_id)
+            except UnknownTaskError:
+                return  # finished and forgotten before its assembly began
             if status.state is TaskState.SUBMITTED:
                 await self.queue.begin_assembly(task_id)
             elif status.state is not TaskState.ASSEMBLING:
