@@ -15,6 +15,16 @@ The agent is handed what it drives (the p2p node, the blobs, a :class:`BackendFa
 tests run it against fakes. Held leases are written to ``<data>/agent_leases.json``. After a crash
 the VM backend sweeps the dead process's domains when it opens, and the agent tells each scheduler
 which leases it lost.
+
+No finished work is thrown away: a lease's signed result is written to the same file the moment
+it exists, and kept (and heartbeated) until its scheduler acks it, whatever the scheduler says
+meanwhile and across this process's restarts, for up to ``KEEP_RESULTS_FOR``. The scheduler
+counts the result of a lease that lapsed meanwhile (:mod:`scheduler_role.queue_ops`).
+
+While the backend cannot run VMs (its ``problem``: libvirtd unreachable, say) the agent asks for
+no work, says why in :attr:`WorkerAgent.problem`, and tries the backend again every
+``HEAL_INTERVAL``. A lease that fails names the step that failed (fetching its image, starting
+its VM, while it ran, reporting).
 """
 
 from __future__ import annotations
@@ -49,7 +59,6 @@ from catalog.dispatch import (
     ResultAck,
     ResultReport,
     WorkRequest,
-    lease_from_list,
     lease_to_list,
     signed_result_bytes,
 )
@@ -60,7 +69,6 @@ from node.config import WorkerConfig
 from node.dht_records import Record
 from node.durable import read_state, write_atomically
 from node.errors import (
-    LocalProtocolError,
     NetworkError,
     ProtocolError,
     RemoteProtocolError,
@@ -69,6 +77,7 @@ from node.errors import (
 from node.identity import Identity
 from node.p2p_stream import MessageStream
 from node.wire import WireLimits
+from worker_role.agent_state import State, parse_state, report_to_hex
 from worker_role.control_stream import REQUEST_TIMEOUT, ControlStream, heartbeat_interval
 from worker_role.errors import VmError, WorkerError
 from worker_role.lease_blobs import LeaseBlobs
@@ -82,7 +91,9 @@ log = logging.getLogger("vmlend.worker.agent")
 
 SCHEDULER_RECORD_KIND = "scheduler"
 DISCOVERY_INTERVAL = 5.0
-DELIVERY_TIMEOUT = 120.0
+# How long a finished result is kept for a scheduler that does not take it (from each start).
+KEEP_RESULTS_FOR = 24 * 3600.0
+HEAL_INTERVAL = 5.0  # while the backend cannot run VMs, how often it is tried again
 # The least a NoWork's retry_after rests a scheduler: a tiny one must not make us ask in a loop.
 RETRY_FLOOR = 1.0
 STATE_FILE = "agent_leases.json"
@@ -104,20 +115,12 @@ class SchedulerNetwork(Protocol):
 
 @dataclass
 class _Lease:
-    caps: Caps
+    caps: Caps | None  # None for a finished one read back after a restart: it takes no room
     lease_timeout: float
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     running: bool = False
-
-
-def _held_leases(data: bytes) -> dict[str, list[LeaseKey]]:
-    raw = json.loads(data)
-    if not isinstance(raw, dict):
-        raise ValueError("not a map of schedulers to leases")
-    try:
-        return {str(s): [lease_from_list(x) for x in keys] for s, keys in raw.items()}
-    except LocalProtocolError as e:
-        raise ValueError(str(e)) from None
+    step: str = "fetching its image"  # what it is doing, for the error if it fails
+    report: ResultReport | None = None  # finished: kept until its scheduler has it
 
 
 class WorkerAgent:
@@ -157,7 +160,8 @@ class WorkerAgent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Lend until cancelled. If this machine cannot run VMs (no tiny OS, no libvirt, ...)
         the node keeps running without lending, and :attr:`problem` says why."""
-        self._lost = await trio.to_thread.run_sync(self._load_state)
+        state = await trio.to_thread.run_sync(self._load_state)
+        self._lost = state.lost
         async with AsyncExitStack() as stack:
             try:
                 self.backend = await stack.enter_async_context(
@@ -169,24 +173,36 @@ class WorkerAgent:
                 task_status.started()
                 return
             nursery = await stack.enter_async_context(trio.open_nursery())
+            for scheduler, kept in state.kept.items():
+                for report, timeout in kept:
+                    self._leases[scheduler, report.lease] = _Lease(
+                        None, timeout, running=True, report=report
+                    )
+                    nursery.start_soon(self._deliver_kept, scheduler, report)
             nursery.start_soon(self._discover, nursery)
             nursery.start_soon(self._offer_loop, nursery)
             task_status.started()
 
     # ---- state ---------------------------------------------------------------------------
 
-    def _load_state(self) -> dict[str, list[LeaseKey]]:
+    def _load_state(self) -> State:
         # A torn or damaged file is set aside: the node starts, and those leases lapse at
         # their schedulers as every lease of a silent worker does.
-        return read_state(self._state_path, _held_leases) or {}
+        return read_state(self._state_path, parse_state) or State({}, {})
 
     def _save_state(self) -> None:
         held: dict[str, list[Any]] = {}
-        for scheduler, key in self._leases:
-            held.setdefault(scheduler, []).append(lease_to_list(key))
+        kept: dict[str, list[Any]] = {}
+        for (scheduler, key), lease in self._leases.items():
+            if lease.report is None:
+                held.setdefault(scheduler, []).append(lease_to_list(key))
+            else:
+                entry = {"report": report_to_hex(lease.report), "timeout": lease.lease_timeout}
+                kept.setdefault(scheduler, []).append(entry)
         for scheduler, keys in self._lost.items():
             held.setdefault(scheduler, []).extend(lease_to_list(k) for k in keys)
-        write_atomically(self._state_path, json.dumps(held).encode())
+        state = {"leases": held, "results": kept}
+        write_atomically(self._state_path, json.dumps(state).encode())
 
     async def _save_state_quietly(self) -> None:
         """Save the lease file where failing to is no lease's fault (a lease that ended, leases
@@ -276,9 +292,12 @@ class WorkerAgent:
         """
         while True:
             poked = self._poked  # taken before looking, so no change is missed
+            if self.backend.problem is not None:
+                await self._heal(poked)
+                continue
             now = trio.current_time()
             self._resting = {s: t for s, t in self._resting.items() if t > now}
-            room = self.policy.remaining([lease.caps for lease in self._leases.values()])
+            room = self.policy.remaining(self._taken())
             capacity = self.policy.remaining([])
             if room is None or capacity is None:
                 await poked.wait()
@@ -293,6 +312,24 @@ class WorkerAgent:
                 continue
             offer = Offer(room=room, capacity=capacity, images=self.blobs.images)
             await self._offer(scheduler, self._controls[scheduler], offer, nursery)
+
+    def _taken(self) -> list[Caps]:
+        """The caps of every lease whose VM is starting or running (not of a finished one)."""
+        return [v.caps for v in self._leases.values() if v.report is None and v.caps is not None]
+
+    async def _heal(self, poked: trio.Event) -> None:
+        """The backend cannot run VMs: ask for no work, say why, and try it again now and then."""
+        problem = self.backend.problem
+        if problem != self.problem:
+            self.problem = problem
+            log.warning("not asking for work: %s", problem)
+        with trio.move_on_after(HEAL_INTERVAL):
+            await poked.wait()
+        await self.backend.heal()
+        if self.backend.problem is None:
+            log.warning("VMs can run again: asking for work")
+            self.problem = None
+            self._room_changed()
 
     async def _offer(
         self, scheduler: str, control: ControlStream, offer: Offer, nursery: trio.Nursery
@@ -348,21 +385,43 @@ class WorkerAgent:
         its own leases."""
         for key in leases:
             lease = self._leases.get((scheduler, key))
-            if lease is not None:
-                log.info("stopping %s: %s", key, reason)
-                lease.scope.cancel()
+            if lease is None:
+                continue
+            if lease.report is not None:
+                # Its VM is gone and its result is here: the scheduler decides what it is worth.
+                log.debug("%s stopped (%s) after it finished: its result goes anyway", key, reason)
+                continue
+            log.info("stopping %s: %s", key, reason)
+            lease.scope.cancel()
 
     # ---- one lease -----------------------------------------------------------------------
 
     async def _run_lease(self, scheduler: str, addrs: list[str], grant: LeaseGrant) -> None:
         lease = self._leases[scheduler, grant.lease]
         try:
+            report = await self._produce(scheduler, addrs, grant, lease)
+            if report is not None:
+                lease.report = report
+                self._room_changed()  # its VM is gone: the room is free while the result waits
+                await self._save_state_quietly()  # kept across a restart from here on
+                await self._deliver(scheduler, report)
+        finally:
+            del self._leases[scheduler, grant.lease]
+            await self._save_state_quietly()
+            self._room_changed()
+
+    async def _produce(
+        self, scheduler: str, addrs: list[str], grant: LeaseGrant, lease: _Lease
+    ) -> ResultReport | None:
+        """Run the lease to its signed result; None if it was stopped, or failed (then its
+        scheduler is told it is lost, and the step that failed is logged)."""
+        try:
             with lease.scope:
                 # Held only once remembered: after a crash its scheduler must hear it was lost.
                 await trio.to_thread.run_sync(self._save_state)
                 result = await self._execute(scheduler, addrs, grant, lease)
-                report = await self._report(grant.lease, result)
-                await self._deliver(scheduler, report)
+                lease.step = "reporting its result"
+                return await self._report(grant.lease, result)
         except* (
             VmError,
             CatalogError,
@@ -374,7 +433,9 @@ class WorkerAgent:
             StoreError,  # and so is a database that cannot be written
             trio.TooSlowError,
         ) as e:
-            log.warning("lease %s failed: %s", grant.lease, _first(e))
+            log.warning("lease %s failed %s: %s", grant.lease, lease.step, _first(e))
+            if isinstance(_first(e), VmError):
+                await self.backend.heal()  # libvirtd gone? then no more work until it is back
             control = self._controls.get(scheduler)
             if control is not None:
                 with trio.move_on_after(REQUEST_TIMEOUT):
@@ -382,29 +443,43 @@ class WorkerAgent:
                         await control.request(Lost(leases=(grant.lease,)))
                     except (NetworkError, ProtocolError) as e2:
                         log.info("telling %s about lost %s: %s", scheduler, grant.lease, e2)
+        return None
+
+    async def _deliver_kept(self, scheduler: str, report: ResultReport) -> None:
+        """Deliver a result kept from before a restart, then forget it."""
+        try:
+            await self._deliver(scheduler, report)
         finally:
-            del self._leases[scheduler, grant.lease]
+            del self._leases[scheduler, report.lease]
             await self._save_state_quietly()
-            self._room_changed()
 
     async def _deliver(self, scheduler: str, report: ResultReport) -> None:
-        """Hand the result to the scheduler, across a reconnect (a scheduler that restarted
-        keeps the lease for one lease timeout; a second copy of a report is acked DUPLICATE)."""
-        with trio.fail_after(DELIVERY_TIMEOUT):
+        """Hand the result to the scheduler, across its restarts and ours: until it acks it
+        (any status: a second copy is acked DUPLICATE, one it cannot use STALE), for at most
+        ``KEEP_RESULTS_FOR``."""
+        with trio.move_on_after(KEEP_RESULTS_FOR) as kept:
             while True:
+                changed = self._controls_changed
                 control = self._controls.get(scheduler)
-                if control is None:
-                    await self._controls_changed.wait()
+                if control is None or control.broken:
+                    await changed.wait()
                     continue
                 try:
                     answer = await control.request(report)
-                except (NetworkError, trio.TooSlowError) as e:
+                except (NetworkError, ProtocolError, trio.TooSlowError) as e:
                     log.info("result of %s not delivered yet: %s", report.lease, e)
-                    await self._controls_changed.wait()
+                    control.fail(e)
+                    await changed.wait()
                     continue
-                if isinstance(answer, ResultAck):
+                if isinstance(answer, ResultAck) and answer.lease == report.lease:
                     log.info("result of %s: %s", report.lease, answer.status.value)
-                return
+                    return
+                control.fail(
+                    RemoteProtocolError(f"{scheduler} answered a result with {answer.TYPE}")
+                )
+                await changed.wait()
+        if kept.cancelled_caught:
+            log.warning("result of %s: %s never took it; dropped", report.lease, scheduler)
 
     def _control_changed(self) -> None:
         self._controls_changed.set()
@@ -415,6 +490,7 @@ class WorkerAgent:
         self, scheduler: str, addrs: list[str], grant: LeaseGrant, lease: _Lease
     ) -> VmResult:
         image, m = await self.blobs.image(grant, addrs)
+        lease.step = "starting its VM"
         # The grant is the one word on how long this replica may run: the scheduler stops it
         # there too. (The manifest's timeout_s is what a local `vmlend vm run` defaults to.)
         timeout = max(1, math.ceil(grant.max_runtime))
@@ -424,6 +500,7 @@ class WorkerAgent:
             nursery.start_soon(self._forward_logs, scheduler, grant.lease, receive)
             async with send, self.backend.start(image, task, grant.caps, output=send) as vm:
                 lease.running = True
+                lease.step = "while its VM ran"
                 self._poke()
                 log.info("lease %s runs in %s", grant.lease, vm.name)
                 return await vm.wait()

@@ -104,6 +104,16 @@ class FakeBackend:
         self._result = result
         self._output = tuple(output)
         self._open_error = open_error
+        self.problem: str | None = None  # why VMs cannot run now (a test sets it)
+        self.start_error: VmError | None = None  # every start fails with it, before a VM
+        self.heals = 0
+        self.healed: str | None = None  # what problem is once healed (None: healthy)
+
+    async def heal(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.heals += 1
+        self.problem = self.healed
+        self.changes.changed()
 
     @property
     def running(self) -> list[FakeVm]:
@@ -127,6 +137,8 @@ class FakeBackend:
     ) -> AsyncIterator[FakeVm]:
         if self.policy is not None:
             self.policy.check(caps, [vm.caps for vm in self.running])
+        if self.start_error is not None:
+            raise self.start_error
         vm = FakeVm(f"fake-{len(self.vms)}", image, task, caps)
         self.vms.append(vm)
         self.changes.changed()

@@ -259,6 +259,16 @@ class VmBackend:
         self.out_mib = out_mib
         self._owner = this_process()
 
+    @property
+    def problem(self) -> str | None:
+        return self.conn.problem
+
+    async def heal(self) -> None:
+        try:
+            await self.conn.ensure_open()
+        except VmSetupError as e:
+            log.info("libvirt still unreachable: %s", e)
+
     def unsupported(self, caps: Caps) -> dict[str, str]:
         """The caps ``caps`` needs that this machine cannot enforce, with the reason for each."""
         needed = {"memory_mib"}
@@ -368,6 +378,7 @@ class VmBackend:
                     owner=self._owner,
                     proxy_port=proxy_port,
                 )
+                created = False  # nothing to destroy (and no misleading error) before
                 try:
                     # AUTODESTROY: libvirtd destroys the domain if our connection dies with us.
                     dom = await self.conn.call(
@@ -376,6 +387,7 @@ class VmBackend:
                         build_domain_xml(plan),
                         libvirt.VIR_DOMAIN_START_AUTODESTROY,
                     )
+                    created = True
                     if enforce:
                         await self.conn.call(
                             f"memory hard limit of {name}",
@@ -386,8 +398,9 @@ class VmBackend:
                     nursery.start_soon(self._pumps, vm, output)
                     yield vm
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await self._destroy(name)
+                    if created:
+                        with trio.CancelScope(shield=True):
+                            await self._destroy(name)
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -452,7 +465,9 @@ class VmBackend:
                 ):
                     raise VmError(f"destroy {name}: {e}") from e
 
-        await trio.to_thread.run_sync(destroy)
+        # Through the connection, which is reopened if libvirtd dropped it: a domain created
+        # with AUTODESTROY on the lost one is gone already, and lookupByName says so.
+        await self.conn.call(f"destroy {name}", destroy)
 
     async def _is_gone(self, name: str) -> bool:
         def gone() -> bool:

@@ -72,6 +72,16 @@ class StartedVm(Protocol):
 
 
 class Backend(Protocol):
+    @property
+    def problem(self) -> str | None:
+        """Why this backend cannot run VMs now (libvirtd unreachable, say), or None."""
+        ...
+
+    async def heal(self) -> None:
+        """Try to get back to running VMs (reconnect to libvirtd); :attr:`problem` then says
+        whether it worked. Raises nothing."""
+        ...
+
     def start(
         self,
         image: Image,
