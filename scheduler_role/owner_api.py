@@ -23,7 +23,7 @@ import trio
 
 from catalog.blob import BlobId
 from catalog.blob_fetch import discard_blob, fetch_for_peer, read_small
-from catalog.build.assemble import default_caps
+from catalog.build.assemble import buildable_oses, default_caps
 from catalog.errors import BlobTooLargeError, CatalogError, IncompleteBlobError, UnknownBlobError
 from catalog.owner_protocol import (
     MAX_OUTPUT_INLINE,
@@ -170,6 +170,12 @@ class OwnerApi:
         members = archive_members(task)
         if members and request.files_blob is None:
             raise RefusedError("invalid_task", "the task names files but sent no archive of them")
+        if not task.image and task.os not in buildable_oses():
+            raise RefusedError(
+                "invalid_task",
+                f"unknown OS {task.os[:64]!r}: this scheduler builds "
+                f"{', '.join(buildable_oses())} (or name a published image with image = ...)",
+            )
         spec = spec_of(task, task_id, owner, time.time())
         self._check_placeable(spec)
         if await self._known(task_id):  # a repeated submit: idempotent, or a conflict

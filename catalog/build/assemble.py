@@ -74,6 +74,11 @@ class AssembledImage:
         }
 
 
+def buildable_oses() -> tuple[str, ...]:
+    """The OS names an assembler builds (what a task file's ``os`` may say)."""
+    return ("tiny", *sorted(os_debian.RECIPES))
+
+
 class Assembler:
     """Builds images into ``blobs`` using ``cache``; ``boot`` is the kernel + init every OS
     boots (``worker_role.tinyos.locate()``)."""

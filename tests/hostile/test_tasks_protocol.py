@@ -190,3 +190,18 @@ async def test_only_the_owner_may_see_or_cancel_its_task(
     status = await scheduler.service.queue.status("mine-1")
     assert status.state.value != "cancelled"
     assert not isinstance(await ask(owner, scheduler, frame), Refused)  # its owner may
+
+
+async def test_an_unknown_os_is_refused_at_submit_not_at_assembly(
+    scheduler_and_peer: tuple[Scheduler, Node],
+) -> None:
+    """Issue 18, item 5: the task was accepted with a task ID and failed later in assembly."""
+    scheduler, peer = scheduler_and_peer
+    text = 'name = "t"\nos = "windows-95"\ncommand = "true"\n'
+    answer = await ask(peer, scheduler, submit("t-os", task_map(text)))
+    assert_refused(answer, "invalid_task")
+    assert "unknown OS 'windows-95'" in answer.message
+    assert "tiny" in answer.message
+    assert not (scheduler.home / "tasks" / "t-os").exists()
+    ok = await ask(peer, scheduler, submit("t-tiny", task_map()))
+    assert isinstance(ok, Submitted), ok
