@@ -302,8 +302,13 @@ class WorkerAgent:
             if room is None or capacity is None:
                 await poked.wait()
                 continue
+            # Not a scheduler with results kept from before our restart: it might lease their
+            # lapsed replicas back to us before it hears they are done.
+            waiting = {s for (s, _), v in self._leases.items() if v.caps is None}
             ready = [
-                s for s, c in self._controls.items() if not c.broken and s not in self._resting
+                s
+                for s, c in self._controls.items()
+                if not c.broken and s not in self._resting and s not in waiting
             ]
             scheduler = self._shares.pick(ready)
             if scheduler is None:
@@ -451,6 +456,7 @@ class WorkerAgent:
             await self._deliver(scheduler, report)
         finally:
             del self._leases[scheduler, report.lease]
+            self._poke()
             await self._save_state_quietly()
 
     async def _deliver(self, scheduler: str, report: ResultReport) -> None:
