@@ -5,8 +5,9 @@
     scripts/netlab list
     scripts/netlab down [--all]                      # --all: every lab, tests' leftovers too
 
-One hand-built lab at a time, under the prefix ``vlab-cli-``. Its forwarder keeps running after
-``up`` returns, in the lab's switch namespace, until ``down``.
+One hand-built lab at a time, under the prefix ``vlab-cli-`` (or ``$VMLEND_NETLAB_PREFIX``, which
+must start with ``vlab-``). Its forwarder keeps running after ``up`` returns, in the lab's switch
+namespace, until ``down``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ from tests.netlab.topology import NAMES, LinkSpec, TopologyError, named
 LOG_DIR = Path("/tmp/vlab-cli")
 
 
+def _prefix() -> str:
+    prefix = os.environ.get("VMLEND_NETLAB_PREFIX", CLI_PREFIX)
+    if not prefix.startswith(LAB_ROOT):
+        raise LabError(f"VMLEND_NETLAB_PREFIX must start with {LAB_ROOT}")
+    return prefix
+
+
 def _up(args: argparse.Namespace) -> int:
-    if namespaces(CLI_PREFIX):
+    if namespaces(_prefix()):
         print("a lab is already up; run 'scripts/netlab down' first", file=sys.stderr)
         return 1
     link = LinkSpec(args.delay_ms, args.loss, args.rate_mbit)
-    lab = Lab(named(args.topology, link, args.count), CLI_PREFIX, LOG_DIR)
+    lab = Lab(named(args.topology, link, args.count), _prefix(), LOG_DIR)
     lab.up()
     for host in lab.plan.hosts.values():
         where = f"home {host.home}" if host.home else "public"
@@ -38,8 +46,9 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _exec(args: argparse.Namespace) -> int:
-    for candidate in (f"{CLI_PREFIX}{args.node}", f"{CLI_PREFIX}r-{args.node}"):
-        if candidate in namespaces(CLI_PREFIX):
+    prefix = _prefix()
+    for candidate in (f"{prefix}{args.node}", f"{prefix}r-{args.node}"):
+        if candidate in namespaces(prefix):
             os.execvp("ip", ["ip", "netns", "exec", candidate, *args.cmd])
     print(f"no host or router {args.node!r} in the lab (scripts/netlab list)", file=sys.stderr)
     return 1
@@ -74,7 +83,7 @@ def main(argv: list[str]) -> int:
         if args.command == "list":
             print("\n".join(namespaces(LAB_ROOT)))
             return 0
-        removed = down(LAB_ROOT if args.all else CLI_PREFIX)
+        removed = down(LAB_ROOT if args.all else _prefix())
         print(f"removed {len(removed)} namespaces")
         return 0
     except (LabError, TopologyError) as exc:

@@ -151,7 +151,7 @@ def plan(topology: Topology, prefix: str) -> Plan:
         _link(p, spec.link, (ns, "eth0"), (p.switch, f"p{i}"), "br0")
         p.commands.append(["ip", "-n", ns, "addr", "add", f"{host.ip}/24", "dev", "eth0"])
     for j, home in enumerate(topology.homes, start=1):
-        home.uplink.check(f"{home.name} uplink")
+        home.uplink.check(f"home {home.name}'s uplink")
         rns = f"{prefix}r-{home.name}"
         router = Router(home.name, rns, f"{PUBLIC_NET}.{100 + j - 1}", f"198.19.{j}.0/24", home.nat)
         p.routers[home.name] = router
