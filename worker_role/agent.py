@@ -93,6 +93,7 @@ SCHEDULER_RECORD_KIND = "scheduler"
 DISCOVERY_INTERVAL = 5.0
 # How long a finished result is kept for a scheduler that does not take it (from each start).
 KEEP_RESULTS_FOR = 24 * 3600.0
+MAX_UNDELIVERED = 16  # results a scheduler may leave untaken before it is asked for no more work
 HEAL_INTERVAL = 5.0  # while the backend cannot run VMs, how often it is tried again
 # The least a NoWork's retry_after rests a scheduler: a tiny one must not make us ask in a loop.
 RETRY_FLOOR = 1.0
@@ -302,9 +303,7 @@ class WorkerAgent:
             if room is None or capacity is None:
                 await poked.wait()
                 continue
-            # Not a scheduler with results kept from before our restart: it might lease their
-            # lapsed replicas back to us before it hears they are done.
-            waiting = {s for (s, _), v in self._leases.items() if v.caps is None}
+            waiting = self._owed()
             ready = [
                 s
                 for s, c in self._controls.items()
@@ -317,6 +316,20 @@ class WorkerAgent:
                 continue
             offer = Offer(room=room, capacity=capacity, images=self.blobs.images)
             await self._offer(scheduler, self._controls[scheduler], offer, nursery)
+
+    def _owed(self) -> set[str]:
+        """Schedulers not to ask for work until they take results we keep for them: one with
+        results kept from before our restart (it might lease their lapsed replicas back to us
+        before it hears they are done), and one that leaves ``MAX_UNDELIVERED`` untaken (a
+        scheduler that never acks must not make us keep results without end)."""
+        owed: dict[str, int] = {}
+        restored: set[str] = set()
+        for (scheduler, _), lease in self._leases.items():
+            if lease.report is not None:
+                owed[scheduler] = owed.get(scheduler, 0) + 1
+                if lease.caps is None:
+                    restored.add(scheduler)
+        return restored | {s for s, n in owed.items() if n >= MAX_UNDELIVERED}
 
     def _taken(self) -> list[Caps]:
         """The caps of every lease whose VM is starting or running (not of a finished one)."""

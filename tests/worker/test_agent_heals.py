@@ -16,7 +16,7 @@ from tests.worker import test_agent
 from tests.worker.fake_backend import FakeBackend, vm_result
 from tests.worker.fake_scheduler import grant, lease
 from tests.worker.test_agent import Lab, until
-from worker_role.agent import HEAL_INTERVAL, STATE_FILE
+from worker_role.agent import HEAL_INTERVAL, MAX_UNDELIVERED, STATE_FILE
 from worker_role.errors import VmError
 
 lab = test_agent.lab  # the agent wired to fakes
@@ -108,3 +108,17 @@ async def test_a_stop_after_the_vm_finished_does_not_throw_its_result_away(
     await trio.sleep(60)  # the first request times out; the stream is replaced; sent again
     await until(a.changes, lambda: lease(1) in a.results)
     assert not a.of_type(Lost)
+
+
+async def test_a_scheduler_that_never_takes_results_gets_no_more_work_past_a_bound(
+    lab: Lab, autojump_clock: MockClock
+) -> None:
+    lab.backend = FakeBackend(result=vm_result(stdout=b"done\n"))  # every VM finishes at once
+    a = lab.scheduler("sched-a")
+    a.work += [grant(lease(n)) for n in range(MAX_UNDELIVERED + 8)]
+    a.answer_delay[ResultReport] = 10_000.0  # hostile: it never acks a result
+    await lab.start()
+    await trio.sleep(600)  # virtual
+    assert len(lab.backend.vms) == MAX_UNDELIVERED
+    kept = json.loads(await trio.Path(lab.data_dir / STATE_FILE).read_text())
+    assert len(kept["results"]["sched-a"]) == MAX_UNDELIVERED
