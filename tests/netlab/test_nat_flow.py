@@ -37,10 +37,13 @@ max_runtime = "2m"
 
 
 async def _wait_for_lease(owner: NetNode, worker: NetNode, task_id: str) -> None:
-    """Until the worker has started the task's VM (its log says so)."""
+    """Until the worker has started the task's VM (its log says so); a task that ends first
+    must have ended well (once results cross the NATs, it will)."""
     while not any(" runs in vmlend-" in line for line in worker.output):
         status = await owner.call("task.wait", {"task_id": task_id, "timeout": 2})
-        assert not status["finished"], status
+        if status["finished"]:
+            assert status["state"] == "succeeded", status
+            return
 
 
 async def test_scheduler_public_owner_and_worker_behind_two_nats(
