@@ -27,7 +27,7 @@ from catalog.scrubber import Scrubber
 from catalog.service import open_catalog
 from node import rpc_params
 from node.config import Config
-from node.errors import RpcError
+from node.errors import DeadlineError, RpcError
 from node.identity import Identity
 from node.p2p import P2PNode, PeerInfo
 from node.rpc_server import RpcServer
@@ -242,7 +242,10 @@ class Node:
         delay = 0.1
         with _rpc_deadline(timeout, "schedulers"):
             while True:
-                found = await self._rpc_schedulers_list([])
+                try:
+                    found = await self._rpc_schedulers_list([])
+                except DeadlineError:  # one lookup overran (nothing known yet): ask again
+                    found = []
                 if len(found) >= count:
                     return found
                 await trio.sleep(delay)

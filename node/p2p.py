@@ -85,6 +85,8 @@ from node.p2p_host import (
     connection_config,
     disable_connect_delay,
     negative_dial_cache_disabled,
+    open_connections,
+    open_streams,
     parse_peer_id,
     peer_addr,
     protocol_refused,
@@ -252,9 +254,7 @@ class P2PNode:
         return self._has_connection(parse_peer_id(peer_id))
 
     def _has_connection(self, peer: ID) -> bool:
-        # The swarm keeps a closed connection's object for a while; it carries no stream.
-        conns = self._host.get_network().connections.get(peer) or []
-        return any(not getattr(conn, "is_closed", False) for conn in conns)
+        return open_connections(self._host, peer) > 0
 
     async def _connect(self, peer: ID) -> None:
         if self._has_connection(peer):
@@ -531,8 +531,8 @@ class P2PNode:
         peer never heard yet): stop watching it, drop it from the routing table, and keep DHT
         queries away from it until it shows up again. A peer that was alive and fell silent also
         has its connections closed: a stream opened on a connection to a vanished peer would
-        wait on it until the kernel gives up (one that never answered may just not speak our
-        heartbeat)."""
+        wait on it until the kernel gives up. One that never answered may just not speak our
+        heartbeat: its connections are closed only when idle (no stream open)."""
         last = self._liveness.last_seen(peer_id)  # None once swept, or if never heard
         since = last if last is not None else watched_since
         if trio.current_time() - since <= self._liveness.peer_timeout:
@@ -541,7 +541,12 @@ class P2PNode:
         peer = parse_peer_id(peer_id)
         self._dht.drop_peer(peer)
         heard, self._heard = peer_id in self._heard, self._heard - {peer_id}
-        if heard and self._has_connection(peer):
+        if not heard and self._has_connection(peer) and not open_streams(self._host, peer):
+            # Never a vmlend peer, and idle: it holds a connection slot for nothing.
+            logger.info("peer %s never answered a heartbeat and is idle: closing", peer_id)
+            with trio.move_on_after(self._dial_timeout):
+                await self._host.get_network().close_peer(peer)
+        elif heard and self._has_connection(peer):
             logger.info(
                 "peer %s silent for %gs: closing its connections",
                 peer_id,

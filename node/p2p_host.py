@@ -85,6 +85,17 @@ def negative_dial_cache_disabled(host: BasicHost) -> bool:
     return cache is None or getattr(cache, "_ttl", None) == 0.0
 
 
+def open_connections(host: BasicHost, peer: ID) -> int:
+    """Connections to ``peer`` still open (the swarm keeps a closed one's object a while)."""
+    conns = host.get_network().connections.get(peer) or []
+    return sum(1 for conn in conns if not getattr(conn, "is_closed", False))
+
+
+def open_streams(host: BasicHost, peer: ID) -> int:
+    conns = host.get_network().connections.get(peer) or []
+    return sum(len(getattr(conn, "streams", ())) for conn in conns)
+
+
 def check_protocol_id(protocol_id: str) -> str:
     if not PROTOCOL_ID_RE.fullmatch(protocol_id):
         raise LocalProtocolError(

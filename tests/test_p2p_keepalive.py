@@ -11,12 +11,14 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from libp2p.custom_types import TProtocol
 
 from node.errors import PeerUnreachableError
 from node.identity import Identity
 from node.p2p import P2PNode
-from node.p2p_host import build_host, peer_addr, to_multiaddr
+from node.p2p_host import build_host, parse_peer_id, peer_addr, to_multiaddr
 from node.p2p_keepalive import DialBackoff, KeepaliveTimes, socket_of
+from node.p2p_stream import MessageStream
 from tests.p2p_helpers import FAST, LOOPBACK, running_nodes
 from tests.p2p_helpers.subprocess_peer import peer_process
 
@@ -151,21 +153,33 @@ async def test_a_frozen_peers_connections_are_closed_once_it_is_declared_dead() 
         }
 
 
-async def test_a_peer_that_does_not_speak_our_heartbeat_keeps_its_connection() -> None:
-    """Only a peer that answered heartbeats and fell silent has its connections closed; a plain
-    libp2p peer (a DHT user, say) is never heard, and closing it after one failed ping cut
-    connections other code was about to use."""
+async def test_a_peer_without_our_heartbeat_keeps_a_busy_connection_and_loses_an_idle_one() -> None:
+    """A peer that never answers heartbeats (a plain libp2p peer) is not closed after one failed
+    ping, nor while it has a stream open with us; once it counts as dead and its connection is
+    idle, the connection is closed: it held a connection slot for nothing."""
+    hold = "/vmlend/test-hold/1.0.0"
+    release = trio.Event()
+
+    async def held(stream: MessageStream) -> None:
+        await release.wait()
+
     async with running_nodes(1) as (node,):
+        node.set_handler(hold, held)
         listen = to_multiaddr(LOOPBACK)
         plain = build_host(Identity.generate(), [listen])
         async with plain.run([listen]):
             await plain.connect(peer_addr(node.addrs[0]))
             plain_id = str(plain.get_id())
             await _until(lambda: node.is_connected(plain_id), 5)
+            stream = await plain.new_stream(parse_peer_id(node.peer_id), [TProtocol(hold)])
             # Long enough for several failed pings and for the peer to count as dead.
             await trio.sleep(FAST["peer_timeout"] + 5 * FAST["heartbeat_interval"])
             assert node.is_connected(plain_id)
             assert node.statistics()["pings_failed"] >= 1
+            release.set()
+            await stream.close()
+            window = FAST["peer_timeout"] + 3 * FAST["heartbeat_interval"] + FAST["dial_timeout"]
+            await _until(lambda: not node.is_connected(plain_id), window + 5)
 
 
 async def test_the_connection_ceilings_are_the_nodes_own() -> None:

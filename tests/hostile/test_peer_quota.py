@@ -3,8 +3,6 @@ the request they made it for is refused (``catalog.peer_quota``), over the real 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import trio
 
@@ -137,29 +135,3 @@ async def test_a_counted_result_is_charged_to_the_tasks_owner_until_the_task_is_
         await scheduler.blobs.rm(blob)
     await scheduler.blobs.blobs.gc()
     assert await stored(scheduler) == before
-
-
-async def test_the_node_takes_its_peer_quota_from_node_toml(tmp_path: Path) -> None:
-    from tests.hostile.test_scheduler_records import start_daemon
-
-    home = tmp_path / "node"
-    await trio.Path(home).mkdir(mode=0o700)
-    await trio.Path(home / "node.toml").write_text('[catalog]\npeer_quota = "3MiB"\n')
-    async with trio.open_nursery() as nursery:
-        node = await start_daemon(nursery, home, [], ["owner"], exist_ok=True)
-        assert node.blobs is not None
-        assert node.blobs.peer_quota.quota == 3 << 20
-        nursery.cancel_scope.cancel()
-
-
-async def test_the_scheduler_takes_keep_finished_from_node_toml(tmp_path: Path) -> None:
-    from tests.hostile.test_scheduler_records import start_daemon
-
-    home = tmp_path / "node"
-    await trio.Path(home).mkdir(mode=0o700)
-    await trio.Path(home / "node.toml").write_text('[scheduler]\nkeep_finished = "2h"\n')
-    async with trio.open_nursery() as nursery:
-        node = await start_daemon(nursery, home, [], ["scheduler"], exist_ok=True)
-        assert node.scheduler is not None
-        assert node.scheduler.retention.keep_finished == 2 * 3600
-        nursery.cancel_scope.cancel()
