@@ -171,8 +171,13 @@ async def local_network(
                 await local.start(nursery)
             yield nodes
         finally:
-            with trio.CancelScope(shield=True):
-                for local in nodes:
-                    if local.process is not None and local.process.returncode is None:
-                        await local.stop()
+            await stop_all(nodes)
             nursery.cancel_scope.cancel()
+
+
+async def stop_all(nodes: Sequence[LocalNode]) -> None:
+    """Stop every node still running, even while the caller is being cancelled."""
+    with trio.CancelScope(shield=True):
+        for local in nodes:
+            if local.process is not None and local.process.returncode is None:
+                await local.stop()

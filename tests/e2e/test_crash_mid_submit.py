@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from node.errors import RpcError
-from node.localnet import LocalNode, vmlend_command
+from node.localnet import LocalNode, stop_all, vmlend_command
 from tests.e2e.crash_mid_submit_node import BANNER, STEPS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm]
@@ -112,8 +112,5 @@ async def test_a_scheduler_killed_mid_submit_loses_no_acknowledged_task(tmp_path
                 assert node.process is not None
                 assert node.process.returncode is None, (node.name, node.output[-20:])
         finally:
-            with trio.CancelScope(shield=True):
-                for node in nodes:
-                    if node.process is not None and node.process.returncode is None:
-                        await node.stop()
+            await stop_all(nodes)
             nursery.cancel_scope.cancel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -18,40 +18,12 @@ import pytest
 import trio
 
 from node.localnet import LocalNode
-from tests.e2e.test_task_faults import SCHEDULER_TOML, submit, task_text
+from tests.e2e.test_task_faults import network, submit, task_text
 from tests.e2e.test_tasks import _first_output
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm]
 
 VM_ROOT = Path("/var/lib/vmlend")  # reachable by the libvirt-qemu user, unlike tmp_path
-
-
-@asynccontextmanager
-async def network(
-    base: Path, roles: Sequence[tuple[str, ...]], tomls: Mapping[int, str] = {}
-) -> AsyncIterator[list[LocalNode]]:
-    """As test_task_faults.network, with ``tomls[i]`` as node i's node.toml."""
-    async with trio.open_nursery() as nursery:
-        nodes: list[LocalNode] = []
-        try:
-            for i, node_roles in enumerate(roles):
-                data = base / f"node{i}"
-                data.mkdir(parents=True)
-                toml = SCHEDULER_TOML if "scheduler" in node_roles else ""
-                (data / "node.toml").write_text(toml + tomls.get(i, ""))
-                node = LocalNode(f"node{i}", data, node_roles, nodes[0].addrs[:1] if nodes else ())
-                nodes.append(node)
-                await node.start(nursery)
-            with trio.fail_after(60):
-                for n in nodes:
-                    await n.call("schedulers.wait", {"count": 1, "timeout": 60})
-            yield nodes
-        finally:
-            with trio.CancelScope(shield=True):
-                for n in nodes:
-                    if n.process is not None and n.process.returncode is None:
-                        await n.stop()
-            nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
@@ -74,7 +46,7 @@ async def test_a_worker_that_cannot_start_vms_is_sidelined_and_every_task_runs_o
         # node3's VM directory (its images and VM files) is set before it starts (its backend
         # opens there), then made unusable: every lease it takes fails before a VM exists.
         toml = f'[worker]\nvm_dir = "{vm_dir}"\n'
-        async with network(tmp_path, roles, {3: toml}) as nodes:
+        async with network(tmp_path, roles, tomls={3: toml}) as nodes:
             owner, healthy, sick = nodes[0], nodes[2], nodes[3]
             shutil.rmtree(vm_dir)
             vm_dir.write_text("not a directory\n")

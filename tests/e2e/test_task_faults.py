@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from node.localnet import LocalNode, vmlend_command
+from node.localnet import LocalNode, stop_all, vmlend_command
 from tests.e2e.test_tasks import _domains_of, _first_output, _running_domains
 from tests.e2e.wrong_result_node import BANNER
 
@@ -49,17 +49,18 @@ async def network(
     roles: Sequence[tuple[str, ...]],
     *,
     faulty: Sequence[int] = (),
+    tomls: Mapping[int, str] = {},
 ) -> AsyncIterator[list[LocalNode]]:
     """node0 (an owner) is the bootstrap peer; schedulers get a short lease timeout; the nodes
-    numbered in ``faulty`` report wrong results."""
+    numbered in ``faulty`` report wrong results; ``tomls[i]`` is added to node i's node.toml."""
     async with trio.open_nursery() as nursery:
         nodes: list[LocalNode] = []
         try:
             for i, node_roles in enumerate(roles):
                 data = base / f"node{i}"
                 data.mkdir(parents=True)
-                if "scheduler" in node_roles:
-                    (data / "node.toml").write_text(SCHEDULER_TOML)
+                toml = SCHEDULER_TOML if "scheduler" in node_roles else ""
+                (data / "node.toml").write_text(toml + tomls.get(i, ""))
                 boot = nodes[0].addrs[:1] if nodes else ()
                 kind = WrongResultNode if i in faulty else LocalNode
                 node = kind(f"node{i}", data, node_roles, boot)
@@ -71,10 +72,7 @@ async def network(
                     await n.call("schedulers.wait", {"count": 1, "timeout": 60})
             yield nodes
         finally:
-            with trio.CancelScope(shield=True):
-                for n in nodes:
-                    if n.process is not None and n.process.returncode is None:
-                        await n.stop()
+            await stop_all(nodes)
             nursery.cancel_scope.cancel()
 
 

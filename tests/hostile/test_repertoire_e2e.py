@@ -65,7 +65,7 @@ from catalog.transfer_messages import PROTOCOL_ID as CHUNKS_PROTOCOL_ID
 from node.errors import VmlendError
 from node.heartbeat import PROTOCOL_ID as HEARTBEAT_PROTOCOL_ID
 from node.identity import Identity
-from node.localnet import LocalNode
+from node.localnet import LocalNode, stop_all
 from node.p2p import P2PNode
 from tests.hostile.conftest import Node
 from tests.hostile.test_results import report_of
@@ -340,10 +340,7 @@ async def three_nodes(base: Path) -> AsyncIterator[list[LocalNode]]:
                     await node.call("schedulers.wait", {"count": 1, "timeout": 60})
             yield nodes
         finally:
-            with trio.CancelScope(shield=True):
-                for node in nodes:
-                    if node.process is not None and node.process.returncode is None:
-                        await node.stop()
+            await stop_all(nodes)
             nursery.cancel_scope.cancel()
 
 
