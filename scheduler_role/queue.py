@@ -15,12 +15,10 @@ a full ``lease_timeout`` to be heartbeated again: the workers did nothing wrong 
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
 
 import trio
 
@@ -43,7 +41,6 @@ from scheduler_role.group_commit import GroupCommit
 from scheduler_role.lifecycle import (
     FINISHED_TASK_STATES,
     HOLDING,
-    Replica,
     ReplicaEvent,
     ReplicaState,
     TaskEvent,
@@ -52,6 +49,15 @@ from scheduler_role.lifecycle import (
     task_step,
 )
 from scheduler_role.queue_ops import StopNotice
+from scheduler_role.queue_types import (
+    Clock,
+    HeldLease,
+    SeenOffer,
+    StoredResult,
+    TaskStatus,
+    TrioClock,
+    tables_with,
+)
 from scheduler_role.trust import Conduct, Policy, WorkerRecord
 from scheduler_role.worker_records import all_records, load_record, seen_at, sidelined
 
@@ -69,74 +75,6 @@ _MOOT_ONCE_FINISHED = frozenset(
 _MOOT_ONCE_FORGOTTEN = frozenset(
     {TaskEvent.ASSEMBLE, TaskEvent.IMAGE_READY, TaskEvent.ASSEMBLY_FAILED}
 )
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-    def wall(self) -> float: ...
-
-
-class TrioClock:
-    """trio's clock for leases (virtual under ``autojump_clock``), the system's for the disk."""
-
-    def monotonic(self) -> float:
-        return trio.current_time()
-
-    def wall(self) -> float:
-        return time.time()
-
-
-@dataclass(frozen=True, slots=True)
-class StoredResult:
-    replica: int
-    worker: str
-    attempt: int
-    exit_code: int
-    stdout_digest: bytes
-    stderr_digest: bytes
-    stdout_blob: bytes
-    stderr_blob: bytes
-    archive_blob: bytes | None
-    signature: bytes
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class TaskStatus:
-    spec: TaskSpec
-    state: TaskState
-    verdict: Outcome | None
-    reason: str
-    replicas: tuple[Replica, ...]
-    agreed: bytes | None
-    dissenters: tuple[str, ...]
-    reported: tuple[str, ...]  # workers whose result was counted, in arrival order
-
-
-@dataclass(slots=True)
-class _Held:
-    worker: str
-    deadline: float  # monotonic: expires unless heartbeated before
-    since: float  # monotonic: when the lease was granted, then when its VM started
-    max_runtime: float
-    running: bool = False  # the worker said its VM runs (persisted once)
-
-
-@dataclass(frozen=True, slots=True)
-class SeenOffer:
-    offer: Offer
-    at: float  # monotonic
-
-
-def _tables_with(conn: sqlite3.Connection, column: str) -> list[str]:
-    """The tables of this database that have ``column`` (every table about one task has
-    ``task_seq``): forgetting a task reaches tables added by later migrations too."""
-    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    return [
-        name
-        for name in names
-        if any(col[1] == column for col in conn.execute(f"PRAGMA table_info({name})"))
-    ]
 
 
 class Queue:
@@ -159,7 +97,7 @@ class Queue:
         self.lease_timeout = lease_timeout
         self.retry_after = retry_after
         self.max_leases_per_worker = max_leases_per_worker
-        self._held: dict[LeaseKey, _Held] = {}
+        self._held: dict[LeaseKey, HeldLease] = {}
         self._held_count: dict[str, int] = {}  # leases per worker, kept with _held
         self.offers: dict[str, SeenOffer] = {}
         """The last offer each worker sent (for :mod:`explain`); pruned by :meth:`tick`."""
@@ -205,7 +143,7 @@ class Queue:
         for task_id, idx, attempts, worker, since, max_runtime, state in rows:
             ran = max(0.0, wall - (since if since is not None else wall))
             running = state == ReplicaState.RUNNING.value
-            held = _Held(worker, now + self.lease_timeout, now - ran, max_runtime, running)
+            held = HeldLease(worker, now + self.lease_timeout, now - ran, max_runtime, running)
             self._hold(LeaseKey(task_id, idx, attempts), held)
 
     # --- owner side ------------------------------------------------------------------------------
@@ -401,7 +339,7 @@ class Queue:
         def after(grant: LeaseGrant | NoWork | None) -> None:
             if isinstance(grant, LeaseGrant):
                 deadline = now + self.lease_timeout
-                self._hold(grant.lease, _Held(worker, deadline, now, grant.max_runtime))
+                self._hold(grant.lease, HeldLease(worker, deadline, now, grant.max_runtime))
 
         grant = await self._commits.write(op, after)
         if isinstance(grant, NoWork):
@@ -571,7 +509,7 @@ class Queue:
         def op(conn: sqlite3.Connection) -> None:
             seq, _, state, _, _ = ops.load_task(conn, task_id)
             task_step(state, TaskEvent.COLLECT)  # only a finished task may be forgotten
-            for table in _tables_with(conn, "task_seq"):
+            for table in tables_with(conn, "task_seq"):
                 conn.execute(f"DELETE FROM {table} WHERE task_seq = ?", (seq,))
             conn.execute("DELETE FROM tasks WHERE seq = ?", (seq,))
 
@@ -630,7 +568,7 @@ class Queue:
         for stop in stops:
             self._release(stop.lease)
 
-    def _hold(self, lease: LeaseKey, held: _Held) -> None:
+    def _hold(self, lease: LeaseKey, held: HeldLease) -> None:
         self._release(lease)
         self._held[lease] = held
         self._held_count[held.worker] = self._held_count.get(held.worker, 0) + 1
