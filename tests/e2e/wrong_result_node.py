@@ -39,8 +39,17 @@ class _WrongVm:
 
 
 class _WrongBackend:
+    """The real backend in every respect but the stdout of its results."""
+
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
+
+    @property
+    def problem(self) -> str | None:
+        return self._backend.problem
+
+    async def heal(self) -> None:
+        await self._backend.heal()
 
     @asynccontextmanager
     async def start(
