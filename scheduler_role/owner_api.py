@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import logging
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -190,19 +191,26 @@ class OwnerApi:
                     owner, BlobId(request.files_blob), list(request.providers), archive
                 )
                 await trio.to_thread.run_sync(unpack_files, archive, staging / FILES_DIR, members)
+            # The unpacked files stay for the task's life: the owner's quota holds them too.
+            files_size = await trio.to_thread.run_sync(tree_size, staging / FILES_DIR)
+            await self._check_room(owner, files_size)
             await trio.to_thread.run_sync(store_task, staging, task)
             async with self._settling:
                 if not await self._known(task_id):
                     await trio.to_thread.run_sync(settle, staging, where)
+                    if files_size:
+                        await self.service.blobs.peer_quota.charge(
+                            owner, files_charge(task_id), files_size, created=False, task=task_id
+                        )
                 return await self._enqueue(spec)
         finally:
             await trio.to_thread.run_sync(discard, staging)
 
-    async def _check_room(self, owner: str) -> None:
-        """Refuse an owner whose quota is full, even for a task without files: its results
-        would be charged to that owner too."""
+    async def _check_room(self, owner: str, size: int = 1) -> None:
+        """Refuse an owner whose quota has no room for ``size`` more bytes; a task without files
+        needs room too: its results would be charged to that owner."""
         try:
-            await self.service.blobs.peer_quota.check(owner, 1)
+            await self.service.blobs.peer_quota.check(owner, max(size, 1))
         except PeerQuotaError as e:
             raise RefusedError(
                 e.code,
@@ -366,3 +374,19 @@ def _chosen(status: QueueStatus, results: list[StoredResult]) -> StoredResult | 
 
 
 __all__ = ["OwnerApi", "spec_of"]
+
+
+def files_charge(task_id: str) -> BlobId:
+    """The ledger entry for a task's unpacked files: no blob has this ID (a blob's is the hash
+    of its manifest), so it only holds the owner's bytes until the task is forgotten."""
+    return BlobId(blake3.blake3(b"vmlend task files\0" + task_id.encode()).digest())
+
+
+def tree_size(root: Path) -> int:
+    """Bytes of the regular files below ``root`` (0 if there is no such directory)."""
+    total = 0
+    for path in root.rglob("*") if root.is_dir() else ():
+        info = path.lstat()
+        if stat.S_ISREG(info.st_mode):
+            total += info.st_size
+    return total

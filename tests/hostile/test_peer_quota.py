@@ -135,3 +135,30 @@ async def test_a_counted_result_is_charged_to_the_tasks_owner_until_the_task_is_
         await scheduler.blobs.rm(blob)
     await scheduler.blobs.blobs.gc()
     assert await stored(scheduler) == before
+
+
+async def test_the_files_a_task_keeps_count_against_its_owners_quota(
+    scheduler_and_peer: tuple[Scheduler, Node],
+) -> None:
+    """An accepted task's unpacked files stay in its directory for its life: before, they were
+    charged to no one, so an owner could fill the disk with many tasks, each within quota."""
+    scheduler, owner = scheduler_and_peer
+    quota = scheduler.blobs.peer_quota
+    quota.quota = FILES_LIMIT + 1000  # room for the fetch, and for two tasks' 600 bytes
+    for n in range(2):
+        answer = await submit_with_archive(
+            owner, scheduler, f"t-f{n}", ["a"], tar_of([("a", b"x" * 600)])
+        )
+        assert isinstance(answer, Submitted), answer
+        assert await quota.used(owner.p2p.peer_id) == 600 * (n + 1)
+    answer = await submit_with_archive(owner, scheduler, "t-f2", ["a"], tar_of([("a", b"x" * 600)]))
+    assert_refused(answer, "quota_exceeded")
+    assert not (scheduler.home / "tasks" / "t-f2").exists()
+    assert await quota.release_task("t-f0") == []  # the files' entry is no blob to collect
+    assert await quota.used(owner.p2p.peer_id) == 600
+    with trio.fail_after(20):  # their assemblies fail here (no boot files): let them end first
+        for task_id in ("t-f0", "t-f1"):
+            while (  # noqa: ASYNC110
+                await scheduler.service.queue.status(task_id)
+            ).state not in FINISHED_TASK_STATES:
+                await trio.sleep(0.05)

@@ -64,7 +64,7 @@ async def test_an_owner_at_its_quota_is_refused_until_its_finished_tasks_are_for
     assert isinstance(answer, Submitted), answer
     await until_finished(scheduler, "t-files")  # its assembly fails here (no boot files)
     await run_to_success(scheduler, owner, worker, "t-run")
-    assert await quota.used(me) == 3000  # the result's stdout; its stderr is empty
+    assert await quota.used(me) == 3000 + 2  # the result's stdout (its stderr is empty), the files
     quota.quota = await quota.used(me)  # full
 
     # A full quota refuses even a task without files: its results would be charged too.
