@@ -125,6 +125,9 @@ def _add_node_commands(commands: _CommandsAddedOnUse) -> None:
         add_data_option(command)
         add_json_option(command)
         command.set_defaults(handler=handler)
+    version = commands.add_parser("version", help="the versions a bug report needs")
+    add_json_option(version)
+    version.set_defaults(handler=_cmd_version)
 
 
 def _vm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -301,6 +304,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from worker_role.vm.doctor import vm_checks
 
     return run_doctor(args.data, vm_checks=vm_checks, as_json=args.json)
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    from node.version_report import print_report
+
+    return print_report(args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,13 +13,15 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from node.errors import ConfigError, IdentityError, VmlendError
 
 MIN_FREE_DISK = 2 * 1024**3
 
-VmChecks = Callable[[Path], Iterable[tuple[str, bool, str]]]
-"""(name, ok, detail) of each check the VM backend makes with its VM directory."""
+VmChecks = Callable[[Path], Iterable[tuple[str, Literal["ok", "warn", "no"], str]]]
+"""(name, status, detail) of each check the VM backend makes with its VM directory; "warn":
+it works, but worse than it could (the node can still lend)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False
 
 
 def _check_config(data_flag: str | None) -> tuple[list[Check], Path | None, Path | None]:
@@ -63,7 +66,10 @@ def _check_disk(path: Path, label: str) -> Check:
 
 def _check_vm(vm_dir: Path, vm_checks: VmChecks) -> list[Check]:
     try:
-        return [Check(name, ok, detail) for name, ok, detail in vm_checks(vm_dir)]
+        return [
+            Check(name, status != "no", detail, warning=status == "warn")
+            for name, status, detail in vm_checks(vm_dir)
+        ]
     except VmlendError as e:
         return [Check("vm backend", False, str(e))]
 
@@ -80,6 +86,7 @@ def run_doctor(data_flag: str | None, *, vm_checks: VmChecks, as_json: bool = Fa
         print(json.dumps({"can_lend": can_lend, "checks": [asdict(c) for c in checks]}))
     else:
         for c in checks:
-            print(f"{'ok ' if c.ok else 'NO '} {c.name:<14} {c.detail}")
+            mark = "NO  " if not c.ok else "WARN" if c.warning else "ok  "
+            print(f"{mark} {c.name:<14} {c.detail}")
         print("this node can lend compute" if can_lend else "this node cannot lend compute yet")
     return 0 if can_lend else 1

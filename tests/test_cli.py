@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
+import node
 from node.cli import build_parser, main
 from node.doctor import run_doctor
 
@@ -64,10 +67,11 @@ def loaded(modules: set[str], package: str) -> set[str]:
     ("argv", "modules_above_node"),
     [
         (["--version"], set()),
+        (["version"], set()),
         (["peers", "--data", "{data}"], set()),
         (["status", "--data", "{data}"], {"owner_role", "owner_role.cli"}),
     ],
-    ids=["--version", "peers", "status"],
+    ids=["--version", "version", "peers", "status"],
 )
 def test_quick_commands_load_only_what_they_use(
     argv: list[str], modules_above_node: set[str], tmp_path: Path
@@ -112,12 +116,44 @@ def test_the_doctor_runs_the_vm_checks_it_is_handed(
 ) -> None:
     asked: list[Path] = []
 
-    def vm_checks(vm_dir: Path) -> list[tuple[str, bool, str]]:
+    def vm_checks(vm_dir: Path) -> list[tuple[str, Literal["ok", "warn", "no"], str]]:
         asked.append(vm_dir)
-        return [("fake vm", False, "not a real backend")]
+        return [("fake vm", "no", "not a real backend"), ("slow vm", "warn", "emulated")]
 
     assert run_doctor(str(tmp_path), vm_checks=vm_checks, as_json=True) == 1
     report = json.loads(capsys.readouterr().out)
     assert len(asked) == 1
-    assert {"name": "fake vm", "ok": False, "detail": "not a real backend"} in report["checks"]
+    checks = report["checks"]
+    assert {
+        "name": "fake vm",
+        "ok": False,
+        "detail": "not a real backend",
+        "warning": False,
+    } in checks
+    assert {"name": "slow vm", "ok": True, "detail": "emulated", "warning": True} in checks
     assert report["can_lend"] is False
+
+
+def test_a_warning_is_shown_as_one_and_does_not_stop_lending(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def vm_checks(vm_dir: Path) -> list[tuple[str, Literal["ok", "warn", "no"], str]]:
+        return [("accelerator", "warn", "TCG (software emulation)")]
+
+    assert run_doctor(str(tmp_path), vm_checks=vm_checks) == 0
+    out = capsys.readouterr().out
+    assert "WARN accelerator    TCG (software emulation)\n" in out
+    assert out.endswith("this node can lend compute\n")
+
+
+def test_version_names_what_a_bug_report_needs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["vmlend"] == node.__version__
+    assert found["python"] == sys.version.split()[0]
+    # Found on this machine (CI installs them all): none missing, each a dotted number.
+    for name in ("py-libp2p", "trio", "libvirt-python", "libvirt", "qemu"):
+        assert re.fullmatch(r"\d+\.\d+(\.\d+)?.*", found[name] or ""), (name, found[name])
+    assert found["kernel"]
+    assert main(["version"]) == 0
+    assert f"vmlend:         {node.__version__}\n" in capsys.readouterr().out
