@@ -180,8 +180,14 @@ def load(path: Path) -> TaskFile:
     """Read and validate the task file at ``path``."""
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskFileError(str(e), source=str(path)) from e
+    except FileNotFoundError:
+        raise TaskFileError("no such task file", source=str(path)) from None
+    except IsADirectoryError:
+        raise TaskFileError("a directory, not a task file", source=str(path)) from None
+    except OSError as e:
+        raise TaskFileError(f"cannot read it: {e.strerror or e}", source=str(path)) from None
+    except UnicodeDecodeError:
+        raise TaskFileError("not UTF-8 text (a task file is TOML)", source=str(path)) from None
     return loads(text, source=str(path), base_dir=path.parent)
 
 

@@ -101,3 +101,28 @@ async def test_verbose_after_the_command_is_accepted(tmp_path: Path) -> None:
         err = done.stderr.decode()
         assert done.returncode == 1, err  # the node is missing: not a usage error (2)
         assert f"no vmlend node is running with data dir {missing}" in err
+
+
+async def test_a_missing_or_invalid_task_file_is_one_line_naming_the_file_and_exit_2(
+    tmp_path: Path,
+) -> None:
+    """Checked before any node is asked (none runs here), so both are usage errors alike."""
+    (tmp_path / "bad.toml").write_text('name = "x"\nos = "tiny"\ncommand = "true"\n'
+                                       '[resources]\nmemory = "lots"\n')  # fmt: skip
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00garbage")
+    cases = {
+        "missing.toml": "missing.toml: no such task file",
+        "bad.toml": "bad.toml:5: resources.memory: not a size: 'lots' (expected a number",
+        "binary.toml": "binary.toml: not UTF-8 text (a task file is TOML)",
+        ".": ": a directory, not a task file",
+    }  # fmt: skip
+    for name, message in cases.items():
+        done = await trio.run_process(
+            [*vmlend_command(), "submit", "--data", str(tmp_path / "nonode"), str(tmp_path / name)],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+        err = done.stderr.decode()
+        assert done.returncode == 2, err
+        assert err.startswith("vmlend submit: "), err
+        assert message in err, err
+        assert err.count("\n") == 1, err
