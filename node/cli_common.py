@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from node.data_dir import resolve_data_dir
 from node.errors import ConfigError, IdentityError, RpcError, VmlendError
-from node.log_hygiene import LogHygiene
+from node.log_hygiene import LIBP2P, LogHygiene, QuietLibrary
 
 if TYPE_CHECKING:
     from node.rpc_blocking_client import Client
@@ -81,12 +81,12 @@ def configure_logging(verbosity: int) -> None:
     handler.setFormatter(_rfc3339_formatter())
     handler.addFilter(LogHygiene())  # what peers put in log lines is cut and rate-limited
     # A no-op where logging is set up already (a host program, a test runner): ours only.
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbosity, 2), handlers=[handler])
     if verbosity < 2:
         # py-libp2p warns on every DHT stream a peer closes early and logs a multi-line error for
         # every protocol a peer does not speak; the p2p adapter raises an error of its own for
         # each, reported where it matters, so libp2p's own lines are debug output.
-        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+        handler.addFilter(QuietLibrary(LIBP2P))
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbosity, 2), handlers=[handler])
 
 
 def _rfc3339_formatter() -> logging.Formatter:

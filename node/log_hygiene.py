@@ -56,3 +56,29 @@ class LogHygiene(logging.Filter):
             self._last.clear()  # bounded: forgetting only lets a warning through once more
         self._last[key] = (now, 0)
         return True
+
+
+LIBP2P = "libp2p"
+
+
+class QuietLibrary(logging.Filter):
+    """A handler filter dropping every record of one library's loggers (py-libp2p's below
+    ``-vv``: the p2p adapter turns what matters of it into errors of its own)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == self._name or record.name.startswith(self._name + "."))
+
+
+def route_libp2p_logs_through_ours() -> None:
+    """py-libp2p, on its first import, detaches its loggers (propagation off, no handler), so
+    Python's last-resort handler writes its warnings raw on stderr, once a second for a
+    bootstrap peer that is down. Called once it is imported: its records reach our handler
+    again, where they are formatted, kept to a size and rate, or dropped (:class:`QuietLibrary`)."""
+    logger = logging.getLogger(LIBP2P)
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True

@@ -71,6 +71,7 @@ from node.errors import (
 from node.heartbeat import PINGS, PONGS, Liveness, Ping, Pong
 from node.heartbeat import PROTOCOL_ID as HEARTBEAT_PROTOCOL
 from node.identity import Identity
+from node.log_hygiene import route_libp2p_logs_through_ours
 from node.p2p_dht import Dht, make_dht
 from node.p2p_host import (
     PEERSTORE_ERRORS,
@@ -111,6 +112,7 @@ __all__ = [
     "disable_connect_delay",
 ]
 
+route_libp2p_logs_through_ours()  # libp2p is imported by now (see its docstring)
 logger = logging.getLogger("vmlend.node.p2p")
 
 

@@ -51,7 +51,7 @@ class Database:
         db = cls(conn, path)
         try:
             steps = list(migrations)
-            await db._run(lambda conn: _migrate(conn, steps))
+            await db._run(lambda conn: _migrate(conn, steps, path.name))
             yield db
         finally:
             with trio.CancelScope(shield=True):
@@ -156,7 +156,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _migrate(conn: sqlite3.Connection, migrations: list[str]) -> None:
+def _migrate(conn: sqlite3.Connection, migrations: list[str], name: str = "database") -> None:
     version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(migrations):
         raise StoreError(
@@ -164,7 +164,7 @@ def _migrate(conn: sqlite3.Connection, migrations: list[str]) -> None:
             f"({len(migrations)}); refusing to touch it"
         )
     for number in range(version, len(migrations)):
-        log.info("applying migration %d", number + 1)
+        log.info("%s: applying migration %d of %d", name, number + 1, len(migrations))
         # executescript would COMMIT first; run the statements inside our own transaction so a
         # migration is all-or-nothing together with its version bump.
         with _transaction(conn):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,25 @@ def test_py_libp2ps_own_errors_are_shown_only_at_debug(verbosity: int, shown: bo
     )
     assert ("Failed to open stream" in out.stderr) is shown
     assert ("Failed to read DHT message" in out.stderr) is shown
+
+
+@pytest.mark.parametrize(("verbosity", "shown"), [(0, False), (2, True)])
+def test_py_libp2ps_lines_stay_ours_after_it_is_imported(verbosity: int, shown: bool) -> None:
+    """Importing py-libp2p detaches its loggers, and its warnings went raw to stderr through
+    Python's last-resort handler, once a second for a bootstrap peer that was down."""
+    code = (
+        "import logging; from node.cli_common import configure_logging\n"
+        f"configure_logging({verbosity})\n"
+        "import node.p2p\n"
+        "logging.getLogger('libp2p.transport.tcp').error('Failed to open TCP stream: refused')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    if shown:
+        assert re.search(
+            r"(?m)^\S+Z libp2p.transport.tcp ERROR Failed to open TCP stream: refused$", out.stderr
+        ), out.stderr
+    else:
+        assert out.stderr == ""
