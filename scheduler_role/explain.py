@@ -17,13 +17,18 @@ from scheduler_role.queue import SeenOffer, TaskStatus
 
 
 def explain(
-    status: TaskStatus, offers: Mapping[str, SeenOffer], held_by: Mapping[str, int]
+    status: TaskStatus,
+    offers: Mapping[str, SeenOffer],
+    held_by: Mapping[str, int],
+    sidelined: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Reasons ``status``'s task is not (fully) running; empty if nothing is waiting.
 
     ``offers``: the last offer of each worker seen recently (``Queue.offers``); ``held_by``: leases
-    each worker holds now (``Queue.held_by()``).
+    each worker holds now (``Queue.held_by()``); ``sidelined``: seconds left for each worker
+    given no lease because its leases kept failing to start (``Queue.sidelined()``).
     """
+    resting = {w: left for w, left in (sidelined or {}).items() if w in offers or w in held_by}
     state = status.state
     if state is TaskState.SUBMITTED:
         return ["waiting for image assembly to start"]
@@ -49,8 +54,12 @@ def explain(
     unknown = sorted(w for w in held_by if w not in offers)  # busy since before we saw an offer
     if not capable and not unknown:
         return [*lines, *_never_lines(need, [offers[w].offer.capacity for w in never], never)]
-    free = [w for w in capable if w not in taken and not violations(offers[w].offer.room, need)]
-    busy = [w for w in capable if w not in taken and w not in free] + unknown
+    free = [
+        w for w in capable
+        if w not in taken and w not in resting and not violations(offers[w].offer.room, need)
+    ]  # fmt: skip
+    busy = [w for w in capable if w not in taken and w not in free and w not in resting]
+    busy += [w for w in unknown if w not in resting]
     already = [w for w in capable if w in taken]
     if free:
         lines.append(f"{_plural(len(free), 'worker')} can take it; waiting for their next request")
@@ -60,6 +69,11 @@ def explain(
         lines.append(
             f"{_plural(len(already), 'worker')} already ran a replica of this task "
             "(each replica needs a different worker)"
+        )
+    if resting:
+        lines.append(
+            f"{_plural(len(resting), 'worker')} sidelined for {max(resting.values()):.0f} s more "
+            "at most: its leases failed to start (a sick worker is given no work for a while)"
         )
     if never:
         lines.append(f"{_plural(len(never), 'worker')} too small for it")

@@ -279,8 +279,9 @@ class OwnerApi:
     # ---- status and results --------------------------------------------------------------
 
     async def status(self, task_id: str) -> TaskStatus:
-        status = await self.queue.status(task_id)
-        results = await self.queue.results(task_id)
+        q = self.queue
+        status = await q.status(task_id)
+        results = await q.results(task_id)
         chosen = _chosen(status, results)
         return TaskStatus(
             task_id=task_id,
@@ -297,7 +298,7 @@ class OwnerApi:
             results=len(results),
             reported_by=tuple(status.reported),
             dissenters=tuple(status.dissenters),
-            waiting=tuple(explain(status, self.queue.offers, self.queue.held_by())),
+            waiting=tuple(explain(status, q.offers, q.held_by(), await q.sidelined())),
         )  # fmt: skip
 
     async def _results(self, task_id: str) -> TaskResults:

@@ -59,7 +59,13 @@ from scheduler_role.queue_types import (
     tables_with,
 )
 from scheduler_role.trust import Conduct, Policy, WorkerRecord
-from scheduler_role.worker_records import all_records, load_record, seen_at, sidelined
+from scheduler_role.worker_records import (
+    all_records,
+    all_sidelined,
+    load_record,
+    seen_at,
+    sidelined,
+)
 
 __all__ = ["Clock", "Queue", "SeenOffer", "StopNotice", "StoredResult", "TaskStatus", "TrioClock"]
 from catalog.dispatch import LeaseKey
@@ -539,6 +545,11 @@ class Queue:
 
     async def record_of(self, worker: str) -> WorkerRecord:
         return await self._db.transaction(lambda conn: load_record(conn, worker))
+
+    async def sidelined(self) -> dict[str, float]:
+        """Seconds left for each worker sidelined now (for :mod:`explain`)."""
+        wall = self._clock.wall()
+        return await self._db.transaction(lambda conn: all_sidelined(conn, wall))
 
     def held_by(self) -> dict[str, int]:
         """Leases held per worker right now (for :mod:`explain`)."""

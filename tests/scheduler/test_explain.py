@@ -59,3 +59,17 @@ async def test_quorum_needs_different_workers(queue: Queue) -> None:
         "1 worker already ran a replica of this task (each replica needs a different worker)"
         in (lines)
     )
+
+
+async def test_a_sidelined_worker_is_named_not_counted_as_free(queue: Queue) -> None:
+    await queue.submit(spec("a"))
+    await queue.submit(spec("b"))
+    grant = await queue.lease("w1", offer())
+    assert isinstance(grant, LeaseGrant)
+    await queue.lost("w1", [grant.lease])  # before its VM started: w1 is sidelined
+    lines = explain(await queue.status("b"), queue.offers, queue.held_by(), await queue.sidelined())
+    assert lines[0] == "2 replicas waiting for a worker" or lines[0].endswith(
+        "waiting for a worker"
+    )
+    assert any(x.startswith("1 worker sidelined for 5 s more at most") for x in lines), lines
+    assert not any("can take it" in x for x in lines), lines
