@@ -16,6 +16,7 @@ from typing import Any
 from node.allow_rules import MAX_RULES, AllowList, AllowRule, InvalidAllowRule, is_internal
 from node.errors import LocalProtocolError
 from node.limits import LIMITS, Amounts, Limit, Unit, limit_named
+from node.units import human_size
 from node.wire_fields import as_int, as_map, as_seconds, as_text, as_tuple, check_keys
 
 MIB = 1024 * 1024
@@ -191,9 +192,9 @@ class Allowance:
             if allowed is None or (limit.per_network and request.network is NetworkMode.NONE):
                 continue
             asked, in_use = request.amount(limit.name), used[limit.name]
-            label, unit = limit.label, limit.unit.value
+            label, unit = limit.label, limit.unit
             if limit.unit.zero_is_unlimited and asked == 0:
-                message = f"{label} unlimited exceeds the lender's limit of {_num(allowed)}{unit}"
+                message = f"{label} unlimited exceeds the lender's limit of {_shown(allowed, unit)}"
             elif in_use + asked > allowed + (_SHARE_EPSILON if limit.unit is Unit.SHARE else 0):
                 message = _exceeds(label, asked, in_use, allowed, unit)
             else:
@@ -286,14 +287,25 @@ def _outside(entries: Sequence[str], allowed: AllowList) -> list[str]:
     return outside
 
 
-def _exceeds(label: str, asked: float, in_use: float, allowed: float, unit: str) -> str:
+def _exceeds(label: str, asked: float, in_use: float, allowed: float, unit: Unit) -> str:
     if in_use == 0:
-        return f"{label} {_num(asked)}{unit} exceeds the lender's limit of {_num(allowed)}{unit}"
+        return (
+            f"{label} {_shown(asked, unit)} exceeds the lender's limit of {_shown(allowed, unit)}"
+        )
     left = max(allowed - in_use, 0)
     return (
-        f"{label} {_num(asked)}{unit} exceeds what is left of the lender's limit of "
-        f"{_num(allowed)}{unit} ({_num(in_use)}{unit} in use, {_num(left)}{unit} left)"
+        f"{label} {_shown(asked, unit)} exceeds what is left of the lender's limit of "
+        f"{_shown(allowed, unit)} ({_shown(in_use, unit)} in use, {_shown(left, unit)} left)"
     )
+
+
+def _shown(value: float, unit: Unit) -> str:
+    """An amount for people: sizes and rates in IEC units ("90 TiB", "9.54 MiB/s")."""
+    if unit is Unit.SIZE:
+        return human_size(int(value) * MIB)
+    if unit is Unit.RATE:
+        return human_size(int(value)) + "/s"
+    return _num(value) + str(unit.value)
 
 
 def _num(value: float) -> str:

@@ -121,17 +121,6 @@ def command_after_dashes(remainder: Sequence[str]) -> list[str]:
     return argv[1:] if argv[:1] == ["--"] else argv
 
 
-def human_size(n: int) -> str:
-    """A size for people, in IEC units to three significant digits: ``"90 TiB"``, ``"23.5 GiB"``,
-    ``"512 B"`` (:func:`node.units.format_size` is exact and may run to many digits)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            break
-        value /= 1024
-    return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
-
-
 def print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
     """Left-aligned columns two spaces apart, as wide as their widest cell."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]

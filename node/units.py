@@ -216,3 +216,14 @@ def _finite(value: Fraction, text: str) -> float:
     if not math.isfinite(result):
         raise ValueError(f"duration {text!r} is too large")
     return result
+
+
+def human_size(n: int) -> str:
+    """A size for people, in IEC units to three significant digits: ``"90 TiB"``, ``"23.5 GiB"``,
+    ``"512 B"`` (:func:`format_size` is exact and may run to many digits)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            break
+        value /= 1024
+    return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from node.cli_common import _rfc3339_formatter, human_size, rfc3339
+from node.cli_common import _rfc3339_formatter, rfc3339
+from node.units import human_size
 
 
 def test_log_lines_are_stamped_in_rfc3339_utc() -> None:

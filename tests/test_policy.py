@@ -159,7 +159,7 @@ def test_message_names_every_limit_exceeded() -> None:
     ]
     text = str(info.value)
     assert "vCPUs 2 exceeds what is left of the lender's limit of 2 (1 in use, 1 left)" in text
-    assert "memory 512 MiB exceeds what is left of the lender's limit of 1024 MiB" in text
+    assert "memory 512 MiB exceeds what is left of the lender's limit of 1 GiB" in text
     assert "network access is not allowed by the lender" in text
     # An empty scheduler set serves anyone.
     assert "scheduler" not in text
@@ -173,9 +173,9 @@ def test_unlimited_rate_is_refused_when_the_lender_caps_it() -> None:
     with pytest.raises(PolicyViolation) as info:
         policy.check(Caps(network=NetworkMode.PROXY), [])
     assert str(info.value) == (
-        "disk rate unlimited exceeds the lender's limit of 10000000 B/s; "
+        "disk rate unlimited exceeds the lender's limit of 9.54 MiB/s; "
         "disk operations unlimited exceeds the lender's limit of 500 IOPS; "
-        "network rate unlimited exceeds the lender's limit of 1000000 B/s"
+        "network rate unlimited exceeds the lender's limit of 977 KiB/s"
     )
     policy.check(Caps(network=NetworkMode.PROXY, net_bps=1_000_000, disk_bps=1, disk_iops=1), [])
     # A VM without network asks nothing of the network budget, whatever its net_bps says.
@@ -313,3 +313,10 @@ def test_the_scheduler_refuses_what_the_offer_cannot_reach() -> None:
     empty = LendingPolicy(network_allowed=True).remaining([])
     assert empty is not None
     assert Allowance.room(empty).violations(_asking("example.org:443"))
+
+
+def test_a_huge_size_is_shown_in_units_a_person_reads() -> None:
+    policy = LendingPolicy(ceilings={"memory_mib": 4096})
+    with pytest.raises(PolicyViolation) as info:
+        policy.check(Caps(memory_mib=90 * 1024 * 1024), [])
+    assert str(info.value) == "memory 90 TiB exceeds the lender's limit of 4 GiB"

@@ -23,12 +23,11 @@ from node.cli_common import (
     EXIT_USAGE,
     EXIT_VM_FAILED,
     command_after_dashes,
-    human_size,
     run_command,
 )
 from node.supervise import one_error
 from node.terminal import RAW_HELP, OutputWriter
-from node.units import parse_duration, parse_rate, parse_size
+from node.units import human_size, parse_duration, parse_rate, parse_size
 from worker_role.errors import GuestTimeoutError, VmError
 from worker_role.vm.backend import Image, OutputChunk, open_backend
 from worker_role.vm.task import GuestCommand
