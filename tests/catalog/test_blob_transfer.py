@@ -184,7 +184,7 @@ async def test_providers_found_in_the_dht_are_asked_what_they_hold_once(
 async def test_provider_killed_mid_transfer(spawn: Spawn, tmp_path: Path) -> None:
     sources = [await spawn() for _ in range(3)]
     me = await spawn()
-    data = random_bytes(4 * MIB, 3)
+    data = random_bytes(16 * MIB, 3)  # so the victim still has chunks to serve
     blob_id = await add(sources, data, tmp_path)
     victim = sources[0]
     events: list[Event] = []
