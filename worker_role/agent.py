@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import math
+import random
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,9 @@ HEAL_INTERVAL = 5.0  # while the backend cannot run VMs, how often it is tried a
 # The least a NoWork's retry_after rests a scheduler: a tiny one must not make us ask in a loop.
 RETRY_FLOOR = 1.0
 STATE_FILE = "agent_leases.json"
+RESERVE_BACKOFF = (0.25, 4.0)  # seconds between dials of a scheduler whose stream broke
+RESERVE_FOR = 60.0  # then it is left to discovery
+RESERVE_STABLE = 10.0  # a stream that lasted this long resets the pauses
 
 
 class SchedulerNetwork(Protocol):
@@ -256,13 +260,37 @@ class WorkerAgent:
             await trio.sleep(DISCOVERY_INTERVAL)
 
     async def _serve_guarded(self, scheduler: str, addrs: list[str]) -> None:
+        """Serve ``scheduler``; when its stream breaks (it restarted, we were frozen, a partition
+        healed), dial it again at once and then with a growing, jittered pause, rather than wait
+        for the next DHT round (up to 15 s): what is known of it is still its best address. Given
+        up after :data:`RESERVE_FOR` s without one working stream; discovery finds it again."""
+        failing_since: float | None = None
+        delay = RESERVE_BACKOFF[0]
         try:
-            await self._serve(scheduler, addrs)
-        except* (NetworkError, ProtocolError, trio.TooSlowError) as group:
-            log.info("scheduler %s: %s (will look again)", scheduler, _first(group))
+            while True:
+                error: object = "its stream ended"
+                began = trio.current_time()
+                try:
+                    await self._serve(scheduler, addrs)
+                except* (NetworkError, ProtocolError, trio.TooSlowError) as group:
+                    error = _first(group)
+                finally:
+                    served = scheduler in self._controls
+                    self._controls.pop(scheduler, None)
+                    self._resting.pop(scheduler, None)
+                    self._control_changed()
+                now = trio.current_time()
+                # A stream that worked for a while is a fresh start; one that keeps being dropped
+                # as soon as it is open is a failure like any other (no dialling in a loop).
+                if failing_since is None or (served and now - began >= RESERVE_STABLE):
+                    failing_since, delay = now, RESERVE_BACKOFF[0]
+                if now - failing_since >= RESERVE_FOR:
+                    log.info("scheduler %s: %s (will look again)", scheduler, error)
+                    return
+                log.info("scheduler %s: %s (again in %.2g s)", scheduler, error, delay)
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(2 * delay, RESERVE_BACKOFF[1])
         finally:
-            self._controls.pop(scheduler, None)
-            self._resting.pop(scheduler, None)
             self._serving.discard(scheduler)
             self._control_changed()
 
@@ -366,6 +394,7 @@ class WorkerAgent:
                 control.fail(RemoteProtocolError(f"{scheduler} granted {answer.lease} twice"))
                 return
             self._leases[held] = _Lease(answer.caps, answer.lease_timeout)
+            log.info("lease %s granted by %s", answer.lease, scheduler)
             self._poke()
             nursery.start_soon(self._run_lease, scheduler, self._addrs[scheduler], answer)
         elif isinstance(answer, NoWork):

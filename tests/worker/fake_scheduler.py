@@ -163,8 +163,8 @@ class FakeScheduler:
                         await self._send_answer(stream, request_id, answer)
                     else:
                         nursery.start_soon(self._answer_later, stream, delay, request_id, answer)
-            except NetworkError:
-                pass  # the worker went away (stopped or restarted)
+            except (NetworkError, trio.ClosedResourceError):
+                pass  # the worker went away (stopped or restarted), or the test dropped it
 
     async def _send_answer(self, stream: MessageStream, request_id: int, answer: Answer) -> None:
         await stream.send(encode_answer(self.renumber(request_id), answer))
