@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +59,7 @@ class LocalNode:
     output: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     lab: bool = True  # read LAB_BOOTSTRAP first (see the module docstring)
+    on_line: Callable[[str], None] | None = None  # told every line, as it arrives
 
     @property
     def rpc_path(self) -> Path:
@@ -101,6 +102,8 @@ class LocalNode:
             for raw in lines:
                 line = raw.decode(errors="replace")
                 self.output.append(line)
+                if self.on_line is not None:
+                    self.on_line(line)
                 if ready is None:
                     continue
                 if line.startswith("peer id: "):

@@ -100,10 +100,11 @@ class NetNode(LocalNode):
 
     netns: str = ""
     ip: str = ""
+    port: int = 0  # 0: any; a fixed one lets a restarted node come back where it was
 
     def command(self) -> list[str]:
         cmd = super().command()
-        cmd[cmd.index("--listen") + 1] = f"/ip4/{self.ip}/tcp/0"
+        cmd[cmd.index("--listen") + 1] = f"/ip4/{self.ip}/tcp/{self.port}"
         return ["ip", "netns", "exec", self.netns, *cmd]
 
 
@@ -190,11 +191,39 @@ class Lab:
             await trio.to_thread.run_sync(self.down)
 
     def node(
-        self, host: str, data_dir: Path, roles: tuple[str, ...], bootstrap: tuple[str, ...] = ()
+        self,
+        host: str,
+        data_dir: Path,
+        roles: tuple[str, ...],
+        bootstrap: tuple[str, ...] = (),
+        *,
+        port: int = 0,
     ) -> NetNode:
         """A node (not yet started) on ``host``; start it with ``await node.start(nursery)``."""
         h = self.host(host)
-        return NetNode(host, data_dir, roles, bootstrap, netns=h.netns, ip=h.ip)
+        return NetNode(host, data_dir, roles, bootstrap, netns=h.netns, ip=h.ip, port=port)
+
+    async def cut(self, name: str) -> None:
+        """Cut host (or home) ``name`` off: its link's far end leaves the bridge, so every frame
+        either side sends is dropped in silence, as on a dead cable (no reset, no error)."""
+        ns, dev, _ = self._port(name)
+        await self._ip(ns, "link", "set", dev, "nomaster")
+
+    async def mend(self, name: str) -> None:
+        """Undo :meth:`cut`."""
+        ns, dev, bridge = self._port(name)
+        await self._ip(ns, "link", "set", dev, "master", bridge)
+
+    def _port(self, name: str) -> tuple[str, str, str]:
+        try:
+            return self.plan.ports[name]
+        except KeyError:
+            raise LabError(f"no host or home {name!r} in topology {self.topology.name}") from None
+
+    async def _ip(self, ns: str, *args: str) -> None:
+        done = await trio.run_process(["ip", "-n", ns, *args], capture_stderr=True, check=False)
+        if done.returncode != 0:
+            raise LabError(f"ip -n {ns} {' '.join(args)}: {done.stderr.decode().strip()}")
 
     async def exec(self, name: str, *cmd: str) -> subprocess.CompletedProcess[bytes]:
         """Run ``cmd`` in host or router ``name``'s namespace and capture its output."""

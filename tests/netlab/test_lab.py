@@ -86,6 +86,27 @@ async def test_two_homes_cannot_reach_each_other(lab: Lab) -> None:
         assert outcome in {"ENETUNREACH", "EHOSTUNREACH", "timeout"}, outcome
 
 
+async def test_a_cut_host_is_silent_both_ways_until_mended(lab: Lab) -> None:
+    relay = lab.host("relay")
+    listener = socket_in(relay.netns)
+    with listener:
+        await listener.bind((relay.ip, 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        await lab.cut("relay")
+        try:
+            # Silence, not a refusal: as a dead cable or a partition looks to TCP.
+            outcome = await probe.connect_outcome(ns(lab, "sched"), relay.ip, port, give_up=2)
+            assert outcome == "timeout", outcome
+            sched_ip = lab.host("sched").ip
+            outcome = await probe.connect_outcome(ns(lab, "relay"), sched_ip, 1, give_up=2)
+            assert outcome == "timeout", outcome
+        finally:
+            await lab.mend("relay")
+        outcome = await probe.connect_outcome(ns(lab, "sched"), relay.ip, port, give_up=5)
+        assert outcome == "connected", outcome
+
+
 async def test_configured_delay_is_measured_within_20_percent(lab: Lab) -> None:
     echoes = await probe.udp_echoes(
         ns(lab, "own"), ns(lab, "sched"), lab.host("sched").ip, count=50, interval=0.02

@@ -114,6 +114,8 @@ class Plan:
     hosts: dict[str, Host] = field(default_factory=dict)
     routers: dict[str, Router] = field(default_factory=dict)
     taps: list[TapLink] = field(default_factory=list)
+    # host or home -> (namespace, device, bridge) of its link's far end: the port that cuts it off
+    ports: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
 
 def _check_names(topology: Topology) -> None:
@@ -149,6 +151,7 @@ def plan(topology: Topology, prefix: str) -> Plan:
         p.hosts[spec.name] = host
         p.namespaces.append(ns)
         _link(p, spec.link, (ns, "eth0"), (p.switch, f"p{i}"), "br0")
+        p.ports[spec.name] = (p.switch, f"p{i}", "br0")
         p.commands.append(["ip", "-n", ns, "addr", "add", f"{host.ip}/24", "dev", "eth0"])
     for j, home in enumerate(topology.homes, start=1):
         home.uplink.check(f"home {home.name}'s uplink")
@@ -157,6 +160,7 @@ def plan(topology: Topology, prefix: str) -> Plan:
         p.routers[home.name] = router
         p.namespaces.append(rns)
         _link(p, home.uplink, (rns, "wan"), (p.switch, f"h{j}"), "br0")
+        p.ports[home.name] = (p.switch, f"h{j}", "br0")
         masquerade = ["-j", "MASQUERADE"] + (["--random-fully"] if home.nat == "random" else [])
         p.commands += [
             ["ip", "-n", rns, "addr", "add", f"{router.wan_ip}/24", "dev", "wan"],
@@ -180,6 +184,7 @@ def plan(topology: Topology, prefix: str) -> Plan:
             p.hosts[spec.name] = host
             p.namespaces.append(ns)
             _link(p, spec.link, (ns, "eth0"), (rns, f"l{i}"), "lan")
+            p.ports[spec.name] = (rns, f"l{i}", "lan")
             p.commands += [
                 ["ip", "-n", ns, "addr", "add", f"{host.ip}/24", "dev", "eth0"],
                 ["ip", "-n", ns, "route", "add", "default", "via", f"198.19.{j}.1"],
