@@ -178,8 +178,13 @@ def is_local_package(spec: str) -> bool:
 
 def load(path: Path) -> TaskFile:
     """Read and validate the task file at ``path``."""
+    return loads(read(path), source=str(path), base_dir=path.parent)
+
+
+def read(path: Path) -> str:
+    """The text of the task file at ``path``, or a :class:`TaskFileError` saying why not."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TaskFileError("no such task file", source=str(path)) from None
     except IsADirectoryError:
@@ -188,7 +193,6 @@ def load(path: Path) -> TaskFile:
         raise TaskFileError(f"cannot read it: {e.strerror or e}", source=str(path)) from None
     except UnicodeDecodeError:
         raise TaskFileError("not UTF-8 text (a task file is TOML)", source=str(path)) from None
-    return loads(text, source=str(path), base_dir=path.parent)
 
 
 def loads(text: str, *, source: str = "<task>", base_dir: Path = Path(".")) -> TaskFile:

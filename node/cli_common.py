@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from node.data_dir import resolve_data_dir
 from node.errors import ConfigError, IdentityError, RpcError, VmlendError
-from node.log_hygiene import LIBP2P, LogHygiene, QuietLibrary
+from node.log_hygiene import LogHygiene, set_libp2p_level
 
 if TYPE_CHECKING:
     from node.rpc_blocking_client import Client
@@ -85,7 +85,9 @@ def configure_logging(verbosity: int) -> None:
         # py-libp2p warns on every DHT stream a peer closes early and logs a multi-line error for
         # every protocol a peer does not speak; the p2p adapter raises an error of its own for
         # each, reported where it matters, so libp2p's own lines are debug output.
-        handler.addFilter(QuietLibrary(LIBP2P))
+        set_libp2p_level(logging.CRITICAL + 1)  # not even a record is made
+    else:
+        set_libp2p_level(logging.NOTSET)
     logging.basicConfig(level=logging.WARNING - 10 * min(verbosity, 2), handlers=[handler])
 
 

@@ -59,26 +59,23 @@ class LogHygiene(logging.Filter):
 
 
 LIBP2P = "libp2p"
+_libp2p_level = logging.WARNING  # py-libp2p's own choice, until configure_logging says otherwise
 
 
-class QuietLibrary(logging.Filter):
-    """A handler filter dropping every record of one library's loggers (py-libp2p's below
-    ``-vv``: the p2p adapter turns what matters of it into errors of its own)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self._name = name
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == self._name or record.name.startswith(self._name + "."))
+def set_libp2p_level(level: int) -> None:
+    """The level py-libp2p's loggers log at (the CLI: silent below ``-vv``), kept across its
+    import (:func:`route_libp2p_logs_through_ours`)."""
+    global _libp2p_level
+    _libp2p_level = level
+    logging.getLogger(LIBP2P).setLevel(level)
 
 
 def route_libp2p_logs_through_ours() -> None:
-    """py-libp2p, on its first import, detaches its loggers (propagation off, no handler), so
-    Python's last-resort handler writes its warnings raw on stderr, once a second for a
-    bootstrap peer that is down. Called once it is imported: its records reach our handler
-    again, where they are formatted, kept to a size and rate, or dropped (:class:`QuietLibrary`)."""
+    """py-libp2p, on its first import, detaches its loggers (propagation off, no handler, its
+    own level), so Python's last-resort handler wrote its warnings raw on stderr, once a second
+    for a bootstrap peer that is down. Called once it is imported: its records reach our handler
+    again, formatted and kept to a size and rate, at the level we chose."""
     logger = logging.getLogger(LIBP2P)
     logger.handlers.clear()
-    logger.setLevel(logging.NOTSET)
+    logger.setLevel(_libp2p_level)
     logger.propagate = True

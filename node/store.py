@@ -156,7 +156,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _migrate(conn: sqlite3.Connection, migrations: list[str], name: str = "database") -> None:
+def _migrate(conn: sqlite3.Connection, migrations: list[str], name: str) -> None:
     version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(migrations):
         raise StoreError(

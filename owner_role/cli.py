@@ -156,19 +156,16 @@ def submit_text(
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from catalog.errors import TaskFileError
-    from catalog.taskfile import load
+    from catalog.taskfile import loads, read
 
     path: Path = args.task
     try:
         # Checked here first, so a mistake is named with its file and refused like any usage
         # error, before a node is asked; the node parses the same text again as its own check.
-        load(path)
-        text = path.read_text(encoding="utf-8")
+        text = read(path)
+        loads(text, source=str(path), base_dir=path.parent)
     except TaskFileError as e:
         print(f"vmlend submit: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # gone between the two reads
-        print(f"vmlend submit: {path}: cannot read it: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     client = _client(args)
     answer = submit_text(client, text, path.parent, args.scheduler)

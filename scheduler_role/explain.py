@@ -73,7 +73,8 @@ def explain(
     if resting:
         lines.append(
             f"{_plural(len(resting), 'worker')} sidelined for {max(resting.values()):.0f} s more "
-            "at most: its leases failed to start (a sick worker is given no work for a while)"
+            f"at most: {'its' if len(resting) == 1 else 'their'} leases failed to start (a sick "
+            "worker is given no work for a while)"
         )
     if never:
         lines.append(f"{_plural(len(never), 'worker')} too small for it")

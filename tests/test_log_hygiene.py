@@ -45,15 +45,20 @@ def test_info_lines_are_never_held_back() -> None:
     assert all(hygiene.filter(record("x %s", n, level=logging.INFO)) for n in range(10))
 
 
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter at the repository root (logging set up from scratch)."""
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+
+
 def test_the_command_lines_logging_is_hygienic() -> None:
     code = (
         "import logging; from node.cli_common import configure_logging; configure_logging(0)\n"
         "for _ in range(5): logging.getLogger('vmlend.x').error('peer sent %s', 'ab' * 100000)\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
-    )
+    out = run_python(code)
     lines = out.stderr.splitlines()
     assert len(lines) == 1  # the same error, said once
     assert len(lines[0]) < 600
@@ -71,10 +76,7 @@ def test_py_libp2ps_own_errors_are_shown_only_at_debug(verbosity: int, shown: bo
         "logging.getLogger('libp2p.host.basic_host').error('Failed to open stream\\n  Error: x')\n"
         "logging.getLogger('libp2p.kad_dht').warning('Failed to read DHT message from stream')\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
-    )
+    out = run_python(code)
     assert ("Failed to open stream" in out.stderr) is shown
     assert ("Failed to read DHT message" in out.stderr) is shown
 
@@ -89,10 +91,7 @@ def test_py_libp2ps_lines_stay_ours_after_it_is_imported(verbosity: int, shown: 
         "import node.p2p\n"
         "logging.getLogger('libp2p.transport.tcp').error('Failed to open TCP stream: refused')\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
-    )
+    out = run_python(code)
     if shown:
         assert re.search(
             r"(?m)^\S+Z libp2p.transport.tcp ERROR Failed to open TCP stream: refused$", out.stderr

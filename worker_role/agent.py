@@ -33,7 +33,6 @@ import functools
 import json
 import logging
 import math
-import random
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +75,7 @@ from node.errors import (
     StoreError,
 )
 from node.identity import Identity
+from node.p2p_keepalive import DialBackoff
 from node.p2p_stream import MessageStream
 from node.wire import WireLimits
 from worker_role.agent_state import State, parse_state, report_to_hex
@@ -99,8 +99,7 @@ HEAL_INTERVAL = 5.0  # while the backend cannot run VMs, how often it is tried a
 # The least a NoWork's retry_after rests a scheduler: a tiny one must not make us ask in a loop.
 RETRY_FLOOR = 1.0
 STATE_FILE = "agent_leases.json"
-RESERVE_BACKOFF = (0.25, 4.0)  # seconds between dials of a scheduler whose stream broke
-RESERVE_FOR = 60.0  # then it is left to discovery
+RESERVE_FOR = 60.0  # redialling a scheduler whose stream broke; then it is left to discovery
 RESERVE_STABLE = 10.0  # a stream that lasted this long resets the pauses
 
 
@@ -154,6 +153,7 @@ class WorkerAgent:
         self._controls: dict[str, ControlStream] = {}
         self._addrs: dict[str, list[str]] = {}
         self._serving: set[str] = set()
+        self._redial = DialBackoff()  # pauses between dials of a scheduler whose stream broke
         self._shares = Shares(dict(config.shares))
         self._resting: dict[str, float] = {}  # scheduler -> when it may be asked again (NoWork)
         self._controls_changed = trio.Event()
@@ -261,11 +261,11 @@ class WorkerAgent:
 
     async def _serve_guarded(self, scheduler: str, addrs: list[str]) -> None:
         """Serve ``scheduler``; when its stream breaks (it restarted, we were frozen, a partition
-        healed), dial it again at once and then with a growing, jittered pause, rather than wait
-        for the next DHT round (up to 15 s): what is known of it is still its best address. Given
-        up after :data:`RESERVE_FOR` s without one working stream; discovery finds it again."""
+        healed), dial it again at once and then with the p2p layer's growing, jittered pauses,
+        rather than wait for the next DHT round (up to 15 s): what is known of it is still its
+        best address. Given up after :data:`RESERVE_FOR` s without a stream that lasted; discovery
+        finds it again."""
         failing_since: float | None = None
-        delay = RESERVE_BACKOFF[0]
         try:
             while True:
                 error: object = "its stream ended"
@@ -283,14 +283,16 @@ class WorkerAgent:
                 # A stream that worked for a while is a fresh start; one that keeps being dropped
                 # as soon as it is open is a failure like any other (no dialling in a loop).
                 if failing_since is None or (served and now - began >= RESERVE_STABLE):
-                    failing_since, delay = now, RESERVE_BACKOFF[0]
+                    failing_since = now
+                    self._redial.reached(scheduler)
                 if now - failing_since >= RESERVE_FOR:
                     log.info("scheduler %s: %s (will look again)", scheduler, error)
                     return
-                log.info("scheduler %s: %s (again in %.2g s)", scheduler, error, delay)
-                await trio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(2 * delay, RESERVE_BACKOFF[1])
+                pause = self._redial.failed(scheduler, now)
+                log.info("scheduler %s: %s (again in %.2g s)", scheduler, error, pause)
+                await trio.sleep(pause)
         finally:
+            self._redial.reached(scheduler)
             self._serving.discard(scheduler)
             self._control_changed()
 
