@@ -134,12 +134,12 @@ async def test_a_broken_scheduler_stream_is_dialled_again_at_once_not_at_the_nex
     await lab.start()
     await until(a.changes, lambda: len(a.streams) == 1)
     delays = []
-    # A scheduler that accepts and drops, again and again: the pauses grow, to 4 s at most.
+    # A scheduler that accepts and drops, again and again: the pauses grow, to 4 s (+-20 %) at most.
     for n in range(2, 10):
         broke = trio.current_time()
         await a.streams[-1].aclose()
         await until(a.changes, lambda n=n: len(a.streams) == n)  # type: ignore[misc]
         delays.append(trio.current_time() - broke)
     assert delays[0] < 0.5, delays
-    assert max(delays) <= 4.0, delays
+    assert max(delays) <= 4.0 * 1.2 + 0.1, delays  # DialBackoff's most, jittered by +-20 %
     assert delays[-1] >= 1.0, delays  # backed off: not dialling in a loop
