@@ -9,13 +9,15 @@ A peer caught sending a forged, tampered or malformed entry is logged once as mi
 (logger ``vmlend.catalog.replication``) and neither pulled from nor served for ``ban_duration``.
 Every pull runs under ``request_timeout`` in its own task, so a peer that is down, frozen or
 slow delays only its own pull; a peer whose pulls fail is retried after a back-off that doubles
-from ``interval`` up to ``max_backoff``.
+from ``interval`` up to ``max_backoff``, or at once when it shows up live again (a healed
+partition or a restart: its heartbeat is heard), so catalogs agree again within a round trip.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import trio
 
@@ -39,7 +41,7 @@ from catalog.replication_messages import (
 )
 from catalog.scheduler_record import SchedulerDirectory
 from node.errors import NetworkError, RemoteProtocolError
-from node.p2p import P2PNode, UnsupportedProtocolError
+from node.p2p import P2PNode, PeerInfo, UnsupportedProtocolError
 from node.p2p_stream import MessageStream
 
 log = logging.getLogger("vmlend.catalog.replication")
@@ -92,6 +94,7 @@ class ReplicationService:
         self.p2p.set_handler(PROTOCOL_ID, self._serve, limits=WIRE_LIMITS)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._discover_loop)
+            nursery.start_soon(self._pull_on_return, nursery)
             task_status.started()
             while True:
                 # Pulls are not awaited here: a frozen or slow peer delays only its own pull,
@@ -105,15 +108,17 @@ class ReplicationService:
         async with trio.open_nursery() as nursery:
             self._start_pulls(nursery)
 
-    def _start_pulls(self, nursery: trio.Nursery) -> None:
-        self._stats["rounds"] += 1
+    def _start_pulls(self, nursery: trio.Nursery, only: frozenset[str] | None = None) -> None:
+        """Pull from every candidate (or those of ``only``) not already being pulled from."""
+        if only is None:
+            self._stats["rounds"] += 1
         now = trio.current_time()
         # Forget expired bans and back-offs, so peers long gone cost no memory.
         for table in (self._banned_until, self._retry_at):
             for peer_id in [p for p, until in table.items() if until <= now]:
                 del table[peer_id]
         for peer_id in self.candidates():
-            if peer_id not in self._pulling:
+            if peer_id not in self._pulling and (only is None or peer_id in only):
                 self._pulling.add(peer_id)
                 nursery.start_soon(self._pull_guarded, peer_id)
         self._woke()
@@ -122,6 +127,11 @@ class ReplicationService:
     def pulling(self) -> frozenset[str]:
         """Peers a pull from is in progress right now."""
         return frozenset(self._pulling)
+
+    @property
+    def known_schedulers(self) -> frozenset[str]:
+        """Schedulers found through their DHT records (pulled from even when not connected)."""
+        return frozenset(self._schedulers)
 
     def candidates(self) -> list[str]:
         now = trio.current_time()
@@ -143,8 +153,9 @@ class ReplicationService:
         }
 
     async def wait_until(self, predicate: Callable[[ReplicationService], bool]) -> None:
-        """Wait until ``predicate(self)`` holds, re-checked whenever pulls start or end and
-        whenever a peer misbehaves (for tests and ``wait``-style RPCs: no polling)."""
+        """Wait until ``predicate(self)`` holds, re-checked whenever pulls start or end, a peer
+        misbehaves or the schedulers are found again (for tests and ``wait``-style RPCs: no
+        polling)."""
         while not predicate(self):
             await self._progress.wait()
 
@@ -168,7 +179,23 @@ class ReplicationService:
                     log.debug("finding schedulers: %s", e)
                 else:
                     self._schedulers = {s.peer_id for s in found} - {self.p2p.peer_id}
+                    self._woke()
             await trio.sleep(self.discover_interval)
+
+    async def _pull_on_return(self, nursery: trio.Nursery) -> None:
+        """Pull at once from a peer that joins or is heard again (a healed partition, a
+        restart): a failed peer's back-off only guessed when it might be back, and a peer's new
+        entries should not wait for the next round."""
+        live = frozenset(p.peer_id for p in self.p2p.peers())
+        while True:
+            peers = await self.p2p.wait_peers(partial(_other_than, live))
+            now_live = frozenset(p.peer_id for p in peers)
+            arrived, live = now_live - live, now_live
+            for peer_id in arrived:
+                if self._failures.pop(peer_id, None) is not None:
+                    self._retry_at.pop(peer_id, None)
+            if arrived:
+                self._start_pulls(nursery, only=arrived)
 
     # ---- pulling -----------------------------------------------------------------------------
 
@@ -271,3 +298,7 @@ class ReplicationService:
                 self._stats["served"] += len(encoded)
                 answer = entries_reply(encoded)
             await stream.send(REPLIES.encode(answer))
+
+
+def _other_than(known: frozenset[str], peers: list[PeerInfo]) -> bool:
+    return frozenset(p.peer_id for p in peers) != known

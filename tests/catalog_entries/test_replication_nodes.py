@@ -70,6 +70,8 @@ class Scheduler:
     scope: trio.CancelScope | None = None
     stopped: trio.Event = field(default_factory=trio.Event)
     request_timeout: float = 3.0
+    interval: float = 0.3
+    max_backoff: float = 5.0
 
     @property
     def lib(self) -> Library:
@@ -92,7 +94,8 @@ class Scheduler:
                 service = ReplicationService(
                     p2p,
                     lib,
-                    interval=0.3,
+                    interval=self.interval,
+                    max_backoff=self.max_backoff,
                     request_timeout=self.request_timeout,
                     discover_interval=1.0,
                 )
@@ -243,6 +246,48 @@ async def test_a_scheduler_that_was_down_catches_up_when_it_returns(tmp_path: Pa
         await wait_everywhere([c], meanwhile)
         assert c.lib.index.root() == a.lib.index.root()
         n.cancel_scope.cancel()
+
+
+async def test_a_peer_that_joins_or_returns_is_pulled_from_at_once_not_at_the_next_round(
+    tmp_path: Path,
+) -> None:
+    # Rounds and back-offs of 10 minutes: only the arrival of a peer can explain a pull within
+    # seconds.
+    a = Scheduler(tmp_path / "a", interval=600.0, max_backoff=600.0)
+    c = Scheduler(tmp_path / "c", interval=600.0, max_backoff=600.0)
+    async with trio.open_nursery() as n:
+        await n.start(a.run, [])
+        assert a.p2p is not None
+        bootstrap = a.p2p.addrs[:1]
+        joining, returning = os_entry("joining"), os_entry("returning")
+        await _insert_offline(c, joining)
+        await n.start(c.run, bootstrap)
+        with trio.fail_after(5):
+            await a.lib.wait_for(joining.id)
+
+        assert c.p2p is not None
+        c_id = c.p2p.peer_id
+        with trio.fail_after(10):
+            await a.svc.wait_until(lambda svc: c_id in svc.known_schedulers)  # record read
+        c.stop()
+        with trio.fail_after(10):
+            await c.stopped.wait()
+            await a.p2p.wait_peers(lambda peers: not peers)  # c counted gone
+        await a.svc.pull_round()  # fails: c is down, and is backed off for 10 minutes
+        assert a.svc.statistics()["pull_failures"] == 1
+        assert c_id not in a.svc.candidates()
+        await _insert_offline(c, returning)
+        await n.start(c.run, bootstrap)  # same identity: c is back
+        with trio.fail_after(5):
+            await a.lib.wait_for(returning.id)
+        n.cancel_scope.cancel()
+
+
+async def _insert_offline(sched: Scheduler, entry: Entry) -> None:
+    """Put ``entry`` in ``sched``'s library on disk while the scheduler is not running."""
+    sched.data_dir.mkdir(parents=True, exist_ok=True)
+    async with Library.open(sched.data_dir, sched.policy) as lib:
+        await lib.insert(entry)
 
 
 @pytest.mark.parametrize("n_entries", [300])
