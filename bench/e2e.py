@@ -7,6 +7,13 @@ cached at the scheduler (assembly reuses it) and at the worker (no chunk is fetc
 in the same run: plain ``qemu-system-x86_64`` booting the same kernel and initramfs with the same
 guest init to the same result (``bench/vm.py``'s ``plain_qemu_boot``).
 
+Each run is split into phases by the lines the worker logs as the lease moves (each timed as it
+arrives here): submit -> leased (the scheduler takes the task and a worker's request gets it),
+leased -> image ready (the image checked in the worker's cache), image ready -> VM started
+(the domain defined and started), VM started -> task ended (the guest boots, runs ``true`` and
+reports), task ended -> result recorded (published, reported, fetched and judged at the
+scheduler), result recorded -> owner has it (``task.wait`` returns).
+
 Usage: .venv/bin/python bench/e2e.py [--runs 5]
 """
 
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -29,6 +37,18 @@ from node.localnet import local_network
 from worker_role.vm import open_backend
 
 ROLES = [("scheduler",), ("worker",), ("owner",)]
+# The worker's log lines that end each phase (after "submitted"), and the phases' names.
+MARKS = (
+    ("leased", r"lease {task}/\d+#\d+ granted by"),
+    ("image_ready", r"lease {task}/\d+#\d+ image ready"),
+    ("vm_started", r"lease {task}/\d+#\d+ runs in"),
+    ("task_ended", r"lease {task}/\d+#\d+ ended in its VM"),
+    ("result_recorded", r"result of {task}/\d+#\d+: recorded"),
+)
+PHASES = (
+    "submit_to_leased", "leased_to_image_ready", "image_ready_to_vm_started",
+    "vm_started_to_task_ended", "task_ended_to_result_recorded", "result_recorded_to_owner",
+)  # fmt: skip
 TASK = """\
 name = "trivial"
 os = "tiny"
@@ -56,20 +76,37 @@ async def e2e_runs(base: Path, runs: int) -> dict[str, Any]:
             for n in nodes:
                 await n.call("schedulers.wait", {"count": 1, "timeout": 110})
 
-        async def one() -> float:
+        lines: list[tuple[float, str]] = []
+        nodes[1].on_line = lambda line: lines.append((time.monotonic(), line))
+
+        async def one() -> tuple[float, dict[str, float]]:
             t0 = time.monotonic()
             with trio.fail_after(300):
                 answer = await owner.call("task.submit", {"text": TASK, "base_dir": str(base)})
                 status = await owner.call(
                     "task.wait", {"task_id": answer["task_id"], "timeout": 290}
                 )
+            t1 = time.monotonic()
             if status["state"] != "succeeded" or status["exit_code"] != 0:
                 raise RuntimeError(f"task failed: {status}")
-            return time.monotonic() - t0
+            return t1 - t0, phases(answer["task_id"], t0, t1, lines)
 
-        warm_up = await one()
-        times = [await one() for _ in range(runs)]
-    return {"warm_up_s": warm_up, "times": times}
+        warm_up, _ = await one()
+        runs_ = [await one() for _ in range(runs)]
+    return {"warm_up_s": warm_up, "times": [t for t, _ in runs_], "phases": [p for _, p in runs_]}
+
+
+def phases(task_id: str, t0: float, t1: float, lines: list[tuple[float, str]]) -> dict[str, float]:
+    """Seconds of each phase of one run, from when each mark's line arrived."""
+    marks = [t0]
+    for name, pattern in MARKS:
+        wanted = re.compile(pattern.format(task=re.escape(task_id)))
+        seen = [at for at, line in lines if wanted.search(line)]
+        if not seen:
+            raise RuntimeError(f"the worker never logged {name} for {task_id}")
+        marks.append(seen[0])
+    marks.append(t1)
+    return {name: round(b - a, 3) for name, a, b in zip(PHASES, marks, marks[1:], strict=True)}
 
 
 async def main(runs: int) -> dict[str, Any]:
@@ -82,6 +119,9 @@ async def main(runs: int) -> dict[str, Any]:
         work.mkdir()
         plain = await trio.to_thread.run_sync(_plain_qemu_boot(), runs, accel, work)
     e, p = statistics.median(e2e["times"]), statistics.median(plain)
+    medians = {
+        name: round(statistics.median(run[name] for run in e2e["phases"]), 3) for name in PHASES
+    }
     return {
         "bench": "e2e",
         "accelerator": accel.value,
@@ -94,6 +134,8 @@ async def main(runs: int) -> dict[str, Any]:
         "submit_to_result_median_s": round(e, 2),
         "plain_qemu_median_s": round(p, 2),
         "ratio_e2e_over_plain": round(e / p, 2),
+        "phases_median_s": medians,
+        "phases_s": e2e["phases"],
         "note": "e2e: owner RPC task.submit until task.wait returns the agreed result (p2p to "
         "the scheduler, lease pull by the worker, libvirt VM, result blobs fetched back, judged). "
         "plain: qemu-system-x86_64 from exec to exit, disks prepared beforehand",

@@ -4,7 +4,8 @@ A worker keeps one control stream to each scheduler it serves (``/vmlend/dispatc
 speaks first. Every request carries a ``request_id`` and its answer the same one, so the worker
 matches answers to requests by ID (several may be out at once) and tells them from pushed stops::
 
-    worker -> scheduler   WorkRequest(offer)          answered by LeaseGrant or NoWork
+    worker -> scheduler   WorkRequest(offer, wait?)   answered by LeaseGrant or NoWork (with
+                                                       ``wait``, held up to that long for work)
     worker -> scheduler   Heartbeat(leases)           answered by HeartbeatAck(stop)
     worker -> scheduler   ResultReport(lease, ...)    answered by ResultAck
     worker -> scheduler   Lost(leases)                (after a crash; answered by HeartbeatAck)
@@ -50,6 +51,9 @@ MAX_IMAGES = 1024  # image IDs an offer may list as already held
 MAX_REPLICAS = 16
 MAX_ATTEMPT = 2**31 - 1
 MAX_REQUEST_ID = 2**31 - 1
+# A work request is held at most this long: well within the worker's own request timeout, so an
+# answer (perhaps a lease) never arrives after the worker stopped waiting for it.
+MAX_WORK_HOLD = 15.0
 MAX_LOG_CHUNK = 64 * 1024
 SIGNATURE_SIZE = 64  # Ed25519
 ID_SIZE = 32
@@ -177,12 +181,21 @@ class Offer:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkRequest:
+    """An offer of room. ``wait``: the worker will wait this long for an answer, so a scheduler
+    with nothing that fits holds the request (at most :data:`MAX_WORK_HOLD`) and answers the
+    moment a replica that fits is queued, instead of having the worker ask again and again."""
+
     TYPE: ClassVar[str] = "work_request"
     offer: Offer = field(metadata=wire(decode=record(Offer)))
+    wait: float | None = field(
+        default=None, metadata=wire(decode=functools.partial(as_seconds, "wait"), optional=True)
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.offer, Offer):
             raise LocalProtocolError("offer must be an Offer")
+        if self.wait is not None:
+            as_seconds("wait", self.wait)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -255,6 +255,11 @@ class P2PNode:
     def is_connected(self, peer_id: str) -> bool:
         return self._has_connection(parse_peer_id(peer_id))
 
+    def fell_silent(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` went ``peer_timeout`` without a heartbeat (since last heard, or
+        since we began watching it) and has not been heard since."""
+        return peer_id in self._dead
+
     def _has_connection(self, peer: ID) -> bool:
         return open_connections(self._host, peer) > 0
 

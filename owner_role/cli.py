@@ -39,6 +39,24 @@ if TYPE_CHECKING:  # imported where used: ``status`` and ``logs`` must start fas
     from catalog.taskfile import TaskFile
 
 
+ID_HELP = "the task's ID, or the start of it (or of its random part) that no other task has"
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def by_whole_id(handler: Handler) -> Handler:
+    """``handler`` with ``args.task_id`` made whole (``task.resolve``), so that what it prints
+    and the directories it names carry the task's whole ID even when the user gave its start."""
+
+    def resolved(args: argparse.Namespace) -> int:
+        if args.task_id:
+            args.task_id = _client(args).call("task.resolve", {"task_id": args.task_id})["task_id"]
+        return handler(args)
+
+    return resolved
+
+
 def add_owner_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Add the arguments of the owner's ``command`` (``submit``, ``status``, ...) to its parser."""
     add_data_option(parser)
@@ -63,22 +81,22 @@ def _submit_arguments(submit: argparse.ArgumentParser) -> None:
 
 
 def _status_arguments(status: argparse.ArgumentParser) -> None:
-    status.add_argument("task_id", nargs="?", metavar="ID")
+    status.add_argument("task_id", nargs="?", metavar="ID", help=ID_HELP)
     add_json_option(status)
-    status.set_defaults(handler=cmd_status)
+    status.set_defaults(handler=by_whole_id(cmd_status))
 
 
 def _logs_arguments(logs: argparse.ArgumentParser) -> None:
-    logs.add_argument("task_id", metavar="ID")
+    logs.add_argument("task_id", metavar="ID", help=ID_HELP)
     logs.add_argument("--follow", "-f", action="store_true", help="until the task is over")
     logs.add_argument("--raw", action="store_true", help=RAW_HELP)
     add_quiet_option(logs)
     add_json_option(logs, help="the output so far as one JSON object (not with -f)")
-    logs.set_defaults(handler=cmd_logs)
+    logs.set_defaults(handler=by_whole_id(cmd_logs))
 
 
 def _wait_arguments(wait: argparse.ArgumentParser) -> None:
-    wait.add_argument("task_id", metavar="ID")
+    wait.add_argument("task_id", metavar="ID", help=ID_HELP)
     wait.add_argument(
         "--timeout",
         type=duration_argument,
@@ -87,22 +105,22 @@ def _wait_arguments(wait: argparse.ArgumentParser) -> None:
     )
     add_quiet_option(wait)
     add_json_option(wait, help="print the final status as JSON")
-    wait.set_defaults(handler=cmd_wait)
+    wait.set_defaults(handler=by_whole_id(cmd_wait))
 
 
 def _cancel_arguments(cancel: argparse.ArgumentParser) -> None:
-    cancel.add_argument("task_id", metavar="ID")
+    cancel.add_argument("task_id", metavar="ID", help=ID_HELP)
     add_json_option(cancel, help="print the task's status as JSON")
-    cancel.set_defaults(handler=cmd_cancel)
+    cancel.set_defaults(handler=by_whole_id(cmd_cancel))
 
 
 def _results_arguments(results: argparse.ArgumentParser) -> None:
-    results.add_argument("task_id", metavar="ID")
+    results.add_argument("task_id", metavar="ID", help=ID_HELP)
     results.add_argument(
         "-o", "--out", type=Path, metavar="DIR", help="where to write them (default: ./ID)"
     )
     add_json_option(results, help="print the status and the files written as JSON")
-    results.set_defaults(handler=cmd_results)
+    results.set_defaults(handler=by_whole_id(cmd_results))
 
 
 def _run_arguments(run: argparse.ArgumentParser) -> None:

@@ -19,6 +19,10 @@ RPC methods (MessagePack-RPC params: one map)::
     task.cancel  {"task_id"}             -> status map
     task.logs    {"task_id", "follow"?}  (streaming) notifications "task.log" [stream, data];
                                           result {"state"}
+    task.resolve {"task_id"}             -> {"task_id"}: the whole ID a unique start names
+
+Every ``task_id`` may be the start of one (of the ID or of its random part) that only one task
+of this node has.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class OwnerService:
         "task.results",
         "task.cancel",
         "task.logs",
+        "task.resolve",
     )
 
     def __init__(
@@ -119,6 +124,7 @@ class OwnerService:
             "task.wait": self._wait,
             "task.results": self._results,
             "task.cancel": self._cancel,
+            "task.resolve": self._resolve_rpc,
         }
 
     def rpc_streams(self) -> Mapping[str, StreamHandler]:
@@ -224,6 +230,16 @@ class OwnerService:
         except KeyError:
             raise RpcError("unknown_task", f"this node submitted no task {task_id}") from None
 
+    def _resolve(self, args: Mapping[str, Any]) -> str:
+        """The task the caller named: its ID, or the start of one (of the ID or of its random
+        part) that only one task of this node has."""
+        return resolve_task_id(_task_id(args), self._tasks)
+
+    async def _resolve_rpc(self, params: list[Any]) -> dict[str, Any]:
+        task_id = self._resolve(_args(params, {"task_id"}))
+        self._scheduler_of(task_id)  # unknown_task for an ID no task of ours has
+        return {"task_id": task_id}
+
     async def _remember(self, task_id: str, scheduler: str | None) -> None:
         """Note (or, with ``None``, drop) which scheduler holds the task, durably."""
         if scheduler is None:
@@ -286,7 +302,7 @@ class OwnerService:
                 except RpcError as e:
                     out.append({"task_id": task_id, "state": "unknown", "reason": e.message})
             return out
-        return await self._one(StatusRequest(task_id=_task_id(args)))
+        return await self._one(StatusRequest(task_id=self._resolve(args)))
 
     async def _one(self, request: Request) -> dict[str, Any]:
         """The status map of the request's task (the RPC's answer), from its scheduler."""
@@ -298,15 +314,15 @@ class OwnerService:
     async def _wait(self, params: list[Any]) -> dict[str, Any]:
         args = _args(params, {"task_id", "timeout"})
         timeout = rpc_params.timeout_option(args, default=3600, maximum=7 * 24 * 3600)
-        return await self._one(WaitRequest(task_id=_task_id(args), timeout=float(timeout)))
+        return await self._one(WaitRequest(task_id=self._resolve(args), timeout=float(timeout)))
 
     async def _cancel(self, params: list[Any]) -> dict[str, Any]:
         args = _args(params, {"task_id"})
-        return await self._one(CancelRequest(task_id=_task_id(args)))
+        return await self._one(CancelRequest(task_id=self._resolve(args)))
 
     async def _results(self, params: list[Any]) -> dict[str, Any]:
         args = _args(params, {"task_id", "out"})
-        task_id = _task_id(args)
+        task_id = self._resolve(args)
         reply = await self._ask(self._scheduler_of(task_id), ResultsRequest(task_id=task_id))
         if not isinstance(reply, TaskResults):
             raise RpcError("bad_answer", f"expected results, got {reply.TYPE}")
@@ -343,7 +359,7 @@ class OwnerService:
         follow = args.get("follow", False)
         if not isinstance(follow, bool):
             raise RpcError("invalid_params", "follow must be true or false")
-        request = LogsRequest(task_id=_task_id(args), follow=follow)
+        request = LogsRequest(task_id=self._resolve(args), follow=follow)
         scheduler = self._scheduler_of(request.task_id)
         try:
             async with await self.p2p.open_stream(
@@ -381,6 +397,29 @@ def _task_map(data: bytes) -> dict[str, str]:
 
 def _args(params: list[Any], allowed: set[str]) -> dict[str, Any]:
     return rpc_params.options(params, 0, allowed, required=True)
+
+
+def resolve_task_id(given: str, known: Iterable[str]) -> str:
+    """``given`` if it is a task ID of ``known``; else the one ID of ``known`` that starts with
+    it, or whose random part (after the last ``-``) does. A prefix several match is refused
+    with some of them; one that none does is returned as it is (the caller reports it)."""
+    ids = set(known)
+    if given in ids:
+        return given
+    matches = sorted(t for t in ids if given in (t[: len(given)], _random_part(t)[: len(given)]))
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        more = len(matches) - 4
+        shown = ", ".join(matches[:4]) + (f" and {more} more" if more > 0 else "")
+        raise RpcError(
+            "ambiguous_task", f"{given!r} starts {len(matches)} task IDs ({shown}): give more of it"
+        )
+    return given
+
+
+def _random_part(task_id: str) -> str:
+    return task_id.rpartition("-")[2]
 
 
 def _task_id(args: Mapping[str, Any]) -> str:

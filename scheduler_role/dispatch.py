@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import assert_never
 
 from catalog.dispatch import (
@@ -45,6 +45,8 @@ async def handle(
     public_key: bytes,
     verified: bool = False,
     network: str | None = None,
+    hold: float = 0.0,
+    present: Callable[[], bool] = lambda: True,
 ) -> tuple[Answer, list[StopNotice]]:
     """Serve one request from ``worker`` (whose Ed25519 key is ``public_key``, seen on
     ``network``: :meth:`trust.Policy.network_of` of its connection's address).
@@ -52,10 +54,14 @@ async def handle(
     Returns the answer for this stream and the stop notices for any worker (the task this changed
     may be running elsewhere). :class:`RemoteProtocolError` for a result with a bad signature:
     drop the stream. ``verified`` says the caller has already checked a result's signature
-    (:func:`check_report`), so it is not again.
+    (:func:`check_report`), so it is not again. ``hold``: how long a work request may wait for
+    work while ``present()`` (the caller bounds it; see :meth:`Queue.lease`).
     """
     if isinstance(message, WorkRequest):
-        return await queue.lease(worker, message.offer, network=network), []
+        answer = await queue.lease(
+            worker, message.offer, network=network, hold=hold, present=present
+        )
+        return answer, []
     if isinstance(message, Heartbeat):
         return await queue.heartbeat(worker, message), []
     if isinstance(message, ResultReport):

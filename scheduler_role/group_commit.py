@@ -11,6 +11,7 @@ Each write may carry an ``after`` callback, run in the trio thread right after t
 before anyone else's write: that is where in-memory state (lease deadlines) follows the database.
 It runs even if the writer was cancelled while waiting, so memory and disk never disagree; a
 cancelled writer simply never hears its result (a lease granted to nobody expires in due course).
+``on_commit``, if given, runs in the trio thread after every batch's callbacks.
 """
 
 from __future__ import annotations
@@ -39,8 +40,15 @@ class _Write(Generic[T]):
 
 
 class GroupCommit:
-    def __init__(self, db: Database, *, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_batch: int = 256,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         self._db = db
+        self._on_commit = on_commit
         self._max_batch = max_batch
         self._send, self._receive = trio.open_memory_channel[_Write[Any]](math.inf)
         self._closed = False
@@ -116,3 +124,5 @@ class GroupCommit:
                     write.error = value
             finally:  # a bug in one callback must not leave the others waiting forever
                 write.done.set()
+        if self._on_commit is not None:
+            self._on_commit()

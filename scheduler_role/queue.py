@@ -26,6 +26,7 @@ from catalog.dispatch import (
     Heartbeat,
     HeartbeatAck,
     LeaseGrant,
+    LeaseKey,
     NoWork,
     Offer,
     ResultAck,
@@ -38,6 +39,7 @@ from scheduler_role import schema
 from scheduler_role.end_conditions import Outcome
 from scheduler_role.errors import InvalidTaskError, TaskConflictError, UnknownTaskError
 from scheduler_role.group_commit import GroupCommit
+from scheduler_role.held_leases import HeldLeases
 from scheduler_role.lifecycle import (
     FINISHED_TASK_STATES,
     HOLDING,
@@ -58,7 +60,9 @@ from scheduler_role.queue_types import (
     TrioClock,
     tables_with,
 )
+from scheduler_role.task import TaskSpec
 from scheduler_role.trust import Conduct, Policy, WorkerRecord
+from scheduler_role.work_arrivals import WorkArrivals
 from scheduler_role.worker_records import (
     all_records,
     all_sidelined,
@@ -68,8 +72,6 @@ from scheduler_role.worker_records import (
 )
 
 __all__ = ["Clock", "Queue", "SeenOffer", "StopNotice", "StoredResult", "TaskStatus", "TrioClock"]
-from catalog.dispatch import LeaseKey
-from scheduler_role.task import TaskSpec
 
 # Events that race with a task's end (an owner's cancel, a deadline, an assembly running in the
 # background): arriving after the verdict, they are moot rather than invalid.
@@ -81,6 +83,9 @@ _MOOT_ONCE_FINISHED = frozenset(
 _MOOT_ONCE_FORGOTTEN = frozenset(
     {TaskEvent.ASSEMBLE, TaskEvent.IMAGE_READY, TaskEvent.ASSEMBLY_FAILED}
 )
+
+
+NOTHING_FITS = "no queued task fits this offer"
 
 
 class Queue:
@@ -98,13 +103,13 @@ class Queue:
     ) -> None:
         self._db = db
         self.policy = policy
-        self._commits = GroupCommit(db)
+        self.arrivals = WorkArrivals()
+        self._commits = GroupCommit(db, on_commit=self.arrivals.after_commit)
         self._clock = clock
         self.lease_timeout = lease_timeout
         self.retry_after = retry_after
         self.max_leases_per_worker = max_leases_per_worker
-        self._held: dict[LeaseKey, HeldLease] = {}
-        self._held_count: dict[str, int] = {}  # leases per worker, kept with _held
+        self._held = HeldLeases()
         self.offers: dict[str, SeenOffer] = {}
         """The last offer each worker sent (for :mod:`explain`); pruned by :meth:`tick`."""
 
@@ -132,6 +137,7 @@ class Queue:
                 max_leases_per_worker=max_leases_per_worker,
                 policy=policy or Policy(),
             )
+            await db.transaction(queue.arrivals.install)
             await queue._restore()
             await nursery.start(queue._commits.run)
             try:
@@ -150,7 +156,7 @@ class Queue:
             ran = max(0.0, wall - (since if since is not None else wall))
             running = state == ReplicaState.RUNNING.value
             held = HeldLease(worker, now + self.lease_timeout, now - ran, max_runtime, running)
-            self._hold(LeaseKey(task_id, idx, attempts), held)
+            self._held.hold(LeaseKey(task_id, idx, attempts), held)
 
     # --- owner side ------------------------------------------------------------------------------
 
@@ -238,7 +244,7 @@ class Queue:
             )  # fmt: skip
             return ops.judge_and_apply(conn, seq, wall, held_for)
 
-        return await self._commits.write(op, self._forget)
+        return await self._commits.write(op, self._held.release_stopped)
 
     async def status(self, task_id: str) -> TaskStatus:
         def op(conn: sqlite3.Connection) -> TaskStatus:
@@ -290,7 +296,13 @@ class Queue:
     # --- worker side -----------------------------------------------------------------------------
 
     async def lease(
-        self, worker: str, offer: Offer, *, network: str | None = None
+        self,
+        worker: str,
+        offer: Offer,
+        *,
+        network: str | None = None,
+        hold: float = 0.0,
+        present: Callable[[], bool] = lambda: True,
     ) -> LeaseGrant | NoWork:
         """Lease one queued replica that fits ``offer`` to ``worker``, preferring held images.
 
@@ -299,12 +311,33 @@ class Queue:
         worker nor its network ever gets two replicas of one task, nor a replica of a task it has
         reported for: each replica must be an independent witness for the quorum. A worker that
         has not earned trust holds at most ``policy.untrusted_max_leases`` leases.
+
+        With nothing that fits, wait up to ``hold`` seconds for work to arrive
+        (:mod:`work_arrivals`) and look again each time it may have, while ``present()`` says the
+        worker is still there to take a lease (a frozen or cut-off worker would sit on it until
+        it expired); a worker refused for what it is (sidelined, at its limit) is answered at once.
         """
+        deadline = trio.current_time() + hold
+        while True:
+            arrived = self.arrivals.event  # before looking: an arrival meanwhile is not missed
+            answer = await self._lease_once(worker, offer, network)
+            if answer is not None:
+                return answer
+            if trio.current_time() >= deadline:
+                return NoWork(retry_after=self.retry_after, reason=NOTHING_FITS)
+            with trio.move_on_at(deadline):
+                await arrived.wait()
+            if not present():
+                return NoWork(retry_after=self.retry_after, reason="not heard from lately")
+
+    async def _lease_once(
+        self, worker: str, offer: Offer, network: str | None
+    ) -> LeaseGrant | NoWork | None:
         where = network if network is not None else f"peer:{worker}"
         now = self._clock.monotonic()
         self.offers[worker] = SeenOffer(offer, now)
         wall = self._clock.wall()
-        held = self._held_count.get(worker, 0)
+        held = self._held.count(worker)
         if held >= self.max_leases_per_worker:
             # The offer is the worker's word; this bounds what one worker can hoard by lying.
             return NoWork(retry_after=self.retry_after, reason=f"already holds {held} leases")
@@ -345,14 +378,9 @@ class Queue:
         def after(grant: LeaseGrant | NoWork | None) -> None:
             if isinstance(grant, LeaseGrant):
                 deadline = now + self.lease_timeout
-                self._hold(grant.lease, HeldLease(worker, deadline, now, grant.max_runtime))
+                self._held.hold(grant.lease, HeldLease(worker, deadline, now, grant.max_runtime))
 
-        grant = await self._commits.write(op, after)
-        if isinstance(grant, NoWork):
-            return grant
-        if grant is None:
-            return NoWork(retry_after=self.retry_after, reason="no queued task fits this offer")
-        return grant
+        return await self._commits.write(op, after)
 
     async def heartbeat(self, worker: str, beat: Heartbeat) -> HeartbeatAck:
         """Extend the worker's valid leases; tell it to stop every lease that is not its own."""
@@ -389,8 +417,8 @@ class Queue:
 
         def after(outcome: tuple[ResultStatus, list[StopNotice]]) -> None:
             if outcome[0] is ResultStatus.RECORDED:
-                self._release(lease)
-            self._forget(outcome[1])
+                self._held.release(lease)
+            self._held.release_stopped(outcome[1])
 
         status, stops = await self._commits.write(op, after)
         return ResultAck(lease=lease, status=status), stops
@@ -461,8 +489,8 @@ class Queue:
 
         def after(stops: list[StopNotice]) -> None:
             for key in leases:
-                self._release(key)
-            self._forget(stops)
+                self._held.release(key)
+            self._held.release_stopped(stops)
 
         return await self._commits.write(op, after)
 
@@ -521,7 +549,7 @@ class Queue:
 
         def after(_: None) -> None:
             for lease in [k for k in self._held if k.task_id == task_id]:
-                self._release(lease)
+                self._held.release(lease)
 
         await self._commits.write(op, after)
 
@@ -553,7 +581,7 @@ class Queue:
 
     def held_by(self) -> dict[str, int]:
         """Leases held per worker right now (for :mod:`explain`)."""
-        return dict(self._held_count)
+        return self._held.per_worker()
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -574,21 +602,3 @@ class Queue:
             (k.task_id, k.replica): max(0.0, now - h.since - self.lease_timeout)
             for k, h in self._held.items()
         }
-
-    def _forget(self, stops: Iterable[StopNotice]) -> None:
-        for stop in stops:
-            self._release(stop.lease)
-
-    def _hold(self, lease: LeaseKey, held: HeldLease) -> None:
-        self._release(lease)
-        self._held[lease] = held
-        self._held_count[held.worker] = self._held_count.get(held.worker, 0) + 1
-
-    def _release(self, lease: LeaseKey) -> None:
-        held = self._held.pop(lease, None)
-        if held is not None:
-            left = self._held_count[held.worker] - 1
-            if left:
-                self._held_count[held.worker] = left
-            else:
-                del self._held_count[held.worker]

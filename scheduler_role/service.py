@@ -39,11 +39,14 @@ from catalog.dispatch import (
     LOGS_WIRE_LIMITS,
     MAX_RESULT_ARCHIVE,
     MAX_RESULT_OUTPUT,
+    MAX_WORK_HOLD,
     PROTOCOL_ID,
     WIRE_LIMITS,
+    Request,
     ResultAck,
     ResultReport,
     ResultStatus,
+    WorkRequest,
     decode_request,
     encode_answer,
     encode_stop,
@@ -60,7 +63,7 @@ from node.contained import contained
 from node.errors import NetworkError, RemoteProtocolError, StoreError, StreamBrokenError
 from node.p2p import P2PNode
 from node.p2p_stream import MessageStream
-from node.supervise import run_contained
+from node.supervise import one_error, run_contained
 from scheduler_role import dispatch
 from scheduler_role.errors import UnknownTaskError
 from scheduler_role.lifecycle import TaskState
@@ -158,6 +161,11 @@ class SchedulerService:
 
     # ---- changes -------------------------------------------------------------------------
 
+    @property
+    def connected_workers(self) -> frozenset[str]:
+        """Workers with a control stream open to us now."""
+        return frozenset(self._workers)
+
     def changed(self) -> None:
         """Wake whoever waits for a task's state to move (owners' wait, logs)."""
         self._changed.set()
@@ -254,33 +262,68 @@ class SchedulerService:
 
     async def _serve_dispatch(self, stream: MessageStream) -> None:
         worker = stream.peer_id
-        key = public_key_of(worker)
         # Where the connection comes from as we see it: what placement counts, not a peer ID.
         network = self._policy.network_of(worker, stream.remote_address())
         # The worker speaks at least every lease_timeout / 3 (heartbeats) or retry_after.
         stream.deadline = max(60.0, 4 * self._lease_timeout)
         self._workers[worker] = stream
+        holding: set[int] = set()  # the request held: one per worker, others answered at once
         try:
-            async for raw in stream:
-                request_id, message = decode_request(raw)
-                if isinstance(message, ResultReport):
-                    # Signed by this worker before its blobs are fetched; not checked again.
-                    dispatch.check_report(worker, message, key)
-                    # Nothing is fetched for a lease this worker does not hold, or held and
-                    # let lapse while its task is live: the queue answers it STALE without.
-                    if await self.queue.may_report(worker, message.lease):
-                        await self._fetch_result(worker, message)
-                answer, stops = await dispatch.handle(
-                    self.queue, worker, message, public_key=key, verified=True, network=network
-                )
-                if isinstance(message, ResultReport):
-                    await self._settle_result(worker, message, answer)
-                await stream.send(encode_answer(request_id, answer))
-                await self.push_stops(stops)
-                self.changed()
+            async with one_error(), trio.open_nursery() as held:
+                async for raw in stream:
+                    request_id, message = decode_request(raw)
+                    if isinstance(message, WorkRequest) and message.wait and not holding:
+                        holding.add(request_id)
+                        held.start_soon(self._hold, stream, network, request_id, message, holding)
+                    else:
+                        await self._answer(stream, network, request_id, message)
+                held.cancel_scope.cancel()  # the worker closed the stream: nobody to answer
         finally:
             if self._workers.get(worker) is stream:
                 del self._workers[worker]
+
+    async def _hold(
+        self,
+        stream: MessageStream,
+        network: str | None,
+        request_id: int,
+        message: WorkRequest,
+        holding: set[int],
+    ) -> None:
+        """Answer a work request that may wait for work (other requests go on meanwhile)."""
+        assert message.wait is not None
+        try:
+            hold = min(message.wait, MAX_WORK_HOLD)
+            await self._answer(stream, network, request_id, message, hold)
+        finally:
+            holding.discard(request_id)
+
+    async def _answer(
+        self,
+        stream: MessageStream,
+        network: str | None,
+        request_id: int,
+        message: Request,
+        hold: float = 0.0,
+    ) -> None:
+        worker = stream.peer_id
+        key = public_key_of(worker)
+        if isinstance(message, ResultReport):
+            # Signed by this worker before its blobs are fetched; not checked again.
+            dispatch.check_report(worker, message, key)
+            # Nothing is fetched for a lease this worker does not hold, or held and
+            # let lapse while its task is live: the queue answers it STALE without.
+            if await self.queue.may_report(worker, message.lease):
+                await self._fetch_result(worker, message)
+        answer, stops = await dispatch.handle(
+            self.queue, worker, message, public_key=key, verified=True, network=network,
+            hold=hold, present=lambda: not self.p2p.fell_silent(worker),
+        )  # fmt: skip
+        if isinstance(message, ResultReport):
+            await self._settle_result(worker, message, answer)
+        await stream.send(encode_answer(request_id, answer))
+        await self.push_stops(stops)
+        self.changed()
 
     async def _fetch_result(self, worker: str, report: ResultReport) -> None:
         """Copy the result's blobs here (from the worker, or any peer that has them already)

@@ -5,10 +5,12 @@ For each scheduler it finds (DHT records, plus ``worker.schedulers`` from the co
 lending policy serves, the agent keeps one ``/vmlend/dispatch/2.0.0`` control stream. One offer
 loop asks for work only while the policy leaves room, one scheduler at a time, picked in proportion
 to ``worker.shares`` (:mod:`worker_role.shares`) among those connected and not resting after a
-``NoWork``. The agent heartbeats every lease it holds (:func:`heartbeat_interval`), and obeys a
-pushed :class:`Stop` (or a heartbeat ack's stop list) by cancelling the lease's scope, which
-destroys the VM. A lease runs for the ``max_runtime`` its grant states, under the grant's caps.
-Images and results go through :class:`LeaseBlobs`; output streams to the scheduler over
+``NoWork``. When only one scheduler can be asked, the request says it may wait there
+(``WORK_WAIT``): the scheduler answers the moment work arrives instead of being asked every
+second. The agent heartbeats every lease it holds (:func:`heartbeat_interval`), and obeys a pushed
+:class:`Stop` (or a heartbeat ack's stop list) by cancelling the lease's scope, which destroys the
+VM. A lease runs for the ``max_runtime`` its grant states, under the grant's caps. Images and
+results go through :class:`LeaseBlobs`; output streams to the scheduler over
 ``/vmlend/tasklogs/1.0.0`` while the VM runs.
 
 The agent is handed what it drives (the p2p node, the blobs, a :class:`BackendFactory`), so its
@@ -38,21 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import blake3
 import trio
 
 from catalog.caps import Caps
 from catalog.dispatch import (
-    LOGS,
-    LOGS_PROTOCOL_ID,
-    LOGS_WIRE_LIMITS,
     PROTOCOL_ID,
     WIRE_LIMITS,
     Heartbeat,
     HeartbeatAck,
     LeaseGrant,
     LeaseKey,
-    LogChunk,
     Lost,
     NoWork,
     Offer,
@@ -60,7 +57,6 @@ from catalog.dispatch import (
     ResultReport,
     WorkRequest,
     lease_to_list,
-    signed_result_bytes,
 )
 from catalog.errors import CatalogError
 from catalog.scheduler_choice import SchedulerChoice, choice_key
@@ -82,7 +78,7 @@ from worker_role.agent_state import State, parse_state, report_to_hex
 from worker_role.control_stream import REQUEST_TIMEOUT, ControlStream, heartbeat_interval
 from worker_role.errors import VmError, WorkerError
 from worker_role.lease_blobs import LeaseBlobs
-from worker_role.live_log import LiveLog
+from worker_role.lease_output import forward_logs, signed_report
 from worker_role.policy import LendingPolicy, PolicyError
 from worker_role.shares import Shares
 from worker_role.vm.interface import Backend, BackendFactory, OutputChunk, VmResult
@@ -98,6 +94,9 @@ MAX_UNDELIVERED = 16  # results a scheduler may leave untaken before it is asked
 HEAL_INTERVAL = 5.0  # while the backend cannot run VMs, how often it is tried again
 # The least a NoWork's retry_after rests a scheduler: a tiny one must not make us ask in a loop.
 RETRY_FLOOR = 1.0
+# How long a work request may wait at the scheduler for work, when no other scheduler could be
+# asked meanwhile (the scheduler answers the moment work arrives; it holds at most MAX_WORK_HOLD).
+WORK_WAIT = 10.0
 STATE_FILE = "agent_leases.json"
 RESERVE_FOR = 60.0  # redialling a scheduler whose stream broke; then it is left to discovery
 RESERVE_STABLE = 10.0  # a stream that lasted this long resets the pauses
@@ -345,7 +344,17 @@ class WorkerAgent:
                     await poked.wait()
                 continue
             offer = Offer(room=room, capacity=capacity, images=self.blobs.images)
-            await self._offer(scheduler, self._controls[scheduler], offer, nursery)
+            wait = self._wait_for(ready)
+            await self._offer(scheduler, self._controls[scheduler], offer, wait, nursery)
+
+    def _wait_for(self, ready: list[str]) -> float | None:
+        """How long the next work request may wait at its scheduler: while it waits, no other
+        scheduler is asked, so only when it is the one ready, and not past the end of another's
+        rest."""
+        if len(ready) != 1:
+            return None
+        wait = min(WORK_WAIT, min(self._resting.values(), default=math.inf) - trio.current_time())
+        return wait if wait >= RETRY_FLOOR else None
 
     def _owed(self) -> set[str]:
         """Schedulers not to ask for work until they take results we keep for them: one with
@@ -380,10 +389,16 @@ class WorkerAgent:
             self._room_changed()
 
     async def _offer(
-        self, scheduler: str, control: ControlStream, offer: Offer, nursery: trio.Nursery
+        self,
+        scheduler: str,
+        control: ControlStream,
+        offer: Offer,
+        wait: float | None,
+        nursery: trio.Nursery,
     ) -> None:
+        asked = trio.current_time()
         try:
-            answer = await control.request(WorkRequest(offer=offer))
+            answer = await control.request(WorkRequest(offer=offer, wait=wait))
         except (NetworkError, ProtocolError, trio.TooSlowError) as e:
             control.fail(e)  # the task serving this scheduler raises it and lets go of it
             return
@@ -400,8 +415,10 @@ class WorkerAgent:
             self._poke()
             nursery.start_soon(self._run_lease, scheduler, self._addrs[scheduler], answer)
         elif isinstance(answer, NoWork):
-            rest = max(RETRY_FLOOR, answer.retry_after)
-            self._resting[scheduler] = trio.current_time() + rest
+            now = trio.current_time()
+            if wait is not None and now - asked >= wait / 2:
+                return  # it held the request while there was no work: ask again at once
+            self._resting[scheduler] = now + max(RETRY_FLOOR, answer.retry_after)
         else:
             control.fail(ProtocolError(f"{scheduler} answered a work request with {answer.TYPE}"))
 
@@ -470,7 +487,7 @@ class WorkerAgent:
                 await trio.to_thread.run_sync(self._save_state)
                 result = await self._execute(scheduler, addrs, grant, lease)
                 lease.step = "reporting its result"
-                return await self._report(grant.lease, result)
+                return await signed_report(self.identity, self.blobs.publish, grant.lease, result)
         except* (
             VmError,
             CatalogError,
@@ -540,6 +557,7 @@ class WorkerAgent:
         self, scheduler: str, addrs: list[str], grant: LeaseGrant, lease: _Lease
     ) -> VmResult:
         image, m = await self.blobs.image(grant, addrs)
+        log.info("lease %s image ready", grant.lease)
         lease.step = "starting its VM"
         # The grant is the one word on how long this replica may run: the scheduler stops it
         # there too. (The manifest's timeout_s is what a local `vmlend vm run` defaults to.)
@@ -547,51 +565,16 @@ class WorkerAgent:
         task = GuestCommand(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=timeout)
         send, receive = trio.open_memory_channel[OutputChunk](256)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._forward_logs, scheduler, grant.lease, receive)
+            nursery.start_soon(forward_logs, self.p2p, scheduler, grant.lease, receive)
             async with send, self.backend.start(image, task, grant.caps, output=send) as vm:
                 lease.running = True
                 lease.step = "while its VM ran"
                 self._poke()
                 log.info("lease %s runs in %s", grant.lease, vm.name)
-                return await vm.wait()
+                result = await vm.wait()
+                log.info("lease %s ended in its VM: exit code %s", grant.lease, result.exit_code)
+                return result
         raise AssertionError("unreachable")
-
-    async def _forward_logs(
-        self, scheduler: str, lease: LeaseKey, receive: trio.MemoryReceiveChannel[OutputChunk]
-    ) -> None:
-        """Stream output to the scheduler within the live budget and rate (:class:`LiveLog`);
-        if it cannot take it, drain (the result has it)."""
-        live = LiveLog(now=trio.current_time())
-        async with receive:
-            try:
-                async with await self.p2p.open_stream(
-                    scheduler, LOGS_PROTOCOL_ID, limits=LOGS_WIRE_LIMITS
-                ) as stream:
-                    async for kind, data in receive:
-                        for part, bytes_ in live.admit(kind, data, trio.current_time()):
-                            chunk = LogChunk(lease=lease, stream=part, data=bytes_)
-                            await stream.send(LOGS.encode(chunk))
-                    for part, bytes_ in live.close():  # how much was dropped, if any
-                        chunk = LogChunk(lease=lease, stream=part, data=bytes_)
-                        await stream.send(LOGS.encode(chunk))
-            except (NetworkError, ProtocolError) as e:
-                log.info("log stream of %s: %s", lease, e)
-                async for _ in receive:
-                    pass
-
-    async def _report(self, lease: LeaseKey, result: VmResult) -> ResultReport:
-        publish = self.blobs.publish
-        fields: dict[str, Any] = {
-            "lease": lease,
-            "exit_code": result.exit_code,
-            "stdout_digest": blake3.blake3(result.stdout).digest(),
-            "stderr_digest": blake3.blake3(result.stderr).digest(),
-            "stdout_blob": await publish(result.stdout),
-            "stderr_blob": await publish(result.stderr),
-            "archive_blob": await publish(result.out_tar) if result.out_tar is not None else None,
-        }
-        signature = self.identity.sign(signed_result_bytes(**fields))
-        return ResultReport(signature=signature, **fields)
 
 
 def _first(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -1,6 +1,6 @@
 """The owner's command line as scripts and people use it, through the real ``vmlend`` binary
 (issue 18, item 9): ``--json`` on submit, logs, wait, results and cancel; RPC error codes only in
-JSON; ``results`` without ``-o``; ``-v`` after the command. No worker runs: no VM is needed."""
+JSON; ``results`` without ``-o``; ``-v`` after the command; a task named by the start of its ID. No worker runs: no VM is needed."""
 
 from __future__ import annotations
 
@@ -87,6 +87,22 @@ async def test_json_everywhere_and_results_without_o(tmp_path: Path) -> None:
                 "message": "this node submitted no task no-such-task",
             }
         }
+
+        # Named by the start of its ID, or of its random part, as docker's short IDs.
+        short = task_id.rpartition("-")[2][:4]
+        code, out, err = await vmlend(owner, "status", "--json", short)
+        assert code == 0, err
+        assert json.loads(out)["task_id"] == task_id
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        code, out, err = await vmlend(owner, "results", short, cwd=elsewhere)
+        assert out.splitlines()[0] == f"{task_id}: cancelled", err
+        assert (elsewhere / task_id / "stdout").exists()  # named by the whole ID
+        # Both runs above are "run-...": "run" names neither, and says so in one line.
+        code, out, err = await vmlend(owner, "wait", "run")
+        assert (code, out) == (1, "")
+        assert err.startswith("vmlend: 'run' starts 2 task IDs (run-"), err
+        assert err.endswith("): give more of it\n"), err
 
 
 async def test_verbose_after_the_command_is_accepted(tmp_path: Path) -> None:

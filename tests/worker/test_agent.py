@@ -36,7 +36,7 @@ from tests.worker.fake_backend import (
     vm_result,
 )
 from tests.worker.fake_scheduler import FakeNetwork, FakeScheduler, grant, lease
-from worker_role.agent import STATE_FILE, WorkerAgent
+from worker_role.agent import RETRY_FLOOR, STATE_FILE, WORK_WAIT, WorkerAgent
 from worker_role.control_stream import HEARTBEAT_FLOOR, heartbeat_interval
 from worker_role.errors import GuestFailedError, VmSetupError
 
@@ -194,6 +194,47 @@ async def test_a_scheduler_without_work_is_asked_again_only_after_its_retry_afte
     await lab.start()
     await until(a.changes, lambda: len(a.of_type(WorkRequest)) == 4)
     assert gaps(a.times_of(WorkRequest)) == [7.5, 7.5, 7.5]
+
+
+async def test_with_one_scheduler_a_request_waits_there_and_is_renewed_when_it_comes_back_empty(
+    lab: Lab, autojump_clock: MockClock
+) -> None:
+    a = lab.scheduler("sched-a", retry_after=7.5)
+    a.answer_delay[WorkRequest] = WORK_WAIT  # held for all the time the worker would wait
+    await lab.start()
+    await until(a.changes, lambda: len(a.of_type(WorkRequest)) == 4)
+    assert all(r.wait == WORK_WAIT for r in a.of_type(WorkRequest))
+    # Nothing came in the hold: asked again at once, not after a rest on top of it.
+    assert gaps(a.times_of(WorkRequest)) == [WORK_WAIT] * 3
+
+
+async def test_a_scheduler_cannot_make_a_waiting_worker_ask_in_a_loop(
+    lab: Lab, autojump_clock: MockClock
+) -> None:
+    a = lab.scheduler("sched-a", retry_after=0.001)  # "no work" at once, "ask again now"
+    await lab.start()
+    await until(a.changes, lambda: len(a.of_type(WorkRequest)) == 4)
+    assert gaps(a.times_of(WorkRequest)) == [RETRY_FLOOR] * 3
+
+
+async def test_with_two_schedulers_to_ask_no_request_waits_at_either(
+    lab: Lab, autojump_clock: MockClock
+) -> None:
+    a, b = lab.scheduler("sched-a", retry_after=7.5), lab.scheduler("sched-b", retry_after=7.5)
+    lab.network.reachable = trio.Event()  # both are connected before the first offer
+    await lab.start()
+    await until(lab.network.changes, lambda: lab.network.dialling == 2)
+    lab.network.reachable.set()
+    await until(a.changes, lambda: len(a.of_type(WorkRequest)) >= 2)
+    await until(b.changes, lambda: len(b.of_type(WorkRequest)) >= 2)
+    first = min(a.times_of(WorkRequest)[0], b.times_of(WorkRequest)[0])
+    asked_first = a if a.times_of(WorkRequest)[0] == first else b
+    # Asked while the other was ready too: no wait; the second asked, the first resting: wait
+    # no longer than that rest has left.
+    assert asked_first.of_type(WorkRequest)[0].wait is None
+    for sched in (a, b):
+        for request in sched.of_type(WorkRequest):
+            assert request.wait is None or request.wait <= 7.5
 
 
 async def test_work_is_taken_from_two_schedulers_in_proportion_to_their_shares(

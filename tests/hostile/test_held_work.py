@@ -1,0 +1,73 @@
+"""Issue 16 over the real dispatch protocol: a work request held at the scheduler holds up nothing
+else on its stream, is answered the moment a task arrives, and a worker cannot make the scheduler
+hold more than one request of its, nor keep one held past its stream."""
+
+from __future__ import annotations
+
+import trio
+
+from catalog.dispatch import (
+    MAX_WORK_HOLD,
+    Heartbeat,
+    HeartbeatAck,
+    LeaseGrant,
+    NoWork,
+    WorkRequest,
+    decode_reply,
+    encode_request,
+)
+from scheduler_role.lifecycle import ReplicaState
+from tests.hostile.conftest import Node, Scheduler
+from tests.hostile.test_results import dispatch_stream
+from tests.scheduler.conftest import offer, spec
+
+
+async def test_a_held_request_lets_heartbeats_through_and_is_granted_when_a_task_arrives(
+    scheduler_and_peers: tuple[Scheduler, Node, Node],
+) -> None:
+    scheduler, worker, _ = scheduler_and_peers
+    async with await dispatch_stream(worker, scheduler) as stream:
+        await stream.send(encode_request(1, WorkRequest(offer=offer(), wait=MAX_WORK_HOLD)))
+        with trio.fail_after(5):  # answered while request 1 waits
+            await stream.send(encode_request(2, Heartbeat(leases=(), running=())))
+            assert decode_reply(await stream.receive()) == (2, HeartbeatAck(stop=()))
+        await scheduler.service.queue.submit(spec("t"))
+        with trio.fail_after(2):  # at once, not at the end of the hold
+            reply = decode_reply(await stream.receive())
+        assert isinstance(reply, tuple)
+        request_id, grant = reply
+        assert request_id == 1
+        assert isinstance(grant, LeaseGrant)
+        assert grant.lease.task_id == "t"
+
+
+async def test_a_second_request_while_one_is_held_is_answered_at_once(
+    scheduler_and_peers: tuple[Scheduler, Node, Node],
+) -> None:
+    scheduler, worker, _ = scheduler_and_peers
+    async with await dispatch_stream(worker, scheduler) as stream:
+        for request_id in (1, 2, 3):
+            wait = WorkRequest(offer=offer(), wait=MAX_WORK_HOLD)
+            await stream.send(encode_request(request_id, wait))
+        with trio.fail_after(5):
+            answered = [decode_reply(await stream.receive()) for _ in (2, 3)]
+        assert [a[0] for a in answered if isinstance(a, tuple)] == [2, 3]
+        assert all(isinstance(a[1], NoWork) for a in answered if isinstance(a, tuple))
+
+
+async def test_a_request_held_on_a_closed_stream_takes_no_lease(
+    scheduler_and_peers: tuple[Scheduler, Node, Node],
+) -> None:
+    scheduler, worker, _ = scheduler_and_peers
+    async with await dispatch_stream(worker, scheduler) as stream:
+        await stream.send(encode_request(1, WorkRequest(offer=offer(), wait=MAX_WORK_HOLD)))
+        await stream.send(encode_request(2, Heartbeat(leases=(), running=())))
+        with trio.fail_after(5):
+            await stream.receive()  # the heartbeat's ack: the request is held by now
+    with trio.fail_after(5):
+        while worker.p2p.peer_id in scheduler.service.connected_workers:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    await scheduler.service.queue.submit(spec("t"))
+    await trio.sleep(0.5)
+    status = await scheduler.service.queue.status("t")
+    assert [r.state for r in status.replicas] == [ReplicaState.QUEUED]
