@@ -122,6 +122,7 @@ class SchedulerService:
         self._library = library
         self.keep_finished = keep_finished
         self._workers: dict[str, MessageStream] = {}
+        self._holding: set[str] = set()  # workers whose work request is held now
         self.logs: dict[str, LogBuffer] = {}
         self._changed = trio.Event()
         self._assembly_lock = trio.Lock()
@@ -267,14 +268,17 @@ class SchedulerService:
         # The worker speaks at least every lease_timeout / 3 (heartbeats) or retry_after.
         stream.deadline = max(60.0, 4 * self._lease_timeout)
         self._workers[worker] = stream
-        holding: set[int] = set()  # the request held: one per worker, others answered at once
         try:
             async with one_error(), trio.open_nursery() as held:
                 async for raw in stream:
                     request_id, message = decode_request(raw)
-                    if isinstance(message, WorkRequest) and message.wait and not holding:
-                        holding.add(request_id)
-                        held.start_soon(self._hold, stream, network, request_id, message, holding)
+                    if (
+                        isinstance(message, WorkRequest)
+                        and message.wait
+                        and worker not in self._holding  # one per worker, on all its streams
+                    ):
+                        self._holding.add(worker)
+                        held.start_soon(self._hold, stream, network, request_id, message)
                     else:
                         await self._answer(stream, network, request_id, message)
                 held.cancel_scope.cancel()  # the worker closed the stream: nobody to answer
@@ -288,7 +292,6 @@ class SchedulerService:
         network: str | None,
         request_id: int,
         message: WorkRequest,
-        holding: set[int],
     ) -> None:
         """Answer a work request that may wait for work (other requests go on meanwhile)."""
         assert message.wait is not None
@@ -296,7 +299,7 @@ class SchedulerService:
             hold = min(message.wait, MAX_WORK_HOLD)
             await self._answer(stream, network, request_id, message, hold)
         finally:
-            holding.discard(request_id)
+            self._holding.discard(stream.peer_id)
 
     async def _answer(
         self,

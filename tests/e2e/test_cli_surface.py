@@ -1,6 +1,7 @@
 """The owner's command line as scripts and people use it, through the real ``vmlend`` binary
 (issue 18, item 9): ``--json`` on submit, logs, wait, results and cancel; RPC error codes only in
-JSON; ``results`` without ``-o``; ``-v`` after the command; a task named by the start of its ID. No worker runs: no VM is needed."""
+JSON; ``results`` without ``-o``; ``-v`` after the command; a task named by the start of its ID.
+No worker runs: no VM is needed."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ async def test_a_held_request_lets_heartbeats_through_and_is_granted_when_a_task
         assert grant.lease.task_id == "t"
 
 
-async def test_a_second_request_while_one_is_held_is_answered_at_once(
+async def test_a_second_request_while_one_is_held_is_answered_at_once_on_any_stream(
     scheduler_and_peers: tuple[Scheduler, Node, Node],
 ) -> None:
     scheduler, worker, _ = scheduler_and_peers
@@ -53,6 +53,13 @@ async def test_a_second_request_while_one_is_held_is_answered_at_once(
             answered = [decode_reply(await stream.receive()) for _ in (2, 3)]
         assert [a[0] for a in answered if isinstance(a, tuple)] == [2, 3]
         assert all(isinstance(a[1], NoWork) for a in answered if isinstance(a, tuple))
+        # Nor on another stream: one held request per worker, however many streams it opens.
+        async with await dispatch_stream(worker, scheduler) as other:
+            await other.send(encode_request(1, WorkRequest(offer=offer(), wait=MAX_WORK_HOLD)))
+            with trio.fail_after(5):
+                reply = decode_reply(await other.receive())
+            assert isinstance(reply, tuple)
+            assert isinstance(reply[1], NoWork)
 
 
 async def test_a_request_held_on_a_closed_stream_takes_no_lease(
