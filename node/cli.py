@@ -31,6 +31,7 @@ from node.cli_common import (
     print_table,
     run_command,
 )
+from node.cli_suggest import SuggestingParser
 from node.data_dir import create_data_dir, data_dir_lock
 from node.errors import VmlendError
 from node.supervise import lone_error
@@ -84,7 +85,7 @@ def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="vmlend",
         description="Lend and borrow compute as resource-capped VMs on a peer-to-peer network.",
     )

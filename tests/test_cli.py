@@ -157,3 +157,31 @@ def test_version_names_what_a_bug_report_needs(capsys: pytest.CaptureFixture[str
     assert found["kernel"]
     assert main(["version"]) == 0
     assert f"vmlend:         {node.__version__}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["stauts"], "; did you mean 'status'?"),
+        (["node", "strat"], "; did you mean 'start'?"),
+        (["status", "--jsn"], "; did you mean '--json'?"),
+        (["catalog", "ls", "--knd", "os"], "; did you mean '--kind'?"),
+        (["wait", "--timeout=5s", "--quite", "t1"], "; did you mean '--quiet'?"),
+    ],
+)
+def test_a_mistyped_command_or_option_gets_the_closest_one_suggested(
+    argv: list[str], hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.rstrip("\n").endswith(hint)
+
+
+@pytest.mark.parametrize("argv", [["zzzzzz"], ["status", "--qqqqqq"]])
+def test_nothing_close_suggests_nothing(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "did you mean" not in capsys.readouterr().err
