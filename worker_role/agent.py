@@ -36,7 +36,6 @@ import json
 import logging
 import math
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,10 +77,11 @@ from worker_role.agent_state import State, parse_state, report_to_hex
 from worker_role.control_stream import REQUEST_TIMEOUT, ControlStream, heartbeat_interval
 from worker_role.errors import VmError, WorkerError
 from worker_role.lease_blobs import LeaseBlobs
-from worker_role.lease_output import forward_logs, signed_report
+from worker_role.lease_output import signed_report
+from worker_role.lease_vm import Lease, LeaseHooks, run_vm
 from worker_role.policy import LendingPolicy, PolicyError
 from worker_role.shares import Shares
-from worker_role.vm.interface import Backend, BackendFactory, OutputChunk, VmResult
+from worker_role.vm.interface import Backend, BackendFactory, VmResult
 from worker_role.vm.task import GuestCommand
 
 log = logging.getLogger("vmlend.worker.agent")
@@ -116,16 +116,6 @@ class SchedulerNetwork(Protocol):
     ) -> MessageStream: ...
 
 
-@dataclass
-class _Lease:
-    caps: Caps | None  # None for a finished one read back after a restart: it takes no room
-    lease_timeout: float
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    running: bool = False
-    step: str = "fetching its image"  # what it is doing, for the error if it fails
-    report: ResultReport | None = None  # finished: kept until its scheduler has it
-
-
 class WorkerAgent:
     def __init__(
         self,
@@ -147,7 +137,7 @@ class WorkerAgent:
         self._open_backend = open_backend
         # By scheduler and key: a key is the scheduler's word, and another scheduler may name
         # the same one (by chance or to take over this lease's heartbeats, stop and result).
-        self._leases: dict[tuple[str, LeaseKey], _Lease] = {}
+        self._leases: dict[tuple[str, LeaseKey], Lease] = {}
         self._lost: dict[str, list[LeaseKey]] = {}
         self._controls: dict[str, ControlStream] = {}
         self._addrs: dict[str, list[str]] = {}
@@ -179,7 +169,7 @@ class WorkerAgent:
             nursery = await stack.enter_async_context(trio.open_nursery())
             for scheduler, kept in state.kept.items():
                 for report, timeout in kept:
-                    self._leases[scheduler, report.lease] = _Lease(
+                    self._leases[scheduler, report.lease] = Lease(
                         None, timeout, running=True, report=report
                     )
                     nursery.start_soon(self._deliver_kept, scheduler, report)
@@ -364,15 +354,15 @@ class WorkerAgent:
         owed: dict[str, int] = {}
         restored: set[str] = set()
         for (scheduler, _), lease in self._leases.items():
-            if lease.report is not None:
+            if lease.report is not None or lease.finished:
                 owed[scheduler] = owed.get(scheduler, 0) + 1
                 if lease.caps is None:
                     restored.add(scheduler)
         return restored | {s for s, n in owed.items() if n >= MAX_UNDELIVERED}
 
     def _taken(self) -> list[Caps]:
-        """The caps of every lease whose VM is starting or running (not of a finished one)."""
-        return [v.caps for v in self._leases.values() if v.report is None and v.caps is not None]
+        """The caps of every lease whose VM is starting, running or being torn down."""
+        return [v.caps for v in self._leases.values() if not v.vm_gone and v.caps is not None]
 
     async def _heal(self, poked: trio.Event) -> None:
         """The backend cannot run VMs: ask for no work, say why, and try it again now and then."""
@@ -410,7 +400,7 @@ class WorkerAgent:
                 log.warning("scheduler %s granted %s again while it runs here", *held)
                 control.fail(RemoteProtocolError(f"{scheduler} granted {answer.lease} twice"))
                 return
-            self._leases[held] = _Lease(answer.caps, answer.lease_timeout)
+            self._leases[held] = Lease(answer.caps, answer.lease_timeout)
             log.info("lease %s granted by %s", answer.lease, scheduler)
             self._poke()
             nursery.start_soon(self._run_lease, scheduler, self._addrs[scheduler], answer)
@@ -465,19 +455,26 @@ class WorkerAgent:
     async def _run_lease(self, scheduler: str, addrs: list[str], grant: LeaseGrant) -> None:
         lease = self._leases[scheduler, grant.lease]
         try:
-            report = await self._produce(scheduler, addrs, grant, lease)
-            if report is not None:
-                lease.report = report
-                self._room_changed()  # its VM is gone: the room is free while the result waits
-                await self._save_state_quietly()  # kept across a restart from here on
-                await self._deliver(scheduler, report)
+            # The VM is torn down in here while its result is reported (they overlap); the
+            # lease is let go once both are over, so its room is counted until the VM is gone.
+            async with trio.open_nursery() as teardown:
+                report = await self._produce(scheduler, addrs, grant, lease, teardown)
+                if report is not None:
+                    lease.report = report
+                    await self._save_state_quietly()  # kept across a restart from here on
+                    await self._deliver(scheduler, report)
         finally:
             del self._leases[scheduler, grant.lease]
             await self._save_state_quietly()
             self._room_changed()
 
     async def _produce(
-        self, scheduler: str, addrs: list[str], grant: LeaseGrant, lease: _Lease
+        self,
+        scheduler: str,
+        addrs: list[str],
+        grant: LeaseGrant,
+        lease: Lease,
+        teardown: trio.Nursery,
     ) -> ResultReport | None:
         """Run the lease to its signed result; None if it was stopped, or failed (then its
         scheduler is told it is lost, and the step that failed is logged)."""
@@ -485,7 +482,7 @@ class WorkerAgent:
             with lease.scope:
                 # Held only once remembered: after a crash its scheduler must hear it was lost.
                 await trio.to_thread.run_sync(self._save_state)
-                result = await self._execute(scheduler, addrs, grant, lease)
+                result = await self._execute(scheduler, addrs, grant, lease, teardown)
                 lease.step = "reporting its result"
                 return await signed_report(self.identity, self.blobs.publish, grant.lease, result)
         except* (
@@ -554,8 +551,15 @@ class WorkerAgent:
         self._poke()
 
     async def _execute(
-        self, scheduler: str, addrs: list[str], grant: LeaseGrant, lease: _Lease
+        self,
+        scheduler: str,
+        addrs: list[str],
+        grant: LeaseGrant,
+        lease: Lease,
+        teardown: trio.Nursery,
     ) -> VmResult:
+        """The VM's result, as soon as the guest has given it: the VM is then torn down in
+        ``teardown`` while the caller reports the result."""
         image, m = await self.blobs.image(grant, addrs)
         log.info("lease %s image ready", grant.lease)
         lease.step = "starting its VM"
@@ -563,18 +567,11 @@ class WorkerAgent:
         # there too. (The manifest's timeout_s is what a local `vmlend vm run` defaults to.)
         timeout = max(1, math.ceil(grant.max_runtime))
         task = GuestCommand(argv=m.command, env=dict(m.env), cwd=m.cwd, timeout_s=timeout)
-        send, receive = trio.open_memory_channel[OutputChunk](256)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(forward_logs, self.p2p, scheduler, grant.lease, receive)
-            async with send, self.backend.start(image, task, grant.caps, output=send) as vm:
-                lease.running = True
-                lease.step = "while its VM ran"
-                self._poke()
-                log.info("lease %s runs in %s", grant.lease, vm.name)
-                result = await vm.wait()
-                log.info("lease %s ended in its VM: exit code %s", grant.lease, result.exit_code)
-                return result
-        raise AssertionError("unreachable")
+        result: VmResult = await teardown.start(
+            run_vm, self.backend, self.p2p, scheduler, grant, image, task, lease,
+            LeaseHooks(poke=self._poke, room_changed=self._room_changed),
+        )  # fmt: skip
+        return result
 
 
 def _first(group: BaseExceptionGroup[Any]) -> BaseException:

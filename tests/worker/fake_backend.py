@@ -94,9 +94,12 @@ class FakeBackend:
         result: VmResult | None = None,
         output: Sequence[OutputChunk] = (),
         open_error: WorkerError | None = None,
+        teardown_s: float = 0.0,
     ) -> None:
         """``result``: every VM returns it at once; ``output``: what every VM prints first;
-        ``open_error``: opening fails with it (a machine that cannot run VMs)."""
+        ``open_error``: opening fails with it (a machine that cannot run VMs); ``teardown_s``:
+        how long (virtual) destroying a VM takes."""
+        self.teardown_s = teardown_s
         self.vms: list[FakeVm] = []
         self.policy: LendingPolicy | None = None
         self.runtime_dir: Path | None = None
@@ -150,6 +153,8 @@ class FakeBackend:
                 vm.finish(self._result)
             yield vm
         finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(self.teardown_s)
             vm.destroyed = True
             self.changes.changed()
 

@@ -187,6 +187,24 @@ async def test_offers_only_the_room_the_policy_leaves_and_none_when_it_is_full(
     assert a.of_type(WorkRequest)[2].offer.room.memory_mib == 768
 
 
+async def test_the_result_is_reported_while_the_vm_is_torn_down_and_its_room_held_till_then(
+    lab: Lab, autojump_clock: MockClock
+) -> None:
+    lab.backend = FakeBackend(teardown_s=5.0)
+    a = lab.scheduler("sched-a")
+    a.work += [grant(lease(1)), grant(lease(2))]
+    await lab.start(max_concurrent_vms=1)
+    first = await lab.running_vm(0)
+    first.finish(vm_result(stdout=b"one"))
+    ended = trio.current_time()
+    await until(a.changes, lambda: lease(1) in a.results)
+    assert trio.current_time() - ended < 1.0  # reported, not after the 5 s teardown
+    assert not first.destroyed
+    await lab.running_vm(1)  # the next lease starts only once the first VM is gone
+    assert first.destroyed
+    assert trio.current_time() - ended >= 5.0
+
+
 async def test_a_scheduler_without_work_is_asked_again_only_after_its_retry_after(
     lab: Lab, autojump_clock: MockClock
 ) -> None:
