@@ -126,7 +126,23 @@ def _results_arguments(results: argparse.ArgumentParser) -> None:
 def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--raw", action="store_true", help=RAW_HELP)
     run.add_argument("--cpus", type=int, default=1)
+    run.add_argument(
+        "--cpu-share", type=float, metavar="N", help="host CPUs the VM may use (default: --cpus)"
+    )
     run.add_argument("--memory", default="256MiB", metavar="SIZE")
+    run.add_argument("--disk", metavar="SIZE", help="the writable scratch disk (default 256MiB)")
+    run.add_argument(
+        "--env", "-e", action="append", default=[], metavar="NAME=VALUE",
+        help="set an environment variable in the task (repeatable)",
+    )  # fmt: skip
+    run.add_argument(
+        "--network", choices=("none", "proxy"), default="none",
+        help="proxy: reach the --allow destinations through the worker's egress proxy",
+    )  # fmt: skip
+    run.add_argument(
+        "--allow", action="append", default=[], metavar="HOST:PORT",
+        help="a destination the task may reach (with --network proxy; repeatable)",
+    )  # fmt: skip
     run.add_argument("--os", default=None, help="default tiny")
     run.add_argument(
         "--image",
@@ -404,10 +420,23 @@ _RUN_FLAGS = {
     "packages": "--package",
     "files": "--file",
     "resources.cpus": "--cpus",
-    "resources.cpu_share": "--cpus",
+    "resources.cpu_share": "--cpu-share",
     "resources.memory": "--memory",
+    "resources.disk": "--disk",
+    "resources.network": "--network",
+    "resources.allow": "--allow",
+    "env": "--env",
     "limits.max_runtime": "--timeout",
 }
+
+
+def _flag_of(key: str) -> str:
+    """The ``vmlend run`` flag that set task-file key ``key`` (``env.X``: ``--env``)."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        if (flag := _RUN_FLAGS.get(".".join(parts[:n]))) is not None:
+            return flag
+    return key
 
 
 def run_task(args: argparse.Namespace, argv: list[str], base_dir: Path) -> TaskFile:
@@ -420,9 +449,30 @@ def run_task(args: argparse.Namespace, argv: list[str], base_dir: Path) -> TaskF
         table["image"] = args.image
     else:
         table |= {"os": args.os or "tiny", "packages": list(args.package), "files": list(args.file)}
-    table["resources"] = {"cpus": args.cpus, "cpu_share": float(args.cpus), "memory": args.memory}
+    share = args.cpu_share if args.cpu_share is not None else float(args.cpus)
+    resources: dict[str, Any] = {"cpus": args.cpus, "cpu_share": share, "memory": args.memory}
+    if args.disk is not None:
+        resources["disk"] = args.disk
+    if args.network != "none" or args.allow:
+        resources |= {"network": args.network, "allow": list(args.allow)}
+    table["resources"] = resources
+    table["env"] = _env_of(args.env)
     table["limits"] = {"max_runtime": args.timeout, "max_attempts": 3}
     return from_table(table, source="vmlend run", base_dir=base_dir)
+
+
+def _env_of(pairs: list[str]) -> dict[str, str]:
+    """``--env NAME=VALUE`` flags as the task file's ``env`` table (the task file checks the
+    names); one without ``=`` is refused."""
+    from catalog.errors import TaskFileError
+
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise TaskFileError(f"{pair!r} is not NAME=VALUE", source="vmlend run", key="env")
+        env[name] = value
+    return env
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -439,8 +489,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         task = run_task(args, argv, Path.cwd())
     except TaskFileError as e:
-        flag = _RUN_FLAGS.get(e.key or "", "")
-        print(f"vmlend run: {flag or e.key}: {e.reason}", file=sys.stderr)
+        print(f"vmlend run: {_flag_of(e.key or '')}: {e.reason}", file=sys.stderr)
         return EXIT_USAGE
     client = _client(args)
     params: dict[str, Any] = {"task": task_to_wire(task), "base_dir": str(task.base_dir)}

@@ -109,7 +109,8 @@ async def test_task_round_trip_files_exit_code_stdout_and_out_archive(tmp_path: 
 
         # `vmlend run`: output streamed, the task's exit code is ours.
         cmd = [*vmlend_command(), "run", "--data", str(owner.data_dir), "--memory", "128MiB",
-               "--", "sh", "-c", "echo via-run; exit 5"]  # fmt: skip
+               "--env", "WHO=via-run", "--disk", "64MiB", "--cpu-share", "0.5",
+               "--", "sh", "-c", 'echo "$WHO"; exit 5']  # fmt: skip
         with trio.fail_after(180):
             done = await trio.run_process(
                 cmd, capture_stdout=True, capture_stderr=True, check=False

@@ -64,17 +64,20 @@ def test_a_tiny_task_maps_onto_the_least_a_vm_runs_with() -> None:
 
 def test_vmlend_run_builds_its_task_from_the_flags(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("a")
+    flags = {"cpu_share": None, "disk": None, "env": [], "network": "none", "allow": []}
     args = argparse.Namespace(
-        os="tiny", package=[], file=["a.txt"], cpus=1, memory="128MiB", timeout="30s", image=None
-    )
+        os="tiny", package=[], file=["a.txt"], cpus=1, memory="128MiB", timeout="30s", image=None,
+        **flags,
+    )  # fmt: skip
     task = run_task(args, ["sh", "-c", 'echo "quoted" \\ $HOME'], tmp_path)
     assert task.command == ("sh", "-c", 'echo "quoted" \\ $HOME')
     assert (task.files, task.limits.max_runtime, task.resources.amounts["memory"]) == (
         ("a.txt",), 30.0, 128 << 20,
     )  # fmt: skip
     ready = argparse.Namespace(
-        os=None, package=[], file=[], cpus=1, memory="128MiB", timeout="30s", image="hello@1"
-    )
+        os=None, package=[], file=[], cpus=1, memory="128MiB", timeout="30s", image="hello@1",
+        **flags,
+    )  # fmt: skip
     task = run_task(ready, ["true"], tmp_path)
     assert (task.image, task.os, task.files, task.command) == ("hello@1", "", (), ("true",))
     bad = argparse.Namespace(**{**vars(args), "memory": "lots"})
@@ -82,6 +85,26 @@ def test_vmlend_run_builds_its_task_from_the_flags(tmp_path: Path) -> None:
         run_task(bad, ["true"], tmp_path)
     assert info.value.key == "resources.memory"  # which cmd_run names as --memory
     assert info.value.line is None  # no file the user never wrote
+
+    # --env, --disk, --cpu-share, --network and --allow: the task file's keys, checked alike.
+    more = {"cpus": 2, "cpu_share": 0.5, "disk": "1GiB", "env": ["A=1", "B=x=y"]}
+    full = argparse.Namespace(
+        **{**vars(args), **more, "network": "proxy", "allow": ["pypi.org:443"]}
+    )
+    task = run_task(full, ["true"], tmp_path)
+    assert task.env == {"A": "1", "B": "x=y"}
+    amounts = task.resources.amounts
+    assert (amounts["cpus"], amounts["cpu_share"], amounts["disk"]) == (2, 0.5, 1 << 30)
+    assert (task.resources.network, task.resources.allow) == ("proxy", ("pypi.org:443",))
+    for flag, value, key in [
+        ("env", ["NOEQUALS"], "env"),
+        ("env", ["1BAD=x"], "env.1BAD"),
+        ("disk", "huge", "resources.disk"),
+        ("allow", ["pypi.org:443"], "resources.allow"),  # without --network proxy
+    ]:
+        with pytest.raises(TaskFileError) as info:
+            run_task(argparse.Namespace(**{**vars(args), flag: value}), ["true"], tmp_path)
+        assert info.value.key == key, (flag, value, info.value)
 
 
 def test_task_files_are_collected_relative_and_never_from_outside(tmp_path: Path) -> None:
