@@ -176,6 +176,22 @@ class ReplicaView:
         as_int("attempts", self.attempts, 0, 2**31 - 1)
 
 
+def _time(value: object, name: str = "time") -> float | None:
+    """A wall-clock time in Unix seconds, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2**40:
+        raise LocalProtocolError(f"{name} must be a time in Unix seconds")
+    return float(value)
+
+
+def _time_field(name: str) -> Any:
+    def decode(value: object) -> float | None:
+        return _time(value, name)
+
+    return field(default=None, metadata=wire(decode=decode, optional=True))
+
+
 def _lines(limit: int = MAX_LINES) -> Any:
     return tuple_of(_line, limit=limit)
 
@@ -202,9 +218,16 @@ class TaskStatus:
     reported_by: tuple[str, ...] = field(metadata=wire(decode=_workers))
     dissenters: tuple[str, ...] = field(metadata=wire(decode=_workers))
     waiting: tuple[str, ...] = field(metadata=wire(decode=_lines()))
+    # Wall-clock times at the scheduler (Unix seconds): submitted, a replica running since
+    # (the earliest running now), finished.
+    submitted_at: float | None = _time_field("submitted_at")
+    running_since: float | None = _time_field("running_since")
+    finished_at: float | None = _time_field("finished_at")
 
     def __post_init__(self) -> None:
         as_id("task_id", self.task_id)
+        for name in ("submitted_at", "running_since", "finished_at"):
+            _time(getattr(self, name), name)
         as_text("state", self.state)
         if self.verdict is not None:
             as_text("verdict", self.verdict)

@@ -280,23 +280,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(found)
         return 0
-    for status in found if isinstance(found, list) else [found]:
-        line = f"{status['task_id']}  {status['state']}"
-        if status.get("exit_code") is not None:
-            line += f"  exit {status['exit_code']}"
-        if status.get("reason"):
-            line += f"  {status['reason']}"
+    from owner_role.status_view import status_lines
+
+    statuses = found if isinstance(found, list) else [found]
+    for line in status_lines(statuses, time.time()):
         print(line)
-        for replica in status.get("replicas", []):
-            worker = replica["worker"] or "-"
-            print(
-                f"  replica {replica['index']}: {replica['state']} {worker}"
-                f" (attempts {replica['attempts']})"
-            )
-        for worker in status.get("reported_by", []):
-            print(f"  result from {worker}")
-        for reason in status.get("waiting", []):
-            print(f"  waiting: {reason}")
     return 0
 
 

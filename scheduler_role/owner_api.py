@@ -299,6 +299,8 @@ class OwnerApi:
             reported_by=tuple(status.reported),
             dissenters=tuple(status.dissenters),
             waiting=tuple(explain(status, q.offers, q.held_by(), await q.sidelined())),
+            submitted_at=status.submitted_at, running_since=status.running_since,
+            finished_at=status.finished_at,
         )  # fmt: skip
 
     async def _results(self, task_id: str) -> TaskResults:

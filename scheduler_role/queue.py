@@ -247,27 +247,7 @@ class Queue:
         return await self._commits.write(op, self._held.release_stopped)
 
     async def status(self, task_id: str) -> TaskStatus:
-        def op(conn: sqlite3.Connection) -> TaskStatus:
-            seq, spec, state, verdict, reason = ops.load_task(conn, task_id)
-            agreed = conn.execute("SELECT agreed FROM tasks WHERE seq = ?", (seq,)).fetchone()[0]
-            dissenters: tuple[str, ...] = ()
-            if agreed is not None:
-                rows = conn.execute(
-                    "SELECT DISTINCT worker FROM results WHERE task_seq = ? AND digest != ?"
-                    " ORDER BY worker",
-                    (seq, agreed),
-                ).fetchall()
-                dissenters = tuple(r[0] for r in rows)
-            replicas = tuple(schema.load_replicas(conn, seq))
-            reported = conn.execute(
-                "SELECT worker FROM results WHERE task_seq = ? ORDER BY arrival", (seq,)
-            ).fetchall()
-            return TaskStatus(
-                spec, state, verdict, reason, replicas, agreed, dissenters,
-                tuple(r[0] for r in reported),
-            )  # fmt: skip
-
-        return await self._db.transaction(op)
+        return await self._db.transaction(lambda conn: ops.load_status(conn, task_id))
 
     async def results(self, task_id: str) -> list[StoredResult]:
         """Every accepted result of the task, in arrival order."""

@@ -34,6 +34,7 @@ from scheduler_role.lifecycle import (
     task_step,
 )
 from scheduler_role.matching import offer_fits
+from scheduler_role.queue_types import TaskStatus
 from scheduler_role.task import TaskSpec
 from scheduler_role.trust import Conduct, Policy
 from scheduler_role.worker_records import (
@@ -389,3 +390,31 @@ def expire_leases(
                 _lease_ended(conn, seq, key, outcome)
         stops += judge_and_apply(conn, seq, wall, held_for)
     return stops
+
+
+def load_status(conn: sqlite3.Connection, task_id: str) -> TaskStatus:
+    """The task's whole status (UnknownTaskError for an ID it does not have)."""
+    seq, spec, state, verdict, reason = load_task(conn, task_id)
+    agreed = conn.execute("SELECT agreed FROM tasks WHERE seq = ?", (seq,)).fetchone()[0]
+    dissenters: tuple[str, ...] = ()
+    if agreed is not None:
+        rows = conn.execute(
+            "SELECT DISTINCT worker FROM results WHERE task_seq = ? AND digest != ?"
+            " ORDER BY worker",
+            (seq, agreed),
+        ).fetchall()
+        dissenters = tuple(r[0] for r in rows)
+    replicas = tuple(schema.load_replicas(conn, seq))
+    reported = conn.execute(
+        "SELECT worker FROM results WHERE task_seq = ? ORDER BY arrival", (seq,)
+    ).fetchall()
+    times = conn.execute(
+        "SELECT submitted_at, finished_at, (SELECT MIN(since) FROM replicas"
+        " WHERE task_seq = ? AND state = 'running') FROM tasks WHERE seq = ?",
+        (seq, seq),
+    ).fetchone()
+    return TaskStatus(
+        spec, state, verdict, reason, replicas, agreed, dissenters,
+        tuple(r[0] for r in reported), submitted_at=times[0], finished_at=times[1],
+        running_since=times[2],
+    )  # fmt: skip

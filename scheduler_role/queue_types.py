@@ -56,6 +56,9 @@ class TaskStatus:
     agreed: bytes | None
     dissenters: tuple[str, ...]
     reported: tuple[str, ...]  # workers whose result was counted, in arrival order
+    submitted_at: float = 0.0  # wall clock
+    running_since: float | None = None  # wall clock: the earliest replica running now
+    finished_at: float | None = None  # wall clock
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ No worker runs: no VM is needed."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -94,11 +95,20 @@ async def test_json_everywhere_and_results_without_o(tmp_path: Path) -> None:
         code, out, err = await vmlend(owner, "status", "--json", short)
         assert code == 0, err
         assert json.loads(out)["task_id"] == task_id
+        assert json.loads(out)["submitted_at"] <= time.time()
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         code, out, err = await vmlend(owner, "results", short, cwd=elsewhere)
         assert out.splitlines()[0] == f"{task_id}: cancelled", err
         assert (elsewhere / task_id / "stdout").exists()  # named by the whole ID
+        # People get a header and a row per task, with its age.
+        code, out, err = await vmlend(owner, "status")
+        assert code == 0, err
+        header, *rows = out.splitlines()
+        assert header.split() == ["TASK", "ID", "STATE", "EXIT", "SUBMITTED", "RUNTIME"]
+        mine = next(r for r in rows if r.startswith(task_id))
+        assert mine.split()[1:3] == ["cancelled", "-"]
+        assert "ago" in mine or "just now" in mine, mine
         # Both runs above are "run-...": "run" names neither, and says so in one line.
         code, out, err = await vmlend(owner, "wait", "run")
         assert (code, out) == (1, "")
