@@ -246,9 +246,10 @@ class TaskStatus:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskResults:
-    """The agreed result (without an agreement: no output, no archive): output inline (its last
-    ``MAX_OUTPUT_INLINE`` bytes, exactly the bytes whose digests the quorum agreed on), the
-    ``/out`` archive as a blob to fetch from ``providers`` (its ID verifies its bytes)."""
+    """The agreed result: output inline (its last ``MAX_OUTPUT_INLINE`` bytes, exactly the bytes
+    whose digests the quorum agreed on), the ``/out`` archive as a blob to fetch from
+    ``providers`` (its ID verifies its bytes). Without an agreement: no archive, and the output
+    is the partial live output, if any (``partial``)."""
 
     TYPE: ClassVar[str] = "results"
     status: TaskStatus = field(metadata=wire(decode=record(TaskStatus)))
@@ -258,8 +259,13 @@ class TaskResults:
     providers: tuple[str, ...] = field(
         default=(), metadata=wire(decode=tuple_of(_addr, limit=MAX_PROVIDERS))
     )
+    # No agreed result (cancelled, failed, timed out): stdout and stderr are the live output the
+    # scheduler still holds of its last run, as far as it got.
+    partial: bool = field(default=False, metadata=wire(optional=True))
 
     def __post_init__(self) -> None:
+        if type(self.partial) is not bool:
+            raise LocalProtocolError("partial must be a bool")
         for name in ("stdout", "stderr"):
             value = getattr(self, name)
             if type(value) is not bytes or len(value) > MAX_OUTPUT_INLINE:

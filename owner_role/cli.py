@@ -389,6 +389,8 @@ def cmd_results(args: argparse.Namespace) -> int:
         print(f"{args.task_id}: {outcome(answer)}")
         for name in names:
             print(f"  {out / name}")
+        if answer.get("partial") and (answer.get("stdout") or answer.get("stderr")):
+            print("  (partial: what it printed before it ended; it gave no result)")
     return 0 if answer.get("exit_code") is not None else EXIT_FAILURE
 
 

@@ -15,7 +15,8 @@ RPC methods (MessagePack-RPC params: one map)::
                  or {"task": TASK (catalog.task_wire), "base_dir", "scheduler"?}
     task.status  {"task_id"?}            -> status map (or a list of them without task_id)
     task.wait    {"task_id", "timeout"?} -> status map once finished
-    task.results {"task_id", "out"?: ABS_DIR} -> status map + stdout, stderr (+ out/out.tar)
+    task.results {"task_id", "out"?: ABS_DIR} -> status map + stdout, stderr (+ out/out.tar),
+                                          partial: no agreed result, the output as far as it got
     task.cancel  {"task_id"}             -> status map
     task.logs    {"task_id", "follow"?}  (streaming) notifications "task.log" [stream, data];
                                           result {"state"}
@@ -327,6 +328,7 @@ class OwnerService:
         if not isinstance(reply, TaskResults):
             raise RpcError("bad_answer", f"expected results, got {reply.TYPE}")
         answer = reply.status.to_rpc() | {"stdout": reply.stdout, "stderr": reply.stderr}
+        answer["partial"] = reply.partial
         out = args.get("out")
         archive = reply.archive_blob
         if out is not None:

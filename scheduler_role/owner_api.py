@@ -308,7 +308,8 @@ class OwnerApi:
         chosen = _chosen(status, await self.queue.results(task_id))
         view = await self.status(task_id)
         if chosen is None:
-            return TaskResults(status=view, stdout=b"", stderr=b"")
+            stdout, stderr = self._partial_output(task_id) if view.finished else (b"", b"")
+            return TaskResults(status=view, stdout=stdout, stderr=stderr, partial=view.finished)
         stdout = await self._read_blob(chosen.stdout_blob)
         stderr = await self._read_blob(chosen.stderr_blob)
         for name, data, digest in (
@@ -325,6 +326,17 @@ class OwnerApi:
             archive_blob=chosen.archive_blob,
             providers=tuple(self.service.p2p.addrs[:16]),
         )
+
+    def _partial_output(self, task_id: str) -> tuple[bytes, bytes]:
+        """What the task's last run printed before it ended with no agreed result: the live
+        log still held here (in memory: none after a restart), the last bytes of each stream."""
+        buffer = self.service.logs.get(task_id)
+        if buffer is None:
+            return b"", b""
+        out = {"stdout": bytearray(), "stderr": bytearray()}
+        for stream, data in buffer.read(LogCursor(buffer.source))[0]:
+            out[stream] += data
+        return bytes(out["stdout"][-MAX_OUTPUT_INLINE:]), bytes(out["stderr"][-MAX_OUTPUT_INLINE:])
 
     async def _read_blob(self, blob: bytes) -> bytes:
         """A result's output, as its worker stored it (an honest worker keeps at most

@@ -162,3 +162,8 @@ async def test_cancel_mid_run_destroys_the_vm_within_seconds(tmp_path: Path) -> 
             while domain in await _running_domains():  # noqa: ASYNC110
                 await trio.sleep(0.2)
         assert domain not in await _running_domains()
+        # What it printed before the cancel is kept, marked partial.
+        with trio.fail_after(60):
+            results = await owner.call("task.results", {"task_id": task_id})
+        assert (results["state"], results["partial"]) == ("cancelled", True)
+        assert results["stdout"] == b"started\n"
