@@ -129,6 +129,12 @@ def _add_node_commands(commands: _CommandsAddedOnUse) -> None:
     version = commands.add_parser("version", help="the versions a bug report needs")
     add_json_option(version)
     version.set_defaults(handler=_cmd_version)
+    completion = commands.add_parser(
+        "completion", help="print the shell completion script (bash or zsh)",
+        description='Load it with: eval "$(vmlend completion bash)" (or zsh), e.g. in ~/.bashrc',
+    )  # fmt: skip
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    completion.set_defaults(handler=_cmd_completion)
 
 
 def _vm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -311,6 +317,13 @@ def _cmd_version(args: argparse.Namespace) -> int:
     from node.version_report import print_report
 
     return print_report(args.json)
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from node.cli_completion import script
+
+    print(script(build_parser(), args.shell), end="")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
