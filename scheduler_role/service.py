@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,7 @@ from catalog.blob_service import BlobService
 from catalog.build.assemble import Assembler
 from catalog.build.cache import BuildCache
 from catalog.build.os_tiny import BootFiles
+from catalog.build.publish import publish_os
 from catalog.dispatch import (
     LOGS,
     LOGS_PROTOCOL_ID,
@@ -158,6 +160,8 @@ class SchedulerService:
             self.p2p.set_handler(LOGS_PROTOCOL_ID, self._serve_logs, limits=LOGS_WIRE_LIMITS)
             self.p2p.set_handler(TASKS_PROTOCOL_ID, OwnerApi(self).serve, limits=TASKS_WIRE_LIMITS)
             log.info("scheduler %s serving", self.p2p.peer_id)
+            # The OS library lists what this scheduler builds without a network: the tiny OS.
+            nursery.start_soon(self._publish_os_contained, "tiny")
             task_status.started()
 
     # ---- changes -------------------------------------------------------------------------
@@ -248,6 +252,31 @@ class SchedulerService:
             await self.queue.image_ready(task_id, bytes(manifest_blob))
             log.info("task %s: image %s ready", task_id, m.id)
             self.changed()
+            if not task.image:  # its OS is built now: into the OS library
+                assert self._nursery is not None
+                self._nursery.start_soon(self._publish_os_contained, task.os)
+
+    async def _publish_os_contained(self, name: str) -> None:
+        """Sign ``name``'s entry into the OS library (a failure is logged: tasks build it anyway
+        when they ask for it)."""
+        if self._library is None:
+            return
+        library = self._library
+
+        async def publish() -> None:
+            assembler = Assembler(BuildCache(self._build_cache), self.blobs.blobs, self._boot())
+            try:
+                async with self._assembly_lock:
+                    entry = await publish_os(
+                        assembler, name, identity=self.p2p.identity, library=library,
+                        now=time.time(),
+                    )  # fmt: skip
+            except (CatalogError, OSError) as e:
+                log.info("OS %s not in the OS library: %s", name, e)
+                return
+            log.debug("OS %s in the OS library as %s", name, entry.id)
+
+        await run_contained(log, f"publishing OS {name}", publish)
 
     async def _image_of(self, task_id: str, task: TaskFile) -> tuple[BlobId, ImageManifest]:
         """A ready image the task names, or one assembled from its OS, packages and files."""

@@ -1,4 +1,5 @@
-"""Put what a build made into the catalog's libraries: its OS, its package layers, the image.
+"""Put what a build made into the catalog's libraries: its OS, its package layers, the image;
+and an OS a scheduler can build, before any task asks for it (:func:`publish_os`).
 
 The builds only produce blobs and a manifest; this signs an entry for each of them with the
 node's key and stores them in the library, from where replication carries them to the other
@@ -55,6 +56,23 @@ async def publish_build(
         entries.append(existing)
     await library.insert_many(new)
     return entries
+
+
+async def publish_os(
+    assembler: Assembler, name: str, *, identity: Identity, library: Library, now: float
+) -> Entry:
+    """Build the OS ``name`` (a cache hit once built) with its blobs in the assembler's store,
+    and sign and store its ``os`` entry unless this publisher's same entry is there."""
+    os_build = await assembler.build_os(name)
+    blobs = [await assembler.blobs.add_file(p) for p in (os_build.kernel, os_build.initrd)]
+    root = await assembler.blobs.add_file(os_build.root.path)
+    draft = os_draft(os_build, kernel=blobs[0].hex(), initrd=blobs[1].hex(), root=root.hex())
+    existing = await _same_entry(library, draft, identity.public_bytes)
+    if existing is not None:
+        return existing
+    entry = draft.sign(identity, now=now)
+    await library.insert(entry)
+    return entry
 
 
 async def _same_entry(library: Library, draft: Draft, publisher: bytes) -> Entry | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from node.dht_records import public_key_of
 from node.localnet import LocalNode, vmlend_command
 from tests.catalog_entries.helpers import PUBLISHER, os_entry, package_entry
 
@@ -80,4 +81,25 @@ async def test_three_schedulers_publish_replicate_and_catch_up(tmp_path: Path) -
         assert own["id"] not in ids  # signed by node 0's key, which node 2 does not trust
         for node in nodes:
             assert await node.stop() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_fresh_scheduler_lists_the_os_it_builds(tmp_path: Path) -> None:
+    """Issue 18, item 8: tasks with os = "tiny" run on a fresh scheduler, so its OS library
+    says so from the start (signed by the scheduler's own key)."""
+    async with trio.open_nursery() as nursery:
+        node = LocalNode("s", tmp_path / "s", ("scheduler",), ())
+        await node.start(nursery)
+        with trio.fail_after(60):
+            while not (oses := await node.call("catalog.list", {"kind": "os"})):  # noqa: ASYNC110
+                await trio.sleep(0.2)
+        assert [(e["name"], e["kind"]) for e in oses] == [("tiny", "os")]
+        assert set(oses[0]["blobs"]) == {"kernel", "initrd", "root"}
+        assert oses[0]["publisher"] == public_key_of(node.peer_id).hex()
+        shown = await trio.to_thread.run_sync(
+            vmlend, "catalog", "show", "tiny", "--data", str(node.data_dir)
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "name:      tiny" in shown.stdout
+        assert await node.stop() == 0
         nursery.cancel_scope.cancel()
