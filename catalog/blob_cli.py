@@ -16,6 +16,8 @@ from node.cli_common import EXIT_FAILURE, add_data_option, add_json_option, node
 from node.rpc import Notification
 from node.rpc_blocking_client import Client
 
+ID_HELP = "the blob's ID, or the start of one stored here that no other blob has"
+
 
 def add_blob_arguments(blob: argparse.ArgumentParser) -> None:
     """Add the ``blob`` command's subcommands to its parser."""
@@ -30,7 +32,7 @@ def add_blob_arguments(blob: argparse.ArgumentParser) -> None:
     add.set_defaults(handler=cmd_add)
 
     get = sub.add_parser("get", help="fetch a blob from its providers (or --from) into a file")
-    get.add_argument("blob_id", metavar="ID")
+    get.add_argument("blob_id", metavar="ID", help=ID_HELP)
     get.add_argument("-o", "--output", metavar="FILE", required=True)
     get.add_argument(
         "--from", dest="sources", action="append", metavar="MULTIADDR", help="repeatable"
@@ -43,12 +45,12 @@ def add_blob_arguments(blob: argparse.ArgumentParser) -> None:
     ls.set_defaults(handler=cmd_ls)
 
     rm = sub.add_parser("rm", help="forget a blob (its chunks go at the next gc)")
-    rm.add_argument("blob_id", metavar="ID")
+    rm.add_argument("blob_id", metavar="ID", help=ID_HELP)
     _common(rm)
     rm.set_defaults(handler=cmd_rm)
 
     grant = sub.add_parser("grant", help="let a peer fetch a private blob from this node")
-    grant.add_argument("blob_id", metavar="ID")
+    grant.add_argument("blob_id", metavar="ID", help=ID_HELP)
     grant.add_argument("peer_id", metavar="PEER_ID")
     _common(grant)
     grant.set_defaults(handler=cmd_grant)

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from catalog.blob import BlobId, parse_blob_id
+from catalog.chunking import ID_SIZE
 from catalog.errors import (
     CatalogError,
     FetchTimeoutError,
@@ -40,6 +41,35 @@ def blob_param(params: list[Any]) -> BlobId:
     if len(params) != 1 or not isinstance(params[0], str):
         raise RpcError("invalid_params", "expected [BLOB_ID]")
     return parse_blob_id(params[0])
+
+
+MIN_PREFIX = 4  # hex digits: fewer would name most blobs of a large store
+
+
+async def blob_param_here(params: list[Any], here: Callable[[], Awaitable[list[BlobId]]]) -> BlobId:
+    """The blob ``params`` names: its whole ID, or the start of one (at least ``MIN_PREFIX`` hex
+    digits) that only one blob ``here()`` lists has. A blob not stored here can be named only
+    by its whole ID: nothing else says which one it is."""
+    if len(params) != 1 or not isinstance(params[0], str):
+        raise RpcError("invalid_params", "expected [BLOB_ID]")
+    given = params[0].strip().lower()
+    if len(given) == 2 * ID_SIZE or not (len(given) >= MIN_PREFIX and _is_hex(given)):
+        return parse_blob_id(given)
+    matches = [b for b in await here() if b.hex().startswith(given)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = ", ".join(b.hex()[:16] for b in matches[:4])
+        raise RpcError(
+            "ambiguous", f"{given!r} starts {len(matches)} blob IDs here ({shown}): give more of it"
+        )
+    raise RpcError(
+        "not_found", f"no blob here starts with {given!r} (one held elsewhere needs its whole ID)"
+    )
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def get_options(params: list[Any]) -> dict[str, Any]:

@@ -43,7 +43,13 @@ import trio
 from catalog.blob import BlobId, BlobStore
 from catalog.blob_access import BlobAccess
 from catalog.blob_fetch import ensure_blob
-from catalog.blob_rpc import blob_param, get_options, mapped_errors, progress_dict
+from catalog.blob_rpc import (
+    blob_param,
+    blob_param_here,
+    get_options,
+    mapped_errors,
+    progress_dict,
+)
 from catalog.chunking import ChunkId
 from catalog.data_channel import KEY_SIZE, TICKET_PROTOCOL
 from catalog.data_channel_server import ChunkFile, DataServer
@@ -442,7 +448,7 @@ class BlobService:
 
     async def _rpc_rm(self, params: list[Any]) -> dict[str, Any]:
         with mapped_errors():
-            blob_id = blob_param(params)
+            blob_id = await blob_param_here(params, self._ids_here)
             await self.rm(blob_id)
         return {"id": blob_id.hex()}
 
@@ -450,7 +456,7 @@ class BlobService:
         if len(params) != 2 or not isinstance(params[1], str):
             raise RpcError("invalid_params", "expected [BLOB_ID, PEER_ID]")
         with mapped_errors():
-            blob_id = blob_param(params[:1])
+            blob_id = await blob_param_here(params[:1], self._ids_here)
             await self.grant(blob_id, params[1])
         return {"id": blob_id.hex(), "peer": params[1]}
 
@@ -479,9 +485,12 @@ class BlobService:
         with mapped_errors():
             return await self.providers(blob_param(params))
 
+    async def _ids_here(self) -> list[BlobId]:
+        return [i.blob_id for i in await self.blobs.ls()]
+
     async def _rpc_get(self, params: list[Any], send: SendNotification) -> dict[str, Any]:
         with mapped_errors():
-            blob_id = blob_param(params[:1])
+            blob_id = await blob_param_here(params[:1], self._ids_here)
         options = get_options(params)
         out = options.get("out")
         notes_send, notes_receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](

@@ -60,6 +60,18 @@ async def test_blob_cli_between_real_nodes(tmp_path: Path) -> None:
         # Found through the DHT this time (the provider announced it); nothing left to move.
         again = await me.call("blob.get", blob_id, {"out": str(tmp_path / "again.bin")})
         assert again["bytes_fetched"] == 0
+        # Held here, it is named by the start of its ID too.
+        code, out, err = await vmlend(
+            "blob",
+            "get",
+            blob_id[:8],
+            "-o",
+            str(tmp_path / "short.bin"),
+            "--data",
+            str(me.data_dir),
+        )
+        assert code == 0, err
+        assert (tmp_path / "short.bin").read_bytes() == data
         assert await me.call("blob.providers", blob_id) == [provider.peer_id]
         code, out, err = await vmlend("blob", "rm", blob_id, "--data", str(me.data_dir))
         assert code == 0, err
@@ -74,6 +86,9 @@ async def test_blob_cli_between_real_nodes(tmp_path: Path) -> None:
         code, out, err = await vmlend("blob", "rm", "nope", "--data", str(me.data_dir))
         assert code == 1
         assert "not a blob ID" in err
+        code, out, err = await vmlend("blob", "rm", "abcd", "--data", str(me.data_dir))
+        assert code == 1
+        assert "no blob here starts with 'abcd' (one held elsewhere needs its whole ID)" in err
 
 
 class GatedStore(ChunkStore):
