@@ -45,7 +45,9 @@ async def test_a_killed_scheduler_does_not_stop_the_other_or_its_worker(tmp_path
             second = await _submit_to(owner, b, "echo via-b", tmp_path)
             assert second["scheduler"] == b.peer_id
             status = await owner.call("task.status", {"task_id": second["task_id"]})
-            assert status["state"] in {"submitted", "assembling", "queued", "leased", "running"}
+            # Any state of a live task (a scheduler that built the tiny OS at start assembles
+            # in a moment, so it may be active already).
+            assert status["state"] in {"submitted", "assembling", "active"}, status
             done = await owner.call("task.wait", {"task_id": second["task_id"], "timeout": 140})
             results = await owner.call("task.results", {"task_id": second["task_id"]})
         assert done["state"] == "succeeded", done
