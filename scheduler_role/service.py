@@ -125,6 +125,7 @@ class SchedulerService:
         self.keep_finished = keep_finished
         self._workers: dict[str, MessageStream] = {}
         self._holding: set[str] = set()  # workers whose work request is held now
+        self._published_oses: set[str] = set()  # in the OS library since this run began
         self.logs: dict[str, LogBuffer] = {}
         self._changed = trio.Event()
         self._assembly_lock = trio.Lock()
@@ -170,6 +171,11 @@ class SchedulerService:
     def connected_workers(self) -> frozenset[str]:
         """Workers with a control stream open to us now."""
         return frozenset(self._workers)
+
+    @property
+    def held_requests(self) -> frozenset[str]:
+        """Workers whose work request waits here for work now."""
+        return frozenset(self._holding)
 
     def changed(self) -> None:
         """Wake whoever waits for a task's state to move (owners' wait, logs)."""
@@ -252,15 +258,18 @@ class SchedulerService:
             await self.queue.image_ready(task_id, bytes(manifest_blob))
             log.info("task %s: image %s ready", task_id, m.id)
             self.changed()
-            if not task.image:  # its OS is built now: into the OS library
+            if not task.image and task.os not in self._published_oses:
+                # Its OS is built now: into the OS library (once: hashing its files again for
+                # every task would be work for nothing).
                 assert self._nursery is not None
                 self._nursery.start_soon(self._publish_os_contained, task.os)
 
     async def _publish_os_contained(self, name: str) -> None:
         """Sign ``name``'s entry into the OS library (a failure is logged: tasks build it anyway
         when they ask for it)."""
-        if self._library is None:
+        if self._library is None or name in self._published_oses:
             return
+        self._published_oses.add(name)
         library = self._library
 
         async def publish() -> None:
@@ -273,6 +282,7 @@ class SchedulerService:
                     )  # fmt: skip
             except (CatalogError, OSError) as e:
                 log.info("OS %s not in the OS library: %s", name, e)
+                self._published_oses.discard(name)  # the next task that builds it tries again
                 return
             log.debug("OS %s in the OS library as %s", name, entry.id)
 
@@ -292,6 +302,7 @@ class SchedulerService:
 
     async def _serve_dispatch(self, stream: MessageStream) -> None:
         worker = stream.peer_id
+        key = public_key_of(worker)
         # Where the connection comes from as we see it: what placement counts, not a peer ID.
         network = self._policy.network_of(worker, stream.remote_address())
         # The worker speaks at least every lease_timeout / 3 (heartbeats) or retry_after.
@@ -307,9 +318,9 @@ class SchedulerService:
                         and worker not in self._holding  # one per worker, on all its streams
                     ):
                         self._holding.add(worker)
-                        held.start_soon(self._hold, stream, network, request_id, message)
+                        held.start_soon(self._hold, stream, key, network, request_id, message)
                     else:
-                        await self._answer(stream, network, request_id, message)
+                        await self._answer(stream, key, network, request_id, message)
                 held.cancel_scope.cancel()  # the worker closed the stream: nobody to answer
         finally:
             if self._workers.get(worker) is stream:
@@ -318,6 +329,7 @@ class SchedulerService:
     async def _hold(
         self,
         stream: MessageStream,
+        key: bytes,
         network: str | None,
         request_id: int,
         message: WorkRequest,
@@ -326,20 +338,21 @@ class SchedulerService:
         assert message.wait is not None
         try:
             hold = min(message.wait, MAX_WORK_HOLD)
-            await self._answer(stream, network, request_id, message, hold)
+            await self._answer(stream, key, network, request_id, message, hold)
         finally:
             self._holding.discard(stream.peer_id)
 
     async def _answer(
         self,
         stream: MessageStream,
+        key: bytes,
         network: str | None,
         request_id: int,
         message: Request,
         hold: float = 0.0,
     ) -> None:
+        """Answer one request of ``stream``'s worker (whose public key is ``key``)."""
         worker = stream.peer_id
-        key = public_key_of(worker)
         if isinstance(message, ResultReport):
             # Signed by this worker before its blobs are fetched; not checked again.
             dispatch.check_report(worker, message, key)

@@ -77,9 +77,11 @@ async def run_vm(
                 await forwarded.wait()  # all its output is with the scheduler before the result
                 lease.finished = handed = True
                 task_status.started(result)
-    except VmError as e:
+    except (VmError, OSError) as e:
         if not handed:
-            raise
+            raise  # the caller's: the lease failed
+        # The result stands and is on its way: a VM that would not go is the backend's to
+        # sweep (its domains are swept when it opens), not a reason to end the agent.
         log.warning("lease %s: tearing its VM down: %s", grant.lease, e)
     finally:
         if handed:  # else the lease failed, and takes its room until the agent lets it go

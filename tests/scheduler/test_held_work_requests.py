@@ -7,6 +7,8 @@ database's thread, and every request would seem to have waited its whole hold.""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import trio
 from trio.testing import MockClock
@@ -24,40 +26,40 @@ def clock() -> MockClock:
     return MockClock(autojump_threshold=0.5)
 
 
-async def held(queue: Queue, worker: str, answers: dict[str, LeaseGrant | NoWork]) -> None:
+@dataclass(frozen=True)
+class Asked:
+    answer: LeaseGrant | NoWork
+    waited: float  # seconds the request was held
+
+
+async def held(queue: Queue, worker: str, answers: dict[str, Asked]) -> None:
     started = trio.current_time()
-    answers[worker] = await queue.lease(worker, offer(), hold=HOLD)
-    answers[worker + "@"] = NoWork(retry_after=1.0, reason=str(trio.current_time() - started))
-
-
-def waited(answers: dict[str, LeaseGrant | NoWork], worker: str) -> float:
-    answer = answers[worker + "@"]
-    assert isinstance(answer, NoWork)
-    return float(answer.reason)
+    answer = await queue.lease(worker, offer(), hold=HOLD)
+    answers[worker] = Asked(answer, trio.current_time() - started)
 
 
 async def test_with_nothing_queued_the_request_is_held_for_its_hold_then_answered_no_work(
     queue: Queue, clock: MockClock
 ) -> None:
-    answers: dict[str, LeaseGrant | NoWork] = {}
+    answers: dict[str, Asked] = {}
     await held(queue, "w1", answers)
-    assert isinstance(answers["w1"], NoWork)
-    assert answers["w1"].reason == NOTHING_FITS
-    assert waited(answers, "w1") >= HOLD
+    assert isinstance(answers["w1"].answer, NoWork)
+    assert answers["w1"].answer.reason == NOTHING_FITS
+    assert answers["w1"].waited >= HOLD
 
 
 async def test_a_task_submitted_while_a_request_is_held_is_granted_at_once(
     queue: Queue, clock: MockClock
 ) -> None:
-    answers: dict[str, LeaseGrant | NoWork] = {}
+    answers: dict[str, Asked] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(held, queue, "w1", answers)
         await trio.sleep(3.0)
         await queue.submit(spec("a"))
-    grant = answers["w1"]
+    grant = answers["w1"].answer
     assert isinstance(grant, LeaseGrant)
     assert grant.lease == LeaseKey("a", 0, 1)
-    assert 3.0 <= waited(answers, "w1") < 3.5
+    assert 3.0 <= answers["w1"].waited < 3.5
 
 
 async def test_a_task_whose_image_becomes_ready_wakes_the_held_request(
@@ -65,13 +67,13 @@ async def test_a_task_whose_image_becomes_ready_wakes_the_held_request(
 ) -> None:
     await queue.submit(spec("a", image_id=None))
     await queue.begin_assembly("a")
-    answers: dict[str, LeaseGrant | NoWork] = {}
+    answers: dict[str, Asked] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(held, queue, "w1", answers)
         await trio.sleep(2.0)
         await queue.image_ready("a", image(7))
-    assert isinstance(answers["w1"], LeaseGrant)
-    assert waited(answers, "w1") < 2.5
+    assert isinstance(answers["w1"].answer, LeaseGrant)
+    assert answers["w1"].waited < 2.5
 
 
 async def test_a_replica_requeued_by_an_expired_lease_wakes_the_held_request(
@@ -80,14 +82,14 @@ async def test_a_replica_requeued_by_an_expired_lease_wakes_the_held_request(
     await queue.submit(spec("a"))
     first = await queue.lease("w1", offer())
     assert isinstance(first, LeaseGrant)
-    answers: dict[str, LeaseGrant | NoWork] = {}
+    answers: dict[str, Asked] = {}
     await trio.sleep(queue.lease_timeout - HOLD / 2)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(held, queue, "w2", answers)
         await trio.sleep(HOLD / 2 + 0.5)
         started = trio.current_time()
         await queue.tick()  # the lease lapsed: its replica is queued again
-    grant = answers["w2"]
+    grant = answers["w2"].answer
     assert isinstance(grant, LeaseGrant)
     assert grant.lease == LeaseKey("a", 0, 2)
     assert trio.current_time() - started < 0.5
@@ -99,29 +101,29 @@ async def test_a_lost_lease_requeues_its_replica_for_a_held_worker(
     await queue.submit(spec("a", replicas=1, quorum=1, max_attempts=3))
     first = await queue.lease("w1", offer())
     assert isinstance(first, LeaseGrant)
-    answers: dict[str, LeaseGrant | NoWork] = {}
+    answers: dict[str, Asked] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(held, queue, "w2", answers)
         await trio.sleep(1.0)
         await queue.lost("w1", [first.lease])
-    assert isinstance(answers["w2"], LeaseGrant)
-    assert waited(answers, "w2") < 1.5
+    assert isinstance(answers["w2"].answer, LeaseGrant)
+    assert answers["w2"].waited < 1.5
 
 
 async def test_one_task_for_two_held_workers_goes_to_one_and_the_other_keeps_waiting(
     queue: Queue, clock: MockClock
 ) -> None:
-    answers: dict[str, LeaseGrant | NoWork] = {}
+    answers: dict[str, Asked] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(held, queue, "w1", answers)
         nursery.start_soon(held, queue, "w2", answers)
         await trio.sleep(1.0)
         commits = queue.statistics()["commits"]
         await queue.submit(spec("a"))
-    grants = [answers[w] for w in ("w1", "w2") if isinstance(answers[w], LeaseGrant)]
+    grants = [answers[w].answer for w in ("w1", "w2") if isinstance(answers[w].answer, LeaseGrant)]
     assert len(grants) == 1
-    loser = "w2" if isinstance(answers["w1"], LeaseGrant) else "w1"
-    assert waited(answers, loser) >= HOLD  # woken, found nothing, held on to the end
+    loser = "w2" if isinstance(answers["w1"].answer, LeaseGrant) else "w1"
+    assert answers[loser].waited >= HOLD  # woken, found nothing, held on to the end
     # The loser's look found nothing and woke nobody: no storm of lookups.
     assert queue.statistics()["commits"] - commits <= 4
 

@@ -95,11 +95,13 @@ class FakeBackend:
         output: Sequence[OutputChunk] = (),
         open_error: WorkerError | None = None,
         teardown_s: float = 0.0,
+        teardown_error: VmError | OSError | None = None,
     ) -> None:
         """``result``: every VM returns it at once; ``output``: what every VM prints first;
         ``open_error``: opening fails with it (a machine that cannot run VMs); ``teardown_s``:
-        how long (virtual) destroying a VM takes."""
+        how long (virtual) destroying a VM takes; ``teardown_error``: destroying one fails so."""
         self.teardown_s = teardown_s
+        self.teardown_error = teardown_error
         self.vms: list[FakeVm] = []
         self.policy: LendingPolicy | None = None
         self.runtime_dir: Path | None = None
@@ -157,6 +159,8 @@ class FakeBackend:
                 await trio.sleep(self.teardown_s)
             vm.destroyed = True
             self.changes.changed()
+            if self.teardown_error is not None:
+                raise self.teardown_error
 
 
 class FakeLeaseBlobs:

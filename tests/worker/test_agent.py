@@ -38,7 +38,7 @@ from tests.worker.fake_backend import (
 from tests.worker.fake_scheduler import FakeNetwork, FakeScheduler, grant, lease
 from worker_role.agent import RETRY_FLOOR, STATE_FILE, WORK_WAIT, WorkerAgent
 from worker_role.control_stream import HEARTBEAT_FLOOR, heartbeat_interval
-from worker_role.errors import GuestFailedError, VmSetupError
+from worker_role.errors import GuestFailedError, VmError, VmSetupError
 
 T = TypeVar("T")
 LIMIT_KEYS = {limit.config_key for limit in LIMITS}
@@ -203,6 +203,23 @@ async def test_the_result_is_reported_while_the_vm_is_torn_down_and_its_room_hel
     await lab.running_vm(1)  # the next lease starts only once the first VM is gone
     assert first.destroyed
     assert trio.current_time() - ended >= 5.0
+
+
+@pytest.mark.parametrize(
+    "error", [VmError("destroy vmlend-x: libvirtd went away"), OSError(5, "Input/output error")]
+)
+async def test_a_vm_that_fails_to_go_after_its_result_costs_neither_the_result_nor_the_agent(
+    lab: Lab, autojump_clock: MockClock, error: VmError | OSError
+) -> None:
+    lab.backend = FakeBackend(teardown_error=error)
+    a = lab.scheduler("sched-a")
+    a.work += [grant(lease(1)), grant(lease(2))]
+    await lab.start(max_concurrent_vms=1)
+    (await lab.running_vm(0)).finish(vm_result(stdout=b"one"))
+    await until(a.changes, lambda: lease(1) in a.results)
+    (await lab.running_vm(1)).finish(vm_result(stdout=b"two"))  # the agent lends on
+    await until(a.changes, lambda: lease(2) in a.results)
+    assert a.of_type(Lost) == []
 
 
 async def test_a_scheduler_without_work_is_asked_again_only_after_its_retry_after(
