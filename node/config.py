@@ -62,6 +62,8 @@ commented sample file)::
     shares = {}                      # { "<scheduler peer id>" = weight }: offers in proportion
                                      # to positive integer weights; unlisted schedulers weigh 1
     vm_dir = "/var/lib/vmlend/vm"    # VM-facing files; must be reachable by the libvirt-qemu user
+    warm_budget = "1GiB"             # disk for snapshots of booted guests that tasks start from
+                                     # instead of booting; "0" = always boot
 
     [scheduler]
     name = ""                        # the name this scheduler advertises
@@ -170,6 +172,7 @@ class WorkerConfig:
     schedulers: tuple[str, ...] = ()
     shares: tuple[tuple[str, int], ...] = ()
     vm_dir: Path = Path("/var/lib/vmlend/vm")
+    warm_budget: int = 1 << 30
 
     def __post_init__(self) -> None:
         unknown = set(self.limits) - _LIMIT_DEFAULTS.keys()
@@ -272,6 +275,7 @@ _SCHEMA: dict[str, dict[str, k.Kind]] = {
         "schedulers": k.list_of(k.PEER_ID, 'peer IDs like "12D3KooW..."'),
         "shares": k.peer_weights(),
         "vm_dir": k.absolute_path(),
+        "warm_budget": k.size(),
     },
     "scheduler": {
         "name": k.text(),

@@ -5,6 +5,7 @@ This is one of the two modules of ``node`` allowed to import the roles (the othe
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -145,7 +146,12 @@ class Node:
                     lease_blobs = NodeLeaseBlobs(blobs, self.config.worker.vm_dir / "images")
                     self.agent = WorkerAgent(
                         self.p2p, lease_blobs, self.identity, self.data_dir, self.config.worker,
-                        open_backend=open_backend,
+                        open_backend=functools.partial(
+                            open_backend,
+                            warm_dir=self.data_dir / "warm",
+                            warm_budget_mib=self.config.worker.warm_budget >> 20,
+                            warm_slots=max(1, min(self.config.worker.max_concurrent_vms, 4)),
+                        ),
                     )  # fmt: skip
                     self.agent.trusted_schedulers = self.choice.trusted
                     await nursery.start(self.agent.run)

@@ -5,15 +5,20 @@ finds the others through the DHT from a single bootstrap address and finds both 
 records. The owner runs a command with ``vmlend run`` through one scheduler (its output streams
 back; the exit code is the task's) and a task file (``examples/hello.toml``) with ``vmlend submit``
 through the other, then ``status``, ``wait`` and ``results``. Every task runs in a real capped VM on
-a worker. Then everything shuts down cleanly and the exit codes are shown.
+a worker. A worker that ran a task keeps a snapshot of a booted guest and restores it for the next
+task instead of booting (a warm start); the demo runs ``vmlend run`` again until a task lands on
+such a worker and shows the difference. Then everything shuts down cleanly and the exit codes are
+shown.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import trio
@@ -42,7 +47,7 @@ async def vmlend(owner: LocalNode, *args: str, capture: bool = False) -> tuple[i
 async def run_federation(base: Path) -> tuple[list[LocalNode], bool]:
     say(f"== starting {len(ROLES)} vmlend nodes on loopback (data under {base})")
     ok = True
-    async with local_network(base, len(ROLES), roles=ROLES) as nodes:
+    async with local_network(base, len(ROLES), roles=ROLES, warm=True) as nodes:
         for n in nodes:
             say(f"   {n.name}: {n.peer_id}  roles={','.join(n.roles)}  {n.addrs[0]}")
         say("== finding both schedulers through the DHT (each node bootstrapped only from node0)")
@@ -74,11 +79,36 @@ async def run_federation(base: Path) -> tuple[list[LocalNode], bool]:
             stdout = (results / "stdout").read_text() if code == 0 else ""
             say(f"   the task's stdout: {stdout!r}")
             ok &= stdout == "hello from x86_64\n"
+            await warm_runs(owner, nodes)
         say("== shutting down (SIGTERM)")
         for n in nodes:
             code = await n.stop()
             say(f"   {n.name} exited with {code}")
     return nodes, ok
+
+
+WARM_READY = re.compile(r"warm snapshot \S+ ready")
+RESTORED = "restored from a warm snapshot"
+
+
+async def warm_runs(owner: LocalNode, nodes: list[LocalNode]) -> None:
+    """Run ``vmlend run`` until one lands on a worker with a warm snapshot (at most 4 times)."""
+    with trio.move_on_after(90):
+        while True:
+            if any(WARM_READY.search(line) for n in nodes for line in n.output):
+                break
+            await trio.sleep(0.2)
+    say("== vmlend run again: a worker that ran a task restores a snapshot instead of booting")
+    for _ in range(4):
+        before = sum(RESTORED in line for n in nodes for line in n.output)
+        started = time.monotonic()
+        code, _ = await vmlend(owner, "run", "--memory", "128MiB", "--", "echo", "hi")
+        took = time.monotonic() - started
+        await trio.sleep(0.2)  # the worker's log line is on its way
+        warm = sum(RESTORED in line for n in nodes for line in n.output) > before
+        say(f"   exit {code} in {took:.1f} s: its VM was " + ("restored" if warm else "booted"))
+        if warm:
+            return
 
 
 def _name_of(nodes: list[LocalNode], peer_id: str) -> str:

@@ -33,6 +33,12 @@ LAB_BOOTSTRAP = """\
 distinct_networks = false
 trust_after = 0
 """
+# Tests start many short-lived workers: building warm snapshots behind their tasks would only
+# compete with them. A local node that wants warm starts says so (``LocalNode.warm``).
+LAB_COLD = """\
+[worker]
+warm_budget = "0"
+"""
 
 
 def vmlend_command() -> list[str]:
@@ -59,6 +65,7 @@ class LocalNode:
     output: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     lab: bool = True  # read LAB_BOOTSTRAP first (see the module docstring)
+    warm: bool = False  # with ``lab``: keep warm snapshots (the lab layer turns them off)
     on_line: Callable[[str], None] | None = None  # told every line, as it arrives
 
     @property
@@ -78,7 +85,9 @@ class LocalNode:
         self.addrs = []
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         if self.lab and "VMLEND_BOOTSTRAP" not in self.env:
-            env["VMLEND_BOOTSTRAP"] = str(await _lab_bootstrap(self.data_dir.parent))
+            env["VMLEND_BOOTSTRAP"] = str(
+                await _lab_bootstrap(self.data_dir.parent, warm=self.warm)
+            )
         self.process = await trio.lowlevel.open_process(
             self.command(), stdout=-1, stderr=-1, env=env
         )
@@ -151,25 +160,30 @@ class LocalNode:
         raise LocalNodeError(f"node {self.name} did not exit within {grace} s of {sig.name}")
 
 
-async def _lab_bootstrap(directory: Path) -> Path:
-    path = trio.Path(directory) / "lab-bootstrap.toml"
+async def _lab_bootstrap(directory: Path, *, warm: bool) -> Path:
+    path = trio.Path(directory) / ("lab-bootstrap-warm.toml" if warm else "lab-bootstrap.toml")
     await path.parent.mkdir(parents=True, exist_ok=True)
-    await path.write_text(LAB_BOOTSTRAP)
+    await path.write_text(LAB_BOOTSTRAP if warm else LAB_BOOTSTRAP + LAB_COLD)
     return Path(path)
 
 
 @asynccontextmanager
 async def local_network(
-    base_dir: Path, count: int, *, roles: Sequence[Sequence[str]] | None = None
+    base_dir: Path,
+    count: int,
+    *,
+    roles: Sequence[Sequence[str]] | None = None,
+    warm: bool = False,
 ) -> AsyncIterator[list[LocalNode]]:
-    """Start ``count`` nodes; the first is everyone's bootstrap peer. All are stopped on exit."""
+    """Start ``count`` nodes; the first is everyone's bootstrap peer. All are stopped on exit.
+    ``warm`` lets their workers keep warm snapshots."""
     async with trio.open_nursery() as nursery:
         nodes: list[LocalNode] = []
         try:
             for i in range(count):
                 node_roles = roles[i] if roles else ("worker", "owner")
                 boot = nodes[0].addrs[:1] if nodes else ()
-                local = LocalNode(f"node{i}", base_dir / f"node{i}", node_roles, boot)
+                local = LocalNode(f"node{i}", base_dir / f"node{i}", node_roles, boot, warm=warm)
                 nodes.append(local)
                 await local.start(nursery)
             yield nodes

@@ -71,7 +71,8 @@ async def run_vm(
                     lease.running = True
                     lease.step = "while its VM ran"
                     hooks.poke()
-                    log.info("lease %s runs in %s", grant.lease, vm.name)
+                    how = "restored from a warm snapshot" if vm.warm else "booted"
+                    log.info("lease %s runs in %s (%s)", grant.lease, vm.name, how)
                     result = await vm.wait()
                 log.info("lease %s ended in its VM: exit code %s", grant.lease, result.exit_code)
                 await forwarded.wait()  # all its output is with the scheduler before the result

@@ -34,6 +34,10 @@ class _WrongVm:
     def name(self) -> str:
         return self._vm.name
 
+    @property
+    def warm(self) -> bool:
+        return self._vm.warm
+
     async def wait(self) -> VmResult:
         return dataclasses.replace(await self._vm.wait(), stdout=WRONG_STDOUT)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,17 @@ from worker_role.vm.domain_xml import (
     CPU_PERIOD_US,
     METADATA_NS,
     QEMU_NS,
+    WARM_CMDLINE_FLAG,
+    WARM_LAYER_SLOTS,
     Accel,
     DomainPlan,
     Owner,
+    WarmDevices,
     build_domain_xml,
     hard_limit_kib,
     parse_owner,
 )
-from worker_role.vm.task import Layer, LayerFormat
+from worker_role.vm.task import CONTROL_PORT, Layer, LayerFormat
 
 OWNER = Owner(pid=1234, started=1700000000.25)
 
@@ -135,3 +139,45 @@ def test_name_must_carry_our_prefix() -> None:
     fields["name"] = "other"
     with pytest.raises(ValueError, match="vmlend-"):
         DomainPlan(**fields)
+
+
+def warm_devices(spares: int) -> WarmDevices:
+    return WarmDevices(
+        uuid="8d3c7a52-93c4-5b4e-9d1f-0a6f1c2b3d4e",
+        genid="1b0f5c4e-2a9d-5e6f-8a7b-9c0d1e2f3a4b",
+        control_socket=Path("/v/control.sock"),
+        spare_layers=tuple(Path(f"/spare/layer{i}.img") for i in range(spares)),
+    )
+
+
+def test_a_warm_guest_has_the_same_devices_whatever_its_task_uses() -> None:
+    one = Layer(Path("/layers/a.sqfs"))
+    shapes = []
+    for layers in ((), (one,), (one, one)):
+        warm = warm_devices(WARM_LAYER_SLOTS - len(layers))
+        root = ET.fromstring(build_domain_xml(replace(plan(Caps(), layers=layers), warm=warm)))
+        assert root.findtext("uuid") == warm.uuid
+        assert root.findtext("genid") == warm.genid
+        assert root.findtext("os/cmdline", "").endswith(WARM_CMDLINE_FLAG)
+        ports = [c.find("target").get("name") for c in root.iter("channel")]  # type: ignore[union-attr]
+        assert CONTROL_PORT in ports
+        shapes.append(
+            [(d.find("target").get("dev"), d.findtext("serial"), d.find("readonly") is not None)  # type: ignore[union-attr]
+             for d in root.iter("disk")]
+        )  # fmt: skip
+    assert shapes[0] == shapes[1] == shapes[2]
+    assert len(shapes[0]) == 3 + WARM_LAYER_SLOTS
+    # No warm devices, no warm guest: a cold plan is as it was.
+    cold = parse(Caps())
+    assert cold.find("genid") is None
+    assert WARM_CMDLINE_FLAG not in cold.findtext("os/cmdline", "")
+
+
+def test_a_warm_plan_refuses_what_its_snapshot_could_not_have() -> None:
+    with pytest.raises(ValueError, match="layer devices"):
+        replace(plan(Caps()), warm=warm_devices(WARM_LAYER_SLOTS - 1))
+    with pytest.raises(ValueError, match="no network"):
+        replace(
+            plan(Caps(network=NetworkMode.PROXY, net_allow=("a.org:443",)), port=3128),
+            warm=warm_devices(WARM_LAYER_SLOTS),
+        )

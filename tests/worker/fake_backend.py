@@ -68,6 +68,7 @@ class FakeVm:
         self.caps = caps
         self.started_at = trio.current_time()
         self.destroyed = False
+        self.warm = False
         self._done = trio.Event()
         self._outcome: VmResult | VmError | None = None
 

@@ -10,6 +10,7 @@ raises :class:`GuestFailedError` with the console's last lines.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import secrets
 import shutil
@@ -24,8 +25,6 @@ from node.supervise import one_error
 from worker_role.egress_proxy import EgressProxy
 from worker_role.errors import (
     CapUnsupportedError,
-    GuestFailedError,
-    GuestTimeoutError,
     VmError,
     VmSetupError,
 )
@@ -50,188 +49,19 @@ from worker_role.vm.paths import (
     default_runtime_dir,
     make_vm_dir,
 )
+from worker_role.vm.running_vm import OUTPUT_TAIL_BYTES as OUTPUT_TAIL_BYTES
+from worker_role.vm.running_vm import TASK_GRACE_S as TASK_GRACE_S
+from worker_role.vm.running_vm import RunningVm as RunningVm
 from worker_role.vm.task import (
-    END_MARKER_PREFIX,
     GuestCommand,
-    GuestResult,
-    read_result,
     task_archive,
 )
+from worker_role.vm.warm import SNAPSHOT_FORMAT, Slot, WarmKey, WarmPool
+from worker_role.vm.warm_vm import build_snapshot, hand_over, restore, warm_plan
 
 log = logging.getLogger("vmlend.worker.vm")
-OUTPUT_TAIL_BYTES = 1 << 20
-CONSOLE_TAIL_LINES = 40
-# After the domain stops, QEMU has closed the sockets; what is left to read is already buffered.
-_DRAIN_SECONDS = 5.0
-# What the guest's init prints on the console as it starts the task (worker_role/guest/init.sh).
-TASK_STARTED = b"vmlend-init: starting task"
-TASK_START_POLL_S = 0.25
-# Past the time limit, counted from the task's start: for the guest to write its result.
-TASK_GRACE_S = 10.0
-_CONSOLE_READ = 64 * 1024
-_CONSOLE_TAIL_BYTES = 64 * 1024
-
-
-class RunningVm:
-    """A started VM, valid inside ``VmBackend.start()``."""
-
-    def __init__(
-        self, backend: VmBackend, name: str, vm_dir: Path, task: GuestCommand, started: float
-    ) -> None:
-        self.name = name
-        self.dir = vm_dir
-        self.task = task
-        self.started_at = started
-        self.deadline = started + task.timeout_s + backend.boot_allowance_s
-        self.stopped = backend.conn.watch(name)
-        self.proxy: EgressProxy | None = None
-        self._backend = backend
-        self._tails = {"stdout": bytearray(), "stderr": bytearray()}
-        self._readers_done = trio.Event()
-        # The guest ends each output stream with this marker once the result is on its disk, so
-        # the result is known without waiting ~1.3 s for libvirt to stop the domain.
-        self.end_token = secrets.token_hex(16).encode()
-        self.end_marker = END_MARKER_PREFIX + self.end_token
-        self._ended: set[str] = set()
-        self.guest_done = trio.Event()
-
-    @property
-    def console_log(self) -> Path:
-        return self.dir / "console.log"
-
-    def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> list[str]:
-        """The console's last ``lines`` lines, read from its last ``_CONSOLE_TAIL_BYTES`` only:
-        the guest writes the console file, as much as it likes."""
-        try:
-            with self.console_log.open("rb") as f:
-                f.seek(max(0, f.seek(0, 2) - _CONSOLE_TAIL_BYTES))
-                text = f.read(_CONSOLE_TAIL_BYTES).decode(errors="replace")
-        except OSError:
-            return []
-        return [line.rstrip("\r") for line in text.splitlines()[-lines:]]
-
-    async def _count_from_the_task_start(self, limit: trio.CancelScope) -> None:
-        seen = b""
-        offset = 0
-        while TASK_STARTED not in seen:
-            await trio.sleep(TASK_START_POLL_S)
-            more = await trio.to_thread.run_sync(_read_from, self.console_log, offset)
-            offset += len(more)
-            seen = seen[-len(TASK_STARTED) :] + more  # the marker may straddle two reads
-        started = trio.current_time()
-        limit.deadline = min(limit.deadline, started + self.task.timeout_s + TASK_GRACE_S)
-        self.deadline = limit.deadline
-
-    def qemu_pid(self) -> int:
-        """The QEMU process's pid (libvirt's pid file), for measuring what the VM costs the host."""
-        path = Path("/run/libvirt/qemu") / f"{self.name}.pid"
-        try:
-            return int(path.read_text().strip())
-        except (OSError, ValueError) as e:
-            raise VmError(f"no QEMU pid for {self.name} in {path}: {e}") from e
-
-    async def wait(self) -> VmResult:
-        """Wait for the guest to finish (up to its deadline) and read its result.
-
-        Until the guest says on its console that the task started, the deadline allows for the
-        boot; from then on the host counts the time limit itself (plus a little grace for the
-        result), so a task that kills the guest's own watchdog gains nothing."""
-        with trio.move_on_at(self.deadline) as limit:
-            async with trio.open_nursery() as nursery:
-                for event in (self.stopped, self.guest_done):
-                    nursery.start_soon(_cancel_when_set, event, nursery.cancel_scope)
-                nursery.start_soon(self._count_from_the_task_start, limit)
-        if not (self.stopped.is_set() or self.guest_done.is_set()):
-            tail = await trio.to_thread.run_sync(self.console_tail)
-            await self.destroy()
-            raise GuestTimeoutError(
-                f"guest {self.name} gave no result within {self.deadline - self.started_at:.0f} s "
-                f"(time limit {self.task.timeout_s} s, counted from the task's start once the "
-                "guest started it, from the boot with an allowance before)",
-                console_tail=tail,
-            )
-        if not self.guest_done.is_set():
-            with trio.move_on_after(_DRAIN_SECONDS):
-                await self._readers_done.wait()
-        result = await trio.to_thread.run_sync(read_result, self.dir / "result.img")
-        tail = await trio.to_thread.run_sync(self.console_tail)
-        if result is None:
-            raise GuestFailedError(f"guest {self.name} ended without a result", console_tail=tail)
-        return self._result(result, tail)
-
-    def _result(self, r: GuestResult, tail: list[str]) -> VmResult:
-        stderr = bytes(self._tails["stderr"])
-        if r.out_tar is None:
-            # The guest could not write /out whole: say so where the owner looks, never drop it
-            # silently (the note keeps stderr within what a worker may report).
-            note = (
-                f"\nvmlend: /out did not fit on the {self._backend.out_mib} MiB result disk "
-                "and was not kept\n"
-            ).encode()
-            stderr = stderr[max(0, len(stderr) + len(note) - OUTPUT_TAIL_BYTES) :] + note
-        return VmResult(
-            exit_code=r.exit_code,
-            timed_out=r.timed_out,
-            stdout=bytes(self._tails["stdout"]),
-            stderr=stderr,
-            out_tar=r.out_tar,
-            console_tail=tuple(tail),
-            elapsed_s=trio.current_time() - self.started_at,
-            egress=self.proxy.statistics() if self.proxy else None,
-        )
-
-    async def destroy(self) -> None:
-        """Stop the guest now (idempotent)."""
-        await self._backend._destroy(self.name)
-
-    async def _pump(
-        self, stream: str, path: Path, output: trio.MemorySendChannel[OutputChunk] | None
-    ) -> None:
-        tail = self._tails[stream]
-        pending = bytearray()
-
-        async def emit(data: bytes) -> None:
-            nonlocal output
-            if not data:
-                return
-            tail.extend(data)
-            del tail[:-OUTPUT_TAIL_BYTES]
-            if output is not None:
-                try:
-                    await output.send((stream, data))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    output = None  # the consumer left; keep collecting the tail
-
-        try:
-            sock = await trio.open_unix_socket(str(path))
-        except OSError as e:
-            # A guest that wrote nothing can power off before we connect (its writes would block
-            # until we do): then QEMU and its socket are gone, and there is simply no output.
-            if await self._backend._is_gone(self.name):
-                return
-            raise VmError(f"cannot connect to the guest's {stream} at {path}: {e}") from e
-        async with sock:
-            while True:
-                try:
-                    data = await sock.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break  # QEMU went away: the domain ended
-                if not data:
-                    break
-                pending += data
-                end = pending.find(self.end_marker)
-                if end >= 0:
-                    await emit(bytes(pending[:end]))
-                    self._ended.add(stream)
-                    if self._ended == {"stdout", "stderr"}:
-                        self.guest_done.set()
-                    return
-                # Hold back only a tail that could be the start of a marker split across reads;
-                # the marker starts with NUL ESC, so live text output is never held.
-                cut = len(pending) - _marker_prefix_at_end(pending, self.end_marker)
-                await emit(bytes(pending[:cut]))
-                del pending[:cut]
-        await emit(bytes(pending))
+# Beyond the largest read-ahead a guest does on the task disk.
+WARM_TASK_READAHEAD = 4 << 20
 
 
 class VmBackend:
@@ -257,7 +87,9 @@ class VmBackend:
         self.accel = accel
         self.boot_allowance_s = boot_allowance_s
         self.out_mib = out_mib
-        self._owner = this_process()
+        self.owner = this_process()
+        self.warm: WarmPool | None = None
+        """Warm snapshots to restore instead of booting; None boots every VM."""
 
     @property
     def problem(self) -> str | None:
@@ -324,13 +156,28 @@ class VmBackend:
             (layer.path, "layer") for layer in image.layers
         ]:
             check_reachable(self.qemu_user, path, what=what)
-        name = f"{NAME_PREFIX}{secrets.token_hex(6)}"
+        slot = self._warm_slot(image, caps) if enforce and accel is None else None
+        name = slot.name if slot is not None else f"{NAME_PREFIX}{secrets.token_hex(6)}"
         self._running[name] = caps
+        failures: list[str] = []
         try:
-            async with self._start(name, image, task, caps, output, accel, enforce) as vm:
+            async with self._start(
+                name, image, task, caps, output, accel, enforce, slot, failures
+            ) as vm:
                 yield vm
         finally:
             del self._running[name]
+            if slot is not None and self.warm is not None:
+                self.warm.release(slot, failed=failures[0] if failures else None)
+
+    def _warm_slot(self, image: Image, caps: Caps) -> Slot | None:
+        if self.warm is None:
+            return None
+        key = self.warm.key_for(image, caps)
+        if not isinstance(key, WarmKey):
+            log.debug("a cold boot: %s", key)
+            return None
+        return self.warm.take(key, image, caps)
 
     def running(self) -> dict[str, Caps]:
         """The caps of every VM this backend is running, by domain name."""
@@ -346,8 +193,10 @@ class VmBackend:
         output: trio.MemorySendChannel[OutputChunk] | None,
         accel: Accel | None,
         enforce: bool,
+        slot: Slot | None,
+        failures: list[str],
     ) -> AsyncIterator[RunningVm]:
-        owner: dict[str, object] = {"pid": self._owner.pid, "started": self._owner.started}
+        owner: dict[str, object] = {"pid": self.owner.pid, "started": self.owner.started}
         vm_dir = await trio.to_thread.run_sync(
             make_vm_dir, self.runtime, name, self.qemu_user, owner
         )
@@ -360,7 +209,9 @@ class VmBackend:
                     lender = caps.net_allow if self.policy is None else self.policy.net_allow
                     vm.proxy = EgressProxy(caps.net_allow, caps.net_bps, lender=lender)
                     proxy_port = await nursery.start(vm.proxy.run)
-                await self._prepare_disks(vm_dir, image, task, caps, vm.end_token)
+                await self._prepare_disks(
+                    vm_dir, image, task, caps, vm.end_token, warm=slot is not None
+                )
                 plan = DomainPlan(
                     name=name,
                     accel=accel or self.accel.accel,
@@ -375,20 +226,33 @@ class VmBackend:
                     console_log=vm_dir / "console.log",
                     stdout_socket=vm_dir / "stdout.sock",
                     stderr_socket=vm_dir / "stderr.sock",
-                    owner=self._owner,
+                    owner=self.owner,
                     proxy_port=proxy_port,
                 )
                 created = False  # nothing to destroy (and no misleading error) before
                 try:
-                    # AUTODESTROY: libvirtd destroys the domain if our connection dies with us.
-                    dom = await self.conn.call(
-                        f"create {name}",
-                        self.conn.raw.createXML,
-                        build_domain_xml(plan),
-                        libvirt.VIR_DOMAIN_START_AUTODESTROY,
-                    )
-                    created = True
-                    if enforce:
+                    if slot is not None:
+                        created = True
+                        try:
+                            await self._restore(vm, slot, image, caps)
+                        except VmError as e:
+                            failures.append(str(e))
+                            log.warning("warm start of %s failed (%s); booting it", name, e)
+                            with trio.CancelScope(shield=True):
+                                await self._destroy(name)
+                            created = False
+                    if vm.warm:
+                        pass  # restored with its memory limit set, running its task
+                    else:
+                        # AUTODESTROY: libvirtd destroys the domain if our connection dies.
+                        dom = await self.conn.call(
+                            f"create {name}",
+                            self.conn.raw.createXML,
+                            build_domain_xml(plan),
+                            libvirt.VIR_DOMAIN_START_AUTODESTROY,
+                        )
+                        created = True
+                    if enforce and not vm.warm:
                         await self.conn.call(
                             f"memory hard limit of {name}",
                             dom.setMemoryParameters,
@@ -401,11 +265,27 @@ class VmBackend:
                     if created:
                         with trio.CancelScope(shield=True):
                             await self._destroy(name)
+                    if vm.control is not None:
+                        await vm.control.aclose()
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 self.conn.unwatch(name)
                 await trio.to_thread.run_sync(shutil.rmtree, vm_dir, True)
+
+    async def _restore(self, vm: RunningVm, slot: Slot, image: Image, caps: Caps) -> None:
+        plan = await trio.to_thread.run_sync(
+            warm_plan, self, slot, image, caps, vm.dir, image.layers
+        )
+        assert plan.warm is not None
+        await restore(self, slot, plan)
+        task_bytes = len(task_archive(vm.task, image.layers, network=False, end_token=vm.end_token))
+        vm.control = await hand_over(plan.warm.control_socket, task_bytes)
+        vm.warm = True
+
+    async def build_snapshot(self, slot: Slot, image: Image, caps: Caps) -> None:
+        """Build ``slot``'s snapshot (the warm pool's builder)."""
+        await build_snapshot(self, slot, image, caps)
 
     async def _pumps(
         self, vm: RunningVm, output: trio.MemorySendChannel[OutputChunk] | None
@@ -416,14 +296,27 @@ class VmBackend:
         vm._readers_done.set()
 
     async def _prepare_disks(
-        self, vm_dir: Path, image: Image, task: GuestCommand, caps: Caps, end_token: bytes
+        self,
+        vm_dir: Path,
+        image: Image,
+        task: GuestCommand,
+        caps: Caps,
+        end_token: bytes,
+        *,
+        warm: bool = False,
     ) -> None:
         archive = task_archive(
             task, image.layers, network=caps.network is NetworkMode.PROXY, end_token=end_token
         )
 
         def files() -> None:
-            (vm_dir / "task.img").write_bytes(archive)
+            with (vm_dir / "task.img").open("wb") as f:
+                f.write(archive)
+                if warm:
+                    # A restored guest believes the disk is DISK_CAPACITY long and reads the
+                    # archive's length (given with the task): what it reads ahead past the
+                    # archive must be zeros, not the end of the file.
+                    f.truncate(len(archive) + WARM_TASK_READAHEAD)
             with (vm_dir / "scratch.img").open("wb") as f:
                 f.truncate(caps.disk_mib * 1024 * 1024)
             with (vm_dir / "result.img").open("wb") as f:
@@ -492,31 +385,6 @@ class VmBackend:
         return [n for n in all_names if n.startswith(NAME_PREFIX)]
 
 
-def _marker_prefix_at_end(data: bytearray, marker: bytes) -> int:
-    """The length of the longest tail of ``data`` that is a proper prefix of ``marker``."""
-    start = data.find(marker[:1], max(0, len(data) - len(marker) + 1))
-    while start >= 0:
-        if marker.startswith(data[start:]):
-            return len(data) - start
-        start = data.find(marker[:1], start + 1)
-    return 0
-
-
-def _read_from(path: Path, offset: int) -> bytes:
-    """At most ``_CONSOLE_READ`` bytes of ``path`` from ``offset`` (none yet if it is missing)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            return f.read(_CONSOLE_READ)
-    except FileNotFoundError:
-        return b""
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-
-
 @contextlib.asynccontextmanager
 async def open_backend(
     *,
@@ -528,6 +396,9 @@ async def open_backend(
     out_mib: int = 64,
     refresh_probe: bool = False,
     policy: LendingPolicy | None = None,
+    warm_dir: Path | None = None,
+    warm_budget_mib: int = 0,
+    warm_slots: int = 1,
 ) -> AsyncIterator[VmBackend]:
     """Connect to libvirt, sweep leftovers, settle the accelerator; yield the backend.
 
@@ -535,6 +406,9 @@ async def open_backend(
     (None for ``qemu:///session``); ``boot_allowance_s`` is added to each task's time limit for
     the host-side deadline (TCG boots take ~5 s idle, much more on a loaded host); ``policy``,
     when given, refuses (``PolicyViolation``) a VM that would take the running ones beyond it.
+    ``warm_dir`` keeps warm snapshots (``warm_slots`` per guest shape, ``warm_budget_mib`` in
+    all; 0 boots every VM): see :mod:`worker_role.vm.warm`. The files QEMU reads beside them go
+    in the runtime directory.
     """
     runtime = runtime_dir or default_runtime_dir()
     user = QemuUser.lookup(qemu_user)
@@ -555,7 +429,41 @@ async def open_backend(
             log.info("swept leftovers: %s", report)
         if accel is None:
             backend.accel = await accel_mod.choose(backend, refresh=refresh_probe)
-        yield backend
+        if warm_dir is None or warm_budget_mib <= 0:
+            yield backend
+            return
+        pool = WarmPool(
+            warm_dir,
+            spare_dir=runtime / "warm-spare",
+            budget_bytes=warm_budget_mib << 20,
+            slots_per_shape=warm_slots,
+            platform=await _platform(conn, backend.accel.accel),
+        )
+        await pool.open()
+        backend.warm = pool
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run, backend.build_snapshot, lambda: not backend.running())
+            try:
+                yield backend
+            finally:
+                backend.warm = None
+                nursery.cancel_scope.cancel()
+
+
+async def _platform(conn: Connection, accel: Accel) -> str:
+    """What a snapshot depends on besides its OS: QEMU's binary, libvirt, the accelerator."""
+
+    def versions() -> str:
+        qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+        try:
+            st = Path(qemu).stat()
+            binary = f"{qemu}:{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            binary = qemu
+        return f"{binary}:{conn.raw.getVersion()}:{conn.raw.getLibVersion()}"
+
+    text = await conn.call("versions", versions)
+    return hashlib.sha256(f"{SNAPSHOT_FORMAT}:{accel.value}:{text}".encode()).hexdigest()[:32]
 
 
 def _make_runtime(runtime: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from catalog.caps import Caps, NetworkMode
 from worker_role.vm.task import (
+    CONTROL_PORT,
     LAYER_SERIAL,
     PROXY_GUEST_ADDR,
     PROXY_GUEST_PORT,
@@ -43,6 +44,10 @@ MAX_LAYERS = 23
 # 32 -> 53 MiB, 3.02 s; 24 -> 44 MiB, 3.45 s; 16 -> 35 MiB, 3.78 s. Below 32 the cache thrashes
 # while the guest boots.
 TCG_TB_CACHE_MIB = 32
+# A warm guest (worker_role/vm/warm.py) has this many layer devices whatever its task uses: the
+# device set of a restored guest must be the one it was saved with.
+WARM_LAYER_SLOTS = 6
+WARM_CMDLINE_FLAG = "vmlend.warm=1"
 
 
 class Accel(StrEnum):
@@ -57,6 +62,19 @@ class Owner:
     pid: int
     started: float
     """The owner's process start time (psutil ``create_time``), so a reused pid is not mistaken."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WarmDevices:
+    """What makes a guest restorable from a warm snapshot (worker_role/vm/warm.py)."""
+
+    uuid: str
+    """The snapshot slot's: libvirt restores a saved domain only under its own name and UUID."""
+    genid: str
+    """The VM generation ID the snapshot is saved with; libvirt changes it on every restore."""
+    control_socket: Path
+    spare_layers: tuple[Path, ...]
+    """Files behind the layer devices the task leaves empty, one per slot it leaves."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,8 +96,14 @@ class DomainPlan:
     stderr_socket: Path
     owner: Owner
     proxy_port: int | None = None
+    warm: WarmDevices | None = None
 
     def __post_init__(self) -> None:
+        if self.warm is not None:
+            if len(self.layers) + len(self.warm.spare_layers) != WARM_LAYER_SLOTS:
+                raise ValueError(f"a warm guest has exactly {WARM_LAYER_SLOTS} layer devices")
+            if self.proxy_port is not None:
+                raise ValueError("a warm guest has no network")
         if len(self.layers) > MAX_LAYERS:
             raise ValueError(f"at most {MAX_LAYERS} layers, got {len(self.layers)}")
         if not self.name.startswith(NAME_PREFIX):
@@ -109,6 +133,9 @@ def build_domain_xml(plan: DomainPlan) -> str:
     dom = ET.Element("domain", {"type": plan.accel.value})
     ET.register_namespace("qemu", QEMU_NS)
     _text(dom, "name", plan.name)
+    if plan.warm is not None:
+        _text(dom, "uuid", plan.warm.uuid)
+        _text(dom, "genid", plan.warm.genid)
     meta = ET.SubElement(dom, "metadata")
     ET.SubElement(
         meta,
@@ -125,7 +152,7 @@ def build_domain_xml(plan: DomainPlan) -> str:
     _text(os_, "type", "hvm", arch="x86_64", machine="pc")
     _text(os_, "kernel", str(plan.kernel))
     _text(os_, "initrd", str(plan.initrd))
-    _text(os_, "cmdline", plan.cmdline)
+    _text(os_, "cmdline", f"{plan.cmdline} {WARM_CMDLINE_FLAG}" if plan.warm else plan.cmdline)
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")  # without it the guest's poweroff does not end the domain
     if plan.accel is Accel.TCG:
@@ -145,10 +172,13 @@ def build_domain_xml(plan: DomainPlan) -> str:
     _disk(devices, plan.task_disk, "vda", TASK_SERIAL, readonly=True, caps=None)
     _disk(devices, plan.scratch_disk, "vdb", SCRATCH_SERIAL, readonly=False, caps=throttle)
     _disk(devices, plan.result_disk, "vdc", RESULT_SERIAL, readonly=False, caps=None)
-    for i, layer in enumerate(plan.layers):
+    layer_paths = [layer.path for layer in plan.layers]
+    if plan.warm is not None:
+        layer_paths += plan.warm.spare_layers
+    for i, layer_path in enumerate(layer_paths):
         _disk(
             devices,
-            layer.path,
+            layer_path,
             f"vd{chr(ord('d') + i)}",
             LAYER_SERIAL.format(i),
             readonly=True,
@@ -157,7 +187,10 @@ def build_domain_xml(plan: DomainPlan) -> str:
     serial = ET.SubElement(devices, "serial", {"type": "file"})
     ET.SubElement(serial, "source", {"path": str(plan.console_log)})
     ET.SubElement(serial, "target", {"port": "0"})
-    for path, port in ((plan.stdout_socket, STDOUT_PORT), (plan.stderr_socket, STDERR_PORT)):
+    ports = [(plan.stdout_socket, STDOUT_PORT), (plan.stderr_socket, STDERR_PORT)]
+    if plan.warm is not None:
+        ports.append((plan.warm.control_socket, CONTROL_PORT))
+    for path, port in ports:
         channel = ET.SubElement(devices, "channel", {"type": "unix"})
         ET.SubElement(channel, "source", {"mode": "bind", "path": str(path)})
         ET.SubElement(channel, "target", {"type": "virtio", "name": port})

@@ -53,6 +53,8 @@ class VmResult:
     elapsed_s: float
     """From domain creation to the result."""
     egress: EgressStatistics | None
+    warm: bool = False
+    """Whether the VM was restored from a warm snapshot rather than booted."""
 
 
 OutputChunk = tuple[str, bytes]
@@ -64,6 +66,11 @@ class StartedVm(Protocol):
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def warm(self) -> bool:
+        """Whether it was restored from a warm snapshot rather than booted."""
+        ...
 
     async def wait(self) -> VmResult:
         """The task's result once the guest finishes. Raises :class:`VmError` when there is

@@ -20,6 +20,7 @@ RESULT_SERIAL = "vmlend-result"
 LAYER_SERIAL = "vmlend-layer{}"
 STDOUT_PORT = "vmlend.stdout"
 STDERR_PORT = "vmlend.stderr"
+CONTROL_PORT = "vmlend.control"
 # The tar of /out starts here on the result disk; the header sector comes first.
 RESULT_TAR_OFFSET = 4096
 # Where the proxy appears inside the guest (QEMU user-mode network, guestfwd).
