@@ -212,38 +212,20 @@ class VmBackend:
                 await self._prepare_disks(
                     vm_dir, image, task, caps, vm.end_token, warm=slot is not None
                 )
-                plan = DomainPlan(
-                    name=name,
-                    accel=accel or self.accel.accel,
-                    caps=caps,
-                    kernel=image.kernel,
-                    initrd=image.initrd,
-                    cmdline=image.cmdline,
-                    task_disk=vm_dir / "task.img",
-                    scratch_disk=vm_dir / "scratch.img",
-                    result_disk=vm_dir / "result.img",
-                    layers=image.layers,
-                    console_log=vm_dir / "console.log",
-                    stdout_socket=vm_dir / "stdout.sock",
-                    stderr_socket=vm_dir / "stderr.sock",
-                    owner=self.owner,
-                    proxy_port=proxy_port,
-                )
+                plan = self.plan_for(name, image, caps, vm_dir, accel=accel, proxy_port=proxy_port)
                 created = False  # nothing to destroy (and no misleading error) before
                 try:
                     if slot is not None:
                         created = True
                         try:
-                            await self._restore(vm, slot, image, caps)
+                            await self._restore(vm, slot, plan)
                         except VmError as e:
                             failures.append(str(e))
                             log.warning("warm start of %s failed (%s); booting it", name, e)
                             with trio.CancelScope(shield=True):
                                 await self._destroy(name)
                             created = False
-                    if vm.warm:
-                        pass  # restored with its memory limit set, running its task
-                    else:
+                    if not vm.warm:  # (a restored one runs its task, its memory limit set)
                         # AUTODESTROY: libvirtd destroys the domain if our connection dies.
                         dom = await self.conn.call(
                             f"create {name}",
@@ -273,13 +255,41 @@ class VmBackend:
                 self.conn.unwatch(name)
                 await trio.to_thread.run_sync(shutil.rmtree, vm_dir, True)
 
-    async def _restore(self, vm: RunningVm, slot: Slot, image: Image, caps: Caps) -> None:
-        plan = await trio.to_thread.run_sync(
-            warm_plan, self, slot, image, caps, vm.dir, image.layers
+    def plan_for(
+        self,
+        name: str,
+        image: Image,
+        caps: Caps,
+        vm_dir: Path,
+        *,
+        accel: Accel | None = None,
+        proxy_port: int | None = None,
+    ) -> DomainPlan:
+        """The plan of a VM booting ``image`` with its files in ``vm_dir``."""
+        return DomainPlan(
+            name=name,
+            accel=accel or self.accel.accel,
+            caps=caps,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=image.cmdline,
+            task_disk=vm_dir / "task.img",
+            scratch_disk=vm_dir / "scratch.img",
+            result_disk=vm_dir / "result.img",
+            layers=image.layers,
+            console_log=vm_dir / "console.log",
+            stdout_socket=vm_dir / "stdout.sock",
+            stderr_socket=vm_dir / "stderr.sock",
+            owner=self.owner,
+            proxy_port=proxy_port,
         )
+
+    async def _restore(self, vm: RunningVm, slot: Slot, cold: DomainPlan) -> None:
+        assert self.warm is not None
+        plan = await trio.to_thread.run_sync(warm_plan, cold, slot, self.warm.spare_dir)
         assert plan.warm is not None
         await restore(self, slot, plan)
-        task_bytes = len(task_archive(vm.task, image.layers, network=False, end_token=vm.end_token))
+        task_bytes = len(task_archive(vm.task, cold.layers, network=False, end_token=vm.end_token))
         vm.control = await hand_over(plan.warm.control_socket, task_bytes)
         vm.warm = True
 

@@ -7,11 +7,11 @@ the ones a task leaves empty) and the control port.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,6 @@ from worker_role.vm.domain_xml import (
 from worker_role.vm.interface import Image
 from worker_role.vm.paths import make_vm_dir
 from worker_role.vm.running_vm import console_says
-from worker_role.vm.task import Layer
 from worker_role.vm.warm import DISK_CAPACITY, Slot
 
 if TYPE_CHECKING:
@@ -59,36 +58,17 @@ def spare_layers(spare: Path) -> tuple[Path, ...]:
     return tuple(paths)
 
 
-def warm_plan(
-    backend: VmBackend,
-    slot: Slot,
-    image: Image,
-    caps: Caps,
-    vm_dir: Path,
-    layers: Sequence[Layer],
-) -> DomainPlan:
-    assert backend.warm is not None
-    spares = spare_layers(backend.warm.spare_dir)
-    return DomainPlan(
+def warm_plan(cold: DomainPlan, slot: Slot, spare_dir: Path) -> DomainPlan:
+    """``cold`` as a guest restored from ``slot`` (or saved as it): its devices and identity."""
+    spares = spare_layers(spare_dir)
+    return dataclasses.replace(
+        cold,
         name=slot.name,
-        accel=backend.accel.accel,
-        caps=caps,
-        kernel=image.kernel,
-        initrd=image.initrd,
-        cmdline=image.cmdline,
-        task_disk=vm_dir / "task.img",
-        scratch_disk=vm_dir / "scratch.img",
-        result_disk=vm_dir / "result.img",
-        layers=layers,
-        console_log=vm_dir / "console.log",
-        stdout_socket=vm_dir / "stdout.sock",
-        stderr_socket=vm_dir / "stderr.sock",
-        owner=backend.owner,
         warm=WarmDevices(
             uuid=slot.uuid,
             genid=slot.genid,
-            control_socket=vm_dir / "control.sock",
-            spare_layers=spares[len(layers) :],
+            control_socket=cold.console_log.with_name("control.sock"),
+            spare_layers=spares[len(cold.layers) :],
         ),
     )
 
@@ -104,7 +84,9 @@ async def build_snapshot(backend: VmBackend, slot: Slot, image: Image, caps: Cap
     try:
         await trio.to_thread.run_sync(_sparse_disks, vm_dir)
         shape = Caps(memory_mib=caps.memory_mib, vcpus=caps.vcpus, cpu_share=caps.vcpus)
-        plan = await trio.to_thread.run_sync(warm_plan, backend, slot, image, shape, vm_dir, ())
+        assert backend.warm is not None
+        cold = backend.plan_for(name, dataclasses.replace(image, layers=()), shape, vm_dir)
+        plan = await trio.to_thread.run_sync(warm_plan, cold, slot, backend.warm.spare_dir)
         dom = await backend.conn.call(
             f"create {name}",
             backend.conn.raw.createXML,
