@@ -32,15 +32,16 @@ while read -r mod; do
 done < /lib/modules/load-order
 
 # Devices appear asynchronously after their driver loads; wait for them by name, boundedly.
-find_by() { # find_by <glob of .../attr> <value> <prefix>: /dev node whose attr file holds value
+# Builtins only, the answer in $found: under TCG every process (even a $(...) subshell) costs
+# ~10 ms, and a boot looks up a dozen devices.
+find_by() { # find_by <glob of .../attr> <value>: found=/dev node whose attr file holds value
     for f in $1; do
-        # read, a builtin: a process per look costs ~10 ms under TCG, and there are dozens.
-        # (It fails at a last line without a newline, as in a disk's serial, having read it.)
+        # read fails at a last line without a newline, as in a disk's serial, having read it.
         value=
         read -r value <"$f" 2>/dev/null
         if [ "$value" = "$2" ]; then
             d=${f%/*}
-            echo "/dev/${d##*/}"
+            found=/dev/${d##*/}
             return 0
         fi
     done
@@ -58,13 +59,29 @@ wait_for() { # wait_for <glob> <value>
 disk() { wait_for '/sys/block/vd*/serial' "$1"; }
 port() { wait_for '/sys/class/virtio-ports/vport*/name' "$1"; }
 
-if grep -q vmlend.warm /proc/cmdline; then
+# What does not depend on the task comes first, so a warm guest has it done in its snapshot.
+# The base layer: busybox, so every image has a shell; task layers go above it.
+mkdir -p /task /mnt/scratch /mnt/base/bin /mnt/base/dev /mnt/base/proc /mnt/base/sys \
+    /mnt/base/tmp /mnt/base/out /mnt/base/root /mnt/base/etc || fail "make directories"
+ln /bin/busybox /mnt/base/bin/busybox || fail "base busybox"
+/bin/busybox --install -s /mnt/base/bin
+ip link set lo up || fail "lo up"
+port vmlend.stdout
+OUT=$found
+port vmlend.stderr
+ERR=$found
+
+read -r cmdline </proc/cmdline
+if [ "${cmdline#*vmlend.warm=1}" != "$cmdline" ]; then
     # A snapshot is taken of the guest waiting here; every task restores a copy of it with its
     # own disk files behind the same devices (worker_role/vm/warm.py).
-    CONTROL=$(port vmlend.control) || exit 1
+    port vmlend.control
+    CONTROL=$found
     # Saved with its random number generator seeded, a guest reseeds the moment a restore
     # changes its VM generation ID ("crng reseeded due to virtual machine fork").
     head -c 1 /dev/random >/dev/null || fail "wait for the random number generator"
+    # Freed pages are zeros here (init_on_free), which the snapshot leaves out.
+    echo 3 >/proc/sys/vm/drop_caches || fail "drop the caches"
     echo "vmlend-init: warm and waiting"
     # A port reads as empty while no host end is connected, as after every restore.
     until read -r word now seed tasksize <"$CONTROL"; do
@@ -72,8 +89,8 @@ if grep -q vmlend.warm /proc/cmdline; then
     done
     [ "$word" = GO ] || fail "unexpected control message"
     # What the kernel read of the devices before the snapshot belongs to other files now:
-    # drop every clean cached page, theirs included (one write, no process per device).
-    sync
+    # drop every clean cached page, theirs included (one write, no process per device; the
+    # guest has written nothing, so nothing is dirty).
     echo 3 >/proc/sys/vm/drop_caches || fail "drop the caches"
     # Clones share the snapshot's random state: the VM generation ID the host changed has made
     # the kernel reseed already; the task's own seed and the clock are the rest.
@@ -81,8 +98,8 @@ if grep -q vmlend.warm /proc/cmdline; then
     date -s "@$now" >/dev/null || fail "set the clock"
 fi
 
-TASKDEV=$(disk vmlend-task) || exit 1
-mkdir -p /task
+disk vmlend-task
+TASKDEV=$found
 if [ -n "${tasksize:-}" ]; then
     # A restored guest's task disk claims more than the archive (busybox tar reads to the end).
     head -c "$tasksize" "$TASKDEV" | tar -xf - -C /task || fail "unpack task from $TASKDEV"
@@ -91,20 +108,16 @@ else
 fi
 . /task/config || fail "read task config"
 
-SCRATCH=$(disk vmlend-scratch) || exit 1
-mkdir -p /mnt/scratch
+disk vmlend-scratch
+SCRATCH=$found
 mount -t ext4 -o noatime "$SCRATCH" /mnt/scratch || fail "mount scratch $SCRATCH"
 mkdir -p /mnt/scratch/upper /mnt/scratch/work
 
-# The base layer: busybox, so every image has a shell; task layers go above it.
-mkdir -p /mnt/base/bin /mnt/base/dev /mnt/base/proc /mnt/base/sys /mnt/base/tmp /mnt/base/out \
-    /mnt/base/root /mnt/base/etc
-ln /bin/busybox /mnt/base/bin/busybox || fail "base busybox"
-/bin/busybox --install -s /mnt/base/bin
 lower=""
 n=0
 for fstype in $LAYERS; do
-    dev=$(disk "vmlend-layer$n") || exit 1
+    disk "vmlend-layer$n"
+    dev=$found
     mkdir -p "/mnt/layer$n"
     mount -t "$fstype" -o ro "$dev" "/mnt/layer$n" || fail "mount layer $n ($fstype) from $dev"
     lower="$lower/mnt/layer$n:"
@@ -118,7 +131,6 @@ mount -t devtmpfs dev /newroot/dev || fail "mount task /dev"
 mount -t proc proc /newroot/proc || fail "mount task /proc"
 mount -t sysfs sys /newroot/sys || fail "mount task /sys"
 
-ip link set lo up || fail "lo up"
 if [ "$NET" = 1 ]; then
     # QEMU user-mode network: fixed addresses; restrict=on leaves only the guestfwd to the proxy.
     # Without udev nothing renames it; it appears once virtio_net has probed the device.
@@ -134,9 +146,8 @@ if [ "$NET" = 1 ]; then
     ip route add default via 10.0.2.2 || fail "default route"
 fi
 
-OUT=$(port vmlend.stdout) || exit 1
-ERR=$(port vmlend.stderr) || exit 1
-RESULT=$(disk vmlend-result) || exit 1
+disk vmlend-result
+RESULT=$found
 cp /task/run.sh /newroot/tmp/.vmlend-run.sh || fail "copy task script"
 
 echo "vmlend-init: starting task"

@@ -47,7 +47,10 @@ TCG_TB_CACHE_MIB = 32
 # A warm guest (worker_role/vm/warm.py) has this many layer devices whatever its task uses: the
 # device set of a restored guest must be the one it was saved with.
 WARM_LAYER_SLOTS = 6
-WARM_CMDLINE_FLAG = "vmlend.warm=1"
+# init_on_free: memory the guest frees before it is saved (the initramfs it unpacked, the
+# kernel's init sections, caches it dropped) is zeros, which a save leaves out and a restore
+# does not read.
+WARM_CMDLINE_FLAG = "vmlend.warm=1 init_on_free=1"
 
 
 class Accel(StrEnum):
