@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from node.cli_common import EXIT_FAILURE, add_data_option, add_json_option, node_client
+from node.cli_common import (
+    EXIT_FAILURE,
+    add_data_option,
+    add_json_option,
+    node_client,
+    times_as_rfc3339,
+)
 from node.rpc import Notification
 from node.rpc_blocking_client import Client
 
@@ -153,7 +159,7 @@ class _ProgressBar:
 def cmd_ls(args: argparse.Namespace) -> int:
     blobs = _call(args, "blob.ls")
     if args.json:
-        print(json.dumps(blobs))
+        print(json.dumps(times_as_rfc3339(blobs)))
         return 0
     print(f"{'ID':64}  {'SIZE':>12}  {'CHUNKS':>7}  STATE")
     for b in blobs:

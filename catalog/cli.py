@@ -11,12 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from catalog.entries import KINDS
-from node.cli_common import EXIT_USAGE, add_data_option, add_json_option, node_client, print_table
+from node.cli_common import (
+    EXIT_USAGE,
+    add_data_option,
+    add_json_option,
+    node_client,
+    print_table,
+    rfc3339,
+    times_as_rfc3339,
+)
 
 
 def add_catalog_parser(
@@ -72,11 +79,13 @@ def _call(args: argparse.Namespace, method: str, *params: Any) -> Any:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, default=lambda v: v.hex() if isinstance(v, bytes) else str(v))
+    return json.dumps(
+        times_as_rfc3339(value), default=lambda v: v.hex() if isinstance(v, bytes) else str(v)
+    )
 
 
 def _when(created_at: int) -> str:
-    return datetime.fromtimestamp(created_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(created_at)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -135,6 +135,10 @@ def _add_node_commands(commands: _CommandsAddedOnUse) -> None:
     )  # fmt: skip
     completion.add_argument("shell", choices=("bash", "zsh"))
     completion.set_defaults(handler=_cmd_completion)
+    man = commands.add_parser(
+        "man", help="print the manual page (read it with: vmlend man | man -l -)",
+    )  # fmt: skip
+    man.set_defaults(handler=_cmd_man)
 
 
 def _vm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -323,6 +327,13 @@ def _cmd_completion(args: argparse.Namespace) -> int:
     from node.cli_completion import script
 
     print(script(build_parser(), args.shell), end="")
+    return 0
+
+
+def _cmd_man(args: argparse.Namespace) -> int:
+    from node.cli_manpage import manpage
+
+    print(manpage(build_parser(), version=node.__version__), end="")
     return 0
 
 

@@ -105,6 +105,25 @@ def rfc3339(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
+# The fields of what the node answers that hold a wall-clock time (Unix seconds on the wire).
+TIME_FIELDS = frozenset({"submitted_at", "running_since", "finished_at", "created_at", "added_at"})
+
+
+def times_as_rfc3339(value: object) -> object:
+    """``value`` with every time field (:data:`TIME_FIELDS`, at any depth) as :func:`rfc3339`
+    text: what ``--json`` prints, so scripts see one format, the one people see."""
+    if isinstance(value, dict):
+        return {
+            k: rfc3339(v)
+            if k in TIME_FIELDS and isinstance(v, int | float) and not isinstance(v, bool)
+            else times_as_rfc3339(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [times_as_rfc3339(v) for v in value]
+    return value
+
+
 def data_dir(args: argparse.Namespace) -> Path:
     """The data directory ``--data`` names, else the default (see :mod:`node.data_dir`)."""
     return resolve_data_dir(args.data)

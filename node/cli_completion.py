@@ -19,7 +19,7 @@ def words_by_command(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
     """For each command path (``"vmlend"``, ``"vmlend node"``, ``"vmlend node start"``, ...)
     the words that may follow it: its subcommands and its options."""
     table: dict[str, list[str]] = {}
-    for path, sub in _walk(parser, "vmlend"):
+    for path, sub in walk(parser, "vmlend"):
         words: list[str] = []
         for action in sub._actions:
             if isinstance(action, argparse._SubParsersAction):
@@ -31,15 +31,16 @@ def words_by_command(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
     return table
 
 
-def _walk(
+def walk(
     parser: argparse.ArgumentParser, path: str
 ) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command path under ``path`` with its parser, ``parser`` first."""
     yield path, parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             _realize(action)
             for name, sub in sorted(action.choices.items()):
-                yield from _walk(sub, f"{path} {name}".strip())
+                yield from walk(sub, f"{path} {name}".strip())
 
 
 def _realize(action: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -30,6 +30,7 @@ from node.cli_common import (
     command_after_dashes,
     duration_argument,
     node_client,
+    times_as_rfc3339,
 )
 from node.rpc import Notification
 from node.rpc_blocking_client import Client, Result
@@ -247,7 +248,7 @@ def _print_final(status: dict[str, Any], *, as_json: bool = False) -> int:
 
 def print_json(value: Any) -> None:
     """One JSON document on stdout; bytes (a task's output) as UTF-8 text."""
-    print(json.dumps(value, default=_json_default), flush=True)
+    print(json.dumps(times_as_rfc3339(value), default=_json_default), flush=True)
 
 
 def _json_default(value: object) -> object:

@@ -8,7 +8,7 @@ PKGS=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients libvirt-dev
   busybox-static squashfs-tools erofs-utils cpio zstd xz-utils
   mmdebstrap gpg libdpkg-perl arch-test debian-archive-keyring
-  tini zsh
+  tini zsh groff-base
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -39,3 +39,22 @@ def test_rfc3339_is_utc() -> None:
 )
 def test_sizes_for_people(size: int, shown: str) -> None:
     assert human_size(size) == shown
+
+
+def test_json_shows_every_time_as_rfc3339_at_any_depth() -> None:
+    from node.cli_common import times_as_rfc3339
+
+    doc = {
+        "submitted_at": 1796664703.5,
+        "replicas": [{"finished_at": 1796664710, "exit_code": 0}],
+        "running_since": None,
+        "size": 12,
+        "created_at": True,  # not a time: left as it is
+    }
+    assert times_as_rfc3339(doc) == {
+        "submitted_at": "2026-12-07T17:31:43Z",
+        "replicas": [{"finished_at": "2026-12-07T17:31:50Z", "exit_code": 0}],
+        "running_since": None,
+        "size": 12,
+        "created_at": True,
+    }

@@ -6,6 +6,7 @@ No worker runs: no VM is needed."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -41,6 +42,9 @@ async def test_json_everywhere_and_results_without_o(tmp_path: Path) -> None:
             "cancelled",
             None,
         )
+        # One time format for people and scripts alike (RFC 3339, UTC).
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", waited["submitted_at"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", waited["finished_at"])
 
         code, out, err = await vmlend(owner, "logs", "--json", task_id)
         assert code == 1, err  # cancelled before any output

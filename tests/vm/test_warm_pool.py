@@ -19,6 +19,7 @@ from catalog.caps import Caps, NetworkMode
 from worker_role.vm.interface import Image
 from worker_role.vm.task import Layer
 from worker_role.vm.warm import (
+    MAX_WANTED,
     TRANSITIONS,
     Slot,
     SlotEvent,
@@ -273,3 +274,23 @@ async def test_at_start_only_whole_verified_snapshots_of_this_platform_are_kept(
         await trio.sleep(1)
         assert other.slots == []
     assert list((tmp_path / "warm").iterdir()) == []
+
+
+async def test_a_scheduler_asking_for_ever_new_shapes_leaves_a_bounded_wish_list(
+    tmp_path: Path, clock: MockClock
+) -> None:
+    pool, builds = pool_in(tmp_path), Builds()
+    image = image_in(tmp_path)
+    idle = [False]
+    async with running(pool, builds, idle):
+        shapes = [Caps(memory_mib=64 + i) for i in range(40)]
+        for caps in shapes:
+            key = pool.key_for(image, caps)
+            assert isinstance(key, WarmKey)
+            assert pool.take(key, image, caps) is None
+        idle[0] = True
+        await until(lambda: len(builds.calls) >= MAX_WANTED, 30)
+        await trio.sleep(3)
+        # Only the latest shapes asked for were built, no more than the list holds.
+        assert len(builds.calls) == MAX_WANTED
+        assert {s.key.memory_mib for s in builds.calls} == {c.memory_mib for c in shapes[-8:]}

@@ -146,6 +146,10 @@ class VmBackend:
         ``accel`` and ``enforce=False`` are for the accelerator probe, which boots before the
         machine's enforceable caps are known.
         """
+        key: WarmKey | str | None = None
+        if enforce and accel is None and self.warm is not None:
+            # In a thread: the first VM of an OS hashes its kernel and initrd (then cached).
+            key = await trio.to_thread.run_sync(self.warm.key_for, image, caps)
         if enforce:
             # Policy first: a request beyond what the lender allows is refused before anything
             # is created. Checking and registering with no await between keeps it race-free.
@@ -156,7 +160,7 @@ class VmBackend:
             (layer.path, "layer") for layer in image.layers
         ]:
             check_reachable(self.qemu_user, path, what=what)
-        slot = self._warm_slot(image, caps) if enforce and accel is None else None
+        slot = self._warm_slot(key, image, caps)
         name = slot.name if slot is not None else f"{NAME_PREFIX}{secrets.token_hex(6)}"
         self._running[name] = caps
         failures: list[str] = []
@@ -170,10 +174,9 @@ class VmBackend:
             if slot is not None and self.warm is not None:
                 self.warm.release(slot, failed=failures[0] if failures else None)
 
-    def _warm_slot(self, image: Image, caps: Caps) -> Slot | None:
-        if self.warm is None:
+    def _warm_slot(self, key: WarmKey | str | None, image: Image, caps: Caps) -> Slot | None:
+        if self.warm is None or key is None:
             return None
-        key = self.warm.key_for(image, caps)
         if not isinstance(key, WarmKey):
             log.debug("a cold boot: %s", key)
             return None

@@ -53,6 +53,10 @@ DISK_CAPACITY = 1 << 40
 PAGE = 4096
 _UUID_NAMESPACE = uuid.UUID("5d0c1f8e-3b53-4f55-9d38-7a8e0f6f2b1c")
 _HASH_CHUNK = 1 << 20
+# Shapes waiting for a build, and OS files whose digest is remembered: a scheduler that asks
+# for ever new shapes or images must not grow either without bound.
+MAX_WANTED = 8
+MAX_OS_DIGESTS = 64
 
 
 class SlotState(StrEnum):
@@ -260,8 +264,7 @@ class WarmPool:
                 return slot
         live = [s for s in mine if s.state is not SlotState.GONE]
         if len(live) < self.slots_per_shape:
-            self._wanted.setdefault(key, (image, caps))
-            self._wake.set()
+            self._want(key, image, caps)
         return None
 
     def release(self, slot: Slot, *, failed: str | None = None) -> None:
@@ -360,7 +363,14 @@ class WarmPool:
         )
         # One more slot of a shape in demand is built next, while the machine stays idle.
         if len(taken) + 1 < self.slots_per_shape:
-            self._wanted.setdefault(key, (image, caps))
+            self._want(key, image, caps)
+
+    def _want(self, key: WarmKey, image: Image, caps: Caps) -> None:
+        self._wanted.pop(key, None)  # the latest asked for goes last, the oldest goes first
+        self._wanted[key] = (image, caps)
+        while len(self._wanted) > MAX_WANTED:
+            del self._wanted[next(iter(self._wanted))]
+        self._wake.set()
 
     def _make_room(self, new: Slot) -> bool:
         """Evict the least recently used ready snapshots of other shapes until ``new`` fits
@@ -390,6 +400,8 @@ class WarmPool:
             st = path.stat()
             cache_key = (str(path), st.st_size, st.st_mtime_ns)
             if cache_key not in self._os_digests:
+                if len(self._os_digests) >= MAX_OS_DIGESTS:
+                    del self._os_digests[next(iter(self._os_digests))]
                 self._os_digests[cache_key] = _sha256(path)
             h.update(self._os_digests[cache_key].encode())
         return h.hexdigest()[:32]
