@@ -48,7 +48,8 @@ commented sample file)::
                                      # bounds all lent VMs together, not each one
     max_vcpus = 1                    # vCPUs in all
     max_cpu_share = 1.0              # host CPUs in all; 0 < share <= max_vcpus
-    max_memory = "1GiB"              # guest memory in all; at least 32MiB
+    max_memory = "1GiB"              # memory in all: guests' plus 64MiB per VM for the VM
+                                     # itself (QEMU, TCG's cache); at least 32MiB
     max_disk = "2GiB"                # scratch disk in all; at least 1MiB
     max_concurrent_vms = 1           # VMs at once; 0 lends nothing
     network_allowed = false          # may a VM reach the network at all (via the egress proxy)

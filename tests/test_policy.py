@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from catalog.caps import Allowance, Caps, NetworkMode
 from node.config import WorkerConfig
 from node.errors import VmlendError
-from worker_role.policy import LendingPolicy, PolicyViolation
+from worker_role.policy import VM_OVERHEAD_MIB, LendingPolicy, PolicyViolation
 
 
 @st.composite
@@ -44,6 +44,7 @@ def policies(draw: st.DrawFn) -> LendingPolicy:
         ceilings=ceilings,
         max_concurrent_vms=draw(st.integers(0, 4)),
         network_allowed=draw(st.booleans()),
+        vm_overhead_mib=draw(st.sampled_from([0, 64]) | st.integers(0, 512)),
     )
 
 
@@ -55,7 +56,8 @@ def reference_fits(policy: LendingPolicy, request: Caps, running: list[Caps]) ->
         len(everything) <= policy.max_concurrent_vms
         and sum(c.vcpus for c in everything) <= policy.ceilings["vcpus"]
         and sum(c.cpu_share for c in everything) <= policy.ceilings["cpu_share"] + 1e-9
-        and sum(c.memory_mib for c in everything) <= policy.ceilings["memory_mib"]
+        and sum(c.memory_mib + policy.vm_overhead_mib for c in everything)
+        <= policy.ceilings["memory_mib"]
         and sum(c.disk_mib for c in everything) <= policy.ceilings["disk_mib"]
         and (request.network is NetworkMode.NONE or policy.network_allowed)
     )
@@ -97,7 +99,9 @@ def test_admitting_one_by_one_never_exceeds_the_totals(
     assert len(admitted) <= policy.max_concurrent_vms
     assert sum(c.vcpus for c in admitted) <= policy.ceilings["vcpus"]
     assert sum(c.cpu_share for c in admitted) <= policy.ceilings["cpu_share"] + 1e-9
-    assert sum(c.memory_mib for c in admitted) <= policy.ceilings["memory_mib"]
+    # What the VMs cost the host, their own memory included, stays within the lender's limit.
+    cost = sum(c.memory_mib + policy.vm_overhead_mib for c in admitted)
+    assert cost <= policy.ceilings["memory_mib"]
     assert sum(c.disk_mib for c in admitted) <= policy.ceilings["disk_mib"]
     if "disk_bps" in policy.ceilings:
         assert sum(c.disk_bps for c in admitted) <= policy.ceilings["disk_bps"]
@@ -320,3 +324,14 @@ def test_a_huge_size_is_shown_in_units_a_person_reads() -> None:
     with pytest.raises(PolicyViolation) as info:
         policy.check(Caps(memory_mib=90 * 1024 * 1024), [])
     assert str(info.value) == "memory 90 TiB exceeds the lender's limit of 4 GiB"
+
+
+def test_memory_counts_what_each_vm_costs_beyond_its_guest_and_says_so() -> None:
+    policy = LendingPolicy.of(WorkerConfig(limits={"max_memory": 1 << 30}))
+    assert policy.vm_overhead_mib == VM_OVERHEAD_MIB > 0
+    left = policy.remaining([])
+    assert left is not None
+    assert left.memory_mib == 1024 - VM_OVERHEAD_MIB
+    with pytest.raises(PolicyViolation, match=r"MiB per VM go to running the VM itself"):
+        policy.check(Caps(memory_mib=1024), [])
+    policy.check(Caps(memory_mib=1024 - VM_OVERHEAD_MIB), [])

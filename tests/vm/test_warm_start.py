@@ -178,3 +178,24 @@ async def test_a_restore_that_fails_falls_back_to_a_cold_boot(
     assert "booting it" in caplog.text
     assert not slot.save_path.exists()
     assert pool_of(warm).slots == []
+
+
+async def test_a_snapshot_whose_guests_never_start_their_task_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker_role.vm.backend as backend_module
+    from worker_role.errors import GuestTimeoutError
+
+    async def silent_hand_over(control_socket: Path, task_bytes: int) -> trio.SocketStream:
+        return await trio.open_unix_socket(str(control_socket))  # connected, never says GO
+
+    image = Image.tiny()
+    async with open_backend(
+        boot_allowance_s=15, warm_dir=tmp_path / "warm", warm_budget_mib=1024
+    ) as backend:
+        await snapshot_ready(backend, image)
+        monkeypatch.setattr(backend_module, "hand_over", silent_hand_over)
+        monkeypatch.setattr(backend_module, "WARM_GRACE_S", 4.0)
+        with pytest.raises(GuestTimeoutError):
+            await backend.run(image, GuestCommand(argv=("true",), timeout_s=2), SHAPE)
+        assert pool_of(backend).slots == []  # condemned, not handed to the next task

@@ -39,6 +39,7 @@ from tests.worker.fake_scheduler import FakeNetwork, FakeScheduler, grant, lease
 from worker_role.agent import RETRY_FLOOR, STATE_FILE, WORK_WAIT, WorkerAgent
 from worker_role.control_stream import HEARTBEAT_FLOOR, heartbeat_interval
 from worker_role.errors import GuestFailedError, VmError, VmSetupError
+from worker_role.policy import VM_OVERHEAD_MIB
 
 T = TypeVar("T")
 LIMIT_KEYS = {limit.config_key for limit in LIMITS}
@@ -173,10 +174,12 @@ async def test_offers_only_the_room_the_policy_leaves_and_none_when_it_is_full(
 ) -> None:
     a = lab.scheduler("sched-a")
     a.work += [grant(lease(n), caps=Caps(memory_mib=m)) for n, m in [(1, 768), (2, 256)]]
-    await lab.start(max_memory=GIB, **TWO_VMS)
+    # Each VM costs the host VM_OVERHEAD_MIB beyond its guest memory, and the limit counts it.
+    await lab.start(max_memory=GIB + 2 * (VM_OVERHEAD_MIB << 20), **TWO_VMS)
     first = await lab.running_vm(0)
     await lab.running_vm(1)
-    assert [w.offer.room.memory_mib for w in a.of_type(WorkRequest)] == [1024, 256]
+    offered = [w.offer.room.memory_mib for w in a.of_type(WorkRequest)]
+    assert offered == [1024 + VM_OVERHEAD_MIB, 256]
 
     await trio.sleep(3600)  # virtual: an hour of heartbeats with no room left
     assert len(a.of_type(WorkRequest)) == 2

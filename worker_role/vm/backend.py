@@ -60,6 +60,9 @@ from worker_role.vm.warm import SNAPSHOT_FORMAT, Slot, WarmKey, WarmPool
 from worker_role.vm.warm_vm import build_snapshot, hand_over, restore, warm_plan
 
 log = logging.getLogger("vmlend.worker.vm")
+# A restored guest that neither starts its task nor reports within this long condemns its
+# snapshot: else every task given that snapshot would wait out its boot allowance.
+WARM_GRACE_S = 20.0
 # Beyond the largest read-ahead a guest does on the task disk.
 WARM_TASK_READAHEAD = 4 << 20
 
@@ -164,14 +167,20 @@ class VmBackend:
         name = slot.name if slot is not None else f"{NAME_PREFIX}{secrets.token_hex(6)}"
         self._running[name] = caps
         failures: list[str] = []
+        started: RunningVm | None = None
         try:
             async with self._start(
                 name, image, task, caps, output, accel, enforce, slot, failures
             ) as vm:
+                started = vm
                 yield vm
         finally:
             del self._running[name]
             if slot is not None and self.warm is not None:
+                if started is not None and not failures and _never_came_to_life(started):
+                    failures.append(
+                        f"a guest restored from it did nothing for {WARM_GRACE_S:.0f} s"
+                    )
                 self.warm.release(slot, failed=failures[0] if failures else None)
 
     def _warm_slot(self, key: WarmKey | str | None, image: Image, caps: Caps) -> Slot | None:
@@ -461,6 +470,11 @@ async def open_backend(
             finally:
                 backend.warm = None
                 nursery.cancel_scope.cancel()
+
+
+async def _never_came_to_life(vm: RunningVm) -> bool:
+    alive = vm.task_started or vm.guest_done.is_set()
+    return vm.warm and not alive and trio.current_time() - vm.started_at > WARM_GRACE_S
 
 
 async def _platform(conn: Connection, accel: Accel) -> str:

@@ -57,6 +57,8 @@ class RunningVm:
         self._ended: set[str] = set()
         self.guest_done = trio.Event()
         self.warm = False
+        self.task_started = False
+        """Whether the guest said on its console that it started the task (seen by ``wait``)."""
         """Whether the VM was restored from a warm snapshot rather than booted."""
         self.control: trio.SocketStream | None = None
 
@@ -77,6 +79,7 @@ class RunningVm:
 
     async def _count_from_the_task_start(self, limit: trio.CancelScope) -> None:
         await console_says(self.console_log, TASK_STARTED, TASK_START_POLL_S)
+        self.task_started = True
         started = trio.current_time()
         limit.deadline = min(limit.deadline, started + self.task.timeout_s + TASK_GRACE_S)
         self.deadline = limit.deadline
