@@ -49,6 +49,7 @@ LOGS_PROTOCOL_ID = "/vmlend/tasklogs/1.0.0"
 MAX_LEASES = 256  # per message: far above any worker's concurrent VMs
 MAX_IMAGES = 1024  # image IDs an offer may list as already held
 MAX_REPLICAS = 16
+MAX_FETCHED = 1 << 40  # bytes of an image fetched, as a heartbeat reports them
 MAX_ATTEMPT = 2**31 - 1
 MAX_REQUEST_ID = 2**31 - 1
 # A work request is held at most this long: well within the worker's own request timeout, so an
@@ -198,19 +199,34 @@ class WorkRequest:
             as_seconds("wait", self.wait)
 
 
+def _fetched_bytes(value: object) -> int:
+    return as_int("fetched", value, 0, MAX_FETCHED)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
-    """The leases the worker holds; those in ``running`` have a VM running (the rest prepare)."""
+    """The leases the worker holds; those in ``running`` have a VM running (the rest prepare).
+    ``fetched`` (optional) says, lease by lease in the order of ``leases``, how many bytes of
+    its image the worker has fetched so far: what an owner waiting for a VM is shown."""
 
     TYPE: ClassVar[str] = "heartbeat"
     leases: tuple[LeaseKey, ...] = field(metadata=_LEASES)
     running: tuple[LeaseKey, ...] = field(default=(), metadata=_LEASES)
+    fetched: tuple[int, ...] | None = field(
+        default=None,
+        metadata=wire(decode=tuple_of(_fetched_bytes, limit=MAX_LEASES), optional=True),
+    )
 
     def __post_init__(self) -> None:
         _check_leases("leases", self.leases)
         _check_leases("running", self.running)
         if not set(self.running) <= set(self.leases):
             raise LocalProtocolError("every running lease must be among the leases")
+        if self.fetched is not None:
+            if type(self.fetched) is not tuple or len(self.fetched) != len(self.leases):
+                raise LocalProtocolError("fetched must give one byte count per lease")
+            for n in self.fetched:
+                _fetched_bytes(n)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

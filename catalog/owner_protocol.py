@@ -168,12 +168,22 @@ class ReplicaView:
     state: str
     worker: str | None = field(metadata=wire(decode=_worker))
     attempts: int
+    fetched: int | None = field(
+        default=None, metadata=wire(decode=lambda v: _fetched(v), optional=True)
+    )
+    """Bytes of its image its worker has fetched so far, while that worker prepares it."""
 
     def __post_init__(self) -> None:
         as_int("index", self.index, 0, MAX_REPLICAS - 1)
         as_text("state", self.state)
         _worker(self.worker)
         as_int("attempts", self.attempts, 0, 2**31 - 1)
+        if self.fetched is not None:
+            _fetched(self.fetched)
+
+
+def _fetched(value: object) -> int:
+    return as_int("fetched", value, 0, 1 << 40)
 
 
 def _time(value: object, name: str = "time") -> float | None:

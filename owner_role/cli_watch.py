@@ -139,8 +139,12 @@ def waiting_line(status: dict[str, Any]) -> str:
     running = [r for r in status.get("replicas", []) if r.get("state") in ("leased", "running")]
     if not reasons and running:
         worker = str(running[0].get("worker") or "a worker")
-        verb = "booting on" if running[0].get("state") == "leased" else "running on"
-        return f"{task_id}: {verb} {worker}"
+        if running[0].get("state") == "running":
+            return f"{task_id}: running on {worker}"
+        fetched = running[0].get("fetched")
+        if isinstance(fetched, int) and fetched > 0:
+            return f"{task_id}: preparing on {worker}: {fetched / 2**20:.1f} MiB of its image here"
+        return f"{task_id}: booting on {worker}"
     if not reasons:
         return f"{task_id}: {state}"
     return f"{task_id}: {state}: " + "; ".join(reasons[:3])

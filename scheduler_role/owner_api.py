@@ -283,6 +283,7 @@ class OwnerApi:
         status = await q.status(task_id)
         results = await q.results(task_id)
         chosen = _chosen(status, results)
+        fetched = q.fetched(task_id)
         return TaskStatus(
             task_id=task_id,
             state=status.state.value,
@@ -292,7 +293,7 @@ class OwnerApi:
             exit_code=chosen.exit_code if chosen is not None else None,
             replicas=tuple(
                 ReplicaView(index=r.index, state=r.state.value, worker=r.worker,
-                            attempts=r.attempts)
+                            attempts=r.attempts, fetched=fetched.get(r.index))
                 for r in status.replicas
             ),
             results=len(results),

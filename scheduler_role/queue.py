@@ -368,12 +368,14 @@ class Queue:
         stop: list[LeaseKey] = []
         started: list[LeaseKey] = []
         running = set(beat.running)
-        for lease in beat.leases:
+        fetched = beat.fetched or (0,) * len(beat.leases)
+        for lease, got in zip(beat.leases, fetched, strict=True):
             held = self._held.get(lease)
             if held is None or held.worker != worker:
                 stop.append(lease)
                 continue
             held.deadline = now + self.lease_timeout
+            held.fetched = got
             if lease in running and not held.running:
                 held.running = True
                 held.since = now  # max runtime counts from the VM's start once it has one
@@ -558,6 +560,14 @@ class Queue:
         """Seconds left for each worker sidelined now (for :mod:`explain`)."""
         wall = self._clock.wall()
         return await self._db.transaction(lambda conn: all_sidelined(conn, wall))
+
+    def fetched(self, task_id: str) -> dict[int, int]:
+        """Bytes of its image fetched, by replica, for the leases of ``task_id`` held now."""
+        return {
+            key.replica: held.fetched
+            for key, held in self._held.items()
+            if key.task_id == task_id and held.fetched
+        }
 
     def held_by(self) -> dict[str, int]:
         """Leases held per worker right now (for :mod:`explain`)."""

@@ -68,6 +68,7 @@ class HeldLease:
     since: float  # monotonic: when the lease was granted, then when its VM started
     max_runtime: float
     running: bool = False  # the worker said its VM runs (persisted once)
+    fetched: int = 0  # bytes of the image the worker says it has fetched (kept in memory only)
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,3 +58,15 @@ def test_json_shows_every_time_as_rfc3339_at_any_depth() -> None:
         "size": 12,
         "created_at": True,
     }
+
+
+def test_the_waiting_line_shows_how_much_of_the_image_a_worker_has() -> None:
+    from owner_role.cli_watch import waiting_line
+
+    replica = {"index": 0, "state": "leased", "worker": "12D3KooWx", "attempts": 1}
+    status = {"task_id": "t-1", "state": "active", "replicas": [replica]}
+    assert waiting_line(status) == "t-1: booting on 12D3KooWx"
+    replica["fetched"] = 12 << 20
+    assert waiting_line(status) == "t-1: preparing on 12D3KooWx: 12.0 MiB of its image here"
+    replica["state"] = "running"
+    assert waiting_line(status) == "t-1: running on 12D3KooWx"

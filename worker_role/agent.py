@@ -43,6 +43,7 @@ import trio
 
 from catalog.caps import Caps
 from catalog.dispatch import (
+    MAX_FETCHED,
     PROTOCOL_ID,
     WIRE_LIMITS,
     Heartbeat,
@@ -431,7 +432,9 @@ class WorkerAgent:
                     await poked.wait()
                 continue
             last = trio.current_time()
-            answer = await control.request(Heartbeat(leases=tuple(mine), running=running))
+            fetched = tuple(v.fetched for v in mine.values())
+            beat = Heartbeat(leases=tuple(mine), running=running, fetched=fetched)
+            answer = await control.request(beat)
             told_running = set(running)
             if isinstance(answer, HeartbeatAck) and answer.stop:
                 self._stop(scheduler, answer.stop, "no longer ours")
@@ -560,7 +563,11 @@ class WorkerAgent:
     ) -> VmResult:
         """The VM's result, as soon as the guest has given it: the VM is then torn down in
         ``teardown`` while the caller reports the result."""
-        image, m = await self.blobs.image(grant, addrs)
+
+        def fetched(n: int) -> None:
+            lease.fetched = min(n, MAX_FETCHED)
+
+        image, m = await self.blobs.image(grant, addrs, fetched)
         log.info("lease %s image ready", grant.lease)
         lease.step = "starting its VM"
         # The grant is the one word on how long this replica may run: the scheduler stops it

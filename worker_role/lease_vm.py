@@ -28,6 +28,7 @@ class Lease:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     running: bool = False
     step: str = "fetching its image"  # what it is doing, for the error if it fails
+    fetched: int = 0  # bytes of its image on disk so far (told to its scheduler)
     report: ResultReport | None = None  # finished: kept until its scheduler has it
     finished: bool = False  # its VM gave its result: being reported (and the VM torn down)
     vm_gone: bool = False  # its VM torn down after its result: the room it took is free

@@ -3,6 +3,7 @@ scheduler may send them: optional, and refused unless they are times."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -34,4 +35,17 @@ def test_a_time_that_is_no_time_is_refused(bad: object) -> None:
     frame: dict[str, Any] = REPLIES.encode(status(submitted_at=NOW))
     frame["submitted_at"] = bad
     with pytest.raises(RemoteProtocolError, match="submitted_at"):
+        REPLIES.decode(frame)
+
+
+@pytest.mark.parametrize("bad", [-1, 1 << 41, True, 1.5, "12MiB"])
+def test_bytes_fetched_that_are_no_count_are_refused(bad: object) -> None:
+    from catalog.owner_protocol import ReplicaView
+
+    view = ReplicaView(index=0, state="leased", worker=None, attempts=1, fetched=5 << 20)
+    sent = dataclasses.replace(status(), replicas=(view,))
+    assert REPLIES.decode(REPLIES.encode(sent)) == sent
+    frame: dict[str, Any] = REPLIES.encode(sent)
+    frame["replicas"][0]["fetched"] = bad
+    with pytest.raises(RemoteProtocolError, match="fetched"):
         REPLIES.decode(frame)

@@ -261,6 +261,11 @@ BAD_FIELDS: list[tuple[str, str, object]] = [
     ("work_request", "offer", []),
     ("heartbeat", "leases", [["t", 0, 0]]),
     ("heartbeat", "running", [["t", 0, 2]]),  # not among the leases
+    ("heartbeat", "fetched", [1, 2]),  # two counts for one lease
+    ("heartbeat", "fetched", [-1]),
+    ("heartbeat", "fetched", [True]),
+    ("heartbeat", "fetched", [1 << 41]),
+    ("heartbeat", "fetched", 5),
     ("lost", "leases", [["t", 99, 1]]),
     ("lost", "leases", [["bad id!", 0, 1]]),
     ("lost", "leases", [["t", 0]]),

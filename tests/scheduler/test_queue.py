@@ -122,6 +122,17 @@ async def test_expiry_requeues_then_fails_at_max_attempts(
     assert "gave up after 2 attempts" in status.reason
 
 
+async def test_what_a_worker_fetched_for_a_lease_is_in_the_tasks_status(queue: Queue) -> None:
+    await queue.submit(spec("a"))
+    first = await grant(queue, "w1")
+    assert queue.fetched("a") == {}
+    await queue.heartbeat("w1", Heartbeat(leases=(first.lease,), fetched=(12 << 20,)))
+    assert queue.fetched("a") == {0: 12 << 20}
+    # Another worker's word about a lease it does not hold changes nothing.
+    await queue.heartbeat("w2", Heartbeat(leases=(first.lease,), fetched=(99,)))
+    assert queue.fetched("a") == {0: 12 << 20}
+
+
 async def test_lost_leases_requeue_at_once(queue: Queue) -> None:
     await queue.submit(spec("a"))
     g = await grant(queue, "w1")

@@ -24,6 +24,7 @@ from worker_role.vm.interface import Image, OutputChunk, VmResult
 from worker_role.vm.task import GuestCommand
 
 IMAGE = Image(kernel=Path("/fake/vmlinuz"), initrd=Path("/fake/initrd"), cmdline="console=ttyS0")
+FAKE_IMAGE_BYTES = 64 << 20  # what the fake fetch says the image holds
 
 
 def manifest(
@@ -179,9 +180,13 @@ class FakeLeaseBlobs:
     def images(self) -> frozenset[bytes]:
         return frozenset(self._images)
 
-    async def image(self, grant: LeaseGrant, addrs: list[str]) -> tuple[Image, ImageManifest]:
+    async def image(
+        self, grant: LeaseGrant, addrs: list[str], fetched: Callable[[int], None] = lambda n: None
+    ) -> tuple[Image, ImageManifest]:
         self.grants.append(grant)
-        await trio.sleep(self._fetch_s)
+        for n in range(1, 5):  # the image arrives in four parts over the fetch time
+            await trio.sleep(self._fetch_s / 4)
+            fetched(n * FAKE_IMAGE_BYTES // 4)
         self._images.add(grant.image_id)
         return IMAGE, self.manifest
 

@@ -27,6 +27,7 @@ from node.identity import Identity
 from node.limits import LIMITS
 from node.units import GIB
 from tests.worker.fake_backend import (
+    FAKE_IMAGE_BYTES,
     IMAGE,
     Changes,
     FakeBackend,
@@ -143,6 +144,8 @@ async def test_a_granted_lease_runs_under_the_grant_and_reports_a_signed_result(
     granted, heartbeats = a.times_of(WorkRequest)[0], a.of_type(Heartbeat)
     assert a.times_of(Heartbeat)[:2] == [granted, granted + 4.0] == [granted, vm.started_at]
     assert [h.running for h in heartbeats[:2]] == [(), (key,)]
+    # ... and how much of the image it holds: nothing at the grant, all of it once the VM runs.
+    assert [h.fetched for h in heartbeats[:2]] == [(0,), (FAKE_IMAGE_BYTES,)]
 
     vm.finish(vm_result(exit_code=7, stdout=b"out\n", stderr=b"err\n", out_tar=b"tar"))
     await until(a.changes, lambda: key in a.results and bool(a.logs))
