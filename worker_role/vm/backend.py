@@ -472,7 +472,7 @@ async def open_backend(
                 nursery.cancel_scope.cancel()
 
 
-async def _never_came_to_life(vm: RunningVm) -> bool:
+def _never_came_to_life(vm: RunningVm) -> bool:
     alive = vm.task_started or vm.guest_done.is_set()
     return vm.warm and not alive and trio.current_time() - vm.started_at > WARM_GRACE_S
 
