@@ -5,6 +5,7 @@ No worker runs: no VM is needed."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import time
@@ -99,7 +100,8 @@ async def test_json_everywhere_and_results_without_o(tmp_path: Path) -> None:
         code, out, err = await vmlend(owner, "status", "--json", short)
         assert code == 0, err
         assert json.loads(out)["task_id"] == task_id
-        assert json.loads(out)["submitted_at"] <= time.time()
+        submitted = dt.datetime.strptime(json.loads(out)["submitted_at"], "%Y-%m-%dT%H:%M:%SZ")
+        assert submitted.replace(tzinfo=dt.UTC).timestamp() <= time.time()
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         code, out, err = await vmlend(owner, "results", short, cwd=elsewhere)
