@@ -177,25 +177,21 @@ async def test_a_restore_that_fails_falls_back_to_a_cold_boot(
     async with open_backend(
         boot_allowance_s=BOOT_ALLOWANCE_S, warm_dir=tmp_path / "warm", warm_budget_mib=1024
     ) as warm:
-        await fail_a_restore(warm, image, caplog)
-
-
-async def fail_a_restore(warm: VmBackend, image: Image, caplog: pytest.LogCaptureFixture) -> None:
-    await snapshot_ready(warm, image)
-    (slot,) = pool_of(warm).slots
-    # Damage QEMU's part of the file and record it as verified: only the restore can tell.
-    with slot.save_path.open("r+b") as f:
-        f.seek(64 * 1024)
-        f.write(b"\x00garbage" * 8192)
-    _record(slot)
-    result = await warm.run(image, GuestCommand(argv=("echo", "booted"), timeout_s=30), SHAPE)
-    assert not result.warm
-    assert result.stdout == b"booted\n"
-    assert result.exit_code == 0
-    assert "warm start of" in caplog.text
-    assert "booting it" in caplog.text
-    assert not slot.save_path.exists()
-    assert pool_of(warm).slots == []
+        await snapshot_ready(warm, image)
+        (slot,) = pool_of(warm).slots
+        # Damage QEMU's part of the file and record it as verified: only the restore can tell.
+        with slot.save_path.open("r+b") as f:
+            f.seek(64 * 1024)
+            f.write(b"\x00garbage" * 8192)
+        _record(slot)
+        result = await warm.run(image, GuestCommand(argv=("echo", "booted"), timeout_s=30), SHAPE)
+        assert not result.warm
+        assert result.stdout == b"booted\n"
+        assert result.exit_code == 0
+        assert "warm start of" in caplog.text
+        assert "booting it" in caplog.text
+        assert not slot.save_path.exists()
+        assert pool_of(warm).slots == []
 
 
 async def test_a_snapshot_whose_guests_never_start_their_task_is_dropped(

@@ -16,6 +16,7 @@ import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import trio
@@ -238,21 +239,10 @@ class VmBackend:
                                 await self._destroy(name)
                             created = False
                     if not vm.warm:  # (a restored one runs its task, its memory limit set)
-                        # AUTODESTROY: libvirtd destroys the domain if our connection dies.
-                        dom = await self.conn.call(
-                            f"create {name}",
-                            self.conn.raw.createXML,
-                            build_domain_xml(plan),
-                            libvirt.VIR_DOMAIN_START_AUTODESTROY,
-                        )
+                        dom = await self.create(plan)
                         created = True
-                    if enforce and not vm.warm:
-                        await self.conn.call(
-                            f"memory hard limit of {name}",
-                            dom.setMemoryParameters,
-                            {"hard_limit": hard_limit_kib(caps, plan.accel)},
-                            libvirt.VIR_DOMAIN_AFFECT_LIVE,
-                        )
+                        if enforce:
+                            await self.limit_memory(dom, plan)
                     nursery.start_soon(self._pumps, vm, output)
                     yield vm
                 finally:
@@ -266,6 +256,24 @@ class VmBackend:
             with trio.CancelScope(shield=True):
                 self.conn.unwatch(name)
                 await trio.to_thread.run_sync(shutil.rmtree, vm_dir, True)
+
+    async def create(self, plan: DomainPlan) -> Any:
+        """Create and start ``plan``'s domain; libvirtd destroys it if our connection dies."""
+        return await self.conn.call(
+            f"create {plan.name}",
+            self.conn.raw.createXML,
+            build_domain_xml(plan),
+            libvirt.VIR_DOMAIN_START_AUTODESTROY,
+        )
+
+    async def limit_memory(self, dom: Any, plan: DomainPlan) -> None:
+        """Hold a running domain to its caps' host memory limit (set live: see domain_xml)."""
+        await self.conn.call(
+            f"memory hard limit of {plan.name}",
+            dom.setMemoryParameters,
+            {"hard_limit": hard_limit_kib(plan.caps, plan.accel)},
+            libvirt.VIR_DOMAIN_AFFECT_LIVE,
+        )
 
     def plan_for(
         self,

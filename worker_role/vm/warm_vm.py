@@ -25,7 +25,6 @@ from worker_role.vm.domain_xml import (
     DomainPlan,
     WarmDevices,
     build_domain_xml,
-    hard_limit_kib,
 )
 from worker_role.vm.interface import Image
 from worker_role.vm.paths import make_vm_dir
@@ -87,12 +86,7 @@ async def build_snapshot(backend: VmBackend, slot: Slot, image: Image, caps: Cap
         assert backend.warm is not None
         cold = backend.plan_for(name, dataclasses.replace(image, layers=()), shape, vm_dir)
         plan = await trio.to_thread.run_sync(warm_plan, cold, slot, backend.warm.spare_dir)
-        dom = await backend.conn.call(
-            f"create {name}",
-            backend.conn.raw.createXML,
-            build_domain_xml(plan),
-            libvirt.VIR_DOMAIN_START_AUTODESTROY,
-        )
+        dom = await backend.create(plan)
         created = True
         with trio.move_on_after(backend.boot_allowance_s) as waited:
             await console_says(vm_dir / "console.log", WARM_WAITING, _POLL_S)
@@ -122,12 +116,7 @@ async def restore(backend: VmBackend, slot: Slot, plan: DomainPlan) -> Any:
         libvirt.VIR_DOMAIN_SAVE_PAUSED,
     )
     dom = await backend.conn.call(f"look up {name}", backend.conn.raw.lookupByName, name)
-    await backend.conn.call(
-        f"memory hard limit of {name}",
-        dom.setMemoryParameters,
-        {"hard_limit": hard_limit_kib(plan.caps, plan.accel)},
-        libvirt.VIR_DOMAIN_AFFECT_LIVE,
-    )
+    await backend.limit_memory(dom, plan)
     await backend.conn.call(f"resume {name}", dom.resume)
     return dom
 
