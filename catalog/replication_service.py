@@ -2,15 +2,17 @@
 
 Serves ``/vmlend/catalog-sync/1.0.0`` from the library, and every ``interval`` seconds pulls
 from every other scheduler it knows: those advertised in the DHT (``scheduler`` records,
-refreshed in the background every ``discover_interval``) plus live peers (a peer that does not
-speak the protocol, e.g. a worker, is not asked again for ``not_serving_retry`` seconds).
+refreshed in the background every ``discover_interval``) plus live peers. A peer that does not
+speak the protocol is a worker, or a scheduler still starting: it is asked again after a
+back-off that doubles from ``interval`` up to ``not_serving_retry``.
 
 A peer caught sending a forged, tampered or malformed entry is logged once as misbehaving
 (logger ``vmlend.catalog.replication``) and neither pulled from nor served for ``ban_duration``.
 Every pull runs under ``request_timeout`` in its own task, so a peer that is down, frozen or
 slow delays only its own pull; a peer whose pulls fail is retried after a back-off that doubles
 from ``interval`` up to ``max_backoff``, or at once when it shows up live again (a healed
-partition or a restart: its heartbeat is heard), so catalogs agree again within a round trip.
+partition or a restart: its heartbeat is heard, whatever it answered before), so catalogs
+agree again within a round trip.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class ReplicationService:
         self._pulling: set[str] = set()
         self._progress = trio.Event()
         self._stats = {"rounds": 0, "pulls": 0, "pull_failures": 0, "received": 0}
-        self._stats.update({"refused": 0, "misbehaving": 0, "served": 0})
+        self._stats.update({"refused": 0, "misbehaving": 0, "served": 0, "not_serving": 0})
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -192,15 +194,15 @@ class ReplicationService:
             now_live = frozenset(p.peer_id for p in peers)
             arrived, live = now_live - live, now_live
             for peer_id in arrived:
-                if self._failures.pop(peer_id, None) is not None:
-                    self._retry_at.pop(peer_id, None)
+                self._failures.pop(peer_id, None)
+                self._retry_at.pop(peer_id, None)
             if arrived:
                 self._start_pulls(nursery, only=arrived)
 
     # ---- pulling -----------------------------------------------------------------------------
 
     async def _pull_guarded(self, peer_id: str) -> None:
-        ok = False
+        ok = not_serving = False
         try:
             async with self._limiter:
                 with trio.move_on_after(self.request_timeout):
@@ -209,27 +211,28 @@ class ReplicationService:
                 if not ok:
                     log.debug("pull from %s: no end within %gs", peer_id, self.request_timeout)
         except UnsupportedProtocolError:
-            ok = True  # not a scheduler (e.g. a worker): ask again much later
-            self._retry_at[peer_id] = trio.current_time() + self.not_serving_retry
+            # A worker, or a scheduler whose services are still starting: ask again soon, then
+            # ever more rarely.
+            not_serving = True
         except MisbehavingPeerError as e:
             self._misbehaved(peer_id, e)
         except (NetworkError, RemoteProtocolError) as e:
             log.debug("pull from %s failed: %s", peer_id, e)
         finally:
             self._pulling.discard(peer_id)
-            self._after_pull(peer_id, ok)
+            if ok:
+                self._failures.pop(peer_id, None)
+            else:
+                self._stats["not_serving" if not_serving else "pull_failures"] += 1
+                self._back_off(peer_id, self.not_serving_retry if not_serving else self.max_backoff)
             self._woke()
 
-    def _after_pull(self, peer_id: str, ok: bool) -> None:
-        if ok:
-            self._failures.pop(peer_id, None)
-            return
-        # Down or frozen: back off (interval, doubling, at most max_backoff) so a scheduler
-        # whose DHT record outlives it is not dialled every round; short enough that once it
-        # is back its new entries still reach us quickly.
-        self._stats["pull_failures"] += 1
+    def _back_off(self, peer_id: str, longest: float) -> None:
+        # Down, frozen or not serving: wait interval, doubling up to ``longest``, so a
+        # scheduler whose DHT record outlives it is not dialled every round; short enough
+        # that once it is back its new entries still reach us quickly.
         failures = self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
-        delay = min(self.interval * 2 ** min(failures - 1, 16), self.max_backoff)
+        delay = min(self.interval * 2 ** min(failures - 1, 16), longest)
         self._retry_at[peer_id] = trio.current_time() + delay
 
     async def pull_from(self, peer_id: str) -> int:

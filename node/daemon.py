@@ -99,7 +99,7 @@ class Node:
         ):
             self.db = db
             async with trio.open_nursery() as nursery:
-                addrs: list[str] = await nursery.start(self.p2p.run)
+                addrs: list[str] = await nursery.start(functools.partial(self.p2p.run, join=False))
                 blobs = BlobService(
                     self.p2p,
                     BlobStore(chunks),
@@ -140,7 +140,6 @@ class Node:
                     )  # fmt: skip
                     await nursery.start(scheduler.run)
                     self.scheduler = scheduler
-                    await nursery.start(self._advertise_scheduler)
                     await nursery.start(ReplicationService(self.p2p, catalog.library).run)
                 if self.config.has_role("worker"):
                     lease_blobs = NodeLeaseBlobs(blobs, self.config.worker.vm_dir / "images")
@@ -155,6 +154,9 @@ class Node:
                     )  # fmt: skip
                     self.agent.trusted_schedulers = self.choice.trusted
                     await nursery.start(self.agent.run)
+                self.p2p.join()  # every protocol is served now
+                if self.scheduler is not None:
+                    await nursery.start(self._advertise_scheduler)
                 task_status.started(addrs)
 
     async def _advertise_scheduler(
@@ -177,7 +179,12 @@ class Node:
             if not started:
                 task_status.started()
                 started = True
-            await trio.sleep(scheduler_record.TTL / 3)
+            alone = not self.p2p.peers()
+            with trio.move_on_after(scheduler_record.TTL / 3):
+                if alone:  # the record reached no one: put it again once someone can hold it
+                    await self.p2p.wait_peer_count(1)
+                else:
+                    await trio.sleep_forever()
 
     def rpc_methods(self) -> Mapping[str, Callable[[list[Any]], Awaitable[Any]]]:
         return {

@@ -164,6 +164,7 @@ class P2PNode:
         self._liveness = Liveness(peer_timeout=peer_timeout)
         self._ping_timeout = peer_timeout
         self._membership_changed = trio.Event()
+        self._may_join = trio.Event()
         self._known: set[str] = set()
         self._dead: set[str] = set()
         self._dht.skip = lambda peer: str(peer) in self._dead
@@ -198,9 +199,18 @@ class P2PNode:
         return [str(a) for a in self._host.get_addrs()]
 
     async def run(
-        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        join: bool = True,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen, join the DHT, keep heartbeats going; ``started`` with :attr:`addrs`."""
+        """Listen, join the DHT, keep heartbeats going; ``started`` with :attr:`addrs`.
+
+        With ``join=False`` the bootstrap peers are dialled only once :meth:`join` is called: a
+        node whose services still register their protocols would otherwise tell its first peers
+        it speaks none of them."""
+        if join:
+            self.join()
         if connect_delay() != 0:
             raise RuntimeError("py-libp2p's connect delay came back; disable_connect_delay()")
         if not negative_dial_cache_disabled(self._host):
@@ -217,7 +227,12 @@ class P2PNode:
             task_status.started(self.addrs)
             await trio.sleep_forever()
 
+    def join(self) -> None:
+        """Let :meth:`run` dial the bootstrap peers and look for others (idempotent)."""
+        self._may_join.set()
+
     async def _join(self) -> None:
+        await self._may_join.wait()
         for info in self._bootstrap:
             if info.peer_id == self._host.get_id():
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 
 import pytest
@@ -48,6 +49,24 @@ async def test_the_identity_key_is_the_host_key_and_the_peer_id_survives_a_resta
         addrs = await nursery.start(first.run)
         assert addrs
         assert all(a.endswith(f"/p2p/{first.peer_id}") for a in addrs)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_node_told_not_to_join_dials_its_bootstrap_peers_only_once_told_to() -> None:
+    # The daemon registers every protocol first: a peer's first contact must never see a node
+    # that speaks none of them yet.
+    async with running_nodes(1) as (a,), trio.open_nursery() as nursery:
+        b = P2PNode(Identity.generate(), listen=[LOOPBACK], bootstrap=a.addrs[:1], **FAST)
+        await nursery.start(functools.partial(b.run, join=False))
+        with trio.move_on_after(1.0):  # five heartbeats: a joining node is live in one
+            await a.wait_peer_count(1)
+        assert a.peers() == []
+        assert not b.is_connected(a.peer_id)
+        b.set_handler(ECHO, echo)
+        b.join()
+        with trio.fail_after(5):
+            await a.wait_peer_count(1)
+        assert await a.request(b.peer_id, ECHO, {"type": "q"}, timeout=5) == {"type": "q"}
         nursery.cancel_scope.cancel()
 
 

@@ -283,6 +283,58 @@ async def test_a_peer_that_joins_or_returns_is_pulled_from_at_once_not_at_the_ne
         n.cancel_scope.cancel()
 
 
+async def test_a_scheduler_still_starting_is_asked_again_soon_not_written_off(
+    tmp_path: Path,
+) -> None:
+    # c's host answers before its replication service serves (a scheduler starting up): a
+    # must ask again after its short back-off, not after not_serving_retry (a minute).
+    a = Scheduler(tmp_path / "a")
+    starting = os_entry("starting")
+    c_dir = tmp_path / "c"
+    await _insert_offline(Scheduler(c_dir), starting)
+    async with trio.open_nursery() as n:
+        await n.start(a.run, [])
+        assert a.p2p is not None
+        c = P2PNode(Identity.generate(), listen=[LOOPBACK], bootstrap=a.p2p.addrs[:1], **FAST)
+        async with Library.open(c_dir, TRUSTED) as c_lib:
+            await n.start(c.run)
+            with trio.fail_after(10):
+                await a.svc.wait_until(lambda svc: svc.statistics()["not_serving"] >= 1)
+            assert a.svc.not_serving_retry >= 60
+            await n.start(ReplicationService(c, c_lib, interval=0.3).run)
+            with trio.fail_after(5):
+                await a.lib.wait_for(starting.id)
+            n.cancel_scope.cancel()
+
+
+async def test_a_peer_that_did_not_serve_is_pulled_from_at_once_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    # Rounds and back-offs of 10 minutes: only c's return explains a pull within seconds.
+    a = Scheduler(tmp_path / "a", interval=600.0, max_backoff=600.0)
+    c_identity = Identity.generate()
+    returning = os_entry("returning")
+    async with trio.open_nursery() as n:
+        await n.start(a.run, [])
+        assert a.p2p is not None
+        bootstrap = a.p2p.addrs[:1]
+        c = P2PNode(c_identity, listen=[LOOPBACK], bootstrap=bootstrap, **FAST)
+        async with trio.open_nursery() as worker:  # c serves no catalog: a worker, say
+            await worker.start(c.run)
+            with trio.fail_after(10):
+                await a.svc.wait_until(lambda svc: svc.statistics()["not_serving"] >= 1)
+            worker.cancel_scope.cancel()
+        with trio.fail_after(10):
+            await a.p2p.wait_peers(lambda peers: not peers)  # c counted gone
+        assert c.peer_id not in a.svc.candidates()
+        back = Scheduler(tmp_path / "c", identity=c_identity, interval=600.0, max_backoff=600.0)
+        await _insert_offline(back, returning)
+        await n.start(back.run, bootstrap)  # the same peer, now a scheduler
+        with trio.fail_after(5):
+            await a.lib.wait_for(returning.id)
+        n.cancel_scope.cancel()
+
+
 async def _insert_offline(sched: Scheduler, entry: Entry) -> None:
     """Put ``entry`` in ``sched``'s library on disk while the scheduler is not running."""
     sched.data_dir.mkdir(parents=True, exist_ok=True)
