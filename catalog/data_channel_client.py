@@ -34,6 +34,10 @@ from catalog.data_channel import (
 from catalog.errors import SpoolWriteError
 from node.errors import RemoteProtocolError, StreamBrokenError
 
+# A provider's channel that does not answer a connection within this is taken as unreachable
+# from here (behind a NAT, a firewall dropping it): a SYN to nowhere would otherwise be retried
+# for two minutes. A reachable one answers within a round trip.
+CONNECT_TIMEOUT = 3.0
 HAND_OVER_BATCH = 4  # answers a reader thread may hold before waking trio (see _hand_over)
 
 
@@ -105,9 +109,14 @@ class DataConnection:
         the reader thread and given as a :class:`SpooledChunk` with the digest of its bytes
         (right or wrong: whoever takes it adopts or deletes the file)."""
         try:
-            stream = await trio.open_tcp_stream(host, port)
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, port)
         except OSError as e:
             raise StreamBrokenError(f"data channel to {peer} at {host}:{port}: {e}") from e
+        except trio.TooSlowError:
+            raise StreamBrokenError(
+                f"data channel to {peer} at {host}:{port}: no answer within {CONNECT_TIMEOUT:g}s"
+            ) from None
         stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, SOCKET_BUFFER)
         sock = blocking_socket(stream)
         conn = cls(sock, peer, key, spool)

@@ -172,7 +172,7 @@ class P2PLinks:
         if peer not in self._conns:  # once per peer: the lock is not taken after that
             async with self._locks.setdefault(peer, trio.Lock()):
                 if peer not in self._conns:
-                    self._conns[peer] = await self._open_channels(peer)
+                    self._conns[peer] = await self._open_channels_or_none(peer)
         conns = self._conns[peer]
         if not conns:
             return None
@@ -187,6 +187,15 @@ class P2PLinks:
             conns.remove(conn)
             log.info("a data connection to %s broke; %d left", peer, len(conns))
         return conn not in conns
+
+    async def _open_channels_or_none(self, peer: str) -> list[DataConnection]:
+        try:
+            return await self._open_channels(peer)
+        except StreamBrokenError as e:
+            # Its channel cannot be reached from here (it is behind a NAT, or a firewall drops
+            # it), but we hold a libp2p connection to it: chunks go there.
+            log.info("data channel to %s unreachable (%s); fetching on libp2p", peer, e)
+            return []
 
     async def _open_channels(self, peer: str) -> list[DataConnection]:
         """``connections`` connections to ``peer``'s data channel, or none if it has no

@@ -395,3 +395,24 @@ async def test_strangers_holding_every_tokenless_slot_do_not_stop_a_fetch(
     assert result.bytes_fetched == len(data)
     assert await exported(me, blob_id, tmp_path) == data
     assert server.refused >= 1  # ours was refused on the data channel
+
+
+async def test_a_provider_whose_data_channel_cannot_be_reached_serves_on_libp2p(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """A provider behind a NAT names a channel address nobody outside can reach, but we hold a
+    libp2p connection to it (it dialled us): chunks go there (the provider was dropped before)."""
+    source = await spawn()
+    me = await spawn()
+    data = random_bytes(2 * MIB, 29)
+    blob_id = await add([source], data, tmp_path)
+    server = source.service.data
+    assert server is not None
+    with trio.socket.socket() as dead:  # a port nothing listens on: its tickets name it
+        await dead.bind(("127.0.0.1", 0))
+        server.port = dead.getsockname()[1]
+    with trio.fail_after(20):
+        result = await me.service.fetch(blob_id, sources=[source.addr])
+    assert result.bytes_fetched == len(data)
+    assert await exported(me, blob_id, tmp_path) == data
+    assert server.served == 0  # nothing came over the data channel

@@ -159,3 +159,28 @@ async def test_a_missing_or_invalid_task_file_is_one_line_naming_the_file_and_ex
         assert err.startswith("vmlend submit: "), err
         assert message in err, err
         assert err.count("\n") == 1, err
+
+
+async def test_a_mistyped_command_or_option_gets_the_closest_one_through_the_binary() -> None:
+    cases = {
+        ("stauts",): "did you mean 'status'?",
+        ("node", "strat"): "did you mean 'start'?",
+        ("status", "--jsn"): "did you mean '--json'?",
+        ("catalog", "ls", "--knd", "os"): "did you mean '--kind'?",
+    }
+    for argv, hint in cases.items():
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [*vmlend_command(), *argv], capture_stdout=True, capture_stderr=True, check=False
+            )
+        err = done.stderr.decode()
+        assert (done.returncode, done.stdout) == (2, b""), err
+        *_usage, last = err.rstrip("\n").split("\n")
+        assert last.endswith(hint), err
+        assert "Traceback" not in err, err
+    done = await trio.run_process(
+        [*vmlend_command(), "zzzzzz"], capture_stdout=True, capture_stderr=True, check=False
+    )
+    assert done.returncode == 2
+    assert b"invalid choice: 'zzzzzz'" in done.stderr
+    assert b"did you mean" not in done.stderr  # nothing close: no guess
