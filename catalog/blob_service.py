@@ -325,11 +325,21 @@ class BlobService:
             else:
                 self.access.make_private(blob_id)
 
-        hints, held, unreachable = await self._find_peers(blob_id, sources, ask_dht)
-        peers = list(dict.fromkeys([*hints, *held]))
-        if not peers:
-            raise NoProviderError(blob_id.hex(), ["<manifest>"], unreachable)
         async with one_error(), trio.open_nursery() as nursery:
+            lookup = _ProviderLookup()
+            if ask_dht:
+                nursery.start_soon(lookup.run, self._confirmed_providers, blob_id)
+            else:
+                lookup.done.set()
+            hints, unreachable = await self._reach(blob_id, sources)
+            if not hints:  # nobody to start with: the DHT's providers are all there is
+                await lookup.done.wait()
+            held = lookup.found
+            if lookup.error is not None:
+                unreachable["<dht>"] = lookup.error
+            peers = list(dict.fromkeys([*hints, *held]))
+            if not peers:
+                raise NoProviderError(blob_id.hex(), ["<manifest>"], unreachable)
             links = P2PLinks(
                 self.p2p,
                 nursery,
@@ -350,6 +360,7 @@ class BlobService:
                     on_event=on_event,
                     held=held,
                     max_size=max_size,
+                    late=None if lookup.done.is_set() else lookup.wait,
                 )
             finally:
                 await links.aclose()
@@ -367,15 +378,13 @@ class BlobService:
             return False
         return True
 
-    async def _find_peers(
-        self, blob_id: BlobId, sources: Sequence[str], ask_dht: bool
-    ) -> tuple[dict[str, list[str]], dict[str, Held], dict[str, str]]:
-        """The peers to fetch from, all looked for at once: those at ``sources`` that a
-        connection reaches (with the addresses that reached them, in the order given), the
-        DHT's confirmed providers (with what each holds), and why each other address failed."""
+    async def _reach(
+        self, blob_id: BlobId, sources: Sequence[str]
+    ) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """The peers at ``sources`` that a connection reaches (with the addresses that reached
+        them, in the order given), all dialled at once, and why each other address failed."""
         reached: dict[str, str] = {}
         unreachable: dict[str, str] = {}
-        held: dict[str, Held] = {}
 
         async def connect(addr: str) -> None:
             try:
@@ -384,23 +393,14 @@ class BlobService:
                 log.info("source %s of blob %s: %s", addr, blob_id.hex(), e)
                 unreachable[addr] = str(e)[:120]
 
-        async def ask() -> None:
-            try:
-                held.update(await self._confirmed_providers(blob_id))
-            except NetworkError as e:
-                log.info("providers of blob %s: %s", blob_id.hex(), e)
-                unreachable["<dht>"] = str(e)[:120]
-
         async with trio.open_nursery() as nursery:
             for addr in dict.fromkeys(sources):
                 nursery.start_soon(connect, addr)
-            if ask_dht:
-                nursery.start_soon(ask)
         hints: dict[str, list[str]] = {}
         for addr in dict.fromkeys(sources):
             if addr in reached:
                 hints.setdefault(reached[addr], []).append(addr)
-        return hints, held, unreachable
+        return hints, unreachable
 
     # ---- local RPC -------------------------------------------------------------------------
 
@@ -553,3 +553,28 @@ def data_host_for(listen: Sequence[str]) -> str | None:
         if (ip := ip_of(addr)) is not None:
             return str(ip)
     return None
+
+
+class _ProviderLookup:
+    """A DHT lookup of a blob's providers that a fetch starts beside dialling its sources and
+    waits for only when no source answered; otherwise its providers join the running fetch."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, Held] = {}
+        self.error: str | None = None
+        self.done = trio.Event()
+
+    async def run(
+        self, confirmed: Callable[[BlobId], Awaitable[dict[str, Held]]], blob_id: BlobId
+    ) -> None:
+        try:
+            self.found = await confirmed(blob_id)
+        except NetworkError as e:
+            log.info("providers of blob %s: %s", blob_id.hex(), e)
+            self.error = str(e)[:120]
+        finally:
+            self.done.set()
+
+    async def wait(self) -> dict[str, Held]:
+        await self.done.wait()
+        return self.found

@@ -5,6 +5,8 @@ direct data channel; tests may fake it). This module owns concurrency, deadlines
 
 * the manifest comes from any provider (it verifies itself against the blob ID);
 * every provider is asked which chunks it holds (one deadline each; silent ones are left out);
+  providers found while the fetch runs (``late``: a DHT lookup) join it as they are known, so a
+  fetch from a known source never waits for the lookup;
 * chunks are requested as the plan says, each under ``request_timeout``; an accepted chunk (the
   plan verified its hash) goes to a writer task that stores chunks in batches (fewer fsync
   rounds); wrong bytes are dropped by the plan and their sender excluded;
@@ -17,7 +19,7 @@ direct data channel; tests may fake it). This module owns concurrency, deadlines
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -122,15 +124,30 @@ async def fetch_blob(
     manifest: Manifest | None = None,
     held: Mapping[str, Held] | None = None,
     max_size: int | None = None,
+    late: Callable[[], Awaitable[Mapping[str, Held]]] | None = None,
 ) -> TransferResult:
     """Fetch what is missing of ``blob_id`` from ``peers``; raise a TransferError if it cannot
     complete (NoProviderError names the peers dropped and why). ``held``: what some peers have
-    just said they hold (they are not asked again if it fits the manifest). A blob whose
+    just said they hold (they are not asked again if it fits the manifest). ``late``: more
+    providers, with what each holds, once known; they join a fetch still running. A blob whose
     manifest declares more than ``max_size`` bytes raises BlobTooLargeError before any chunk
     is asked for."""
     started = trio.current_time()
     if manifest is None:
-        manifest = await get_manifest(links, blob_id, peers, request_timeout=request_timeout)
+        try:
+            manifest = await get_manifest(links, blob_id, peers, request_timeout=request_timeout)
+        except NoProviderError:
+            if late is None:
+                raise
+            # None of those we started with gave it (a dead source, say): the lookup's may.
+            found = {peer: h for peer, h in (await late()).items() if peer not in peers}
+            late = None
+            if not found:
+                raise
+            peers, held = [*peers, *found], {**(held or {}), **found}
+            manifest = await get_manifest(
+                links, blob_id, list(found), request_timeout=request_timeout
+            )
     if max_size is not None and manifest.total_size > max_size:
         raise BlobTooLargeError(blob_id.hex(), manifest.total_size, max_size)
     present = await blobs.begin_fetch(manifest)
@@ -139,8 +156,7 @@ async def fetch_blob(
     )
     bytes_present = sum(ref.size for ref in manifest.chunks if ref.chunk_id in present)
 
-    async def ask_have(peer: str) -> None:
-        known = (held or {}).get(peer)
+    async def ask_have(peer: str, known: Held | None) -> None:
         if known is not None and known.chunk_count == len(manifest.chunks):
             plan.add_provider(peer, known.positions)
             return
@@ -158,9 +174,20 @@ async def fetch_blob(
     if plan.state is State.RUNNING:
         async with trio.open_nursery() as nursery:
             for peer in dict.fromkeys(peers):
-                nursery.start_soon(ask_have, peer)
+                nursery.start_soon(ask_have, peer, (held or {}).get(peer))
         setup_seconds = trio.current_time() - started
-        store_seconds = await _run_plan(plan, blobs, links, request_timeout, on_event)
+
+        async def join_late() -> None:
+            assert late is not None
+            found = await late()
+            async with trio.open_nursery() as nursery:
+                for peer, known in found.items():
+                    if peer not in peers:
+                        nursery.start_soon(ask_have, peer, known)
+
+        store_seconds = await _run_plan(
+            plan, blobs, links, request_timeout, on_event, None if late is None else join_late
+        )
     for event in plan.take_events():
         on_event(event)
     if plan.error is not None:
@@ -184,9 +211,11 @@ async def _run_plan(
     links: Links,
     request_timeout: float,
     on_event: Callable[[Event], None],
+    join_late: Callable[[], Awaitable[None]] | None = None,
 ) -> float:
     """Run the plan to its end; return the seconds during which some chunk write was in
-    progress (wall time, however many batches overlapped)."""
+    progress (wall time, however many batches overlapped). ``join_late`` adds providers to the
+    plan while it runs (cancelled if the plan ends first)."""
     store_seconds = 0.0
     busy_since = 0.0
     active = 0  # batches being written now
@@ -273,6 +302,13 @@ async def _run_plan(
                 del scopes[key]
                 pump()
 
+            async def then_pump() -> None:
+                assert join_late is not None
+                await join_late()
+                pump()
+
+            if join_late is not None:
+                nursery.start_soon(then_pump)
             pump()
     return store_seconds
 

@@ -15,7 +15,7 @@ import trio.testing
 from catalog.blob import BlobId, BlobStore, ChunkRef, Manifest
 from catalog.blob_fetch import ensure_blob, is_complete, read_small
 from catalog.blob_service import BlobService
-from catalog.chunking import hash_chunk
+from catalog.chunking import ChunkId, hash_chunk
 from catalog.errors import (
     BlobTooLargeError,
     ChunkCorruptError,
@@ -25,7 +25,7 @@ from catalog.errors import (
     NoProviderError,
     UnknownBlobError,
 )
-from catalog.transfer import TransferResult
+from catalog.transfer import Held, TransferResult
 from node.dht_records import peer_id_of
 from node.errors import DeadlineError
 from node.identity import Identity
@@ -251,3 +251,66 @@ async def test_a_blob_declaring_more_than_allowed_is_refused_before_any_chunk(
         )
     with pytest.raises(UnknownBlobError):  # nothing of it was recorded, let alone fetched
         await me.blobs.missing(huge.blob_id)
+
+
+class AskedHoldingStore(HoldingStore):
+    """A :class:`HoldingStore` that says when it is first asked for a chunk."""
+
+    asked: trio.Event
+
+    async def get(self, chunk_id: ChunkId, *, verify: bool | None = None) -> bytes:
+        self.asked.set()
+        return await super().get(chunk_id, verify=verify)
+
+    def open_file_sync(self, chunk_id: ChunkId) -> tuple[int, int]:
+        trio.from_thread.run_sync(self.asked.set)
+        return super().open_file_sync(chunk_id)
+
+
+async def test_a_known_source_is_fetched_from_without_waiting_for_the_dht(
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a NAT every DHT lookup ran into its 10 s deadline, and each blob of a lease's
+    image waited for it although the scheduler named in the lease held them all."""
+    source = await spawn()
+    me = await spawn()
+    data = random_bytes(MIB, 30)
+    blob_id = await add([source], data, tmp_path)
+    asked = trio.Event()
+
+    async def never_answers(blob_id: BlobId) -> dict[str, Held]:
+        asked.set()
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(me.service, "_confirmed_providers", never_answers)
+    with trio.fail_after(5):
+        result = await ensure_blob(me.service, blob_id, sources=[source.addr], timeout=30)
+    assert asked.is_set()
+    assert result.bytes_fetched == len(data)
+    assert await exported(me, blob_id, tmp_path) == data
+
+
+async def test_a_provider_the_dht_names_later_joins_a_fetch_already_running(
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held_back = await spawn(store_cls=AskedHoldingStore)
+    store = held_back.blobs.chunks
+    assert isinstance(store, AskedHoldingStore)
+    store.released, store.asked = trio.Event(), trio.Event()
+    other = await spawn()
+    me = await spawn(bootstrap=(other.addr,))
+    await me.service.p2p.wait_peer_count(1)
+    data = random_bytes(MIB, 31)
+    blob_id = await add([held_back, other], data, tmp_path)
+    lookup = me.service._confirmed_providers
+
+    async def once_the_fetch_runs(blob_id: BlobId) -> dict[str, Held]:
+        await store.asked.wait()  # the known source has been asked for a chunk
+        return await lookup(blob_id)
+
+    monkeypatch.setattr(me.service, "_confirmed_providers", once_the_fetch_runs)
+    with trio.fail_after(20):
+        result = await ensure_blob(me.service, blob_id, sources=[held_back.addr], timeout=30)
+    assert result.bytes_fetched == len(data)
+    assert not store.released.is_set()  # every chunk came from the provider that joined
+    assert await exported(me, blob_id, tmp_path) == data
