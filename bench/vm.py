@@ -3,7 +3,9 @@
 - boot_to_result: a trivial command (``true``) through the backend vs plain ``qemu-system-x86_64``
   with the same kernel, initramfs, guest init, disks and accelerator, in the same run (median of N
   and the ratio). The backend's time includes preparing the disks, libvirt and the stop event.
-- idle_vm_memory: host memory of one idle 128 MiB VM (QEMU RSS/PSS) beyond what its guest uses.
+- idle_vm_memory: host memory of one idle 128 MiB VM (QEMU RSS/PSS) beyond what its guest uses,
+  booted; idle_warm_vm_memory: the same of one restored from a warm snapshot (issue 16's goal,
+  at most 40 MiB of private memory beyond guest RAM, is printed beside them).
 - concurrent_vms: how many 128 MiB VMs boot and stay responsive at once here (measured up to
   --max-vms), and the memory- and CPU-bound estimates beyond that.
 
@@ -138,10 +140,12 @@ def private_beyond_guest_ram(pid: int, guest_mib: int) -> int:
     return (sum(p for _, p in mappings) - guest) * 1024
 
 
-async def idle_memory(backend: VmBackend) -> dict[str, Any]:
+async def idle_memory(backend: VmBackend, *, warm: bool = False) -> dict[str, Any]:
     send, receive = trio.open_memory_channel[OutputChunk](16)
     task = GuestCommand(argv=IDLE, timeout_s=3600)
     async with backend.start(Image.tiny(), task, Caps(memory_mib=GUEST_MIB), output=send) as vm:
+        if vm.warm != warm:
+            raise RuntimeError(f"asked for a {'warm' if warm else 'cold'} VM, got the other")
         with trio.fail_after(120):
             await wait_ready(receive)
         qemu = psutil.Process(vm.qemu_pid())
@@ -152,6 +156,7 @@ async def idle_memory(backend: VmBackend) -> dict[str, Any]:
         private = private_beyond_guest_ram(qemu.pid, GUEST_MIB)
         await vm.destroy()
     return {
+        "started": "restored from a warm snapshot" if warm else "booted",
         "guest_ram_mib": GUEST_MIB,
         "qemu_rss_mib": round(full.rss / 2**20, 1),
         "qemu_pss_mib": round(full.pss / 2**20, 1),
@@ -165,6 +170,25 @@ async def idle_memory(backend: VmBackend) -> dict[str, Any]:
         "private_beyond_guest_ram: the memory only this VM holds, outside its guest RAM (what "
         "another VM costs the host beyond the RAM it was given)",
     }
+
+
+async def warm_idle_memory(warm_dir: Path) -> dict[str, Any]:
+    """:func:`idle_memory` of a VM restored from a snapshot, as a worker with warm starts on
+    runs its tasks: its translation cache holds only what ran since the restore."""
+    async with open_backend(warm_dir=warm_dir, warm_budget_mib=1024) as backend:
+        caps = Caps(memory_mib=GUEST_MIB)
+        first = GuestCommand(argv=("true",), timeout_s=60)
+        async with backend.start(Image.tiny(), first, caps) as vm:  # asks for the shape
+            await vm.wait()
+        pool = backend.warm
+        assert pool is not None
+        key = pool.key_for(Image.tiny(), caps)
+        if isinstance(key, str):
+            raise RuntimeError(f"no warm starts here: {key}")
+        with trio.fail_after(180):
+            while not pool.ready(key):  # noqa: ASYNC110 -- the pool has no event for it
+                await trio.sleep(0.2)
+        return await idle_memory(backend, warm=True)
 
 
 async def concurrent(backend: VmBackend, max_vms: int, idle: dict[str, Any]) -> dict[str, Any]:
@@ -229,6 +253,8 @@ async def main(runs: int, max_vms: int) -> dict[str, Any]:
                 plain_qemu_boot, runs, accel.accel, Path(tmp)
             )
         idle = await idle_memory(backend)
+        with tempfile.TemporaryDirectory(prefix="vmlend-bench-warm-") as tmp:
+            idle_warm = await warm_idle_memory(Path(tmp))
         many = await concurrent(backend, max_vms, idle)
     b, p = statistics.median(backend_times), statistics.median(plain_times)
     return {
@@ -257,6 +283,8 @@ async def main(runs: int, max_vms: int) -> dict[str, Any]:
             "qemu-system-x86_64 from exec to exit, disks prepared beforehand",
         },
         "idle_vm_memory": idle,
+        "idle_warm_vm_memory": idle_warm,
+        "idle_goal_private_beyond_guest_ram_mib": 40,
         "concurrent_vms": many,
     }
 
