@@ -88,6 +88,11 @@ StreamHandler = Callable[[list[Any], SendNotification], Awaitable[Any]]
 PROGRESS_INTERVAL = 0.1
 
 
+# DHT lookups of providers left to finish after their fetch (see ``fetch``); beyond these, a
+# fetch waits for its own lookup or cancels it.
+MAX_BACKGROUND_LOOKUPS = 32
+
+
 def provider_key(blob_id: BlobId) -> bytes:
     """The DHT key under which holders of a blob announce themselves (a sha256 multihash)."""
     return b"\x12\x20" + hashlib.sha256(b"vmlend-blob:" + blob_id).digest()
@@ -128,6 +133,8 @@ class BlobService:
         self._announce_interval = announce_interval
         self.request_timeout = request_timeout
         self._announce_send, self._announce_receive = trio.open_memory_channel[BlobId](1000)
+        self._background: trio.Nursery | None = None  # where lookups run on; set while running
+        self._lookups = trio.Semaphore(MAX_BACKGROUND_LOOKUPS)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ledger = self.blobs.chunks.root / "peer_quota.db"
@@ -140,7 +147,12 @@ class BlobService:
             self.p2p.set_handler(PROTOCOL_ID, self._serve_control, limits=WIRE_LIMITS)
             self.p2p.set_handler(TICKET_PROTOCOL, self._serve_ticket)
             nursery.start_soon(self._announce_loop)
-            task_status.started()
+            self._background = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._background = None
 
     # ---- serving ---------------------------------------------------------------------------
 
@@ -327,10 +339,15 @@ class BlobService:
 
         async with one_error(), trio.open_nursery() as nursery:
             lookup = _ProviderLookup()
-            if ask_dht:
-                nursery.start_soon(lookup.run, self._confirmed_providers, blob_id)
-            else:
+            if not ask_dht:
                 lookup.done.set()
+            elif self._background is not None and _took(self._lookups):
+                # A lookup this fetch stops needing is left to end within its own deadline:
+                # cancelled in the middle of a query, py-libp2p breaks the connection the query
+                # was on, and every other stream on it (a long "task.wait", say).
+                self._background.start_soon(self._look_up, lookup, blob_id)
+            else:
+                nursery.start_soon(lookup.run, self._confirmed_providers, blob_id)
             hints, unreachable = await self._reach(blob_id, sources)
             if not hints:  # nobody to start with: the DHT's providers are all there is
                 await lookup.done.wait()
@@ -370,6 +387,12 @@ class BlobService:
                         await trio.to_thread.run_sync(self.access.save)
         self.announce(blob_id)
         return result
+
+    async def _look_up(self, lookup: _ProviderLookup, blob_id: BlobId) -> None:
+        try:
+            await lookup.run(self._confirmed_providers, blob_id)
+        finally:
+            self._lookups.release()
 
     async def _knows(self, blob_id: BlobId) -> bool:
         try:
@@ -578,3 +601,11 @@ class _ProviderLookup:
     async def wait(self) -> dict[str, Held]:
         await self.done.wait()
         return self.found
+
+
+def _took(semaphore: trio.Semaphore) -> bool:
+    try:
+        semaphore.acquire_nowait()
+    except trio.WouldBlock:
+        return False
+    return True

@@ -314,3 +314,28 @@ async def test_a_provider_the_dht_names_later_joins_a_fetch_already_running(
     assert result.bytes_fetched == len(data)
     assert not store.released.is_set()  # every chunk came from the provider that joined
     assert await exported(me, blob_id, tmp_path) == data
+
+
+async def test_a_fetch_that_ends_first_leaves_its_lookup_to_finish(
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DHT query cancelled midway breaks the libp2p connection it ran on (py-libp2p 0.8: 300
+    lookups cut short at random broke a long request on the same connection within a second),
+    and with it, in CI, an owner's "task.wait" to a scheduler that had just fetched a small
+    result. A fetch that no longer needs its lookup leaves it to end within its own deadline."""
+    source = await spawn()
+    me = await spawn()
+    blob_id = await add([source], random_bytes(3000, 50), tmp_path)
+    release, ended = trio.Event(), trio.Event()
+
+    async def slow_lookup(blob_id: BlobId) -> dict[str, Held]:
+        await release.wait()
+        ended.set()
+        return {}
+
+    monkeypatch.setattr(me.service, "_confirmed_providers", slow_lookup)
+    with trio.fail_after(5):
+        await ensure_blob(me.service, blob_id, sources=[source.addr], timeout=30)
+    release.set()
+    with trio.fail_after(5):
+        await ended.wait()  # not cancelled with the fetch
