@@ -59,6 +59,7 @@ from catalog.errors import (
     UnknownBlobError,
 )
 from catalog.peer_quota import DEFAULT_PEER_QUOTA, PeerQuota
+from catalog.provider_lookup import ProviderLookup, took
 from catalog.transfer import Held, TransferResult, fetch_blob
 from catalog.transfer_links import CONTROL_TIMEOUT, P2PLinks, connections_per_provider, ip_of
 from catalog.transfer_messages import (
@@ -338,10 +339,10 @@ class BlobService:
                 self.access.make_private(blob_id)
 
         async with one_error(), trio.open_nursery() as nursery:
-            lookup = _ProviderLookup()
+            lookup = ProviderLookup()
             if not ask_dht:
                 lookup.done.set()
-            elif self._background is not None and _took(self._lookups):
+            elif self._background is not None and took(self._lookups):
                 # A lookup this fetch stops needing is left to end within its own deadline:
                 # cancelled in the middle of a query, py-libp2p breaks the connection the query
                 # was on, and every other stream on it (a long "task.wait", say).
@@ -388,7 +389,7 @@ class BlobService:
         self.announce(blob_id)
         return result
 
-    async def _look_up(self, lookup: _ProviderLookup, blob_id: BlobId) -> None:
+    async def _look_up(self, lookup: ProviderLookup, blob_id: BlobId) -> None:
         try:
             await lookup.run(self._confirmed_providers, blob_id)
         finally:
@@ -576,36 +577,3 @@ def data_host_for(listen: Sequence[str]) -> str | None:
         if (ip := ip_of(addr)) is not None:
             return str(ip)
     return None
-
-
-class _ProviderLookup:
-    """A DHT lookup of a blob's providers that a fetch starts beside dialling its sources and
-    waits for only when no source answered; otherwise its providers join the running fetch."""
-
-    def __init__(self) -> None:
-        self.found: dict[str, Held] = {}
-        self.error: str | None = None
-        self.done = trio.Event()
-
-    async def run(
-        self, confirmed: Callable[[BlobId], Awaitable[dict[str, Held]]], blob_id: BlobId
-    ) -> None:
-        try:
-            self.found = await confirmed(blob_id)
-        except NetworkError as e:
-            log.info("providers of blob %s: %s", blob_id.hex(), e)
-            self.error = str(e)[:120]
-        finally:
-            self.done.set()
-
-    async def wait(self) -> dict[str, Held]:
-        await self.done.wait()
-        return self.found
-
-
-def _took(semaphore: trio.Semaphore) -> bool:
-    try:
-        semaphore.acquire_nowait()
-    except trio.WouldBlock:
-        return False
-    return True
